@@ -1,0 +1,66 @@
+"""Typed errors raised by textenc.
+
+Every error is a subclass of :class:`TextencError`, itself a :class:`ValueError`,
+so callers can catch broadly (``except ValueError``) or narrowly (``except
+PromptError``). Messages name the offending thing (prompt fragment and position,
+file path, key, expected versus got) and say how to fix it.
+
+Warnings that let work go on (a missing embedding, for instance) use
+:class:`TextencWarning` subclasses so they can be filtered or turned into errors
+with the standard :mod:`warnings` machinery.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TextencError",
+    "PromptError",
+    "EmbeddingError",
+    "CheckpointError",
+    "ConfigError",
+    "BackendUnavailableError",
+    "DiffusersLayoutError",
+    "DatasetError",
+    "TextencWarning",
+    "EmbeddingWarning",
+]
+
+
+class TextencError(ValueError):
+    """Base class of every error textenc raises on bad input."""
+
+
+class PromptError(TextencError):
+    """A prompt could not be parsed or tokenized (bad weight, too long, ...)."""
+
+
+class EmbeddingError(TextencError):
+    """A textual-inversion file is unsafe, unreadable or malformed."""
+
+
+class CheckpointError(TextencError):
+    """A checkpoint file is unreadable, truncated, unsafe or has the wrong keys."""
+
+
+class ConfigError(TextencError):
+    """A model config is missing a key, has an unknown key or a bad value."""
+
+
+class BackendUnavailableError(TextencError):
+    """An attention backend was requested that cannot run here."""
+
+
+class DiffusersLayoutError(CheckpointError):
+    """A diffusers model folder is not a supported Stable Diffusion layout."""
+
+
+class DatasetError(TextencError):
+    """A caption dataset or an output folder cannot be used as asked."""
+
+
+class TextencWarning(UserWarning):
+    """Base class of textenc's warnings."""
+
+
+class EmbeddingWarning(TextencWarning):
+    """An embedding named in a prompt was skipped (missing, wrong width, ...)."""
