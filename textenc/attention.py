@@ -1,0 +1,256 @@
+"""Attention backends behind one device-aware entry point.
+
+Every backend is a plain function with the signature
+``(q, k, v, heads, mask=None) -> out`` over ``(batch, tokens, heads * head_dim)``
+tensors; ``mask`` is an additive float mask broadcastable to
+``(batch, heads, query_tokens, key_tokens)`` (``-inf``/``-finfo.max`` blocks a
+position, ``0`` lets it through), or ``None``.
+
+:func:`optimized_attention_for_device` picks a backend *at call time* from the
+device, the arguments and an explicit override; nothing is probed at import.
+
+Override order (first wins):
+
+1. the ``backend=`` argument;
+2. the ``TEXTENC_ATTENTION`` environment variable (``sdpa``, ``xformers``,
+   ``split``, ``basic``; empty or ``auto`` means automatic);
+3. automatic: xformers on CUDA for large inputs when it is importable, else
+   torch SDPA, else split attention.
+
+An explicitly requested backend that cannot run raises
+:class:`~textenc.errors.BackendUnavailableError` naming what to install; an
+automatic choice falls back and logs why.
+
+>>> import torch
+>>> q = k = v = torch.randn(1, 5, 8)
+>>> attention = optimized_attention_for_device("cpu", backend="basic")
+>>> attention(q, k, v, heads=2).shape
+torch.Size([1, 5, 8])
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BackendUnavailableError
+
+__all__ = [
+    "AttentionFunction",
+    "ATTENTION_BACKENDS",
+    "ENV_VAR",
+    "attention_basic",
+    "attention_sdpa",
+    "attention_split",
+    "attention_xformers",
+    "available_backends",
+    "select_backend",
+    "optimized_attention_for_device",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "TEXTENC_ATTENTION"
+#: Query rows processed together by split attention; bounds its peak memory to
+#: about ``batch * heads * SPLIT_QUERY_CHUNK * key_tokens`` floats.
+SPLIT_QUERY_CHUNK = 1024
+
+
+class AttentionFunction(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 heads: int, mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    # (batch, tokens, heads*dim) -> (batch, heads, tokens, dim)
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    # (batch, heads, tokens, dim) -> (batch, tokens, heads*dim)
+    batch, heads, tokens, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"attention expects (batch, tokens, width) tensors, got {tuple(q.shape)}")
+    if q.shape[-1] % heads:
+        raise ValueError(f"width {q.shape[-1]} is not divisible by {heads} heads")
+
+
+def _mask_for_heads(mask: torch.Tensor | None) -> torch.Tensor | None:
+    # Accept (tq, tk), (batch, tq, tk) or (batch, 1|heads, tq, tk).
+    if mask is not None and mask.dim() == 3:
+        return mask.unsqueeze(1)
+    return mask
+
+
+def attention_basic(q, k, v, heads, mask=None):
+    """Reference attention: explicit softmax(q·kᵀ/√d + mask)·v, scores in fp32."""
+    _check_shapes(q, k, heads)
+    qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    # Scores and softmax in fp32: fp16 logits overflow for long sequences.
+    scores = torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * scale
+    mask = _mask_for_heads(mask)
+    if mask is not None:
+        scores = scores + mask.float()
+    probs = scores.softmax(dim=-1).to(vh.dtype)
+    return _merge_heads(torch.matmul(probs, vh))
+
+
+def attention_sdpa(q, k, v, heads, mask=None):
+    """torch's fused ``scaled_dot_product_attention``."""
+    _check_shapes(q, k, heads)
+    qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
+    mask = _mask_for_heads(mask)
+    if mask is not None and mask.dtype != qh.dtype:
+        mask = mask.to(qh.dtype)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    return _merge_heads(out)
+
+
+def attention_split(q, k, v, heads, mask=None, *, query_chunk: int = SPLIT_QUERY_CHUNK):
+    """Attention over chunks of query rows, so peak memory stays bounded."""
+    _check_shapes(q, k, heads)
+    qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
+    mask = _mask_for_heads(mask)
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    kt = kh.transpose(-1, -2)
+    out = torch.empty_like(qh)
+    for start in range(0, qh.shape[2], query_chunk):
+        stop = start + query_chunk
+        scores = torch.matmul(qh[:, :, start:stop].float(), kt.float()) * scale
+        if mask is not None:
+            scores = scores + mask[..., start:stop, :].float()
+        out[:, :, start:stop] = torch.matmul(scores.softmax(dim=-1).to(vh.dtype), vh)
+    return _merge_heads(out)
+
+
+def attention_xformers(q, k, v, heads, mask=None):
+    """xformers' memory-efficient attention (CUDA only)."""
+    import xformers.ops  # imported only when this backend is chosen
+
+    _check_shapes(q, k, heads)
+    batch, tokens, width = q.shape
+    qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, width // heads) for t in (q, k, v))
+    bias = None
+    if mask is not None:
+        # xformers wants a bias with the full (batch, heads, tq, tk) shape whose
+        # last dimension is padded to a multiple of 8 in memory.
+        bias_shape = (batch, heads, tokens, k.shape[1])
+        padded = -(-k.shape[1] // 8) * 8
+        storage = torch.zeros(bias_shape[:-1] + (padded,), dtype=q.dtype, device=q.device)
+        storage[..., : k.shape[1]] = _mask_for_heads(mask).to(q.dtype).expand(bias_shape)
+        bias = storage[..., : k.shape[1]]
+    out = xformers.ops.memory_efficient_attention(qh, kh, vh, attn_bias=bias)
+    return out.reshape(batch, tokens, width)
+
+
+ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "xformers": attention_xformers,
+    "sdpa": attention_sdpa,
+    "split": attention_split,
+    "basic": attention_basic,
+}
+
+_INSTALL_HINTS = {
+    "xformers": "install the extra: pip install 'textenc[xformers]' (needs a CUDA device)",
+    "sdpa": "upgrade torch to a release with torch.nn.functional.scaled_dot_product_attention",
+}
+
+
+def _xformers_importable() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def _sdpa_present() -> bool:
+    return hasattr(F, "scaled_dot_product_attention")
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Names of the backends that can run on ``device`` in this environment."""
+    device_type = torch.device(device).type
+    names = []
+    if device_type == "cuda" and _xformers_importable():
+        names.append("xformers")
+    if _sdpa_present():
+        names.append("sdpa")
+    return names + ["split", "basic"]
+
+
+def select_backend(
+    device_type: str,
+    *,
+    mask: bool = False,
+    small_input: bool = False,
+    override: str | None = None,
+    xformers_available: bool = False,
+    sdpa_available: bool = True,
+) -> str:
+    """Pure selection rule: the backend name for the given facts.
+
+    Raises:
+        BackendUnavailableError: ``override`` names an unknown backend or one
+            that cannot run with these facts.
+    """
+    available = {"split": True, "basic": True, "sdpa": sdpa_available,
+                 "xformers": xformers_available and device_type == "cuda"}
+    if override:
+        if override not in ATTENTION_BACKENDS:
+            raise BackendUnavailableError(
+                f"unknown attention backend {override!r}; choose one of "
+                f"{sorted(ATTENTION_BACKENDS)} (argument backend= or ${ENV_VAR})")
+        if not available[override]:
+            where = "on a CUDA device" if override == "xformers" else "here"
+            raise BackendUnavailableError(
+                f"attention backend {override!r} was requested but cannot run {where} "
+                f"(device {device_type!r}); {_INSTALL_HINTS.get(override, '')}")
+        return override
+    # Short sequences (CLIP text: 77 tokens) gain nothing from xformers' kernel
+    # launch overhead; torch's fused SDPA is fastest on every device there.
+    if device_type == "cuda" and available["xformers"] and not small_input:
+        return "xformers"
+    if available["sdpa"]:
+        return "sdpa"
+    logger.info("torch SDPA missing; using split attention on %s", device_type)
+    return "split"
+
+
+def optimized_attention_for_device(
+    device: torch.device | str,
+    mask: bool = False,
+    small_input: bool = False,
+    *,
+    backend: str | None = None,
+) -> AttentionFunction:
+    """Return the fastest attention function for ``device`` (see module docs).
+
+    Args:
+        device: where the tensors live (``"cpu"``, ``"cuda"``, ``"mps"``, ...).
+        mask: whether calls will pass a mask.
+        small_input: whether sequences are short (CLIP text).
+        backend: explicit backend name; overrides ``$TEXTENC_ATTENTION``.
+
+    Raises:
+        BackendUnavailableError: the requested backend cannot run here.
+    """
+    override = backend or os.environ.get(ENV_VAR, "").strip().lower() or None
+    if override == "auto":
+        override = None
+    device_type = torch.device(device).type
+    xformers_ok = device_type == "cuda" and _xformers_importable()
+    name = select_backend(device_type, mask=mask, small_input=small_input,
+                          override=override, xformers_available=xformers_ok,
+                          sdpa_available=_sdpa_present())
+    if backend is None and override is None and device_type == "cuda" and not xformers_ok:
+        logger.debug("xformers not importable; using %s on cuda", name)
+    return ATTENTION_BACKENDS[name]

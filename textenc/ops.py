@@ -1,0 +1,138 @@
+"""Layer classes that skip weight initialisation, grouped as injectable namespaces.
+
+Model code never names ``torch.nn.Linear`` directly: it receives an
+``operations`` namespace and builds ``operations.Linear(..., dtype=, device=)``.
+Two namespaces are provided:
+
+* :class:`disable_weight_init` — construction allocates parameters but never
+  randomises them (weights always come from a checkpoint, so initialising
+  them would only cost time).
+* :class:`manual_cast` — the same layers, but each forward casts the stored
+  weight and bias to the input's dtype and device. An fp16 checkpoint can then
+  compute in fp32 on CPU without a second full-precision copy of the weights.
+
+The casting is written once, in :class:`CastWeightBiasMixin`; each layer class
+only says which functional op it applies.
+
+>>> import torch
+>>> layer = manual_cast.Linear(4, 2, dtype=torch.float16)
+>>> _ = torch.nn.init.ones_(layer.weight), torch.nn.init.zeros_(layer.bias)
+>>> layer(torch.ones(1, 4)).dtype
+torch.float32
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CastWeightBiasMixin",
+    "disable_weight_init",
+    "manual_cast",
+    "cast_to",
+    "pick_operations",
+]
+
+
+def cast_to(
+    tensor: torch.Tensor | None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """Return ``tensor`` in ``dtype`` on ``device``, without copying when it already is."""
+    if tensor is None:
+        return None
+    if (dtype is None or tensor.dtype == dtype) and (
+        device is None or tensor.device == torch.device(device)
+    ):
+        return tensor
+    return tensor.to(device=device, dtype=dtype, non_blocking=True)
+
+
+class CastWeightBiasMixin:
+    """Shared ``forward`` for init-free layers, optionally casting parameters.
+
+    Subclasses implement ``_forward_op(input, weight, bias)`` with the functional op.
+    When ``cast_weights`` is true the stored parameters are cast to the input's
+    dtype and device on every call (one cast per layer per forward); the stored
+    copy is never replaced, so memory stays at the checkpoint's precision.
+    """
+
+    cast_weights: bool = False
+
+    def reset_parameters(self) -> None:
+        # Weights always come from a checkpoint; randomising them is wasted work.
+        return None
+
+    def _cast_target(self, input: torch.Tensor) -> torch.dtype:
+        return input.dtype
+
+    def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        weight = getattr(self, "weight", None)
+        bias = getattr(self, "bias", None)
+        if self.cast_weights:
+            dtype = self._cast_target(input)
+            weight = cast_to(weight, dtype=dtype, device=input.device)
+            bias = cast_to(bias, dtype=dtype, device=input.device)
+        return self._forward_op(input, weight, bias, *args, **kwargs)
+
+
+class _Linear(CastWeightBiasMixin, torch.nn.Linear):
+    def _forward_op(self, input, weight, bias):
+        return F.linear(input, weight, bias)
+
+
+class _Conv2d(CastWeightBiasMixin, torch.nn.Conv2d):
+    def _forward_op(self, input, weight, bias):
+        return self._conv_forward(input, weight, bias)
+
+
+class _LayerNorm(CastWeightBiasMixin, torch.nn.LayerNorm):
+    def _forward_op(self, input, weight, bias):
+        return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+
+
+class _Embedding(CastWeightBiasMixin, torch.nn.Embedding):
+    """Embedding whose output dtype can be chosen per call (``out_dtype``).
+
+    Token ids are integers, so the cast target is ``out_dtype`` (or the stored
+    dtype), never the input's dtype.
+    """
+
+    def forward(
+        self, input: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        weight = self.weight
+        if self.cast_weights:
+            weight = cast_to(weight, device=input.device)
+        out = F.embedding(input, weight, self.padding_idx, self.max_norm,
+                          self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return out if out_dtype is None else out.to(out_dtype)
+
+    def _forward_op(self, input, weight, bias):  # pragma: no cover - forward overrides
+        raise NotImplementedError
+
+
+def _namespace(name: str, cast: bool) -> type:
+    """Build an operations namespace whose layers share one ``cast_weights`` flag."""
+    layers = {}
+    for base, label in ((_Linear, "Linear"), (_Conv2d, "Conv2d"),
+                        (_LayerNorm, "LayerNorm"), (_Embedding, "Embedding")):
+        layers[label] = type(label, (base,), {"cast_weights": cast,
+                                              "__module__": __name__,
+                                              "__qualname__": f"{name}.{label}"})
+    return type(name, (), {**layers, "__module__": __name__,
+                           "__doc__": f"Init-free layers (cast_weights={cast})."})
+
+
+disable_weight_init = _namespace("disable_weight_init", cast=False)
+manual_cast = _namespace("manual_cast", cast=True)
+
+
+def pick_operations(
+    weight_dtype: torch.dtype, compute_dtype: torch.dtype
+) -> type:
+    """The namespace to use when weights are stored in one dtype and computed in another."""
+    return disable_weight_init if weight_dtype == compute_dtype else manual_cast
