@@ -1,0 +1,353 @@
+"""Prompt weight syntax, parsed like ComfyUI but iteratively and safely.
+
+By default :func:`parse_prompt` gives exactly what ComfyUI's
+``token_weights(escape_important(text), 1.0)`` gives (``comfy/sd1_clip.py``),
+quirks included:
+
+* ``(x)`` multiplies the weight by 1.1, once per nesting level, computed as a
+  running product (``((a))`` is ``1.0 * 1.1 * 1.1``).
+* ``(x:w)`` *replaces* the outer weight by ``w``. The colon used is the last
+  one in the group, wherever it is; if what follows it is not a number the
+  colon stays text and the group keeps its 1.1 factor.
+* ``\\(`` and ``\\)`` are literal parentheses. Unlike ComfyUI, which swaps
+  them for ``"\\0\\1"``/``"\\0\\2"`` sentinels that collide with user text,
+  escaped positions are tracked by index, so any user text is safe.
+* An unmatched ``(`` stays literal. An unmatched ``)`` at the outer level
+  drives ComfyUI's nesting counter negative; every parenthesis is then plain
+  text until the counter is back at zero. An unclosed group that happens to
+  end with ``)`` (``"(a (b)"``) is still a group, as in ComfyUI.
+
+The parser is an explicit-stack walk over precomputed bracket positions: no
+recursion, linear time in the prompt length.
+
+Policies (all configurable through :class:`ParseOptions`):
+
+* **Weight literals.** A weight is accepted when it matches
+  ``^\\s*[+-]?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)\\s*$`` (plain ASCII decimals).
+  Text that Python's ``float()`` would also accept but that is not a plain
+  decimal (``nan``, ``inf``, ``1e39``, ``1_0``, non-ASCII digits) is refused
+  with :class:`~textenc.errors.PromptError` naming the fragment and its
+  character position, instead of silently becoming a weight or text. Text
+  that ``float()`` rejects stays text, as in ComfyUI.
+* **max_weight** (default 100.0): every emitted segment's effective weight
+  must satisfy ``abs(weight) <= max_weight``; otherwise PromptError (this
+  also catches the overflow of very deep ``((((...))))`` nesting).
+* **max_prompt_chars** (default 1,048,576, one MiB of text): longer prompts
+  are refused up front with PromptError.
+
+Options beyond ComfyUI (defaults keep ComfyUI's behaviour):
+
+* ``weight_convention="a1111"``: ``(x:w)`` multiplies the outer weight.
+* ``square_brackets=True``: ``[x]`` multiplies by ``1 / 1.1`` (no colon
+  weights inside square brackets); ``\\[`` and ``\\]`` are literal. Both
+  bracket kinds share one nesting counter; a group whose opening and closing
+  brackets differ in kind (``(a]``) is plain text.
+* ``break_keyword=True``: the word ``BREAK`` (upper case, standing alone)
+  becomes a :class:`Segment` with ``is_break=True``, which the tokenizer turns
+  into a window boundary.
+
+>>> [(s.text, round(s.weight, 4)) for s in parse_prompt("a (red:1.2) ((fox))")]
+[('a ', 1.0), ('red', 1.2), (' ', 1.0), ('fox', 1.21)]
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+
+from textenc.errors import PromptError
+
+__all__ = ["Segment", "ParseOptions", "parse_prompt"]
+
+#: Accepted weight literal: plain ASCII decimal, optional sign and spaces.
+WEIGHT_LITERAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_ROUND_FACTOR = 1.1  # ComfyUI: ``weight *= 1.1`` per parenthesis level.
+_SQUARE_FACTOR = 1 / 1.1  # A1111: ``square_bracket_multiplier = 1 / 1.1``.
+_CONVENTIONS = ("comfy", "a1111")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One weighted piece of a prompt.
+
+    Attributes:
+        text: the segment text, escapes already resolved (``\\(`` → ``(``).
+        weight: effective weight of every token of the segment.
+        start: offset of the first source character in the original prompt.
+        end: offset one past the last source character.
+        is_break: True for a ``BREAK`` marker (``text`` is ``"BREAK"``).
+    """
+
+    text: str
+    weight: float
+    start: int
+    end: int
+    is_break: bool = False
+
+
+@dataclass(frozen=True)
+class ParseOptions:
+    """Prompt syntax options; the defaults reproduce ComfyUI.
+
+    Raises:
+        PromptError: on an unknown convention or a non-positive limit.
+    """
+
+    weight_convention: str = "comfy"
+    square_brackets: bool = False
+    break_keyword: bool = False
+    max_weight: float = 100.0
+    max_prompt_chars: int = 1_048_576
+
+    def __post_init__(self) -> None:
+        if self.weight_convention not in _CONVENTIONS:
+            raise PromptError(
+                f"weight_convention must be one of {_CONVENTIONS}, got {self.weight_convention!r}"
+            )
+        if not self.max_weight > 0 or self.max_weight == float("inf"):
+            raise PromptError(f"max_weight must be a finite number > 0, got {self.max_weight!r}")
+        if not isinstance(self.max_prompt_chars, int) or self.max_prompt_chars < 0:
+            raise PromptError(f"max_prompt_chars must be an int >= 0, got {self.max_prompt_chars!r}")
+
+
+class _Source:
+    """A prompt with escapes removed, plus the bracket tables the walk needs."""
+
+    def __init__(self, text: str, options: ParseOptions) -> None:
+        brackets = "()[]" if options.square_brackets else "()"
+        self.openers = "([" if options.square_brackets else "("
+        escape = re.compile(r"\\([" + re.escape(brackets) + "])")
+        pieces: list[str] = []
+        self.escaped: list[int] = []  # cleaned positions of escaped brackets
+        last = 0
+        for match in escape.finditer(text):
+            pieces.append(text[last:match.start()])
+            self.escaped.append(match.start() - len(self.escaped))
+            pieces.append(match.group(1))
+            last = match.end()
+        pieces.append(text[last:])
+        self.text = "".join(pieces)
+        escaped = set(self.escaped)
+        finder = re.compile("[" + re.escape(brackets) + "]")
+        self.brackets = [m.start() for m in finder.finditer(self.text) if m.start() not in escaped]
+        self.colons = [m.start() for m in re.finditer(":", self.text)]
+        self.match = self._match_brackets()
+        self.options = options
+
+    def _match_brackets(self) -> dict[int, int]:
+        """Stack-match every opener to the closer that ends its nesting level."""
+        stack: list[int] = []
+        match: dict[int, int] = {}
+        for pos in self.brackets:
+            if self.text[pos] in self.openers:
+                stack.append(pos)
+            elif stack:
+                match[stack.pop()] = pos
+        return match
+
+    def source_offset(self, pos: int) -> int:
+        """Map a cleaned position to its offset in the original prompt."""
+        return pos + bisect.bisect_right(self.escaped, pos)
+
+    def source_start(self, pos: int) -> int:
+        """Like :meth:`source_offset`, but an escaped bracket starts at its backslash."""
+        return pos + bisect.bisect_left(self.escaped, pos)
+
+    def has_any(self, table: list[int], lo: int, hi: int) -> bool:
+        """Whether a sorted position table has an entry in ``[lo, hi)``."""
+        index = bisect.bisect_left(table, lo)
+        return index < len(table) and table[index] < hi
+
+    def next_opener(self, lo: int, hi: int) -> int:
+        """First unescaped opener in ``[lo, hi)``, or ``hi``."""
+        index = bisect.bisect_left(self.brackets, lo)
+        while index < len(self.brackets) and self.brackets[index] < hi:
+            pos = self.brackets[index]
+            if self.text[pos] in self.openers:
+                return pos
+            index += 1  # only reached for the outer level's stray closers
+        return hi
+
+
+def _top_level_items(src: _Source) -> list[tuple[int, int]]:
+    """ComfyUI's ``parse_parentheses`` on the whole prompt, as spans."""
+    items: list[tuple[int, int]] = []
+    level = 0
+    item_start = 0
+    for pos in src.brackets:
+        if src.text[pos] in src.openers:
+            if level == 0:
+                if pos > item_start:
+                    items.append((item_start, pos))
+                item_start = pos
+            level += 1
+        else:
+            level -= 1
+            if level == 0:
+                items.append((item_start, pos + 1))
+                item_start = pos + 1
+    if item_start < len(src.text):
+        items.append((item_start, len(src.text)))
+    return items
+
+
+def _group_factor(src: _Source, lo: int, hi: int) -> float | None:
+    """1.1 or 1/1.1 if ``[lo, hi)`` is a bracket group, else None (plain text)."""
+    if hi - lo < 2:
+        return None
+    first, last = src.text[lo], src.text[hi - 1]
+    if not (_is_bracket(src, lo) and _is_bracket(src, hi - 1)):
+        return None
+    if first == "(" and last == ")":
+        return _ROUND_FACTOR
+    if first == "[" and last == "]":
+        return _SQUARE_FACTOR
+    return None
+
+
+def _is_bracket(src: _Source, pos: int) -> bool:
+    index = bisect.bisect_left(src.brackets, pos)
+    return index < len(src.brackets) and src.brackets[index] == pos
+
+
+def _colon_weight(src: _Source, lo: int, hi: int) -> tuple[float, int] | None:
+    """ComfyUI's ``x.rfind(':')`` + ``float(...)`` on the content ``[lo, hi)``.
+
+    Returns ``(value, colon_position)`` or None when the colon part is text.
+    Raises PromptError for literals float() accepts but the policy refuses.
+    """
+    index = bisect.bisect_left(src.colons, hi) - 1
+    if index < 0 or src.colons[index] <= lo:  # ComfyUI requires ``xx > 0``
+        return None
+    colon = src.colons[index]
+    if src.has_any(src.brackets, colon + 1, hi) or src.has_any(src.escaped, colon + 1, hi):
+        return None  # a bracket (escaped or not) is never part of a number
+    literal = src.text[colon + 1:hi]
+    if WEIGHT_LITERAL.fullmatch(literal):
+        return float(literal), colon
+    try:
+        float(literal)
+    except ValueError:
+        return None
+    raise PromptError(
+        f"weight {literal.strip()!r} at character {src.source_offset(colon + 1)} is not a plain "
+        "decimal number (nan, inf, exponents and underscores are refused); write e.g. '(word:1.2)'"
+    )
+
+
+class _Emitter:
+    """Collects segments, checking weights and splitting on BREAK."""
+
+    def __init__(self, src: _Source) -> None:
+        self.src = src
+        self.segments: list[Segment] = []
+
+    def text(self, lo: int, hi: int, weight: float) -> None:
+        src = self.src
+        if not abs(weight) <= src.options.max_weight:
+            raise PromptError(
+                f"weight {weight!r} of {src.text[lo:hi][:40]!r} at character "
+                f"{src.source_offset(lo)} exceeds max_weight={src.options.max_weight}; "
+                "use fewer nested parentheses or a smaller explicit weight"
+            )
+        if not src.options.break_keyword:
+            self._append(lo, hi, weight)
+            return
+        for match in _BREAK.finditer(src.text, lo, hi):
+            if match.start() > lo:
+                self._append(lo, match.start(), weight)
+            start = src.source_start(match.start())
+            self.segments.append(Segment("BREAK", 1.0, start, src.source_offset(match.end() - 1) + 1, True))
+            lo = match.end()
+        if hi > lo:
+            self._append(lo, hi, weight)
+
+    def _append(self, lo: int, hi: int, weight: float) -> None:
+        src = self.src
+        start, end = src.source_start(lo), src.source_offset(hi - 1) + 1
+        self.segments.append(Segment(src.text[lo:hi], weight, start, end))
+
+
+def _walk_group(src: _Source, out: _Emitter, lo: int, hi: int, weight: float) -> None:
+    """Emit a group item ``[lo, hi)`` and everything nested in it, depth first."""
+    stack: list[list] = []  # frames: [cursor, end, weight]
+    _open_group(src, out, stack, lo, hi, weight)
+    while stack:
+        frame = stack[-1]
+        cursor, end, frame_weight = frame
+        if cursor >= end:
+            stack.pop()
+            continue
+        opener = src.next_opener(cursor, end)
+        if opener > cursor:  # a text run up to the next opener
+            out.text(cursor, opener, frame_weight)
+            frame[0] = opener
+            continue
+        close = src.match.get(cursor)
+        item_end = close + 1 if close is not None and close < end else end
+        frame[0] = item_end
+        _open_group(src, out, stack, cursor, item_end, frame_weight)
+
+
+def _open_group(src: _Source, out: _Emitter, stack: list, lo: int, hi: int, weight: float) -> None:
+    """Push the content of item ``[lo, hi)`` if it is a group, else emit it as text."""
+    factor = _group_factor(src, lo, hi)
+    if factor is None:
+        out.text(lo, hi, weight)
+        return
+    content_end = hi - 1
+    inner_weight = weight * factor
+    if factor == _ROUND_FACTOR:
+        parsed = _colon_weight(src, lo + 1, content_end)
+        if parsed is not None:
+            value, content_end = parsed
+            inner_weight = value if src.options.weight_convention == "comfy" else weight * value
+    if content_end > lo + 1:
+        stack.append([lo + 1, content_end, inner_weight])
+
+
+def parse_prompt(
+    text: str,
+    *,
+    weight_convention: str = "comfy",
+    square_brackets: bool = False,
+    break_keyword: bool = False,
+    max_weight: float = 100.0,
+    max_prompt_chars: int = 1_048_576,
+    options: ParseOptions | None = None,
+) -> list[Segment]:
+    """Split a prompt into weighted segments (see the module docstring).
+
+    Args:
+        text: the prompt.
+        weight_convention, square_brackets, break_keyword, max_weight,
+            max_prompt_chars: see :class:`ParseOptions`; ignored when
+            ``options`` is given.
+        options: a prebuilt :class:`ParseOptions`.
+
+    Returns:
+        Segments in prompt order; empty text segments are never emitted.
+
+    Raises:
+        PromptError: non-str prompt, prompt too long, refused weight literal,
+            or an effective weight above ``max_weight``.
+
+    >>> [(s.text, s.weight) for s in parse_prompt(r"\\(a\\) (b:0.5)")]
+    [('(a) ', 1.0), ('b', 0.5)]
+    """
+    if options is None:
+        options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight, max_prompt_chars)
+    if not isinstance(text, str):
+        raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
+    if len(text) > options.max_prompt_chars:
+        raise PromptError(
+            f"prompt has {len(text)} characters, more than max_prompt_chars={options.max_prompt_chars}; "
+            "shorten it or raise the limit"
+        )
+    src = _Source(text, options)
+    out = _Emitter(src)
+    for lo, hi in _top_level_items(src):
+        _walk_group(src, out, lo, hi, 1.0)
+    return out.segments
