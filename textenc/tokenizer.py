@@ -1,0 +1,400 @@
+"""``SDTokenizer``: ComfyUI's prompt tokenizer, exact by default, and fast.
+
+The output of :meth:`SDTokenizer.tokenize_with_weights` matches ComfyUI's
+``comfy/sd1_clip.py`` ``SDTokenizer``: the prompt is split into weighted
+segments (:mod:`textenc.prompt_parser`), each segment is split before
+``" embedding:"``/``"\\nembedding:"``, every piece becomes one *group* (one
+unit of text tokenized at once, or one embedding), and groups are packed into
+windows of ``max_length`` tokens: ``[start, ..., end, pad...]``. A group
+shorter than ``max_word_length`` (8) tokens that does not fit moves whole to
+the next window; a longer one is split at the window edge. Word ids are the
+group's index + 1; a text piece that tokenizes to nothing still uses an id,
+as in ComfyUI.
+
+Differences from ComfyUI, all deliberate:
+
+* Tokenizing uses the Rust ``tokenizers`` backend built to match
+  ``transformers.CLIPTokenizer`` (NFC, whitespace collapse, lower case, CLIP's
+  split regex, byte-level BPE with ``</w>``), every piece of a prompt in one
+  ``encode_batch`` call, with a bounded per-instance cache. Lone surrogates
+  (which make HF raise) are replaced by U+FFFD first.
+* Embedding names end at the first whitespace; a trailing ``,`` is tried
+  without it; text after the name is tokenized normally. ``embedding:`` with
+  nothing (or a space) after the colon is plain text, so it never swallows
+  the next word. Missing, unsafe or invalid embeddings emit
+  :class:`~textenc.errors.EmbeddingWarning` and the prompt goes on.
+* ``BREAK`` (``break_keyword=True``) closes the current window unless it is
+  empty.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from textenc.embeddings import EmbeddingLoader, EmbeddingResult
+from textenc.errors import EmbeddingWarning, PromptError
+from textenc.prompt_parser import ParseOptions, Segment, parse_prompt
+
+__all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT_VOCAB"]
+
+DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
+EMBEDDING_IDENTIFIER = "embedding:"
+# The CLIP pre-tokenizer regex, as in transformers' CLIPTokenizer.
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_PIECE_SPLIT = re.compile(" embedding:|\nembedding:")  # ComfyUI's split, separator dropped
+_NAME_END = re.compile(r"\s")
+
+
+@dataclass(frozen=True)
+class TokenReport:
+    """One token of one window: id (None for an embedding vector), text, weight, word id."""
+
+    token: int | None
+    text: str
+    weight: float
+    word_id: int
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """One group: ``kind`` is "text", "embedding" or "break"."""
+
+    word_id: int
+    kind: str
+    text: str
+    weight: float
+    start: int
+    end: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What :meth:`SDTokenizer.inspect` found: windows, units and embeddings."""
+
+    windows: list[list[TokenReport]]
+    units: list[UnitReport]
+    embeddings: list[EmbeddingResult] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[EmbeddingResult]:
+        return [e for e in self.embeddings if e.status == "missing"]
+
+    @property
+    def rejected(self) -> list[EmbeddingResult]:
+        return [e for e in self.embeddings if e.status == "rejected"]
+
+
+@dataclass
+class _Unit:
+    kind: str
+    text: str
+    weight: float
+    segment: Segment
+    tokens: list = field(default_factory=list)
+
+
+def _fix_surrogates(text: str) -> str:
+    """Join surrogate pairs and replace lone surrogates by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _build_backend(folder: str) -> Any:
+    """A ``tokenizers.Tokenizer`` equal to transformers' CLIPTokenizer for ``folder``."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    single = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(single) and not os.path.isfile(os.path.join(folder, "vocab.json")):
+        backend = Tokenizer.from_file(single)
+        backend.no_truncation()  # once, at construction: never mutated per call
+        backend.no_padding()
+        return backend
+    try:
+        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as handle:
+            vocab = json.load(handle)
+        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as handle:
+            merges = [tuple(line.split()) for line in handle.read().split("\n")[1:] if line.strip()]
+    except (OSError, ValueError) as error:
+        raise PromptError(f"cannot read a CLIP vocabulary from {folder!r}: {error}") from error
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
+                            end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<|startoftext|>", "<|endoftext|>")])
+    bos, eos = backend.token_to_id("<|startoftext|>"), backend.token_to_id("<|endoftext|>")
+    backend.post_processor = processors.RobertaProcessing(("<|endoftext|>", eos), ("<|startoftext|>", bos),
+                                                          trim_offsets=False, add_prefix_space=False)
+    return backend
+
+
+class _UnitCache:
+    """Bounded, thread-safe LRU of unit text → token ids."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> list[int] | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: list[int]) -> None:
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+class SDTokenizer:
+    """ComfyUI's ``SDTokenizer``; positional parameters keep ComfyUI's order.
+
+    Args:
+        tokenizer_path: folder with ``vocab.json`` + ``merges.txt`` or with
+            ``tokenizer.json``; default the bundled CLIP vocabulary.
+        max_length: window length (77).
+        pad_with_end: pad with the end token (SD1) or with 0 (SD2, SDXL-G).
+        embedding_directory: folder or folders of textual inversions.
+        embedding_size: embedding width (768, 1024, 1280).
+        embedding_key: key for multi-encoder embedding files and tokenizer_data.
+        tokenizer_class: a transformers tokenizer class to use instead of the
+            Rust backend (slower; ComfyUI's way).
+        weight_convention, square_brackets, break_keyword, max_weight,
+            max_prompt_chars: prompt syntax, see :mod:`textenc.prompt_parser`.
+        cache_size: number of tokenized units remembered.
+
+    >>> tok = SDTokenizer()
+    >>> [t for t, _ in tok.tokenize_with_weights("a cat")[0][:4]]
+    [49406, 320, 2368, 49407]
+    """
+
+    def __init__(self, tokenizer_path: str | None = None, max_length: int = 77, pad_with_end: bool = True,
+                 embedding_directory: str | Sequence[str] | None = None, embedding_size: int = 768,
+                 embedding_key: str = "clip_l", tokenizer_class: Any = None, has_start_token: bool = True,
+                 has_end_token: bool = True, pad_to_max_length: bool = True, min_length: int | None = None,
+                 pad_token: int | None = None, end_token: int | None = None, min_padding: int | None = None,
+                 tokenizer_data: dict | None = None, *, weight_convention: str = "comfy",
+                 square_brackets: bool = False, break_keyword: bool = False, max_weight: float = 100.0,
+                 max_prompt_chars: int = 1_048_576, cache_size: int = 8192) -> None:
+        tokenizer_data = tokenizer_data or {}
+        folder = tokenizer_path if tokenizer_path is not None else DEFAULT_VOCAB
+        self._hf = tokenizer_class.from_pretrained(folder) if tokenizer_class is not None else None
+        self._backend = _build_backend(folder) if self._hf is None else None
+        self.max_length = tokenizer_data.get(f"{embedding_key}_max_length", max_length)
+        self.min_length = tokenizer_data.get(f"{embedding_key}_min_length", min_length)
+        self.min_padding = min_padding
+        self.pad_to_max_length = pad_to_max_length
+        self.pad_with_end = pad_with_end
+        self._setup_special_tokens(has_start_token, has_end_token, pad_token, end_token)
+        self.inv_vocab = {v: k for k, v in self._vocab().items()}
+        self.embedding_directory = embedding_directory
+        self.embedding_size = embedding_size
+        self.embedding_key = embedding_key
+        self.max_word_length = 8
+        self.embedding_identifier = EMBEDDING_IDENTIFIER
+        self.parse_options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight,
+                                          max_prompt_chars)
+        self._cache = _UnitCache(cache_size)
+        self._embeddings = (EmbeddingLoader(embedding_directory, embedding_size, embed_key=embedding_key)
+                            if embedding_directory is not None else None)
+
+    def _setup_special_tokens(self, has_start: bool, has_end: bool, pad: int | None, end: int | None) -> None:
+        """ComfyUI's reading of the start/end tokens from the empty prompt."""
+        empty = self._raw_encode([""])[0]
+        self.tokens_start = 1 if has_start and empty else 0
+        self.start_token = empty[0] if has_start and empty else None
+        self.tokenizer_adds_end_token = has_end
+        self.end_token = end
+        if end is None and has_end:
+            self.end_token = empty[self.tokens_start]
+        self.pad_token = pad if pad is not None else (self.end_token if self.pad_with_end else 0)
+
+    def _vocab(self) -> dict[str, int]:
+        return self._hf.get_vocab() if self._hf is not None else self._backend.get_vocab(with_added_tokens=True)
+
+    def _raw_encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids with the tokenizer's own start/end tokens, for every text."""
+        texts = [_fix_surrogates(t) for t in texts]
+        if self._hf is not None:
+            return [list(ids) for ids in self._hf(texts)["input_ids"]] if texts else []
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+
+    def encode_units(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text unit, without start/end tokens (ComfyUI's slice)."""
+        out: list[list[int] | None] = [self._cache.get(t) for t in texts]
+        missing = sorted({t for t, ids in zip(texts, out) if ids is None})
+        stop = -1 if self.tokenizer_adds_end_token else None
+        fresh = dict(zip(missing, (ids[self.tokens_start:stop] for ids in self._raw_encode(missing))))
+        for text, ids in fresh.items():
+            self._cache.put(text, ids)
+        return [ids if ids is not None else fresh[t] for t, ids in zip(texts, out)]
+
+    def _segments(self, text: str, disable_weights: bool) -> list[Segment]:
+        if not isinstance(text, str):
+            raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
+        text = _fix_surrogates(text)
+        if disable_weights:  # ComfyUI still resolves the escapes
+            if len(text) > self.parse_options.max_prompt_chars:
+                raise PromptError(f"prompt has {len(text)} characters, more than max_prompt_chars")
+            return [Segment(re.sub(r"\\([()])", r"\1", text), 1.0, 0, len(text))] if text else []
+        return parse_prompt(text, options=self.parse_options)
+
+    def _embedding_units(self, piece: str, segment: Segment, found: list[EmbeddingResult]) -> list[_Unit]:
+        """An ``embedding:name rest`` piece: the embedding group, then the rest as text."""
+        rest = piece[len(EMBEDDING_IDENTIFIER):].strip("\n")
+        end = _NAME_END.search(rest)
+        name, leftover = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
+        if not name:
+            return [_Unit("text", piece, segment.weight, segment)]
+        result = self._embeddings.lookup(name)
+        if result.status != "found" and name.endswith(","):
+            stripped = name.rstrip(",")
+            if stripped:
+                leftover = name[len(stripped):] + leftover
+                result = self._embeddings.lookup(stripped)
+        found.append(result)
+        units = []
+        if result.status == "found":
+            rows = result.vectors
+            units.append(_Unit("embedding", result.name, segment.weight, segment,
+                               [(rows[i], segment.weight) for i in range(rows.shape[0])]))
+        else:
+            warnings.warn(f"embedding:{result.name} skipped ({result.status}: {result.reason})",
+                          EmbeddingWarning, stacklevel=4)
+        if leftover.strip():
+            units.append(_Unit("text", leftover, segment.weight, segment))
+        return units
+
+    def _units(self, segments: list[Segment], found: list[EmbeddingResult]) -> list[_Unit]:
+        """Split segments into groups and tokenize all text groups in one batch."""
+        units: list[_Unit] = []
+        for segment in segments:
+            if segment.is_break:
+                units.append(_Unit("break", "BREAK", 1.0, segment))
+                continue
+            split = _PIECE_SPLIT.split(segment.text)
+            pieces = [split[0]] + [EMBEDDING_IDENTIFIER + p for p in split[1:]]
+            for piece in (p for p in pieces if p):
+                if piece.startswith(EMBEDDING_IDENTIFIER) and self._embeddings is not None:
+                    units.extend(self._embedding_units(piece, segment, found))
+                else:
+                    units.append(_Unit("text", piece, segment.weight, segment))
+        text_units = [u for u in units if u.kind == "text"]
+        for unit, ids in zip(text_units, self.encode_units([u.text for u in text_units])):
+            unit.tokens = [(t, unit.weight) for t in ids]
+        return units
+
+    def _new_window(self, windows: list[list]) -> list:
+        window = [(self.start_token, 1.0, 0)] if self.start_token is not None else []
+        windows.append(window)
+        return window
+
+    def _close_window(self, window: list, remaining: int) -> None:
+        if self.end_token is not None:
+            window.append((self.end_token, 1.0, 0))
+        if self.pad_to_max_length:
+            window.extend([(self.pad_token, 1.0, 0)] * remaining)
+
+    def _windows(self, units: list[_Unit], min_length: int | None, min_padding: int | None) -> list[list]:
+        """ComfyUI's packing of groups into windows (``tokenize_with_weights``)."""
+        windows: list[list] = []
+        window = self._new_window(windows)
+        has_end = 1 if self.end_token is not None else 0
+        empty_length = len(window)
+        word_id = 0
+        for unit in units:
+            if unit.kind == "break":
+                if len(window) > empty_length:
+                    self._close_window(window, self.max_length - len(window) - has_end)
+                    window = self._new_window(windows)
+                continue
+            word_id += 1
+            group, is_large = unit.tokens, len(unit.tokens) >= self.max_word_length
+            while group:
+                if len(group) + len(window) > self.max_length - has_end:
+                    remaining = self.max_length - len(window) - has_end
+                    if is_large:
+                        window.extend((t, w, word_id) for t, w in group[:remaining])
+                        group = group[remaining:]
+                        self._close_window(window, 0)
+                    else:
+                        self._close_window(window, remaining)
+                    window = self._new_window(windows)
+                else:
+                    window.extend((t, w, word_id) for t, w in group)
+                    group = []
+        self._close_window(window, 0)
+        if min_padding is not None:
+            window.extend([(self.pad_token, 1.0, 0)] * min_padding)
+        if self.pad_to_max_length and len(window) < self.max_length:
+            window.extend([(self.pad_token, 1.0, 0)] * (self.max_length - len(window)))
+        if min_length is not None and len(window) < min_length:
+            window.extend([(self.pad_token, 1.0, 0)] * (min_length - len(window)))
+        return windows
+
+    def _run(self, text: str, kwargs: dict) -> tuple[list[list], list[_Unit], list[EmbeddingResult]]:
+        options = kwargs.get("tokenizer_options") or {}
+        min_length = options.get(f"{self.embedding_key}_min_length", self.min_length)
+        min_length = kwargs.get("min_length", min_length)
+        min_padding = options.get(f"{self.embedding_key}_min_padding", self.min_padding)
+        found: list[EmbeddingResult] = []
+        units = self._units(self._segments(text, bool(kwargs.get("disable_weights", False))), found)
+        return self._windows(units, min_length, min_padding), units, found
+
+    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
+        """Windows of ``(token, weight)`` or ``(token, weight, word_id)``.
+
+        Tokens are ints, or 1-D tensors (one embedding vector each).
+        ``kwargs`` understood: ``min_length``, ``tokenizer_options``,
+        ``disable_weights`` (as ComfyUI); others are ignored, as in ComfyUI.
+
+        Raises:
+            PromptError: the prompt is not a str, too long or has a refused weight.
+        """
+        windows, _units, _found = self._run(text, kwargs)
+        if not return_word_ids:
+            return [[(t, w) for t, w, _ in window] for window in windows]
+        return windows
+
+    def _token_text(self, token: Any) -> str:
+        return self.inv_vocab.get(token, "<unknown>") if isinstance(token, int) else "<embedding>"
+
+    def untokenize(self, token_weight_pair: Sequence[tuple]) -> list[tuple[tuple, str]]:
+        """Pair each ``(token, weight[, id])`` with its vocabulary text, as ComfyUI."""
+        return [(pair, self._token_text(pair[0])) for pair in token_weight_pair]
+
+    def inspect(self, text: str, **kwargs: Any) -> InspectReport:
+        """Tokenize ``text`` and report windows, units and embeddings, for debugging prompts."""
+        windows, units, found = self._run(text, kwargs)
+        reports, word_id = [], 0
+        for unit in units:
+            word_id += unit.kind != "break"
+            reports.append(UnitReport(word_id if unit.kind != "break" else 0, unit.kind, unit.text,
+                                      unit.weight, unit.segment.start, unit.segment.end, len(unit.tokens)))
+        token_windows = [[TokenReport(t if isinstance(t, int) else None, self._token_text(t), w, i)
+                          for t, w, i in window] for window in windows]
+        return InspectReport(token_windows, reports, found)
+
+    def state_dict(self) -> dict:
+        """Nothing to save (ComfyUI API)."""
+        return {}
