@@ -370,13 +370,25 @@ def _torch_load(file: Path, *, device: str | torch.device) -> object:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{file}: refused to load: it needs code to unpickle and textenc never "
-            f"runs code from files ({exc}); {_CONVERT_HINT}."
+            f"runs code from files ({_unpickler_reason(exc)}); {_CONVERT_HINT}."
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error) as exc:
         raise CheckpointError(
             f"{file}: not a readable torch checkpoint ({exc}); it is truncated or "
             "corrupt, download it again."
         ) from exc
+
+
+def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """The one-line cause from torch's weights-only error, without its advice
+    to retry with ``weights_only=False`` (which would run the file's code)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text[text.index(marker) + len(marker):]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    return reason.split(". Please use", 1)[0][:200]
 
 
 def _load_torch(file: Path, *, device: str | torch.device) -> dict[str, torch.Tensor]:
