@@ -202,6 +202,22 @@ def _additive_mask(attention_mask: torch.Tensor | None, tokens: int,
     return causal.view(1, 1, tokens, tokens).masked_fill(keys_blocked, blocked)
 
 
+#: CLIP's end-of-text token id in the BPE vocabulary.
+END_OF_TEXT_TOKEN_ID = 49407
+#: eos_token_id written by transformers before PR #24773
+#: (https://github.com/huggingface/transformers/pull/24773), still found in
+#: diffusers' SD1.x and SDXL ``text_encoder/config.json``.
+LEGACY_EOS_TOKEN_ID = 2
+
+
+def _pooling_eos_token_id(eos_token_id: int) -> int:
+    # With the legacy id, transformers pools at the argmax token id, which for
+    # tokenizer output is the first end-of-text token; pooling at the first
+    # 49407 gives the same row and still ignores textual-inversion ids above
+    # the vocabulary. Pooling at a literal 2 would miss the EOS entirely.
+    return END_OF_TEXT_TOKEN_ID if eos_token_id == LEGACY_EOS_TOKEN_ID else eos_token_id
+
+
 class CLIPTextModel_(torch.nn.Module):
     """CLIP text transformer: embeddings → encoder → final layer norm → pooled token."""
 
@@ -210,7 +226,7 @@ class CLIPTextModel_(torch.nn.Module):
         super().__init__()
         config = load_text_config(config_dict)
         self.config = config
-        self.eos_token_id = config.eos_token_id
+        self.eos_token_id = _pooling_eos_token_id(config.eos_token_id)
         self.embeddings = CLIPEmbeddings(config.hidden_size, config.vocab_size,
                                          config.max_position_embeddings, dtype, device, operations)
         self.encoder = CLIPEncoder(config.num_hidden_layers, config.hidden_size,
