@@ -1,0 +1,231 @@
+"""Tests of textenc.prompt_parser against hand tables and a reference oracle.
+
+The oracle below is a plain recursive rewrite of ComfyUI's rules
+(``parse_parentheses`` / ``token_weights`` / ``escape_important``) written
+from their description, used on generated prompts small enough to recurse.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from textenc.errors import PromptError
+from textenc.prompt_parser import ParseOptions, parse_prompt
+
+# --- reference oracle (recursive, sentinel-based, like ComfyUI) -------------
+
+_ESC_CLOSE, _ESC_OPEN = "\x00\x01", "\x00\x02"
+
+
+def ref_split(text: str) -> list[str]:
+    items, current, level = [], "", 0
+    for char in text:
+        if char == "(":
+            if level == 0:
+                if current:
+                    items.append(current)
+                current = "("
+            else:
+                current += char
+            level += 1
+        elif char == ")":
+            level -= 1
+            if level == 0:
+                items.append(current + ")")
+                current = ""
+            else:
+                current += char
+        else:
+            current += char
+    if current:
+        items.append(current)
+    return items
+
+
+def ref_weights(text: str, weight: float, a1111: bool = False) -> list[tuple[str, float]]:
+    out = []
+    for item in ref_split(text):
+        if len(item) >= 2 and item[0] == "(" and item[-1] == ")":
+            inner, inner_weight = item[1:-1], weight * 1.1
+            colon = inner.rfind(":")
+            if colon > 0:
+                try:
+                    value = float(inner[colon + 1:])
+                except ValueError:
+                    pass
+                else:
+                    inner_weight = weight * value if a1111 else value
+                    inner = inner[:colon]
+            out += ref_weights(inner, inner_weight, a1111)
+        else:
+            out.append((item, weight))
+    return out
+
+
+def reference(text: str, a1111: bool = False) -> list[tuple[str, float]]:
+    escaped = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
+    return [(t.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "("), w) for t, w in ref_weights(escaped, 1.0, a1111)]
+
+
+def pairs(text: str, **options) -> list[tuple[str, float]]:
+    return [(s.text, s.weight) for s in parse_prompt(text, **options)]
+
+
+# --- hand tables -------------------------------------------------------------
+
+W11, W121, W1331 = 1.0 * 1.1, 1.0 * 1.1 * 1.1, 1.0 * 1.1 * 1.1 * 1.1
+
+HAND = [
+    ("", []),
+    ("a cat", [("a cat", 1.0)]),
+    ("a (red:1.2) fox", [("a ", 1.0), ("red", 1.2), (" fox", 1.0)]),
+    ("(a)", [("a", W11)]),
+    ("((a))", [("a", W121)]),
+    ("(((a)))", [("a", W1331)]),
+    ("((a:1.5))", [("a", 1.5)]),
+    ("((a):1.5)", [("a", 1.5 * 1.1)]),
+    ("(a:0.5) b", [("a", 0.5), (" b", 1.0)]),
+    ("(a:1.3:x)", [("a:1.3:x", W11)]),
+    ("(a:x:1.3)", [("a:x", 1.3)]),
+    ("(:1.2)", [(":1.2", W11)]),
+    ("()", []),
+    ("(())", []),
+    ("(a", [("(a", 1.0)]),
+    ("a (b", [("a ", 1.0), ("(b", 1.0)]),
+    ("(a (b)", [("a ", W11), ("(b", W11)]),
+    ("((a)", [("(a", W11)]),
+    ("((a:1.5)", [("(a", 1.5)]),
+    ("a)", [("a)", 1.0)]),
+    ("a) (b)", [("a) (b)", 1.0)]),
+    ("a)(b)) (c)", [("a)(b)) (c)", 1.0)]),
+    ("a)(b (c)", [("a)(b ", 1.0), ("c", W11)]),
+    ("(x)) (y)", [("x", W11), (") (y)", 1.0)]),
+    (r"\(a\)", [("(a)", 1.0)]),
+    (r"\(a\) (b:0.5)", [("(a) ", 1.0), ("b", 0.5)]),
+    (r"(a\))", [("a)", W11)]),
+    (r"(a:1.2\))", [("a:1.2)", W11)]),
+    (r"\\(a)", [("\\(a)", 1.0)]),  # no double-escape: "\\(" is "\\" + escaped "("
+    ("(a: 1.5 )", [("a", 1.5)]),
+    ("(a:-1)", [("a", -1.0)]),
+    ("(a:+.5)", [("a", 0.5)]),
+    ("(a:2.)", [("a", 2.0)]),
+    ("(a:b) c", [("a:b", W11), (" c", 1.0)]),
+    ("(a (b:2) c)", [("a ", W11), ("b", 2.0), (" c", W11)]),
+    ("(a (b) c:0.5)", [("a ", 0.5), ("b", 0.5 * 1.1), (" c", 0.5)]),
+    ("x\0\1y", [("x\0\1y", 1.0)]),  # ComfyUI's sentinel collision does not happen here
+    ("\0\2(a)", [("\0\2", 1.0), ("a", W11)]),
+]
+
+
+@pytest.mark.parametrize(("prompt", "expected"), HAND)
+def test_hand_table(prompt, expected):
+    assert pairs(prompt) == expected
+
+
+def test_hand_table_agrees_with_oracle_where_no_sentinel_collision():
+    for prompt, expected in HAND:
+        if "\0" not in prompt:
+            assert reference(prompt) == expected, prompt
+
+
+def test_a1111_multiplies_explicit_weights():
+    assert pairs("((a:1.5))", weight_convention="a1111") == [("a", 1.0 * 1.1 * 1.5)]
+    assert pairs("(a:0.5)", weight_convention="a1111") == [("a", 0.5)]
+
+
+def test_square_brackets():
+    assert pairs("[a]", square_brackets=True) == [("a", 1.0 * (1 / 1.1))]
+    assert pairs("[a]") == [("[a]", 1.0)]
+    assert pairs(r"\[a\] ([b])", square_brackets=True) == [("[a] ", 1.0), ("b", 1.1 * (1 / 1.1))]
+    assert pairs("(a]", square_brackets=True) == [("(a]", 1.0)]
+    assert pairs("[a:1.5]", square_brackets=True) == [("a:1.5", 1 / 1.1)]
+
+
+def test_break_keyword():
+    segs = parse_prompt("a BREAK b (c BREAK d) BREAKx", break_keyword=True)
+    assert [(s.text, s.is_break) for s in segs] == [
+        ("a", False), ("BREAK", True), ("b ", False), ("c", False), ("BREAK", True), ("d", False),
+        (" BREAKx", False)]
+    assert [s.text for s in parse_prompt("a BREAK b")] == ["a BREAK b"]
+
+
+def test_offsets_point_into_the_source():
+    prompt = r"x \(y\) (zz:1.5)"
+    segs = parse_prompt(prompt)
+    assert [(prompt[s.start:s.end], s.text) for s in segs] == [(r"x \(y\) ", "x (y) "), ("zz", "zz")]
+
+
+@pytest.mark.parametrize("literal", ["nan", "inf", "-inf", "Infinity", "1e3", "1E-2", "1_0", "\u0661"])
+def test_float_only_literals_are_refused_with_position(literal):
+    prompt = f"abc (word:{literal})"
+    with pytest.raises(PromptError, match=r"character 10"):
+        parse_prompt(prompt)
+
+
+def test_max_weight():
+    with pytest.raises(PromptError, match="max_weight"):
+        parse_prompt("(a:101)")
+    assert pairs("(a:101)", max_weight=200.0) == [("a", 101.0)]
+    with pytest.raises(PromptError):
+        parse_prompt("(a:" + "9" * 400 + ")")  # float() overflows to inf
+    with pytest.raises(PromptError):
+        parse_prompt("(" * 60 + "a" + ")" * 60)  # 1.1**60 > 100
+
+
+def test_prompt_length_limit_and_type():
+    with pytest.raises(PromptError, match="max_prompt_chars"):
+        parse_prompt("a" * 11, max_prompt_chars=10)
+    with pytest.raises(PromptError):
+        parse_prompt(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(PromptError):
+        ParseOptions(weight_convention="nope")
+
+
+def test_deep_nesting_is_fast_and_iterative():
+    depth = 100_000
+    start = time.perf_counter()
+    assert pairs("(" * depth + "a:1" + ")" * depth) == [("a", 1.0)]
+    with pytest.raises(PromptError):
+        parse_prompt("(" * depth + "a" + ")" * depth)
+    assert len(parse_prompt("(" * depth + "a")) == 1
+    assert len(parse_prompt(")" * depth + "a" + "(" * depth)) == 1
+    assert time.perf_counter() - start < 2.0  # spec: < 0.5 s each
+
+
+def test_one_megabyte_prompt_is_linear():
+    prompt = ("(a:1.2) \\(b\\) (c) d:e, " * 50_000)[:1_000_000]
+    start = time.perf_counter()
+    segs = parse_prompt(prompt)
+    assert time.perf_counter() - start < 5.0
+    assert segs[0].text == "a" and segs[0].weight == 1.2
+
+
+_ALPHABET = st.sampled_from(list("ab (():)):.1 5\\-+"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(_ALPHABET, max_size=40), st.booleans())
+def test_matches_reference_oracle(prompt, a1111):
+    expected = reference(prompt, a1111)
+    options = {"weight_convention": "a1111" if a1111 else "comfy"}
+    if any(not abs(w) <= 100.0 for _, w in expected):
+        with pytest.raises(PromptError):
+            parse_prompt(prompt, **options)
+    else:
+        assert pairs(prompt, **options) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60), st.booleans(), st.booleans())
+def test_never_crashes_and_weights_are_finite(prompt, square, brk):
+    try:
+        segs = parse_prompt(prompt, square_brackets=square, break_keyword=brk)
+    except PromptError:
+        return
+    for seg in segs:
+        assert seg.text and abs(seg.weight) <= 100.0
+        assert 0 <= seg.start < seg.end <= len(prompt)
