@@ -543,7 +543,7 @@ def convert_text_state_dict(
         found = [pair for pair in found if pair[0].name == encoder]
     names = [info.name for info in detect_text_encoders(state_dict)]
     if not found:
-        wanted = "a CLIP text encoder" if encoder is None else f"text encoder {encoder!r}"
+        wanted = "CLIP text encoder" if encoder is None else f"text encoder {encoder!r}"
         raise CheckpointError(
             f"{source}: no {wanted} found (found {names}); keys: {_sample_keys(state_dict)}."
         )
