@@ -1,0 +1,298 @@
+"""Parity of textenc's CLIP text and vision models with Hugging Face transformers.
+
+The reference is transformers' ``CLIPTextModelWithProjection`` /
+``CLIPVisionModelWithProjection`` built from the same config with random
+weights (SDPA attention, eval mode); its state dict is loaded into ours with
+strict key matching, so a renamed, missing or extra parameter fails here too.
+Every bundled config is checked at reduced width and depth (same activation,
+head dimension, MLP ratio, projection ratio and eps), plus the full-size
+CLIP ViT-L/14 text model used by SD1.x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import transformers
+
+from textenc import ops
+from textenc.clip_model import CLIPTextModel, CLIPVisionModelProjection
+from textenc.config import load_text_config, load_vision_config
+
+FP32_TOL = 1e-5
+#: Measured deviations versus fp32 transformers are stated next to each use.
+BF16_TOL = 0.1
+FP16_WEIGHTS_TOL = 5e-3
+BOS, EOS = 49406, 49407
+TEXT_CONFIGS = ["sd1_clip_config", "sd2_clip_config", "clip_g"]
+VISION_CONFIGS = ["clip_vision_config_vitl", "clip_vision_config_vitl_336",
+                  "clip_vision_config_h", "clip_vision_config_g"]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter a non-trivial random value.
+
+    HF's own init leaves LayerNorms at 1/0 and biases at 0, which would hide a
+    swapped or dropped bias; here everything is random, with fan-in scaling so
+    activations stay O(1) and attention is peaked enough for masks to matter.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif "embedding" in name and p.dim() <= 2 and "patch" not in name:
+                p.copy_(noise)
+            elif p.dim() >= 2:
+                p.copy_(noise * math.prod(p.shape[1:]) ** -0.5)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def reduced(cfg, *, layers: int, image_size: int | None = None) -> dict:
+    """A small config with the same head dim, MLP ratio, projection ratio, act and eps.
+
+    A quarter of the heads (so the reduced configs stay distinct: 3/4/5 text heads).
+    """
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    heads = cfg.num_attention_heads // 4
+    width = head_dim * heads
+    values = dataclasses.asdict(cfg)
+    values.update(
+        hidden_size=width, num_attention_heads=heads, num_hidden_layers=layers,
+        intermediate_size=width * cfg.intermediate_size // cfg.hidden_size,
+        projection_dim=width * cfg.projection_dim // cfg.hidden_size)
+    assert values["intermediate_size"] * cfg.hidden_size == width * cfg.intermediate_size
+    if image_size is not None:
+        values["image_size"] = image_size
+    return values
+
+
+def text_pair(values: dict, seed: int = 0, **hf_overrides):
+    hf_values = {**values, "eos_token_id": EOS, **hf_overrides}
+    hf_cfg = transformers.CLIPTextConfig(**hf_values)
+    hf = transformers.CLIPTextModelWithProjection._from_config(
+        hf_cfg, attn_implementation="sdpa").eval()
+    randomize_(hf, seed)
+    ours = CLIPTextModel(values).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def make_ids(batch_pad: int, *, seed: int = 1, tokens: int = 77):
+    """Three prompts: padded after an early EOS, full length, and an early first EOS
+    followed by more text and a second EOS (pooling must take the first).
+
+    Returns ids (3, T), a 1/0 padding mask (3, T) and the first-EOS positions.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, BOS, (3, tokens), generator=generator)
+    ids[:, 0] = BOS
+    ids[0, 8], ids[0, 9:] = EOS, batch_pad
+    ids[1, -1] = EOS
+    ids[2, 3], ids[2, 40] = EOS, EOS
+    mask = torch.ones(3, tokens, dtype=torch.long)
+    mask[0, 9:] = 0
+    return ids, mask, torch.tensor([8, tokens - 1, 3])
+
+
+@torch.no_grad()
+def check_text_parity(hf, ours, ids, attention_mask) -> None:
+    ref = hf(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
+    ref_pooled = hf.text_model(input_ids=ids, attention_mask=attention_mask).pooler_output
+    layers = ours.num_layers
+    hidden = ref.hidden_states
+    assert len(hidden) == layers + 1
+
+    out = ours(ids, attention_mask=attention_mask)
+    assert max_diff(out.last_hidden_state, ref.last_hidden_state) <= FP32_TOL
+    assert max_diff(out.pooled_output, ref_pooled) <= FP32_TOL
+    assert max_diff(out.projected_pooled, ref.text_embeds) <= FP32_TOL
+    assert out.intermediate is None
+
+    for index in [*range(layers), *range(-layers, 0)]:
+        expected_raw = hidden[index % layers + 1]
+        expected_normed = hf.text_model.final_layer_norm(expected_raw)
+        for normed, expected in ((False, expected_raw), (True, expected_normed)):
+            for return_last in (True, False):
+                out = ours(ids, attention_mask=attention_mask, intermediate_output=index,
+                           final_layer_norm_intermediate=normed, return_last_hidden=return_last)
+                assert max_diff(out.intermediate, expected) <= FP32_TOL, (index, normed)
+                assert max_diff(out.pooled_output, ref_pooled) <= FP32_TOL, (index, return_last)
+                assert max_diff(out.projected_pooled, ref.text_embeds) <= FP32_TOL
+                if return_last:
+                    assert max_diff(out.last_hidden_state, ref.last_hidden_state) <= FP32_TOL
+                else:
+                    assert out.last_hidden_state is None
+
+    stacked = ours(ids, attention_mask=attention_mask, intermediate_output="all",
+                   final_layer_norm_intermediate=False).intermediate
+    assert max_diff(stacked, torch.stack(hidden[1:], dim=1)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("name", TEXT_CONFIGS)
+def test_text_parity_reduced(name):
+    cfg = load_text_config(name)
+    hf, ours = text_pair(reduced(cfg, layers=3))
+    ids, mask, _ = make_ids(cfg.pad_token_id)
+    check_text_parity(hf, ours, ids, mask)
+    check_text_parity(hf, ours, ids, None)
+    with torch.no_grad():  # the padding mask must actually change the padded prompt
+        assert max_diff(hf(input_ids=ids[:1], attention_mask=mask[:1]).last_hidden_state,
+                        hf(input_ids=ids[:1]).last_hidden_state) > 1e-2
+
+
+def test_text_parity_full_size_clip_l():
+    """SD1.x's CLIP ViT-L/14 text model at full size (123M params), one batch-2 pass each."""
+    cfg = load_text_config("sd1_clip_config")
+    hf, ours = text_pair(dataclasses.asdict(cfg), seed=3)
+    ids, mask, _ = make_ids(cfg.pad_token_id)
+    ids, mask = ids[[0, 2]], mask[[0, 2]]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ref_pooled = hf.text_model.final_layer_norm(ref.hidden_states[-1])[
+            torch.arange(2), torch.tensor([8, 3])]
+        full = ours(ids, attention_mask=mask, intermediate_output=-2,
+                    final_layer_norm_intermediate=False)
+        tail = ours(ids, attention_mask=mask, intermediate_output=-2, return_last_hidden=False)
+    assert max_diff(full.last_hidden_state, ref.last_hidden_state) <= FP32_TOL
+    assert max_diff(full.intermediate, ref.hidden_states[-2]) <= FP32_TOL
+    assert max_diff(full.pooled_output, ref_pooled) <= FP32_TOL
+    assert max_diff(full.projected_pooled, ref.text_embeds) <= FP32_TOL
+    assert tail.last_hidden_state is None
+    assert max_diff(tail.intermediate,
+                    hf.text_model.final_layer_norm(ref.hidden_states[-2])) <= FP32_TOL
+    assert max_diff(tail.projected_pooled, ref.text_embeds) <= FP32_TOL
+
+
+def test_legacy_eos_token_id_config_pools_like_transformers(tmp_path):
+    """Configs saved before transformers PR #24773 (diffusers' SD1.x/SDXL
+    text_encoder/config.json) say eos_token_id=2; HF then pools at the argmax
+    id, i.e. the first 49407. Loading that config.json must pool the same row."""
+    small = reduced(load_text_config("sd1_clip_config"), layers=2)
+    hf_cfg = transformers.CLIPTextConfig(**{**small, "bos_token_id": 0, "eos_token_id": 2,
+                                            "pad_token_id": 1})
+    hf = transformers.CLIPTextModelWithProjection._from_config(
+        hf_cfg, attn_implementation="sdpa").eval()
+    randomize_(hf, 5)
+    hf_cfg.save_pretrained(tmp_path)
+    ours = CLIPTextModel(load_text_config(tmp_path / "config.json")).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ids, mask, first_eos = make_ids(EOS)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, output_hidden_states=True)
+        out = ours(ids)
+        expected = hf.text_model.final_layer_norm(ref.hidden_states[-1])[
+            torch.arange(3), first_eos]
+    assert max_diff(out.pooled_output, expected) <= FP32_TOL
+    assert max_diff(out.projected_pooled, ref.text_embeds) <= FP32_TOL
+
+
+@torch.no_grad()
+def test_embeds_and_num_tokens_match_token_path():
+    """Encoding from input embeddings with an explicit pooled position (the
+    textual-inversion path) equals HF on the same tokens."""
+    hf, ours = text_pair(reduced(load_text_config("sd2_clip_config"), layers=2), seed=7)
+    ids, mask, first_eos = make_ids(0)
+    ref = hf(input_ids=ids, attention_mask=mask)
+    embeds = hf.text_model.embeddings.token_embedding(ids)
+    out = ours(embeds=embeds, attention_mask=mask, num_tokens=(first_eos + 1).tolist())
+    assert max_diff(out.last_hidden_state, ref.last_hidden_state) <= FP32_TOL
+    assert max_diff(out.projected_pooled, ref.text_embeds) <= FP32_TOL
+
+
+@pytest.mark.parametrize("name", TEXT_CONFIGS)
+def test_text_low_precision_against_fp32_transformers(name):
+    cfg = load_text_config(name)
+    values = reduced(cfg, layers=3)
+    hf, ours32 = text_pair(values, seed=11)
+    ids, mask, _ = make_ids(cfg.pad_token_id)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask)
+
+        bf16 = CLIPTextModel(values, dtype=torch.bfloat16).eval()
+        bf16.load_state_dict(hf.state_dict(), strict=True)
+        out = bf16(ids, attention_mask=mask, dtype=torch.bfloat16)
+        assert out.last_hidden_state.dtype == torch.bfloat16
+        # bf16 has an 8-bit mantissa (rel. step 2**-8 = 3.9e-3); through 3 layers
+        # of O(1) LayerNormed activations we measured max |diff| <= 0.06 (last
+        # hidden) and <= 0.03 (projected). Bound 0.1; an unmasked padding token or
+        # a wrong pooled row is O(1).
+        assert max_diff(out.last_hidden_state, ref.last_hidden_state) <= BF16_TOL
+        assert max_diff(out.projected_pooled, ref.text_embeds) <= BF16_TOL
+
+        # fp16 storage, fp32 compute: the only error is rounding the weights.
+        fp16 = CLIPTextModel(values, dtype=torch.float16, operations=ops.manual_cast).eval()
+        fp16.load_state_dict(hf.state_dict(), strict=True)
+        out = fp16(ids, attention_mask=mask, dtype=torch.float32)
+        assert all(p.dtype == torch.float16 for p in fp16.parameters())
+        assert out.last_hidden_state.dtype == torch.float32
+        # Only the weights are rounded to fp16 (rel. 2**-11 = 4.9e-4); measured
+        # max |diff| <= 3e-3. Bound 5e-3.
+        assert max_diff(out.last_hidden_state, ref.last_hidden_state) <= FP16_WEIGHTS_TOL
+        assert max_diff(out.projected_pooled, ref.text_embeds) <= FP16_WEIGHTS_TOL
+
+        # Against HF run on the same fp16-rounded weights the computation is fp32
+        # throughout, so fp32 parity holds.
+        for p in hf.parameters():
+            p.copy_(p.half().float())
+        ref_rounded = hf(input_ids=ids, attention_mask=mask)
+        assert max_diff(out.last_hidden_state, ref_rounded.last_hidden_state) <= FP32_TOL
+        assert max_diff(out.projected_pooled, ref_rounded.text_embeds) <= FP32_TOL
+
+
+def vision_pair(values: dict, seed: int = 0):
+    hf_values = {k: v for k, v in values.items() if k not in ("image_mean", "image_std")}
+    hf = transformers.CLIPVisionModelWithProjection._from_config(
+        transformers.CLIPVisionConfig(**hf_values), attn_implementation="sdpa").eval()
+    randomize_(hf, seed)
+    ours = CLIPVisionModelProjection(values).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+@pytest.mark.parametrize("name", VISION_CONFIGS)
+@torch.no_grad()
+def test_vision_parity_reduced(name):
+    cfg = load_vision_config(name)
+    assert cfg.patch_size == 14
+    # Keep the 14-pixel patch and the image/patch ratio's flavour: 224 -> 56 (4x4
+    # patches), 336 -> 84 (6x6).
+    image_size = cfg.image_size // 4
+    values = reduced(cfg, layers=2, image_size=image_size)
+    hf, ours = vision_pair(values, seed=2)
+    pixels = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(4))
+    ref = hf(pixel_values=pixels, output_hidden_states=True)
+    pooled = hf.vision_model(pixel_values=pixels).pooler_output
+
+    out = ours(pixels)
+    assert max_diff(out.last_hidden_state, ref.last_hidden_state) <= FP32_TOL
+    assert max_diff(out.image_embeds, ref.image_embeds) <= FP32_TOL
+    assert max_diff(ours.vision_model(pixels)[2], pooled) <= FP32_TOL
+    for index in (0, 1, -1, -2):
+        out = ours(pixels, intermediate_output=index)
+        assert max_diff(out.intermediate, ref.hidden_states[index % 2 + 1]) <= FP32_TOL
+        assert max_diff(out.image_embeds, ref.image_embeds) <= FP32_TOL
+
+    bf16 = CLIPVisionModelProjection(values, dtype=torch.bfloat16).eval()
+    bf16.load_state_dict(hf.state_dict(), strict=True)
+    low = bf16(pixels.bfloat16())
+    # See the text test: bf16 rounding through 2 layers, measured <= 0.031.
+    assert max_diff(low.image_embeds, ref.image_embeds) <= BF16_TOL
+
+    fp16 = CLIPVisionModelProjection(values, dtype=torch.float16,
+                                     operations=ops.manual_cast).eval()
+    fp16.load_state_dict(hf.state_dict(), strict=True)
+    cast = fp16(pixels)
+    assert cast.image_embeds.dtype == torch.float32
+    # fp16 weight rounding only, measured <= 2.1e-3.
+    assert max_diff(cast.image_embeds, ref.image_embeds) <= FP16_WEIGHTS_TOL
