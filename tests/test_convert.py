@@ -108,11 +108,13 @@ def test_non_weights_dropped_and_unknown_keys_reported(tiny_hf_text_state_dict: 
               "cond_stage_model.model.mystery.weight": torch.ones(1),
               "model.diffusion_model.input_blocks.0.0.weight": torch.ones(1)}
     result = convert_text_state_dict({**sd2, **extras})
-    assert sorted(result.dropped) == ["cond_stage_model.model.attn_mask", "cond_stage_model.model.logit_scale"]
+    assert sorted(result.dropped) == [
+        "cond_stage_model.model.attn_mask", "cond_stage_model.model.logit_scale"]
     assert result.unmatched == ("cond_stage_model.model.mystery.weight",)  # UNet keys are not ours.
     sd1 = to_layout(tiny_hf_text_state_dict, "sd1")
     sd1["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    assert convert_text_state_dict(sd1).dropped == ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+    dropped = convert_text_state_dict(sd1).dropped
+    assert dropped == ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 
 
 # -- fused qkv semantics ---------------------------------------------------------------
@@ -182,7 +184,8 @@ def test_standalone_text_name_from_width(width: int, layers: int, name: str, hea
                           intermediate_size=4 * width, num_hidden_layers=layers,
                           num_attention_heads=heads, projection_dim=width)
     (info,) = detect_text_encoders(to_layout(hf, "open_clip"))
-    assert (info.name, info.num_heads, info.num_layers, info.intermediate_size) == (name, heads, layers, 4 * width)
+    got = (info.name, info.num_heads, info.num_layers, info.intermediate_size)
+    assert got == (name, heads, layers, 4 * width)
 
 
 @pytest.mark.parametrize(("name", "width", "layers", "image_size"), [
@@ -205,7 +208,9 @@ def test_not_a_vision_model(tiny_hf_text_state_dict: dict) -> None:
         convert_text_state_dict({"foo": torch.ones(1)})
 
 
-def test_full_hf_clip_model_splits_towers(tiny_hf_text_state_dict: dict, tiny_hf_vision_state_dict: dict) -> None:
+def test_full_hf_clip_model_splits_towers(
+    tiny_hf_text_state_dict: dict, tiny_hf_vision_state_dict: dict
+) -> None:
     both = {**tiny_hf_text_state_dict, **tiny_hf_vision_state_dict, "logit_scale": torch.ones(())}
     text, vision = convert_text_state_dict(both), convert_vision_state_dict(both)
     assert text.unmatched == () and vision.unmatched == ()
@@ -247,8 +252,10 @@ def test_open_clip_parity() -> None:
     torch.manual_seed(5)
     model = open_clip.model.CLIP(
         embed_dim=48,
-        vision_cfg=open_clip.model.CLIPVisionCfg(width=64, layers=2, head_width=16, patch_size=14, image_size=28),
-        text_cfg=open_clip.model.CLIPTextCfg(width=64, layers=3, heads=4, context_length=77, vocab_size=49408),
+        vision_cfg=open_clip.model.CLIPVisionCfg(
+            width=64, layers=2, head_width=16, patch_size=14, image_size=28),
+        text_cfg=open_clip.model.CLIPTextCfg(
+            width=64, layers=3, heads=4, context_length=77, vocab_size=49408),
     ).eval()
     state = model.state_dict()
     text_config = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
@@ -256,7 +263,8 @@ def test_open_clip_parity() -> None:
     text = transformers.CLIPTextModelWithProjection._from_config(text_config).eval()
     text.load_state_dict(convert_text_state_dict(state).state_dict, strict=True)
     tokens = torch.tensor([[49406, 320, 1125, 49407] + [0] * 73])
-    torch.testing.assert_close(text(input_ids=tokens).text_embeds, model.encode_text(tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text(input_ids=tokens).text_embeds, model.encode_text(tokens),
+                               rtol=1e-5, atol=1e-5)
     vision_config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                                   num_attention_heads=4, image_size=28, patch_size=14,
                                                   projection_dim=48, hidden_act="gelu")

@@ -288,7 +288,7 @@ def apply_rules(
         if rule is not None:
             for target, value in zip(rule.targets, _FORWARD[rule.op](key, tensor)):
                 converted[target.replace("{n}", index)] = value
-        elif inner.endswith(dropped) and dropped:
+        elif inner.endswith(dropped):
             skipped.append(key)
         elif not (foreign and inner.startswith(foreign)):
             unmatched.append(key)
@@ -424,22 +424,32 @@ def _projection_dim(hf: Mapping[str, torch.Tensor], key: str) -> int | None:
     return int(hf[key].shape[0]) if key in hf else None
 
 
-def _text_info(hf: Mapping[str, torch.Tensor], prefix: str, inner: str, row: tuple) -> TextEncoderInfo:
-    where = f"text encoder at prefix {prefix!r}"
+@dataclass(frozen=True)
+class _Found:
+    """A tower found below ``prefix``: its inner layout, prefix-table row and conversion."""
+
+    prefix: str
+    inner: str
+    row: tuple[str, ...]
+    result: ConversionResult
+
+
+def _text_info(found: _Found) -> TextEncoderInfo:
+    hf, where = found.result.state_dict, f"text encoder at prefix {found.prefix!r}"
     vocab, width = _shape(hf, "text_model.embeddings.token_embedding.weight", where)
     positions = _shape(hf, "text_model.embeddings.position_embedding.weight", where)[0]
     intermediate = _shape(hf, "text_model.encoder.layers.0.mlp.fc1.weight", where)[0]
     return TextEncoderInfo(
-        name=row[1] or _TEXT_NAMES_BY_WIDTH.get(width, "custom"), prefix=prefix,
-        layout=inner, source=row[2], hidden_size=width,
+        name=found.row[1] or _TEXT_NAMES_BY_WIDTH.get(width, "custom"), prefix=found.prefix,
+        layout=found.inner, source=found.row[2], hidden_size=width,
         num_layers=_num_layers(hf, "text_model."), num_heads=max(1, width // 64),
         intermediate_size=intermediate, vocab_size=vocab, max_positions=positions,
         projection_dim=_projection_dim(hf, "text_projection.weight"),
     )
 
 
-def _vision_info(hf: Mapping[str, torch.Tensor], prefix: str, inner: str, row: tuple) -> VisionInfo:
-    where = f"vision tower at prefix {prefix!r}"
+def _vision_info(found: _Found) -> VisionInfo:
+    hf, where = found.result.state_dict, f"vision tower at prefix {found.prefix!r}"
     width, _, patch, _ = _shape(hf, "vision_model.embeddings.patch_embedding.weight", where)
     positions = _shape(hf, "vision_model.embeddings.position_embedding.weight", where)[0]
     intermediate = _shape(hf, "vision_model.encoder.layers.0.mlp.fc1.weight", where)[0]
@@ -447,15 +457,17 @@ def _vision_info(hf: Mapping[str, torch.Tensor], prefix: str, inner: str, row: t
     image_size = round((positions - 1) ** 0.5) * patch
     return VisionInfo(
         name=_KNOWN_VISION.get((width, layers, patch, image_size), "custom"),
-        prefix=prefix, layout=inner, source=row[1], hidden_size=width,
+        prefix=found.prefix, layout=found.inner, source=found.row[1], hidden_size=width,
         num_layers=layers, num_heads=_VISION_HEADS_BY_WIDTH.get(width, max(1, width // 64)),
         intermediate_size=intermediate, patch_size=patch, image_size=image_size,
         num_positions=positions, projection_dim=_projection_dim(hf, "visual_projection.weight"),
     )
 
 
-def _candidates(state_dict: Mapping[str, torch.Tensor], tower: Tower, prefixes: tuple) -> list:
-    """``[(prefix, inner layout, prefix-table row, ConversionResult)]`` for each tower found."""
+def _candidates(
+    state_dict: Mapping[str, torch.Tensor], tower: Tower, prefixes: tuple[tuple[str, ...], ...]
+) -> list[_Found]:
+    """Each ``tower`` found below a prefix of ``prefixes``, converted to HF layout."""
     found = []
     for row in prefixes:
         prefix = row[0]
@@ -463,14 +475,13 @@ def _candidates(state_dict: Mapping[str, torch.Tensor], tower: Tower, prefixes: 
             if prefix + marker in state_dict:
                 result = apply_rules(state_dict, tower_rules(tower, inner), prefix=prefix,
                                      dropped=tower.dropped, foreign=tower.foreign)
-                found.append((prefix, inner, row, result))
+                found.append(_Found(prefix, inner, row, result))
                 break
     return found
 
 
 def _text_found(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[TextEncoderInfo, ConversionResult]]:
-    return [(_text_info(result.state_dict, prefix, inner, row), result)
-            for prefix, inner, row, result in _candidates(state_dict, TEXT, TEXT_PREFIXES)]
+    return [(_text_info(found), found.result) for found in _candidates(state_dict, TEXT, TEXT_PREFIXES)]
 
 
 def _sample_keys(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -504,8 +515,7 @@ def _vision_found(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[
             f"open_clip names under {[row[0] for row in VISION_PREFIXES]}); "
             f"keys found: {_sample_keys(state_dict)}."
         )
-    prefix, inner, row, result = found[0]
-    return _vision_info(result.state_dict, prefix, inner, row), result
+    return _vision_info(found[0]), found[0].result
 
 
 def detect_model_kind(state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict") -> str:
@@ -538,10 +548,9 @@ def convert_text_state_dict(
     Raises:
         CheckpointError: None found, the named one is absent, or several and none named.
     """
-    found = _text_found(state_dict)
-    if encoder is not None:
-        found = [pair for pair in found if pair[0].name == encoder]
-    names = [info.name for info in detect_text_encoders(state_dict)]
+    everything = _text_found(state_dict)
+    names = [info.name for info, _ in everything]
+    found = [result for info, result in everything if encoder in (None, info.name)]
     if not found:
         wanted = "CLIP text encoder" if encoder is None else f"text encoder {encoder!r}"
         raise CheckpointError(
@@ -549,7 +558,7 @@ def convert_text_state_dict(
         )
     if len(found) > 1:
         raise CheckpointError(f"{source}: holds text encoders {names}; pass encoder= one of them.")
-    return found[0][1]
+    return found[0]
 
 
 def convert_vision_state_dict(
