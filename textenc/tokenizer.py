@@ -321,13 +321,14 @@ class SDTokenizer:
         window = self._new_window(windows)
         has_end = 1 if self.end_token is not None else 0
         empty_length = len(window)
-        word_id = 0
+        word_id, pending_break = 0, False
         for unit in units:
-            if unit.kind == "break":
-                if len(window) > empty_length:
-                    self._close_window(window, self.max_length - len(window) - has_end)
-                    window = self._new_window(windows)
+            if unit.kind == "break":  # closes the window lazily: a trailing BREAK adds nothing
+                pending_break = pending_break or len(window) > empty_length
                 continue
+            if pending_break:
+                self._close_window(window, self.max_length - len(window) - has_end)
+                window, pending_break = self._new_window(windows), False
             word_id += 1
             group, is_large = unit.tokens, len(unit.tokens) >= self.max_word_length
             while group:
