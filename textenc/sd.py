@@ -1,0 +1,221 @@
+"""Load CLIP text encoders from checkpoint files and use them as ComfyUI's ``CLIP``.
+
+>>> # clip = load_clip(["model.safetensors"], embedding_directory="embeddings")
+>>> # cond, pooled = clip.encode_from_tokens(clip.tokenize("a (red:1.2) fox"), return_pooled=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .checkpoint import load_state_dict
+from .convert import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
+from .errors import CheckpointError
+from .sd1_clip import SD1ClipModel, SD1Tokenizer
+from .sd2_clip import SD2ClipModel, SD2Tokenizer
+from .sdxl_clip import SDXLClipModel, SDXLTokenizer
+
+__all__ = ["CLIP", "CLIP_TYPES", "load_clip", "load_text_encoder_state_dicts",
+           "text_config_from_info", "detect_clip_type"]
+
+CLIP_TYPES = ("sd1", "sd2", "sdxl")
+# Shapes cannot tell the activation: OpenAI's CLIP-L uses quick_gelu, OpenCLIP's
+# ViT-H and bigG use exact gelu (their published configs).
+DEFAULT_ACTIVATION = {"l": "quick_gelu", "h": "gelu", "g": "gelu"}
+
+
+def text_config_from_info(info: TextEncoderInfo, *, role: str | None = None,
+                          hidden_act: str | None = None, pad_token_id: int = 49407) -> dict[str, Any]:
+    """A text config dict built from the shapes a checkpoint actually has.
+
+    Shapes cannot tell the head count of a non-standard width (it is read as
+    width / 64, CLIP's head size) nor the activation (taken from the role:
+    quick_gelu for L, gelu for H and G); pass ``text_configs`` to
+    :func:`load_clip` for such models.
+    """
+    return {"vocab_size": info.vocab_size, "hidden_size": info.hidden_size,
+            "intermediate_size": info.intermediate_size, "num_hidden_layers": info.num_layers,
+            "num_attention_heads": info.num_heads, "max_position_embeddings": info.max_positions,
+            "hidden_act": hidden_act or DEFAULT_ACTIVATION.get(role or info.name, "quick_gelu"),
+            "layer_norm_eps": 1e-5, "projection_dim": info.projection_dim or info.hidden_size,
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": pad_token_id}
+
+
+def detect_clip_type(names: Sequence[str]) -> str:
+    """``"sd1"`` for L alone, ``"sd2"`` for H alone, ``"sdxl"`` for L + G."""
+    found = set(names)
+    if found == {"l"}:
+        return "sd1"
+    if found == {"h"}:
+        return "sd2"
+    if found == {"l", "g"}:
+        return "sdxl"
+    raise CheckpointError(f"cannot tell the model type from text encoders {sorted(found)}: "
+                          "expected L (SD1), H (SD2) or L+G (SDXL); pass clip_type explicitly")
+
+
+@dataclasses.dataclass
+class _Encoder:
+    info: TextEncoderInfo
+    state_dict: dict
+    source: str
+
+
+def _role(info: TextEncoderInfo, clip_type: str | None) -> str:
+    if info.name in ("l", "h", "g"):
+        return info.name
+    # Non-standard widths (tiny test models, custom finetunes): the model's role decides.
+    if info.source in ("sd1",):
+        return "l"
+    if info.source in ("sd2",):
+        return "h"
+    if clip_type == "sd2":
+        return "h"
+    return "l"
+
+
+def load_text_encoder_state_dicts(state_dicts: Sequence[tuple[str, Mapping]], *,
+                                  clip_type: str | None = None) -> dict[str, _Encoder]:
+    """Find every text encoder in the given ``(source, state_dict)`` pairs, keyed by role."""
+    found: dict[str, _Encoder] = {}
+    for source, sd in state_dicts:
+        infos = detect_text_encoders(sd)
+        if not infos:
+            raise CheckpointError(f"{source}: no CLIP text encoder found")
+        for info in infos:
+            converted = convert_text_state_dict(sd, encoder=info.name, source=source).state_dict
+            role = _role(info, clip_type)
+            if role in found:
+                raise CheckpointError(f"{source}: a second {role!r} text encoder "
+                                      f"(first from {found[role].source})")
+            found[role] = _Encoder(info, converted, source)
+    return found
+
+
+class CLIP:
+    """A tokenizer plus a text-encoder model, as ComfyUI's ``comfy.sd.CLIP``.
+
+    ``clone()`` shares the model and tokenizer but keeps its own clip-skip
+    setting; every encode passes its options per call, so clones used from
+    different threads never interfere.
+    """
+
+    def __init__(self, cond_stage_model: torch.nn.Module, tokenizer: Any, *,
+                 clip_type: str = "sd1") -> None:
+        self.cond_stage_model = cond_stage_model
+        self.tokenizer = tokenizer
+        self.clip_type = clip_type
+        self.layer_idx: int | None = None
+
+    def clone(self) -> "CLIP":
+        other = CLIP(self.cond_stage_model, self.tokenizer, clip_type=self.clip_type)
+        other.layer_idx = self.layer_idx
+        return other
+
+    def clip_layer(self, layer_idx: int | None) -> None:
+        self.layer_idx = layer_idx
+
+    def tokenize(self, text: str, return_word_ids: bool = False, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    def _options(self, return_pooled, extra: Mapping | None) -> dict:
+        options: dict[str, Any] = dict(extra or {})
+        if self.layer_idx is not None:
+            options["layer"] = self.layer_idx
+        if return_pooled == "unprojected":
+            options["projected_pooled"] = False
+        return options
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict: bool = False, *,
+                           options: Mapping[str, Any] | None = None):
+        out = self.cond_stage_model.encode_token_weights(tokens, options=self._options(return_pooled, options))
+        cond, pooled = out[0], out[1]
+        if return_dict:
+            result = {"cond": cond, "pooled_output": pooled}
+            result.update(out[2] if len(out) > 2 else {})
+            return result
+        return (cond, pooled) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens, *, options: Mapping[str, Any] | None = None) -> list:
+        """CONDITIONING: ``[[cond, {"pooled_output": pooled}]]``."""
+        result = self.encode_from_tokens(tokens, return_pooled=True, return_dict=True, options=options)
+        cond = result.pop("cond")
+        return [[cond, result]]
+
+    def encode(self, text: str):
+        return self.encode_from_tokens(self.tokenize(text))
+
+    def load_sd(self, sd, full_model: bool = False):
+        return self.cond_stage_model.load_sd(sd)
+
+    def get_sd(self) -> dict:
+        return self.cond_stage_model.state_dict()
+
+
+def _build(clip_type: str, encoders: Mapping[str, _Encoder], *, embedding_directory, device,
+           dtype, tokenizer_kwargs: Mapping[str, Any], text_configs: Mapping[str, Any]) -> CLIP:
+    def config(role: str, pad: int):
+        if role in text_configs:
+            return text_configs[role]
+        return text_config_from_info(encoders[role].info, role=role, pad_token_id=pad)
+
+    def tok_kwargs(role: str) -> dict:
+        return {"embedding_size": encoders[role].info.hidden_size, **tokenizer_kwargs.get(role, {})}
+
+    if clip_type == "sd1":
+        model = SD1ClipModel(device=device, dtype=dtype, textmodel_json_config=config("l", 49407))
+        tokenizer = SD1Tokenizer(embedding_directory=embedding_directory, **tok_kwargs("l"))
+        model.load_sd(encoders["l"].state_dict)
+    elif clip_type == "sd2":
+        model = SD2ClipModel(device=device, dtype=dtype, textmodel_json_config=config("h", 0))
+        tokenizer = SD2Tokenizer(embedding_directory=embedding_directory, **tok_kwargs("h"))
+        model.load_sd(encoders["h"].state_dict)
+    else:
+        model = SDXLClipModel(device=device, dtype=dtype, l_config=config("l", 49407), g_config=config("g", 0))
+        tokenizer = SDXLTokenizer(embedding_directory=embedding_directory,
+                                  l_kwargs=tok_kwargs("l"), g_kwargs=tok_kwargs("g"))
+        model.clip_l.load_sd(encoders["l"].state_dict)
+        model.clip_g.load_sd(encoders["g"].state_dict)
+    return CLIP(model, tokenizer, clip_type=clip_type)
+
+
+def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embedding_directory=None,
+              clip_type: str | None = None, *, device="cpu", dtype: torch.dtype | None = None,
+              state_dicts: Sequence[tuple[str, Mapping]] | None = None,
+              tokenizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+              text_configs: Mapping[str, Any] | None = None) -> CLIP:
+    """Load text encoders from checkpoint files (full SD1/SD2/SDXL checkpoints or
+    standalone clip_l / clip_g / ViT-H files, any known key layout) into a :class:`CLIP`.
+
+    Args:
+        ckpt_paths: one path or several (SDXL: clip_l and clip_g files).
+        embedding_directory: textual-inversion folder(s).
+        clip_type: ``"sd1"``, ``"sd2"``, ``"sdxl"`` or None/``"auto"`` to detect.
+        dtype: storage dtype; None keeps the file's (memory-mapped, no copy).
+        state_dicts: already-loaded ``(source, state_dict)`` pairs instead of paths.
+        tokenizer_kwargs: per-role extra tokenizer arguments (``{"l": {...}}``).
+        text_configs: per-role text configs (name, path, dict) overriding the
+            config read from shapes (needed for non-standard head counts).
+
+    Raises:
+        CheckpointError: unreadable file, no or unexpected text encoders, bad keys.
+    """
+    if clip_type in (None, "auto"):
+        clip_type = None
+    elif clip_type not in CLIP_TYPES:
+        raise CheckpointError(f"clip_type {clip_type!r} is not one of {CLIP_TYPES} or 'auto'")
+    if state_dicts is None:
+        paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
+        state_dicts = [(str(p), load_state_dict(p)) for p in paths]
+    encoders = load_text_encoder_state_dicts(state_dicts, clip_type=clip_type)
+    detected = detect_clip_type(list(encoders))
+    if clip_type is not None and clip_type != detected:
+        raise CheckpointError(f"clip_type {clip_type!r} was asked for, but the file(s) hold "
+                              f"{sorted(encoders)} text encoders ({detected})")
+    return _build(detected, encoders, embedding_directory=embedding_directory, device=device,
+                  dtype=dtype, tokenizer_kwargs=tokenizer_kwargs or {},
+                  text_configs=text_configs or {})

@@ -1,0 +1,245 @@
+"""The work behind :class:`textenc.sd1_clip.SDClipModel`: loading, token processing,
+batched encoding and weighting. Kept apart so each function stays small.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+import torch
+
+from .errors import CheckpointError, EmbeddingWarning, PromptError
+from .weighting import (apply_weights, compel_blend_weights, downweighted_runs,
+                        normalize_weights)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sd1_clip import ClipOptions, SDClipModel
+
+# Not weights: old HF files store the position ids buffer; it is recomputed.
+IGNORED_KEYS = ("text_model.embeddings.position_ids",)
+PROJECTION_KEY = "text_projection.weight"
+
+
+class ProcessedTokens(NamedTuple):
+    embeds: torch.Tensor          # (W, T, D) input embeddings in the compute dtype
+    attention_mask: torch.Tensor  # (W, T) 1 up to and including the first end token
+    num_tokens: list[int]         # per window: sum of the mask (pooled at num_tokens - 1)
+
+
+# ---- loading ------------------------------------------------------------------
+
+def _shape_report(model: "SDClipModel", sd: dict) -> tuple[list, list, list]:
+    expected = {k: tuple(v.shape) for k, v in model.transformer.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    misshaped = sorted((k, expected[k], tuple(sd[k].shape)) for k in set(expected) & set(sd)
+                       if tuple(sd[k].shape) != expected[k])
+    return missing, unexpected, misshaped
+
+
+def load_text_state_dict(model: "SDClipModel", sd, *, strict: bool = True):
+    """Assign an HF-layout state dict to ``model.transformer`` (see ``SDClipModel.load_sd``).
+
+    ``strict=False`` tolerates unexpected keys only: a missing key always raises,
+    because init-free layers would otherwise hold garbage.
+    """
+    sd = {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
+    width = model.config.hidden_size
+    if PROJECTION_KEY not in sd and model.config.projection_dim == width:
+        # SD1 checkpoints carry no projection; identity keeps pooled = unprojected.
+        dtype = next(iter(sd.values())).dtype if sd else torch.float32
+        sd[PROJECTION_KEY] = torch.eye(width, dtype=dtype)
+    missing, unexpected, misshaped = _shape_report(model, sd)
+    if missing or misshaped or (strict and unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {missing[:8]}")
+        if misshaped:
+            parts.append("wrong shape: " + ", ".join(f"{k} expected {e} got {g}" for k, e, g in misshaped[:8]))
+        if strict and unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {unexpected[:8]}")
+        raise CheckpointError(f"text encoder state dict does not match the "
+                              f"{model.config.num_hidden_layers}-layer, width-{width} config: "
+                              + "; ".join(parts) + ". Check the model type/config, or pass strict=False "
+                              "to ignore unexpected keys.")
+    sd = {k: v for k, v in sd.items() if k not in unexpected}
+    target = model.storage_dtype
+    sd = {k: v.to(device=model.device, dtype=target or v.dtype) for k, v in sd.items()}
+    model.transformer.load_state_dict(sd, strict=True, assign=True)
+    if model.freeze:
+        model.transformer.requires_grad_(False)
+        model.transformer.eval()
+    model.loaded = True
+    model.clear_caches()
+    return torch.nn.modules.module._IncompatibleKeys([], unexpected)
+
+
+# ---- token processing -----------------------------------------------------------
+
+def _window_mask(window: Sequence[Any], special: dict) -> list[int]:
+    """ComfyUI's mask: 1 up to and including the first end token (or pad, when the
+    model has no end token, which is then itself masked), 0 after; embeddings 1."""
+    end = special.get("end")
+    compare = end if end is not None else special.get("pad", -1)
+    mask, seen_end = [], False
+    for token in window:
+        if isinstance(token, torch.Tensor):
+            mask.append(1)
+            continue
+        mask.append(0 if seen_end else 1)
+        if not seen_end and int(token) == compare:
+            if end is None:
+                mask[-1] = 0
+            seen_end = True
+    return mask
+
+
+def _drop_wrong_width(window: list, width: int, pad: int) -> list:
+    """Remove embedding vectors of the wrong width, padding at the end (as ComfyUI)."""
+    kept = [t for t in window if not (isinstance(t, torch.Tensor) and t.shape[-1] != width)]
+    if len(kept) < len(window):
+        warnings.warn(f"{len(window) - len(kept)} embedding vector(s) of the wrong width "
+                      f"(expected {width}) were dropped", EmbeddingWarning, stacklevel=4)
+    return kept + [pad] * (len(window) - len(kept))
+
+
+def process_tokens(model: "SDClipModel", windows: Sequence[Sequence[Any]],
+                   dtype: torch.dtype) -> ProcessedTokens:
+    """Token windows (ints or 1-D tensors) → input embeddings, masks and token counts."""
+    lengths = {len(w) for w in windows}
+    if len(lengths) != 1:
+        raise PromptError(f"token windows must have equal lengths, got {sorted(lengths)}")
+    width = model.config.hidden_size
+    pad = model.special_tokens["pad"]
+    windows = [_drop_wrong_width(list(w), width, pad) for w in windows]
+    device = model.device
+    ids = torch.tensor([[pad if isinstance(t, torch.Tensor) else int(t) for t in w] for w in windows],
+                       dtype=torch.long, device=device)
+    embeds = model.transformer.get_input_embeddings()(ids, out_dtype=dtype)
+    for row, window in enumerate(windows):
+        for column, token in enumerate(window):
+            if isinstance(token, torch.Tensor):
+                embeds[row, column] = token.to(device=device, dtype=dtype)
+    masks = [_window_mask(w, model.special_tokens) for w in windows]
+    return ProcessedTokens(embeds, torch.tensor(masks, dtype=torch.long, device=device),
+                           [sum(m) for m in masks])
+
+
+# ---- encoding -----------------------------------------------------------------
+
+def _run_transformer(model: "SDClipModel", processed: ProcessedTokens, opts: "ClipOptions",
+                     attention_mask: torch.Tensor | None):
+    if opts.layer == "all":
+        intermediate = "all"
+    elif opts.layer == "hidden":
+        intermediate = opts.layer_idx
+    else:
+        intermediate = None
+    with torch.no_grad():
+        out = model.transformer(None, attention_mask, embeds=processed.embeds,
+                                num_tokens=processed.num_tokens, intermediate_output=intermediate,
+                                final_layer_norm_intermediate=opts.layer_norm_hidden_state,
+                                dtype=opts.compute_dtype,
+                                return_last_hidden=opts.layer in ("last", "pooled"))
+    z = out.last_hidden_state if opts.layer in ("last", "pooled") else out.intermediate
+    pooled = out.projected_pooled if opts.return_projected_pooled else out.pooled_output
+    return z.float(), pooled.float()
+
+
+def encode_windows(model: "SDClipModel", windows, opts: "ClipOptions", *,
+                   extra_mask: torch.Tensor | None = None):
+    """Encode windows in one forward → ``(z (W, T, D), pooled (W, P)[, extra])``."""
+    if not model.loaded:
+        raise CheckpointError("the text encoder has no weights yet: call load_sd(state_dict) first")
+    processed = process_tokens(model, windows, opts.compute_dtype)
+    mask = processed.attention_mask if model.enable_attention_masks else None
+    if extra_mask is not None:
+        mask = extra_mask if mask is None else mask * extra_mask
+    z, pooled = _run_transformer(model, processed, opts, mask)
+    if model.zero_out_masked:
+        z = z * processed.attention_mask.unsqueeze(-1).to(z.dtype)
+    if model.return_attention_masks:
+        return z, pooled, {"attention_mask": processed.attention_mask}
+    return z, pooled
+
+
+def _token_key(token: Any) -> Any:
+    if isinstance(token, torch.Tensor):
+        return ("embedding", str(token.dtype), token.detach().cpu().numpy().tobytes())
+    return int(token)
+
+
+def _cached(model: "SDClipModel", cache: dict, key, compute, limit: int | None):
+    with model._lock:
+        if key in cache:
+            if hasattr(cache, "move_to_end"):
+                cache.move_to_end(key)
+            return cache[key]
+    value = compute()
+    with model._lock:
+        cache[key] = value
+        while limit is not None and len(cache) > limit:
+            cache.popitem(last=False)
+    return value
+
+
+def empty_encoding(model: "SDClipModel", length: int, opts: "ClipOptions"):
+    """The empty prompt's ``(z (T, D), pooled (P,))``, cached per options and length."""
+    tokens = model.gen_empty_tokens(model.special_tokens, length)
+    compute = lambda: tuple(x[0] for x in encode_windows(model, [tokens], opts)[:2])  # noqa: E731
+    return _cached(model, model._empty_cache, (opts, length), compute, None)
+
+
+def _encode_maybe_cached(model: "SDClipModel", windows, opts: "ClipOptions"):
+    if model.cache_size <= 0 or model.return_attention_masks:
+        return encode_windows(model, windows, opts)
+    key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
+    return _cached(model, model._encode_cache, key,
+                   lambda: encode_windows(model, windows, opts), model.cache_size)
+
+
+def _compel_downweight(model, windows, weights, word_ids, z, opts):
+    """Blend each down-weighted unit with an encode that masks it out (compel)."""
+    jobs = []  # (window index, positions, blend factor)
+    for w, row in enumerate(weights.tolist()):
+        ids_row = word_ids[w].tolist() if word_ids is not None else None
+        jobs += [(w, run, compel_blend_weights(row[run[0]])) for run in downweighted_runs(row, ids_row)]
+    if not jobs:
+        return z
+    length = z.shape[1]
+    masks = torch.ones(len(jobs), length, dtype=torch.long, device=model.device)
+    for j, (_, positions, _) in enumerate(jobs):
+        masks[j, positions] = 0
+    z_without = encode_windows(model, [windows[w] for w, _, _ in jobs], opts, extra_mask=masks)[0]
+    total = torch.ones(z.shape[0], 1, 1, dtype=z.dtype, device=z.device)
+    blended = z.clone()
+    for j, (w, _, factor) in enumerate(jobs):
+        blended[w] += factor * z_without[j]
+        total[w] += factor
+    return blended / total
+
+
+def encode_token_weights(model: "SDClipModel", token_weight_pairs, opts: "ClipOptions"):
+    """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.weighting` for modes)."""
+    pairs = [list(w) for w in token_weight_pairs]
+    if not pairs:
+        z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
+        return z_empty.unsqueeze(0), pooled_empty.unsqueeze(0)
+    windows = [[p[0] for p in w] for w in pairs]
+    weights = torch.tensor([[float(p[1]) for p in w] for w in pairs], dtype=torch.float64)
+    word_ids = None
+    if all(len(p) > 2 for w in pairs for p in w):
+        word_ids = torch.tensor([[int(p[2]) for p in w] for w in pairs])
+    weights = normalize_weights(weights, word_ids, opts.normalization)
+    if not torch.isfinite(weights).all():
+        raise PromptError("token weights must be finite numbers")
+    out = _encode_maybe_cached(model, windows, opts)
+    z, pooled = out[0], out[1]
+    if opts.weight_mode != "none" and bool((weights != 1.0).any()):
+        z_empty = empty_encoding(model, z.shape[1], opts)[0]
+        z = apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
+        if opts.weight_mode == "compel":
+            z = _compel_downweight(model, windows, weights, word_ids, z, opts)
+    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1])
+    return result + (out[2],) if len(out) > 2 else result

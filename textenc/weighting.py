@@ -1,0 +1,116 @@
+"""Prompt-weight interpretation: how token weights change an encoding.
+
+All functions work on whole tensors (no per-token Python loop).
+
+Modes (``weight_mode``):
+
+* ``comfy`` (default, ComfyUI): ``z_empty + (z - z_empty) * w`` for every token
+  whose weight is not 1, where ``z_empty`` is the encoding of the empty prompt
+  at the same position.
+* ``a1111`` (AUTOMATIC1111): ``z * w``, then the window is rescaled so its
+  mean equals the unweighted window's mean.
+* ``a1111_no_norm``: ``z * w`` only.
+* ``compel``: weights above 1 as ``comfy``; each run of tokens weighted below
+  1 is blended with a copy of the prompt encoded with those tokens masked out,
+  ``(z + t·z_without) / (1 + t)`` with ``t = tan((1 - w)·π/2)`` (compel's
+  down-weighting; ``w`` is clamped to ≥ 1e-4 so ``t`` stays finite).
+* ``none``: weights are ignored.
+
+Token normalisation (``normalization``), applied to the weights before the
+mode, per unit (word id), as in the ComfyUI "advanced CLIP encode" nodes:
+``none``; ``length`` — a unit of n tokens gets ``1 + sign(w-1)·|w-1|/√n``;
+``mean`` — all non-special weights shifted so their mean is 1;
+``length+mean`` — both, in that order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .errors import PromptError
+
+__all__ = ["WEIGHT_MODES", "NORMALIZATIONS", "normalize_weights", "apply_weights",
+           "compel_blend_weights", "downweighted_runs"]
+
+WEIGHT_MODES = ("comfy", "a1111", "a1111_no_norm", "compel", "none")
+NORMALIZATIONS = ("none", "mean", "length", "length+mean")
+#: compel clamps weights before tan((1-w)π/2) so a 0 weight stays finite.
+COMPEL_MIN_WEIGHT = 1e-4
+
+
+def check_mode(weight_mode: str, normalization: str) -> None:
+    if weight_mode not in WEIGHT_MODES:
+        raise PromptError(f"unknown weight_mode {weight_mode!r}; choose one of {WEIGHT_MODES}")
+    if normalization not in NORMALIZATIONS:
+        raise PromptError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+
+
+def normalize_weights(weights: torch.Tensor, word_ids: torch.Tensor | None,
+                      normalization: str) -> torch.Tensor:
+    """Normalise (windows, T) weights per unit; word id 0 marks special tokens."""
+    if normalization == "none":
+        return weights
+    if word_ids is None:
+        raise PromptError(f"normalization {normalization!r} needs word ids: tokenize with "
+                          "return_word_ids=True")
+    out = weights.clone()
+    real = word_ids != 0
+    if "length" in normalization and real.any():
+        _, inverse, counts = torch.unique(word_ids[real], return_inverse=True, return_counts=True)
+        deviation = out[real] - 1.0
+        out[real] = 1.0 + torch.sign(deviation) * deviation.abs() / counts[inverse].double().sqrt().to(out.dtype)
+    if "mean" in normalization and real.any():
+        out[real] = out[real] + (1.0 - out[real].mean())
+    return out
+
+
+def apply_weights(z: torch.Tensor, weights: torch.Tensor, z_empty: torch.Tensor | None,
+                  weight_mode: str) -> torch.Tensor:
+    """Apply ``weights`` (windows, T) to encodings ``z`` (windows, T, D).
+
+    ``z_empty`` (T, D) is needed by ``comfy`` and ``compel``'s up-weights.
+    ``compel``'s down-weights are blended separately by the caller (they need
+    extra encodes); here they are left untouched.
+    """
+    w = weights.to(z.dtype).unsqueeze(-1)
+    if weight_mode == "none":
+        return z
+    if weight_mode in ("comfy", "compel"):
+        changed = w != 1.0
+        if weight_mode == "compel":
+            changed = w > 1.0
+        weighted = z_empty + (z - z_empty) * w
+        # Tokens of weight 1 keep z bit-for-bit, as ComfyUI skips them.
+        return torch.where(changed, weighted, z)
+    scaled = z * w
+    if weight_mode == "a1111_no_norm":
+        return scaled
+    # a1111: restore each window's original mean (A1111's prompt_parser/sd_hijack).
+    original_mean = z.mean(dim=(1, 2), keepdim=True)
+    new_mean = scaled.mean(dim=(1, 2), keepdim=True)
+    return scaled * (original_mean / new_mean)
+
+
+def downweighted_runs(weights: Sequence[float], word_ids: Sequence[int] | None) -> list[list[int]]:
+    """Positions of each down-weighted unit (word id if known, else each contiguous run)."""
+    runs: list[list[int]] = []
+    previous_key = None
+    for position, weight in enumerate(weights):
+        if weight >= 1.0:
+            previous_key = None
+            continue
+        key = (word_ids[position], weight) if word_ids is not None else weight
+        if runs and key == previous_key:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+        previous_key = key
+    return runs
+
+
+def compel_blend_weights(weight: float) -> float:
+    """compel's blend factor ``tan((1 - w)·π/2)`` for a down-weight ``w`` < 1."""
+    return math.tan((1.0 - max(weight, COMPEL_MIN_WEIGHT)) * math.pi / 2.0)
