@@ -87,8 +87,9 @@ class CLIPVisionConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of "
                               f"patch_size {self.patch_size}")
-        object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
-        object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
+        for name in ("image_mean", "image_std"):
+            object.__setattr__(self, name, _channel_values(name, getattr(self, name),
+                                                           self.num_channels))
 
     @property
     def num_positions(self) -> int:
@@ -101,18 +102,31 @@ def _validate_common(cfg: Any) -> None:
         if field.type in ("int",) and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"{field.name} must be an integer, got {value!r}")
     positive = ("hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "projection_dim")
+                "num_attention_heads", "projection_dim", "vocab_size",
+                "max_position_embeddings", "image_size", "patch_size", "num_channels")
     for name in positive:
-        if getattr(cfg, name) <= 0:
+        if hasattr(cfg, name) and getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ConfigError(f"hidden_size {cfg.hidden_size} is not divisible by "
                           f"num_attention_heads {cfg.num_attention_heads}")
     if cfg.hidden_act not in ACTIVATIONS:
         raise ConfigError(f"hidden_act {cfg.hidden_act!r} is not one of {ACTIVATIONS}")
-    if not (isinstance(cfg.layer_norm_eps, (int, float)) and math.isfinite(cfg.layer_norm_eps)
+    if not (isinstance(cfg.layer_norm_eps, (int, float))
+            and not isinstance(cfg.layer_norm_eps, bool) and math.isfinite(cfg.layer_norm_eps)
             and cfg.layer_norm_eps > 0):
         raise ConfigError(f"layer_norm_eps must be a positive number, got {cfg.layer_norm_eps!r}")
+
+
+def _channel_values(name: str, value: Any, channels: int) -> tuple[float, ...]:
+    """A per-channel list of finite numbers (image_mean / image_std) as a tuple."""
+    if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__")
+            or len(value) != channels
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                       and math.isfinite(x) for x in value)):
+        raise ConfigError(f"{name} must be a list of {channels} numbers (one per "
+                          f"channel), got {value!r}")
+    return tuple(float(x) for x in value)
 
 
 ConfigT = TypeVar("ConfigT", CLIPTextConfig, CLIPVisionConfig)
