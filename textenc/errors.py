@@ -21,6 +21,8 @@ __all__ = [
     "BackendUnavailableError",
     "DiffusersLayoutError",
     "DatasetError",
+    "ImageError",
+    "ConditioningError",
     "TextencWarning",
     "EmbeddingWarning",
 ]
@@ -64,3 +66,11 @@ class TextencWarning(UserWarning):
 
 class EmbeddingWarning(TextencWarning):
     """An embedding named in a prompt was skipped (missing, wrong width, ...)."""
+
+
+class ImageError(TextencError):
+    """An image tensor has the wrong layout, range or shape."""
+
+
+class ConditioningError(TextencError):
+    """A CONDITIONING list is malformed (not ``[[cond, {...}], ...]``)."""
