@@ -321,3 +321,10 @@ def test_one_megabyte_prompt_within_bounds(tok):
     with pytest.raises(PromptError):
         tok.tokenize_with_weights(prompt + "x")
     assert time.perf_counter() - start < 0.5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_word_cached_encoding_matches_transformers(hf, tok, text):
+    """Units are encoded word by word with a cache; the result must equal HF on the whole text."""
+    assert tok.encode_units([text, text.upper()]) == [ids(hf, text), ids(hf, text.upper())]

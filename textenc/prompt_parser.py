@@ -132,6 +132,7 @@ class _Source:
         escaped = set(self.escaped)
         finder = re.compile("[" + re.escape(brackets) + "]")
         self.brackets = [m.start() for m in finder.finditer(self.text) if m.start() not in escaped]
+        self.bracket_set = set(self.brackets)
         self.colons = [m.start() for m in re.finditer(":", self.text)]
         self.match = self._match_brackets()
         self.options = options
@@ -208,8 +209,7 @@ def _group_factor(src: _Source, lo: int, hi: int) -> float | None:
 
 
 def _is_bracket(src: _Source, pos: int) -> bool:
-    index = bisect.bisect_left(src.brackets, pos)
-    return index < len(src.brackets) and src.brackets[index] == pos
+    return pos in src.bracket_set
 
 
 def _colon_weight(src: _Source, lo: int, hi: int) -> tuple[float, int] | None:

@@ -152,18 +152,32 @@ class _UnitCache:
         self._data: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> list[int] | None:
+    def get_many(self, keys: Sequence[str]) -> list[list[int] | None]:
+        """Look several keys up under one lock acquisition."""
         with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
+            found = [self._data.get(key) for key in keys]
+            for key, value in zip(keys, found):
+                if value is not None:
+                    self._data.move_to_end(key)
+            return found
 
-    def put(self, key: str, value: list[int]) -> None:
+    def put_many(self, items: dict[str, list[int]]) -> None:
         with self._lock:
-            self._data[key] = value
+            self._data.update(items)
             while len(self._data) > self.size:
                 self._data.popitem(last=False)
+
+
+def _is_clip_pipeline(backend: Any) -> bool:
+    """Whether a backend normalises and splits exactly like CLIP, so it can run word by word."""
+    config = json.loads(backend.to_str())
+    normalizer = config.get("normalizer") or {}
+    steps = [step.get("type") for step in normalizer.get("normalizers", [])]
+    pre = (config.get("pre_tokenizer") or {}).get("pretokenizers") or [{}]
+    pattern = (pre[0].get("pattern") or {}).get("Regex")
+    replace = (normalizer.get("normalizers") or [{}, {}])[1:2]
+    whitespace_only = replace and replace[0].get("pattern", {}).get("Regex") == r"\s+" and replace[0].get("content") == " "
+    return steps == ["NFC", "Replace", "Lowercase"] and bool(whitespace_only) and pattern == _CLIP_SPLIT
 
 
 class SDTokenizer:
@@ -215,6 +229,8 @@ class SDTokenizer:
         self.parse_options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight,
                                           max_prompt_chars)
         self._cache = _UnitCache(cache_size)
+        self._by_word = (self._backend is not None and self.tokens_start == 1 and has_end_token
+                         and end_token is None and _is_clip_pipeline(self._backend))
         self._embeddings = (EmbeddingLoader(embedding_directory, embedding_size, embed_key=embedding_key)
                             if embedding_directory is not None else None)
 
@@ -232,21 +248,39 @@ class SDTokenizer:
     def _vocab(self) -> dict[str, int]:
         return self._hf.get_vocab() if self._hf is not None else self._backend.get_vocab(with_added_tokens=True)
 
-    def _raw_encode(self, texts: list[str]) -> list[list[int]]:
+    def _raw_encode(self, texts: list[str], *, special: bool = True) -> list[list[int]]:
         """Ids with the tokenizer's own start/end tokens, for every text."""
         texts = [_fix_surrogates(t) for t in texts]
         if self._hf is not None:
             return [list(ids) for ids in self._hf(texts)["input_ids"]] if texts else []
-        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+        if not texts:
+            return []
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # no offsets
+        return [e.ids for e in encode(texts, add_special_tokens=special)]
 
     def encode_units(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text unit, without start/end tokens (ComfyUI's slice)."""
-        out: list[list[int] | None] = [self._cache.get(t) for t in texts]
+        """Token ids of each text unit, without start/end tokens (ComfyUI's slice).
+
+        With a CLIP pipeline, units are split at ASCII spaces and words are
+        cached: CLIP's normaliser and split regex never join text across a
+        space, so the concatenation equals tokenizing the whole unit.
+        """
+        if not self._by_word:
+            return self._encode_cached(list(texts), special=True)
+        words = [[w for w in text.split(" ") if w] for text in texts]
+        flat = [w for unit in words for w in unit]
+        table = dict(zip(flat, self._encode_cached(flat, special=False)))
+        return [[t for w in unit for t in table[w]] for unit in words]
+
+    def _encode_cached(self, texts: list[str], *, special: bool) -> list[list[int]]:
+        out = self._cache.get_many(texts)
         missing = sorted({t for t, ids in zip(texts, out) if ids is None})
-        stop = -1 if self.tokenizer_adds_end_token else None
-        fresh = dict(zip(missing, (ids[self.tokens_start:stop] for ids in self._raw_encode(missing))))
-        for text, ids in fresh.items():
-            self._cache.put(text, ids)
+        if special:
+            stop = -1 if self.tokenizer_adds_end_token else None
+            fresh = dict(zip(missing, (ids[self.tokens_start:stop] for ids in self._raw_encode(missing))))
+        else:
+            fresh = dict(zip(missing, self._raw_encode(missing, special=False)))
+        self._cache.put_many(fresh)
         return [ids if ids is not None else fresh[t] for t, ids in zip(texts, out)]
 
     def _segments(self, text: str, disable_weights: bool) -> list[Segment]:
