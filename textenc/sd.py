@@ -79,15 +79,27 @@ def _role(info: TextEncoderInfo, clip_type: str | None) -> str:
 
 
 def load_text_encoder_state_dicts(state_dicts: Sequence[tuple[str, Mapping]], *,
-                                  clip_type: str | None = None) -> dict[str, _Encoder]:
-    """Find every text encoder in the given ``(source, state_dict)`` pairs, keyed by role."""
+                                  clip_type: str | None = None,
+                                  strict: bool = True) -> dict[str, _Encoder]:
+    """Find every text encoder in the given ``(source, state_dict)`` pairs, keyed by role.
+
+    Raises:
+        CheckpointError: no encoder, two of one role, or (``strict``) keys below
+            an encoder's prefix that match no known weight.
+    """
     found: dict[str, _Encoder] = {}
     for source, sd in state_dicts:
         infos = detect_text_encoders(sd)
         if not infos:
             raise CheckpointError(f"{source}: no CLIP text encoder found")
         for info in infos:
-            converted = convert_text_state_dict(sd, encoder=info.name, source=source).state_dict
+            result = convert_text_state_dict(sd, encoder=info.name, source=source)
+            if strict and result.unmatched:
+                raise CheckpointError(
+                    f"{source}: text encoder {info.name!r} has {len(result.unmatched)} unexpected "
+                    f"key(s): {list(result.unmatched[:8])}; the file is not a supported CLIP layout "
+                    "or was merged badly (pass strict=False to ignore them)")
+            converted = result.state_dict
             role = _role(info, clip_type)
             if role in found:
                 raise CheckpointError(f"{source}: a second {role!r} text encoder "
@@ -187,7 +199,7 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
               clip_type: str | None = None, *, device="cpu", dtype: torch.dtype | None = None,
               state_dicts: Sequence[tuple[str, Mapping]] | None = None,
               tokenizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-              text_configs: Mapping[str, Any] | None = None) -> CLIP:
+              text_configs: Mapping[str, Any] | None = None, strict: bool = True) -> CLIP:
     """Load text encoders from checkpoint files (full SD1/SD2/SDXL checkpoints or
     standalone clip_l / clip_g / ViT-H files, any known key layout) into a :class:`CLIP`.
 
@@ -200,6 +212,8 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
         tokenizer_kwargs: per-role extra tokenizer arguments (``{"l": {...}}``).
         text_configs: per-role text configs (name, path, dict) overriding the
             config read from shapes (needed for non-standard head counts).
+        strict: refuse keys below a text encoder's prefix that match no weight
+            (missing and mis-shaped keys are always refused).
 
     Raises:
         CheckpointError: unreadable file, no or unexpected text encoders, bad keys.
@@ -211,7 +225,7 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
     if state_dicts is None:
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
         state_dicts = [(str(p), load_state_dict(p)) for p in paths]
-    encoders = load_text_encoder_state_dicts(state_dicts, clip_type=clip_type)
+    encoders = load_text_encoder_state_dicts(state_dicts, clip_type=clip_type, strict=strict)
     detected = detect_clip_type(list(encoders))
     if clip_type is not None and clip_type != detected:
         raise CheckpointError(f"clip_type {clip_type!r} was asked for, but the file(s) hold "
