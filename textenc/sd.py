@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoint import load_state_dict
+from .checkpoint import check_finite, load_state_dict
 from .convert import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
 from .errors import CheckpointError
 from .sd1_clip import SD1ClipModel, SD1Tokenizer
@@ -199,7 +199,8 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
               clip_type: str | None = None, *, device="cpu", dtype: torch.dtype | None = None,
               state_dicts: Sequence[tuple[str, Mapping]] | None = None,
               tokenizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-              text_configs: Mapping[str, Any] | None = None, strict: bool = True) -> CLIP:
+              text_configs: Mapping[str, Any] | None = None, strict: bool = True,
+              require_finite: bool = False) -> CLIP:
     """Load text encoders from checkpoint files (full SD1/SD2/SDXL checkpoints or
     standalone clip_l / clip_g / ViT-H files, any known key layout) into a :class:`CLIP`.
 
@@ -214,6 +215,7 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
             config read from shapes (needed for non-standard head counts).
         strict: refuse keys below a text encoder's prefix that match no weight
             (missing and mis-shaped keys are always refused).
+        require_finite: refuse files holding NaN or infinite values.
 
     Raises:
         CheckpointError: unreadable file, no or unexpected text encoders, bad keys.
@@ -224,7 +226,10 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
         raise CheckpointError(f"clip_type {clip_type!r} is not one of {CLIP_TYPES} or 'auto'")
     if state_dicts is None:
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
-        state_dicts = [(str(p), load_state_dict(p)) for p in paths]
+        state_dicts = [(str(p), load_state_dict(p, require_finite=require_finite)) for p in paths]
+    elif require_finite:
+        for source, sd in state_dicts:
+            check_finite(sd, source)
     encoders = load_text_encoder_state_dicts(state_dicts, clip_type=clip_type, strict=strict)
     detected = detect_clip_type(list(encoders))
     if clip_type is not None and clip_type != detected:
