@@ -328,3 +328,13 @@ def test_one_megabyte_prompt_within_bounds(tok):
 def test_word_cached_encoding_matches_transformers(hf, tok, text):
     """Units are encoded word by word with a cache; the result must equal HF on the whole text."""
     assert tok.encode_units([text, text.upper()]) == [ids(hf, text), ids(hf, text.upper())]
+
+
+@pytest.mark.parametrize("options", [{"weight_convention": "a1111"}, {"square_brackets": True},
+                                     {"break_keyword": True}])
+def test_per_call_parse_options_equal_constructor_options_and_do_not_stick(options):
+    prompt = "((a (b:1.5))) [c] BREAK d"
+    shared = SDTokenizer()
+    dedicated = SDTokenizer(**options)
+    assert shared.tokenize_with_weights(prompt, True, **options) == dedicated.tokenize_with_weights(prompt, True)
+    assert shared.tokenize_with_weights(prompt, True) == SDTokenizer().tokenize_with_weights(prompt, True)

@@ -30,6 +30,7 @@ Differences from ComfyUI, all deliberate:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -50,6 +51,7 @@ EMBEDDING_IDENTIFIER = "embedding:"
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PIECE_SPLIT = re.compile(" embedding:|\nembedding:")  # ComfyUI's split, separator dropped
 _NAME_END = re.compile(r"\s")
+_PER_CALL_PARSE_OPTIONS = ("weight_convention", "square_brackets", "break_keyword")
 
 
 @dataclass(frozen=True)
@@ -283,15 +285,21 @@ class SDTokenizer:
         self._cache.put_many(fresh)
         return [ids if ids is not None else fresh[t] for t, ids in zip(texts, out)]
 
-    def _segments(self, text: str, disable_weights: bool) -> list[Segment]:
+    def _parse_options(self, kwargs: dict) -> ParseOptions:
+        """Instance parse options, overridden per call (never mutated) by ``kwargs``."""
+        overrides = {k: kwargs[k] for k in _PER_CALL_PARSE_OPTIONS if k in kwargs}
+        return dataclasses.replace(self.parse_options, **overrides) if overrides else self.parse_options
+
+    def _segments(self, text: str, disable_weights: bool, options: ParseOptions | None = None) -> list[Segment]:
+        options = options or self.parse_options
         if not isinstance(text, str):
             raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
         text = _fix_surrogates(text)
         if disable_weights:  # ComfyUI still resolves the escapes
-            if len(text) > self.parse_options.max_prompt_chars:
+            if len(text) > options.max_prompt_chars:
                 raise PromptError(f"prompt has {len(text)} characters, more than max_prompt_chars")
             return [Segment(re.sub(r"\\([()])", r"\1", text), 1.0, 0, len(text))] if text else []
-        return parse_prompt(text, options=self.parse_options)
+        return parse_prompt(text, options=options)
 
     def _embedding_units(self, piece: str, segment: Segment, found: list[EmbeddingResult]) -> list[_Unit]:
         """An ``embedding:name rest`` piece: the embedding group, then the rest as text."""
@@ -393,7 +401,8 @@ class SDTokenizer:
         min_length = kwargs.get("min_length", min_length)
         min_padding = options.get(f"{self.embedding_key}_min_padding", self.min_padding)
         found: list[EmbeddingResult] = []
-        units = self._units(self._segments(text, bool(kwargs.get("disable_weights", False))), found)
+        segments = self._segments(text, bool(kwargs.get("disable_weights", False)), self._parse_options(kwargs))
+        units = self._units(segments, found)
         return self._windows(units, min_length, min_padding), units, found
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
@@ -401,7 +410,9 @@ class SDTokenizer:
 
         Tokens are ints, or 1-D tensors (one embedding vector each).
         ``kwargs`` understood: ``min_length``, ``tokenizer_options``,
-        ``disable_weights`` (as ComfyUI); others are ignored, as in ComfyUI.
+        ``disable_weights`` (as ComfyUI), and per-call prompt syntax
+        ``weight_convention``, ``square_brackets``, ``break_keyword`` (override the
+        constructor's for this call only); others are ignored, as in ComfyUI.
 
         Raises:
             PromptError: the prompt is not a str, too long or has a refused weight.
