@@ -1,0 +1,37 @@
+"""textenc's ComfyUI node pack: thin adapters over the textenc library.
+
+Loaded by a host as a package (ComfyUI imports ``custom_nodes/<folder>/__init__.py``
+under the folder's name), so modules here import each other relatively and the
+library absolutely. Importing is cheap: no torch, no model files; library
+modules are imported when a node runs.
+"""
+
+from .conditioning import (ConditioningAverage, ConditioningCombine, ConditioningConcat,
+                           ConditioningZeroOut, unCLIPConditioning)
+from .loaders import CLIPLoader, CLIPVisionLoader, DualCLIPLoader, PhotoMakerLoader
+from .text_encode import (CLIPSetLastLayer, CLIPTextEncode, CLIPTextEncodeAdvancedTextenc,
+                          CLIPTextEncodeSDXL)
+from .vision import CLIPVisionEncode, PhotoMakerEncode
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+_NODES = [
+    (CLIPLoader, "Load CLIP"),
+    (DualCLIPLoader, "DualCLIPLoader"),
+    (CLIPSetLastLayer, "CLIP Set Last Layer"),
+    (CLIPTextEncode, "CLIP Text Encode (Prompt)"),
+    (CLIPTextEncodeSDXL, "CLIPTextEncodeSDXL"),
+    (CLIPTextEncodeAdvancedTextenc, "CLIP Text Encode (Advanced, textenc)"),
+    (CLIPVisionLoader, "Load CLIP Vision"),
+    (CLIPVisionEncode, "CLIP Vision Encode"),
+    (unCLIPConditioning, "unCLIPConditioning"),
+    (PhotoMakerLoader, "PhotoMakerLoader"),
+    (PhotoMakerEncode, "PhotoMakerEncode"),
+    (ConditioningConcat, "Conditioning (Concat)"),
+    (ConditioningCombine, "Conditioning (Combine)"),
+    (ConditioningAverage, "Conditioning (Average)"),
+    (ConditioningZeroOut, "ConditioningZeroOut"),
+]
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: display for cls, display in _NODES}

@@ -1,0 +1,128 @@
+"""Loader nodes: CLIP text encoders, CLIP vision, PhotoMaker.
+
+Files are listed and resolved through :mod:`textenc.paths` (ComfyUI's
+``folder_paths`` inside ComfyUI). Nothing is cached here: ComfyUI's executor
+caches node outputs. Library modules are imported inside the functions so that
+importing the node pack stays cheap.
+"""
+
+from __future__ import annotations
+
+from textenc import paths
+
+#: ComfyUI's ``CLIPLoader`` type names that mean an SD text encoder, plus ours.
+#: ``stable_diffusion`` is ComfyUI's: CLIP-L (SD1) or CLIP-H (SD2), told apart by the weights.
+CLIP_LOADER_TYPES = {"stable_diffusion": "auto", "auto": "auto", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
+DUAL_CLIP_LOADER_TYPES = {"sdxl": "sdxl"}
+DEVICES = ["default", "cpu"]
+
+
+def _device(name: str) -> str:
+    """``default``: the GPU when there is one, decided when the node runs."""
+    if name == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_clip(names: list[str], clip_type: str, device: str):
+    from textenc.sd import load_clip
+
+    files = [paths.get_full_path("text_encoders", name) for name in names]
+    embeddings = paths.embedding_directories() or None
+    return load_clip(files, embedding_directory=embeddings, clip_type=clip_type, device=_device(device))
+
+
+def _device_input() -> dict:
+    return {"device": (DEVICES, {"default": "default", "advanced": True,
+                                 "tooltip": "Where the text encoder runs: 'default' uses the GPU "
+                                            "when there is one."})}
+
+
+class CLIPLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+                    "clip_name": (paths.get_filename_list("text_encoders"),
+                                  {"tooltip": "Text encoder file in models/text_encoders (or models/clip)."}),
+                    "type": (list(CLIP_LOADER_TYPES),
+                             {"default": "stable_diffusion",
+                              "tooltip": "stable_diffusion/auto: detect SD1 (CLIP-L) or SD2 (CLIP-H) from the "
+                                         "weights; sd1, sd2, sdxl: require that model type."})},
+                "optional": _device_input()}
+
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("The CLIP text encoder with its tokenizer.",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = ("Loads a CLIP text encoder (standalone clip_l / ViT-H file or a full SD checkpoint). "
+                   "Textual inversions are read from the embeddings folder.")
+
+    def load_clip(self, clip_name: str, type: str = "stable_diffusion", device: str = "default"):
+        from textenc.errors import CheckpointError
+
+        if type not in CLIP_LOADER_TYPES:
+            raise CheckpointError(f"CLIPLoader type {type!r} is not one of {list(CLIP_LOADER_TYPES)}")
+        return (_load_clip([clip_name], CLIP_LOADER_TYPES[type], device),)
+
+
+class DualCLIPLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = paths.get_filename_list("text_encoders")
+        return {"required": {
+                    "clip_name1": (names, {"tooltip": "First text encoder file (SDXL: clip_l)."}),
+                    "clip_name2": (names, {"tooltip": "Second text encoder file (SDXL: clip_g)."}),
+                    "type": (list(DUAL_CLIP_LOADER_TYPES), {"default": "sdxl",
+                             "tooltip": "Model type; sdxl needs CLIP-L and CLIP-G in either order."})},
+                "optional": _device_input()}
+
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("The combined CLIP text encoders with their tokenizers.",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = "Loads two text encoder files as one CLIP.\n\n[Recipes]\n\nsdxl: clip-l, clip-g"
+
+    def load_clip(self, clip_name1: str, clip_name2: str, type: str = "sdxl", device: str = "default"):
+        from textenc.errors import CheckpointError
+
+        if type not in DUAL_CLIP_LOADER_TYPES:
+            raise CheckpointError(f"DualCLIPLoader type {type!r} is not one of {list(DUAL_CLIP_LOADER_TYPES)}")
+        return (_load_clip([clip_name1, clip_name2], DUAL_CLIP_LOADER_TYPES[type], device),)
+
+
+class CLIPVisionLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (paths.get_filename_list("clip_vision"),
+                                           {"tooltip": "CLIP vision file in models/clip_vision."})}}
+
+    RETURN_TYPES = ("CLIP_VISION",)
+    OUTPUT_TOOLTIPS = ("The CLIP vision model.",)
+    FUNCTION = "load_clip"
+    CATEGORY = "loaders"
+    DESCRIPTION = "Loads a CLIP vision model (ViT-L/14, ViT-L/14-336, ViT-H/14, ViT-bigG/14; HF or open_clip keys)."
+
+    def load_clip(self, clip_name: str):
+        from textenc import clip_vision
+
+        return (clip_vision.load(paths.get_full_path("clip_vision", clip_name)),)
+
+
+class PhotoMakerLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"photomaker_model_name": (paths.get_filename_list("photomaker"),
+                                                       {"tooltip": "PhotoMaker v1 file in models/photomaker."})}}
+
+    RETURN_TYPES = ("PHOTOMAKER",)
+    OUTPUT_TOOLTIPS = ("The PhotoMaker ID encoder.",)
+    FUNCTION = "load_photomaker_model"
+    CATEGORY = "_for_testing/photomaker"
+    DESCRIPTION = "Loads the ID encoder of a PhotoMaker v1 checkpoint (.bin or .safetensors), safely."
+
+    def load_photomaker_model(self, photomaker_model_name: str):
+        from textenc.photomaker import load_photomaker
+
+        return (load_photomaker(paths.get_full_path("photomaker", photomaker_model_name)),)

@@ -1,0 +1,326 @@
+"""Node pack contract (as a host loads it) and a small graph run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from textenc import clip_vision, paths
+from textenc.config import load_vision_config
+from textenc.convert import to_layout
+from textenc.errors import CheckpointError, TextencError
+from textenc.sd import load_clip
+from textenc.tokenizer import SDTokenizer
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+VALID_TYPES = {"STRING", "INT", "FLOAT", "BOOLEAN", "CLIP", "CONDITIONING", "CLIP_VISION",
+               "CLIP_VISION_OUTPUT", "IMAGE", "PHOTOMAKER"}
+TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "image_size": 56, "patch_size": 14,
+               "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 32}
+PROMPT = "a photo of a (red:1.2) cat"
+
+
+def tiny_text_model():
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=49408, max_position_embeddings=77,
+                                         projection_dim=128, hidden_act="quick_gelu")
+    return transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="eager").eval()
+
+
+def save_sd(state_dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, path)
+
+
+@pytest.fixture(scope="module")
+def hf_text():
+    return tiny_text_model()
+
+
+@pytest.fixture(scope="module")
+def hf_vision():
+    torch.manual_seed(1)
+    config = transformers.CLIPVisionConfig(**TINY_VISION)
+    return transformers.CLIPVisionModelWithProjection._from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, hf_text, hf_vision) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    save_sd(to_layout(hf_text.state_dict(), "sd1"), root / "text_encoders" / "tiny_sd1.safetensors")
+    save_sd(hf_vision.state_dict(), root / "clip_vision" / "tiny_vision.safetensors")
+    (root / "embeddings").mkdir()
+    return root
+
+
+@pytest.fixture()
+def models_dir(models, monkeypatch):
+    monkeypatch.setattr(paths, "_explicit_dir", str(models))
+    # The tiny vision size is not a published one: register it for this test only.
+    monkeypatch.setitem(clip_vision.VISION_KINDS, (64, 17), "tiny")
+    monkeypatch.setattr(clip_vision, "load_vision_config",
+                        lambda spec: load_vision_config(TINY_VISION if spec == "tiny" else spec))
+    return models
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """Import ``nodes/`` the way ComfyUI imports a custom node folder, under another name."""
+    name = "textenc_nodes_host_test"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def node(pack, name):
+    return pack.NODE_CLASS_MAPPINGS[name]()
+
+
+def run(pack, name, **inputs):
+    cls = pack.NODE_CLASS_MAPPINGS[name]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+# --- contract -------------------------------------------------------------------
+
+EXPECTED = {"CLIPLoader", "DualCLIPLoader", "CLIPSetLastLayer", "CLIPTextEncode", "CLIPTextEncodeSDXL",
+            "CLIPTextEncodeAdvancedTextenc", "CLIPVisionLoader", "CLIPVisionEncode", "unCLIPConditioning",
+            "PhotoMakerLoader", "PhotoMakerEncode", "ConditioningConcat", "ConditioningCombine",
+            "ConditioningAverage", "ConditioningZeroOut"}
+
+
+def _check_input(node_name: str, input_name: str, spec) -> None:
+    where = f"{node_name}.{input_name}"
+    assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, where
+    kind, options = spec[0], (spec[1] if len(spec) == 2 else {})
+    assert isinstance(options, dict), where
+    assert isinstance(options.get("tooltip"), str) and options["tooltip"], f"{where}: no tooltip"
+    if isinstance(kind, list):  # COMBO
+        assert all(isinstance(choice, str) for choice in kind), where
+        if "default" in options:
+            assert options["default"] in kind, where
+        return
+    assert kind in VALID_TYPES, f"{where}: type {kind!r}"
+    if kind in ("INT", "FLOAT"):
+        assert options["min"] <= options["default"] <= options["max"], where
+        assert isinstance(options["default"], int if kind == "INT" else float), where
+    if kind == "BOOLEAN":
+        assert isinstance(options["default"], bool), where
+
+
+def test_pack_contract(pack, models_dir):
+    assert set(pack.NODE_CLASS_MAPPINGS) == EXPECTED
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == EXPECTED
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        types = cls.INPUT_TYPES()
+        assert isinstance(types, dict) and isinstance(types["required"], dict), name
+        assert set(types) <= {"required", "optional", "hidden"}, name
+        inputs = {**types["required"], **types.get("optional", {})}
+        for input_name, spec in inputs.items():
+            _check_input(name, input_name, spec)
+        assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES, name
+        assert all(t in VALID_TYPES for t in cls.RETURN_TYPES), name
+        if hasattr(cls, "OUTPUT_TOOLTIPS"):
+            assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), name
+        function = getattr(cls, cls.FUNCTION, None)
+        assert callable(function), name
+        parameters = inspect.signature(function).parameters
+        assert set(inputs) <= set(parameters), f"{name}.{cls.FUNCTION} misses inputs"
+        assert isinstance(cls.CATEGORY, str) and cls.CATEGORY, name
+        assert isinstance(cls.DESCRIPTION, str) and cls.DESCRIPTION, name
+        assert isinstance(pack.NODE_DISPLAY_NAME_MAPPINGS[name], str), name
+
+
+def test_comfyui_inputs_and_defaults(pack, models_dir):
+    required = {name: cls.INPUT_TYPES()["required"] for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
+    assert required["CLIPLoader"]["clip_name"][0] == ["tiny_sd1.safetensors"]
+    assert "stable_diffusion" in required["CLIPLoader"]["type"][0]
+    assert required["DualCLIPLoader"]["type"][0] == ["sdxl"]
+    assert required["CLIPVisionLoader"]["clip_name"][0] == ["tiny_vision.safetensors"]
+    layer = required["CLIPSetLastLayer"]["stop_at_clip_layer"][1]
+    assert (layer["default"], layer["min"], layer["max"]) == (-1, -24, -1)
+    text = required["CLIPTextEncode"]["text"][1]
+    assert text["multiline"] and text["dynamicPrompts"]
+    assert list(required["CLIPTextEncodeSDXL"]) == ["clip", "width", "height", "crop_w", "crop_h",
+                                                    "target_width", "target_height", "text_g", "text_l"]
+    assert required["CLIPVisionEncode"]["crop"][0] == ["center", "none"]
+    unclip = required["unCLIPConditioning"]
+    assert (unclip["strength"][1]["default"], unclip["strength"][1]["min"], unclip["strength"][1]["max"]) \
+        == (1.0, -10.0, 10.0)
+    assert (unclip["noise_augmentation"][1]["default"], unclip["noise_augmentation"][1]["max"]) == (0.0, 1.0)
+    assert required["PhotoMakerEncode"]["text"][1]["default"] == "photograph of photomaker"
+    assert list(required["PhotoMakerEncode"]) == ["photomaker", "image", "clip", "text"]
+
+
+def test_import_is_cheap():
+    code = ("import sys, nodes; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert not any(m.startswith('textenc.sd') for m in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "TEXTENC_MODELS_DIR": ""})
+    assert result.returncode == 0, result.stderr
+
+
+# --- graph ------------------------------------------------------------------------
+
+def _hf_cond(hf_text, text: str, layer: int = -1) -> torch.Tensor:
+    ids = SDTokenizer().tokenize_with_weights(text)[0]
+    input_ids = torch.tensor([[token for token, _ in ids]])
+    with torch.no_grad():
+        out = hf_text.text_model(input_ids=input_ids, output_hidden_states=True)
+        if layer == -1:
+            return out.last_hidden_state
+        return hf_text.text_model.final_layer_norm(out.hidden_states[layer])
+
+
+def test_graph_end_to_end(pack, models_dir, hf_text):
+    path = models_dir / "text_encoders" / "tiny_sd1.safetensors"
+    (clip,) = run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="stable_diffusion")
+    (skipped,) = run(pack, "CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-2)
+    assert clip.layer_idx is None and skipped.layer_idx == -2
+
+    # Plain CLIPTextEncode against an independent HF forward.
+    (plain,) = run(pack, "CLIPTextEncode", clip=clip, text="a photo of a cat")
+    torch.testing.assert_close(plain[0][0], _hf_cond(hf_text, "a photo of a cat"), atol=1e-5, rtol=1e-5)
+    (plain_skip,) = run(pack, "CLIPTextEncode", clip=skipped, text="a photo of a cat")
+    torch.testing.assert_close(plain_skip[0][0], _hf_cond(hf_text, "a photo of a cat", -2),
+                               atol=1e-5, rtol=1e-5)
+
+    (positive,) = run(pack, "CLIPTextEncode", clip=skipped, text=PROMPT)
+    (negative,) = run(pack, "CLIPTextEncode", clip=skipped, text="blurry")
+    library = load_clip(path, clip_type="sd1")
+    library.clip_layer(-2)
+    expected = library.encode_from_tokens_scheduled(library.tokenize(PROMPT))
+    torch.testing.assert_close(positive[0][0], expected[0][0], atol=0, rtol=0)
+    torch.testing.assert_close(positive[0][1]["pooled_output"], expected[0][1]["pooled_output"])
+
+    (joined,) = run(pack, "ConditioningConcat", conditioning_to=positive, conditioning_from=negative)
+    assert joined[0][0].shape == (1, 154, 128)
+    torch.testing.assert_close(joined[0][0][:, 77:], negative[0][0])
+    (zeroed,) = run(pack, "ConditioningZeroOut", conditioning=negative)
+    assert not zeroed[0][0].any() and not zeroed[0][1]["pooled_output"].any()
+    assert negative[0][0].any()
+    (both,) = run(pack, "ConditioningCombine", conditioning_1=positive, conditioning_2=negative)
+    assert len(both) == 2
+    (mixed,) = run(pack, "ConditioningAverage", conditioning_to=positive, conditioning_from=negative,
+                   conditioning_to_strength=0.25)
+    torch.testing.assert_close(mixed[0][0], positive[0][0] * 0.25 + negative[0][0] * 0.75)
+
+    (vision,) = run(pack, "CLIPVisionLoader", clip_name="tiny_vision.safetensors")
+    image = torch.rand(1, 70, 90, 3, generator=torch.Generator().manual_seed(0))
+    (seen,) = run(pack, "CLIPVisionEncode", clip_vision=vision, image=image, crop="center")
+    direct = clip_vision.load(models_dir / "clip_vision" / "tiny_vision.safetensors").encode_image(image)
+    torch.testing.assert_close(seen.image_embeds, direct.image_embeds)
+    (stretched,) = run(pack, "CLIPVisionEncode", clip_vision=vision, image=image, crop="none")
+    assert not torch.equal(stretched.image_embeds, seen.image_embeds)
+
+    (unclip,) = run(pack, "unCLIPConditioning", conditioning=positive, clip_vision_output=seen,
+                    strength=1.0, noise_augmentation=0.1)
+    entry = unclip[0][1]["unclip_conditioning"][0]
+    assert entry["clip_vision_output"] is seen and entry["noise_augmentation"] == 0.1
+    assert "unclip_conditioning" not in positive[0][1]
+
+
+def test_advanced_encode(pack, models_dir):
+    (clip,) = run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="sd1")
+    before = clip.tokenizer.clip_l.parse_options
+    (default,) = run(pack, "CLIPTextEncodeAdvancedTextenc", clip=clip, text=PROMPT, token_normalization="none",
+                     weight_interpretation="comfy", weight_convention="comfy", square_brackets=False,
+                     break_keyword=False)
+    (plain,) = run(pack, "CLIPTextEncode", clip=clip, text=PROMPT)
+    torch.testing.assert_close(default[0][0], plain[0][0])
+
+    text = "a [photo] of a (red:1.2) cat BREAK on a mat"
+    (advanced,) = run(pack, "CLIPTextEncodeAdvancedTextenc", clip=clip, text=text,
+                      token_normalization="length+mean", weight_interpretation="a1111",
+                      weight_convention="a1111", square_brackets=True, break_keyword=True)
+    assert clip.tokenizer.clip_l.parse_options == before  # the shared tokenizer is untouched
+    tokenizer = SDTokenizer(weight_convention="a1111", square_brackets=True, break_keyword=True)
+    tokens = {"l": tokenizer.tokenize_with_weights(text, True)}
+    expected = clip.encode_from_tokens(tokens, return_pooled=True,
+                                       options={"weight_mode": "a1111", "normalization": "length+mean"})
+    assert advanced[0][0].shape == (1, 154, 128)
+    torch.testing.assert_close(advanced[0][0], expected[0])
+    torch.testing.assert_close(advanced[0][1]["pooled_output"], expected[1])
+
+
+def test_sdxl_padding_and_type_check(pack, models_dir):
+    from nodes.text_encode import pad_to_same_windows
+
+    empty = {"g": [["eg"]], "l": [["el"]]}
+    padded = pad_to_same_windows({"g": [["g1"], ["g2"]], "l": [["l1"]]}, empty)
+    assert padded == {"g": [["g1"], ["g2"]], "l": [["l1"], ["el"]]}
+    padded = pad_to_same_windows({"g": [["g1"]], "l": [["l1"], ["l2"], ["l3"]]}, empty)
+    assert padded["g"] == [["g1"], ["eg"], ["eg"]]
+    (clip,) = run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="auto")
+    with pytest.raises(CheckpointError, match="SDXL"):
+        run(pack, "CLIPTextEncodeSDXL", clip=clip, width=1024, height=1024, crop_w=0, crop_h=0,
+            target_width=1024, target_height=1024, text_g="a", text_l="b")
+
+
+def test_photomaker_encode_calls_the_library(pack, models_dir):
+    from textenc.photomaker import PhotoMakerIDEncoder, encode_photomaker
+
+    (clip,) = run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="sd1")
+    torch.manual_seed(0)
+    config = {**TINY_VISION, "image_size": 28}
+    encoder = PhotoMakerIDEncoder(config, projection_2_dim=96, embed_dim=128)
+    for parameter in encoder.parameters():  # init-free layers: fill them ourselves
+        parameter.data.normal_(0.0, 0.2)
+    images = torch.rand(2, 40, 40, 3, generator=torch.Generator().manual_seed(1))
+    text = "photo of a man photomaker"
+    (out,) = run(pack, "PhotoMakerEncode", photomaker=encoder.eval(), image=images, clip=clip, text=text)
+    expected = encode_photomaker(encoder, clip, text, images)
+    torch.testing.assert_close(out[0][0], expected[0][0])
+
+
+def test_loaders_refuse_paths_outside_the_models_folder(pack, models_dir, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((models_dir / "text_encoders" / "tiny_sd1.safetensors").read_bytes())
+    for name in ("../../outside.safetensors", str(outside), f"../{tmp_path.name}/outside.safetensors"):
+        with pytest.raises(CheckpointError):
+            run(pack, "CLIPLoader", clip_name=name, type="sd1")
+    link = models_dir / "text_encoders" / "link.safetensors"
+    link.symlink_to(outside)
+    try:
+        assert "link.safetensors" not in paths.get_filename_list("text_encoders")
+        with pytest.raises(CheckpointError, match="outside"):
+            run(pack, "CLIPLoader", clip_name="link.safetensors", type="sd1")
+    finally:
+        link.unlink()
+    with pytest.raises(CheckpointError, match="not found"):
+        run(pack, "CLIPVisionLoader", clip_name="missing.safetensors")
+
+
+def test_wrong_inputs_raise_typed_errors(pack, models_dir):
+    with pytest.raises(CheckpointError, match="type"):
+        run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="flux")
+    with pytest.raises(CheckpointError, match="sd2"):
+        run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="sd2")
+    with pytest.raises(TextencError):
+        run(pack, "CLIPTextEncode", clip=None, text="x")
+
+
+def test_no_models_dir_gives_empty_lists_and_a_clear_error(pack, monkeypatch):
+    monkeypatch.setattr(paths, "_explicit_dir", None)
+    monkeypatch.delenv(paths.ENV_VAR, raising=False)
+    assert pack.NODE_CLASS_MAPPINGS["CLIPLoader"].INPUT_TYPES()["required"]["clip_name"][0] == []
+    with pytest.raises(CheckpointError, match=paths.ENV_VAR):
+        run(pack, "CLIPLoader", clip_name="x.safetensors", type="sd1")
