@@ -195,8 +195,10 @@ def _encode_maybe_cached(model: "SDClipModel", windows, opts: "ClipOptions"):
     if model.cache_size <= 0 or model.return_attention_masks:
         return encode_windows(model, windows, opts)
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
-    return _cached(model, model._encode_cache, key,
-                   lambda: encode_windows(model, windows, opts), model.cache_size)
+    z, pooled = _cached(model, model._encode_cache, key,
+                        lambda: encode_windows(model, windows, opts), model.cache_size)
+    # Copies: the result may be a view the caller mutates; the entry must stay intact.
+    return z.clone(), pooled.clone()
 
 
 def _compel_downweight(model, windows, weights, word_ids, z, opts):
@@ -225,7 +227,8 @@ def encode_token_weights(model: "SDClipModel", token_weight_pairs, opts: "ClipOp
     pairs = [list(w) for w in token_weight_pairs]
     if not pairs:
         z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
-        return z_empty.unsqueeze(0), pooled_empty.unsqueeze(0)
+        # Copies: the cached empty encoding weights every later prompt.
+        return z_empty.unsqueeze(0).clone(), pooled_empty.unsqueeze(0).clone()
     windows = [[p[0] for p in w] for w in pairs]
     weights = torch.tensor([[float(p[1]) for p in w] for w in pairs], dtype=torch.float64)
     word_ids = None
