@@ -91,7 +91,10 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor, z_empty: torch.Tensor 
     # a1111: restore each window's original mean (A1111's prompt_parser/sd_hijack).
     original_mean = z.mean(dim=(1, 2), keepdim=True)
     new_mean = scaled.mean(dim=(1, 2), keepdim=True)
-    return scaled * (original_mean / new_mean)
+    # A window whose mean is exactly 0 (a final layer norm without bias gives
+    # zero-mean tokens) would divide 0 by 0; there is no mean to restore then.
+    ratio = torch.where(new_mean == 0, torch.ones_like(new_mean), original_mean / new_mean)
+    return scaled * ratio
 
 
 def downweighted_runs(weights: Sequence[float], word_ids: Sequence[int] | None) -> list[list[int]]:
