@@ -1,0 +1,240 @@
+"""Read caption datasets for :mod:`textenc.dataset` into rows of ``(id, caption)``.
+
+Supported inputs (see :func:`read_captions`):
+
+* parquet: one file, a folder of ``*.parquet`` files or a glob (files sorted by path);
+* ``.jsonl``: one JSON object per non-blank line;
+* ``.txt``: one caption per line (an empty line is an empty caption);
+* a folder of per-image ``.txt`` caption files (kohya layout), id = relative path
+  without the extension.
+
+A row that cannot be read (not UTF-8, bad JSON, a null caption) keeps its
+position and is recorded in :attr:`CaptionRows.rejected` with the reason, so
+shard ``i`` always covers input rows ``[i·N, (i+1)·N)``. Problems with the
+input as a whole (missing file or column, no rows, duplicate ids) raise
+:class:`~textenc.errors.DatasetError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import DatasetError
+
+__all__ = ["CaptionRows", "read_captions", "input_kind"]
+
+
+@dataclasses.dataclass
+class CaptionRows:
+    """All rows of an input, in input order.
+
+    Attributes:
+        ids: one id per row (int, or str for kohya / string id columns).
+        texts: the caption, or None for a row that could not be read.
+        rejected: row index → reason, for rows whose ``texts`` entry is None.
+    """
+
+    ids: list[Any]
+    texts: list[str | None]
+    rejected: dict[int, str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def digest(self) -> str:
+        """sha256 over every id and caption: detects a changed input on re-runs."""
+        hasher = hashlib.sha256()
+        for row_id, text in zip(self.ids, self.texts):
+            hasher.update(json.dumps([row_id, text], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+            hasher.update(b"\n")
+        return hasher.hexdigest()
+
+
+def _decode(raw: bytes) -> tuple[str | None, str | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"
+
+
+def _parquet_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).rglob("*.parquet"))
+    elif any(ch in path for ch in "*?["):
+        files = sorted(globlib.glob(path, recursive=True))
+    else:
+        files = [path]
+    if not files:
+        raise DatasetError(f"{path}: no parquet files found")
+    return files
+
+
+def input_kind(path: str | os.PathLike) -> str:
+    """``"parquet"``, ``"jsonl"``, ``"txt"`` or ``"kohya"`` for an INPUT argument."""
+    text = os.fspath(path)
+    if os.path.isdir(text):
+        return "parquet" if any(Path(text).rglob("*.parquet")) else "kohya"
+    if any(ch in text for ch in "*?[") and not os.path.exists(text):
+        return "parquet"
+    if not os.path.exists(text):
+        raise DatasetError(f"{text}: no such file or folder")
+    suffix = Path(text).suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".txt":
+        return "txt"
+    raise DatasetError(f"{text}: unknown input type {suffix!r}; expected .parquet, .jsonl, .txt "
+                       "or a folder of parquet or kohya .txt caption files")
+
+
+def _require_pyarrow():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DatasetError("reading parquet needs pyarrow: pip install 'textenc[ray]' "
+                           "(or pip install pyarrow)") from exc
+    return pq
+
+
+def _parquet_column(table, name: str, path: str) -> list:
+    if name not in table.column_names:
+        raise DatasetError(f"{path}: no column {name!r}; columns are {table.column_names} "
+                           "(choose one with --column / --id-column)")
+    return table.column(name).to_pylist()
+
+
+def _read_parquet(path: str, column: str, id_column: str | None) -> CaptionRows:
+    pq = _require_pyarrow()
+    rows = CaptionRows([], [], {})
+    for file in _parquet_files(path):
+        try:
+            table = pq.read_table(file, columns=[column] + ([id_column] if id_column else []))
+        except (OSError, ValueError, KeyError) as exc:
+            if "No match for" in str(exc) or "not in schema" in str(exc) or isinstance(exc, KeyError):
+                names = pq.read_schema(file).names
+                missing = column if column not in names else id_column
+                raise DatasetError(f"{file}: no column {missing!r}; columns are {names} "
+                                   "(choose one with --column / --id-column)") from exc
+            raise DatasetError(f"{file}: cannot read parquet: {exc}") from exc
+        texts = _parquet_column(table, column, file)
+        ids = _parquet_column(table, id_column, file) if id_column else [None] * len(texts)
+        for row_id, value in zip(ids, texts):
+            _append(rows, row_id, value)
+    return rows
+
+
+def _append(rows: CaptionRows, row_id: Any, value: Any) -> None:
+    index = len(rows.ids)
+    rows.ids.append(index if row_id is None else row_id)
+    reason = None
+    if isinstance(value, (bytes, bytearray)):
+        value, reason = _decode(bytes(value))
+    elif value is None:
+        reason = "caption is null"
+    elif not isinstance(value, str):
+        value, reason = None, f"caption is a {type(value).__name__}, not a string"
+    rows.texts.append(value)
+    if reason is not None:
+        rows.rejected[index] = reason
+
+
+def _read_jsonl(path: str, column: str, id_column: str | None) -> CaptionRows:
+    rows = CaptionRows([], [], {})
+    seen_column = False
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.strip():
+                continue
+            text, reason = _decode(raw)
+            record: Any = None
+            if text is not None:
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    reason = f"invalid JSON: {exc.msg}"
+            if record is not None and not isinstance(record, dict):
+                record, reason = None, "line is not a JSON object"
+            if record is not None and column not in record:
+                record, reason = None, f"no {column!r} key"
+            seen_column = seen_column or record is not None
+            row_id = record.get(id_column) if record is not None and id_column else None
+            _append(rows, row_id, record.get(column) if record is not None else None)
+            if reason is not None:
+                rows.texts[-1] = None
+                rows.rejected[len(rows.ids) - 1] = reason
+    if rows.ids and not seen_column:
+        raise DatasetError(f"{path}: no line has the column {column!r} (choose one with --column)")
+    return rows
+
+
+def _read_txt(path: str) -> CaptionRows:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline ending the last line does not start a row
+    rows = CaptionRows([], [], {})
+    for raw in lines:
+        _append(rows, None, raw.rstrip(b"\r"))
+    return rows
+
+
+def _read_kohya(path: str) -> CaptionRows:
+    root = Path(path)
+    files = sorted(root.rglob("*.txt"), key=lambda p: p.relative_to(root).as_posix())
+    rows = CaptionRows([], [], {})
+    for file in files:
+        row_id = file.relative_to(root).with_suffix("").as_posix()
+        _append(rows, row_id, file.read_bytes().strip())
+    return rows
+
+
+def _check_ids(rows: CaptionRows, source: str) -> None:
+    seen: dict[Any, int] = {}
+    for index, row_id in enumerate(rows.ids):
+        if row_id is None or isinstance(row_id, (float, bool)) or not isinstance(row_id, (int, str)):
+            raise DatasetError(f"{source}: row {index} has id {row_id!r}; ids must be integers or strings")
+        if row_id in seen:
+            raise DatasetError(f"{source}: id {row_id!r} appears at rows {seen[row_id]} and {index}; "
+                               "ids must be unique (pick another --id-column)")
+        seen[row_id] = index
+
+
+def read_captions(path: str | os.PathLike, *, column: str = "text", id_column: str | None = None,
+                  limit: int | None = None) -> CaptionRows:
+    """Read every row of a caption dataset (see the module docstring for formats).
+
+    Args:
+        path: parquet file/folder/glob, ``.jsonl``, ``.txt`` or kohya folder.
+        column: caption column (parquet, jsonl).
+        id_column: id column (parquet, jsonl); default: the row index.
+        limit: keep only the first ``limit`` rows.
+
+    Raises:
+        DatasetError: missing path or column, no rows, bad or duplicate ids.
+    """
+    source = os.fspath(path)
+    kind = input_kind(source)
+    if kind == "parquet":
+        rows = _read_parquet(source, column, id_column)
+    elif kind == "jsonl":
+        rows = _read_jsonl(source, column, id_column)
+    elif kind == "txt":
+        rows = _read_txt(source)
+    else:
+        rows = _read_kohya(source)
+    if limit is not None:
+        rows = CaptionRows(rows.ids[:limit], rows.texts[:limit],
+                           {k: v for k, v in rows.rejected.items() if k < limit})
+    if not rows.ids:
+        raise DatasetError(f"{source}: no caption rows ({kind} input is empty)")
+    _check_ids(rows, source)
+    return rows
