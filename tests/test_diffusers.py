@@ -1,0 +1,219 @@
+"""textenc.diffusers against tiny random diffusers pipelines (SD1, SD2, SDXL).
+
+Parity is defined as follows (fp32, unweighted prompts of at most 75 tokens):
+
+* SD1: ComfyUI's default (last layer, final norm) is diffusers' default.
+* SD2: ComfyUI's default is the penultimate layer *with* the final layer norm;
+  diffusers' default is the last layer. textenc's default is compared with
+  ``final_layer_norm(hidden_states[-2])`` of the pipeline's own text encoder,
+  and textenc's ``clip_skip=-1`` with diffusers' default ``encode_prompt``.
+* SDXL: both use ``hidden_states[-2]`` without the final norm; pooled from
+  ``text_encoder_2``'s projection.
+
+The text encoders are deliberately of non-standard widths and head counts
+(heads not width / 64) so that shape-based guessing would fail.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+
+from textenc.diffusers import encode_for_pipeline, load_from_diffusers, to_diffusers  # noqa: E402
+from textenc.errors import CheckpointError, DiffusersLayoutError, PromptError, TextencError  # noqa: E402
+from textenc.tokenizer import DEFAULT_VOCAB  # noqa: E402
+
+ATOL = 1e-5
+SHORT = "a photo of a cat, high quality"
+NEGATIVE = "blurry, low quality"
+
+
+# ---- building tiny pipelines -------------------------------------------------------------
+
+def _text_encoder(width: int, heads: int, act: str, *, seed: int, projection: int | None = None):
+    torch.manual_seed(seed)
+    config = transformers.CLIPTextConfig(hidden_size=width, intermediate_size=2 * width + 5,
+                                         num_hidden_layers=3, num_attention_heads=heads,
+                                         hidden_act=act, projection_dim=projection or width)
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls._from_config(config, attn_implementation="sdpa").eval()
+
+
+def _tokenizer(pad: str | None = None):
+    kwargs = {"pad_token": pad} if pad else {}
+    return transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB, model_max_length=77, **kwargs)
+
+
+def _unet(cross_width: int, *, pooled: int | None = None):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(3)
+    extra = {}
+    if pooled is not None:  # as diffusers' own tiny SDXL test config
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=6 * 8 + pooled)
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                in_channels=4, out_channels=4, cross_attention_dim=cross_width,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                attention_head_dim=(2, 4), norm_num_groups=8, **extra)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+    torch.manual_seed(4)
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=8,
+                         up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  steps_offset=1, timestep_spacing="leading")
+
+
+def _build_pipeline(kind: str):
+    import diffusers
+    if kind == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            vae=_vae(), unet=_unet(32 + 64, pooled=40), scheduler=_scheduler(),
+            text_encoder=_text_encoder(32, 2, "quick_gelu", seed=1), tokenizer=_tokenizer(),
+            text_encoder_2=_text_encoder(64, 2, "gelu", seed=2, projection=40),
+            tokenizer_2=_tokenizer("!"))
+    width, act, pad = (48, "quick_gelu", None) if kind == "sd1" else (40, "gelu", "!")
+    return diffusers.StableDiffusionPipeline(
+        vae=_vae(), unet=_unet(width), scheduler=_scheduler(), tokenizer=_tokenizer(pad),
+        text_encoder=_text_encoder(width, 3 if kind == "sd1" else 5, act, seed=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _vocab_layout(tokenizer_folder: Path) -> None:
+    """Rewrite a saved tokenizer as vocab.json + merges.txt (the pre-transformers-5 layout)."""
+    (tokenizer_folder / "tokenizer.json").unlink()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(Path(DEFAULT_VOCAB) / name, tokenizer_folder / name)
+
+
+@pytest.fixture(scope="session")
+def pipelines(tmp_path_factory) -> dict:
+    """kind → (pipeline, folder with tokenizer.json, folder with vocab.json + merges.txt)."""
+    out = {}
+    for kind in ("sd1", "sd2", "sdxl"):
+        pipe = _build_pipeline(kind)
+        pipe.set_progress_bar_config(disable=True)
+        json_folder = tmp_path_factory.mktemp(f"{kind}_json")
+        pipe.save_pretrained(json_folder)
+        vocab_folder = tmp_path_factory.mktemp(f"{kind}_vocab")
+        shutil.copytree(json_folder, vocab_folder, dirs_exist_ok=True)
+        for name in ("tokenizer", "tokenizer_2"):
+            if (vocab_folder / name).is_dir():
+                _vocab_layout(vocab_folder / name)
+        out[kind] = (pipe, json_folder, vocab_folder)
+    return out
+
+
+# ---- references computed with the pipeline's own text encoders -----------------------------
+
+def _reference(pipe, prompt: str, negative: str | None, **kwargs) -> dict:
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(prompt=prompt, device=torch.device("cpu"), num_images_per_prompt=1,
+                                    do_classifier_free_guidance=True, negative_prompt=negative,
+                                    **kwargs)
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+             "negative_pooled_prompt_embeds")
+    return {name: value for name, value in zip(names, embeds) if value is not None}
+
+
+def _hidden_normed(pipe, prompt: str, index: int) -> torch.Tensor:
+    """``final_layer_norm(hidden_states[index])`` of the pipeline's text encoder.
+
+    transformers 5 flattens CLIPTextModel (no ``.text_model``), so the norm is
+    looked up by name.
+    """
+    encoder = pipe.text_encoder
+    norm = dict(encoder.named_modules())["final_layer_norm"]
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return norm(encoder(ids, output_hidden_states=True).hidden_states[index])
+
+
+def _assert_close(ours: dict, reference: dict, atol: float = ATOL) -> dict:
+    assert set(ours) == set(reference)
+    diffs = {}
+    for name, value in reference.items():
+        assert ours[name].shape == value.shape, name
+        assert ours[name].dtype == value.dtype, name
+        diffs[name] = float((ours[name] - value).abs().max())
+        assert diffs[name] <= atol, (name, diffs[name])
+    return diffs
+
+
+@pytest.fixture(scope="session")
+def loaded(pipelines) -> dict:
+    """(kind, layout) → CLIP loaded from the saved folder."""
+    return {(kind, layout): load_from_diffusers(folders[1 if layout == "json" else 2])
+            for kind, folders in pipelines.items() for layout in ("json", "vocab")}
+
+
+# ---- parity ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["json", "vocab"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_default_layer_matches_pipeline(pipelines, loaded, kind, layout):
+    pipe = pipelines[kind][0]
+    clip = loaded[kind, layout]
+    assert clip.clip_type == kind
+    ours = encode_for_pipeline(clip, SHORT, NEGATIVE)
+    if kind == "sd2":  # ComfyUI's SD2 default: penultimate layer, final norm
+        reference = {"prompt_embeds": _hidden_normed(pipe, SHORT, -2),
+                     "negative_prompt_embeds": _hidden_normed(pipe, NEGATIVE, -2)}
+        _assert_close(ours, reference)
+        # diffusers' default (last layer) is ComfyUI's clip_skip=-1
+        ours = encode_for_pipeline(clip, SHORT, NEGATIVE, clip_skip=-1)
+    _assert_close(ours, _reference(pipe, SHORT, NEGATIVE))
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_clip_skip_penultimate_matches_hidden_states(pipelines, loaded, kind):
+    pipe = pipelines[kind][0]
+    ours = encode_for_pipeline(loaded[kind, "json"], SHORT, NEGATIVE, clip_skip=-2)
+    _assert_close(ours, {"prompt_embeds": _hidden_normed(pipe, SHORT, -2),
+                         "negative_prompt_embeds": _hidden_normed(pipe, NEGATIVE, -2)})
+
+
+def test_sdxl_clip_skip_counts_from_penultimate(pipelines, loaded):
+    pipe = pipelines["sdxl"][0]
+    ours = encode_for_pipeline(loaded["sdxl", "json"], SHORT, NEGATIVE, clip_skip=-3)
+    reference = _reference(pipe, SHORT, NEGATIVE, clip_skip=1)
+    # diffusers applies clip_skip to the positive prompt only.
+    for name in ("prompt_embeds", "pooled_prompt_embeds"):
+        assert float((ours[name] - reference[name]).abs().max()) <= ATOL
+
+
+def test_sdxl_zero_negative_matches_force_zeros(pipelines, loaded):
+    pipe = pipelines["sdxl"][0]
+    assert pipe.config.force_zeros_for_empty_prompt
+    ours = encode_for_pipeline(loaded["sdxl", "json"], SHORT, zero_negative=True)
+    _assert_close(ours, _reference(pipe, SHORT, None))
+    assert float(ours["negative_pooled_prompt_embeds"].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_pipeline_object_is_loaded_once_and_matches_folder(pipelines, loaded, kind):
+    pipe = pipelines[kind][0]
+    first = encode_for_pipeline(pipe, SHORT, NEGATIVE)
+    clip = pipe._textenc_clip[2]
+    second = encode_for_pipeline(pipe, SHORT, NEGATIVE)
+    assert pipe._textenc_clip[2] is clip
+    folder = encode_for_pipeline(loaded[kind, "json"], SHORT, NEGATIVE)
+    for name in folder:
+        assert torch.equal(first[name], second[name])
+        assert torch.equal(first[name], folder[name])
