@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import ops
 from .attention import optimized_attention_for_device
 from .config import CLIPTextConfig, CLIPVisionConfig, load_text_config, load_vision_config
+from .errors import ConfigError
 
 __all__ = [
     "ACTIVATION_FUNCTIONS",
@@ -119,7 +120,7 @@ def resolve_layer_index(spec: IntermediateSpec, num_layers: int) -> int | str | 
     if spec is None or spec == "all":
         return spec
     if isinstance(spec, bool) or not isinstance(spec, int) or not -num_layers <= spec < num_layers:
-        raise ValueError(f"intermediate layer {spec!r} is out of range for a "
+        raise ConfigError(f"intermediate layer {spec!r} is out of range for a "
                          f"{num_layers}-layer encoder (use -{num_layers}..{num_layers - 1} or 'all')")
     return spec % num_layers
 
