@@ -167,6 +167,12 @@ class CLIPTextEncodeAdvancedTextenc:
     def encode(self, clip, text: str, token_normalization: str = "none", weight_interpretation: str = "comfy",
                weight_convention: str = "comfy", square_brackets: bool = False, break_keyword: bool = False):
         _require_clip(clip)
+        from textenc.errors import CheckpointError
+        from textenc.sd import CLIP
+
+        if not isinstance(clip, CLIP):
+            raise CheckpointError(f"CLIPTextEncodeAdvancedTextenc needs a CLIP loaded by textenc's loaders, "
+                                  f"got {type(clip).__module__}.{type(clip).__name__}")
         tokenizer = tokenizer_with_syntax(clip.tokenizer, weight_convention=weight_convention,
                                           square_brackets=bool(square_brackets),
                                           break_keyword=bool(break_keyword))

@@ -316,6 +316,8 @@ def test_wrong_inputs_raise_typed_errors(pack, models_dir):
         run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="sd2")
     with pytest.raises(TextencError):
         run(pack, "CLIPTextEncode", clip=None, text="x")
+    with pytest.raises(CheckpointError, match="textenc"):
+        run(pack, "CLIPTextEncodeAdvancedTextenc", clip=object(), text="x")
 
 
 def test_no_models_dir_gives_empty_lists_and_a_clear_error(pack, monkeypatch):
