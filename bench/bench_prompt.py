@@ -1,0 +1,189 @@
+"""Prompt-encoding and tokenization benchmark: textenc vs a ComfyUI-style reference.
+
+Model cases use the full-size CLIP ViT-L/14 text model (``sd1_clip_config``,
+~123M parameters, random weights, fp32, CPU); the reference
+(:mod:`comfy_reference`) runs on the same ``SDClipModel`` forward, so only the
+prompt machinery differs. Outputs are checked equal to 1e-5 and tokenizer
+outputs identical before timing. Runs are interleaved A B A B ...
+
+Targets: weighted ≤ 1.1× unweighted (ours), weighted ≤ 0.65× reference,
+tokenization ≥ 3× reference throughput.
+
+Usage: ``python bench/bench_prompt.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from comfy_reference import ComfyTokenizer, comfy_encode_token_weights  # noqa: E402
+
+from textenc.sd1_clip import SDClipModel  # noqa: E402
+from textenc.tokenizer import DEFAULT_VOCAB, SDTokenizer  # noqa: E402
+
+ONE_WINDOW = "a photo of a red fox sitting in deep snow, golden hour, highly detailed, 35mm"
+WEIGHTED = "a photo of a (red fox:1.3) sitting in (deep snow:0.8), ((golden hour)), highly detailed, 35mm"
+TAGS = ("masterpiece", "best quality", "1girl", "solo", "long hair", "looking at viewer", "smile",
+        "blue eyes", "outdoors", "cherry blossoms", "school uniform", "night sky", "city lights",
+        "cinematic lighting", "depth of field", "bokeh", "volumetric fog", "hyperrealistic",
+        "octane render", "trending on artstation", "by greg rutkowski", "watercolor", "oil painting",
+        "portrait", "landscape", "mountains", "river", "forest", "castle", "dragon", "cyberpunk",
+        "steampunk", "art nouveau", "4k", "8k uhd", "dslr", "film grain", "fujifilm xt3")
+UNICODE = ("café", "naïve", "東京タワー", "🦊", "Ωmega", "straße", "crème brûlée", "日本の風景", "ñandú")
+
+
+def make_model() -> SDClipModel:
+    """Full-size CLIP-L text encoder with random weights (seeded)."""
+    model = SDClipModel(return_projected_pooled=False)
+    generator = torch.Generator().manual_seed(0)
+    sd = {}
+    for key, meta in model.transformer.state_dict().items():
+        if "norm" in key and key.endswith("weight"):
+            sd[key] = torch.ones(meta.shape)
+        elif "embedding" in key or meta.dim() >= 2:
+            sd[key] = torch.randn(meta.shape, generator=generator) * 0.02
+        else:
+            sd[key] = torch.zeros(meta.shape)
+    model.load_sd(sd)
+    return model
+
+
+def make_corpus(count: int, seed: int = 0) -> list[str]:
+    """Realistic prompts: tag lists, weights, long (150+ token) prompts, unicode, escapes."""
+    rng = random.Random(seed)
+
+    def tag() -> str:
+        t = rng.choice(TAGS + UNICODE) if rng.random() < 0.15 else rng.choice(TAGS)
+        roll = rng.random()
+        if roll < 0.15:
+            return f"({t}:{rng.choice(['0.5', '0.8', '1.1', '1.2', '1.35', '1.5'])})"
+        if roll < 0.22:
+            return f"(({t}))"
+        if roll < 0.27:
+            return f"[{t}]"
+        if roll < 0.31:
+            return f"\\({t}\\)"
+        return t
+
+    prompts = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 3:  # long: 150+ tokens
+            prompts.append(", ".join(tag() for _ in range(rng.randint(70, 110))))
+        elif kind == 2:
+            prompts.append(f"a photo of {rng.choice(TAGS)}, " + ", ".join(tag() for _ in range(8)))
+        else:
+            prompts.append(", ".join(tag() for _ in range(rng.randint(5, 25))))
+    return prompts
+
+
+def interleave(a: Callable[[], object], b: Callable[[], object], rounds: int) -> tuple[list, list]:
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        for fn, times in ((a, times_a), (b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return times_a, times_b
+
+
+def stats(times: list[float]) -> str:
+    ms = [t * 1000 for t in times]
+    return f"{min(ms):.1f} / {statistics.median(ms):.1f} / {max(ms):.1f}"
+
+
+def _row(case: str, ours: list, ref: list, ratio: float, target: str, ok: bool) -> dict:
+    return {"case": case, "ours_ms": stats(ours), "reference_ms": stats(ref), "ratio": round(ratio, 3),
+            "target": target, "ok": ok, "ours_median_s": statistics.median(ours),
+            "reference_median_s": statistics.median(ref)}
+
+
+def _check_equal(model: SDClipModel, windows) -> None:
+    ours_cond, ours_pooled = model.encode_token_weights(windows)
+    ref_cond, ref_pooled = comfy_encode_token_weights(model, windows)
+    difference = max((ours_cond - ref_cond).abs().max().item(), (ours_pooled - ref_pooled).abs().max().item())
+    if difference > 1e-5:
+        raise AssertionError(f"textenc and the reference differ by {difference:.3g}")
+
+
+def bench_encoding(rounds: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = make_model()
+    tokenizer = SDTokenizer()
+    cases = {
+        "unweighted, 1 window": tokenizer.tokenize_with_weights(ONE_WINDOW),
+        "weighted, 1 window": tokenizer.tokenize_with_weights(WEIGHTED),
+        "weighted, 3 windows": tokenizer.tokenize_with_weights(", ".join([WEIGHTED] * 8)),
+    }
+    assert len(cases["weighted, 3 windows"]) == 3
+    rows, medians = [], {}
+    for name, windows in cases.items():
+        _check_equal(model, windows)  # also warms the empty-prompt cache
+        ours, ref = interleave(lambda: model.encode_token_weights(windows),
+                               lambda: comfy_encode_token_weights(model, windows), rounds)
+        medians[name] = statistics.median(ours)
+        ratio = statistics.median(ours) / statistics.median(ref)
+        weighted = name.startswith("weighted")
+        rows.append(_row(name, ours, ref, ratio, "≤ 0.65× reference" if weighted else "—",
+                         ratio <= 0.65 if weighted else True))
+    overhead = medians["weighted, 1 window"] / medians["unweighted, 1 window"]
+    rows.append({"case": "weighted / unweighted (ours, 1 window)", "ours_ms": "", "reference_ms": "",
+                 "ratio": round(overhead, 3), "target": "≤ 1.1×", "ok": overhead <= 1.1})
+    return rows
+
+
+def bench_tokenization(rounds: int, count: int) -> list[dict]:
+    import transformers
+
+    corpus = make_corpus(count)
+    hf = transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB)
+    ours_once, ref_once = SDTokenizer(), ComfyTokenizer(hf)
+    for prompt in corpus:  # identical output, word ids included
+        if ours_once.tokenize_with_weights(prompt, True) != ref_once.tokenize_with_weights(prompt, True):
+            raise AssertionError(f"tokenizers differ on {prompt!r}")
+    # Fresh instances per round: a warm unit cache from the previous round would not be a fair test.
+    fresh = {"ours": [SDTokenizer() for _ in range(rounds)],
+             "ref": [ComfyTokenizer(transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB))
+                     for _ in range(rounds)]}
+
+    def run_all(kind: str):
+        tokenizer = fresh[kind].pop()
+        for prompt in corpus:
+            tokenizer.tokenize_with_weights(prompt)
+
+    ours, ref = interleave(lambda: run_all("ours"), lambda: run_all("ref"), rounds)
+    speedup = statistics.median(ref) / statistics.median(ours)
+    row = _row(f"tokenize {count} prompts", ours, ref, speedup, "≥ 3× reference", speedup >= 3)
+    row["prompts_per_s"] = round(count / statistics.median(ours))
+    return [row]
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Run every case; ``quick`` uses fewer rounds (< 40 s) for CI."""
+    rounds = 3 if quick else 7
+    return bench_encoding(rounds) + bench_tokenization(2 if quick else 5, 2000)
+
+
+def main() -> None:
+    started = time.perf_counter()
+    rows = run(quick="--quick" in sys.argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times min / median / max ms\n")
+    print("| case | ours | reference | ratio | target | ok |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['ours_ms']} | {r['reference_ms']} | {r['ratio']} | {r['target']} | "
+              f"{'yes' if r['ok'] else 'NO'} |")
+    print(f"\n(ratio: ours/reference time for encoding, reference/ours for tokenization; "
+          f"total {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
