@@ -35,3 +35,14 @@ _NODES = [
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in _NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: display for cls, display in _NODES}
+
+# Stock ComfyUI skips a custom node whose name is already a built-in one, so
+# under exact names only the advanced node would appear there. Prefixed aliases
+# of every node let the textenc stack run side by side with ComfyUI's (a CLIP
+# from a textenc loader must go to textenc encode nodes; CONDITIONING is the
+# same format either way).
+ALIAS_PREFIX = "Textenc"
+for _cls, _display in _NODES:
+    if not _cls.__name__.endswith("Textenc"):
+        NODE_CLASS_MAPPINGS[ALIAS_PREFIX + _cls.__name__] = _cls
+        NODE_DISPLAY_NAME_MAPPINGS[ALIAS_PREFIX + _cls.__name__] = f"{_display} (textenc)"
