@@ -88,6 +88,10 @@ class CaptionEncoder:
         self.options = settings.clip_options()
         self.resolved = {role: enc.resolve_options(self.options) for role, enc in self.encoders.items()}
         self.window_length = next(iter(self.encoders.values())).max_length
+        # With an intermediate layer the model runs the layers after it for the pooled
+        # rows only ([windows, 1, D] matmuls), and small-M matmuls round differently
+        # with the batch size (1 ulp on CPU): batching would not match a direct encode.
+        self.batch_exact = all(opts.layer != "hidden" for opts in self.resolved.values())
         self.seconds = {"tokenize": 0.0, "forward": 0.0, "write": 0.0}
 
     # ---- tokenizing ----------------------------------------------------------
@@ -117,7 +121,7 @@ class CaptionEncoder:
         or ``{row: reason}`` (a str) for a caption that failed to encode."""
         start = time.perf_counter()
         try:
-            if self.per_caption or len(items) == 1:
+            if self.per_caption or not self.batch_exact or len(items) == 1:
                 return {item.row: self._direct(item) for item in items}
             return self._batched(items)
         finally:
