@@ -16,13 +16,15 @@ from textenc.convert import (
     VISION,
     apply_rules,
     check_keys,
+    to_layout,
+    tower_rules,
+)
+from textenc.detect import (
     convert_text_state_dict,
     convert_vision_state_dict,
     detect_model_kind,
     detect_text_encoders,
     detect_vision,
-    to_layout,
-    tower_rules,
 )
 from textenc.errors import CheckpointError
 

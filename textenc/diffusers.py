@@ -39,7 +39,7 @@ import torch
 from .checkpoint import load_state_dict
 from .conditioning import validate_conditioning
 from .config import CLIPTextConfig, load_text_config
-from .convert import convert_text_state_dict
+from .detect import convert_text_state_dict
 from .errors import ConfigError, DiffusersLayoutError, PromptError, TextencError
 from .sd import CLIP
 from .sd1_clip import SD1ClipModel, SD1Tokenizer

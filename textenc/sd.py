@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .checkpoint import check_finite, load_state_dict
-from .convert import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
+from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
 from .errors import CheckpointError
 from .sd1_clip import SD1ClipModel, SD1Tokenizer
 from .sd2_clip import SD2ClipModel, SD2Tokenizer

@@ -26,7 +26,7 @@ import torch
 from . import ops
 from .clip_model import CLIPTextModel
 from .config import load_text_config
-from .errors import CheckpointError, PromptError
+from .errors import PromptError
 from .tokenizer import SDTokenizer
 from .weighting import check_mode
 from . import sd1_encode
