@@ -64,7 +64,25 @@ def tiny_model(tmp_path_factory) -> Path:
     state = to_layout(dict(model.state_dict()), "sd1")
     path = tmp_path_factory.mktemp("model") / "tiny_sd1.safetensors"
     save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))
+    _write_diffusers_folder(path.parent / "diffusers", model)
     return path
+
+
+def _write_diffusers_folder(folder: Path, model) -> None:
+    """The same weights as a diffusers SD1 pipeline folder (text encoder and tokenizer only)."""
+    import shutil
+
+    import textenc
+
+    (folder / "tokenizer").mkdir(parents=True)
+    vocab = Path(textenc.__file__).parent / "vocab"
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(vocab / name, folder / "tokenizer" / name)
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    model.save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"]}))
 
 
 @pytest.fixture(scope="module")
@@ -344,13 +362,17 @@ def test_pooled_only_outputs(tmp_path, captions, tiny_model):
     assert len(items) == 20 and all(cond is None for _, cond, _ in items)
 
 
-def test_diffusers_model_folder(tmp_path, captions, tiny_model):
+def test_diffusers_model_folder(tmp_path, reference, captions, tiny_model):
     diffusers_module = pytest.importorskip(
         "textenc.diffusers", reason="textenc/diffusers.py (load_from_diffusers) is not in this checkout yet")
-    pytest.importorskip("diffusers")
     if not hasattr(diffusers_module, "load_from_diffusers"):
         pytest.skip("textenc.diffusers has no load_from_diffusers yet")
-    pytest.skip("needs a tiny diffusers folder fixture from the diffusers loader's tests")
+    _encode(captions[0], tiny_model.parent / "diffusers", tmp_path, limit=SHARD_ROWS)
+    name = "shard-00000.safetensors"
+    with safe_open(str(reference[0] / name), "pt") as ref, safe_open(str(tmp_path / name), "pt") as got:
+        assert ref.metadata()["model_fingerprint"] == got.metadata()["model_fingerprint"]
+        for key in ("ids", "window_offsets", "cond", "pooled"):
+            assert torch.equal(ref.get_tensor(key), got.get_tensor(key)), key
 
 
 def test_no_process_state_leaks(tmp_path, captions, tiny_model):
