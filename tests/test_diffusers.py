@@ -69,9 +69,10 @@ def _unet(cross_width: int, *, pooled: int | None = None):
 def _vae():
     from diffusers import AutoencoderKL
     torch.manual_seed(4)
-    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=8,
-                         up_block_types=("UpDecoderBlock2D",) * 2)
+    # Four blocks: latents are 1/8 of the image, as with SD's VAE (64 px → 8×8 latents).
+    return AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3,
+                         latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8)
 
 
 def _scheduler():
@@ -217,3 +218,66 @@ def test_pipeline_object_is_loaded_once_and_matches_folder(pipelines, loaded, ki
     for name in folder:
         assert torch.equal(first[name], second[name])
         assert torch.equal(first[name], folder[name])
+
+
+# ---- denoising with the pipelines -------------------------------------------------------
+
+def _run(pipe, **kwargs):
+    generator = torch.Generator("cpu").manual_seed(0)
+    with torch.no_grad():
+        return pipe(num_inference_steps=2, height=64, width=64, output_type="latent",
+                    generator=generator, **kwargs).images
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_short_prompt_gives_the_pipelines_own_images(pipelines, kind):
+    pipe = pipelines[kind][0]
+    clip_skip = -1 if kind == "sd2" else None  # diffusers' default layer, see the module doc
+    expected = _run(pipe, prompt=SHORT, negative_prompt=NEGATIVE)
+    ours = _run(pipe, **encode_for_pipeline(pipe, SHORT, NEGATIVE, clip_skip=clip_skip))
+    assert float((ours - expected).abs().max()) <= 1e-4
+
+
+def _embedding_like(pipe, kind: str, words: str, folder: Path) -> None:
+    """A textual inversion whose vectors are the token embeddings of ``words``: a prompt
+    using it must encode exactly like the prompt with the words themselves."""
+    def rows(encoder, tokenizer):
+        ids = tokenizer(words, add_special_tokens=False).input_ids
+        return encoder.get_input_embeddings().weight[ids].detach().clone()
+    if kind == "sdxl":
+        tensors = {"clip_l": rows(pipe.text_encoder, pipe.tokenizer),
+                   "clip_g": rows(pipe.text_encoder_2, pipe.tokenizer_2)}
+    else:
+        tensors = {"emb_params": rows(pipe.text_encoder, pipe.tokenizer)}
+    save_file(tensors, str(folder / "my_style.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_textual_inversion_weighted_long_batched_prompts(pipelines, kind, tmp_path):
+    pipe = pipelines[kind][0]
+    _embedding_like(pipe, kind, "red fox", tmp_path)
+    folder = str(tmp_path)
+    inversion = "a embedding:my_style in the snow"
+    with_embedding = encode_for_pipeline(pipe, inversion, NEGATIVE, embedding_directory=folder)
+    _assert_close(with_embedding, encode_for_pipeline(pipe, "a red fox in the snow", NEGATIVE,
+                                                      embedding_directory=folder))
+
+    long_prompt = ", ".join(f"({('cat', 'dog')[i % 2]}:1.{i % 9})" for i in range(100))  # 199 tokens
+    kwargs = encode_for_pipeline(pipe, long_prompt, NEGATIVE, embedding_directory=folder)
+    assert kwargs["prompt_embeds"].shape[1] == kwargs["negative_prompt_embeds"].shape[1] == 3 * 77
+    one_window = encode_for_pipeline(pipe, NEGATIVE, embedding_directory=folder)["prompt_embeds"]
+    empty = encode_for_pipeline(pipe, "", embedding_directory=folder)["prompt_embeds"]
+    negative = kwargs["negative_prompt_embeds"]
+    assert torch.equal(negative[:, :77], one_window)
+    assert torch.equal(negative[:, 77:], empty.repeat(1, 2, 1))  # whole empty windows
+
+    # One denoising run: a batch of the inversion prompt and the weighted
+    # 3-window prompt, a 1-window negative, clip_skip=-2.
+    batch = encode_for_pipeline(pipe, [inversion, long_prompt], NEGATIVE, clip_skip=-2,
+                                embedding_directory=folder)
+    single = encode_for_pipeline(pipe, inversion, NEGATIVE, clip_skip=-2, embedding_directory=folder)
+    assert batch["prompt_embeds"].shape[:2] == batch["negative_prompt_embeds"].shape[:2] == (2, 231)
+    for name, value in single.items():
+        assert torch.equal(batch[name][:1, :value.shape[1]], value), name
+    latents = _run(pipe, **batch)
+    assert latents.shape[0] == 2 and torch.isfinite(latents).all()
