@@ -281,3 +281,122 @@ def test_textual_inversion_weighted_long_batched_prompts(pipelines, kind, tmp_pa
         assert torch.equal(batch[name][:1, :value.shape[1]], value), name
     latents = _run(pipe, **batch)
     assert latents.shape[0] == 2 and torch.isfinite(latents).all()
+
+
+# ---- weight-file layouts ----------------------------------------------------------------
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "pipe"
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_bin_with_prefix_and_fp16_safetensors_load(pipelines, loaded, tmp_path):
+    from safetensors.torch import load_file
+    folder = _copy(pipelines["sd1"][1], tmp_path)
+    weights = folder / "text_encoder" / "model.safetensors"
+    state_dict = load_file(str(weights))
+    assert not any(key.startswith("text_model.") for key in state_dict)  # transformers 5: flat
+    torch.save({"text_model." + key: value for key, value in state_dict.items()},
+               folder / "text_encoder" / "pytorch_model.bin")
+    weights.unlink()
+    expected = encode_for_pipeline(loaded["sd1", "json"], SHORT, NEGATIVE)
+    _assert_close(encode_for_pipeline(load_from_diffusers(folder), SHORT, NEGATIVE), expected)
+
+    (folder / "text_encoder" / "pytorch_model.bin").unlink()
+    save_file({key: value.half() for key, value in state_dict.items()},
+              str(folder / "text_encoder" / "model.fp16.safetensors"))
+    clip = load_from_diffusers(folder)
+    assert next(clip.cond_stage_model.parameters()).dtype == torch.float16
+    half = encode_for_pipeline(clip, SHORT, NEGATIVE, dtype=torch.float32)
+    _assert_close(half, expected, atol=2e-2)
+    in_fp16 = encode_for_pipeline(clip, SHORT, NEGATIVE)
+    assert {value.dtype for value in in_fp16.values()} == {torch.float16}
+
+
+def test_dtype_and_device_apply_to_every_tensor(loaded):
+    out = encode_for_pipeline(loaded["sdxl", "json"], [SHORT, "x"], "", dtype=torch.bfloat16,
+                              device="cpu")
+    assert set(out) == {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                        "negative_pooled_prompt_embeds"}
+    assert {v.dtype for v in out.values()} == {torch.bfloat16}
+    assert {v.shape[0] for v in out.values()} == {2}
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+def _edit_index(folder: Path, **changes) -> None:
+    path = folder / "model_index.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_wrong_folders_raise_typed_errors(pipelines, tmp_path):
+    source = pipelines["sd1"][1]
+    with pytest.raises(DiffusersLayoutError, match="model_index.json"):
+        load_from_diffusers(source / "unet")  # a UNet-only folder
+    with pytest.raises(DiffusersLayoutError, match="not a folder"):
+        load_from_diffusers(source / "model_index.json")
+    folder = _copy(source, tmp_path)
+    _edit_index(folder, _class_name="StableDiffusion3Pipeline")
+    with pytest.raises(DiffusersLayoutError, match="StableDiffusion3Pipeline"):
+        load_from_diffusers(folder)
+    _edit_index(folder, _class_name="StableDiffusionPipeline", text_encoder=[None, None])
+    with pytest.raises(DiffusersLayoutError, match="text_encoder"):
+        load_from_diffusers(folder)
+    _edit_index(folder, text_encoder=["transformers", "CLIPTextModel"])
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(DiffusersLayoutError, match="text_encoder"):
+        load_from_diffusers(folder)
+
+
+def test_truncated_or_mismatched_weights_raise(pipelines, tmp_path):
+    folder = _copy(pipelines["sd1"][1], tmp_path)
+    weights = folder / "text_encoder" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_from_diffusers(folder)
+    weights.write_bytes(data)
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    with pytest.raises(DiffusersLayoutError, match="missing"):
+        load_from_diffusers(folder)
+    config_path.write_text(json.dumps({**config, "model_type": "t5"}))
+    with pytest.raises(DiffusersLayoutError, match="model_type"):
+        load_from_diffusers(folder)
+
+
+def test_bad_arguments(loaded):
+    clip = loaded["sd1", "json"]
+    with pytest.raises(PromptError, match="ComfyUI"):
+        encode_for_pipeline(clip, SHORT, clip_skip=1)
+    with pytest.raises(PromptError, match="entries"):
+        encode_for_pipeline(clip, [SHORT, SHORT], ["a", "b", "c"])
+    with pytest.raises(TypeError):
+        encode_for_pipeline(clip, SHORT, clipskip=-2)
+    with pytest.raises(TypeError):
+        encode_for_pipeline(clip, SHORT, NEGATIVE, -2)  # flags are keyword-only
+
+
+# ---- already-encoded conditioning ------------------------------------------------------
+
+def test_to_diffusers_from_comfy_conditioning(loaded):
+    clip = loaded["sdxl", "json"]
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(SHORT))
+    negative_cond, negative_pooled = clip.encode_from_tokens(clip.tokenize(NEGATIVE), return_pooled=True)
+    out = to_diffusers(positive, (negative_cond, negative_pooled), kind="sdxl")
+    _assert_close(out, encode_for_pipeline(clip, SHORT, NEGATIVE))
+    # Lengths differ: both repeat to the LCM, as ComfyUI batches conds.
+    long_cond = torch.randn(1, 154, 96)
+    out = to_diffusers((long_cond, negative_pooled), [[negative_cond, {"pooled_output": negative_pooled}]],
+                       kind="sdxl")
+    assert torch.equal(out["negative_prompt_embeds"], negative_cond.repeat(1, 2, 1))
+    with pytest.raises(TextencError, match="pooled"):
+        to_diffusers([[negative_cond, {}]], kind="sdxl")
+    with pytest.raises(TextencError, match="entries"):
+        to_diffusers(positive + positive, kind="sdxl")
+    only = to_diffusers([[negative_cond, {}]], kind="sd1")
+    assert set(only) == {"prompt_embeds"}
