@@ -373,19 +373,20 @@ class SDTokenizer:
                 window, pending_break = self._new_window(windows), False
             word_id += 1
             group, is_large = unit.tokens, len(unit.tokens) >= self.max_word_length
-            while group:
-                if len(group) + len(window) > self.max_length - has_end:
+            position = 0  # an index, not ``group = group[remaining:]``: slicing was quadratic
+            while position < len(group):
+                if len(group) - position + len(window) > self.max_length - has_end:
                     remaining = self.max_length - len(window) - has_end
                     if is_large:
-                        window.extend((t, w, word_id) for t, w in group[:remaining])
-                        group = group[remaining:]
+                        window.extend((t, w, word_id) for t, w in group[position:position + remaining])
+                        position += remaining
                         self._close_window(window, 0)
                     else:
                         self._close_window(window, remaining)
                     window = self._new_window(windows)
                 else:
-                    window.extend((t, w, word_id) for t, w in group)
-                    group = []
+                    window.extend((t, w, word_id) for t, w in group[position:])
+                    position = len(group)
         self._close_window(window, 0)
         if min_padding is not None:
             window.extend([(self.pad_token, 1.0, 0)] * min_padding)
