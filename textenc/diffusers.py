@@ -5,23 +5,13 @@ and ComfyUI-style conditioning handed back as the pipeline's keyword arguments.
 >>> # kwargs = encode_for_pipeline(pipe, "a (red fox:1.2) in the snow", "blurry")
 >>> # image = pipe(**kwargs, num_inference_steps=30).images[0]
 
-Which kind a folder or pipeline is:
+Kind (documented in docs/diffusers.md): ``StableDiffusionXL*Pipeline`` → SDXL;
+any other ``StableDiffusion*Pipeline`` (not SD3) → SD2 when its text encoder's
+``hidden_act`` is ``gelu`` (OpenCLIP ViT-H), else SD1 (OpenAI CLIP-L, ``quick_gelu``).
+Padding always follows the pipeline's own tokenizer ``pad_token``.
 
-* ``_class_name`` (``model_index.json``, or the pipeline's class) starting with
-  ``StableDiffusionXL`` → ``"sdxl"``: ``text_encoder`` (CLIP-L role) and
-  ``text_encoder_2`` (bigG role, with ``text_projection``) are both required.
-* any other ``StableDiffusion*Pipeline`` (not ``StableDiffusion3*``) with one
-  ``text_encoder``: ``hidden_act`` ``"gelu"`` (OpenCLIP ViT-H, SD 2.x) →
-  ``"sd2"``, ``"quick_gelu"`` (OpenAI CLIP-L, SD 1.x) → ``"sd1"``. The kind
-  sets the default layer (SD1 last; SD2 penultimate, as ComfyUI).
-* padding always follows the folder's own tokenizer (``pad_token`` in
-  ``tokenizer_config.json``; SD1 pads with ``<|endoftext|>``, SD2 and SDXL's
-  ``tokenizer_2`` with ``!`` = id 0), because that is what the pipeline's text
-  encoder was run with.
-
-Nothing here imports diffusers: a pipeline object is read through its
-attributes (``text_encoder``, ``tokenizer``, ...), and no transformers model is
-ever run; its weights are shared, not copied, when dtype and device match.
+diffusers is never imported: a pipeline is read through its attributes, no
+transformers model is run, and its weights are shared, not copied.
 """
 
 from __future__ import annotations
@@ -62,7 +52,7 @@ HF_CLIP_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_
                          "max_position_embeddings": 77, "hidden_act": "quick_gelu",
                          "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 49406,
                          "eos_token_id": 49407}
-_TEXT_MODEL_TYPES = ("clip_text_model", "clip_text_with_projection", None)
+_TEXT_MODEL_TYPES = ("clip_text_model", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +68,21 @@ class _Encoder:
 
 # ---- kind -----------------------------------------------------------------------
 
+def _family(class_name: Any) -> str:
+    """``"sdxl"`` or ``"sd"`` (SD1/SD2, told apart by the config) from a pipeline class name."""
+    name = str(class_name)
+    if name.startswith("StableDiffusionXL") and name.endswith("Pipeline"):
+        return "sdxl"
+    rest = name[len("StableDiffusion"):]
+    if name.startswith("StableDiffusion") and name.endswith("Pipeline") and not rest[:1].isdigit():
+        return "sd"
+    raise DiffusersLayoutError(f"{name!r} is not a Stable Diffusion 1.x/2.x/XL pipeline; textenc "
+                               "supports StableDiffusion*Pipeline and StableDiffusionXL*Pipeline "
+                               "(StableDiffusion3, Flux, ... have other text encoders)")
+
+
 def pipeline_kind(class_name: str, text_config: CLIPTextConfig | None = None) -> str:
-    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from a pipeline class name (see the module doc).
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from a pipeline class name and its text config.
 
     Raises:
         DiffusersLayoutError: not a Stable Diffusion 1/2/XL pipeline.
@@ -87,22 +90,15 @@ def pipeline_kind(class_name: str, text_config: CLIPTextConfig | None = None) ->
     >>> pipeline_kind("StableDiffusionXLInpaintPipeline")
     'sdxl'
     """
-    name = str(class_name)
-    if name.startswith("StableDiffusionXL") and name.endswith("Pipeline"):
+    if _family(class_name) == "sdxl":
         return "sdxl"
-    family = name.startswith("StableDiffusion") and name.endswith("Pipeline")
-    if family and not name[len("StableDiffusion"):][:1].isdigit():
-        if text_config is None:
-            raise DiffusersLayoutError(f"{name}: the text encoder config is needed to tell SD1 from SD2")
-        return "sd2" if text_config.hidden_act == "gelu" else "sd1"
-    raise DiffusersLayoutError(f"{name!r} is not a Stable Diffusion 1.x/2.x/XL pipeline; textenc "
-                               "supports StableDiffusion*Pipeline and StableDiffusionXL*Pipeline "
-                               "(StableDiffusion3, Flux, ... have other text encoders)")
+    if text_config is None:
+        raise DiffusersLayoutError(f"{class_name}: the text encoder config is needed to tell SD1 from SD2")
+    return "sd2" if text_config.hidden_act == "gelu" else "sd1"
 
 
-def _kind_hint(class_name: Any) -> str | None:
-    """``"sdxl"`` for SDXL class names, else None (SD1/SD2 need the config)."""
-    return "sdxl" if isinstance(class_name, str) and class_name.startswith("StableDiffusionXL") else None
+_COMPONENTS = {"sd": [("text_encoder", "tokenizer")],
+               "sdxl": [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]}
 
 
 # ---- folder reading -----------------------------------------------------------------
@@ -206,11 +202,8 @@ def _folder_encoder(folder: Path, weights_source: str | None = None) -> _Encoder
 def _from_folder(folder: Path) -> tuple[str, list[_Encoder]]:
     index = _read_json(folder / "model_index.json", "not a diffusers pipeline folder "
                        "(pass the folder holding model_index.json)")
-    names = [("text_encoder", "tokenizer")]
-    if _kind_hint(index.get("_class_name")) == "sdxl":
-        names.append(("text_encoder_2", "tokenizer_2"))
     encoders = []
-    for encoder_name, tokenizer_name in names:
+    for encoder_name, tokenizer_name in _COMPONENTS[_family(index.get("_class_name"))]:
         encoder = _folder_encoder(_component(folder, index, encoder_name))
         tokenizer = _component(folder, index, tokenizer_name)
         encoders.append(dataclasses.replace(encoder, tokenizer_path=str(tokenizer),
@@ -225,21 +218,19 @@ def _object_encoder(pipe: Any, encoder_name: str, tokenizer_name: str, tmp: str)
     if module is None or tokenizer is None:
         raise DiffusersLayoutError(f"{type(pipe).__name__} has no {encoder_name}/{tokenizer_name}; "
                                    "textenc needs the pipeline's CLIP text encoder(s)")
-    # transformers >= 5.6 keeps CLIPTextModel's keys flat (no "text_model."); both convert.
+    # transformers 5 keeps CLIPTextModel's keys flat (no "text_model."); both layouts convert.
     converted = convert_text_state_dict(module.state_dict(), source=f"pipe.{encoder_name}").state_dict
     config = _text_config(module.config.to_dict(), source=f"pipe.{encoder_name}.config",
                           has_projection="text_projection.weight" in converted)
     path = os.path.join(tmp, tokenizer_name)
     tokenizer.save_pretrained(path)  # tokenizer.json; read once, at construction
-    return _Encoder(converted, config, path, int(tokenizer.pad_token_id), f"pipe.{encoder_name}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _Encoder(converted, config, path, int(pad), f"pipe.{encoder_name}")
 
 
 def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder]]:
     class_name = type(pipe).__name__
-    names = [("text_encoder", "tokenizer")]
-    if _kind_hint(class_name) == "sdxl":
-        names.append(("text_encoder_2", "tokenizer_2"))
-    encoders = [_object_encoder(pipe, e, t, tmp) for e, t in names]
+    encoders = [_object_encoder(pipe, e, t, tmp) for e, t in _COMPONENTS[_family(class_name)]]
     return pipeline_kind(class_name, encoders[0].config), encoders
 
 
@@ -350,6 +341,9 @@ def _cached_clip(pipe: Any, embedding_directory: Any) -> CLIP:
 def _target(pipe_or_loaded: Any, embedding_directory: Any, device: Any, dtype: Any) -> _Target:
     """The CLIP to encode with and the dtype/device the pipeline expects its inputs in."""
     if isinstance(pipe_or_loaded, CLIP):
+        if embedding_directory is not None:
+            raise TextencError("embedding_directory is for pipeline objects; pass it to "
+                               "load_from_diffusers when loading a folder")
         model = pipe_or_loaded.cond_stage_model
         parameter = next(model.parameters())
         return _Target(pipe_or_loaded, torch.device(device or parameter.device),
@@ -402,16 +396,14 @@ def _padded(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tenso
     return torch.cat([cond] + [empty.unsqueeze(0).to(cond)] * missing, dim=1)
 
 
-def _result(kind: str, positive: tuple, negative: tuple | None, target: _Target) -> dict[str, torch.Tensor]:
-    move = lambda t: t.to(device=target.device, dtype=target.dtype)  # noqa: E731
-    result = {"prompt_embeds": move(positive[0])}
-    if negative is not None:
-        result["negative_prompt_embeds"] = move(negative[0])
+def _result(kind: str, positive: tuple, negative: tuple, target: _Target) -> dict[str, torch.Tensor]:
+    """The pipeline's keyword arguments, every tensor in its dtype and on its device."""
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    values = [positive[0], negative[0]]
     if kind == "sdxl":
-        result["pooled_prompt_embeds"] = move(positive[1])
-        if negative is not None:
-            result["negative_pooled_prompt_embeds"] = move(negative[1])
-    return result
+        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        values += [positive[1], negative[1]]
+    return {n: v.to(device=target.device, dtype=target.dtype) for n, v in zip(names, values)}
 
 
 def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
