@@ -84,3 +84,22 @@ def test_options_pass_through_wrappers(clips, hf_models):
     with torch.no_grad():
         z = norm(hf_run(hf_models["h"], ids["h"]).hidden_states[-2])
     assert close(cond, z * torch.tensor(weights["h"]).unsqueeze(-1))
+
+
+def test_sdxl_encoders_of_non_standard_width_get_l_then_g_roles():
+    """Custom widths carry no L/G name; file order (L first) decides, as for diffusers' te/te2."""
+    import transformers
+
+    from textenc.sd import load_clip
+
+    def state_dict(width, heads):
+        cfg = transformers.CLIPTextConfig(hidden_size=width, intermediate_size=2 * width,
+                                          num_hidden_layers=2, num_attention_heads=heads,
+                                          projection_dim=width, eos_token_id=49407)
+        return transformers.CLIPTextModelWithProjection._from_config(cfg).state_dict()
+
+    clip = load_clip([], clip_type="sdxl", state_dicts=[("te", state_dict(64, 1)), ("te2", state_dict(128, 2))])
+    assert clip.cond_stage_model.clip_l.config.hidden_size == 64
+    assert clip.cond_stage_model.clip_g.config.hidden_size == 128
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a cat"), return_pooled=True)
+    assert cond.shape == (1, 77, 64 + 128) and pooled.shape == (1, 128)

@@ -65,16 +65,17 @@ class _Encoder:
     source: str
 
 
-def _role(info: TextEncoderInfo, clip_type: str | None) -> str:
+def _role(info: TextEncoderInfo, clip_type: str | None, taken: Mapping[str, Any]) -> str:
     if info.name in ("l", "h", "g"):
         return info.name
-    # Non-standard widths (tiny test models, custom finetunes): the model's role decides.
-    if info.source in ("sd1",):
-        return "l"
-    if info.source in ("sd2",):
+    # Non-standard widths (tiny test models, custom finetunes): where the encoder
+    # sits in the file, or the order of the files for SDXL (L first), decides.
+    if info.source == "sd2" or clip_type == "sd2":
         return "h"
-    if clip_type == "sd2":
-        return "h"
+    if "embedders.1." in info.prefix or info.prefix.startswith("clip_g."):
+        return "g"
+    if clip_type == "sdxl" and "l" in taken:
+        return "g"
     return "l"
 
 
@@ -100,7 +101,7 @@ def load_text_encoder_state_dicts(state_dicts: Sequence[tuple[str, Mapping]], *,
                     f"key(s): {list(result.unmatched[:8])}; the file is not a supported CLIP layout "
                     "or was merged badly (pass strict=False to ignore them)")
             converted = result.state_dict
-            role = _role(info, clip_type)
+            role = _role(info, clip_type, found)
             if role in found:
                 raise CheckpointError(f"{source}: a second {role!r} text encoder "
                                       f"(first from {found[role].source})")
