@@ -163,7 +163,7 @@ def _meta_state_dict(name):
 @pytest.mark.parametrize("name", ["clip_vision_config_vitl", "clip_vision_config_vitl_336",
                                   "clip_vision_config_h", "clip_vision_config_g"])
 @pytest.mark.parametrize("layout", ["hf_vision", "open_clip_full_visual",
-                                    "sd21_unclip_visual", "hf_vision_flat"])
+                                    "sd21_unclip_visual", "svd_visual", "hf_vision_flat"])
 def test_detects_published_shapes_in_every_layout(name, layout):
     hf = _meta_state_dict(name)
     stored = hf if layout == "hf_vision" else to_layout(hf, layout)

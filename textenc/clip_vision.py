@@ -20,7 +20,6 @@ are never allocated twice nor randomly initialised.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ from . import ops
 from .checkpoint import load_state_dict
 from .clip_model import CLIPVisionModelProjection
 from .config import CLIPVisionConfig, load_vision_config
-from .convert import VISION, VISION_PREFIXES, apply_rules, tower_rules
+from .convert import VISION, check_keys
+from .detect import VisionInfo, convert_tower, detect_vision, find_vision_tower
 from .errors import CheckpointError, TextencError
 
 __all__ = [
@@ -164,18 +164,16 @@ def check_state_dict(expected: Mapping[str, torch.Size], state_dict: Mapping[str
     ...
     textenc.errors.CheckpointError: state dict does not fit the CLIP vision model: unexpected keys ['x']; wrong shapes ['w': expected (2,), got (3,)]
     """
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [f"{key!r}: expected {tuple(expected[key])}, got {tuple(state_dict[key].shape)}"
-             for key in sorted(set(expected) & set(state_dict))
-             if tuple(state_dict[key].shape) != tuple(expected[key])]
+    report = check_keys(expected, state_dict, strict=False, ignore_suffixes=())
+    wrong = [f"{m.key!r}: expected {m.expected}, got {m.got}"
+             for m in sorted(report.mismatched, key=lambda m: m.key)]
     problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+    for label, items in (("missing keys", [repr(k) for k in sorted(report.missing)]),
+                         ("unexpected keys", [repr(k) for k in sorted(report.unexpected)]),
                          ("wrong shapes", wrong)):
         if items:
-            shown = ", ".join(items[:12] if label == "wrong shapes" else map(repr, items[:12]))
             more = f" and {len(items) - 12} more" if len(items) > 12 else ""
-            problems.append(f"{label} [{shown}]{more}")
+            problems.append(f"{label} [{', '.join(items[:12])}]{more}")
     if problems:
         raise CheckpointError(f"state dict does not fit the {what}: " + "; ".join(problems))
 
@@ -257,22 +255,9 @@ class ClipVisionModel:
                                 image_embeds=out.image_embeds)
 
 
-def find_vision_tower(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
-    """``(prefix, inner layout)`` of the CLIP vision tower in ``state_dict``, or None.
-
-    >>> find_vision_tower({"visual.conv1.weight": torch.zeros(1)})
-    ('visual.', 'open_clip')
-    """
-    for prefix, _source in VISION_PREFIXES:
-        for inner, marker in VISION.markers:
-            if prefix + marker in state_dict:
-                return prefix, inner
-    return None
-
-
 def _to_hf(state_dict: Mapping[str, torch.Tensor], prefix: str, inner: str) -> dict[str, torch.Tensor]:
-    result = apply_rules(state_dict, tower_rules(VISION, inner), prefix=prefix,
-                         dropped=VISION.dropped, foreign=VISION.foreign)
+    """Convert the tower below ``prefix`` to HF layout, refusing keys that are not the tower's."""
+    result = convert_tower(state_dict, VISION, prefix=prefix, inner=inner)
     if result.unmatched:
         shown = ", ".join(map(repr, result.unmatched[:12]))
         raise CheckpointError(f"{len(result.unmatched)} key(s) below {prefix!r} are not part "
@@ -280,31 +265,37 @@ def _to_hf(state_dict: Mapping[str, torch.Tensor], prefix: str, inner: str) -> d
     return result.state_dict
 
 
-def detect_vision_config(hf_state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Name of the bundled config that fits an HF-layout vision state dict.
-
-    Only shapes are read, so ``meta`` tensors work.
-
-    Raises:
-        CheckpointError: not a CLIP vision tower, or an unsupported size.
-    """
-    try:
-        width = hf_state_dict["vision_model.embeddings.class_embedding"].shape[0]
-        positions = hf_state_dict["vision_model.embeddings.position_embedding.weight"].shape[0]
-    except KeyError as missing:
-        raise CheckpointError(f"not a CLIP vision model: key {missing} is missing") from None
+def _config_name(info: VisionInfo) -> str:
+    """The bundled config of :data:`VISION_KINDS` that fits ``info``; the depth must match too."""
+    width, positions = info.hidden_size, info.num_positions
     name = VISION_KINDS.get((width, positions))
     if name is None:
         known = ", ".join(f"{n} (width {w}, {p} positions)" for (w, p), n in VISION_KINDS.items())
         raise CheckpointError(f"unsupported CLIP vision model: width {width}, {positions} "
                               f"position embeddings; supported: {known}")
-    layers = {m.group(1) for key in hf_state_dict
-              if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", key))}
     expected_layers = load_vision_config(name).num_hidden_layers
-    if len(layers) != expected_layers:
-        raise CheckpointError(f"CLIP vision tower of width {width} has {len(layers)} layers; "
+    if info.num_layers != expected_layers:
+        raise CheckpointError(f"CLIP vision tower of width {width} has {info.num_layers} layers; "
                               f"{name} needs {expected_layers} (truncated file?)")
     return name
+
+
+def detect_vision_config(hf_state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name of the bundled config that fits an HF-layout vision state dict.
+
+    Only shapes are read, so ``meta`` tensors work. Shapes are read by
+    :func:`textenc.detect.detect_vision`.
+
+    Raises:
+        CheckpointError: not a CLIP vision tower, or an unsupported size.
+    """
+    return _config_name(detect_vision(hf_state_dict))
+
+
+def _from_hf(hf_state_dict: Mapping[str, torch.Tensor], **model_options: Any) -> ClipVisionModel:
+    model = ClipVisionModel(detect_vision_config(hf_state_dict), **model_options)
+    model.load_sd(hf_state_dict)
+    return model
 
 
 def load_clipvision_from_sd(state_dict: Mapping[str, torch.Tensor], prefix: str = "",
@@ -325,11 +316,8 @@ def load_clipvision_from_sd(state_dict: Mapping[str, torch.Tensor], prefix: str 
     inner = "open_clip" if convert_keys else "hf"
     if not convert_keys and prefix + "embeddings.patch_embedding.weight" in state_dict:
         inner = "hf_flat"
-    hf = _to_hf(state_dict, prefix, inner)
-    model = ClipVisionModel(detect_vision_config(hf), device=device, dtype=dtype,
-                            compute_dtype=compute_dtype)
-    model.load_sd(hf)
-    return model
+    return _from_hf(_to_hf(state_dict, prefix, inner), device=device, dtype=dtype,
+                    compute_dtype=compute_dtype)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -350,12 +338,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
         raise CheckpointError(f"{path}: not a CLIP vision model (no vision tower key such as "
                               "'vision_model.embeddings.patch_embedding.weight' or "
                               "'visual.conv1.weight'); load it with the loader for its kind")
-    prefix, inner = found
     try:
-        hf = _to_hf(state_dict, prefix, inner)
-        model = ClipVisionModel(detect_vision_config(hf), device=device, dtype=dtype,
-                                compute_dtype=compute_dtype)
-        model.load_sd(hf)
+        return _from_hf(_to_hf(state_dict, *found), device=device, dtype=dtype,
+                        compute_dtype=compute_dtype)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    return model

@@ -17,6 +17,7 @@ from textenc.convert import (TEXT, TEXT_PREFIXES, VISION, VISION_PREFIXES, Conve
 from textenc.errors import CheckpointError
 
 __all__ = ["TextEncoderInfo", "VisionInfo", "detect_text_encoders", "detect_vision",
+           "find_vision_tower", "convert_tower",
            "detect_model_kind", "convert_text_state_dict", "convert_vision_state_dict"]
 # --------------------------------------------------------------------------
 # Detection: which encoders a state dict holds, and their shapes
@@ -136,20 +137,52 @@ def _vision_info(found: _Found) -> VisionInfo:
     )
 
 
+def convert_tower(
+    state_dict: Mapping[str, torch.Tensor], tower: Tower, *, prefix: str, inner: str
+) -> ConversionResult:
+    """Convert the ``tower`` keys below ``prefix``, written in layout ``inner``, to HF layout.
+
+    Keys of the other tower are skipped; non-weight buffers are reported as dropped.
+
+    >>> convert_tower({"visual.conv1.weight": torch.zeros(1)}, VISION, prefix="visual.",
+    ...               inner="open_clip").state_dict
+    {'vision_model.embeddings.patch_embedding.weight': tensor([0.])}
+    """
+    return apply_rules(state_dict, tower_rules(tower, inner), prefix=prefix,
+                       dropped=tower.dropped, foreign=tower.foreign)
+
+
+def _locations(
+    state_dict: Mapping[str, torch.Tensor], tower: Tower, prefixes: tuple[tuple[str, ...], ...]
+) -> list[tuple[tuple[str, ...], str]]:
+    """``(prefix-table row, inner layout)`` of each ``tower`` found, without converting."""
+    found = []
+    for row in prefixes:
+        inner = next((inner for inner, marker in tower.markers if row[0] + marker in state_dict),
+                     None)
+        if inner is not None:
+            found.append((row, inner))
+    return found
+
+
 def _candidates(
     state_dict: Mapping[str, torch.Tensor], tower: Tower, prefixes: tuple[tuple[str, ...], ...]
 ) -> list[_Found]:
     """Each ``tower`` found below a prefix of ``prefixes``, converted to HF layout."""
-    found = []
-    for row in prefixes:
-        prefix = row[0]
-        for inner, marker in tower.markers:
-            if prefix + marker in state_dict:
-                result = apply_rules(state_dict, tower_rules(tower, inner), prefix=prefix,
-                                     dropped=tower.dropped, foreign=tower.foreign)
-                found.append(_Found(prefix, inner, row, result))
-                break
-    return found
+    return [_Found(row[0], inner, row, convert_tower(state_dict, tower, prefix=row[0], inner=inner))
+            for row, inner in _locations(state_dict, tower, prefixes)]
+
+
+def find_vision_tower(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """``(prefix, inner layout)`` of the first CLIP vision tower found, or None.
+
+    Prefixes are tried in :data:`~textenc.convert.VISION_PREFIXES` order; nothing is converted.
+
+    >>> find_vision_tower({"visual.conv1.weight": torch.zeros(1)})
+    ('visual.', 'open_clip')
+    """
+    found = _locations(state_dict, VISION, VISION_PREFIXES)
+    return (found[0][0][0], found[0][1]) if found else None
 
 
 def _text_found(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[TextEncoderInfo, ConversionResult]]:
@@ -242,8 +275,3 @@ def convert_vision_state_dict(
         CheckpointError: Not a CLIP vision model.
     """
     return _vision_found(state_dict, source)[1]
-
-
-# --------------------------------------------------------------------------
-# Strict key checking against a model
-# --------------------------------------------------------------------------
