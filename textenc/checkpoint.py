@@ -7,8 +7,9 @@ Two formats are read:
   not overlapping), then tensors are memory-mapped with
   :func:`safetensors.safe_open`, so nothing is copied into fresh memory.
 * ``.pt`` / ``.ckpt`` / ``.bin`` / ``.pth``: :func:`torch.load` with
-  ``weights_only=True`` and ``mmap=True`` for zip archives. textenc never runs
-  unrestricted pickle: a file that needs code to load is refused.
+  ``weights_only=True`` and ``mmap=True`` for zip archives (in
+  :mod:`textenc.checkpoint_pickle`). textenc never runs unrestricted pickle: a
+  file that needs code to load is refused.
 
 Every failure is a :class:`textenc.errors.CheckpointError` (a ``ValueError``)
 naming the path and the fix.
@@ -19,10 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import re
 import struct
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from textenc.checkpoint_pickle import MIN_TORCH_VERSION, load_torch_state_dict
 from textenc.errors import CheckpointError
 
 __all__ = [
@@ -45,10 +44,6 @@ __all__ = [
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 
-# Weights-only loading in torch < 2.10 had known bypasses (e.g. CVE-2025-32434
-# affected <= 2.5.1), so older torch versions are refused for pickle files.
-MIN_TORCH_VERSION = (2, 10)
-
 # Same cap as the safetensors library: a real header is a few hundred KB at
 # most, and a larger length is a corrupt or hostile file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -61,11 +56,6 @@ _SAFETENSORS_ITEMSIZE = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
-
-_CONVERT_HINT = (
-    "convert it to .safetensors with a trusted tool, or download the "
-    ".safetensors release of this model"
-)
 
 
 @dataclass(frozen=True)
@@ -114,7 +104,7 @@ def load_state_dict(
     if suffix in SAFETENSORS_SUFFIXES:
         state_dict = _load_safetensors(file, device=device)
     elif suffix in TORCH_SUFFIXES:
-        state_dict = _load_torch(file, device=device)
+        state_dict = load_torch_state_dict(file, device=device)
     else:
         raise CheckpointError(
             f"{file}: unknown checkpoint extension {suffix!r}; expected one of "
@@ -311,98 +301,3 @@ def _load_safetensors(file: Path, *, device: str | torch.device) -> dict[str, to
             f"{file}: safetensors could not read it ({exc}); the file is corrupt "
             "or uses an unsupported dtype, download or re-save it."
         ) from exc
-
-
-# --------------------------------------------------------------------------
-# torch pickle archives (weights only)
-# --------------------------------------------------------------------------
-
-
-def _require_torch_version(version: str, *, file: Path) -> None:
-    """Refuse pickle loading on torch versions whose weights-only mode had bypasses."""
-    match = re.match(r"(\d+)\.(\d+)", version)
-    found = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    if found < MIN_TORCH_VERSION:
-        wanted = ".".join(map(str, MIN_TORCH_VERSION))
-        raise CheckpointError(
-            f"{file}: loading pickle checkpoints needs torch >= {wanted} (found "
-            f"{version}); older weights-only loaders could be bypassed. Upgrade "
-            f"torch, or {_CONVERT_HINT}."
-        )
-
-
-def _check_zip_members(file: Path) -> None:
-    """Refuse zip archives whose members claim more bytes than the file holds."""
-    file_size = file.stat().st_size
-    try:
-        with zipfile.ZipFile(file) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: corrupt zip archive ({exc}); download it again.") from exc
-    for member in members:
-        stored = member.compress_type == zipfile.ZIP_STORED
-        if not stored or member.file_size != member.compress_size:
-            raise CheckpointError(
-                f"{file}: archive member {member.filename!r} is compressed, which "
-                f"torch.save never does; the file is not a plain torch checkpoint, {_CONVERT_HINT}."
-            )
-        if member.header_offset + member.compress_size > file_size:
-            raise CheckpointError(
-                f"{file}: archive member {member.filename!r} declares "
-                f"{member.file_size} bytes but the file has {file_size}; it is "
-                "truncated or hostile, download it again."
-            )
-
-
-def _torch_load(file: Path, *, device: str | torch.device) -> object:
-    _require_torch_version(torch.__version__, file=file)
-    with open(file, "rb") as handle:
-        is_zip_magic = handle.read(4) == b"PK\x03\x04"
-    is_zip = zipfile.is_zipfile(file)
-    if is_zip_magic and not is_zip:
-        raise CheckpointError(
-            f"{file}: zip archive has no end record; it is truncated, download it again."
-        )
-    if is_zip:
-        _check_zip_members(file)
-    try:
-        return torch.load(file, map_location=device, weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{file}: refused to load: it needs code to unpickle and textenc never "
-            f"runs code from files ({_unpickler_reason(exc)}); {_CONVERT_HINT}."
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error) as exc:
-        raise CheckpointError(
-            f"{file}: not a readable torch checkpoint ({exc}); it is truncated or "
-            "corrupt, download it again."
-        ) from exc
-
-
-def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
-    """The one-line cause from torch's weights-only error, without its advice
-    to retry with ``weights_only=False`` (which would run the file's code)."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text[text.index(marker) + len(marker):]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[0] if lines else type(exc).__name__
-    return reason.split(". Please use", 1)[0][:200]
-
-
-def _load_torch(file: Path, *, device: str | torch.device) -> dict[str, torch.Tensor]:
-    loaded = _torch_load(file, device=device)
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping):
-        raise CheckpointError(
-            f"{file}: holds a {type(loaded).__name__}, not a state dict of tensors."
-        )
-    for key, value in loaded.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(
-                f"{file}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-                f"only flat state dicts are supported, {_CONVERT_HINT}."
-            )
-    return dict(loaded)

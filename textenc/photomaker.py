@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from . import ops
-from .checkpoint import TORCH_SUFFIXES, _torch_load, load_state_dict
+from .checkpoint import TORCH_SUFFIXES, load_state_dict
+from .checkpoint_pickle import _torch_load
 from .clip_model import CLIPVisionModelProjection
 from .clip_vision import check_state_dict, clip_preprocess
 from .config import CLIPVisionConfig
