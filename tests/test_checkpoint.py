@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from textenc.checkpoint import check_finite, load_state_dict, read_safetensors_header
-from textenc.errors import CheckpointError
+from textenc.errors import CheckpointError, TextencError
 
 TEXTENC_DIR = Path(__file__).resolve().parent.parent / "textenc"
 
@@ -303,3 +303,69 @@ def test_textenc_never_unpickles_unsafely() -> None:
     assert files
     problems = {str(file): _unsafe_calls(file.read_text()) for file in files}
     assert {file: found for file, found in problems.items() if found} == {}
+
+
+# -- nested pickles (PhotoMaker-style) -----------------------------------------------
+
+
+def test_nested_dicts_refused_by_default_with_the_option_named(tmp_path: Path) -> None:
+    path = tmp_path / "photomaker.bin"
+    torch.save({"id_encoder": {"w": torch.ones(1)}, "lora_weights": {"x": torch.ones(1)}}, path)
+    _expect_error(path, "'id_encoder'", "not a tensor", "nested='flatten'")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt"])
+def test_nested_flatten_joins_keys_with_dots(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"photomaker{suffix}"
+    inner = {"vision_model": {"w": torch.ones(2)}, "b": torch.zeros(1)}
+    torch.save({"id_encoder": inner, "lora_weights": {"x": torch.ones(3)}, "top": torch.ones(4)}, path)
+    loaded = load_state_dict(path, nested="flatten")
+    assert list(loaded) == ["id_encoder.vision_model.w", "id_encoder.b", "lora_weights.x", "top"]
+    assert torch.equal(loaded["id_encoder.vision_model.w"], torch.ones(2))
+    flat = tmp_path / "flat.pt"
+    torch.save({"w": torch.ones(1)}, flat)
+    assert list(load_state_dict(flat, nested="flatten")) == ["w"]
+
+
+def test_nested_flatten_still_refuses_non_tensors_and_collisions(tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed.bin"
+    torch.save({"id_encoder": {"w": torch.ones(1), "step": 3}}, mixed)
+    with pytest.raises(CheckpointError, match=r"'id_encoder\.step' is a int, not a tensor"):
+        load_state_dict(mixed, nested="flatten")
+    twice = tmp_path / "twice.bin"
+    torch.save({"a.b": torch.ones(1), "a": {"b": torch.ones(1)}}, twice)
+    with pytest.raises(CheckpointError, match=r"'a\.b' is in the file twice"):
+        load_state_dict(twice, nested="flatten")
+    deep: dict = {"w": torch.ones(1)}
+    for _ in range(9):
+        deep = {"d": deep}
+    too_deep = tmp_path / "deep.bin"
+    torch.save(deep, too_deep)
+    with pytest.raises(CheckpointError, match="more than 8 levels deep"):
+        load_state_dict(too_deep, nested="flatten")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_nested_flatten_stays_weights_only(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    torch.save({"id_encoder": {"w": torch.ones(1), "evil": _WritesMarker(marker)}}, path)
+    with pytest.raises(CheckpointError, match="never runs code"):
+        load_state_dict(path, nested="flatten")
+    assert not marker.exists()
+
+
+def test_nested_option_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    with pytest.raises(TextencError, match="nested='refuse' or nested='flatten'"):
+        load_state_dict(path, nested="merge")  # type: ignore[arg-type]
+
+
+def test_self_referencing_pickle_is_refused_when_flattening(tmp_path: Path) -> None:
+    loop: dict = {"w": torch.ones(1)}
+    loop["self"] = loop
+    path = tmp_path / "loop.pt"
+    torch.save(loop, path)
+    with pytest.raises(CheckpointError, match="levels deep"):
+        load_state_dict(path, nested="flatten")

@@ -24,17 +24,19 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from textenc.checkpoint_pickle import MIN_TORCH_VERSION, load_torch_state_dict
-from textenc.errors import CheckpointError
+from textenc.checkpoint_pickle import MAX_NESTING, MIN_TORCH_VERSION, load_torch_state_dict
+from textenc.errors import CheckpointError, TextencError
 
 __all__ = [
     "SAFETENSORS_SUFFIXES",
     "TORCH_SUFFIXES",
     "MIN_TORCH_VERSION",
+    "MAX_NESTING",
     "SafetensorsEntry",
     "load_state_dict",
     "read_safetensors_header",
@@ -82,6 +84,7 @@ def load_state_dict(
     *,
     device: str | torch.device = "cpu",
     require_finite: bool = False,
+    nested: Literal["refuse", "flatten"] = "refuse",
 ) -> dict[str, torch.Tensor]:
     """Load a checkpoint file into a flat ``{key: tensor}`` dict, safely.
 
@@ -89,6 +92,12 @@ def load_state_dict(
         path: A ``.safetensors``, ``.pt``, ``.ckpt``, ``.bin`` or ``.pth`` file.
         device: Where tensors are placed (``"cpu"`` keeps them memory-mapped).
         require_finite: Also run :func:`check_finite` on the result.
+        nested: What to do when a pickle file's values are dicts of tensors,
+            as in PhotoMaker's ``{"id_encoder": {...}, "lora_weights": {...}}``:
+            ``"refuse"`` raises; ``"flatten"`` joins the keys with dots
+            (``"id_encoder.vision_model..."``). Either way the file is read
+            weights-only and every leaf must be a tensor. safetensors files
+            are flat already.
 
     Returns:
         The state dict. A top-level ``"state_dict"`` wrapper (as in Stable
@@ -97,14 +106,19 @@ def load_state_dict(
 
     Raises:
         CheckpointError: The file is missing, a directory, empty, truncated,
-            malformed, would need code to unpickle, or holds non-tensors.
+            malformed, would need code to unpickle, or holds non-tensors;
+            it holds nested dicts and ``nested="refuse"``; flattening gives a
+            key twice or goes deeper than ``MAX_NESTING`` levels.
+        TextencError: ``nested`` is not ``"refuse"`` or ``"flatten"``.
     """
+    if nested not in ("refuse", "flatten"):
+        raise TextencError(f"nested={nested!r}; use nested='refuse' or nested='flatten'.")
     file = _check_regular_file(path)
     suffix = file.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         state_dict = _load_safetensors(file, device=device)
     elif suffix in TORCH_SUFFIXES:
-        state_dict = load_torch_state_dict(file, device=device)
+        state_dict = load_torch_state_dict(file, device=device, flatten=nested == "flatten")
     else:
         raise CheckpointError(
             f"{file}: unknown checkpoint extension {suffix!r}; expected one of "

@@ -19,11 +19,15 @@ import torch
 
 from textenc.errors import CheckpointError
 
-__all__ = ["MIN_TORCH_VERSION", "load_torch_state_dict"]
+__all__ = ["MIN_TORCH_VERSION", "MAX_NESTING", "load_torch_state_dict"]
 
 # Weights-only loading in torch < 2.10 had known bypasses (e.g. CVE-2025-32434
 # affected <= 2.5.1), so older torch versions are refused for pickle files.
 MIN_TORCH_VERSION = (2, 10)
+
+# Deepest dict nesting flattened. Real files nest one level (PhotoMaker); the cap
+# stops a hostile self-referencing pickle from recursing forever.
+MAX_NESTING = 8
 
 _CONVERT_HINT = (
     "convert it to .safetensors with a trusted tool, or download the "
@@ -104,14 +108,17 @@ def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
     return reason.split(". Please use", 1)[0][:200]
 
 
-def load_torch_state_dict(file: Path, *, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """Read a flat ``{key: tensor}`` dict from a torch pickle file, weights-only.
+def load_torch_state_dict(file: Path, *, device: str | torch.device,
+                          flatten: bool = False) -> dict[str, torch.Tensor]:
+    """Read a ``{key: tensor}`` dict from a torch pickle file, weights-only.
 
-    A top-level ``"state_dict"`` wrapper is unwrapped. ``file`` must already be
+    A top-level ``"state_dict"`` wrapper is unwrapped. With ``flatten``, dicts
+    of tensors inside are flattened to dotted keys. ``file`` must already be
     checked to be a regular, non-empty file (see :func:`textenc.checkpoint.load_state_dict`).
 
     Raises:
-        CheckpointError: The file is unsafe, unreadable, or holds non-tensors.
+        CheckpointError: The file is unsafe or unreadable, holds non-tensors,
+            or (with ``flatten``) a key twice or nesting deeper than :data:`MAX_NESTING`.
     """
     loaded = _torch_load(file, device=device)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
@@ -120,10 +127,35 @@ def load_torch_state_dict(file: Path, *, device: str | torch.device) -> dict[str
         raise CheckpointError(
             f"{file}: holds a {type(loaded).__name__}, not a state dict of tensors."
         )
+    state_dict: dict[str, torch.Tensor] = {}
+    _collect(file, loaded, "", state_dict, flatten=flatten, depth=0)
+    return state_dict
+
+
+def _collect(file: Path, loaded: Mapping, prefix: str, out: dict[str, torch.Tensor],
+             *, flatten: bool, depth: int) -> None:
+    """Put the tensors of ``loaded`` into ``out`` as ``prefix + key``, descending into
+    nested dicts when ``flatten``; anything else is refused."""
     for key, value in loaded.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(
-                f"{file}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-                f"only flat state dicts are supported, {_CONVERT_HINT}."
-            )
-    return dict(loaded)
+        name = prefix + key if isinstance(key, str) else key
+        if isinstance(key, str) and isinstance(value, Mapping) and flatten and depth < MAX_NESTING:
+            _collect(file, value, name + ".", out, flatten=flatten, depth=depth + 1)
+        elif not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{file}: entry {name!r} {_why_refused(key, value, flatten)}")
+        elif name in out:
+            raise CheckpointError(f"{file}: key {name!r} is in the file twice, flat and "
+                                  f"nested; the file is ambiguous, {_CONVERT_HINT}.")
+        else:
+            out[name] = value
+
+
+def _why_refused(key: object, value: object, flatten: bool) -> str:
+    if not (isinstance(key, str) and isinstance(value, Mapping)):
+        return (f"is a {type(value).__name__}, not a tensor; only flat state dicts are "
+                f"supported, {_CONVERT_HINT}.")
+    if flatten:
+        return (f"is nested more than {MAX_NESTING} levels deep; the file is malformed "
+                f"or hostile, {_CONVERT_HINT}.")
+    return (f"is a {type(value).__name__}, not a tensor; only flat state dicts are supported "
+            "unless load_state_dict(..., nested='flatten') is asked to join nested keys "
+            f"with dots, or {_CONVERT_HINT}.")
