@@ -14,6 +14,13 @@ Two namespaces are provided:
 The casting is written once, in :class:`CastWeightBiasMixin`; each layer class
 only says which functional op it applies.
 
+Casting every weight on every forward costs time (an fp16 CLIP-L computing in
+fp32 re-reads 246 MB and writes 492 MB per call). :func:`cache_weight_casts`
+opts a model into keeping each cast between calls: faster, at the price of
+holding the compute-dtype copy too (fp16 weights + fp32 cache = 3x the fp16
+size, 1.5x an fp32 checkpoint). It is off by default because the point of
+``manual_cast`` is to keep memory at the checkpoint's precision.
+
 >>> import torch
 >>> layer = manual_cast.Linear(4, 2, dtype=torch.float16)
 >>> _ = torch.nn.init.ones_(layer.weight), torch.nn.init.zeros_(layer.bias)
@@ -31,8 +38,12 @@ __all__ = [
     "disable_weight_init",
     "manual_cast",
     "cast_to",
+    "cache_weight_casts",
     "pick_operations",
 ]
+
+#: Cast copies one layer keeps at most (weight and bias, for a few dtypes or devices).
+_CAST_CACHE_ENTRIES = 8
 
 
 def cast_to(
@@ -61,6 +72,8 @@ class CastWeightBiasMixin:
     """
 
     cast_weights: bool = False
+    #: Keep casts between forwards (see :func:`cache_weight_casts`).
+    cache_casts: bool = False
 
     def reset_parameters(self) -> None:
         # Weights always come from a checkpoint; randomising them is wasted work.
@@ -74,9 +87,55 @@ class CastWeightBiasMixin:
         bias = getattr(self, "bias", None)
         if self.cast_weights:
             dtype = self._cast_target(input)
-            weight = cast_to(weight, dtype=dtype, device=input.device)
-            bias = cast_to(bias, dtype=dtype, device=input.device)
+            weight = self._cast(weight, dtype, input.device)
+            bias = self._cast(bias, dtype, input.device)
         return self._forward_op(input, weight, bias, *args, **kwargs)
+
+    def _cast(self, tensor: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor | None:
+        if not self.cache_casts or tensor is None or (tensor.dtype == dtype and tensor.device == device):
+            return cast_to(tensor, dtype=dtype, device=device)
+        # Keyed by storage address and shape, checked against the version
+        # counter: an in-place update or a newly assigned weight misses.
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), dtype, device)
+        cache = self.__dict__.setdefault("_cast_cache", {})
+        version = _version(tensor)
+        hit = cache.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        if len(cache) >= _CAST_CACHE_ENTRIES:
+            cache.clear()
+        cast = cast_to(tensor, dtype=dtype, device=device)
+        cache[key] = (version, cast)
+        return cast
+
+
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return -1
+
+
+def cache_weight_casts(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Opt ``module``'s casting layers in (or out) of caching cast weights.
+
+    With ``enabled`` each layer keeps its weights cast to the last compute
+    dtype/device it saw, so only the first forward pays for the cast. Memory:
+    the cast copies stay alive (fp16 storage computing in fp32 holds 3x the
+    fp16 size). Disabling drops the copies. Returns ``module``.
+
+    >>> layer = manual_cast.Linear(4, 2, dtype=torch.float16)
+    >>> _ = torch.nn.init.ones_(layer.weight), torch.nn.init.zeros_(layer.bias)
+    >>> _ = cache_weight_casts(layer)
+    >>> first, second = layer(torch.ones(1, 4)), layer(torch.ones(1, 4))
+    >>> len(layer._cast_cache), second.dtype
+    (2, torch.float32)
+    """
+    for layer in module.modules():
+        if isinstance(layer, CastWeightBiasMixin):
+            layer.cache_casts = enabled
+            layer.__dict__.pop("_cast_cache", None)
+    return module
 
 
 class _Linear(CastWeightBiasMixin, torch.nn.Linear):
