@@ -199,3 +199,11 @@ def test_load_photomaker_reads_nested_bin_safely(tmp_path):
     with pytest.raises(CheckpointError, match="missing keys") as info:
         load_photomaker(path)
     assert "visual_projection_2.weight" not in str(info.value)
+
+
+def test_load_photomaker_refuses_non_tensors_inside_nested_bin(tmp_path):
+    path = tmp_path / "photomaker-v1.bin"
+    torch.save({"id_encoder": {"fuse_module.layer_norm.weight": torch.zeros(2048), "step": 3},
+                "lora_weights": {"unet.x": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match=r"'id_encoder\.step' is a int, not a tensor"):
+        load_photomaker(path)

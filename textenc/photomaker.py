@@ -17,15 +17,13 @@ checkpoint (``vision_model``, ``visual_projection``, ``visual_projection_2``,
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from . import ops
-from .checkpoint import TORCH_SUFFIXES, load_state_dict
-from .checkpoint_pickle import _torch_load
+from .checkpoint import load_state_dict
 from .clip_model import CLIPVisionModelProjection
 from .clip_vision import check_state_dict, clip_preprocess
 from .config import CLIPVisionConfig
@@ -140,20 +138,6 @@ def photomaker_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tens
     return flat
 
 
-def _read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, Any]:
-    try:
-        return load_state_dict(path)
-    except CheckpointError:
-        if not str(path).lower().endswith(TORCH_SUFFIXES):
-            raise
-    # PhotoMaker's .bin nests {"id_encoder": {...}, "lora_weights": {...}}, which the
-    # flat loader refuses; read it with the same weights-only unpickler.
-    loaded = _torch_load(Path(path), device="cpu")
-    if not isinstance(loaded, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a PhotoMaker checkpoint")
-    return loaded
-
-
 def load_photomaker(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32,
                     compute_dtype: torch.dtype | None = None) -> PhotoMakerIDEncoder:
@@ -162,7 +146,8 @@ def load_photomaker(path: str | os.PathLike[str], *, device: str | torch.device 
     Raises:
         CheckpointError: unreadable or unsafe file, not PhotoMaker, or keys that do not fit.
     """
-    weights = photomaker_state_dict(_read_checkpoint(path))
+    # PhotoMaker's .bin nests {"id_encoder": {...}, "lora_weights": {...}}.
+    weights = photomaker_state_dict(load_state_dict(path, nested="flatten"))
     weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}
     operations = ops.pick_operations(dtype, compute_dtype or dtype)
     model = PhotoMakerIDEncoder(dtype=dtype, device="meta", operations=operations)
