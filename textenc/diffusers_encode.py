@@ -1,0 +1,233 @@
+"""Encode prompts for a diffusers Stable Diffusion pipeline, and hand ComfyUI
+conditioning back as the pipeline's keyword arguments.
+
+Part of :mod:`textenc.diffusers` (import from there). The pipeline's CLIP is
+built by :func:`textenc.diffusers_load.load_from_diffusers` once and cached on
+the pipeline object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .conditioning import validate_conditioning
+from .diffusers_load import KINDS, load_from_diffusers
+from .errors import DiffusersLayoutError, PromptError, TextencError
+from .sd import CLIP
+from .sd1_encode import empty_encoding
+
+__all__ = ["CACHE_ATTRIBUTE", "encode_for_pipeline", "to_diffusers"]
+
+CACHE_ATTRIBUTE = "_textenc_clip"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    clip: CLIP
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _module_dtype_device(module: Any) -> tuple[torch.dtype, torch.device]:
+    parameter = next(module.parameters())
+    return parameter.dtype, parameter.device
+
+
+def _cached_clip(pipe: Any, embedding_directory: Any) -> CLIP:
+    """The pipeline's CLIP, built once and kept on ``pipe._textenc_clip``.
+
+    The cache is keyed by the text encoder objects (by identity), their dtype and
+    device and the embedding directory; swapping or moving an encoder rebuilds it.
+    """
+    modules = tuple(getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2"))
+    layout = tuple(_module_dtype_device(m) if m is not None else None for m in modules)
+    key = (layout, repr(embedding_directory))
+    cached = getattr(pipe, CACHE_ATTRIBUTE, None)
+    if cached is not None and cached[1] == key and all(a is b for a, b in zip(cached[0], modules)):
+        return cached[2]
+    if modules[0] is None:
+        raise DiffusersLayoutError(f"{type(pipe).__name__} has no text_encoder; textenc needs "
+                                   "the pipeline's CLIP text encoder(s)")
+    dtype, device = layout[0]
+    clip = load_from_diffusers(pipe, dtype=dtype, device=device, embedding_directory=embedding_directory)
+    setattr(pipe, CACHE_ATTRIBUTE, (modules, key, clip))
+    return clip
+
+
+def _target(pipe_or_loaded: Any, embedding_directory: Any, device: Any, dtype: Any) -> _Target:
+    """The CLIP to encode with and the dtype/device the pipeline expects its inputs in."""
+    if isinstance(pipe_or_loaded, CLIP):
+        if embedding_directory is not None:
+            raise TextencError("embedding_directory is for pipeline objects; pass it to "
+                               "load_from_diffusers when loading a folder")
+        model = pipe_or_loaded.cond_stage_model
+        parameter = next(model.parameters())
+        return _Target(pipe_or_loaded, torch.device(device or parameter.device),
+                       dtype or parameter.dtype)
+    clip = _cached_clip(pipe_or_loaded, embedding_directory)
+    # diffusers casts prompt embeddings to text_encoder_2's dtype (SDXL) or text_encoder's.
+    last = getattr(pipe_or_loaded, "text_encoder_2", None) or pipe_or_loaded.text_encoder
+    pipe_device = getattr(pipe_or_loaded, "_execution_device", None) or _module_dtype_device(last)[1]
+    return _Target(clip, torch.device(device or pipe_device), dtype or _module_dtype_device(last)[0])
+
+
+def _prompt_list(prompt: str | Sequence[str], what: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PromptError(f"{what} must be a str or a non-empty list of str, got {prompt!r:.80}")
+    return prompts
+
+
+def _negative_list(negative: str | Sequence[str] | None, batch: int) -> list[str]:
+    negatives = _prompt_list("" if negative is None else negative, "negative_prompt")
+    if len(negatives) == 1:
+        return negatives * batch
+    if len(negatives) != batch:
+        raise PromptError(f"negative_prompt has {len(negatives)} entries but prompt has {batch}; "
+                          "pass one negative (broadcast) or one per prompt")
+    return negatives
+
+
+def _encode_options(clip_skip: int | None, weight_mode: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"weight_mode": weight_mode}
+    if clip_skip is not None:
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip >= 0:
+            raise PromptError(f"clip_skip={clip_skip!r}: use ComfyUI's CLIPSetLastLayer numbering "
+                              "(-1 last layer, -2 penultimate, ...); diffusers' clip_skip=1 is -2 "
+                              "for SD1/SD2 and -3 for SDXL")
+        options["layer"] = clip_skip
+    return options
+
+
+def _empty_window(clip: CLIP, options: Mapping[str, Any]) -> torch.Tensor:
+    """One 77-token window of the empty prompt's encoding, (77, width); SDXL: cat(l, g)."""
+    model = clip.cond_stage_model
+    parts = [model.clip_l, model.clip_g] if clip.clip_type == "sdxl" else [model.encoder]
+    return torch.cat([empty_encoding(p, p.max_length, p.resolve_options(options))[0] for p in parts], -1)
+
+
+def _padded(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
+    """(1, 77·w, D) → (1, length, D), appending whole windows of the empty encoding."""
+    missing = (length - cond.shape[1]) // empty.shape[0]
+    return torch.cat([cond] + [empty.unsqueeze(0).to(cond)] * missing, dim=1)
+
+
+def _result(kind: str, positive: tuple, negative: tuple, target: _Target) -> dict[str, torch.Tensor]:
+    """The pipeline's keyword arguments, every tensor in its dtype and on its device."""
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    values = [positive[0], negative[0]]
+    if kind == "sdxl":
+        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        values += [positive[1], negative[1]]
+    return {n: v.to(device=target.device, dtype=target.dtype) for n, v in zip(names, values)}
+
+
+def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
+                        negative_prompt: str | Sequence[str] = "", *, clip_skip: int | None = None,
+                        weight_mode: str = "comfy", zero_negative: bool = False,
+                        embedding_directory: Any = None, device: Any = None,
+                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Encode prompts the ComfyUI way into the keyword arguments of a diffusers pipeline call.
+
+    Args:
+        pipe_or_loaded: a StableDiffusion(XL) pipeline (its CLIP is built once and
+            cached on it as ``_textenc_clip``) or a CLIP from :func:`load_from_diffusers`.
+        prompt: a prompt with ComfyUI syntax, or a list (one batch row each).
+        negative_prompt: one negative (broadcast to the batch) or one per prompt.
+        clip_skip: ComfyUI ``CLIPSetLastLayer`` numbering (-1 last, -2 penultimate);
+            None: the model's default (SD1 -1, SD2 -2, SDXL -2). Applies to the negative too.
+        weight_mode: see :mod:`textenc.weighting` (``"comfy"`` default).
+        zero_negative: an empty negative becomes zeros (embeds and pooled), as
+            diffusers' SDXL ``force_zeros_for_empty_prompt`` does for ``negative_prompt=None``.
+        embedding_directory: textual-inversion folder(s) (pipeline objects only).
+        device / dtype: override the pipeline's (or the CLIP's) device and dtype.
+
+    Returns:
+        ``prompt_embeds`` and ``negative_prompt_embeds`` (B, 77·windows, width),
+        plus ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (B, P)
+        for SDXL. Every row is padded to the longest with whole windows of the
+        empty prompt's encoding.
+
+    Raises:
+        PromptError: bad prompt, weight or clip_skip. DiffusersLayoutError: not a
+        supported pipeline.
+    """
+    target = _target(pipe_or_loaded, embedding_directory, device, dtype)
+    clip = target.clip
+    prompts = _prompt_list(prompt, "prompt")
+    negatives = _negative_list(negative_prompt, len(prompts))
+    options = _encode_options(clip_skip, weight_mode)
+    encode = lambda text: clip.encode_from_tokens(clip.tokenize(text), return_pooled=True,  # noqa: E731
+                                                   options=options)
+    positive = [encode(p) for p in prompts]
+    negative = [None if zero_negative and not n else encode(n) for n in negatives]
+    length = max(cond.shape[1] for cond, _ in positive + [x for x in negative if x is not None])
+    empty = _empty_window(clip, options)
+    cond = torch.cat([_padded(c, length, empty) for c, _ in positive])
+    negative_cond = torch.cat([_padded(x[0], length, empty) if x is not None else torch.zeros_like(cond[:1])
+                               for x in negative])
+    negative_pooled = torch.cat([x[1] if x is not None else torch.zeros_like(p)
+                                 for x, (_, p) in zip(negative, positive)])
+    return _result(clip.clip_type, (cond, torch.cat([p for _, p in positive])),
+                   (negative_cond, negative_pooled), target)
+
+
+# ---- already-encoded conditioning ------------------------------------------------------
+
+def _cond_and_pooled(conditioning: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[[cond, {"pooled_output": p}]]`` or ``(cond, pooled)`` → (cond (B, T, D), pooled or None)."""
+    if isinstance(conditioning, tuple) and len(conditioning) == 2 and isinstance(conditioning[0], torch.Tensor):
+        conditioning = [[conditioning[0], {"pooled_output": conditioning[1]}]]
+    validate_conditioning(conditioning, name=name)
+    if len(conditioning) != 1:
+        raise TextencError(f"{name} has {len(conditioning)} entries; a diffusers pipeline takes one "
+                           "(ComfyUI samples combined conditionings separately): pass one entry")
+    cond, extras = conditioning[0]
+    return cond, extras.get("pooled_output")
+
+
+def _repeat_to(cond: torch.Tensor, length: int) -> torch.Tensor:
+    # Repeating every key k times leaves cross-attention unchanged (ComfyUI's
+    # CONDCrossAttn.concat pads mismatched conds to their LCM the same way).
+    return cond.repeat(1, length // cond.shape[1], 1)
+
+
+def to_diffusers(conditioning: Any, negative: Any = None, *, kind: str) -> dict[str, torch.Tensor]:
+    """Already-encoded conditioning → the pipeline's keyword arguments.
+
+    Args:
+        conditioning / negative: ComfyUI CONDITIONING (``[[cond, {"pooled_output": p}]]``)
+            or a ``(cond, pooled)`` pair; cond (B, T, D). ``negative=None`` leaves
+            the negative to the pipeline. A length mismatch is resolved as ComfyUI
+            does: both are repeated to the least common multiple of their lengths.
+        kind: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (SDXL needs pooled outputs).
+
+    Raises:
+        TextencError: malformed conditioning, several entries, missing pooled output.
+
+    >>> out = to_diffusers((torch.ones(1, 77, 8), None), (torch.zeros(1, 154, 8), None), kind="sd1")
+    >>> [tuple(v.shape) for v in out.values()]
+    [(1, 154, 8), (1, 154, 8)]
+    """
+    if kind not in KINDS:
+        raise TextencError(f"kind {kind!r} is not one of {KINDS}")
+    positive = _cond_and_pooled(conditioning, "conditioning")
+    pairs = [positive] + ([_cond_and_pooled(negative, "negative")] if negative is not None else [])
+    if kind == "sdxl" and any(pooled is None for _, pooled in pairs):
+        raise TextencError("SDXL needs pooled outputs: the conditioning has no 'pooled_output'")
+    length = math.lcm(*(cond.shape[1] for cond, _ in pairs))
+    pairs = [(_repeat_to(cond, length), pooled) for cond, pooled in pairs]
+    result = {"prompt_embeds": pairs[0][0]}
+    if negative is not None:
+        result["negative_prompt_embeds"] = pairs[1][0].expand(pairs[0][0].shape[0], -1, -1) \
+            if pairs[1][0].shape[0] == 1 else pairs[1][0]
+    if kind == "sdxl":
+        result["pooled_prompt_embeds"] = pairs[0][1]
+        if negative is not None:
+            result["negative_pooled_prompt_embeds"] = pairs[1][1].expand(pairs[0][1].shape[0], -1) \
+                if pairs[1][1].shape[0] == 1 else pairs[1][1]
+    return result

@@ -1,0 +1,295 @@
+"""Load the CLIP text encoders of a diffusers Stable Diffusion folder or pipeline object.
+
+Part of :mod:`textenc.diffusers` (import from there). Kind (documented in
+docs/diffusers.md): ``StableDiffusionXL*Pipeline`` → SDXL; any other
+``StableDiffusion*Pipeline`` (not SD3) → SD2 when its text encoder's
+``hidden_act`` is ``gelu`` (OpenCLIP ViT-H), else SD1 (OpenAI CLIP-L,
+``quick_gelu``). Padding always follows the pipeline's own tokenizer ``pad_token``.
+
+diffusers is never imported: a pipeline is read through its attributes, no
+transformers model is run, and its weights are shared, not copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .checkpoint import load_state_dict
+from .config import CLIPTextConfig, load_text_config
+from .detect import convert_text_state_dict
+from .errors import ConfigError, DiffusersLayoutError, TextencError
+from .sd import CLIP
+from .sd1_clip import SD1ClipModel, SD1Tokenizer
+from .sd2_clip import SD2ClipModel, SD2Tokenizer
+from .sdxl_clip import SDXLClipModel, SDXLTokenizer
+
+__all__ = ["KINDS", "load_from_diffusers", "pipeline_kind"]
+
+KINDS = ("sd1", "sd2", "sdxl")
+# Weight files in the order diffusers' text encoders are looked up (full precision first).
+WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
+                "pytorch_model.fp16.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# transformers' CLIPTextConfig defaults, used for keys a config.json leaves out
+# (https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/configuration_clip.py).
+HF_CLIP_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+                         "projection_dim": 512, "num_hidden_layers": 12, "num_attention_heads": 8,
+                         "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                         "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 49406,
+                         "eos_token_id": 49407}
+_TEXT_MODEL_TYPES = ("clip_text_model", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encoder:
+    """One text encoder of a pipeline, ready to build: HF-layout weights, config, tokenizer."""
+
+    state_dict: dict
+    config: CLIPTextConfig
+    tokenizer_path: str
+    pad_token: int
+    source: str
+
+
+# ---- kind -----------------------------------------------------------------------
+
+def _family(class_name: Any) -> str:
+    """``"sdxl"`` or ``"sd"`` (SD1/SD2, told apart by the config) from a pipeline class name."""
+    name = str(class_name)
+    if name.startswith("StableDiffusionXL") and name.endswith("Pipeline"):
+        return "sdxl"
+    rest = name[len("StableDiffusion"):]
+    if name.startswith("StableDiffusion") and name.endswith("Pipeline") and not rest[:1].isdigit():
+        return "sd"
+    raise DiffusersLayoutError(f"{name!r} is not a Stable Diffusion 1.x/2.x/XL pipeline; textenc "
+                               "supports StableDiffusion*Pipeline and StableDiffusionXL*Pipeline "
+                               "(StableDiffusion3, Flux, ... have other text encoders)")
+
+
+def pipeline_kind(class_name: str, text_config: CLIPTextConfig | None = None) -> str:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from a pipeline class name and its text config.
+
+    Raises:
+        DiffusersLayoutError: not a Stable Diffusion 1/2/XL pipeline.
+
+    >>> pipeline_kind("StableDiffusionXLInpaintPipeline")
+    'sdxl'
+    """
+    if _family(class_name) == "sdxl":
+        return "sdxl"
+    if text_config is None:
+        raise DiffusersLayoutError(f"{class_name}: the text encoder config is needed to tell SD1 from SD2")
+    return "sd2" if text_config.hidden_act == "gelu" else "sd1"
+
+
+_COMPONENTS = {"sd": [("text_encoder", "tokenizer")],
+               "sdxl": [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]}
+
+
+# ---- folder reading -----------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise DiffusersLayoutError(f"{path}: missing; {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DiffusersLayoutError(f"{path}: not readable JSON ({exc}); re-download the file") from exc
+    if not isinstance(data, dict):
+        raise DiffusersLayoutError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _component(folder: Path, index: Mapping, name: str) -> Path:
+    """The sub-folder of component ``name``, which ``model_index.json`` must list."""
+    entry = index.get(name)
+    if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+        raise DiffusersLayoutError(f"{folder / 'model_index.json'}: no {name!r} component "
+                                   f"({index.get('_class_name')!r} needs one); is this a UNet-only "
+                                   "folder or an SDXL refiner? Pass the full pipeline folder")
+    path = folder / name
+    if not path.is_dir():
+        raise DiffusersLayoutError(f"{path}: missing, but model_index.json lists {name!r}; "
+                                   "the download is incomplete")
+    return path
+
+
+def _shard_files(index_path: Path) -> list[Path]:
+    data = _read_json(index_path, "shard index")
+    names = sorted(set((data.get("weight_map") or {}).values()))
+    if not names or any(Path(n).name != n or not str(n) for n in names):
+        raise DiffusersLayoutError(f"{index_path}: weight_map must name shard files in this folder")
+    return [index_path.parent / n for n in names]
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Weights-only loading of the first weight file found (or of every shard)."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return load_state_dict(folder / name)
+    for name in SHARD_INDEXES:
+        if (folder / name).is_file():
+            merged: dict[str, torch.Tensor] = {}
+            for shard in _shard_files(folder / name):
+                merged.update(load_state_dict(shard))
+            return merged
+    raise DiffusersLayoutError(f"{folder}: no weights; expected one of "
+                               f"{WEIGHT_FILES + SHARD_INDEXES}")
+
+
+def _text_config(hf_config: Mapping[str, Any], *, has_projection: bool, source: str) -> CLIPTextConfig:
+    """textenc's config from a transformers ``CLIPTextConfig`` dict (heads, activation included)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in _TEXT_MODEL_TYPES:
+        raise DiffusersLayoutError(f"{source}: model_type {model_type!r} is not a CLIP text model")
+    data = {key: hf_config.get(key, default) for key, default in HF_CLIP_TEXT_DEFAULTS.items()}
+    if not has_projection:
+        # CLIPTextModel has no projection (SD1, SD2, SDXL's first encoder): the pooled
+        # output is unprojected, whatever projection_dim the config carries (SD2 says 512).
+        data["projection_dim"] = data["hidden_size"]
+    try:
+        return load_text_config(data)
+    except ConfigError as exc:
+        raise DiffusersLayoutError(f"{source}: {exc}") from exc
+
+
+def _pad_token_id(folder: Path) -> int:
+    """The id of the tokenizer's ``pad_token`` (default ``<|endoftext|>``, as CLIPTokenizer)."""
+    pad = "<|endoftext|>"
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            value = _read_json(folder / name, "").get("pad_token")
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                pad = value
+                break
+    if (folder / "vocab.json").is_file():
+        vocab = _read_json(folder / "vocab.json", "")
+    else:
+        data = _read_json(folder / "tokenizer.json", "expected vocab.json + merges.txt or tokenizer.json")
+        vocab = dict((data.get("model") or {}).get("vocab") or {})
+        vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+    if pad not in vocab:
+        raise DiffusersLayoutError(f"{folder}: pad_token {pad!r} is not in the vocabulary")
+    return int(vocab[pad])
+
+
+def _folder_encoder(folder: Path, weights_source: str | None = None) -> _Encoder:
+    """Read one ``text_encoder*`` folder (its matching tokenizer folder is passed separately)."""
+    hf_config = _read_json(folder / "config.json", "the text encoder needs its config.json")
+    raw = _load_weights(folder)
+    converted = convert_text_state_dict(raw, source=weights_source or str(folder)).state_dict
+    config = _text_config(hf_config, has_projection="text_projection.weight" in converted,
+                          source=str(folder / "config.json"))
+    return _Encoder(converted, config, "", 0, str(folder))
+
+
+def _from_folder(folder: Path) -> tuple[str, list[_Encoder]]:
+    index = _read_json(folder / "model_index.json", "not a diffusers pipeline folder "
+                       "(pass the folder holding model_index.json)")
+    encoders = []
+    for encoder_name, tokenizer_name in _COMPONENTS[_family(index.get("_class_name"))]:
+        encoder = _folder_encoder(_component(folder, index, encoder_name))
+        tokenizer = _component(folder, index, tokenizer_name)
+        encoders.append(dataclasses.replace(encoder, tokenizer_path=str(tokenizer),
+                                            pad_token=_pad_token_id(tokenizer)))
+    return pipeline_kind(index.get("_class_name"), encoders[0].config), encoders
+
+
+# ---- pipeline objects ------------------------------------------------------------------
+
+def _object_encoder(pipe: Any, encoder_name: str, tokenizer_name: str, tmp: str) -> _Encoder:
+    module, tokenizer = getattr(pipe, encoder_name, None), getattr(pipe, tokenizer_name, None)
+    if module is None or tokenizer is None:
+        raise DiffusersLayoutError(f"{type(pipe).__name__} has no {encoder_name}/{tokenizer_name}; "
+                                   "textenc needs the pipeline's CLIP text encoder(s)")
+    # transformers 5 keeps CLIPTextModel's keys flat (no "text_model."); both layouts convert.
+    converted = convert_text_state_dict(module.state_dict(), source=f"pipe.{encoder_name}").state_dict
+    config = _text_config(module.config.to_dict(), source=f"pipe.{encoder_name}.config",
+                          has_projection="text_projection.weight" in converted)
+    path = os.path.join(tmp, tokenizer_name)
+    tokenizer.save_pretrained(path)  # tokenizer.json; read once, at construction
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _Encoder(converted, config, path, int(pad), f"pipe.{encoder_name}")
+
+
+def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder]]:
+    class_name = type(pipe).__name__
+    encoders = [_object_encoder(pipe, e, t, tmp) for e, t in _COMPONENTS[_family(class_name)]]
+    return pipeline_kind(class_name, encoders[0].config), encoders
+
+
+# ---- building ------------------------------------------------------------------------
+
+def _tokenizer_kwargs(encoder: _Encoder) -> dict[str, Any]:
+    return {"tokenizer_path": encoder.tokenizer_path, "embedding_size": encoder.config.hidden_size,
+            "pad_token": encoder.pad_token}
+
+
+def _match_special_tokens(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Give the model the tokenizer's start/end/pad ids (they make the empty prompt)."""
+    model.special_tokens = {"start": tokenizer.start_token, "end": tokenizer.end_token,
+                            "pad": tokenizer.pad_token}
+
+
+def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch.dtype | None,
+           embedding_directory: Any) -> CLIP:
+    first = encoders[0]
+    if kind == "sdxl":
+        second = encoders[1]
+        model = SDXLClipModel(device=device, dtype=dtype, l_config=first.config, g_config=second.config)
+        tokenizer = SDXLTokenizer(embedding_directory=embedding_directory,
+                                  l_kwargs=_tokenizer_kwargs(first), g_kwargs=_tokenizer_kwargs(second))
+        pairs = [(model.clip_l, tokenizer.clip_l, first), (model.clip_g, tokenizer.clip_g, second)]
+    else:
+        model_class, tokenizer_class = (SD1ClipModel, SD1Tokenizer) if kind == "sd1" else (SD2ClipModel, SD2Tokenizer)
+        model = model_class(device=device, dtype=dtype, textmodel_json_config=first.config)
+        tokenizer = tokenizer_class(embedding_directory=embedding_directory, **_tokenizer_kwargs(first))
+        pairs = [(model.encoder, tokenizer.tokenizer, first)]
+    for encoder_model, encoder_tokenizer, encoder in pairs:
+        _match_special_tokens(encoder_model, encoder_tokenizer)
+        try:
+            encoder_model.load_sd(encoder.state_dict)
+        except TextencError as exc:
+            raise DiffusersLayoutError(f"{encoder.source}: {exc}") from exc
+    return CLIP(model, tokenizer, clip_type=kind)
+
+
+def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", embedding_directory: Any = None) -> CLIP:
+    """Build a textenc :class:`~textenc.sd.CLIP` from a diffusers SD1/SD2/SDXL folder or pipeline.
+
+    Args:
+        path_or_pipeline: a folder with ``model_index.json``, ``text_encoder/``
+            (``config.json`` + ``model.safetensors``, ``model.fp16.safetensors``,
+            ``pytorch_model.bin`` or shards) and ``tokenizer/`` (``vocab.json`` +
+            ``merges.txt``, or ``tokenizer.json``), plus the ``_2`` pair for SDXL;
+            or a loaded pipeline object.
+        dtype: weight storage dtype; None keeps the file's (or the pipeline's).
+        device: where the text encoder lives.
+        embedding_directory: textual-inversion folder(s) for ``embedding:name``.
+
+    Returns:
+        A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+
+    Raises:
+        DiffusersLayoutError: missing ``model_index.json``/component/config,
+            unsupported pipeline class, weights that do not fit the config.
+        CheckpointError: an unreadable or truncated weight file (from the loader).
+    """
+    with tempfile.TemporaryDirectory(prefix="textenc-tokenizer-") as tmp:
+        if isinstance(path_or_pipeline, (str, os.PathLike)):
+            folder = Path(path_or_pipeline)
+            if not folder.is_dir():
+                raise DiffusersLayoutError(f"{folder}: not a folder; pass a diffusers pipeline folder")
+            kind, encoders = _from_folder(folder)
+        else:
+            kind, encoders = _from_pipeline(path_or_pipeline, tmp)
+        return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory)
