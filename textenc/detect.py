@@ -38,7 +38,25 @@ _KNOWN_VISION = {
 
 
 @dataclass(frozen=True)
-class TextEncoderInfo:
+class _TowerInfo:
+    """What every tower found in a state dict has: where it is and its transformer's shapes.
+
+    ``prefix`` is where its keys start, ``layout`` the inner key layout
+    (``"hf"``, ``"hf_flat"`` or ``"open_clip"``), ``source`` the model it came from.
+    """
+
+    name: str
+    prefix: str
+    layout: str
+    source: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class TextEncoderInfo(_TowerInfo):
     """A text encoder found in a state dict, with its config read from shapes.
 
     ``name`` is ``"l"``, ``"h"``, ``"g"`` or ``"custom"``; ``source`` is the model
@@ -47,35 +65,19 @@ class TextEncoderInfo:
     ``projection_dim`` is ``None`` when there is no ``text_projection``.
     """
 
-    name: str
-    prefix: str
-    layout: str
-    source: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
     vocab_size: int
     max_positions: int
     projection_dim: int | None
 
 
 @dataclass(frozen=True)
-class VisionInfo:
+class VisionInfo(_TowerInfo):
     """A CLIP vision tower found in a state dict, with its config read from shapes.
 
     ``name`` is ``"vit_l_14"``, ``"vit_l_14_336"``, ``"vit_h_14"``,
     ``"vit_bigg_14"`` or ``"custom"``.
     """
 
-    name: str
-    prefix: str
-    layout: str
-    source: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
     patch_size: int
     image_size: int
     num_positions: int
