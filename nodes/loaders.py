@@ -34,6 +34,20 @@ def _load_clip(names: list[str], clip_type: str, device: str):
     return load_clip(files, embedding_directory=embeddings, clip_type=clip_type, device=_device(device))
 
 
+def _model_type(node: str, type: str, types: dict[str, str]) -> str:
+    """The library's clip_type for a loader's ``type`` input; unknown names are an error."""
+    if type not in types:
+        from textenc.errors import CheckpointError
+
+        raise CheckpointError(f"{node} type {type!r} is not one of {list(types)}")
+    return types[type]
+
+
+def _file_input(folder: str, tooltip: str) -> tuple:
+    """A combo input listing the files of a model folder."""
+    return (paths.get_filename_list(folder), {"tooltip": tooltip})
+
+
 def _device_input() -> dict:
     return {"device": (DEVICES, {"default": "default", "advanced": True,
                                  "tooltip": "Where the text encoder runs: 'default' uses the GPU "
@@ -44,8 +58,8 @@ class CLIPLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-                    "clip_name": (paths.get_filename_list("text_encoders"),
-                                  {"tooltip": "Text encoder file in models/text_encoders (or models/clip)."}),
+                    "clip_name": _file_input("text_encoders",
+                                             "Text encoder file in models/text_encoders (or models/clip)."),
                     "type": (list(CLIP_LOADER_TYPES),
                              {"default": "stable_diffusion",
                               "tooltip": "stable_diffusion/auto: detect SD1 (CLIP-L) or SD2 (CLIP-H) from the "
@@ -60,11 +74,8 @@ class CLIPLoader:
                    "Textual inversions are read from the embeddings folder.")
 
     def load_clip(self, clip_name: str, type: str = "stable_diffusion", device: str = "default"):
-        from textenc.errors import CheckpointError
-
-        if type not in CLIP_LOADER_TYPES:
-            raise CheckpointError(f"CLIPLoader type {type!r} is not one of {list(CLIP_LOADER_TYPES)}")
-        return (_load_clip([clip_name], CLIP_LOADER_TYPES[type], device),)
+        clip_type = _model_type("CLIPLoader", type, CLIP_LOADER_TYPES)
+        return (_load_clip([clip_name], clip_type, device),)
 
 
 class DualCLIPLoader:
@@ -85,18 +96,14 @@ class DualCLIPLoader:
     DESCRIPTION = "Loads two text encoder files as one CLIP.\n\n[Recipes]\n\nsdxl: clip-l, clip-g"
 
     def load_clip(self, clip_name1: str, clip_name2: str, type: str = "sdxl", device: str = "default"):
-        from textenc.errors import CheckpointError
-
-        if type not in DUAL_CLIP_LOADER_TYPES:
-            raise CheckpointError(f"DualCLIPLoader type {type!r} is not one of {list(DUAL_CLIP_LOADER_TYPES)}")
-        return (_load_clip([clip_name1, clip_name2], DUAL_CLIP_LOADER_TYPES[type], device),)
+        clip_type = _model_type("DualCLIPLoader", type, DUAL_CLIP_LOADER_TYPES)
+        return (_load_clip([clip_name1, clip_name2], clip_type, device),)
 
 
 class CLIPVisionLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"clip_name": (paths.get_filename_list("clip_vision"),
-                                           {"tooltip": "CLIP vision file in models/clip_vision."})}}
+        return {"required": {"clip_name": _file_input("clip_vision", "CLIP vision file in models/clip_vision.")}}
 
     RETURN_TYPES = ("CLIP_VISION",)
     OUTPUT_TOOLTIPS = ("The CLIP vision model.",)
@@ -113,8 +120,8 @@ class CLIPVisionLoader:
 class PhotoMakerLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"photomaker_model_name": (paths.get_filename_list("photomaker"),
-                                                       {"tooltip": "PhotoMaker v1 file in models/photomaker."})}}
+        return {"required": {"photomaker_model_name": _file_input(
+            "photomaker", "PhotoMaker v1 file in models/photomaker.")}}
 
     RETURN_TYPES = ("PHOTOMAKER",)
     OUTPUT_TOOLTIPS = ("The PhotoMaker ID encoder.",)

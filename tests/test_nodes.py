@@ -315,6 +315,9 @@ def test_loaders_refuse_paths_outside_the_models_folder(pack, models_dir, tmp_pa
 def test_wrong_inputs_raise_typed_errors(pack, models_dir):
     with pytest.raises(CheckpointError, match="type"):
         run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="flux")
+    with pytest.raises(CheckpointError, match="DualCLIPLoader type 'sd1' is not one of"):
+        run(pack, "DualCLIPLoader", clip_name1="tiny_sd1.safetensors",
+            clip_name2="tiny_sd1.safetensors", type="sd1")
     with pytest.raises(CheckpointError, match="sd2"):
         run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="sd2")
     with pytest.raises(TextencError):
