@@ -1,0 +1,183 @@
+"""Targets 1-3 (and the GPU part of 8): CLIP text forward against transformers.
+
+1. fp32 forward, CLIP-L (sd1_clip_config) and OpenCLIP ViT-H (sd2_clip_config),
+   batch 1/4/16 x 77 tokens: <= 1.0x transformers ``CLIPTextModel`` (SDPA, same
+   random weights) and <= 1.15x a floor of only the linear layers (q, k, v, out,
+   fc1, fc2 per layer, ``F.linear`` on the same shapes and weights).
+2. Clip skip: penultimate layer (+ pooled from the last) <= 0.95x full depth.
+3. bf16 compute >= 2x faster than fp32; fp16-stored weights computing in fp32
+   <= 1.1x fp32-stored weights (per-forward cast, and the opt-in cached cast).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import common
+except ImportError:  # run as a script from bench/
+    import common
+
+TOKENS = 77
+CONFIGS = {"sd1_clip_config": "CLIP-L", "sd2_clip_config": "ViT-H"}
+
+
+def _ids(batch: int, prompt_tokens: int = TOKENS - 1, *, seed: int = 0, pad: int = 49407) -> torch.Tensor:
+    """(B, 77) ids: BOS, random words, EOS at ``prompt_tokens``, then padding."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 49406, (batch, TOKENS), generator=generator)
+    ids[:, 0] = 49406
+    ids[:, prompt_tokens] = 49407
+    ids[:, prompt_tokens + 1:] = pad
+    return ids
+
+
+def _linear_floor(model, batch: int):
+    """Only the six projections of every layer, on (B, 77, D) inputs."""
+    layers = model.text_model.encoder.layers
+    width = layers[0].self_attn.out_proj.weight.shape[0]
+    x = torch.randn(batch, TOKENS, width)
+    projections = [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                    layer.self_attn.out_proj) for layer in layers]
+    mlps = [layer.mlp for layer in layers]
+
+    def run():
+        for attention, mlp in zip(projections, mlps):
+            for p in attention:
+                F.linear(x, p.weight, p.bias)
+            F.linear(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
+    return run
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _target1(config: str, batches, repeats: int) -> list[dict]:
+    rows = []
+    hf = common.hf_text_model(config)
+    state_dict = common.hf_text_state_dict(hf)
+    ours = common.ours_text_model(config, state_dict)
+    name = CONFIGS[config]
+    for batch in batches:
+        ids = _ids(batch)
+        with torch.inference_mode():
+            out, ref = ours(ids), hf(ids)
+            diff = max(_max_diff(out.last_hidden_state, ref.last_hidden_state),
+                       _max_diff(out.pooled_output, ref.pooler_output))
+            stats = common.interleaved({"ours": lambda: ours(ids), "hf": lambda: hf(ids),
+                                        "floor": _linear_floor(ours, batch)}, repeats=repeats)
+        parity = f"max|ours-hf|={diff:.1e}" + ("" if diff <= 1e-5 else " PARITY FAIL")
+        hf_row = common.ratio_row("1 fwd fp32 vs HF", f"{name} B{batch}", stats["ours"], stats["hf"],
+                                  1.0, ref_label="HF", note=parity)
+        hf_row["passed"] = hf_row["passed"] and diff <= 1e-5
+        rows.append(hf_row)
+        rows.append(common.ratio_row("1 fwd fp32 vs linear floor", f"{name} B{batch}", stats["ours"],
+                                     stats["floor"], 1.15, ref_label="floor",
+                                     note=f"HF/floor={stats['hf'].median / stats['floor'].median:.2f}"))
+    del hf, ours
+    return rows
+
+
+def _target2(config: str, repeats: int) -> list[dict]:
+    hf = common.hf_text_model(config)
+    ours = common.ours_text_model(config, common.hf_text_state_dict(hf))
+    del hf
+    layers = ours.text_model.config.num_hidden_layers
+    ids = _ids(1, prompt_tokens=16, pad=ours.text_model.config.pad_token_id)  # a 15-word prompt
+    with torch.inference_mode():
+        stats = common.interleaved({
+            "penultimate": lambda: ours(ids, intermediate_output=-2, return_last_hidden=False),
+            "full": lambda: ours(ids)}, repeats=repeats)
+    floor = (layers - 1) / layers
+    note = f"{layers} layers: skipping 1 of {layers} bounds the ratio at >= {floor:.3f}"
+    return [common.ratio_row("2 clip skip (penultimate vs full)", f"{CONFIGS[config]} B1",
+                             stats["penultimate"], stats["full"], 0.95, ref_label="full", note=note)]
+
+
+def _target3(config: str, batch: int, repeats: int) -> list[dict]:
+    from textenc import ops
+
+    hf = common.hf_text_model(config)
+    state_dict = common.hf_text_state_dict(hf)
+    del hf
+    name = CONFIGS[config]
+    ids = _ids(batch)
+    fp32 = common.ours_text_model(config, state_dict)
+    bf16 = common.ours_text_model(config, state_dict, dtype=torch.bfloat16)
+    fp16_cast = common.ours_text_model(config, state_dict, dtype=torch.float16, cast=True)
+    fp16_cached = ops.cache_weight_casts(
+        common.ours_text_model(config, state_dict, dtype=torch.float16, cast=True))
+    with torch.inference_mode():
+        reference = fp32(ids).last_hidden_state
+        bf16_diff = _max_diff(bf16(ids, dtype=torch.bfloat16).last_hidden_state.float(), reference)
+        fp16_diff = _max_diff(fp16_cast(ids).last_hidden_state, reference)
+        stats = common.interleaved({
+            "fp32": lambda: fp32(ids),
+            "bf16": lambda: bf16(ids, dtype=torch.bfloat16),
+            "fp16w_cast": lambda: fp16_cast(ids),
+            "fp16w_cached": lambda: fp16_cached(ids)}, repeats=repeats)
+    bf16_note = f"max|bf16-fp32|={bf16_diff:.3f} (hidden, |x|max={reference.abs().max():.1f})"
+    if not common.has_bf16_cpu():
+        bf16_note += "; CPU lacks avx512_bf16/amx: bf16 is emulated"
+    return [
+        common.ratio_row("3 bf16 compute speed-up", f"{name} B{batch}", stats["bf16"], stats["fp32"],
+                         2.0, ref_label="fp32", note=bf16_note, higher_is_better=True),
+        common.ratio_row("3 fp16 weights -> fp32 (cast per forward)", f"{name} B{batch}",
+                         stats["fp16w_cast"], stats["fp32"], 1.1, ref_label="fp32 weights",
+                         note=f"default manual_cast; max|dev|={fp16_diff:.1e}"),
+        common.ratio_row("3 fp16 weights -> fp32 (cached cast, opt-in)", f"{name} B{batch}",
+                         stats["fp16w_cached"], stats["fp32"], 1.1, ref_label="fp32 weights",
+                         note="ops.cache_weight_casts: +fp32 copy held (3x fp16 size)"),
+    ]
+
+
+def run(quick: bool = False) -> list[dict]:
+    """All CPU rows for targets 1-3."""
+    repeats = 3 if quick else 5
+    rows = []
+    rows += _target1("sd1_clip_config", (1, 4) if quick else (1, 4, 16), repeats)
+    rows += _target1("sd2_clip_config", (1,) if quick else (1, 4, 16), repeats)
+    for config in ("sd1_clip_config",) if quick else tuple(CONFIGS):
+        rows += _target2(config, 4 if quick else 8)
+    rows += _target3("sd1_clip_config", 4, repeats)
+    if not quick:
+        rows += _target3("sd2_clip_config", 1, repeats)
+    return rows
+
+
+def run_gpu(quick: bool = False) -> list[dict]:
+    """Target 8: the target-1 comparison on CUDA (fp16 and fp32); skipped without a GPU."""
+    if not torch.cuda.is_available():
+        return [common.row("8 GPU forward", "CUDA", "-", "-", None, "<= 1.0x", None,
+                           "skipped: no CUDA device here; run `python bench/run.py --gpu` on a GPU machine")]
+    rows = []
+    for config in CONFIGS:
+        hf = common.hf_text_model(config)
+        state_dict = common.hf_text_state_dict(hf)
+        for dtype in (torch.float16, torch.float32):
+            ours = common.ours_text_model(config, state_dict, dtype=dtype).cuda()
+            ref = hf.to(dtype).cuda()
+            for batch in (1, 16):
+                ids = _ids(batch).cuda()
+
+                def timed(fn):
+                    def call():
+                        fn()
+                        torch.cuda.synchronize()
+                    return call
+                with torch.inference_mode():
+                    stats = common.interleaved({"ours": timed(lambda: ours(ids, dtype=dtype)),
+                                                "hf": timed(lambda: ref(ids))},
+                                               repeats=10 if quick else 30, warmup=3)
+                rows.append(common.ratio_row("8 GPU fwd vs HF", f"{CONFIGS[config]} {dtype} B{batch}",
+                                             stats["ours"], stats["hf"], 1.0, ref_label="HF"))
+            del ours
+        hf.cpu()
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run(quick=True):
+        print(r)

@@ -1,0 +1,254 @@
+"""The one benchmark command for issue #6's targets.
+
+    python bench/run.py            # full run (about 6-12 minutes on 2 cores)
+    python bench/run.py --quick    # short run (under 3 minutes)
+    python bench/run.py --gpu      # also the CUDA comparison (target 8), when a GPU exists
+
+Prints one table of every target (ours, reference, ratio, limit, pass/fail)
+and rewrites ``bench/RESULTS.md`` with the machine, the command and the
+min/median/max of interleaved runs (A B A B ..., order alternating each round).
+Timings are wall clock; the cpu-time ratio in the notes is the same comparison
+in process CPU time, which other processes on a shared machine barely move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+RESULTS = BENCH_DIR / "RESULTS.md"
+
+#: (module, function, label). Modules are imported only when their section runs;
+#: bench_prompt and bench_dataset are written by other engineers and may be absent.
+SECTIONS = [
+    ("bench_forward", "run", "targets 1-3: forward, clip skip, precision"),
+    ("bench_prompt", "run", "targets 4-5: weighted prompts, tokenization"),
+    ("bench_dataset", "run", "dataset encoding"),
+    ("bench_coldstart", "run", "target 6: cold start"),
+    ("bench_vision", "run", "target 7: vision"),
+]
+
+NOTES = """\
+## How to read this
+
+* **ratio** is median(ours) / median(reference) of wall times measured
+  interleaved in one process (cold start: in fresh processes); *spread* is the
+  min/median/max of the per-round ratios. For "speed-up" rows the ratio is
+  reference / ours. The *cpu-time ratio* in the notes is the same comparison
+  in process CPU time: this machine is shared (see the load average above),
+  and CPU time is what another process competing for the 2 cores barely
+  changes. When the two disagree, the wall-clock row is noisy, not wrong.
+* One thread per process by default (`--threads`): with other processes on the
+  two cores, two OpenMP threads spend their time waiting for each other and
+  the spread triples. Both sides always run with the same setting.
+
+## Optimisations in the library (each its own commit, gains measured)
+
+* `attention`: `causal=True` on every backend; the text model passes it instead
+  of building a (T, T) mask when there is no padding mask, so SDPA uses
+  `is_causal` (SDPA at B4: 4.3 -> 1.2 ms; forward 0.5-1%).
+* `clip_model`: the pooled-row-only last layer (clip skip with
+  `return_last_hidden=False`) computes k/v only up to the pooled token
+  (penultimate/full 0.971 -> 0.941 on CLIP-L, 15-word prompt).
+* `clip_model`: in-place activation and residual adds when autograd is off
+  (no fresh (B, T, 4D) buffers and their page faults): B4 -2.2%, B16 -4.2%.
+* `ops.cache_weight_casts(model)` (opt-in): keeps manual_cast's cast weights
+  between forwards. fp16-stored CLIP-L computing in fp32: 1.22x -> 0.96x of
+  fp32-stored weights. Memory trade-off: the fp32 copy stays alive, so fp16
+  storage + cache = 3x the fp16 size (1.5x an fp32 checkpoint); off by default.
+* Tried and dropped: fusing q/k/v into one (3D, D) matmul (parameters as views
+  into one tensor) measured within +-2% at B1/B4/B16 (CPU time, min of 10) and
+  makes `safetensors.save_file` refuse the state dict (shared storage).
+* Not done, measured: MKL-prepacked fp32 weights
+  (`torch.ops.mkl._mkl_linear`) are 15-25% faster per GEMM at 77 rows and bit
+  identical, but a packed copy only serves one batch size and doubles weight
+  memory per size; a candidate for an opt-in fixed-batch mode.
+
+## Targets out of reach here, and why
+
+* **Target 1 vs HF (<= 1.0x)**: both sides run the same GEMMs, which are
+  ~85% of the time; ours differs from transformers only in the remaining
+  ~15%, so the ratio sits at 0.95-1.0 and single rounds cross 1.0 on noise.
+* **Target 1 vs linear floor (<= 1.15x)**: attention (SDPA), LayerNorm,
+  activation and residual adds are ~12-20% of a forward on this CPU; the
+  floor leaves them out and reuses one cached input, so ~1.15-1.25x is what
+  an implementation doing the same math reaches (transformers: see HF/floor).
+* **Target 2 (<= 0.95x)**: skipping 1 of L layers bounds the ratio below by
+  (L-1)/L plus the pooled row's share of the last layer: 0.917 for CLIP-L
+  (12 layers), 0.958 for ViT-H (24 layers) — 0.95 is unreachable for SD2's
+  encoder, and for SDXL's bigG (32 layers, 0.969).
+* **Target 3, fp16 weights -> fp32 per-forward cast**: re-reading 246 MB of
+  fp16 and writing 492 MB of fp32 per forward costs ~20% at B4; the opt-in
+  cached cast meets the target at +1x fp32 memory.
+* **Target 8 (GPU)**: no GPU was lent to this session. On a CUDA machine run
+  `python bench/run.py --gpu` (fp16 and fp32, batch 1 and 16, vs transformers);
+  without CUDA that section prints a skipped row.
+"""
+
+
+def _call_section(module_name: str, function: str, label: str, quick: bool) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return [{"target": label, "case": "-", "ours": "-", "reference": "-", "ratio": None,
+                 "limit": "-", "passed": None,
+                 "note": f"bench/{module_name}.py not present yet (another engineer's file)"}], 0.0
+    try:
+        rows = [_normalize(r, module_name) for r in getattr(module, function)(quick)]
+    except Exception as error:  # one broken section must not lose the others' results
+        traceback.print_exc()
+        rows = [{"target": label, "case": "-", "ours": "-", "reference": "-", "ratio": None,
+                 "limit": "-", "passed": False, "note": f"ERROR {type(error).__name__}: {error}"[:300]}]
+    return rows, time.perf_counter() - start
+
+
+def _normalize(row: dict, module_name: str) -> dict:
+    """Map the other engineers' row layouts onto this table's columns."""
+    if "ours_ms" in row:  # bench_prompt: case, ours_ms, reference_ms, ratio, target (= limit), ok
+        case = str(row.get("case", ""))
+        target = "5 tokenization" if "tokeni" in case else "4 weighted prompts"
+        extra = {k: v for k, v in row.items() if k in ("prompts_per_s",)}
+        return {"target": target, "case": case,
+                "ours": f"{row['ours_ms']} ms" if row.get("ours_ms") else "",
+                "reference": f"{row['reference_ms']} ms" if row.get("reference_ms") else "",
+                "ratio": row.get("ratio"), "limit": row.get("target", ""), "passed": row.get("ok"),
+                "ratio_spread": "", "note": row.get("note", "") or
+                ("; ".join(f"{k}={v}" for k, v in extra.items()))}
+    if "measure" in row:  # bench_dataset: measure, value, goal
+        return {"target": "dataset", "case": row["measure"], "ours": row.get("value", ""),
+                "reference": "", "ratio": None, "limit": row.get("goal", ""),
+                "passed": row.get("passed", row.get("ok")), "ratio_spread": "",
+                "note": row.get("note", "")}
+    return {"target": module_name, "case": "", "ours": "", "reference": "", "ratio": None,
+            "limit": "", "passed": None, "ratio_spread": "", "note": "", **row}
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key, "")
+    if key == "ratio":
+        return "" if value is None or value == "" else f"{float(value):.2f}x"
+    if key == "passed":
+        return {True: "PASS", False: "FAIL", None: "n/a"}.get(value, str(value))
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+COLUMNS = [("target", "target"), ("case", "case"), ("ours", "ours min/med/max"),
+           ("reference", "reference min/med/max"), ("ratio", "ratio"),
+           ("ratio_spread", "spread"), ("limit", "limit"), ("passed", "result"), ("note", "notes")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r, key) for key, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def console_table(rows: list[dict]) -> str:
+    keys = [k for k, _ in COLUMNS if k != "note"]
+    cells = [[_cell(r, k) for k in keys] for r in rows]
+    widths = [max(len(title), *(len(c[i]) for c in cells)) if cells else len(title)
+              for i, (_, title) in enumerate([c for c in COLUMNS if c[0] != "note"])]
+    header = "  ".join(t.ljust(w) for (_, t), w in zip([c for c in COLUMNS if c[0] != "note"], widths))
+    out = [header, "-" * len(header)]
+    for r, c in zip(rows, cells):
+        out.append("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+        if r.get("note"):
+            out.append("    " + _cell(r, "note"))
+    return "\n".join(out)
+
+
+def write_results(rows: list[dict], machine: dict, command: str, seconds: float,
+                  timings: list[tuple[str, float]]) -> None:
+    passed = sum(r.get("passed") is True for r in rows)
+    failed = sum(r.get("passed") is False for r in rows)
+    text = [
+        "# textenc benchmark results (issue #6)",
+        "",
+        "Generated by `bench/run.py`; do not edit by hand (the notes live in `bench/run.py`).",
+        "",
+        f"* **Command:** `{command}`",
+        f"* **Date:** {machine['date']}",
+        f"* **CPU:** {machine['cpu']}, {machine['cores']} cores, flags: {machine['flags']}; "
+        f"memory {machine['memory']}; GPU: {machine.get('gpu') or 'none'}",
+        f"* **Software:** torch {machine['torch']}, transformers {machine['transformers']}, "
+        f"Python {machine['python']}; torch threads {machine['threads']}",
+        f"* **Load average at start / end:** {machine['loadavg']} / {machine.get('loadavg_end', '?')} "
+        "(the machine is shared with other engineers' jobs)",
+        f"* **Total time:** {seconds / 60:.1f} min ("
+        + ", ".join(f"{name} {t:.0f}s" for name, t in timings) + ")",
+        f"* **Summary:** {passed} pass, {failed} fail, {len(rows) - passed - failed} not measured",
+        "",
+        markdown_table(rows),
+        "",
+        NOTES,
+    ]
+    RESULTS.write_text("\n".join(line for line in text if line is not None) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (fewer cases and repeats)")
+    parser.add_argument("--gpu", action="store_true", help="also run the CUDA comparison (target 8)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for every process, both sides (default 1: stable on a shared machine)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these modules (e.g. bench_forward); RESULTS.md is not rewritten")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite bench/RESULTS.md")
+    args = parser.parse_args(argv)
+
+    import torch
+    import common
+
+    torch.set_num_threads(args.threads)
+    # Child processes (cold start) get the same thread count, ours and theirs alike.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    machine = common.machine()
+    machine["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    start = time.perf_counter()
+    rows: list[dict] = []
+    timings: list[tuple[str, float]] = []
+    sections = [s for s in SECTIONS if args.only is None or s[0] in args.only]
+    for module_name, function, label in sections:
+        print(f"== {label} ({module_name})", flush=True)
+        section_rows, seconds = _call_section(module_name, function, label, args.quick)
+        rows += section_rows
+        timings.append((module_name, seconds))
+        print(console_table(section_rows), flush=True)
+    if args.only is None or "gpu" in args.only:
+        if args.gpu:
+            gpu_rows, seconds = _call_section("bench_forward", "run_gpu", "target 8: GPU", args.quick)
+            timings.append(("gpu", seconds))
+        else:
+            gpu_rows = [common.row("8 GPU forward", "CUDA", "-", "-", None, "<= 1.0x", None,
+                                   "not run: no GPU lent to this session; on a CUDA machine run "
+                                   "`python bench/run.py --gpu`")]
+        rows += gpu_rows
+    seconds = time.perf_counter() - start
+    machine["loadavg_end"] = common.machine()["loadavg"]
+    print("\n== all targets")
+    print(console_table(rows))
+    print(f"\n{seconds / 60:.1f} min")
+    if args.only is None and not args.no_write:
+        command = "python bench/run.py" + (" --quick" if args.quick else "") + \
+            (" --gpu" if args.gpu else "") + (f" --threads {args.threads}" if args.threads != 1 else "")
+        write_results(rows, machine, command, seconds, timings)
+        print(f"wrote {RESULTS.relative_to(BENCH_DIR.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
