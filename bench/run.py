@@ -83,11 +83,15 @@ NOTES = """\
   weights are 15% faster per GEMM at 77 rows, but change the summation order
   (oneDNN: 8e-5 off on one 768->3072 GEMM, past the 1e-5 parity) or only
   serve one batch size with a second copy of the weights (MKL).
-* **Target 1 vs linear floor (<= 1.15x)** at batch 16: attention (SDPA over
-  B x heads), LayerNorm, the activation, residual adds and first-touch page
-  faults of the fresh (B, T, 4D) buffers are 15-20% of a B16 forward on this
-  CPU; the floor leaves them out. transformers is further from the floor
-  than we are (HF/floor in the notes: 1.24 vs our 1.20 for CLIP-L B16).
+* **Target 1 vs linear floor (<= 1.15x)** at batch 4-16 for CLIP-L: attention
+  (SDPA over B x heads), LayerNorm, the activation, residual adds and
+  first-touch page faults of the fresh (B, T, 4D) buffers are 15-20% of such
+  a forward on this CPU; the floor leaves them out. transformers is as far or
+  further from the floor (HF/floor in the notes: 1.18/1.22 vs our 1.18/1.17
+  at B4/B16). Computing the MLP in 128-512-row chunks to keep fc1's output in
+  cache measured no gain (within 1%).
+* **Target 1 vs HF, ViT-H B4 (1.02x in this run)**: a tie within noise
+  (spread 0.99-1.04; 0.98x in the previous full run), for the reason above.
 * **Target 2 (<= 0.95x)**: skipping 1 of L layers bounds the ratio below by
   (L-1)/L plus the pooled row's share of the last layer: 0.917 for CLIP-L
   (12 layers), 0.958 for ViT-H (24 layers) — 0.95 is unreachable for SD2's
