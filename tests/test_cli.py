@@ -205,3 +205,10 @@ def test_bad_inputs_give_one_line_errors(model, tmp_path, capsys):
     _single_error(capsys, ["inspect", "a", "--embeddings", str(tmp_path / "nope")])
     assert "weight" in _single_error(capsys, ["inspect", "(a:nan)"])
 
+
+
+def test_a_prompt_after_model_stays_a_prompt(model, tmp_path, capsys):
+    out = tmp_path / "after.safetensors"
+    assert main(["encode", "--model", str(model), PROMPTS[0], "--out", str(out)]) == 0
+    cond, pooled = _library(model, PROMPTS[0], None)
+    torch.testing.assert_close(load_file(out)["cond_0"], cond, atol=0, rtol=0)

@@ -239,7 +239,10 @@ def _add_encode(sub) -> None:
                                         "pooled_{i} per prompt, with the prompts and options as metadata.")
     parser.add_argument("prompts", nargs="*", help="prompts (ComfyUI weight syntax)")
     parser.add_argument("--prompts-file", help="text file (one prompt per line) or .jsonl file")
-    parser.add_argument("--model", nargs="+", required=True, help="checkpoint file(s); SDXL: clip_l and clip_g")
+    # action="append", not nargs="+": a prompt written after --model FILE must
+    # stay a prompt. SDXL from two files: --model clip_l.safetensors --model clip_g.safetensors
+    parser.add_argument("--model", action="append", required=True,
+                        help="checkpoint file; repeat for SDXL's clip_l and clip_g files")
     parser.add_argument("--clip-type", choices=CLIP_TYPES, default="auto")
     parser.add_argument("--clip-skip", type=int, default=None,
                         help="last layer: -2 (ComfyUI) or 2 (A1111) = penultimate")
