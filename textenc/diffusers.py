@@ -5,7 +5,7 @@ and ComfyUI-style conditioning handed back as the pipeline's keyword arguments.
 >>> # kwargs = encode_for_pipeline(pipe, "a (red fox:1.2) in the snow", "blurry")
 >>> # image = pipe(**kwargs, num_inference_steps=30).images[0]
 
-Kind (documented in docs/diffusers.md): ``StableDiffusionXL*Pipeline`` → SDXL;
+Kind (documented in README, "Using textenc with diffusers"): ``StableDiffusionXL*Pipeline`` → SDXL;
 any other ``StableDiffusion*Pipeline`` (not SD3) → SD2 when its text encoder's
 ``hidden_act`` is ``gelu`` (OpenCLIP ViT-H), else SD1 (OpenAI CLIP-L, ``quick_gelu``).
 Padding always follows the pipeline's own tokenizer ``pad_token``.

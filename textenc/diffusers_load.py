@@ -1,7 +1,7 @@
 """Load the CLIP text encoders of a diffusers Stable Diffusion folder or pipeline object.
 
 Part of :mod:`textenc.diffusers` (import from there). Kind (documented in
-docs/diffusers.md): ``StableDiffusionXL*Pipeline`` → SDXL; any other
+README, "Using textenc with diffusers"): ``StableDiffusionXL*Pipeline`` → SDXL; any other
 ``StableDiffusion*Pipeline`` (not SD3) → SD2 when its text encoder's
 ``hidden_act`` is ``gelu`` (OpenCLIP ViT-H), else SD1 (OpenAI CLIP-L,
 ``quick_gelu``). Padding always follows the pipeline's own tokenizer ``pad_token``.
