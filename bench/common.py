@@ -144,7 +144,7 @@ def has_bf16_cpu() -> bool:
 # ---- models with identical random weights ------------------------------------
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial random weights with fan-in scaling (as tests/test_clip_model.py)."""
+    """Non-trivial random weights with fan-in scaling (as tests/random_weights.py)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

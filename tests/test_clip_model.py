@@ -12,10 +12,10 @@ CLIP ViT-L/14 text model used by SD1.x.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
+from random_weights import randomize_
 import transformers
 from transformers.initialization import no_init_weights
 
@@ -36,26 +36,6 @@ VISION_CONFIGS = ["clip_vision_config_vitl", "clip_vision_config_vitl_336",
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.double() - b.double()).abs().max().item()
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Give every parameter a non-trivial random value.
-
-    HF's own init leaves LayerNorms at 1/0 and biases at 0, which would hide a
-    swapped or dropped bias; here everything is random, with fan-in scaling so
-    activations stay O(1) and attention is peaked enough for masks to matter.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.2, generator=generator)
-            elif "embedding" in name and p.dim() <= 2 and "patch" not in name:
-                p.normal_(0.0, 1.0, generator=generator)
-            elif p.dim() >= 2:
-                p.normal_(0.0, math.prod(p.shape[1:]) ** -0.5, generator=generator)
-            else:
-                p.normal_(0.0, 0.1, generator=generator)
 
 
 def hf_model(cls, hf_config, seed: int):

@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
+from random_weights import randomize_
 
 from textenc import clip_model, ops
 from textenc.attention import ATTENTION_BACKENDS, optimized_attention_for_device
@@ -26,21 +26,6 @@ from textenc.config import load_text_config, load_vision_config
 
 TOL = 1e-5
 CPU_BACKENDS = ["sdpa", "split", "basic"]
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif "embedding" in name and p.dim() <= 2 and "patch" not in name:
-                p.copy_(noise)
-            elif p.dim() >= 2:
-                p.copy_(noise * math.prod(p.shape[1:]) ** -0.5)
-            else:
-                p.copy_(0.1 * noise)
 
 
 def small_text(config: str = "sd1_clip_config", *, layers: int = 3, hidden_act: str | None = None,

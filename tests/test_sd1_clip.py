@@ -27,6 +27,7 @@ import copy
 
 import pytest
 import torch
+from random_weights import randomize_
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
@@ -51,18 +52,7 @@ def make_hf(activation: str, seed: int) -> torch.nn.Module:
         hidden_size=WIDTH, intermediate_size=256, num_hidden_layers=LAYERS, num_attention_heads=2,
         projection_dim=WIDTH, hidden_act=activation, eos_token_id=END, bos_token_id=START)
     model = transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="sdpa").eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif "embedding" in name:
-                p.copy_(noise)
-            elif p.dim() >= 2:
-                p.copy_(noise * p.shape[1] ** -0.5)
-            else:
-                p.copy_(0.1 * noise)
+    randomize_(model, seed)
     return model
 
 
