@@ -212,3 +212,12 @@ def test_bf16_compute_stays_close_to_fp32():
     got = model16(ids, attention_mask=mask, dtype=torch.bfloat16).last_hidden_state.float()
     # bf16 keeps 8 mantissa bits: ~0.4% relative per op; hidden states are O(1-10).
     assert (got - reference).abs().max() <= 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(1, 77, 3072), (16, 77, 3072), (3, 5, 7), (2, 300, 1000)])
+def test_chunked_inplace_quick_gelu_is_bit_identical(shape, monkeypatch):
+    """The cache-sized chunks of the in-place quick_gelu must not change a single bit."""
+    monkeypatch.setattr(clip_model, "QUICK_GELU_CHUNK", 4096)  # force many chunks, ragged last one
+    x = torch.randn(shape) * 20
+    expected = x * torch.sigmoid(1.702 * x)  # OpenAI CLIP's formula, out of place
+    assert torch.equal(clip_model._quick_gelu_(x.clone()), expected)

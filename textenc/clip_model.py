@@ -41,10 +41,26 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+#: Elements per chunk of the in-place quick_gelu on CPU: 256 KiB of fp32, so the
+#: sigmoid temporary stays in L2 cache instead of streaming (B, T, 4D) through
+#: memory three times.
+QUICK_GELU_CHUNK = 1 << 16
+
+
 def _quick_gelu_(x: torch.Tensor) -> torch.Tensor:
-    # One temporary instead of two, bit-identical to _quick_gelu (silu(1.702x)/1.702
-    # would need none but differs by an ulp, which breaks 1e-5 parity at |x| ~ 50).
-    return (x * 1.702).sigmoid_().mul_(x)
+    # Bit-identical to _quick_gelu (silu(1.702x)/1.702 would need no temporary but
+    # differs by an ulp, which breaks 1e-5 parity at |x| ~ 50).
+    if x.device.type != "cpu" or not x.is_contiguous() or x.numel() <= QUICK_GELU_CHUNK:
+        return (x * 1.702).sigmoid_().mul_(x)
+    flat = x.view(-1, x.shape[-1])
+    rows = max(1, QUICK_GELU_CHUNK // x.shape[-1])
+    scratch = torch.empty((rows, x.shape[-1]), dtype=x.dtype)
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start:start + rows]
+        sigmoid = scratch[: chunk.shape[0]]
+        torch.mul(chunk, 1.702, out=sigmoid).sigmoid_()
+        chunk.mul_(sigmoid)  # x·σ(1.702x): same product, same bits as σ·x
+    return x
 
 
 def _gelu_(x: torch.Tensor) -> torch.Tensor:
