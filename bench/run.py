@@ -61,6 +61,8 @@ NOTES = """\
   (penultimate/full 0.971 -> 0.941 on CLIP-L, 15-word prompt).
 * `clip_model`: in-place activation and residual adds when autograd is off
   (no fresh (B, T, 4D) buffers and their page faults): B4 -2.2%, B16 -4.2%.
+* `clip_model`: quick_gelu in 256 KiB chunks on CPU, so its sigmoid temporary
+  stays in L2 (same bits): CLIP-L linear-floor ratio at B4/B16 ~1.20 -> ~1.15.
 * `ops.cache_weight_casts(model)` (opt-in): keeps manual_cast's cast weights
   between forwards. fp16-stored CLIP-L computing in fp32: 1.22x -> 0.96x of
   fp32-stored weights. Memory trade-off: the fp32 copy stays alive, so fp16
@@ -87,11 +89,13 @@ NOTES = """\
   (SDPA over B x heads), LayerNorm, the activation, residual adds and
   first-touch page faults of the fresh (B, T, 4D) buffers are 15-20% of such
   a forward on this CPU; the floor leaves them out. transformers is as far or
-  further from the floor (HF/floor in the notes: 1.18/1.22 vs our 1.18/1.17
-  at B4/B16). Computing the MLP in 128-512-row chunks to keep fc1's output in
+  further from the floor (HF/floor in the notes: about 1.18/1.22 at B4/B16;
+  ours 1.16 after the chunked quick_gelu, see the optimisations). Computing
+  the whole MLP in 128-512-row chunks to keep fc1's output in
   cache measured no gain (within 1%).
-* **Target 1 vs HF, ViT-H B4 (1.02x in this run)**: a tie within noise
-  (spread 0.99-1.04; 0.98x in the previous full run), for the reason above.
+* **Target 1 vs HF, ViT-H (one batch size at 1.02x in a run)**: a tie within
+  noise (per-round spreads cross 1.0; which batch size lands above 1.0 changes
+  from run to run), for the reason above.
 * **Target 2 (<= 0.95x)**: skipping 1 of L layers bounds the ratio below by
   (L-1)/L plus the pooled row's share of the last layer: 0.917 for CLIP-L
   (12 layers), 0.958 for ViT-H (24 layers) — 0.95 is unreachable for SD2's
