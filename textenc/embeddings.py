@@ -37,10 +37,8 @@ The tokenizer turns ``missing`` and ``rejected`` into an
 
 from __future__ import annotations
 
-import collections
 import os
 import pickletools
-import threading
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -48,6 +46,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from textenc.errors import EmbeddingError
+from textenc.lru import LRUCache
 
 __all__ = ["EmbeddingResult", "EmbeddingLoader", "load_embed", "EXTENSIONS"]
 
@@ -322,8 +321,7 @@ class EmbeddingLoader:
         self.embed_key = embed_key
         self.max_file_bytes = max_file_bytes
         self.cache_size = cache_size
-        self._cache: collections.OrderedDict[tuple, torch.Tensor | str] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = LRUCache(cache_size)  # (realpath, size, mtime, width, key) -> tensor or reason
 
     def lookup(self, name: str) -> EmbeddingResult:
         """Find, read and validate ``name``; never raises for a bad file."""
@@ -335,22 +333,20 @@ class EmbeddingLoader:
         except OSError as error:
             return EmbeddingResult(name, "rejected", path=path, reason=f"{path}: {error}")
         key = (path, stat.st_size, stat.st_mtime_ns, self.embedding_size, self.embed_key)
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-        if cached is None:
-            try:
-                cached = read_embedding_file(path, self.embedding_size, self.embed_key, self.max_file_bytes)
-            except _Rejected as error:
-                cached = str(error)
-            with self._lock:
-                self._cache[key] = cached
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+        cached = self._cache.get_or_compute(
+            key, lambda: _read_or_reason(path, self.embedding_size, self.embed_key, self.max_file_bytes))
         if isinstance(cached, str):
             return EmbeddingResult(name, "rejected", path=path, reason=cached)
         return EmbeddingResult(name, "found", vectors=cached, path=path)
+
+
+def _read_or_reason(path: str, embedding_size: int, embed_key: str | None,
+                    max_file_bytes: int) -> torch.Tensor | str:
+    """The vectors of a valid file, or the reason it was rejected (both are cached)."""
+    try:
+        return read_embedding_file(path, embedding_size, embed_key, max_file_bytes)
+    except _Rejected as error:
+        return str(error)
 
 
 def load_embed(embedding_name: str, embedding_directory: str | Sequence[str], embedding_size: int,

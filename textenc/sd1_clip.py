@@ -16,9 +16,7 @@ differences in the machinery (never in the default result):
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -27,6 +25,7 @@ from . import ops
 from .clip_model import CLIPTextModel
 from .config import load_text_config
 from .errors import PromptError
+from .lru import LRUCache
 from .tokenizer import SDTokenizer
 from .weighting import check_mode
 from . import sd1_encode
@@ -146,9 +145,8 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         self.options = base
         self.layer, self.layer_idx = base.layer, base.layer_idx
         self.loaded = False
-        self._lock = threading.Lock()
-        self._empty_cache: dict = {}
-        self._encode_cache: collections.OrderedDict = collections.OrderedDict()
+        self._empty_cache = LRUCache(None)  # (options, length) -> empty-prompt encoding
+        self._encode_cache = LRUCache(max(cache_size, 0))
         self.cache_size = cache_size
 
     # ---- options -------------------------------------------------------------
@@ -190,9 +188,8 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         return self(tokens, options=options)
 
     def clear_caches(self) -> None:
-        with self._lock:
-            self._empty_cache.clear()
-            self._encode_cache.clear()
+        self._empty_cache.clear()
+        self._encode_cache.clear()
 
 
 class SD1ClipModel(torch.nn.Module):

@@ -170,33 +170,18 @@ def _token_key(token: Any) -> Any:
     return int(token)
 
 
-def _cached(model: "SDClipModel", cache: dict, key, compute, limit: int | None):
-    with model._lock:
-        if key in cache:
-            if hasattr(cache, "move_to_end"):
-                cache.move_to_end(key)
-            return cache[key]
-    value = compute()
-    with model._lock:
-        cache[key] = value
-        while limit is not None and len(cache) > limit:
-            cache.popitem(last=False)
-    return value
-
-
 def empty_encoding(model: "SDClipModel", length: int, opts: "ClipOptions"):
     """The empty prompt's ``(z (T, D), pooled (P,))``, cached per options and length."""
     tokens = model.gen_empty_tokens(model.special_tokens, length)
     compute = lambda: tuple(x[0] for x in encode_windows(model, [tokens], opts)[:2])  # noqa: E731
-    return _cached(model, model._empty_cache, (opts, length), compute, None)
+    return model._empty_cache.get_or_compute((opts, length), compute)
 
 
 def _encode_maybe_cached(model: "SDClipModel", windows, opts: "ClipOptions"):
     if model.cache_size <= 0 or model.return_attention_masks:
         return encode_windows(model, windows, opts)
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
-    z, pooled = _cached(model, model._encode_cache, key,
-                        lambda: encode_windows(model, windows, opts), model.cache_size)
+    z, pooled = model._encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
     return z.clone(), pooled.clone()
 

@@ -29,18 +29,17 @@ Differences from ComfyUI, all deliberate:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
 import re
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from textenc.embeddings import EmbeddingLoader, EmbeddingResult
 from textenc.errors import EmbeddingWarning, PromptError
+from textenc.lru import LRUCache
 from textenc.prompt_parser import ParseOptions, Segment, parse_prompt
 
 __all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT_VOCAB"]
@@ -146,30 +145,6 @@ def _build_backend(folder: str) -> Any:
     return backend
 
 
-class _UnitCache:
-    """Bounded, thread-safe LRU of unit text → token ids."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_many(self, keys: Sequence[str]) -> list[list[int] | None]:
-        """Look several keys up under one lock acquisition."""
-        with self._lock:
-            found = [self._data.get(key) for key in keys]
-            for key, value in zip(keys, found):
-                if value is not None:
-                    self._data.move_to_end(key)
-            return found
-
-    def put_many(self, items: dict[str, list[int]]) -> None:
-        with self._lock:
-            self._data.update(items)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-
 def _is_clip_pipeline(backend: Any) -> bool:
     """Whether a backend normalises and splits exactly like CLIP, so it can run word by word."""
     config = json.loads(backend.to_str())
@@ -230,7 +205,7 @@ class SDTokenizer:
         self.embedding_identifier = EMBEDDING_IDENTIFIER
         self.parse_options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight,
                                           max_prompt_chars)
-        self._cache = _UnitCache(cache_size)
+        self._cache = LRUCache(cache_size)  # unit text -> token ids
         self._by_word = (self._backend is not None and self.tokens_start == 1 and has_end_token
                          and end_token is None and _is_clip_pipeline(self._backend))
         self._embeddings = (EmbeddingLoader(embedding_directory, embedding_size, embed_key=embedding_key)
