@@ -28,7 +28,7 @@ import torch
 from .dataset_cli import add_encode_dataset_arguments, main, run_encode_dataset
 from .dataset_encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings
 from .dataset_format import (FORMAT_VERSION, clean_temp_files, export_diffusers, export_kohya,
-                             file_sha256, open_shards, read_manifest, shard_name, write_manifest,
+                             file_sha256, open_shards, read_manifest, write_manifest,
                              write_safetensors)
 from .dataset_io import CaptionRows, read_captions
 from .dataset_pipeline import ShardContext, ShardJob, plan_shards, run_shards, shard_record_histogram
