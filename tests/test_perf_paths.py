@@ -9,6 +9,9 @@
   autograd still works (it keeps the out-of-place ops).
 * ``ops.cache_weight_casts`` gives the uncached result, notices in-place and
   reassigned weights, and drops its copies when disabled.
+* ``Linear(x, out=buffer)`` has F.linear's bits, and the per-forward scratch
+  buffer that fc1 writes into is one buffer for every layer, used only
+  without autograd, and skipped for operations without ``out=``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from random_weights import randomize_
 
 from textenc import clip_model, ops
@@ -221,3 +225,63 @@ def test_chunked_inplace_quick_gelu_is_bit_identical(shape, monkeypatch):
     x = torch.randn(shape) * 20
     expected = x * torch.sigmoid(1.702 * x)  # OpenAI CLIP's formula, out of place
     assert torch.equal(clip_model._quick_gelu_(x.clone()), expected)
+
+
+# ---- fc1 output into a reused buffer ------------------------------------------------------
+
+@pytest.mark.parametrize("operations,dtype", [(ops.disable_weight_init, torch.float32),
+                                              (ops.manual_cast, torch.float16)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 768), (3, 77, 768)])
+def test_linear_out_buffer_has_f_linear_bits(operations, dtype, bias, shape):
+    # 768 inputs: long enough that the GEMM blocks its reduction, where adding
+    # the bias after an mm (instead of addmm's) rounds differently.
+    layer = operations.Linear(768, 40, bias=bias, dtype=dtype)
+    randomize_(layer, seed=3)
+    x = torch.randn(shape)
+    expected = F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    buffer = torch.full((*shape[:-1], 40), float("nan"))
+    with torch.no_grad():
+        got = layer(x, out=buffer)
+    assert got is buffer and torch.equal(got, expected)
+
+
+def test_one_scratch_buffer_serves_every_layer(monkeypatch):
+    model = small_text(layers=4)
+    ids, mask = ids_and_mask()
+    lent = []
+    original = clip_model._Scratch.take
+
+    def recording_take(self, shape, dtype, device):
+        lent.append(original(self, shape, dtype, device))
+        return lent[-1]
+
+    monkeypatch.setattr(clip_model._Scratch, "take", recording_take)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert len(lent) == 4 and len({t.data_ptr() for t in lent}) == 1
+    assert lent[0].shape == (3, 77, 512)
+    lent.clear()
+    model.requires_grad_(True)
+    model(ids, attention_mask=mask).pooled_output.sum().backward()
+    assert lent == []  # autograd on: out= ops would not record gradients
+
+
+class _PlainLinear(torch.nn.Linear):
+    """A user-supplied Linear without ``out=`` (e.g. a quantised layer)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class _PlainOps(ops.disable_weight_init):
+    Linear = _PlainLinear
+
+
+def test_operations_without_out_keep_the_allocating_path():
+    plain = small_text(operations=_PlainOps, seed=4)
+    reference = small_text(seed=4)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        got, expected = plain(ids, attention_mask=mask), reference(ids, attention_mask=mask)
+    assert torch.equal(got.last_hidden_state, expected.last_hidden_state)

@@ -139,8 +139,21 @@ def cache_weight_casts(module: torch.nn.Module, enabled: bool = True) -> torch.n
 
 
 class _Linear(CastWeightBiasMixin, torch.nn.Linear):
-    def _forward_op(self, input, weight, bias):
-        return F.linear(input, weight, bias)
+    #: ``forward(input, out=buffer)`` writes into a caller-owned buffer.
+    supports_out = True
+
+    def _forward_op(self, input, weight, bias, out: torch.Tensor | None = None):
+        if out is None:
+            return F.linear(input, weight, bias)
+        # What F.linear does for a contiguous input (addmm on the (rows, in)
+        # view), so the result has the same bits, written into `out`.
+        rows = input.reshape(-1, input.shape[-1])
+        target = out.view(-1, out.shape[-1])
+        if bias is None:
+            torch.mm(rows, weight.t(), out=target)
+        else:
+            torch.addmm(bias, rows, weight.t(), out=target)
+        return out
 
 
 class _Conv2d(CastWeightBiasMixin, torch.nn.Conv2d):
