@@ -63,6 +63,11 @@ NOTES = """\
   (no fresh (B, T, 4D) buffers and their page faults): B4 -2.2%, B16 -4.2%.
 * `clip_model`: quick_gelu in 256 KiB chunks on CPU, so its sigmoid temporary
   stays in L2 (same bits): CLIP-L linear-floor ratio at B4/B16 ~1.20 -> ~1.15.
+* `clip_model`: fc1 writes into one scratch buffer per forward call on CPU
+  (`Linear(x, out=...)`: addmm on the same view F.linear uses, so the same
+  bits). A fresh 15 MB fc1 output per layer at CLIP-L B16 was handed back to
+  the OS by glibc and faulted in again: 45k minor page faults per forward
+  (the floor: none) -> 10k; CLIP-L B16 vs HF 0.95 -> 0.85-0.92.
 * `ops.cache_weight_casts(model)` (opt-in): keeps manual_cast's cast weights
   between forwards. fp16-stored CLIP-L computing in fp32: 1.22x -> 0.96x of
   fp32-stored weights. Memory trade-off: the fp32 copy stays alive, so fp16
@@ -70,6 +75,17 @@ NOTES = """\
 * Tried and dropped: fusing q/k/v into one (3D, D) matmul (parameters as views
   into one tensor) measured within +-2% at B1/B4/B16 (CPU time, min of 10) and
   makes `safetensors.save_file` refuse the state dict (shared storage).
+* Tried and dropped this session (CLIP-L, CPU time): `torch.compile`
+  (inductor, 31 s to compile, B4 1.01x of eager, 4e-6 off HF); explicit
+  matmul attention instead of SDPA (3% faster at B1, 1% slower at B4/B16,
+  3e-6 off HF); SDPA on two causal query blocks so the first half skips the
+  blocked keys (no gain at 77 tokens); `THP_MEM_ALLOC_ENABLE=1` (no huge pages
+  on this VM, no change); adding fc1's bias after an mm instead of addmm's
+  broadcast copy (2-4% faster per GEMM, but different rounding: no longer
+  bit-identical to transformers). The remaining 10k page faults per B16
+  forward go away with `MALLOC_TRIM_THRESHOLD_`/`MALLOC_MMAP_THRESHOLD_`
+  set before Python starts; that is a process-wide setting, so it is left
+  to the user (README, troubleshooting), not set by the library.
 * Not done, measured: MKL-prepacked fp32 weights
   (`torch.ops.mkl._mkl_linear`) are 15-25% faster per GEMM at 77 rows and bit
   identical, but a packed copy only serves one batch size and doubles weight
@@ -85,14 +101,20 @@ NOTES = """\
   weights are 15% faster per GEMM at 77 rows, but change the summation order
   (oneDNN: 8e-5 off on one 768->3072 GEMM, past the 1e-5 parity) or only
   serve one batch size with a second copy of the weights (MKL).
-* **Target 1 vs linear floor (<= 1.15x)** at batch 4-16 for CLIP-L: attention
-  (SDPA over B x heads), LayerNorm, the activation, residual adds and
-  first-touch page faults of the fresh (B, T, 4D) buffers are 15-20% of such
-  a forward on this CPU; the floor leaves them out. transformers is as far or
-  further from the floor (HF/floor in the notes: about 1.18/1.22 at B4/B16;
-  ours 1.16 after the chunked quick_gelu, see the optimisations). Computing
-  the whole MLP in 128-512-row chunks to keep fc1's output in
-  cache measured no gain (within 1%).
+* **Target 1 vs linear floor (<= 1.15x)**, CLIP-L at batch 4-16 (ViT-H,
+  wider, stays at 1.07-1.13): the floor leaves out attention, LayerNorm, the
+  activation and the residual adds. The "floor gap breakdown" row removes
+  attention, then the activation, from our forward and times what is left:
+  across this session's runs attention (torch's SDPA kernel, the same one
+  transformers calls) cost 6-10% of the floor at B16 and the activation
+  (x * sigmoid(1.702x), bit-exact) 2-7%. In the forward they cost about
+  twice what they cost on the same shapes in isolation: q/k/v and fc1's
+  output arrive fresh from the GEMMs, not from cache. These two torch kernels
+  alone put the ratio at or just over 1.15 at B16; going clearly below needs
+  faster attention/sigmoid kernels than torch ships, or fusing them into the
+  GEMMs, which changes the bits. transformers sits further out (HF/floor in
+  the notes: 1.14-1.36). Measured ratios this session: B1 1.13-1.19, B4
+  1.13-1.15, B16 1.14-1.17 (machine speed itself moved 14% between runs).
 * **Target 1 vs HF, ViT-H (one batch size at 1.02x in a run)**: a tie within
   noise (per-round spreads cross 1.0; which batch size lands above 1.0 changes
   from run to run), for the reason above.
