@@ -56,14 +56,14 @@ NOTES = """\
 * `attention`: `causal=True` on every backend; the text model passes it instead
   of building a (T, T) mask when there is no padding mask, so SDPA uses
   `is_causal` (SDPA at B4: 4.3 -> 1.2 ms; forward 0.5-1%).
-* `clip_model`: the pooled-row-only last layer (clip skip with
+* `clip_layers`: the pooled-row-only last layer (clip skip with
   `return_last_hidden=False`) computes k/v only up to the pooled token
   (penultimate/full 0.971 -> 0.941 on CLIP-L, 15-word prompt).
-* `clip_model`: in-place activation and residual adds when autograd is off
+* `clip_layers`: in-place activation and residual adds when autograd is off
   (no fresh (B, T, 4D) buffers and their page faults): B4 -2.2%, B16 -4.2%.
-* `clip_model`: quick_gelu in 256 KiB chunks on CPU, so its sigmoid temporary
+* `clip_layers`: quick_gelu in 256 KiB chunks on CPU, so its sigmoid temporary
   stays in L2 (same bits): CLIP-L linear-floor ratio at B4/B16 ~1.20 -> ~1.15.
-* `clip_model`: fc1 writes into one scratch buffer per forward call on CPU
+* `clip_layers`: fc1 writes into one scratch buffer per forward call on CPU
   (`Linear(x, out=...)`: addmm on the same view F.linear uses, so the same
   bits). A fresh 15 MB fc1 output per layer at CLIP-L B16 was handed back to
   the OS by glibc and faulted in again: 45k minor page faults per forward

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from random_weights import randomize_
 
-from textenc import clip_model, ops
+from textenc import clip_layers, ops
 from textenc.attention import ATTENTION_BACKENDS, optimized_attention_for_device
 from textenc.clip_model import CLIPTextModel, CLIPVisionModelProjection
 from textenc.config import load_text_config, load_vision_config
@@ -120,8 +120,8 @@ def test_pooled_row_tail_equals_full_forward(padding, ends):
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
 def test_inplace_activations_match(activation):
     x = torch.randn(4, 7, 33) * 4
-    expected = clip_model.ACTIVATION_FUNCTIONS[activation](x)
-    got = clip_model.INPLACE_ACTIVATIONS[activation](x.clone())
+    expected = clip_layers.ACTIVATION_FUNCTIONS[activation](x)
+    got = clip_layers.INPLACE_ACTIVATIONS[activation](x.clone())
     # Bit-identical: the in-place ops compute the same expression.
     assert torch.equal(got, expected)
 
@@ -221,10 +221,10 @@ def test_bf16_compute_stays_close_to_fp32():
 @pytest.mark.parametrize("shape", [(1, 77, 3072), (16, 77, 3072), (3, 5, 7), (2, 300, 1000)])
 def test_chunked_inplace_quick_gelu_is_bit_identical(shape, monkeypatch):
     """The cache-sized chunks of the in-place quick_gelu must not change a single bit."""
-    monkeypatch.setattr(clip_model, "QUICK_GELU_CHUNK", 4096)  # force many chunks, ragged last one
+    monkeypatch.setattr(clip_layers, "QUICK_GELU_CHUNK", 4096)  # force many chunks, ragged last one
     x = torch.randn(shape) * 20
     expected = x * torch.sigmoid(1.702 * x)  # OpenAI CLIP's formula, out of place
-    assert torch.equal(clip_model._quick_gelu_(x.clone()), expected)
+    assert torch.equal(clip_layers._quick_gelu_(x.clone()), expected)
 
 
 # ---- fc1 output into a reused buffer ------------------------------------------------------
@@ -250,13 +250,13 @@ def test_one_scratch_buffer_serves_every_layer(monkeypatch):
     model = small_text(layers=4)
     ids, mask = ids_and_mask()
     lent = []
-    original = clip_model._Scratch.take
+    original = clip_layers._Scratch.take
 
     def recording_take(self, shape, dtype, device):
         lent.append(original(self, shape, dtype, device))
         return lent[-1]
 
-    monkeypatch.setattr(clip_model._Scratch, "take", recording_take)
+    monkeypatch.setattr(clip_layers._Scratch, "take", recording_take)
     with torch.no_grad():
         model(ids, attention_mask=mask)
     assert len(lent) == 4 and len({t.data_ptr() for t in lent}) == 1
