@@ -82,10 +82,12 @@ NOTES = """\
   blocked keys (no gain at 77 tokens); `THP_MEM_ALLOC_ENABLE=1` (no huge pages
   on this VM, no change); adding fc1's bias after an mm instead of addmm's
   broadcast copy (2-4% faster per GEMM, but different rounding: no longer
-  bit-identical to transformers). The remaining 10k page faults per B16
-  forward go away with `MALLOC_TRIM_THRESHOLD_`/`MALLOC_MMAP_THRESHOLD_`
-  set before Python starts; that is a process-wide setting, so it is left
-  to the user (README, troubleshooting), not set by the library.
+  bit-identical to transformers); running LayerNorm + attention over groups
+  of 2 or 4 sequences so q/k/v stay in cache (same bits, 1-4% slower at
+  B16: the smaller GEMMs lose more than the cache gains). The remaining
+  10k page faults per B16 forward go away with `MALLOC_TRIM_THRESHOLD_` /
+  `MALLOC_MMAP_THRESHOLD_` set before Python starts; that is a process-wide
+  setting, so it is left to the user (README, troubleshooting).
 * Not done, measured: MKL-prepacked fp32 weights
   (`torch.ops.mkl._mkl_linear`) are 15-25% faster per GEMM at 77 rows and bit
   identical, but a packed copy only serves one batch size and doubles weight
