@@ -278,8 +278,21 @@ class _PlainOps(ops.disable_weight_init):
     Linear = _PlainLinear
 
 
-def test_operations_without_out_keep_the_allocating_path():
-    plain = small_text(operations=_PlainOps, seed=4)
+class _OverriddenLinear(ops.disable_weight_init.Linear):
+    """A subclass of our Linear whose forward takes no ``out`` (e.g. a LoRA patch)."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+class _OverriddenOps(ops.disable_weight_init):
+    Linear = _OverriddenLinear
+
+
+@pytest.mark.parametrize("operations", [_PlainOps, _OverriddenOps])
+def test_operations_without_out_keep_the_allocating_path(operations):
+    assert not ops.accepts_out(operations.Linear(4, 4))
+    plain = small_text(operations=operations, seed=4)
     reference = small_text(seed=4)
     ids, mask = ids_and_mask()
     with torch.no_grad():

@@ -130,8 +130,7 @@ class CLIPMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, scratch: _Scratch | None = None) -> torch.Tensor:
         """``scratch`` (inference only) lends fc1's (…, 4D) output buffer."""
-        if scratch is None or _autograd(x) or not getattr(self.fc1, "supports_out", False) \
-                or not x.is_contiguous():
+        if scratch is None or _autograd(x) or not ops.accepts_out(self.fc1) or not x.is_contiguous():
             h = self.fc1(x)
             return self.fc2(self.activation(h) if _autograd(h) else self.activation_(h))
         h = scratch.take((*x.shape[:-1], self.fc1.out_features), x.dtype, x.device)

@@ -38,6 +38,7 @@ __all__ = [
     "disable_weight_init",
     "manual_cast",
     "cast_to",
+    "accepts_out",
     "cache_weight_casts",
     "pick_operations",
 ]
@@ -139,8 +140,7 @@ def cache_weight_casts(module: torch.nn.Module, enabled: bool = True) -> torch.n
 
 
 class _Linear(CastWeightBiasMixin, torch.nn.Linear):
-    #: ``forward(input, out=buffer)`` writes into a caller-owned buffer.
-    supports_out = True
+    """Linear; ``layer(input, out=buffer)`` writes into a caller-owned buffer."""
 
     def _forward_op(self, input, weight, bias, out: torch.Tensor | None = None):
         if out is None:
@@ -154,6 +154,12 @@ class _Linear(CastWeightBiasMixin, torch.nn.Linear):
         else:
             torch.addmm(bias, rows, weight.t(), out=target)
         return out
+
+
+def accepts_out(layer: torch.nn.Module) -> bool:
+    """Whether ``layer(x, out=buffer)`` is safe: one of these Linear layers, with
+    its ``forward`` not overridden (a subclass's forward may not pass ``out`` on)."""
+    return isinstance(layer, _Linear) and type(layer).forward is CastWeightBiasMixin.forward
 
 
 class _Conv2d(CastWeightBiasMixin, torch.nn.Conv2d):
