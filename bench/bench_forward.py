@@ -121,14 +121,16 @@ def _gap_breakdown(config: str, batch: int, repeats: int) -> list[dict]:
         stats = common.interleaved({"full": lambda: ours(ids), "attention": ablated("attention"),
                                     "activation": ablated("activation"),
                                     "floor": _linear_floor(ours, batch)}, repeats=repeats)
-    # Minimum CPU time per variant: interference from other processes only ever
-    # adds time, and differences of a few percent drown in median noise here.
-    floor = min(stats["floor"].cpu)
-    share = {k: (min(stats["full"].cpu) - min(stats[k].cpu)) / floor for k in ("attention", "activation")}
-    full = min(stats["full"].cpu) / floor
-    note = (f"min cpu time / floor: full {full:.3f}; attention (torch SDPA) {share['attention']:.1%} of "
-            f"the floor, activation {share['activation']:.1%}; everything else "
-            f"{full - 1 - sum(share.values()):.1%}")
+    # Per-round differences in CPU time (each round runs all four back to back,
+    # so slow drifts of this shared machine cancel), then the median over rounds.
+    cpu = {k: v.cpu for k, v in stats.items()}
+    rounds = range(len(cpu["floor"]))
+    share = {k: statistics.median((cpu["full"][i] - cpu[k][i]) / cpu["floor"][i] for i in rounds)
+             for k in ("attention", "activation")}
+    full = statistics.median(cpu["full"][i] / cpu["floor"][i] for i in rounds)
+    note = (f"cpu time / floor, median of paired rounds: full {full:.3f}; attention (torch SDPA) "
+            f"{share['attention']:.1%} of the floor, activation {share['activation']:.1%}; "
+            f"everything else {full - 1 - sum(share.values()):.1%}")
     return [common.row("1 floor gap breakdown", f"{CONFIGS[config]} B{batch}",
                        stats["full"].fmt(), "floor " + stats["floor"].fmt(), full, "(info)", None,
                        note)]

@@ -106,18 +106,19 @@ NOTES = """\
 * **Target 1 vs linear floor (<= 1.15x)**, CLIP-L (ViT-H, wider, stays at
   1.07-1.13): the floor leaves out attention, LayerNorm, the activation and
   the residual adds. The "floor gap breakdown" row removes attention, then
-  the activation, from our forward and compares minimum CPU times. Over this
-  session's four full runs at B16: attention (torch's SDPA kernel, the one
-  transformers calls too) cost 6-8% of the floor, the activation
-  (x * sigmoid(1.702x), bit-exact) 3-4%, everything else (LayerNorm, residual
-  adds, embeddings, page faults, cache misses) 2.5-6%. In the forward SDPA
-  costs about 1.5x what it costs on the same shapes in isolation: q/k/v
-  arrive fresh from the GEMMs, not from cache. The B16 row measured
-  1.16-1.18 (not met), B4 1.11-1.15 and B1 1.13-1.19 (met in most runs);
-  transformers measured 1.15-1.36 in the same runs. Getting B16 under 1.15
-  needs faster attention/sigmoid kernels than torch ships, or fusing them
-  into the GEMMs (which changes the bits); inside PyTorch the remaining
-  levers measured no gain (see "Tried and dropped").
+  the activation, from our forward and compares CPU times round by round.
+  Over this session's runs at B16 attention (torch's SDPA kernel, the one
+  transformers calls too) cost 4-9% of the floor, the activation
+  (x * sigmoid(1.702x), bit-exact) 2-6%, everything else (LayerNorm,
+  residual adds, embeddings, page faults, cache misses) 2-9%; the split
+  moves from run to run on this shared machine, the total (13-19%) less.
+  In the forward SDPA costs about 1.5x what it costs on the same shapes in
+  isolation: q/k/v arrive fresh from the GEMMs, not from cache. The B16 row
+  measured 1.15-1.18 (not met), B4 1.11-1.15 and B1 1.13-1.19 (met in most
+  runs); transformers measured 1.15-1.36 in the same runs. Getting B16
+  clearly under 1.15 needs faster attention/sigmoid kernels than torch
+  ships, or fusing them into the GEMMs (which changes the bits); inside
+  PyTorch the remaining levers measured no gain (see "Tried and dropped").
 * **Target 1 vs HF, ViT-H (one batch size at 1.02x in a run)**: a tie within
   noise (per-round spreads cross 1.0; which batch size lands above 1.0 changes
   from run to run), for the reason above.
