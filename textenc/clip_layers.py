@@ -130,7 +130,9 @@ class CLIPMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, scratch: _Scratch | None = None) -> torch.Tensor:
         """``scratch`` (inference only) lends fc1's (…, 4D) output buffer."""
-        if scratch is None or _autograd(x) or not ops.accepts_out(self.fc1) or not x.is_contiguous():
+        # out= ops record no gradients: the buffer is only for no-grad calls.
+        if scratch is None or torch.is_grad_enabled() or not ops.accepts_out(self.fc1) \
+                or not x.is_contiguous():
             h = self.fc1(x)
             return self.fc2(self.activation(h) if _autograd(h) else self.activation_(h))
         h = scratch.take((*x.shape[:-1], self.fc1.out_features), x.dtype, x.device)
@@ -251,8 +253,7 @@ class CLIPEncoder(torch.nn.Module):
         collected: list[torch.Tensor] = []
         intermediate = None
         last = len(self.layers) - 1
-        # Only without autograd: out= ops do not record gradients.
-        scratch = _Scratch() if x.device.type == "cpu" and not torch.is_grad_enabled() else None
+        scratch = _Scratch() if x.device.type == "cpu" else None
         for i, layer in enumerate(self.layers):
             rows = tail_rows if i == last and index != last else None
             x = layer(x, mask, attention, rows=rows, causal=causal, scratch=scratch)
