@@ -218,11 +218,13 @@ def test_bf16_compute_stays_close_to_fp32():
     assert (got - reference).abs().max() <= 0.1 * reference.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 77, 3072), (16, 77, 3072), (3, 5, 7), (2, 300, 1000)])
-def test_chunked_inplace_quick_gelu_is_bit_identical(shape, monkeypatch):
-    """The cache-sized chunks of the in-place quick_gelu must not change a single bit."""
+def test_chunked_inplace_quick_gelu_is_bit_identical(shape, dtype, monkeypatch):
+    """The cache-sized chunks of the in-place quick_gelu must not change a single
+    bit, in every dtype (the 1.702 constant must round as the Python scalar does)."""
     monkeypatch.setattr(clip_layers, "QUICK_GELU_CHUNK", 4096)  # force many chunks, ragged last one
-    x = torch.randn(shape) * 20
+    x = (torch.randn(shape, dtype=torch.float64) * 20).to(dtype)
     expected = x * torch.sigmoid(1.702 * x)  # OpenAI CLIP's formula, out of place
     assert torch.equal(clip_layers._quick_gelu_(x.clone()), expected)
 

@@ -42,10 +42,10 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-#: Elements per chunk of the in-place quick_gelu on CPU: 256 KiB of fp32, so the
+#: Elements per chunk of the in-place quick_gelu on CPU: 512 KiB of fp32, so the
 #: sigmoid temporary stays in L2 cache instead of streaming (B, T, 4D) through
-#: memory three times.
-QUICK_GELU_CHUNK = 1 << 16
+#: memory three times (64 Ki-element chunks measured 5-25% slower: more calls).
+QUICK_GELU_CHUNK = 1 << 17
 
 
 def _quick_gelu_(x: torch.Tensor) -> torch.Tensor:
@@ -53,13 +53,17 @@ def _quick_gelu_(x: torch.Tensor) -> torch.Tensor:
     # differs by an ulp, which breaks 1e-5 parity at |x| ~ 50).
     if x.device.type != "cpu" or not x.is_contiguous() or x.numel() <= QUICK_GELU_CHUNK:
         return (x * 1.702).sigmoid_().mul_(x)
+    # A 0-dim fp32 tensor is the same float(1.702) as the Python scalar but is
+    # not re-wrapped into a tensor on every chunk (~25% of this loop's time).
+    # Other dtypes keep the scalar (float64 would compute with float32(1.702)).
+    scale = torch.tensor(1.702, dtype=torch.float32) if x.dtype == torch.float32 else 1.702
     flat = x.view(-1, x.shape[-1])
     rows = max(1, QUICK_GELU_CHUNK // x.shape[-1])
     scratch = torch.empty((rows, x.shape[-1]), dtype=x.dtype)
     for start in range(0, flat.shape[0], rows):
         chunk = flat[start:start + rows]
         sigmoid = scratch[: chunk.shape[0]]
-        torch.mul(chunk, 1.702, out=sigmoid).sigmoid_()
+        torch.mul(chunk, scale, out=sigmoid).sigmoid_()
         chunk.mul_(sigmoid)  # x·σ(1.702x): same product, same bits as σ·x
     return x
 
