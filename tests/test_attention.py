@@ -65,7 +65,7 @@ def naive_float64(q, k, v, heads, mask=None):
 
 def backends_to_test():
     params = []
-    for name in ("sdpa", "split", "basic", "xformers"):
+    for name in ("sdpa", "bmm", "split", "basic", "xformers"):
         marks = []
         if name == "xformers":
             marks = [pytest.mark.skipif(
@@ -125,7 +125,7 @@ def test_split_small_query_chunks(query_chunk, mask_name):
 def test_three_dimensional_mask_is_per_batch():
     q, k, v = qkv(2)
     mask = causal_padding_mask()[:, 0]  # (B, T, T)
-    for backend in ("sdpa", "split"):
+    for backend in ("sdpa", "bmm", "split"):
         got = attention.ATTENTION_BACKENDS[backend](q, k, v, 2, mask)
         assert (got - attention_basic(q, k, v, 2, mask[:, None])).abs().max().item() <= TOL
 
@@ -174,13 +174,47 @@ def test_automatic_choice(facts, device, xformers, sdpa, small_input, expected):
                           xformers_available=xformers, sdpa_available=sdpa) == expected
 
 
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("device, small_input, dtype, tokens, expected", [
+    ("cpu", True, F32, 77, "bmm"),            # CLIP text on CPU
+    ("cpu", True, F32, attention.BMM_MAX_TOKENS, "bmm"),
+    ("cpu", True, F32, attention.BMM_MAX_TOKENS + 1, "sdpa"),
+    ("cpu", True, F32, 257, "sdpa"),          # CLIP vision: the flash kernel wins
+    ("cpu", True, BF16, 77, "sdpa"),          # bf16: the flash kernel wins
+    ("cpu", True, None, None, "sdpa"),        # facts unknown: keep SDPA
+    ("cpu", False, F32, 77, "sdpa"),
+    ("cuda", True, F32, 77, "sdpa"),
+    ("mps", True, F32, 77, "sdpa"),
+])
+def test_short_fp32_cpu_sequences_choose_bmm(facts, device, small_input, dtype, tokens, expected):
+    facts(xformers=True)
+    kwargs = {"small_input": small_input, "dtype": dtype, "tokens": tokens}
+    assert chosen(device, **kwargs) == expected
+    assert select_backend(device, xformers_available=True, **kwargs) == expected
+
+
+def test_bmm_gradients_match_basic():
+    """With autograd on, bmm copies each sequence's result in (out= records no
+    gradient): its gradients equal the reference's."""
+    grads = {}
+    for name in ("bmm", "basic"):
+        q, k, v = (t.requires_grad_() for t in qkv(4))
+        out = attention.ATTENTION_BACKENDS[name](q, k, v, 4, causal_padding_mask())
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads[name] = (out.detach(), q.grad, k.grad, v.grad)
+    for got, expected in zip(grads["bmm"], grads["basic"]):
+        assert (got - expected).abs().max().item() <= TOL
+
+
 def test_available_backends(facts):
     facts(xformers=True)
-    assert available_backends("cuda") == ["xformers", "sdpa", "split", "basic"]
-    assert available_backends("cpu") == ["sdpa", "split", "basic"]
-    assert available_backends("mps") == ["sdpa", "split", "basic"]
+    assert available_backends("cuda") == ["xformers", "sdpa", "bmm", "split", "basic"]
+    assert available_backends("cpu") == ["sdpa", "bmm", "split", "basic"]
+    assert available_backends("mps") == ["sdpa", "bmm", "split", "basic"]
     facts(xformers=False, sdpa=False)
-    assert available_backends("cuda") == ["split", "basic"]
+    assert available_backends("cuda") == ["bmm", "split", "basic"]
 
 
 def test_env_var_is_honoured(facts, monkeypatch):

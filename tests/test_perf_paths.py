@@ -29,7 +29,7 @@ from textenc.clip_model import CLIPTextModel, CLIPVisionModelProjection
 from textenc.config import load_text_config, load_vision_config
 
 TOL = 1e-5
-CPU_BACKENDS = ["sdpa", "split", "basic"]
+CPU_BACKENDS = ["sdpa", "bmm", "split", "basic"]
 
 
 def small_text(config: str = "sd1_clip_config", *, layers: int = 3, hidden_act: str | None = None,

@@ -252,7 +252,8 @@ class CLIPEncoder(torch.nn.Module):
         query on top of ``mask``.
         """
         attention = optimized_attention_for_device(
-            x.device, mask=mask is not None, small_input=True, backend=attention_backend)
+            x.device, mask=mask is not None, small_input=True, backend=attention_backend,
+            dtype=x.dtype, tokens=x.shape[1])
         index = resolve_layer_index(intermediate_output, len(self.layers))
         collected: list[torch.Tensor] = []
         intermediate = None
