@@ -70,7 +70,9 @@ NOTES = """\
   (the floor: none) -> 10k; CLIP-L B16 vs HF 0.95 -> 0.85-0.92.
 * `attention`: a `bmm` backend (per sequence, two matmuls over strided
   (heads, tokens, dim) views and a softmax between them), chosen
-  automatically on CPU for fp32 sequences of at most 128 tokens. torch's
+  automatically on CPU for fp32 sequences of at most 128 tokens at 1-2 torch
+  threads (2 threads, B16: 2.3 vs 2.5 ms; more threads not measured here, so
+  they keep the flash kernel's parallel loop). torch's
   CPU flash kernel splits 77 queries into 32-row blocks, too small for the
   matmul units: attention at CLIP-L B16 4.5 -> 3.4 ms per layer, B1 0.26 ->
   0.22 ms; CLIP-L vs linear floor (CPU time, paired) B16 1.13-1.15 -> 1.10-1.12,

@@ -145,9 +145,10 @@ def facts(monkeypatch):
     """Set what the machine has; the env var starts unset."""
     monkeypatch.delenv(ENV_VAR, raising=False)
 
-    def set_facts(*, xformers: bool, sdpa: bool = True):
+    def set_facts(*, xformers: bool, sdpa: bool = True, threads: int = 1):
         monkeypatch.setattr(attention, "_xformers_importable", lambda: xformers)
         monkeypatch.setattr(attention, "_sdpa_present", lambda: sdpa)
+        monkeypatch.setattr(attention, "_cpu_threads", lambda: threads)
     return set_facts
 
 
@@ -177,22 +178,25 @@ def test_automatic_choice(facts, device, xformers, sdpa, small_input, expected):
 F32, BF16 = torch.float32, torch.bfloat16
 
 
-@pytest.mark.parametrize("device, small_input, dtype, tokens, expected", [
-    ("cpu", True, F32, 77, "bmm"),            # CLIP text on CPU
-    ("cpu", True, F32, attention.BMM_MAX_TOKENS, "bmm"),
-    ("cpu", True, F32, attention.BMM_MAX_TOKENS + 1, "sdpa"),
-    ("cpu", True, F32, 257, "sdpa"),          # CLIP vision: the flash kernel wins
-    ("cpu", True, BF16, 77, "sdpa"),          # bf16: the flash kernel wins
-    ("cpu", True, None, None, "sdpa"),        # facts unknown: keep SDPA
-    ("cpu", False, F32, 77, "sdpa"),
-    ("cuda", True, F32, 77, "sdpa"),
-    ("mps", True, F32, 77, "sdpa"),
+@pytest.mark.parametrize("device, small_input, dtype, tokens, threads, expected", [
+    ("cpu", True, F32, 77, 1, "bmm"),            # CLIP text on CPU
+    ("cpu", True, F32, 77, attention.BMM_MAX_THREADS, "bmm"),
+    ("cpu", True, F32, 77, attention.BMM_MAX_THREADS + 1, "sdpa"),  # the flash kernel's parallel loop
+    ("cpu", True, F32, attention.BMM_MAX_TOKENS, 1, "bmm"),
+    ("cpu", True, F32, attention.BMM_MAX_TOKENS + 1, 1, "sdpa"),
+    ("cpu", True, F32, 257, 1, "sdpa"),          # CLIP vision: the flash kernel wins
+    ("cpu", True, BF16, 77, 1, "sdpa"),          # bf16: the flash kernel wins
+    ("cpu", True, None, None, 1, "sdpa"),        # facts unknown: keep SDPA
+    ("cpu", False, F32, 77, 1, "sdpa"),
+    ("cuda", True, F32, 77, 1, "sdpa"),
+    ("mps", True, F32, 77, 1, "sdpa"),
 ])
-def test_short_fp32_cpu_sequences_choose_bmm(facts, device, small_input, dtype, tokens, expected):
-    facts(xformers=True)
+def test_short_fp32_cpu_sequences_choose_bmm(facts, device, small_input, dtype, tokens, threads,
+                                             expected):
+    facts(xformers=True, threads=threads)
     kwargs = {"small_input": small_input, "dtype": dtype, "tokens": tokens}
     assert chosen(device, **kwargs) == expected
-    assert select_backend(device, xformers_available=True, **kwargs) == expected
+    assert select_backend(device, xformers_available=True, threads=threads, **kwargs) == expected
 
 
 def test_bmm_gradients_match_basic():

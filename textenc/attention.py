@@ -69,6 +69,12 @@ SPLIT_QUERY_CHUNK = 1024
 #: tokens (CLIP text) it takes 20-30% less time than torch's flash kernel
 #: (fp32, batch 1-64, one thread); at 257 (CLIP vision) it is 5-15% slower.
 BMM_MAX_TOKENS = 128
+#: Most torch CPU threads for which the automatic choice is ``bmm``: it runs
+#: one sequence at a time, parallel only across heads. At 1 and 2 threads it
+#: measured faster than the flash kernel at batch 1-64 (2 threads, batch 16:
+#: 2.3 vs 2.5 ms); more threads were not measured, and there the flash
+#: kernel's parallel loop over sequences x heads x query blocks stays.
+BMM_MAX_THREADS = 2
 
 
 class AttentionFunction(Protocol):
@@ -251,6 +257,10 @@ def _sdpa_present() -> bool:
     return hasattr(F, "scaled_dot_product_attention")
 
 
+def _cpu_threads() -> int:
+    return torch.get_num_threads()
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """Names of the backends that can run on ``device`` in this environment."""
     device_type = torch.device(device).type
@@ -272,11 +282,13 @@ def select_backend(
     sdpa_available: bool = True,
     dtype: torch.dtype | None = None,
     tokens: int | None = None,
+    threads: int = 1,
 ) -> str:
     """Pure selection rule: the backend name for the given facts.
 
     ``dtype`` and ``tokens`` (the key sequence length), when the caller knows
-    them, let short fp32 sequences on CPU take ``bmm``.
+    them, let short fp32 sequences on CPU take ``bmm`` when torch runs at most
+    :data:`BMM_MAX_THREADS` CPU ``threads``.
 
     Raises:
         BackendUnavailableError: ``override`` names an unknown backend or one
@@ -302,7 +314,7 @@ def select_backend(
     # On CPU in fp32, per-sequence matmuls beat the flash kernel (see
     # BMM_MAX_TOKENS); in bf16 the flash kernel is 1.6x faster than bmm.
     if device_type == "cpu" and small_input and dtype == torch.float32 \
-            and tokens is not None and tokens <= BMM_MAX_TOKENS:
+            and tokens is not None and tokens <= BMM_MAX_TOKENS and threads <= BMM_MAX_THREADS:
         return "bmm"
     if available["sdpa"]:
         return "sdpa"
@@ -339,7 +351,8 @@ def optimized_attention_for_device(
     xformers_ok = device_type == "cuda" and _xformers_importable()
     name = select_backend(device_type, mask=mask, small_input=small_input,
                           override=override, xformers_available=xformers_ok,
-                          sdpa_available=_sdpa_present(), dtype=dtype, tokens=tokens)
+                          sdpa_available=_sdpa_present(), dtype=dtype, tokens=tokens,
+                          threads=_cpu_threads() if device_type == "cpu" else 1)
     if backend is None and override is None and device_type == "cuda" and not xformers_ok:
         logger.debug("xformers not importable; using %s on cuda", name)
     return ATTENTION_BACKENDS[name]
