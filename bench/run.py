@@ -135,8 +135,8 @@ NOTES = """\
   768->3072 GEMM, past the 1e-5 parity) or only serve one batch size with a
   second copy of the weights (MKL).
 * **Target 1 vs linear floor (<= 1.15x)**: met at every batch size since the
-  `bmm` attention and the quick_gelu change (CLIP-L 1.10-1.12, ViT-H
-  1.06-1.10 in this session's runs; transformers 1.14-1.26). The floor
+  `bmm` attention and the quick_gelu change (CLIP-L 1.10-1.13, ViT-H
+  1.06-1.12 in this session's four runs; transformers 1.14-1.22 on CLIP-L). The floor
   leaves out attention, LayerNorm, the activation and the residual adds; the
   "floor gap breakdown" row removes attention, then the activation, from our
   forward and compares CPU times round by round (B16: attention ~4%,
