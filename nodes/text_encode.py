@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from typing import Any
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -115,28 +113,6 @@ class CLIPTextEncodeSDXL:
         return ([[cond, {**extras, **sizes}] for cond, extras in conditioning],)
 
 
-def tokenizer_with_syntax(tokenizer: Any, **changes: Any) -> Any:
-    """A shallow copy of a tokenizer (or wrapper of tokenizers) with other prompt-syntax options.
-
-    The shared tokenizer is never mutated; the copies share its vocabulary,
-    token cache (keyed by text, independent of the syntax) and embeddings.
-    """
-    from textenc.tokenizer import SDTokenizer
-
-    def one(tok: SDTokenizer) -> SDTokenizer:
-        other = copy.copy(tok)
-        other.parse_options = dataclasses.replace(tok.parse_options, **changes)
-        return other
-
-    if isinstance(tokenizer, SDTokenizer):
-        return one(tokenizer)
-    wrapper = copy.copy(tokenizer)
-    for name, value in vars(tokenizer).items():
-        if isinstance(value, SDTokenizer):
-            setattr(wrapper, name, one(value))
-    return wrapper
-
-
 class CLIPTextEncodeAdvancedTextenc:
     @classmethod
     def INPUT_TYPES(cls):
@@ -173,9 +149,9 @@ class CLIPTextEncodeAdvancedTextenc:
         if not isinstance(clip, CLIP):
             raise CheckpointError(f"CLIPTextEncodeAdvancedTextenc needs a CLIP loaded by textenc's loaders, "
                                   f"got {type(clip).__module__}.{type(clip).__name__}")
-        tokenizer = tokenizer_with_syntax(clip.tokenizer, weight_convention=weight_convention,
-                                          square_brackets=bool(square_brackets),
-                                          break_keyword=bool(break_keyword))
-        tokens = tokenizer.tokenize_with_weights(text, True)
+        # Per-call syntax options: the shared tokenizer is not changed.
+        tokens = clip.tokenizer.tokenize_with_weights(text, True, weight_convention=weight_convention,
+                                                      square_brackets=bool(square_brackets),
+                                                      break_keyword=bool(break_keyword))
         options = {"weight_mode": weight_interpretation, "normalization": token_normalization}
         return (clip.encode_from_tokens_scheduled(tokens, options=options),)
