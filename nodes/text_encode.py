@@ -103,8 +103,9 @@ class CLIPTextEncodeSDXL:
         from textenc.errors import CheckpointError
 
         _require_clip(clip)
-        if clip.clip_type != "sdxl":
-            raise CheckpointError(f"CLIPTextEncodeSDXL needs an SDXL CLIP (l + g), got {clip.clip_type!r}")
+        clip_type = getattr(clip, "clip_type", None)  # None: a CLIP not loaded by textenc
+        if clip_type != "sdxl":
+            raise CheckpointError(f"CLIPTextEncodeSDXL needs an SDXL CLIP (l + g), got {clip_type!r}")
         tokens = {"g": clip.tokenize(text_g)["g"], "l": clip.tokenize(text_l)["l"]}
         tokens = pad_to_same_windows(tokens, clip.tokenize(""))
         conditioning = clip.encode_from_tokens_scheduled(tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .text_encode import _require_clip, _text_input
+
 CROP_MODES = {"center": True, "none": False}
 
 
@@ -35,10 +37,8 @@ class PhotoMakerEncode:
             "photomaker": ("PHOTOMAKER", {"tooltip": "The PhotoMaker ID encoder."}),
             "image": ("IMAGE", {"tooltip": "Photos of the person; one class-word slot per image."}),
             "clip": ("CLIP", {"tooltip": "The (SDXL) CLIP model used for the prompt."}),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                "default": "photograph of photomaker",
-                                "tooltip": "Prompt with the trigger word 'photomaker' right after the "
-                                           "class word, e.g. 'photo of a man photomaker'."})}}
+            "text": _text_input("Prompt with the trigger word 'photomaker' right after the class word, "
+                                "e.g. 'photo of a man photomaker'.", default="photograph of photomaker")}}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "apply_photomaker"
@@ -48,4 +48,5 @@ class PhotoMakerEncode:
     def apply_photomaker(self, photomaker, image, clip, text: str):
         from textenc.photomaker import encode_photomaker
 
+        _require_clip(clip)
         return (encode_photomaker(photomaker, clip, text, image),)

@@ -324,6 +324,12 @@ def test_wrong_inputs_raise_typed_errors(pack, models_dir):
         run(pack, "CLIPTextEncode", clip=None, text="x")
     with pytest.raises(CheckpointError, match="textenc"):
         run(pack, "CLIPTextEncodeAdvancedTextenc", clip=object(), text="x")
+    with pytest.raises(CheckpointError, match="SDXL CLIP .* got None"):  # a CLIP from another loader
+        run(pack, "CLIPTextEncodeSDXL", clip=object(), width=1024, height=1024, crop_w=0, crop_h=0,
+            target_width=1024, target_height=1024, text_g="a", text_l="b")
+    with pytest.raises(CheckpointError, match="clip input is None"):
+        run(pack, "PhotoMakerEncode", photomaker=object(), image=torch.rand(1, 8, 8, 3), clip=None,
+            text="photo of a man photomaker")
 
 
 def test_no_models_dir_gives_empty_lists_and_a_clear_error(pack, monkeypatch):
