@@ -170,6 +170,31 @@ def test_shard_layout_and_manifest(reference):
         assert handle.get_tensor("cond").shape == (77, 128)
 
 
+@pytest.mark.parametrize("file", ["../outside.safetensors", "/etc/passwd", "shard-00001.safetensors", None])
+def test_manifest_cannot_point_readers_outside_the_folder(tmp_path, reference, file):
+    """A shard entry must name that shard's own file in the folder: a path
+    elsewhere (or another shard's name) is refused before anything is opened."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name, data in _files(reference[0]).items():
+        (folder / name).write_bytes(data)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((folder / "shard-00000.safetensors").read_bytes())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = file
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="does not name this folder's shard file"):
+        next(open_shards(folder))
+
+
+def test_unreadable_shard_is_a_dataset_error(tmp_path, reference):
+    for name, data in _files(reference[0]).items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "shard-00000.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DatasetError, match="shard-00000.safetensors: unreadable shard"):
+        next(open_shards(tmp_path))
+
+
 # ---- resume -----------------------------------------------------------------------------
 
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, reference, captions, tiny_model):

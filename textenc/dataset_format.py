@@ -141,7 +141,20 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
         raise DatasetError(f"{path}: unreadable manifest ({exc}); re-run with --overwrite") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise DatasetError(f"{path}: not a {FORMAT_VERSION} manifest; re-run with --overwrite")
+    _check_shard_records(path, manifest.get("shards", []))
     return manifest
+
+
+def _check_shard_records(path: Path, shards: Any) -> None:
+    # Readers open folder / record["file"]: only this folder's own shard names
+    # may appear there, never "../x" or an absolute path.
+    if not isinstance(shards, list):
+        raise DatasetError(f"{path}: 'shards' is not a list; re-run with --overwrite")
+    for record in shards:
+        index = record.get("index") if isinstance(record, dict) else None
+        if isinstance(index, bool) or not isinstance(index, int) or record.get("file") != shard_name(index):
+            raise DatasetError(f"{path}: shard entry {record!r} does not name this folder's shard file; "
+                               "re-run with --overwrite")
 
 
 def _shard_ids(handle, ids: torch.Tensor) -> list:
@@ -157,7 +170,7 @@ def open_shards(folder: str | os.PathLike) -> Iterator[tuple[Any, torch.Tensor |
     Captions come in input-row order (shards in order). Raises DatasetError
     when the folder has no manifest or a shard listed in it is missing.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     manifest = read_manifest(folder)
     if manifest is None:
@@ -167,12 +180,16 @@ def open_shards(folder: str | os.PathLike) -> Iterator[tuple[Any, torch.Tensor |
         path = Path(folder) / shard["file"]
         if not path.exists():
             raise DatasetError(f"{path}: listed in the manifest but missing; re-run encode-dataset")
-        with safe_open(str(path), framework="pt") as handle:
-            names = set(handle.keys())
-            offsets = handle.get_tensor("window_offsets").tolist()
-            pooled = handle.get_tensor("pooled")
-            cond = handle.get_tensor("cond") if "cond" in names else None
-            ids = _shard_ids(handle, handle.get_tensor("ids"))
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = set(handle.keys())
+                offsets = handle.get_tensor("window_offsets").tolist()
+                pooled = handle.get_tensor("pooled")
+                cond = handle.get_tensor("cond") if "cond" in names else None
+                ids = _shard_ids(handle, handle.get_tensor("ids"))
+        except (SafetensorError, OSError) as exc:  # a damaged or foreign file
+            raise DatasetError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
+                               "re-run encode-dataset") from exc
         for row, row_id in enumerate(ids):
             part = None if cond is None else cond[offsets[row] * length:offsets[row + 1] * length]
             yield row_id, part, pooled[row]
