@@ -47,6 +47,7 @@ import torch
 
 from textenc.errors import EmbeddingError
 from textenc.lru import LRUCache
+from textenc.paths import is_inside
 
 __all__ = ["EmbeddingResult", "EmbeddingLoader", "load_embed", "EXTENSIONS"]
 
@@ -94,13 +95,6 @@ def _unsafe_name(name: str) -> str:
     return ""
 
 
-def _inside(root: str, path: str) -> bool:
-    try:
-        return os.path.commonpath((root, path)) == root
-    except ValueError:  # different drives
-        return False
-
-
 def _folders(root: str) -> list[str]:
     """The root and its subfolders (symlinked folders are not followed), sorted."""
     found = [root]
@@ -128,7 +122,7 @@ def locate(name: str, directories: Sequence[str]) -> tuple[str | None, str]:
                 if not os.path.lexists(candidate):
                     continue
                 real = os.path.realpath(candidate)
-                if not _inside(root, real):
+                if not is_inside(root, real):
                     refusal = f"{candidate} resolves to {real}, outside the embedding folder {root}"
                 elif os.path.isfile(real):
                     return real, ""

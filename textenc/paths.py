@@ -35,7 +35,7 @@ from .errors import CheckpointError
 
 __all__ = ["KINDS", "MODEL_EXTENSIONS", "ENV_VAR", "set_models_dir", "models_dir",
            "comfy_folder_paths", "kind_folders", "get_filename_list", "get_full_path",
-           "embedding_directories"]
+           "embedding_directories", "is_inside"]
 
 ENV_VAR = "TEXTENC_MODELS_DIR"
 #: Kind -> subfolders searched, in order. ComfyUI renamed ``clip`` to ``text_encoders``
@@ -98,17 +98,21 @@ def kind_folders(kind: str) -> list[str]:
     return found
 
 
-def _inside(folder: str, path: str) -> bool:
-    return os.path.commonpath([folder, path]) == folder
+def is_inside(folder: str, path: str) -> bool:
+    """Whether real path ``path`` lies in real folder ``folder`` (shared with the embedding loader)."""
+    try:
+        return os.path.commonpath((folder, path)) == folder
+    except ValueError:  # different drives (Windows), or absolute mixed with relative
+        return False
 
 
 def _walk(folder: str, extensions: Sequence[str]) -> list[str]:
     names = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if _inside(folder, os.path.realpath(os.path.join(dirpath, d)))]
+        dirnames[:] = [d for d in dirnames if is_inside(folder, os.path.realpath(os.path.join(dirpath, d)))]
         for filename in filenames:
             full = os.path.join(dirpath, filename)
-            if filename.lower().endswith(tuple(extensions)) and _inside(folder, os.path.realpath(full)):
+            if filename.lower().endswith(tuple(extensions)) and is_inside(folder, os.path.realpath(full)):
                 names.append(os.path.relpath(full, folder).replace(os.sep, "/"))
     return names
 
@@ -143,7 +147,7 @@ def _resolve(kind: str, name: str) -> str:
                               f"to a directory with a {'/'.join(KINDS[kind])} subfolder")
     for folder in folders:
         full = os.path.realpath(os.path.join(folder, name))
-        if not _inside(folder, full):
+        if not is_inside(folder, full):
             raise CheckpointError(f"{kind} model name {name!r} points outside {folder}; "
                                   "only files inside the models folder are read")
         if os.path.isfile(full):
