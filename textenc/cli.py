@@ -279,24 +279,14 @@ def _add_vision(sub) -> None:
 
 
 def _add_dataset(sub, wanted: bool) -> None:
-    """``encode-dataset`` comes from :mod:`textenc.dataset`, imported only when asked for."""
+    """``encode-dataset`` comes from :mod:`textenc.dataset`, imported only when it is the
+    command; for the other commands a stub keeps it listed in ``--help``."""
     if wanted:
-        try:
-            from . import dataset
-        except ModuleNotFoundError as error:
-            if error.name != f"{__package__}.dataset":
-                raise
-        else:
-            dataset.add_encode_dataset_arguments(sub)
-            return
-    parser = sub.add_parser("encode-dataset", help="encode a caption dataset (see textenc encode-dataset --help)",
-                            add_help=False)
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
-    parser.set_defaults(run=_dataset_missing)
-
-
-def _dataset_missing(args: argparse.Namespace) -> int:
-    raise TextencError("encode-dataset is not available: textenc.dataset is not installed in this version")
+        from . import dataset
+        dataset.add_encode_dataset_arguments(sub)
+    else:
+        sub.add_parser("encode-dataset", help="encode a caption dataset (see textenc encode-dataset --help)",
+                       add_help=False)
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -324,9 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            if args.command == "encode-dataset" and getattr(args, "run", None) is None:
-                from .dataset import run_encode_dataset
-                return int(run_encode_dataset(args))
             return int(args.run(args))
         except (TextencError, OSError) as error:
             print(f"textenc: error: {_one_line(error)}", file=sys.stderr)

@@ -61,7 +61,7 @@ def add_encode_dataset_arguments(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("encode-dataset", help="encode a caption dataset into shards",
                                    description="Encode every caption of INPUT into sharded safetensors.")
     configure_parser(parser)
-    parser.set_defaults(func=run_encode_dataset)
+    parser.set_defaults(run=run_encode_dataset)
     return parser
 
 
