@@ -27,7 +27,7 @@ import torch
 
 from .dataset_cli import add_encode_dataset_arguments, main, run_encode_dataset
 from .dataset_encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings
-from .dataset_format import (FORMAT_VERSION, clean_temp_files, export_diffusers, export_kohya,
+from .dataset_format import (FORMAT_VERSION, _tensor_bytes, clean_temp_files, export_diffusers, export_kohya,
                              file_sha256, open_shards, read_manifest, write_manifest,
                              write_safetensors)
 from .dataset_io import CaptionRows, read_captions
@@ -114,9 +114,9 @@ def model_fingerprint(clip) -> str:
     hasher = hashlib.sha256()
     state = clip.cond_stage_model.state_dict()
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
+        tensor = state[name]
         hasher.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
-        hasher.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        hasher.update(_tensor_bytes(tensor))
     return "sha256:" + hasher.hexdigest()
 
 
@@ -277,7 +277,8 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                               dtype=dtype, max_chars=max_chars, max_windows=max_windows)
     options = {**dataclasses.asdict(settings), "kind": clip.clip_type, "column": column,
                "id_column": id_column, "shard_rows": shard_rows, "limit": limit}
-    fingerprint = model_fingerprint(clip)
+    # The dry run writes nothing, so it skips the sha256 over every weight.
+    fingerprint = None if dry_run else model_fingerprint(clip)
     jobs = plan_shards(len(rows), shard_rows)
     empty = CaptionEncoder(clip, settings).encode_empty()
     manifest = _base_manifest(rows, clip, fingerprint, options, jobs, empty)

@@ -8,6 +8,8 @@ from collections import Counter
 from typing import Any
 
 from .dataset_encode import OUTPUT_DTYPES, CaptionEncoder
+from .dataset_format import shard_name
+from .dataset_pipeline import shard_record_histogram
 
 __all__ = ["dry_run_report", "format_plan"]
 
@@ -29,7 +31,7 @@ def _shard_plan(encoder: CaptionEncoder, run: Any, job) -> dict:
     cond = windows * run.context.window_length * run.context.cond_width * item_bytes
     size = (_HEADER_BYTES + captions * (16 + run.context.pooled_width * item_bytes)
             + 8 * (captions + 1) + (cond if run.settings.want_cond else 0))
-    return {"index": job.index, "file": f"shard-{job.index:05d}.safetensors",
+    return {"index": job.index, "file": shard_name(job.index),
             "row_start": job.start, "row_stop": job.stop, "rows": captions, "windows": windows,
             "estimated_bytes": size, "windows_histogram": {str(k): histogram[k] for k in sorted(histogram)},
             "rejected": rejected}
@@ -39,15 +41,12 @@ def dry_run_report(run: Any, report_class: type, *, started: float):
     """Tokenize every row of ``run`` and describe the shards that would be written."""
     encoder = CaptionEncoder(run.clip, run.settings)
     plan = [_shard_plan(encoder, run, job) for job in run.jobs]
-    total: Counter = Counter()
-    for shard in plan:
-        total.update({int(k): v for k, v in shard["windows_histogram"].items()})
     seconds = time.perf_counter() - started
     return report_class(out=str(run.out), rows=len(run.rows), encoded=sum(s["rows"] for s in plan),
                         shards=len(plan), shards_written=len(plan), shards_skipped=0,
                         seconds=seconds, captions_per_s=0.0,
                         bytes=sum(s["estimated_bytes"] for s in plan),
-                        windows_histogram={str(k): total[k] for k in sorted(total)},
+                        windows_histogram=shard_record_histogram(plan),
                         rejected=[r for s in plan for r in s["rejected"]],
                         timings=dict(encoder.seconds), dry_run=True, plan=plan)
 
