@@ -25,10 +25,7 @@ from .checkpoint import load_state_dict
 from .config import CLIPTextConfig, load_text_config
 from .detect import convert_text_state_dict
 from .errors import ConfigError, DiffusersLayoutError, TextencError
-from .sd import CLIP
-from .sd1_clip import SD1ClipModel, SD1Tokenizer
-from .sd2_clip import SD2ClipModel, SD2Tokenizer
-from .sdxl_clip import SDXLClipModel, SDXLTokenizer
+from .sd import CLIP, ROLES, build_clip
 
 __all__ = ["KINDS", "load_from_diffusers", "pipeline_kind"]
 
@@ -228,38 +225,21 @@ def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder]]:
 
 # ---- building ------------------------------------------------------------------------
 
-def _tokenizer_kwargs(encoder: _Encoder) -> dict[str, Any]:
-    return {"tokenizer_path": encoder.tokenizer_path, "embedding_size": encoder.config.hidden_size,
-            "pad_token": encoder.pad_token}
-
-
-def _match_special_tokens(model: torch.nn.Module, tokenizer: Any) -> None:
-    """Give the model the tokenizer's start/end/pad ids (they make the empty prompt)."""
-    model.special_tokens = {"start": tokenizer.start_token, "end": tokenizer.end_token,
-                            "pad": tokenizer.pad_token}
-
-
 def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch.dtype | None,
            embedding_directory: Any) -> CLIP:
-    first = encoders[0]
-    if kind == "sdxl":
-        second = encoders[1]
-        model = SDXLClipModel(device=device, dtype=dtype, l_config=first.config, g_config=second.config)
-        tokenizer = SDXLTokenizer(embedding_directory=embedding_directory,
-                                  l_kwargs=_tokenizer_kwargs(first), g_kwargs=_tokenizer_kwargs(second))
-        pairs = [(model.clip_l, tokenizer.clip_l, first), (model.clip_g, tokenizer.clip_g, second)]
-    else:
-        model_class, tokenizer_class = (SD1ClipModel, SD1Tokenizer) if kind == "sd1" else (SD2ClipModel, SD2Tokenizer)
-        model = model_class(device=device, dtype=dtype, textmodel_json_config=first.config)
-        tokenizer = tokenizer_class(embedding_directory=embedding_directory, **_tokenizer_kwargs(first))
-        pairs = [(model.encoder, tokenizer.tokenizer, first)]
-    for encoder_model, encoder_tokenizer, encoder in pairs:
-        _match_special_tokens(encoder_model, encoder_tokenizer)
-        try:
-            encoder_model.load_sd(encoder.state_dict)
-        except TextencError as exc:
-            raise DiffusersLayoutError(f"{encoder.source}: {exc}") from exc
-    return CLIP(model, tokenizer, clip_type=kind)
+    by_role = dict(zip(ROLES[kind], encoders))
+    try:
+        return build_clip(
+            kind, {role: e.state_dict for role, e in by_role.items()},
+            {role: e.config for role, e in by_role.items()},
+            {role: {"tokenizer_path": e.tokenizer_path, "embedding_size": e.config.hidden_size,
+                    "pad_token": e.pad_token} for role, e in by_role.items()},
+            sources={role: e.source for role, e in by_role.items()},
+            embedding_directory=embedding_directory, device=device, dtype=dtype)
+    except DiffusersLayoutError:
+        raise
+    except TextencError as exc:  # weights that do not fit the folder's config.json
+        raise DiffusersLayoutError(str(exc)) from exc
 
 
 def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: torch.dtype | None = None,

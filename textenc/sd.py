@@ -14,12 +14,12 @@ import torch
 
 from .checkpoint import check_finite, load_state_dict
 from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
-from .errors import CheckpointError
+from .errors import CheckpointError, TextencError
 from .sd1_clip import SD1ClipModel, SD1Tokenizer
 from .sd2_clip import SD2ClipModel, SD2Tokenizer
 from .sdxl_clip import SDXLClipModel, SDXLTokenizer
 
-__all__ = ["CLIP", "CLIP_TYPES", "load_clip", "load_text_encoder_state_dicts",
+__all__ = ["CLIP", "CLIP_TYPES", "ROLES", "build_clip", "load_clip", "load_text_encoder_state_dicts",
            "text_config_from_info", "detect_clip_type"]
 
 CLIP_TYPES = ("sd1", "sd2", "sdxl")
@@ -169,31 +169,55 @@ class CLIP:
         return self.cond_stage_model.state_dict()
 
 
+ROLES = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g")}
+
+
+def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]],
+               configs: Mapping[str, Any], tokenizer_kwargs: Mapping[str, Mapping[str, Any]], *,
+               sources: Mapping[str, str], embedding_directory=None, device="cpu",
+               dtype: torch.dtype | None = None) -> CLIP:
+    """Assemble a :class:`CLIP` from per-role HF-layout weights, text configs and tokenizer
+    arguments (roles in :data:`ROLES`: ``l`` for SD1, ``h`` for SD2, ``l`` + ``g`` for SDXL).
+
+    Each text model takes its start/end/pad ids from its tokenizer, so a tokenizer
+    with another pad token (``tokenizer_kwargs``) builds the matching empty prompt.
+
+    Raises:
+        TextencError: weights that do not fit a config (the loader's own error
+            type, its message prefixed with that role's source).
+    """
+    if clip_type == "sdxl":
+        model = SDXLClipModel(device=device, dtype=dtype, l_config=configs["l"], g_config=configs["g"])
+        tokenizer = SDXLTokenizer(embedding_directory=embedding_directory,
+                                  l_kwargs=tokenizer_kwargs["l"], g_kwargs=tokenizer_kwargs["g"])
+        parts = {"l": (model.clip_l, tokenizer.clip_l), "g": (model.clip_g, tokenizer.clip_g)}
+    else:
+        model_class, tokenizer_class = (SD1ClipModel, SD1Tokenizer) if clip_type == "sd1" else (SD2ClipModel, SD2Tokenizer)
+        (role,) = ROLES[clip_type]
+        model = model_class(device=device, dtype=dtype, textmodel_json_config=configs[role])
+        tokenizer = tokenizer_class(embedding_directory=embedding_directory, **tokenizer_kwargs[role])
+        parts = {role: (model.encoder, tokenizer.tokenizer)}
+    for role, (encoder, encoder_tokenizer) in parts.items():
+        encoder.special_tokens = {"start": encoder_tokenizer.start_token, "end": encoder_tokenizer.end_token,
+                                  "pad": encoder_tokenizer.pad_token}
+        try:
+            encoder.load_sd(weights[role])
+        except TextencError as exc:  # same error type, naming the file it came from
+            raise type(exc)(f"{sources[role]}: {exc}") from exc
+    return CLIP(model, tokenizer, clip_type=clip_type)
+
+
 def _build(clip_type: str, encoders: Mapping[str, _Encoder], *, embedding_directory, device,
            dtype, tokenizer_kwargs: Mapping[str, Any], text_configs: Mapping[str, Any]) -> CLIP:
-    def config(role: str, pad: int):
-        if role in text_configs:
-            return text_configs[role]
-        return text_config_from_info(encoders[role].info, role=role, pad_token_id=pad)
-
-    def tok_kwargs(role: str) -> dict:
-        return {"embedding_size": encoders[role].info.hidden_size, **tokenizer_kwargs.get(role, {})}
-
-    if clip_type == "sd1":
-        model = SD1ClipModel(device=device, dtype=dtype, textmodel_json_config=config("l", 49407))
-        tokenizer = SD1Tokenizer(embedding_directory=embedding_directory, **tok_kwargs("l"))
-        model.load_sd(encoders["l"].state_dict)
-    elif clip_type == "sd2":
-        model = SD2ClipModel(device=device, dtype=dtype, textmodel_json_config=config("h", 0))
-        tokenizer = SD2Tokenizer(embedding_directory=embedding_directory, **tok_kwargs("h"))
-        model.load_sd(encoders["h"].state_dict)
-    else:
-        model = SDXLClipModel(device=device, dtype=dtype, l_config=config("l", 49407), g_config=config("g", 0))
-        tokenizer = SDXLTokenizer(embedding_directory=embedding_directory,
-                                  l_kwargs=tok_kwargs("l"), g_kwargs=tok_kwargs("g"))
-        model.clip_l.load_sd(encoders["l"].state_dict)
-        model.clip_g.load_sd(encoders["g"].state_dict)
-    return CLIP(model, tokenizer, clip_type=clip_type)
+    pads = {"l": 49407, "h": 0, "g": 0}  # the pad_token_id of each role's config read from shapes
+    roles = ROLES[clip_type]
+    configs = {role: text_configs[role] if role in text_configs else
+               text_config_from_info(encoders[role].info, role=role, pad_token_id=pads[role]) for role in roles}
+    kwargs = {role: {"embedding_size": encoders[role].info.hidden_size, **tokenizer_kwargs.get(role, {})}
+              for role in roles}
+    return build_clip(clip_type, {role: encoders[role].state_dict for role in roles}, configs, kwargs,
+                      sources={role: encoders[role].source for role in roles},
+                      embedding_directory=embedding_directory, device=device, dtype=dtype)
 
 
 def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embedding_directory=None,
