@@ -192,7 +192,8 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
                                   l_kwargs=tokenizer_kwargs["l"], g_kwargs=tokenizer_kwargs["g"])
         parts = {"l": (model.clip_l, tokenizer.clip_l), "g": (model.clip_g, tokenizer.clip_g)}
     else:
-        model_class, tokenizer_class = (SD1ClipModel, SD1Tokenizer) if clip_type == "sd1" else (SD2ClipModel, SD2Tokenizer)
+        model_class, tokenizer_class = ((SD1ClipModel, SD1Tokenizer) if clip_type == "sd1"
+                                        else (SD2ClipModel, SD2Tokenizer))
         (role,) = ROLES[clip_type]
         model = model_class(device=device, dtype=dtype, textmodel_json_config=configs[role])
         tokenizer = tokenizer_class(embedding_directory=embedding_directory, **tokenizer_kwargs[role])
