@@ -64,15 +64,14 @@ def _target(pipe_or_loaded: Any, embedding_directory: Any, device: Any, dtype: A
         if embedding_directory is not None:
             raise TextencError("embedding_directory is for pipeline objects; pass it to "
                                "load_from_diffusers when loading a folder")
-        model = pipe_or_loaded.cond_stage_model
-        parameter = next(model.parameters())
-        return _Target(pipe_or_loaded, torch.device(device or parameter.device),
-                       dtype or parameter.dtype)
+        model_dtype, model_device = _module_dtype_device(pipe_or_loaded.cond_stage_model)
+        return _Target(pipe_or_loaded, torch.device(device or model_device), dtype or model_dtype)
     clip = _cached_clip(pipe_or_loaded, embedding_directory)
     # diffusers casts prompt embeddings to text_encoder_2's dtype (SDXL) or text_encoder's.
     last = getattr(pipe_or_loaded, "text_encoder_2", None) or pipe_or_loaded.text_encoder
-    pipe_device = getattr(pipe_or_loaded, "_execution_device", None) or _module_dtype_device(last)[1]
-    return _Target(clip, torch.device(device or pipe_device), dtype or _module_dtype_device(last)[0])
+    last_dtype, last_device = _module_dtype_device(last)
+    pipe_device = getattr(pipe_or_loaded, "_execution_device", None) or last_device
+    return _Target(clip, torch.device(device or pipe_device), dtype or last_dtype)
 
 
 def _prompt_list(prompt: str | Sequence[str], what: str) -> list[str]:
