@@ -369,6 +369,31 @@ def test_truncated_or_mismatched_weights_raise(pipelines, tmp_path):
         load_from_diffusers(folder)
 
 
+@pytest.mark.parametrize("weight_map", [["model-1.safetensors"], "model-1.safetensors", {"a": 5},
+                                        {"a": None}, {"a": "../model.safetensors"}, {}])
+def test_malformed_shard_index_is_a_layout_error(pipelines, tmp_path, weight_map):
+    folder = _copy(pipelines["sd1"][1], tmp_path)
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    (folder / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(DiffusersLayoutError, match="weight_map must name shard files"):
+        load_from_diffusers(folder)
+
+
+@pytest.mark.parametrize("tokenizer_json", [
+    {"model": {"vocab": {}}, "added_tokens": [{"id": 7}]},            # an added token with no content
+    {"model": {"vocab": ["<|endoftext|>"]}},                         # vocab not a mapping
+    {"model": {"vocab": {"<|endoftext|>": "seven"}}},                # id not a number
+])
+def test_malformed_tokenizer_json_is_a_layout_error(pipelines, tmp_path, tokenizer_json):
+    folder = _copy(pipelines["sd1"][1], tmp_path)
+    tokenizer = folder / "tokenizer"
+    for name in ("vocab.json", "merges.txt"):
+        (tokenizer / name).unlink(missing_ok=True)
+    (tokenizer / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(DiffusersLayoutError, match="malformed tokenizer file"):
+        load_from_diffusers(folder)
+
+
 def test_bad_arguments(loaded):
     clip = loaded["sd1", "json"]
     with pytest.raises(PromptError, match="ComfyUI"):

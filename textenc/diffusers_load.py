@@ -25,11 +25,11 @@ from .checkpoint import load_state_dict
 from .config import CLIPTextConfig, load_text_config
 from .detect import convert_text_state_dict
 from .errors import ConfigError, DiffusersLayoutError, TextencError
-from .sd import CLIP, ROLES, build_clip
+from .sd import CLIP, CLIP_TYPES, ROLES, build_clip
 
 __all__ = ["KINDS", "load_from_diffusers", "pipeline_kind"]
 
-KINDS = ("sd1", "sd2", "sdxl")
+KINDS = CLIP_TYPES
 # Weight files in the order diffusers' text encoders are looked up (full precision first).
 WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
                 "pytorch_model.fp16.bin")
@@ -119,9 +119,9 @@ def _component(folder: Path, index: Mapping, name: str) -> Path:
 
 
 def _shard_files(index_path: Path) -> list[Path]:
-    data = _read_json(index_path, "shard index")
-    names = sorted(set((data.get("weight_map") or {}).values()))
-    if not names or any(Path(n).name != n or not str(n) for n in names):
+    weight_map = _read_json(index_path, "shard index").get("weight_map")
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    if not names or any(not isinstance(n, str) or not n or Path(n).name != n for n in names):
         raise DiffusersLayoutError(f"{index_path}: weight_map must name shard files in this folder")
     return [index_path.parent / n for n in names]
 
@@ -167,36 +167,39 @@ def _pad_token_id(folder: Path) -> int:
             if isinstance(value, str):
                 pad = value
                 break
-    if (folder / "vocab.json").is_file():
-        vocab = _read_json(folder / "vocab.json", "")
-    else:
-        data = _read_json(folder / "tokenizer.json", "expected vocab.json + merges.txt or tokenizer.json")
-        vocab = dict((data.get("model") or {}).get("vocab") or {})
-        vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
-    if pad not in vocab:
+    path = folder / "vocab.json"
+    if not path.is_file():
+        path = folder / "tokenizer.json"
+    data = _read_json(path, "expected vocab.json + merges.txt or tokenizer.json")
+    try:
+        if path.name == "vocab.json":
+            vocab = data
+        else:
+            vocab = dict((data.get("model") or {}).get("vocab") or {})
+            vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+        pad_id = int(vocab[pad]) if pad in vocab else None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or foreign file
+        raise DiffusersLayoutError(f"{path}: malformed tokenizer file ({type(exc).__name__}: {exc})") from exc
+    if pad_id is None:
         raise DiffusersLayoutError(f"{folder}: pad_token {pad!r} is not in the vocabulary")
-    return int(vocab[pad])
+    return pad_id
 
 
-def _folder_encoder(folder: Path, weights_source: str | None = None) -> _Encoder:
-    """Read one ``text_encoder*`` folder (its matching tokenizer folder is passed separately)."""
+def _folder_encoder(folder: Path, tokenizer: Path) -> _Encoder:
+    """Read one ``text_encoder*`` folder and its matching ``tokenizer*`` folder."""
     hf_config = _read_json(folder / "config.json", "the text encoder needs its config.json")
     raw = _load_weights(folder)
-    converted = convert_text_state_dict(raw, source=weights_source or str(folder)).state_dict
+    converted = convert_text_state_dict(raw, source=str(folder)).state_dict
     config = _text_config(hf_config, has_projection="text_projection.weight" in converted,
                           source=str(folder / "config.json"))
-    return _Encoder(converted, config, "", 0, str(folder))
+    return _Encoder(converted, config, str(tokenizer), _pad_token_id(tokenizer), str(folder))
 
 
 def _from_folder(folder: Path) -> tuple[str, list[_Encoder]]:
     index = _read_json(folder / "model_index.json", "not a diffusers pipeline folder "
                        "(pass the folder holding model_index.json)")
-    encoders = []
-    for encoder_name, tokenizer_name in _COMPONENTS[_family(index.get("_class_name"))]:
-        encoder = _folder_encoder(_component(folder, index, encoder_name))
-        tokenizer = _component(folder, index, tokenizer_name)
-        encoders.append(dataclasses.replace(encoder, tokenizer_path=str(tokenizer),
-                                            pad_token=_pad_token_id(tokenizer)))
+    encoders = [_folder_encoder(_component(folder, index, encoder_name), _component(folder, index, tokenizer_name))
+                for encoder_name, tokenizer_name in _COMPONENTS[_family(index.get("_class_name"))]]
     return pipeline_kind(index.get("_class_name"), encoders[0].config), encoders
 
 
@@ -264,12 +267,13 @@ def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: tor
             unsupported pipeline class, weights that do not fit the config.
         CheckpointError: an unreadable or truncated weight file (from the loader).
     """
+    if isinstance(path_or_pipeline, (str, os.PathLike)):
+        folder = Path(path_or_pipeline)
+        if not folder.is_dir():
+            raise DiffusersLayoutError(f"{folder}: not a folder; pass a diffusers pipeline folder")
+        kind, encoders = _from_folder(folder)
+        return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory)
+    # A pipeline's tokenizers are saved to files for ours to read once, at construction.
     with tempfile.TemporaryDirectory(prefix="textenc-tokenizer-") as tmp:
-        if isinstance(path_or_pipeline, (str, os.PathLike)):
-            folder = Path(path_or_pipeline)
-            if not folder.is_dir():
-                raise DiffusersLayoutError(f"{folder}: not a folder; pass a diffusers pipeline folder")
-            kind, encoders = _from_folder(folder)
-        else:
-            kind, encoders = _from_pipeline(path_or_pipeline, tmp)
+        kind, encoders = _from_pipeline(path_or_pipeline, tmp)
         return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory)
