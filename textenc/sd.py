@@ -68,12 +68,11 @@ class _Encoder:
 def _role(info: TextEncoderInfo, clip_type: str | None, taken: Mapping[str, Any]) -> str:
     if info.name in ("l", "h", "g"):
         return info.name
-    # Non-standard widths (tiny test models, custom finetunes): where the encoder
-    # sits in the file, or the order of the files for SDXL (L first), decides.
-    if info.source == "sd2" or clip_type == "sd2":
+    # Non-standard widths (tiny test models, custom finetunes). Every known prefix
+    # names its encoder (convert.TEXT_PREFIXES), so these are standalone files:
+    # the requested type, or the order of the files for SDXL (L first), decides.
+    if clip_type == "sd2":
         return "h"
-    if "embedders.1." in info.prefix or info.prefix.startswith("clip_g."):
-        return "g"
     if clip_type == "sdxl" and "l" in taken:
         return "g"
     return "l"
