@@ -75,9 +75,7 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 
 def _layer(clip_skip: int | None) -> int | None:
     """``--clip-skip``: ComfyUI's negative layer (-2), or A1111's positive count (2 = -2)."""
-    if clip_skip is None or clip_skip in (0, 1, -1):
-        return None if clip_skip in (None, 0) else -1
-    return -clip_skip if clip_skip > 0 else clip_skip
+    return None if clip_skip in (None, 0) else -abs(clip_skip)
 
 
 def _check_out(path: str) -> None:
