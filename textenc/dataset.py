@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import sys
@@ -33,12 +32,13 @@ from .dataset_format import (FORMAT_VERSION, _tensor_bytes, clean_temp_files, ex
 from .dataset_io import CaptionRows, read_captions
 from .dataset_pipeline import ShardContext, ShardJob, plan_shards, run_shards, shard_record_histogram
 from .errors import DatasetError
+from .sd import CLIP_TYPES, load_clip
+from .weighting import WEIGHT_MODES
 
 __all__ = ["DatasetReport", "encode_dataset", "open_shards", "export_diffusers", "export_kohya",
            "add_encode_dataset_arguments", "run_encode_dataset", "model_fingerprint", "main"]
 
-KINDS = ("sd1", "sd2", "sdxl")
-WEIGHT_MODES = ("comfy", "a1111", "a1111_no_norm", "compel", "none")
+KINDS = CLIP_TYPES
 OUTPUTS = ("cond,pooled", "pooled")
 _IDENTITY_KEYS = ("format", "model_fingerprint", "options", "input")
 
@@ -95,17 +95,12 @@ def load_model(model: str | os.PathLike, *, kind: str | None, device: str):
     if not os.path.exists(path):
         raise DatasetError(f"--model {path}: no such file or folder")
     if os.path.isdir(path):
-        try:
-            from .diffusers import load_from_diffusers
-        except ImportError as exc:
-            raise DatasetError(f"--model {path} is a folder, but textenc.diffusers is not "
-                               "available to read diffusers model folders") from exc
-        accepted = inspect.signature(load_from_diffusers).parameters
-        clip = load_from_diffusers(path, **({"device": device} if "device" in accepted else {}))
+        from .diffusers_load import load_from_diffusers
+
+        clip = load_from_diffusers(path, device=device)
         if kind is not None and clip.clip_type != kind:
             raise DatasetError(f"--kind {kind} was asked for, but {path} is a {clip.clip_type} model")
         return clip
-    from .sd import load_clip
     return load_clip(path, clip_type=kind, device=device)
 
 
