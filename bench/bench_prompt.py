@@ -17,6 +17,7 @@ Usage: ``python bench/bench_prompt.py [--quick]``
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import statistics
@@ -27,6 +28,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 from comfy_reference import ComfyTokenizer, comfy_encode_token_weights  # noqa: E402
 
 from textenc.sd1_clip import SDClipModel  # noqa: E402
@@ -88,25 +90,14 @@ def make_corpus(count: int, seed: int = 0) -> list[str]:
     return prompts
 
 
-def interleave(a: Callable[[], object], b: Callable[[], object], rounds: int) -> tuple[list, list]:
-    times_a, times_b = [], []
-    for _ in range(rounds):
-        for fn, times in ((a, times_a), (b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return times_a, times_b
-
-
 def stats(times: list[float]) -> str:
     ms = [t * 1000 for t in times]
     return f"{min(ms):.1f} / {statistics.median(ms):.1f} / {max(ms):.1f}"
 
 
-def _row(case: str, ours: list, ref: list, ratio: float, target: str, ok: bool) -> dict:
+def _row(case: str, ours: list, ref: list, ratio: float, target: str, ok: bool | None) -> dict:
     return {"case": case, "ours_ms": stats(ours), "reference_ms": stats(ref), "ratio": round(ratio, 3),
-            "target": target, "ok": ok, "ours_median_s": statistics.median(ours),
-            "reference_median_s": statistics.median(ref)}
+            "target": target, "ok": ok}
 
 
 def _check_equal(model: SDClipModel, windows) -> None:
@@ -143,7 +134,6 @@ def _forward_count_row(model: SDClipModel, windows) -> dict:
 
 
 def bench_encoding(rounds: int) -> list[dict]:
-    torch.manual_seed(0)
     model = make_model()
     tokenizer = SDTokenizer()
     cases = {
@@ -152,21 +142,27 @@ def bench_encoding(rounds: int) -> list[dict]:
         "weighted, 3 windows": tokenizer.tokenize_with_weights(", ".join([WEIGHTED] * 8)),
     }
     assert len(cases["weighted, 3 windows"]) == 3
-    rows, medians = [], {}
+    fns = {}
     for name, windows in cases.items():
         _check_equal(model, windows)  # also warms the empty-prompt cache
-        ours, ref = interleave(lambda: model.encode_token_weights(windows),
-                               lambda: comfy_encode_token_weights(model, windows), rounds)
-        medians[name] = statistics.median(ours)
+        fns[f"{name}|ours"] = functools.partial(model.encode_token_weights, windows)
+        fns[f"{name}|ref"] = functools.partial(comfy_encode_token_weights, model, windows)
+    # Every case, ours and the reference, in the same alternating rounds: the
+    # weighted/unweighted ratio below compares times from the same rounds too.
+    times = {k: v.samples for k, v in common.interleaved(fns, repeats=rounds).items()}
+    rows = []
+    for name in cases:
+        ours, ref = times[f"{name}|ours"], times[f"{name}|ref"]
         ratio = statistics.median(ours) / statistics.median(ref)
         if name == "weighted, 3 windows":
             rows.append(_row(name, ours, ref, ratio, "info (bound: ≥ 0.75)", None))
+        elif name.startswith("weighted"):
+            rows.append(_row(name, ours, ref, ratio, "≤ 0.65× reference", ratio <= 0.65))
         else:
-            weighted = name.startswith("weighted")
-            rows.append(_row(name, ours, ref, ratio, "≤ 0.65× reference" if weighted else "—",
-                             ratio <= 0.65 if weighted else True))
+            rows.append(_row(name, ours, ref, ratio, "info", None))
     rows.append(_forward_count_row(model, cases["weighted, 3 windows"]))
-    overhead = medians["weighted, 1 window"] / medians["unweighted, 1 window"]
+    overhead = (statistics.median(times["weighted, 1 window|ours"])
+                / statistics.median(times["unweighted, 1 window|ours"]))
     rows.append({"case": "weighted / unweighted (ours, 1 window)", "ours_ms": "", "reference_ms": "",
                  "ratio": round(overhead, 3), "target": "≤ 1.1×", "ok": overhead <= 1.1})
     return rows
@@ -191,7 +187,10 @@ def bench_tokenization(rounds: int, count: int) -> list[dict]:
         for prompt in corpus:
             tokenizer.tokenize_with_weights(prompt)
 
-    ours, ref = interleave(lambda: run_all("ours"), lambda: run_all("ref"), rounds)
+    # No warm-up round: each round takes a fresh (cold-cache) tokenizer.
+    timed = common.interleaved({"ours": lambda: run_all("ours"), "ref": lambda: run_all("ref")},
+                               repeats=rounds, warmup=0)
+    ours, ref = timed["ours"].samples, timed["ref"].samples
     speedup = statistics.median(ref) / statistics.median(ours)
     row = _row(f"tokenize {count} prompts", ours, ref, speedup, "≥ 3× reference", speedup >= 3)
     row["prompts_per_s"] = round(count / statistics.median(ours))

@@ -37,9 +37,10 @@ def _case(config_name: str, repeats: int) -> list[dict]:
     processor = _processor(ours.config)
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, *IMAGE_SIZE, 3, generator=generator)
+    # The picture as each side's user holds it: a ComfyUI IMAGE, a uint8 array.
+    array = (image[0] * 255).round().to(torch.uint8).numpy()
 
     def theirs():
-        array = (image[0] * 255).round().to(torch.uint8).numpy()
         pixels = processor(images=array, return_tensors="pt").pixel_values
         return hf(pixel_values=pixels).image_embeds
 
