@@ -1,17 +1,15 @@
 """Target 6: cold start of one encode in a fresh process, against transformers.
 
-Ours: ``python -m textenc encode --model clip_l_fp16.safetensors "a prompt" --out x``
-(an equivalent ``python -c`` script with ``textenc.sd.load_clip`` while the CLI is
-absent). Reference: ``CLIPTokenizer.from_pretrained`` + ``CLIPTextModel.from_pretrained``
+Ours: ``python -m textenc encode "a prompt" --model clip_l_fp16.safetensors --out x``.
+Reference: ``CLIPTokenizer.from_pretrained`` + ``CLIPTextModel.from_pretrained``
 from an HF folder written with ``save_pretrained`` in fp16, computing in fp32 like
 ours, saving the result with safetensors. Both read the same random CLIP-L
-weights; wall time and peak RSS (``os.wait4`` rusage of each child) are
+weights; wall time and peak RSS (``/usr/bin/time -f %M`` around each child) are
 measured, interleaved ours/theirs.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -26,15 +24,6 @@ except ImportError:  # run as a script from bench/
 PROMPT = "a photograph of an astronaut riding a horse, (detailed:1.2)"
 SD1_FILE = common.OUT_DIR / "clip_l_fp16_sd1.safetensors"
 HF_DIR = common.OUT_DIR / "hf_clip_l_fp16"
-
-OURS_SCRIPT = """
-import sys, torch
-from safetensors.torch import save_file
-from textenc.sd import load_clip
-clip = load_clip(sys.argv[1])
-cond, pooled = clip.encode_from_tokens(clip.tokenize(sys.argv[2]), return_pooled=True)
-save_file({"cond_0": cond.contiguous(), "pooled_0": pooled.contiguous()}, sys.argv[3])
-"""
 
 HF_SCRIPT = """
 import sys, torch
@@ -55,9 +44,10 @@ def prepare() -> None:
     """Write the fp16 SD1-layout file and the fp16 HF folder once (random weights)."""
     if SD1_FILE.exists() and (HF_DIR / "config.json").exists():
         return
-    import torch
     import transformers
     from safetensors.torch import save_file
+
+    from textenc.tokenizer import DEFAULT_VOCAB
 
     common.OUT_DIR.mkdir(parents=True, exist_ok=True)
     hf = common.hf_text_model("sd1_clip_config").half()
@@ -65,22 +55,11 @@ def prepare() -> None:
           for k, v in common.hf_text_state_dict(hf).items() if k != "text_projection.weight"}
     save_file(sd, str(SD1_FILE))
     hf.save_pretrained(HF_DIR)
-    vocab = Path(importlib.util.find_spec("textenc").origin).parent / "vocab"
-    tokenizer = transformers.CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"))
-    tokenizer.save_pretrained(HF_DIR)
-    del torch
-
-
-def _cli_available() -> bool:
-    return importlib.util.find_spec("textenc.cli") is not None
+    transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB).save_pretrained(HF_DIR)
 
 
 def ours_command(out: Path) -> list[str]:
-    if _cli_available():
-        # The prompt goes before --model, whose nargs="+" would swallow it.
-        return [sys.executable, "-m", "textenc", "encode", PROMPT, "--model", str(SD1_FILE),
-                "--out", str(out)]
-    return [sys.executable, "-c", OURS_SCRIPT, str(SD1_FILE), PROMPT, str(out)]
+    return [sys.executable, "-m", "textenc", "encode", PROMPT, "--model", str(SD1_FILE), "--out", str(out)]
 
 
 def hf_command(out: Path) -> list[str]:
@@ -139,9 +118,8 @@ def run(quick: bool = False) -> list[dict]:
             walls[name].append(wall)
             rss[name].append(peak)
     ours_t, hf_t = common.Stats(walls["ours"]), common.Stats(walls["hf"])
-    how = "CLI `python -m textenc encode`" if _cli_available() else "python -c load_clip script (CLI absent)"
-    rows = [common.ratio_row("6 cold start wall", "CLIP-L fp16, 1 prompt", ours_t, hf_t, 0.5,
-                             ref_label="HF", note=f"{how}; {import_report()}")]
+    rows = [common.ratio_row("6 cold start wall", "CLIP-L fp16, 1 prompt", ours_t, hf_t, 0.5, ref_label="HF",
+                             note=f"CLI `python -m textenc encode`; {import_report()}")]
     ours_rss, hf_rss = max(rss["ours"]), max(rss["hf"])
     rows.append(common.row("6 cold start peak RSS", "CLIP-L fp16, 1 prompt", common.fmt_bytes(ours_rss),
                            "HF " + common.fmt_bytes(hf_rss), ours_rss / hf_rss, "<= 1x",

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 
 import torch
@@ -51,6 +52,12 @@ def _linear_floor(model, batch: int):
                 F.linear(x, p.weight, p.bias)
             F.linear(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
     return run
+
+
+@functools.cache
+def _state_dict(config: str) -> dict[str, torch.Tensor]:
+    """The random weights of ``config`` (the same as target 1's), built once per run."""
+    return common.hf_text_state_dict(common.hf_text_model(config))
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,7 +115,7 @@ def _without(model, part: str):
 def _gap_breakdown(config: str, batch: int, repeats: int) -> list[dict]:
     """Where the distance to the linear floor goes: the forward minus its attention
     (the automatic CPU choice, bmm), minus its activation. Their savings are those ops' in-model cost."""
-    ours = common.ours_text_model(config, common.hf_text_state_dict(common.hf_text_model(config)))
+    ours = common.ours_text_model(config, _state_dict(config))
     ids = _ids(batch)
 
     def ablated(part):
@@ -139,9 +146,7 @@ def _gap_breakdown(config: str, batch: int, repeats: int) -> list[dict]:
 def _target2(config: str, repeats: int) -> list[dict]:
     from textenc.attention import optimized_attention_for_device
 
-    hf = common.hf_text_model(config)
-    ours = common.ours_text_model(config, common.hf_text_state_dict(hf))
-    del hf
+    ours = common.ours_text_model(config, _state_dict(config))
     layers = ours.text_model.config.num_hidden_layers
     ids = _ids(1, prompt_tokens=16, pad=ours.text_model.config.pad_token_id)  # a 15-word prompt
     # The pooled row still needs the last layer for that one row: its k/v up to
@@ -172,9 +177,7 @@ def _target2(config: str, repeats: int) -> list[dict]:
 def _target3(config: str, batch: int, repeats: int) -> list[dict]:
     from textenc import ops
 
-    hf = common.hf_text_model(config)
-    state_dict = common.hf_text_state_dict(hf)
-    del hf
+    state_dict = _state_dict(config)
     name = CONFIGS[config]
     ids = _ids(batch)
     fp32 = common.ours_text_model(config, state_dict)

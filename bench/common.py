@@ -136,9 +136,10 @@ def machine() -> dict[str, str]:
 
 def has_bf16_cpu() -> bool:
     try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+    return "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo
 
 
 # ---- models with identical random weights ------------------------------------

@@ -27,8 +27,7 @@ if str(BENCH_DIR) not in sys.path:
 
 RESULTS = BENCH_DIR / "RESULTS.md"
 
-#: (module, function, label). Modules are imported only when their section runs;
-#: bench_prompt and bench_dataset are written by other engineers and may be absent.
+#: (module, function, label). Modules are imported only when their section runs.
 SECTIONS = [
     ("bench_forward", "run", "targets 1-3: forward, clip skip, precision"),
     ("bench_prompt", "run", "targets 4-5: weighted prompts, tokenization"),
@@ -183,13 +182,6 @@ def _call_section(module_name: str, function: str, label: str, quick: bool) -> t
     start = time.perf_counter()
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        return [{"target": label, "case": "-", "ours": "-", "reference": "-", "ratio": None,
-                 "limit": "-", "passed": None,
-                 "note": f"bench/{module_name}.py not present yet (another engineer's file)"}], 0.0
-    try:
         rows = [_normalize(r, module_name) for r in getattr(module, function)(quick)]
     except Exception as error:  # one broken section must not lose the others' results
         traceback.print_exc()
@@ -199,7 +191,7 @@ def _call_section(module_name: str, function: str, label: str, quick: bool) -> t
 
 
 def _normalize(row: dict, module_name: str) -> dict:
-    """Map the other engineers' row layouts onto this table's columns."""
+    """Map bench_prompt's and bench_dataset's row layouts onto this table's columns."""
     if "ours_ms" in row:  # bench_prompt: case, ours_ms, reference_ms, ratio, target (= limit), ok
         case = str(row.get("case", ""))
         target = "5 tokenization" if "tokeni" in case else "4 weighted prompts"
@@ -318,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             timings.append(("gpu", seconds))
         else:
             gpu_rows = [common.row("8 GPU forward", "CUDA", "-", "-", None, "<= 1.0x", None,
-                                   "not run: no GPU lent to this session; on a CUDA machine run "
-                                   "`python bench/run.py --gpu`")]
+                                   "not run: pass --gpu on a CUDA machine")]
         rows += gpu_rows
     seconds = time.perf_counter() - start
     machine["loadavg_end"] = common.machine()["loadavg"]
