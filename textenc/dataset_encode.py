@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .errors import PromptError
-from .sd1_encode import empty_encoding, encode_windows
-from .weighting import apply_weights, normalize_weights
+from .sd1_encode import empty_encoding, encode_windows, token_weights
+from .weighting import apply_weights
 
 __all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES"]
 
@@ -168,16 +168,10 @@ class CaptionEncoder:
     def _weighted(self, role: str, windows: list, z: torch.Tensor):
         """``z`` weighted as encode_token_weights does; None → use the direct path."""
         opts = self.resolved[role]
-        weights = torch.tensor([[float(p[1]) for p in w] for w in windows], dtype=torch.float64)
-        word_ids = None
-        if all(len(p) > 2 for w in windows for p in w):
-            word_ids = torch.tensor([[int(p[2]) for p in w] for w in windows])
         try:
-            weights = normalize_weights(weights, word_ids, opts.normalization)
+            weights, _ = token_weights(windows, opts.normalization)
         except PromptError as exc:
             return f"PromptError: {exc}"
-        if not torch.isfinite(weights).all():
-            return "PromptError: token weights must be finite numbers"
         if opts.weight_mode == "none" or not bool((weights != 1.0).any()):
             return z
         if opts.weight_mode == "compel" and bool((weights < 1.0).any()):

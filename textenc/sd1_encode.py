@@ -207,6 +207,24 @@ def _compel_downweight(model, windows, weights, word_ids, z, opts):
     return blended / total
 
 
+def token_weights(pairs: Sequence[Sequence[tuple]],
+                  normalization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalized (windows, T) float64 weights of ``(token, weight[, word_id])``
+    windows, and their (windows, T) word ids (None when a pair has none).
+
+    Raises:
+        PromptError: a weight that is not a finite number (or a bad normalization).
+    """
+    weights = torch.tensor([[float(p[1]) for p in w] for w in pairs], dtype=torch.float64)
+    word_ids = None
+    if all(len(p) > 2 for w in pairs for p in w):
+        word_ids = torch.tensor([[int(p[2]) for p in w] for w in pairs])
+    weights = normalize_weights(weights, word_ids, normalization)
+    if not torch.isfinite(weights).all():
+        raise PromptError("token weights must be finite numbers")
+    return weights, word_ids
+
+
 def encode_token_weights(model: "SDClipModel", token_weight_pairs, opts: "ClipOptions"):
     """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.weighting` for modes)."""
     pairs = [list(w) for w in token_weight_pairs]
@@ -215,13 +233,7 @@ def encode_token_weights(model: "SDClipModel", token_weight_pairs, opts: "ClipOp
         # Copies: the cached empty encoding weights every later prompt.
         return z_empty.unsqueeze(0).clone(), pooled_empty.unsqueeze(0).clone()
     windows = [[p[0] for p in w] for w in pairs]
-    weights = torch.tensor([[float(p[1]) for p in w] for w in pairs], dtype=torch.float64)
-    word_ids = None
-    if all(len(p) > 2 for w in pairs for p in w):
-        word_ids = torch.tensor([[int(p[2]) for p in w] for w in pairs])
-    weights = normalize_weights(weights, word_ids, opts.normalization)
-    if not torch.isfinite(weights).all():
-        raise PromptError("token weights must be finite numbers")
+    weights, word_ids = token_weights(pairs, opts.normalization)
     out = _encode_maybe_cached(model, windows, opts)
     z, pooled = out[0], out[1]
     if opts.weight_mode != "none" and bool((weights != 1.0).any()):
