@@ -189,6 +189,16 @@ def _finish_manifest(manifest: dict, records: dict[int, dict]) -> None:
         manifest["rejected"] = rejected
 
 
+def _record_shard(run: _Run, records: dict[int, dict], record: dict,
+                  on_shard_written: Callable[[int], None] | None) -> None:
+    """A shard is on disk: list it in the manifest (rewritten atomically), then tell the caller."""
+    records[record["index"]] = record
+    _finish_manifest(run.manifest, records)
+    write_manifest(run.out, run.manifest)
+    if on_shard_written is not None:
+        on_shard_written(record["index"])
+
+
 def _progress(total: int, enabled: bool | None):
     if enabled is None:
         enabled = sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ
@@ -209,11 +219,7 @@ def _run_local(run: _Run, todo: list[ShardJob], records: dict, *, batch_size: in
     try:
         for record in run_shards(encoder, run.rows, todo, folder=str(run.out), context=run.context,
                                  batch_size=batch_size, on_batch=bar.update if bar else None):
-            records[record["index"]] = record
-            _finish_manifest(run.manifest, records)
-            write_manifest(run.out, run.manifest)
-            if on_shard_written is not None:
-                on_shard_written(record["index"])
+            _record_shard(run, records, record, on_shard_written)
     finally:
         if bar is not None:
             bar.close()

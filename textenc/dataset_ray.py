@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .dataset_encode import CaptionEncoder, EncodeSettings
-from .dataset_format import write_manifest
 from .dataset_io import CaptionRows
 from .dataset_pipeline import ShardContext, ShardJob, run_shards
 from .errors import DatasetError
@@ -92,7 +91,7 @@ def _init(ray, address: str | None) -> bool:
 def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
              on_shard_written: Callable[[int], None] | None) -> list:
     """Wait for finished shards, record them → the actors that are free again."""
-    from .dataset import _finish_manifest
+    from .dataset import _record_shard
 
     done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_SECONDS)
     free = []
@@ -104,11 +103,7 @@ def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
             raise DatasetError(f"ray worker failed on shard {job.index}: {exc}") from exc
         for key, value in spent.items():
             seconds[key] = seconds.get(key, 0.0) + value
-        records[record["index"]] = record
-        _finish_manifest(run.manifest, records)
-        write_manifest(run.out, run.manifest)
-        if on_shard_written is not None:
-            on_shard_written(record["index"])
+        _record_shard(run, records, record, on_shard_written)
         free.append(actor)
     return free
 
