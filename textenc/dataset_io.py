@@ -104,28 +104,26 @@ def _require_pyarrow():
     return pq
 
 
-def _parquet_column(table, name: str, path: str) -> list:
-    if name not in table.column_names:
-        raise DatasetError(f"{path}: no column {name!r}; columns are {table.column_names} "
-                           "(choose one with --column / --id-column)")
-    return table.column(name).to_pylist()
-
-
 def _read_parquet(path: str, column: str, id_column: str | None) -> CaptionRows:
     pq = _require_pyarrow()
     rows = CaptionRows([], [], {})
+    wanted = [column] + ([id_column] if id_column else [])
     for file in _parquet_files(path):
+        # The schema first: a missing column is named before any data is read.
         try:
-            table = pq.read_table(file, columns=[column] + ([id_column] if id_column else []))
-        except (OSError, ValueError, KeyError) as exc:
-            if "No match for" in str(exc) or "not in schema" in str(exc) or isinstance(exc, KeyError):
-                names = pq.read_schema(file).names
-                missing = column if column not in names else id_column
-                raise DatasetError(f"{file}: no column {missing!r}; columns are {names} "
-                                   "(choose one with --column / --id-column)") from exc
+            names = pq.read_schema(file).names
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise DatasetError(f"{file}: cannot read parquet: {exc}") from exc
-        texts = _parquet_column(table, column, file)
-        ids = _parquet_column(table, id_column, file) if id_column else [None] * len(texts)
+        missing = [name for name in wanted if name not in names]
+        if missing:
+            raise DatasetError(f"{file}: no column {missing[0]!r}; columns are {names} "
+                               "(choose one with --column / --id-column)")
+        try:
+            table = pq.read_table(file, columns=wanted)
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{file}: cannot read parquet: {exc}") from exc
+        texts = table.column(column).to_pylist()
+        ids = table.column(id_column).to_pylist() if id_column else [None] * len(texts)
         for row_id, value in zip(ids, texts):
             _append(rows, row_id, value)
     return rows
