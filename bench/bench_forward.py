@@ -226,34 +226,65 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
-def run_gpu(quick: bool = False) -> list[dict]:
-    """Target 8: the target-1 comparison on CUDA (fp16 and fp32); skipped without a GPU."""
-    if not torch.cuda.is_available():
+#: Target 8: half precisions and batch sizes on the GPU.
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+GPU_BATCHES = (1, 64)
+
+
+def run_gpu(quick: bool = False, device: str = "cuda") -> list[dict]:
+    """Target 8: the target-1 comparison on a GPU, per attention path (SDPA, and
+    xformers when installed), fp16/bf16, batch 1 and 64; skipped without a GPU.
+
+    ``device`` exists so the section can be exercised on CPU; the bench runs it on CUDA.
+    """
+    import copy
+
+    from textenc.attention import available_backends
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         return [common.row("8 GPU forward", "CUDA", "-", "-", None, "<= 1.0x", None,
                            "skipped: no CUDA device here; run `python bench/run.py --gpu` on a GPU machine")]
+    backends = [b for b in ("sdpa", "xformers") if b in available_backends(device)]
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     rows = []
+    if "xformers" not in backends:
+        rows.append(common.row("8 GPU fwd vs HF", "xformers", "-", "-", None, "<= 1.0x", None,
+                               "skipped: xformers is not installed (pip install 'textenc[xformers]')"))
     for config in CONFIGS:
-        hf = common.hf_text_model(config)
-        state_dict = common.hf_text_state_dict(hf)
-        for dtype in (torch.float16, torch.float32):
-            ours = common.ours_text_model(config, state_dict, dtype=dtype).cuda()
-            ref = hf.to(dtype).cuda()
-            for batch in (1, 16):
-                ids = _ids(batch).cuda()
+        hf_fp32 = common.hf_text_model(config)
+        state_dict = common.hf_text_state_dict(hf_fp32)
+        for dtype in GPU_DTYPES:
+            # A converted copy per dtype: converting in place would hand the next
+            # dtype weights already rounded to the previous one.
+            ref = copy.deepcopy(hf_fp32).to(device=device, dtype=dtype)
+            ours = common.ours_text_model(config, state_dict, dtype=dtype).to(device)
+            for batch in GPU_BATCHES:
+                ids = _ids(batch).to(device)
 
                 def timed(fn):
                     def call():
                         fn()
-                        torch.cuda.synchronize()
+                        synchronize()
                     return call
+                fns = {"hf": timed(lambda: ref(ids))}
+                diffs = {}
                 with torch.inference_mode():
-                    stats = common.interleaved({"ours": timed(lambda: ours(ids, dtype=dtype)),
-                                                "hf": timed(lambda: ref(ids))},
-                                               repeats=10 if quick else 30, warmup=3)
-                rows.append(common.ratio_row("8 GPU fwd vs HF", f"{CONFIGS[config]} {dtype} B{batch}",
-                                             stats["ours"], stats["hf"], 1.0, ref_label="HF"))
-            ours = None  # free the GPU copy before the next dtype
-        hf.cpu()
+                    expected = ref(ids).last_hidden_state
+                    for backend in backends:
+                        out = ours(ids, dtype=dtype, attention_backend=backend).last_hidden_state
+                        diffs[backend] = _max_diff(out, expected)
+                        fns[backend] = timed(functools.partial(ours, ids, dtype=dtype,
+                                                               attention_backend=backend))
+                    stats = common.interleaved(fns, repeats=10 if quick else 30, warmup=3)
+                for backend in backends:
+                    rows.append(common.ratio_row(
+                        "8 GPU fwd vs HF", f"{CONFIGS[config]} {str(dtype)[6:]} B{batch} {backend}",
+                        stats[backend], stats["hf"], 1.0, ref_label="HF",
+                        note=f"max|ours-hf|={diffs[backend]:.1e} (last hidden state, both in "
+                             f"{str(dtype)[6:]}; magnitude ~{expected.abs().max().item():.0f})"))
+            ref = ours = None  # free the device copies before the next dtype
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -180,7 +180,9 @@ NOTES = """\
   3 windows plus the empty prompt) and we run 3 (the empty prompt is cached),
   so with equal per-row cost the ratio cannot go below 3/4 = 0.75.
 * **Target 8 (GPU)**: no GPU was lent to this session. On a CUDA machine run
-  `python bench/run.py --gpu` (fp16 and fp32, batch 1 and 16, vs transformers);
+  `python bench/run.py --gpu`: CLIP-L and ViT-H in fp16 and bf16, batch 1 and 64,
+  through SDPA and (when installed) xformers, each against transformers on the
+  same GPU with the same weights, the max output difference in the note;
   without CUDA that section prints a skipped row.
 """
 
