@@ -174,18 +174,22 @@ def _prepare_folder(out: Path, manifest: dict, *, overwrite: bool) -> dict[int, 
     return kept
 
 
+def _shard_totals(shards: Sequence[dict]) -> dict:
+    """Rows encoded, windows, bytes and the windows histogram over shard records."""
+    return {"encoded": sum(r["rows"] for r in shards),
+            "windows": sum(r["windows"] for r in shards),
+            "bytes": sum(r["bytes"] for r in shards),
+            "windows_histogram": shard_record_histogram(shards)}
+
+
 def _finish_manifest(manifest: dict, records: dict[int, dict]) -> None:
     shards = [records[i] for i in sorted(records)]
     manifest["shards"] = shards
     manifest["complete"] = len(shards) == manifest["num_shards"]
     if manifest["complete"]:
         rejected = [entry for record in shards for entry in record["rejected"]]
-        manifest["totals"] = {"rows": manifest["input"]["rows"],
-                              "encoded": sum(r["rows"] for r in shards),
-                              "rejected": len(rejected),
-                              "windows": sum(r["windows"] for r in shards),
-                              "bytes": sum(r["bytes"] for r in shards),
-                              "windows_histogram": shard_record_histogram(shards)}
+        manifest["totals"] = {"rows": manifest["input"]["rows"], "rejected": len(rejected),
+                              **_shard_totals(shards)}
         manifest["rejected"] = rejected
 
 
@@ -310,15 +314,14 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
 def _report(run: _Run, records: dict, *, todo: Sequence[ShardJob], skipped: int, timings: dict,
             started: float) -> DatasetReport:
     seconds = time.perf_counter() - started
-    shards = [records[i] for i in sorted(records)]
+    totals = _shard_totals([records[i] for i in sorted(records)])
     encoded_now = sum(records[job.index]["rows"] for job in todo)
     rejected = run.manifest.get("rejected", [])
-    return DatasetReport(out=str(run.out), rows=len(run.rows), encoded=sum(r["rows"] for r in shards),
+    return DatasetReport(out=str(run.out), rows=len(run.rows), encoded=totals["encoded"],
                          shards=len(run.jobs), shards_written=len(todo), shards_skipped=skipped,
                          seconds=seconds, captions_per_s=encoded_now / seconds if seconds else 0.0,
-                         bytes=sum(r["bytes"] for r in shards),
-                         windows_histogram=shard_record_histogram(shards), rejected=rejected,
-                         timings=timings)
+                         bytes=totals["bytes"], windows_histogram=totals["windows_histogram"],
+                         rejected=rejected, timings=timings)
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through the CLI tests
