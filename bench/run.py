@@ -148,15 +148,16 @@ NOTES = """\
   768->3072 GEMM, past the 1e-5 parity) or only serve one batch size with a
   second copy of the weights (MKL).
 * **Target 1 vs linear floor (<= 1.15x)**: met, with a thin margin. Since the
-  `bmm` attention and the quick_gelu change, CLIP-L has had nine runs (eight
+  `bmm` attention and the quick_gelu change, CLIP-L has had ten runs (nine
   full, one forward-only; B1/B4/B16): 1.11/1.12/1.11, 1.11/1.12/1.13, 1.12/1.12/1.10,
   1.11/1.13/1.13, 1.08/1.07/1.19, 1.13/1.16/1.12, then 1.11/1.15/1.12,
-  1.11/1.09/1.12 and 1.11/1.12/1.13 (the last is the table above). 25 of 27
-  rows are within 1.15 and the median row reads 1.12. The two misses came
-  in runs whose own samples spread by 8-10%: 1.19 at B16 from 5 rounds
-  (since raised to 10), and 1.16 at B4. The info-only breakdown row, the
-  same ratio in CPU time, read 1.16, 1.16 and 1.12 in the last three runs;
-  run alone it reads 1.13. On this shared machine the ratio moves by about
+  1.11/1.09/1.12, 1.11/1.12/1.13 and 1.13/1.14/1.11 (the last is the table
+  above, from a run ~8% slower overall than the one before). 28 of 30 rows
+  are within 1.15 and the median row reads 1.12. The two misses came in runs
+  whose own samples spread by 8-10%: 1.19 at B16 from 5 rounds (since raised
+  to 10), and 1.16 at B4. The info-only breakdown row, the same ratio in CPU
+  time, read 1.16, 1.16, 1.12 and 1.16 in the last four runs; run alone it
+  reads 1.13. On this shared machine the ratio moves by about
   +-0.04 from run to run. ViT-H measured 1.03-1.13, and transformers on CLIP-L
   1.14-1.26. Before the `bmm` attention, B16 measured 1.15-1.18 in every run.
   The floor leaves out attention, LayerNorm, the activation and the residual
@@ -168,7 +169,8 @@ NOTES = """\
   GFLOP/s, about 70% of one core's fp32 peak, and the activation is three
   passes over fc1's output in L2-sized chunks.
 * **Target 1 vs HF, ViT-H, and target 7 for ViT-H/14 (0.93-1.00x and
-  0.94-1.05x across runs)**: a tie within noise (per-round spreads cross 1.0; which row lands
+  0.94-1.05x across runs; ViT-H/14 reads 1.01 in the table above, paired median 0.99)**:
+  a tie within noise (per-round spreads cross 1.0; which row lands
   above 1.0 changes from run to run), for the reason above. Timed apart, our
   ViT-H/14 image forward took 1926 ms to transformers' 1978 ms (median of
   8, CPU time) and our preprocessing 3.5 ms to CLIPImageProcessor's 4.6 ms.
@@ -183,7 +185,7 @@ NOTES = """\
   bound (CLIP-L 0.943 vs 0.942, ViT-H 0.973 vs 0.971 in a trial run), so the
   CLIP-L row passes or fails 0.95 by noise.
 * **Target 3, fp16 weights -> fp32 per-forward cast**: passes on a quiet
-  machine (CLIP-L 1.02-1.09x, ViT-H 1.08-1.12x) but is memory-bandwidth
+  machine (CLIP-L 1.02-1.09x, ViT-H 1.08-1.14x; 1.14 in the table above) but is memory-bandwidth
   bound: re-reading 246 MB of fp16 and writing 492 MB of fp32 per CLIP-L
   forward measured 1.22x while other jobs loaded the machine. Casting into
   one reused buffer per weight shape instead of fresh tensors measured no
