@@ -55,9 +55,14 @@ def _linear_floor(model, batch: int):
 
 
 @functools.cache
+def _hf_model(config: str):
+    """transformers' model of ``config`` with the run's random weights, built once per run."""
+    return common.hf_text_model(config)
+
+
 def _state_dict(config: str) -> dict[str, torch.Tensor]:
-    """The random weights of ``config`` (the same as target 1's), built once per run."""
-    return common.hf_text_state_dict(common.hf_text_model(config))
+    """Those weights in our key layout (the tensors are the HF model's own, not copies)."""
+    return common.hf_text_state_dict(_hf_model(config))
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,9 +71,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _target1(config: str, batches, repeats: int) -> list[dict]:
     rows = []
-    hf = common.hf_text_model(config)
-    state_dict = common.hf_text_state_dict(hf)
-    ours = common.ours_text_model(config, state_dict)
+    hf = _hf_model(config)
+    ours = common.ours_text_model(config, _state_dict(config))
     name = CONFIGS[config]
     for batch in batches:
         ids = _ids(batch)
@@ -246,26 +250,24 @@ def run_gpu(quick: bool = False, device: str = "cuda") -> list[dict]:
                            "skipped: no CUDA device here; run `python bench/run.py --gpu` on a GPU machine")]
     backends = [b for b in ("sdpa", "xformers") if b in available_backends(device)]
     synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        def call():
+            fn()
+            synchronize()
+        return call
     rows = []
     if "xformers" not in backends:
         rows.append(common.row("8 GPU fwd vs HF", "xformers", "-", "-", None, "<= 1.0x", None,
                                "skipped: xformers is not installed (pip install 'textenc[xformers]')"))
     for config in CONFIGS:
-        hf_fp32 = common.hf_text_model(config)
-        state_dict = common.hf_text_state_dict(hf_fp32)
         for dtype in GPU_DTYPES:
             # A converted copy per dtype: converting in place would hand the next
-            # dtype weights already rounded to the previous one.
-            ref = copy.deepcopy(hf_fp32).to(device=device, dtype=dtype)
-            ours = common.ours_text_model(config, state_dict, dtype=dtype).to(device)
+            # dtype (and the CPU sections) weights already rounded to this one.
+            ref = copy.deepcopy(_hf_model(config)).to(device=device, dtype=dtype)
+            ours = common.ours_text_model(config, _state_dict(config), dtype=dtype).to(device)
             for batch in GPU_BATCHES:
                 ids = _ids(batch).to(device)
-
-                def timed(fn):
-                    def call():
-                        fn()
-                        synchronize()
-                    return call
                 fns = {"hf": timed(lambda: ref(ids))}
                 diffs = {}
                 with torch.inference_mode():
