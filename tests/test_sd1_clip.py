@@ -26,6 +26,8 @@ import concurrent.futures
 import copy
 
 import pytest
+
+from textenc.errors import LayerError  # noqa: E402
 import torch
 from random_weights import randomize_
 
@@ -245,8 +247,10 @@ def test_clip_skip_per_call_and_instance_default(hf_models):
     assert close(model.encode_token_weights([window])[0], skip)
     model.reset_clip_options()
     assert close(model.encode_token_weights([window])[0], last)
-    for beyond in (LAYERS, -LAYERS - 1, 100):  # ComfyUI: out of range → last layer
-        assert close(model.encode_token_weights([window], options={"layer": beyond})[0], last)
+    # ComfyUI silently falls back to the last layer; textenc names the range (README).
+    for beyond in (LAYERS, -LAYERS - 1, 100):
+        with pytest.raises(LayerError, match=rf"layer {beyond} is out of range.*-{LAYERS}\.\.-1"):
+            model.encode_token_weights([window], options={"layer": beyond})
     assert not close(skip, last)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "DatasetError",
     "ImageError",
     "ConditioningError",
+    "LayerError",
     "TextencWarning",
     "EmbeddingWarning",
 ]
@@ -74,3 +75,7 @@ class ImageError(TextencError):
 
 class ConditioningError(TextencError):
     """A CONDITIONING list is malformed (not ``[[cond, {...}], ...]``)."""
+
+
+class LayerError(PromptError):
+    """A clip-skip count or layer index is not valid for the model's depth."""

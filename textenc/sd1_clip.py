@@ -16,7 +16,6 @@ differences in the machinery (never in the default result):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -27,7 +26,7 @@ from .config import load_text_config
 from .errors import PromptError
 from .lru import LRUCache
 from .tokenizer import SDTokenizer
-from .weighting import check_mode
+from .clip_options import ClipOptions
 from . import sd1_encode
 
 __all__ = ["SDClipModel", "SD1ClipModel", "SD1Tokenizer", "SDTokenizer", "ClipOptions",
@@ -41,41 +40,6 @@ def gen_empty_tokens(special_tokens: Mapping[str, int], length: int) -> list[int
     """The empty prompt as ComfyUI encodes it: start, end, then padding to ``length``."""
     output = [special_tokens[k] for k in ("start", "end") if special_tokens.get(k) is not None]
     return output + [special_tokens["pad"]] * (length - len(output))
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipOptions:
-    """Everything that changes an encoding; hashable, so it keys the caches."""
-
-    layer: str = "last"
-    layer_idx: int | None = None
-    layer_norm_hidden_state: bool = True
-    return_projected_pooled: bool = True
-    weight_mode: str = "comfy"
-    normalization: str = "none"
-    compute_dtype: torch.dtype = torch.float32
-
-    def updated(self, options: Mapping[str, Any], num_layers: int) -> "ClipOptions":
-        """Apply ComfyUI's ``set_clip_options`` rules to a copy."""
-        changes: dict[str, Any] = {}
-        if "layer" in options and self.layer != "all":
-            idx = options["layer"]
-            if idx is None or not -num_layers <= int(idx) < num_layers:
-                changes.update(layer="last", layer_idx=None)
-            else:
-                changes.update(layer="hidden", layer_idx=int(idx))
-        if "projected_pooled" in options:
-            changes["return_projected_pooled"] = bool(options["projected_pooled"])
-        for key in ("weight_mode", "normalization", "compute_dtype", "layer_norm_hidden_state"):
-            if key in options:
-                changes[key] = options[key]
-        unknown = set(options) - {"layer", "projected_pooled", "weight_mode", "normalization",
-                                  "compute_dtype", "layer_norm_hidden_state"}
-        if unknown:
-            raise PromptError(f"unknown clip option(s) {sorted(unknown)}")
-        result = dataclasses.replace(self, **changes)
-        check_mode(result.weight_mode, result.normalization)
-        return result
 
 
 class ClipTokenWeightEncoder:

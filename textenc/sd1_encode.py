@@ -5,7 +5,7 @@ batched encoding and weighting. Kept apart so each function stays small.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -13,8 +13,10 @@ from .errors import CheckpointError, EmbeddingWarning, PromptError
 from .weighting import (apply_weights, compel_blend_weights, downweighted_runs,
                         normalize_weights)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .sd1_clip import ClipOptions, SDClipModel
+from .clip_options import ClipOptions
+
+# An ``SDClipModel`` (duck-typed: ``sd1_clip`` imports this module, never the reverse).
+SDClipModel = Any
 
 # Not weights: old HF files store the position ids buffer; it is recomputed.
 IGNORED_KEYS = ("text_model.embeddings.position_ids",)
@@ -29,7 +31,7 @@ class ProcessedTokens(NamedTuple):
 
 # ---- loading ------------------------------------------------------------------
 
-def _shape_report(model: "SDClipModel", sd: dict) -> tuple[list, list, list]:
+def _shape_report(model: SDClipModel, sd: dict) -> tuple[list, list, list]:
     expected = {k: tuple(v.shape) for k, v in model.transformer.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -38,7 +40,7 @@ def _shape_report(model: "SDClipModel", sd: dict) -> tuple[list, list, list]:
     return missing, unexpected, misshaped
 
 
-def load_text_state_dict(model: "SDClipModel", sd, *, strict: bool = True):
+def load_text_state_dict(model: SDClipModel, sd, *, strict: bool = True):
     """Assign an HF-layout state dict to ``model.transformer`` (see ``SDClipModel.load_sd``).
 
     ``strict=False`` tolerates unexpected keys only: a missing key always raises,
@@ -104,7 +106,7 @@ def _drop_wrong_width(window: list, width: int, pad: int) -> list:
     return kept + [pad] * (len(window) - len(kept))
 
 
-def process_tokens(model: "SDClipModel", windows: Sequence[Sequence[Any]],
+def process_tokens(model: SDClipModel, windows: Sequence[Sequence[Any]],
                    dtype: torch.dtype) -> ProcessedTokens:
     """Token windows (ints or 1-D tensors) → input embeddings, masks and token counts."""
     lengths = {len(w) for w in windows}
@@ -128,7 +130,7 @@ def process_tokens(model: "SDClipModel", windows: Sequence[Sequence[Any]],
 
 # ---- encoding -----------------------------------------------------------------
 
-def _run_transformer(model: "SDClipModel", processed: ProcessedTokens, opts: "ClipOptions",
+def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipOptions,
                      attention_mask: torch.Tensor | None):
     if opts.layer == "all":
         intermediate = "all"
@@ -147,7 +149,7 @@ def _run_transformer(model: "SDClipModel", processed: ProcessedTokens, opts: "Cl
     return z.float(), pooled.float()
 
 
-def encode_windows(model: "SDClipModel", windows, opts: "ClipOptions", *,
+def encode_windows(model: SDClipModel, windows, opts: ClipOptions, *,
                    extra_mask: torch.Tensor | None = None):
     """Encode windows in one forward → ``(z (W, T, D), pooled (W, P)[, extra])``."""
     if not model.loaded:
@@ -170,14 +172,14 @@ def _token_key(token: Any) -> Any:
     return int(token)
 
 
-def empty_encoding(model: "SDClipModel", length: int, opts: "ClipOptions"):
+def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
     """The empty prompt's ``(z (T, D), pooled (P,))``, cached per options and length."""
     tokens = model.gen_empty_tokens(model.special_tokens, length)
     compute = lambda: tuple(x[0] for x in encode_windows(model, [tokens], opts)[:2])  # noqa: E731
     return model._empty_cache.get_or_compute((opts, length), compute)
 
 
-def _encode_maybe_cached(model: "SDClipModel", windows, opts: "ClipOptions"):
+def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     if model.cache_size <= 0 or model.return_attention_masks:
         return encode_windows(model, windows, opts)
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
@@ -225,7 +227,7 @@ def token_weights(pairs: Sequence[Sequence[tuple]],
     return weights, word_ids
 
 
-def encode_token_weights(model: "SDClipModel", token_weight_pairs, opts: "ClipOptions"):
+def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptions):
     """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.weighting` for modes)."""
     pairs = [list(w) for w in token_weight_pairs]
     if not pairs:

@@ -37,6 +37,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from textenc.dialects import get_dialect
 from textenc.embeddings import EmbeddingLoader, EmbeddingResult
 from textenc.errors import EmbeddingWarning, PromptError
 from textenc.lru import LRUCache
@@ -384,6 +385,18 @@ class SDTokenizer:
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
         """Windows of ``(token, weight)`` or ``(token, weight, word_id)``.
 
+        ``syntax=`` picks the prompt dialect (``"comfy"`` default, ``"a1111"``,
+        ``"compel"``; see :mod:`textenc.dialects`); the rest is ComfyUI's.
+
+        Raises:
+            PromptError: unknown syntax, or what the dialect refuses.
+        """
+        dialect = get_dialect(kwargs.pop("syntax", None))
+        return dialect.tokenize_with_weights(self, text, return_word_ids, **kwargs)
+
+    def tokenize_comfy(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
+        """ComfyUI's windows of ``(token, weight)`` or ``(token, weight, word_id)``.
+
         Tokens are ints, or 1-D tensors (one embedding vector each).
         ``kwargs`` understood: ``min_length``, ``tokenizer_options``,
         ``disable_weights`` (as ComfyUI), and per-call prompt syntax
@@ -406,7 +419,15 @@ class SDTokenizer:
         return [(pair, self._token_text(pair[0])) for pair in token_weight_pair]
 
     def inspect(self, text: str, **kwargs: Any) -> InspectReport:
-        """Tokenize ``text`` and report windows, units and embeddings, for debugging prompts."""
+        """Tokenize ``text`` and report windows, units and embeddings, for debugging prompts.
+
+        ``syntax=`` picks the prompt dialect, as in :meth:`tokenize_with_weights`.
+        """
+        dialect = get_dialect(kwargs.pop("syntax", None))
+        return dialect.inspect(self, text, **kwargs)
+
+    def inspect_comfy(self, text: str, **kwargs: Any) -> InspectReport:
+        """ComfyUI's reading of ``text`` as an :class:`InspectReport`."""
         windows, units, found = self._run(text, kwargs)
         reports, word_id = [], 0
         for unit in units:
