@@ -122,7 +122,7 @@ def test_inspect_json_tokens_match_hf(tmp_path, capsys):
 
 def test_inspect_table_subprocess_without_model_code(tmp_path):
     code = ("import sys; from textenc.cli import main; "
-            "status = main(['inspect', 'a (red:1.2) cat BREAK dog', '--break']); "
+            "status = main(['inspect', 'a (red:1.2) cat BREAK dog', '--syntax', 'a1111']); "
             "assert 'textenc.clip_model' not in sys.modules and 'textenc.sd' not in sys.modules; "
             "sys.exit(status)")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,

@@ -15,7 +15,8 @@ import torch
 from .checkpoint import check_finite, load_state_dict
 from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
 from .errors import CheckpointError, TextencError
-from .sd1_clip import SD1ClipModel, SD1Tokenizer
+from .layers import check_layer
+from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
 from .sd2_clip import SD2ClipModel, SD2Tokenizer
 from .sdxl_clip import SDXLClipModel, SDXLTokenizer
 
@@ -128,7 +129,29 @@ class CLIP:
         other.layer_idx = self.layer_idx
         return other
 
+    def _encoders(self) -> list[SDClipModel]:
+        return [m for m in self.cond_stage_model.modules() if isinstance(m, SDClipModel)]
+
+    @property
+    def num_layers(self) -> int:
+        """Depth of the shallowest text encoder: the range every ``layer`` must fit."""
+        return min(encoder.num_layers for encoder in self._encoders())
+
+    @property
+    def default_layer(self) -> int:
+        """ComfyUI's index of the layer used when no clip skip is set (SD1 -1, SD2/SDXL -2)."""
+        options = self._encoders()[0].options_default
+        return -1 if options.layer == "last" else int(options.layer_idx)
+
     def clip_layer(self, layer_idx: int | None) -> None:
+        """Set the layer every encode uses, in ComfyUI's ``CLIPSetLastLayer`` numbering.
+
+        Raises:
+            LayerError: ``layer_idx`` is outside the model's depth (checked now,
+                and again at encode for ``options={"layer": ...}``).
+        """
+        if layer_idx is not None and self._encoders():
+            layer_idx = check_layer(layer_idx, self.num_layers)
         self.layer_idx = layer_idx
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs):

@@ -1,0 +1,252 @@
+"""What every textenc command line shares: its parser class, its exit statuses,
+how a fault becomes one line, and checks of ``--out``/``--embeddings``.
+
+Used by ``textenc`` / ``python -m textenc`` (:mod:`textenc.cli`) and meant for
+``python -m textenc.dataset`` as well, so that every command answers alike:
+
+* a usage error (unknown option, bad value, missing argument) prints one line
+  ``PROG: error: ...; see 'PROG --help'`` and exits with status 2;
+* a runtime error a user can cause (:class:`~textenc.errors.TextencError`,
+  ``OSError``, ``UnicodeError``) prints one line naming the path or value and
+  what to do, and exits with status 1 — never a traceback;
+* SIGINT exits with status 130 and SIGTERM with 143, after one line.
+
+>>> parser = CommandParser(prog="demo")
+>>> _ = parser.add_argument("--size", type=int, default=3, help="how big")
+>>> "(default: 3)" in parser.format_help()
+True
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import signal
+import sys
+import tempfile
+import threading
+import warnings
+from typing import Callable, Iterator
+
+from ..errors import TextencError
+
+__all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
+           "HelpFormatter", "Terminated", "run_command", "describe_error", "one_line", "show_path",
+           "check_out_file", "check_folder", "write_file_atomically"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: the shell's convention
+
+
+def one_line(message: object) -> str:
+    """``message`` with every run of whitespace (newlines included) made one space."""
+    return " ".join(str(message).split())
+
+
+def show_path(path: str | os.PathLike) -> str:
+    """A path as text that can always be printed: bytes that are not UTF-8 as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# --- parser -----------------------------------------------------------------------
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default and writes choices as typed, ``{a|b|c}``.
+
+    A comma inside a choice (``cond,pooled``) stays readable because choices
+    are separated by ``|``. An option whose help already says ``default`` is
+    left alone; a flag (``store_true``) shows ``(default: off)``; an option
+    whose default is None must say in its help what happens without it.
+    """
+
+    def _metavar_formatter(self, action: argparse.Action, default_metavar: str):
+        if action.metavar is None and action.choices is not None and action.option_strings:
+            text = "{" + "|".join(str(choice) for choice in action.choices) + "}"
+            return lambda size: (text,) * size
+        return super()._metavar_formatter(action, default_metavar)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if not action.option_strings or "default" in help_text or action.default is argparse.SUPPRESS:
+            return help_text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{help_text} (default: off)"
+        if action.default is not None:
+            return f"{help_text} (default: %(default)s)"
+        return help_text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with textenc's help layout and one-line usage errors.
+
+    Sub-command parsers made with ``add_subparsers().add_parser`` are of the
+    same class, so every sub-command behaves alike.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        """Print ``PROG: error: MESSAGE; see 'PROG --help'`` and exit with status 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}; see '{self.prog} --help'\n")
+
+
+# --- faults -----------------------------------------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread the way SIGINT raises ``KeyboardInterrupt``,
+    so ``finally`` blocks and cleanup run for both."""
+
+    exit_status = EXIT_SIGTERM
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+    errno.EFBIG: "the file exceeds the file-size limit (ulimit -f): raise it or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "permission denied: check the permissions or choose another location",
+    errno.EPERM: "operation not permitted: check the permissions or choose another location",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.EISDIR: "it is a folder: give a file path",
+    errno.ENOTDIR: "a part of the path is not a folder: check the path",
+    errno.ENAMETOOLONG: "the name is too long: use a shorter path",
+    errno.EIO: "input/output error: the disk or network share failed; check it and re-run",
+}
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a fault a user can cause: what went wrong, where, and what to do."""
+    if isinstance(error, OSError):
+        paths = [show_path(p) for p in (error.filename, error.filename2) if p is not None]
+        reason = _OS_HINTS.get(error.errno or -1) or error.strerror or one_line(error)
+        return f"{' -> '.join(paths)}: {reason}" if paths else one_line(f"{reason} ({error})")
+    if isinstance(error, UnicodeDecodeError):
+        return (f"input is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                f"{error.start}); save it as UTF-8")
+    if isinstance(error, UnicodeError):
+        return f"text that cannot be written as UTF-8 ({one_line(error)}); remove the odd characters"
+    return one_line(error)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (main thread only: elsewhere
+    Python cannot install signal handlers, and the default action stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _warning_printer(prog: str):
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {one_line(message)}", file=sys.stderr)
+    return show
+
+
+def run_command(run: Callable[[], int], *, prog: str) -> int:
+    """Call ``run()`` and turn what it raises into an exit status and one line on stderr.
+
+    ``KeyboardInterrupt`` (SIGINT) → 130 and :class:`Terminated` (SIGTERM) → 143,
+    printing ``PROG: interrupted (SIGINT)`` (or ``terminated (SIGTERM)``) plus
+    the exception's text when it has one: a command can re-raise
+    ``type(exc)("3 of 8 shards finished; re-run to resume")`` to say more. ``TextencError``, ``OSError`` and ``UnicodeError`` → 1 with
+    :func:`describe_error`'s line. Warnings print as ``PROG: warning: ...``.
+    Anything else is a bug and propagates.
+    """
+    with _sigterm_raises(), warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(prog)
+        try:
+            return int(run())
+        except KeyboardInterrupt as interrupt:
+            status = getattr(interrupt, "exit_status", EXIT_SIGINT)
+            what = "interrupted (SIGINT)" if status == EXIT_SIGINT else "terminated (SIGTERM)"
+            detail = one_line(interrupt)
+            print(f"{prog}: {what}{'; ' + detail if detail else ''}", file=sys.stderr)
+            return status
+        except (TextencError, OSError, UnicodeError) as error:
+            print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
+            return EXIT_ERROR
+
+
+# --- paths ------------------------------------------------------------------------
+
+def check_folder(path: str | os.PathLike, option: str) -> str:
+    """``path`` if it is an existing folder, else a TextencError naming ``option``."""
+    text = os.fspath(path)
+    if not os.path.exists(text):
+        raise TextencError(f"{option} {show_path(text)}: the folder does not exist")
+    if not os.path.isdir(text):
+        raise TextencError(f"{option} {show_path(text)}: not a folder; give the folder that holds the files")
+    return text
+
+
+def check_out_file(path: str | os.PathLike, *, suffix: str, option: str = "--out") -> str:
+    """Check that ``path`` can become an output file, before any work is done.
+
+    It must end with ``suffix``, not be a folder or another non-regular file,
+    and its folder must exist and accept a new file (checked by creating and
+    removing an empty temporary file, so read-only mounts and permissions are
+    caught even when running as root).
+
+    Raises:
+        TextencError: naming ``option``, the path and the fix.
+    """
+    text = os.fspath(path)
+    shown = show_path(text)
+    if os.path.isdir(text):
+        raise TextencError(f"{option} {shown}: is a folder; give a file path such as "
+                           f"{os.path.join(shown, 'out' + suffix)}")
+    if os.path.lexists(text) and not os.path.isfile(text):
+        raise TextencError(f"{option} {shown}: exists and is not a regular file; choose another name")
+    if not text.endswith(suffix):
+        raise TextencError(f"{option} {shown}: the output is a {suffix} file; name it *{suffix}")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise TextencError(f"{option} {shown}: folder {show_path(folder)} does not exist; create it first")
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".textenc-", suffix=".probe")
+    except OSError as error:
+        raise TextencError(f"{option} {shown}: cannot write in folder {show_path(folder)} "
+                           f"({error.strerror}); choose a writable location") from None
+    os.close(handle)
+    os.unlink(probe)
+    return text
+
+
+def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, so an
+    interrupted or failed write never leaves a partial file under ``path``.
+
+    Raises:
+        OSError: with ``path`` as its filename (disk full, permissions, ...).
+    """
+    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".textenc-", suffix=".partial")
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+        temporary = None
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, target) from None
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)

@@ -1,0 +1,174 @@
+"""``textenc encode``: prompts → ``cond_{i}`` / ``pooled_{i}`` in one safetensors file.
+
+Every option is resolved to the value actually used before anything is
+encoded, and that value is what the output's metadata records: the layer
+index (ComfyUI numbering) whether or not ``--clip-skip`` was given, the
+weight mode whether given or taken from ``--syntax``. So giving an option
+with its default value and leaving it out produce the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ..dialects import SYNTAXES, default_weight_mode
+from ..errors import TextencError
+from .common import check_folder, check_out_file, show_path, write_file_atomically
+
+__all__ = ["add_encode", "read_prompts", "resolve_options", "run_encode", "WEIGHT_MODES",
+           "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
+
+# The same tuples as textenc.weighting (tests check), kept here so that parsing
+# the command line imports no torch.
+WEIGHT_MODES = ("comfy", "a1111", "a1111_no_norm", "compel", "none")
+NORMALIZATIONS = ("none", "mean", "length", "length+mean")
+CLIP_TYPES = ("auto", "sd1", "sd2", "sdxl")
+
+CLIP_SKIP_HELP = ("layer to stop at, counted from the end as in A1111 and civitai: 1 = last layer, "
+                  "2 = penultimate, up to the model's depth; ComfyUI's -1, -2, ... are accepted and mean "
+                  "the same; 0 or a count beyond the depth is an error (default: the model's own "
+                  "layer: SD1 1, SD2 and SDXL 2)")
+SYNTAX_HELP = ("prompt grammar: comfy = ComfyUI's; a1111 = AUTOMATIC1111's (its weight convention, "
+               "[word] down-weights, BREAK starts a new window); compel = compel's (default: comfy)")
+
+
+# --- prompts ----------------------------------------------------------------------
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a UTF-8 text file (one per non-empty line) or a ``.jsonl`` file
+    (each line a JSON string or an object with a ``"prompt"`` or ``"text"`` key).
+
+    Raises:
+        TextencError: a file that is not UTF-8, a JSONL line that is not a
+            prompt. OSError: an unreadable file (its name in ``filename``).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [line.rstrip("\n") for line in handle]
+    except UnicodeDecodeError as error:
+        raise TextencError(f"{show_path(path)}: not UTF-8 text (byte 0x{error.object[error.start]:02x} "
+                           f"near offset {error.start}); save the prompts file as UTF-8") from None
+    if not path.lower().endswith((".jsonl", ".ndjson")):
+        return [line for line in lines if line.strip()]
+    return [_jsonl_prompt(line, f"{show_path(path)}:{number}")
+            for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _jsonl_prompt(line: str, where: str) -> str:
+    try:
+        value = json.loads(line)
+    except ValueError as error:
+        raise TextencError(f"{where}: not JSON ({error})") from None
+    if isinstance(value, dict):
+        value = value.get("prompt", value.get("text"))
+    if not isinstance(value, str):
+        raise TextencError(f"{where}: expected a JSON string or an object with a 'prompt' key")
+    return value
+
+
+def _gather_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file)
+    if not prompts:
+        raise TextencError("no prompts: give them as arguments or with --prompts-file")
+    return prompts
+
+
+# --- options ----------------------------------------------------------------------
+
+def resolve_options(args: argparse.Namespace, clip) -> dict[str, Any]:
+    """The clip options one ``encode`` uses, every value resolved for ``clip``.
+
+    ``layer`` is ComfyUI's index: ``--clip-skip`` in A1111 numbering, else the
+    model's default layer. ``weight_mode`` is ``--weight-mode`` or the syntax's.
+
+    Raises:
+        LayerError: ``--clip-skip`` 0 or beyond the model's depth.
+    """
+    from ..layers import layer_from_clip_skip
+
+    if args.clip_skip is None:
+        layer = clip.default_layer
+    else:
+        layer = layer_from_clip_skip(args.clip_skip, clip.num_layers, numbering="a1111")
+    weight_mode = args.weight_mode or default_weight_mode(args.syntax)
+    return {"layer": layer, "weight_mode": weight_mode, "normalization": args.normalization}
+
+
+def _model_names(models: list[str]) -> list[str]:
+    return [show_path(os.path.basename(os.path.normpath(model))) for model in models]
+
+
+def _progress(items: list, description: str):
+    if len(items) < 2:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, unit="prompt", file=sys.stderr)
+
+
+# --- run --------------------------------------------------------------------------
+
+def run_encode(args: argparse.Namespace) -> int:
+    """Encode the prompts; every input is checked before the model loads."""
+    prompts = _gather_prompts(args)
+    check_out_file(args.out, suffix=".safetensors")
+    embeddings = None if args.embeddings is None else check_folder(args.embeddings, "--embeddings")
+    from safetensors.torch import save
+
+    from ..load import load_text_model
+
+    clip = load_text_model(args.model, clip_type=args.clip_type, embedding_directory=embeddings)
+    options = resolve_options(args, clip)
+    tensors = {}
+    for index, prompt in enumerate(_progress(prompts, "encode")):
+        tokens = clip.tokenize(prompt, syntax=args.syntax)
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
+        tensors[f"cond_{index}"] = cond.detach().contiguous().cpu()
+        tensors[f"pooled_{index}"] = pooled.detach().contiguous().cpu()
+    recorded = {"syntax": args.syntax, **options, "clip_type": clip.clip_type,
+                "models": _model_names(args.model)}
+    metadata = {"format": "textenc.encode/1", "prompts": json.dumps(prompts),
+                "options": json.dumps(recorded)}
+    write_file_atomically(args.out, save(tensors, metadata=metadata))
+    print(f"wrote {len(prompts)} prompt(s) to {show_path(args.out)}: cond {tuple(tensors['cond_0'].shape)}, "
+          f"pooled {tuple(tensors['pooled_0'].shape)} ({clip.clip_type}, layer {options['layer']})")
+    return 0
+
+
+def add_encode(sub) -> argparse.ArgumentParser:
+    """Add ``encode`` to the ``textenc`` sub-parsers; returns its parser."""
+    parser = sub.add_parser("encode", help="encode prompts to a safetensors file",
+                            description="Encode prompts with a CLIP text encoder; writes cond_{i} and "
+                                        "pooled_{i} per prompt, with the prompts and the resolved options "
+                                        "as metadata.")
+    add = parser.add_argument
+    add("prompts", nargs="*", help="prompts, in the grammar chosen by --syntax")
+    add("--prompts-file", metavar="FILE", help="UTF-8 text file (one prompt per line) or .jsonl file (a JSON "
+        "string or {\"prompt\": ...} per line), added after the prompt arguments (default: none)")
+    # action="append", not nargs="+": a prompt written after --model FILE must
+    # stay a prompt. SDXL from two files: --model clip_l.safetensors --model clip_g.safetensors
+    add("--model", action="append", required=True, metavar="PATH",
+        help="checkpoint file in any known layout (repeat for SDXL's clip_l and clip_g files) or a "
+             "diffusers model folder (required)")
+    add("--clip-type", choices=CLIP_TYPES, default="auto",
+        help="model type; auto detects it from the weights")
+    add("--clip-skip", type=int, default=None, metavar="N", help=CLIP_SKIP_HELP)
+    add("--syntax", choices=SYNTAXES, default="comfy", help=SYNTAX_HELP)
+    pairs = ", ".join(f"{default_weight_mode(name)} for {name}" for name in SYNTAXES)
+    add("--weight-mode", choices=WEIGHT_MODES, default=None,
+        help=f"how token weights are applied, see textenc.weighting (default: the one that goes with --syntax: {pairs})")
+    add("--normalization", choices=NORMALIZATIONS, default="none",
+        help="rescaling of the weights of each prompt")
+    add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none; "
+        "each embedding:name is then skipped with a warning)")
+    add("--out", required=True, metavar="FILE", help="output .safetensors file; its folder must exist (required)")
+    parser.set_defaults(run=run_encode)
+    return parser

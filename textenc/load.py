@@ -1,0 +1,80 @@
+"""One loader for "a model" as users name it: checkpoint files or a diffusers folder.
+
+Every command-line ``--model`` goes through :func:`load_text_model`, so they
+all accept the same things: full SD1/SD2/SDXL checkpoints and standalone
+text-encoder files in any known key layout (:func:`textenc.sd.load_clip`),
+and diffusers model folders (:func:`textenc.diffusers_load.load_from_diffusers`,
+which reads the head count and activation from the folder's ``config.json``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from .errors import CheckpointError
+from .sd import CLIP, load_clip
+
+__all__ = ["load_text_model", "check_model_path"]
+
+
+def _shown(path: str) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_model_path(path: str | os.PathLike) -> str:
+    """``path`` as a string if it exists and can be opened by name, else a CheckpointError.
+
+    A name holding bytes that are not UTF-8 (possible on Linux) cannot be opened by
+    safetensors; it is reported as a path problem, not as a damaged file.
+    """
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not os.path.exists(text):
+        raise CheckpointError(f"{_shown(text)}: does not exist; check the path")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{_shown(text)}: the path is not valid UTF-8 (shown with \\x escapes), "
+                              "which safetensors cannot open; rename the file or the folder holding it"
+                              ) from None
+    return text
+
+
+def load_text_model(model: str | os.PathLike | Sequence[str | os.PathLike], *,
+                    clip_type: str | None = None, embedding_directory=None,
+                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> CLIP:
+    """A :class:`~textenc.sd.CLIP` from checkpoint file(s) or one diffusers model folder.
+
+    Args:
+        model: one path, or several checkpoint files (SDXL: clip_l and clip_g).
+            A folder is read as a diffusers pipeline folder and must come alone.
+        clip_type: ``"sd1"``, ``"sd2"``, ``"sdxl"``; None or ``"auto"`` detects it.
+        embedding_directory: textual-inversion folder for ``embedding:name``.
+
+    Raises:
+        CheckpointError: a missing path, a non-UTF-8 path, a folder given with
+            other paths, or the wrong model type; what the loaders raise
+            (``DiffusersLayoutError`` for a folder that is not SD1/SD2/SDXL).
+    """
+    paths = [model] if isinstance(model, (str, bytes, os.PathLike)) else list(model)
+    if not paths:
+        raise CheckpointError("no model given: pass a checkpoint file or a diffusers model folder")
+    paths = [check_model_path(path) for path in paths]
+    folders = [path for path in paths if os.path.isdir(path)]
+    if not folders:
+        return load_clip(paths, embedding_directory=embedding_directory, clip_type=clip_type,
+                         device=device, dtype=dtype)
+    if len(paths) > 1:
+        raise CheckpointError(f"{_shown(folders[0])} is a diffusers model folder, which holds every text "
+                              "encoder; pass it alone")
+    from .diffusers_load import load_from_diffusers
+
+    clip = load_from_diffusers(paths[0], device=device, dtype=dtype, embedding_directory=embedding_directory)
+    if clip_type not in (None, "auto") and clip.clip_type != clip_type:
+        raise CheckpointError(f"clip type {clip_type!r} was asked for, but {_shown(paths[0])} holds "
+                              f"a {clip.clip_type} model")
+    return clip
