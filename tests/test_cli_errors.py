@@ -1,0 +1,185 @@
+"""Every fault of the real entry points ends in one line and a fixed exit status.
+
+``python -m textenc`` and the installed ``textenc`` script run in subprocesses
+(with this checkout first on ``PYTHONPATH``): usage errors exit 2 with one
+line and a pointer to ``--help``; runtime faults a user can cause exit 1 with
+one line naming the path and the fix, and never a traceback; SIGINT / SIGTERM
+exit 130 / 143 and leave no file under the output's name.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from textenc.convert import to_layout
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = shutil.which("textenc", path=os.path.dirname(sys.executable))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=1, projection_dim=64, hidden_act="quick_gelu")
+    hf = transformers.CLIPTextModelWithProjection._from_config(config)
+    path = tmp_path_factory.mktemp("m") / "tiny_sd1.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in to_layout(hf.state_dict(), "sd1").items()}, path)
+    return path
+
+
+def _command(entry: str) -> list[str]:
+    return [SCRIPT] if entry == "script" else [sys.executable, "-m", "textenc"]
+
+
+ENTRIES = ["python -m textenc", pytest.param("script", marks=pytest.mark.skipif(
+    SCRIPT is None, reason="the textenc script is not installed next to this python"))]
+
+
+def _run(*args, entry: str = "python -m textenc", cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*_command(entry), *args], cwd=cwd, capture_output=True, env=env,
+                          timeout=180, **kwargs)
+
+
+def _one_line(result: subprocess.CompletedProcess, status: int) -> str:
+    err = result.stderr.decode("utf-8", "backslashreplace")
+    assert result.returncode == status, err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err and "usage:" not in err
+    return err
+
+
+# --- usage errors: 2 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("args, prog, words", [
+    ((), "textenc", "required: COMMAND"),
+    (("frobnicate",), "textenc", "invalid choice: 'frobnicate'"),
+    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--bogus"), "textenc",
+     "unrecognized arguments: --bogus"),
+    (("encode", "a", "--model", "m.safetensors"), "textenc encode", "required: --out"),
+    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--clip-skip", "two"), "textenc encode",
+     "argument --clip-skip: invalid int value: 'two'"),
+    (("inspect",), "textenc inspect", "required: prompt"),
+    (("vision", "a.png", "--model", "m", "--out", "o.safetensors", "--crop", "x"), "textenc vision",
+     "invalid choice: 'x'"),
+    (("encode-dataset", "in.txt", "--bogus"), "textenc encode-dataset", "required: --model, --out"),
+])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, entry, args, prog, words):
+    err = _one_line(_run(*args, entry=entry, cwd=tmp_path), 2)
+    assert err.startswith(f"{prog}: error: ") and words in err
+    assert err.rstrip().endswith(f"see '{prog} --help'")
+
+
+# --- runtime errors: 1 ----------------------------------------------------------------
+
+def test_out_is_checked_before_the_model_loads(tmp_path):
+    """The model path does not exist: the error about --out proves it came first."""
+    missing = str(tmp_path / "no-model.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()
+    cases = {str(tmp_path): "is a folder", str(tmp_path / "folder.safetensors"): "is a folder",
+             "/proc/x.safetensors": "cannot write in folder /proc",
+             str(tmp_path / "no" / "o.safetensors"): "does not exist; create it first",
+             str(tmp_path / "o.txt"): "name it *.safetensors"}
+    for out, words in cases.items():
+        err = _one_line(_run("encode", "a", "--model", missing, "--out", out, cwd=tmp_path), 1)
+        assert err.startswith(f"textenc: error: --out {out}") and words in err, err
+    err = _one_line(_run("vision", str(tmp_path / "a.png"), "--model", missing, "--out", str(tmp_path),
+                         cwd=tmp_path), 1)
+    assert "--out" in err and "is a folder" in err
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_non_utf8_prompts_file_and_missing_files(model, tmp_path, entry):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a photo of a caf\xe9\n")  # Latin-1, not UTF-8
+    out = str(tmp_path / "o.safetensors")
+    err = _one_line(_run("encode", "--prompts-file", str(prompts), "--model", str(model), "--out", out,
+                         entry=entry, cwd=tmp_path), 1)
+    assert f"{prompts}: not UTF-8 text (byte 0xe9" in err and "save the prompts file as UTF-8" in err
+    err = _one_line(_run("encode", "--prompts-file", str(tmp_path / "none.txt"), "--model", str(model),
+                         "--out", out, entry=entry, cwd=tmp_path), 1)
+    assert f"{tmp_path / 'none.txt'}: no such file or folder" in err
+    assert not os.path.exists(out)
+
+
+def test_model_under_a_non_utf8_path_is_a_path_problem(model, tmp_path):
+    folder = os.fsencode(tmp_path) + b"/mod\xe8les"
+    os.mkdir(folder)
+    shutil.copy(model, folder + b"/tiny.safetensors")
+    err = _one_line(_run("encode", "a", "--model", folder + b"/tiny.safetensors", "--out",
+                         str(tmp_path / "o.safetensors"), cwd=tmp_path), 1)
+    assert "mod\\xe8les/tiny.safetensors: the path is not valid UTF-8" in err
+    assert "corrupt" not in err and "rename" in err
+
+
+@pytest.mark.parametrize("command", ["encode", "inspect"])
+def test_embeddings_must_be_an_existing_folder(model, tmp_path, command):
+    args = ["a", "--model", str(model), "--out", str(tmp_path / "o.safetensors")] if command == "encode" else ["a"]
+    err = _one_line(_run(command, *args, "--embeddings", str(tmp_path / "nope"), cwd=tmp_path), 1)
+    assert f"--embeddings {tmp_path / 'nope'}: the folder does not exist" in err
+    (tmp_path / "style.pt").write_bytes(b"")
+    err = _one_line(_run(command, *args, "--embeddings", str(tmp_path / "style.pt"), cwd=tmp_path), 1)
+    assert "not a folder" in err
+
+
+def test_file_size_limit_names_the_output_and_leaves_nothing(model, tmp_path):
+    limit = 4096  # the output (cond 77 x 64 floats) is ~20 KB
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "o.safetensors"
+    result = _run("encode", "a cat", "--model", str(model), "--out", str(out), cwd=tmp_path,
+                  preexec_fn=small_files)
+    err = _one_line(result, 1)
+    assert f"{out}: the file exceeds the file-size limit" in err
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_file_that_is_no_image(model, tmp_path):
+    (tmp_path / "a.png").write_text("not a png")
+    err = _one_line(_run("vision", str(tmp_path / "a.png"), "--model", str(model), "--out",
+                         str(tmp_path / "v.safetensors"), cwd=tmp_path), 1)
+    assert "not a CLIP vision model" in err  # the model is checked first; both are one line
+
+
+# --- interruption: 130 / 143 -----------------------------------------------------------
+
+@pytest.mark.parametrize("signum, status, words", [(signal.SIGINT, 130, "interrupted (SIGINT)"),
+                                                    (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_interrupted_encode_exits_130_or_143_and_writes_nothing(model, tmp_path, signum, status, words):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"prompt number {i}, a (red:1.1) fox\n" for i in range(20000)))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    log = tmp_path / "stderr.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "textenc", "encode", "--prompts-file", str(prompts),
+                                    "--model", str(model), "--out", str(out_dir / "o.safetensors")],
+                                   cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while b"encode:" not in log.read_bytes() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == status
+    err = log.read_text("utf-8", "backslashreplace")
+    assert err.rstrip().splitlines()[-1] == f"textenc: {words}"
+    assert "Traceback" not in err
+    assert os.listdir(out_dir) == []
