@@ -264,7 +264,25 @@ def test_explicit_xformers_that_cannot_run_raises(facts, monkeypatch, device, im
     with pytest.raises(BackendUnavailableError) as info:
         optimized_attention_for_device(device, **kwargs)
     message = str(info.value)
-    assert "xformers" in message and "pip install" in message
+    assert ("backend='xformers'" if source == "argument" else "$TEXTENC_ATTENTION=xformers") in message
+    if device == "cuda":  # installing it is the fix
+        assert "xformers is not installed (device 'cuda')" in message and "pip install" in message
+    else:  # installing it would not help: the device is the problem (issue 16.11)
+        assert f"xformers runs only on CUDA devices and this device is {device!r}" in message
+        assert "pip install" not in message
+    assert "accepted values: auto, xformers, sdpa, bmm, split, basic" in message
+    assert "on this device use one of auto, sdpa, bmm, split, basic" in message
+
+
+def test_errors_name_the_real_device_and_every_accepted_value(facts, monkeypatch):
+    facts(xformers=False)
+    with pytest.raises(BackendUnavailableError, match="device 'cuda:1'"):
+        select_backend("cuda", override="xformers", device_name="cuda:1")
+    monkeypatch.setenv(ENV_VAR, "flash")
+    with pytest.raises(BackendUnavailableError) as info:
+        optimized_attention_for_device("cpu")
+    assert "'flash' ($TEXTENC_ATTENTION=flash)" in str(info.value)
+    assert "accepted values are auto, xformers, sdpa, bmm, split, basic" in str(info.value)
 
 
 def test_explicit_sdpa_without_torch_support_raises(facts):

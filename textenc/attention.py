@@ -22,8 +22,8 @@ Override order (first wins):
    text); else torch SDPA, else split attention.
 
 An explicitly requested backend that cannot run raises
-:class:`~textenc.errors.BackendUnavailableError` naming what to install; an
-automatic choice falls back and logs why.
+:class:`~textenc.errors.BackendUnavailableError` naming the device, the fix and every
+accepted value (``auto`` included); an automatic choice falls back and logs why.
 
 >>> import torch
 >>> q = k = v = torch.randn(1, 5, 8)
@@ -48,6 +48,7 @@ from .errors import BackendUnavailableError
 __all__ = [
     "AttentionFunction",
     "ATTENTION_BACKENDS",
+    "ACCEPTED_VALUES",
     "ENV_VAR",
     "attention_basic",
     "attention_bmm",
@@ -243,10 +244,30 @@ ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "basic": attention_basic,
 }
 
-_INSTALL_HINTS = {
-    "xformers": "install the extra: pip install 'textenc[xformers]' (needs a CUDA device)",
-    "sdpa": "upgrade torch to a release with torch.nn.functional.scaled_dot_product_attention",
-}
+#: Every value ``backend=`` and ``$TEXTENC_ATTENTION`` accept.
+ACCEPTED_VALUES = ("auto", *ATTENTION_BACKENDS)
+
+
+def _check_override(override: str, available: dict[str, bool], device: str, requested_by: str) -> None:
+    """Raise BackendUnavailableError when ``override`` is unknown or cannot run on ``device``."""
+    accepted = ", ".join(ACCEPTED_VALUES)
+    runnable = ", ".join(["auto"] + [name for name in ATTENTION_BACKENDS if available[name]])
+    if override not in ATTENTION_BACKENDS:
+        raise BackendUnavailableError(
+            f"unknown attention backend {override!r} ({requested_by}); accepted values are {accepted} "
+            f"(argument backend= or ${ENV_VAR})")
+    if available[override]:
+        return
+    if override == "xformers" and not device.startswith("cuda"):
+        why = f"xformers runs only on CUDA devices and this device is {device!r}"
+    elif override == "xformers":
+        why = f"xformers is not installed (device {device!r}): pip install 'textenc[xformers]'"
+    else:
+        why = (f"this torch has no scaled_dot_product_attention (device {device!r}): "
+               "upgrade torch")
+    raise BackendUnavailableError(
+        f"attention backend {override!r} was requested ({requested_by}) but cannot run: {why}; "
+        f"on this device use one of {runnable} (accepted values: {accepted})")
 
 
 def _xformers_importable() -> bool:
@@ -283,29 +304,28 @@ def select_backend(
     dtype: torch.dtype | None = None,
     tokens: int | None = None,
     threads: int = 1,
+    device_name: str | None = None,
+    requested_by: str | None = None,
 ) -> str:
     """Pure selection rule: the backend name for the given facts.
 
     ``dtype`` and ``tokens`` (the key sequence length), when the caller knows
     them, let short fp32 sequences on CPU take ``bmm`` when torch runs at most
-    :data:`BMM_MAX_THREADS` CPU ``threads``.
+    :data:`BMM_MAX_THREADS` CPU ``threads``. ``device_name`` (``"cuda:1"``) and
+    ``requested_by`` (``"backend='x'"``, ``"$TEXTENC_ATTENTION=x"``) only make
+    error messages exact.
 
     Raises:
         BackendUnavailableError: ``override`` names an unknown backend or one
-            that cannot run with these facts.
+            that cannot run with these facts; the message names the device
+            and lists every accepted value (``auto`` included) and those that
+            can run here.
     """
     available = {"split": True, "basic": True, "bmm": True, "sdpa": sdpa_available,
                  "xformers": xformers_available and device_type == "cuda"}
     if override:
-        if override not in ATTENTION_BACKENDS:
-            raise BackendUnavailableError(
-                f"unknown attention backend {override!r}; choose one of "
-                f"{sorted(ATTENTION_BACKENDS)} (argument backend= or ${ENV_VAR})")
-        if not available[override]:
-            where = "on a CUDA device" if override == "xformers" else "here"
-            raise BackendUnavailableError(
-                f"attention backend {override!r} was requested but cannot run {where} "
-                f"(device {device_type!r}); {_INSTALL_HINTS.get(override, '')}")
+        _check_override(override, available, device_name or device_type,
+                        requested_by or f"backend={override!r}")
         return override
     # Short sequences (CLIP text: 77 tokens) gain nothing from xformers' kernel
     # launch overhead; torch's fused SDPA is fastest there on CUDA and MPS.
@@ -344,15 +364,19 @@ def optimized_attention_for_device(
     Raises:
         BackendUnavailableError: the requested backend cannot run here.
     """
-    override = backend or os.environ.get(ENV_VAR, "").strip().lower() or None
+    environment = os.environ.get(ENV_VAR, "").strip().lower()
+    override = backend or environment or None
+    requested_by = f"backend={backend!r}" if backend else f"${ENV_VAR}={environment}"
     if override == "auto":
         override = None
-    device_type = torch.device(device).type
+    torch_device = torch.device(device)
+    device_type = torch_device.type
     xformers_ok = device_type == "cuda" and _xformers_importable()
     name = select_backend(device_type, mask=mask, small_input=small_input,
                           override=override, xformers_available=xformers_ok,
                           sdpa_available=_sdpa_present(), dtype=dtype, tokens=tokens,
-                          threads=_cpu_threads() if device_type == "cpu" else 1)
+                          threads=_cpu_threads() if device_type == "cpu" else 1,
+                          device_name=str(torch_device), requested_by=requested_by)
     if backend is None and override is None and device_type == "cuda" and not xformers_ok:
         logger.debug("xformers not importable; using %s on cuda", name)
     return ATTENTION_BACKENDS[name]
