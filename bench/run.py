@@ -1,12 +1,15 @@
 """The one benchmark command for issue #6's targets.
 
-    python bench/run.py            # full run (about 6-12 minutes on 2 cores)
-    python bench/run.py --quick    # short run (under 3 minutes)
+    python bench/run.py            # full run (about 9 minutes on 2 cores), prints only
+    python bench/run.py --write    # full run, and rewrites bench/RESULTS.md
+    python bench/run.py --quick    # short run (about 2 minutes), prints only
     python bench/run.py --gpu      # also the CUDA comparison (target 8), when a GPU exists
 
-Prints one table of every target (ours, reference, ratio, limit, pass/fail)
-and rewrites ``bench/RESULTS.md`` with the machine, the command and the
-min/median/max of interleaved runs (A B A B ..., order alternating each round).
+Prints one table of every target (ours, reference, ratio, limit, pass/fail):
+the min/median/max of interleaved runs (A B A B ..., order alternating each
+round). Only a full run given ``--write`` rewrites the tracked
+``bench/RESULTS.md`` (with the machine and the command); ``--quick`` and
+``--only`` runs cannot, so a short check never replaces the published figures.
 Timings are wall clock; the cpu-time ratio in the notes is the same comparison
 in process CPU time, which other processes on a shared machine barely move.
 """
@@ -313,16 +316,31 @@ def write_results(rows: list[dict], machine: dict, command: str, seconds: float,
     RESULTS.write_text("\n".join(line for line in text if line is not None) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``bench/run.py``; ``--write`` is refused with ``--quick`` or ``--only``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short run (fewer cases and repeats)")
-    parser.add_argument("--gpu", action="store_true", help="also run the CUDA comparison (target 8)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short run (fewer cases and repeats); prints only (default: off)")
+    parser.add_argument("--gpu", action="store_true", help="also run the CUDA comparison (target 8) (default: off)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every process, both sides (default 1: stable on a shared machine)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="run only these modules (e.g. bench_forward); RESULTS.md is not rewritten")
-    parser.add_argument("--no-write", action="store_true", help="do not rewrite bench/RESULTS.md")
+                        help="run only these modules (e.g. bench_forward); prints only (default: all)")
+    parser.add_argument("--write", action="store_true",
+                        help="rewrite bench/RESULTS.md; full runs only (default: off, print only)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.write and (args.quick or args.only is not None):
+        parser.error("--write rewrites bench/RESULTS.md from a full run only; drop --quick/--only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     import torch
     import common
@@ -356,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== all targets")
     print(console_table(rows))
     print(f"\n{seconds / 60:.1f} min")
-    if args.only is None and not args.no_write:
-        command = "python bench/run.py" + (" --quick" if args.quick else "") + \
-            (" --gpu" if args.gpu else "") + (f" --threads {args.threads}" if args.threads != 1 else "")
+    if args.write:
+        command = "python bench/run.py --write" + (" --gpu" if args.gpu else "") + \
+            (f" --threads {args.threads}" if args.threads != 1 else "")
         write_results(rows, machine, command, seconds, timings)
         print(f"wrote {RESULTS.relative_to(BENCH_DIR.parent)}")
     return 0
