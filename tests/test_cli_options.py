@@ -248,3 +248,34 @@ def test_weight_modes_listed_are_the_librarys():
 
     assert encode.WEIGHT_MODES == weighting.WEIGHT_MODES
     assert encode.NORMALIZATIONS == weighting.NORMALIZATIONS
+
+
+def test_sd2_folder_with_one_layer_less_counts_from_its_own_last_layer(hf, models, tmp_path):
+    """As stabilityai's 23-layer SD2 folders: the folder's last layer is the checkpoint's
+    penultimate, so --clip-skip 1 on the folder is --clip-skip 2 on the checkpoint."""
+    config = transformers.CLIPTextConfig(**{**hf["h"].config.to_dict(), "num_hidden_layers": 2})
+    shallow = transformers.CLIPTextModelWithProjection(config).eval()
+    missing, _ = shallow.load_state_dict(hf["h"].state_dict(), strict=False)
+    assert not [k for k in missing if "position_ids" not in k]
+    folder = tmp_path / "sd2-diffusers"
+    _diffusers_folder(shallow, folder)
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "!"}))
+    for folder_skip, file_skip in (("1", "2"), ("2", "3")):
+        from_folder, recorded = _encode(folder, tmp_path / "f.safetensors", "--clip-skip", folder_skip)
+        from_file, _ = _encode(models["sd2"], tmp_path / "c.safetensors", "--clip-skip", file_skip)
+        assert recorded["clip_type"] == "sd2"
+        torch.testing.assert_close(from_folder["cond_0"], from_file["cond_0"], atol=1e-5, rtol=0)
+    default, recorded = _encode(folder, tmp_path / "d.safetensors")
+    assert recorded["layer"] == -2  # the SD2 default, counted on the folder's 2 layers
+    torch.testing.assert_close(default["cond_0"], _reference(hf, "sd2", -3), atol=1e-5, rtol=0)
+
+
+def test_vision_refuses_a_folder_naming_the_file_inside(tmp_path, capsys):
+    (tmp_path / "image_encoder").mkdir()
+    (tmp_path / "image_encoder" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main(["vision", str(tmp_path / "a.png"), "--model", str(tmp_path / "image_encoder"),
+                 "--out", str(tmp_path / "v.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "is a folder; pass the CLIP vision weight file inside it" in err
+    assert str(tmp_path / "image_encoder" / "model.safetensors") in err
