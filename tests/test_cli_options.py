@@ -279,3 +279,12 @@ def test_vision_refuses_a_folder_naming_the_file_inside(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a folder; pass the CLIP vision weight file inside it" in err
     assert str(tmp_path / "image_encoder" / "model.safetensors") in err
+
+
+def test_shared_command_helpers_doctests():
+    import doctest
+
+    from textenc.commands import common
+
+    result = doctest.testmod(common)
+    assert result.attempted >= 2 and result.failed == 0
