@@ -114,6 +114,9 @@ def test_non_utf8_prompts_file_and_missing_files(model, tmp_path, entry):
     err = _one_line(_run("encode", "--prompts-file", str(tmp_path / "none.txt"), "--model", str(model),
                          "--out", out, entry=entry, cwd=tmp_path), 1)
     assert f"{tmp_path / 'none.txt'}: no such file or folder" in err
+    err = _one_line(_run("encode", "--prompts-file", str(tmp_path), "--model", str(model),
+                         "--out", out, entry=entry, cwd=tmp_path), 1)
+    assert f"{tmp_path}: it is a folder: give a file path" in err
     assert not os.path.exists(out)
 
 

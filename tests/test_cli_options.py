@@ -120,6 +120,21 @@ def test_clip_layer_is_checked_at_call_and_options_at_encode(models):
         assert clip.layer_idx == -3 and (clip.num_layers, clip.default_layer) == (3, DEFAULT_LAYER[kind])
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_python_layer_is_comfy_numbering_on_every_kind(hf, models, kind):
+    """``clip_layer(i)`` and ``options={"layer": i}``: negative from the end, positive from the
+    start (ComfyUI's index i >= 0 is the output of layer i, transformers' hidden_states[i + 1])."""
+    clip = load_clip(models[kind])
+    tokens = clip.tokenize(PROMPT)
+    for layer in (-1, -2, -3, 0, 1, 2):
+        reference = _reference(hf, kind, layer if layer < 0 else layer + 1)
+        clone = clip.clone()
+        clone.clip_layer(layer)
+        torch.testing.assert_close(clone.encode_from_tokens(tokens), reference, atol=1e-5, rtol=0)
+        per_call = clip.encode_from_tokens(tokens, options={"layer": layer})
+        torch.testing.assert_close(per_call, reference, atol=1e-5, rtol=0)
+
+
 # --- explicit defaults ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, explicit", [
