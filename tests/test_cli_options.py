@@ -117,7 +117,7 @@ def test_clip_layer_is_checked_at_call_and_options_at_encode(models):
             with pytest.raises(LayerError, match=f"layer {bad} is out of range"):
                 clip.cond_stage_model.set_clip_options({"layer": bad})
         clip.clip_layer(-3)
-        assert clip.layer_idx == -3 and (clip.num_layers, clip.default_layer) == (3, DEFAULT_LAYER[kind])
+        assert clip.layer_idx == -3 and clip.num_layers == 3
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
@@ -265,24 +265,43 @@ def test_weight_modes_listed_are_the_librarys():
     assert encode.NORMALIZATIONS == weighting.NORMALIZATIONS
 
 
-def test_sd2_folder_with_one_layer_less_counts_from_its_own_last_layer(hf, models, tmp_path):
-    """As stabilityai's 23-layer SD2 folders: the folder's last layer is the checkpoint's
-    penultimate, so --clip-skip 1 on the folder is --clip-skip 2 on the checkpoint."""
-    config = transformers.CLIPTextConfig(**{**hf["h"].config.to_dict(), "num_hidden_layers": 2})
-    shallow = transformers.CLIPTextModelWithProjection(config).eval()
-    missing, _ = shallow.load_state_dict(hf["h"].state_dict(), strict=False)
+def test_sd2_folder_of_23_layers_is_numbered_as_vit_h_24(tmp_path, capsys):
+    """stabilityai's diffusers SD2 folders hold ViT-H without its last layer (23 of 24).
+    ComfyUI numbers them as the 24-layer model: clip skip 2 (SD2's default) is the
+    folder's last layer, and clip skip 1 (the missing layer) is an error."""
+    torch.manual_seed(5)
+    config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=1,
+                  projection_dim=64, hidden_act="gelu", eos_token_id=END)
+    full = transformers.CLIPTextModelWithProjection._from_config(transformers.CLIPTextConfig(**config)).eval()
+    checkpoint = tmp_path / "sd2_24.safetensors"
+    save_file({k: v.contiguous() for k, v in to_layout(hf_state(full), "sd2").items()}, str(checkpoint))
+    shallow = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**{**config, "num_hidden_layers": 23})).eval()
+    missing, _ = shallow.load_state_dict(full.state_dict(), strict=False)
     assert not [k for k in missing if "position_ids" not in k]
-    folder = tmp_path / "sd2-diffusers"
-    _diffusers_folder(shallow, folder)
+    folder = _diffusers_folder(shallow, tmp_path / "sd2-diffusers")
     (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "!"}))
-    for folder_skip, file_skip in (("1", "2"), ("2", "3")):
-        from_folder, recorded = _encode(folder, tmp_path / "f.safetensors", "--clip-skip", folder_skip)
-        from_file, _ = _encode(models["sd2"], tmp_path / "c.safetensors", "--clip-skip", file_skip)
-        assert recorded["clip_type"] == "sd2"
-        torch.testing.assert_close(from_folder["cond_0"], from_file["cond_0"], atol=1e-5, rtol=0)
-    default, recorded = _encode(folder, tmp_path / "d.safetensors")
-    assert recorded["layer"] == -2  # the SD2 default, counted on the folder's 2 layers
-    torch.testing.assert_close(default["cond_0"], _reference(hf, "sd2", -3), atol=1e-5, rtol=0)
+    ids = _ids("h")
+
+    def reference(layer: int) -> torch.Tensor:
+        with torch.no_grad():
+            return full.text_model.final_layer_norm(hf_run(full, ids).hidden_states[layer])
+
+    for model in (checkpoint, folder):
+        for clip_skip in (None, 2, 3, 24):
+            layer = -2 if clip_skip is None else -clip_skip
+            options = () if clip_skip is None else ("--clip-skip", str(clip_skip))
+            tensors, recorded = _encode(model, tmp_path / "o.safetensors", *options)
+            assert (recorded["clip_type"], recorded["layer"]) == ("sd2", layer)
+            torch.testing.assert_close(tensors["cond_0"], reference(layer), atol=1e-5, rtol=0)
+    tensors, _ = _encode(checkpoint, tmp_path / "o.safetensors", "--clip-skip", "1")
+    torch.testing.assert_close(tensors["cond_0"], reference(-1), atol=1e-5, rtol=0)
+    capsys.readouterr()
+    for clip_skip, words in (("1", "ViT-H's last layer, which this SD2 text encoder does not have"),
+                             ("25", "out of range for a 24-layer text encoder")):
+        assert main(["encode", PROMPT, "--model", str(folder), "--clip-skip", clip_skip,
+                     "--out", str(tmp_path / "x.safetensors")]) == 1
+        assert words in capsys.readouterr().err
 
 
 def test_vision_refuses_a_folder_naming_the_file_inside(tmp_path, capsys):

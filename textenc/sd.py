@@ -137,12 +137,6 @@ class CLIP:
         """Depth of the shallowest text encoder: the range every ``layer`` must fit."""
         return min(encoder.num_layers for encoder in self._encoders())
 
-    @property
-    def default_layer(self) -> int:
-        """ComfyUI's index of the layer used when no clip skip is set (SD1 -1, SD2/SDXL -2)."""
-        options = self._encoders()[0].options_default
-        return -1 if options.layer == "last" else int(options.layer_idx)
-
     def clip_layer(self, layer_idx: int | None) -> None:
         """Set the layer every encode uses, in ComfyUI's ``CLIPSetLastLayer`` numbering.
 

@@ -19,7 +19,7 @@ from ..dialects import SYNTAXES, default_weight_mode
 from ..errors import TextencError
 from .common import check_folder, check_out_file, show_path, write_file_atomically
 
-__all__ = ["add_encode", "read_prompts", "resolve_options", "run_encode", "WEIGHT_MODES",
+__all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
 
 # The same tuples as textenc.weighting (tests check), kept here so that parsing
@@ -81,23 +81,53 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 
 # --- options ----------------------------------------------------------------------
 
-def resolve_options(args: argparse.Namespace, clip) -> dict[str, Any]:
-    """The clip options one ``encode`` uses, every value resolved for ``clip``.
+#: ComfyUI's default layer per model type: SD1 the last, SD2 and SDXL the penultimate.
+COMFY_DEFAULT_LAYER = {"sd1": -1, "sd2": -2, "sdxl": -2}
+#: OpenCLIP ViT-H/14's depth. stabilityai's diffusers SD2 folders hold it without its last
+#: layer (23 of 24: SD2 uses the penultimate one); ComfyUI numbers such a model as the
+#: 24-layer one it comes from, and so does this command (textenc.diffusers does the same).
+VIT_H_LAYERS = 24
 
-    ``layer`` is ComfyUI's index: ``--clip-skip`` in A1111 numbering, else the
-    model's default layer. ``weight_mode`` is ``--weight-mode`` or the syntax's.
+
+def _dropped_layers(clip) -> int:
+    return 1 if clip.clip_type == "sd2" and clip.num_layers == VIT_H_LAYERS - 1 else 0
+
+
+def resolve_layer(clip, clip_skip: int | None) -> tuple[int, int]:
+    """``(ComfyUI layer, index into the loaded model)`` for ``--clip-skip`` (A1111 numbering)
+    or, when None, the model type's default layer. The two differ only for a 23-layer SD2.
 
     Raises:
-        LayerError: ``--clip-skip`` 0 or beyond the model's depth.
+        LayerError: 0, beyond the model's depth, or ViT-H's last layer on a 23-layer SD2.
     """
+    from ..errors import LayerError
     from ..layers import layer_from_clip_skip
 
-    if args.clip_skip is None:
-        layer = clip.default_layer
+    dropped = _dropped_layers(clip)
+    if clip_skip is None:
+        layer = COMFY_DEFAULT_LAYER[clip.clip_type]
     else:
-        layer = layer_from_clip_skip(args.clip_skip, clip.num_layers, numbering="a1111")
+        layer = layer_from_clip_skip(clip_skip, clip.num_layers + dropped, numbering="a1111")
+    if dropped and layer == -1:
+        raise LayerError(f"clip_skip {clip_skip} is ViT-H's last layer, which this SD2 text encoder does "
+                         f"not have ({clip.num_layers} layers, as diffusers' SD2 folders ship it); "
+                         f"use 2..{VIT_H_LAYERS} (2 = its last layer, SD2's default)")
+    return layer, layer + dropped
+
+
+def resolve_options(args: argparse.Namespace, clip) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The clip options one ``encode`` passes to ``clip``, and the same options as recorded.
+
+    Recorded ``layer`` is ComfyUI's index (``--clip-skip`` n is ``-n``, else the
+    model type's default); ``weight_mode`` is ``--weight-mode`` or the syntax's.
+
+    Raises:
+        LayerError: see :func:`resolve_layer`.
+    """
+    layer, index = resolve_layer(clip, args.clip_skip)
     weight_mode = args.weight_mode or default_weight_mode(args.syntax)
-    return {"layer": layer, "weight_mode": weight_mode, "normalization": args.normalization}
+    options = {"layer": index, "weight_mode": weight_mode, "normalization": args.normalization}
+    return options, {**options, "layer": layer}
 
 
 def _model_names(models: list[str]) -> list[str]:
@@ -126,20 +156,21 @@ def run_encode(args: argparse.Namespace) -> int:
     from ..load import load_text_model
 
     clip = load_text_model(args.model, clip_type=args.clip_type, embedding_directory=embeddings)
-    options = resolve_options(args, clip)
+    options, recorded_options = resolve_options(args, clip)
     tensors = {}
     for index, prompt in enumerate(_progress(prompts, "encode")):
         tokens = clip.tokenize(prompt, syntax=args.syntax)
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
         tensors[f"cond_{index}"] = cond.detach().contiguous().cpu()
         tensors[f"pooled_{index}"] = pooled.detach().contiguous().cpu()
-    recorded = {"syntax": args.syntax, **options, "clip_type": clip.clip_type,
+    recorded = {"syntax": args.syntax, **recorded_options, "clip_type": clip.clip_type,
                 "models": _model_names(args.model)}
     metadata = {"format": "textenc.encode/1", "prompts": json.dumps(prompts),
                 "options": json.dumps(recorded)}
     write_file_atomically(args.out, save(tensors, metadata=metadata))
-    print(f"wrote {len(prompts)} prompt(s) to {show_path(args.out)}: cond {tuple(tensors['cond_0'].shape)}, "
-          f"pooled {tuple(tensors['pooled_0'].shape)} ({clip.clip_type}, layer {options['layer']})")
+    shapes = f"cond {tuple(tensors['cond_0'].shape)}, pooled {tuple(tensors['pooled_0'].shape)}"
+    print(f"wrote {len(prompts)} prompt(s) to {show_path(args.out)}: {shapes} "
+          f"({clip.clip_type}, layer {recorded_options['layer']})")
     return 0
 
 
