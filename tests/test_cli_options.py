@@ -322,3 +322,22 @@ def test_shared_command_helpers_doctests():
 
     result = doctest.testmod(common)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_sdxl_layer_range_is_the_shallower_encoders():
+    """CLIP-L 2 layers, bigG 4: -3 exists in G only, so it is refused for the pair."""
+    def state_dict(width, layers):
+        config = transformers.CLIPTextConfig(hidden_size=width, intermediate_size=2 * width,
+                                             num_hidden_layers=layers, num_attention_heads=1,
+                                             projection_dim=width, eos_token_id=END)
+        return transformers.CLIPTextModelWithProjection._from_config(config).state_dict()
+
+    clip = load_clip([], clip_type="sdxl", state_dicts=[("te", state_dict(64, 2)), ("te2", state_dict(96, 4))])
+    assert clip.num_layers == 2
+    clip.clip_layer(-2)
+    with pytest.raises(LayerError, match="layer -3 is out of range for a 2-layer text encoder"):
+        clip.clip_layer(-3)
+    fresh = clip.clone()
+    fresh.clip_layer(None)  # a clip_layer() value takes precedence over options= (as in ComfyUI)
+    with pytest.raises(LayerError, match="layer -3 is out of range for a 2-layer text encoder"):
+        fresh.encode_from_tokens(fresh.tokenize("a cat"), options={"layer": -3})
