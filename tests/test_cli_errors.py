@@ -186,3 +186,15 @@ def test_interrupted_encode_exits_130_or_143_and_writes_nothing(model, tmp_path,
     assert err.rstrip().splitlines()[-1] == f"textenc: {words}"
     assert "Traceback" not in err
     assert os.listdir(out_dir) == []
+
+
+def test_a_reader_that_leaves_early_is_no_error_message(tmp_path):
+    """``textenc inspect ... --json | head -c 10``: output larger than a pipe buffer, the
+    reader closes; exit 1 and nothing on stderr (no BrokenPipeError traceback)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "textenc", "inspect", "a cat " * 1000, "--json"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(10) == b'{\n "window'
+    process.stdout.close()
+    assert process.wait(timeout=120) == 1
+    assert process.stderr.read() == b""

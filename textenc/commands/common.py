@@ -34,7 +34,7 @@ from ..errors import TextencError
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
            "HelpFormatter", "Terminated", "run_command", "describe_error", "one_line", "show_path",
-           "check_out_file", "check_folder", "write_file_atomically"]
+           "check_out_file", "check_folder", "write_file_atomically", "progress"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: the shell's convention
@@ -176,9 +176,31 @@ def run_command(run: Callable[[], int], *, prog: str) -> int:
             detail = one_line(interrupt)
             print(f"{prog}: {what}{'; ' + detail if detail else ''}", file=sys.stderr)
             return status
+        except BrokenPipeError:  # the reader left (``textenc inspect ... | head``): nothing to say
+            _silence_stdout()
+            return EXIT_ERROR
         except (TextencError, OSError, UnicodeError) as error:
             print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
             return EXIT_ERROR
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit raises no second BrokenPipeError."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def progress(items: list, description: str, unit: str = "item"):
+    """``items`` wrapped in a tqdm bar on stderr when there are several and tqdm is installed."""
+    if len(items) < 2:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, unit=unit, file=sys.stderr)
 
 
 # --- paths ------------------------------------------------------------------------

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 from ..dialects import SYNTAXES, default_weight_mode
 from ..errors import TextencError
-from .common import check_folder, check_out_file, show_path, write_file_atomically
+from .common import check_folder, check_out_file, progress, show_path, write_file_atomically
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
@@ -134,16 +133,6 @@ def _model_names(models: list[str]) -> list[str]:
     return [show_path(os.path.basename(os.path.normpath(model))) for model in models]
 
 
-def _progress(items: list, description: str):
-    if len(items) < 2:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=description, unit="prompt", file=sys.stderr)
-
-
 # --- run --------------------------------------------------------------------------
 
 def run_encode(args: argparse.Namespace) -> int:
@@ -158,7 +147,7 @@ def run_encode(args: argparse.Namespace) -> int:
     clip = load_text_model(args.model, clip_type=args.clip_type, embedding_directory=embeddings)
     options, recorded_options = resolve_options(args, clip)
     tensors = {}
-    for index, prompt in enumerate(_progress(prompts, "encode")):
+    for index, prompt in enumerate(progress(prompts, "encode", "prompt")):
         tokens = clip.tokenize(prompt, syntax=args.syntax)
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
         tensors[f"cond_{index}"] = cond.detach().contiguous().cpu()

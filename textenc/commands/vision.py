@@ -7,8 +7,7 @@ import json
 import os
 
 from ..errors import CheckpointError, TextencError
-from .common import check_out_file, show_path, write_file_atomically
-from .encode import _progress
+from .common import check_out_file, progress, show_path, write_file_atomically
 
 __all__ = ["add_vision", "run_vision"]
 
@@ -55,7 +54,7 @@ def run_vision(args: argparse.Namespace) -> int:
 
     model = clip_vision.load(_check_model_file(args.model))
     tensors = {}
-    for index, path in enumerate(_progress(list(args.images), "vision")):
+    for index, path in enumerate(progress(list(args.images), "vision", "image")):
         out = model.encode_image(_read_image(path), crop=args.crop == "center")
         tensors[f"image_embeds_{index}"] = out.image_embeds.detach().contiguous().cpu()
         if args.hidden_states:
