@@ -198,3 +198,19 @@ def test_a_reader_that_leaves_early_is_no_error_message(tmp_path):
     process.stdout.close()
     assert process.wait(timeout=120) == 1
     assert process.stderr.read() == b""
+
+
+@pytest.mark.parametrize("code, words", [
+    (28, "the disk is full: free some space or write elsewhere"),        # ENOSPC
+    (13, "permission denied: check the permissions or choose another location"),  # EACCES
+    (30, "the file system is read-only: write elsewhere"),                # EROFS
+    (27, "the file exceeds the file-size limit (ulimit -f): raise it or write elsewhere"),  # EFBIG
+])
+def test_os_errors_name_the_path_and_the_fix(code, words):
+    import errno
+
+    from textenc.commands.common import describe_error
+
+    assert errno.errorcode[code] in ("ENOSPC", "EACCES", "EROFS", "EFBIG")
+    error = OSError(code, os.strerror(code), os.fsdecode(b"/data/out\xff.safetensors"))
+    assert describe_error(error) == f"/data/out\\xff.safetensors: {words}"
