@@ -214,3 +214,12 @@ def test_os_errors_name_the_path_and_the_fix(code, words):
     assert errno.errorcode[code] in ("ENOSPC", "EACCES", "EROFS", "EFBIG")
     error = OSError(code, os.strerror(code), os.fsdecode(b"/data/out\xff.safetensors"))
     assert describe_error(error) == f"/data/out\\xff.safetensors: {words}"
+
+
+def test_parsing_the_command_line_imports_no_torch(tmp_path):
+    code = ("import sys; from textenc.cli import build_parser; "
+            "build_parser(['encode']).parse_args(['encode', 'a', '--model', 'm', '--out', 'o.safetensors']); "
+            "sys.exit('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -15,7 +15,8 @@ import os
 from typing import Any
 
 from ..dialects import SYNTAXES, default_weight_mode
-from ..errors import TextencError
+from ..errors import LayerError, TextencError
+from ..layers import layer_from_clip_skip
 from .common import check_folder, check_out_file, progress, show_path, write_file_atomically
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
@@ -84,7 +85,7 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 COMFY_DEFAULT_LAYER = {"sd1": -1, "sd2": -2, "sdxl": -2}
 #: OpenCLIP ViT-H/14's depth. stabilityai's diffusers SD2 folders hold it without its last
 #: layer (23 of 24: SD2 uses the penultimate one); ComfyUI numbers such a model as the
-#: 24-layer one it comes from, and so does this command (textenc.diffusers does the same).
+#: 24-layer one it comes from, and so does this command.
 VIT_H_LAYERS = 24
 
 
@@ -99,9 +100,6 @@ def resolve_layer(clip, clip_skip: int | None) -> tuple[int, int]:
     Raises:
         LayerError: 0, beyond the model's depth, or ViT-H's last layer on a 23-layer SD2.
     """
-    from ..errors import LayerError
-    from ..layers import layer_from_clip_skip
-
     dropped = _dropped_layers(clip)
     if clip_skip is None:
         layer = COMFY_DEFAULT_LAYER[clip.clip_type]
