@@ -101,6 +101,8 @@ def test_library_raises_only_typed_errors():
         ("attention.py", "ValueError"),  # internal shape invariants of attention backends
         ("clip_model.py", "ValueError"),  # num_tokens missing: a programming error
         ("dataset_cli.py", "ArgumentTypeError"),  # argparse's own protocol
+        ("common.py", "OSError"),  # commands: a failed write re-raised naming the output path
+        ("common.py", "Terminated"),  # commands: SIGTERM raised like KeyboardInterrupt, exit 143
     }
     typed = {name for name in dir(errors) if isinstance(getattr(errors, name), type)
              and issubclass(getattr(errors, name), TextencError)}
