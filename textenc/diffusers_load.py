@@ -185,11 +185,29 @@ def _pad_token_id(folder: Path) -> int:
     return pad_id
 
 
+#: Byte alignment of PyTorch's CPU allocator (c10 ``gAlignment``).
+ALIGNMENT = 64
+
+
+def _aligned(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor that is not ``ALIGNMENT``-byte aligned copied into memory of its own.
+
+    safetensors hands out views into the memory-mapped file at whatever byte
+    offset the file stores them (often only 4-byte aligned), and the model keeps
+    them as its parameters (``assign=True``). CPU matmul kernels take another
+    code path for such weights and round differently in the last bit, so the
+    same folder would encode differently from a pipeline built from its weights
+    in ordinary memory. Aligned tensors stay shared with the file.
+    """
+    return {key: value if value.data_ptr() % ALIGNMENT == 0 else value.clone()
+            for key, value in state_dict.items()}
+
+
 def _folder_encoder(folder: Path, tokenizer: Path) -> _Encoder:
     """Read one ``text_encoder*`` folder and its matching ``tokenizer*`` folder."""
     hf_config = _read_json(folder / "config.json", "the text encoder needs its config.json")
     raw = _load_weights(folder)
-    converted = convert_text_state_dict(raw, source=str(folder)).state_dict
+    converted = _aligned(convert_text_state_dict(raw, source=str(folder)).state_dict)
     config = _text_config(hf_config, has_projection="text_projection.weight" in converted,
                           source=str(folder / "config.json"))
     return _Encoder(converted, config, str(tokenizer), _pad_token_id(tokenizer), str(folder))
