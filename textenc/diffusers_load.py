@@ -24,6 +24,7 @@ import torch
 from .checkpoint import load_state_dict
 from .config import CLIPTextConfig, load_text_config
 from .detect import convert_text_state_dict
+from .diffusers_layers import use_vit_h_penultimate
 from .errors import ConfigError, DiffusersLayoutError, TextencError
 from .sd import CLIP, CLIP_TYPES, ROLES, build_clip
 
@@ -250,7 +251,7 @@ def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch
            embedding_directory: Any) -> CLIP:
     by_role = dict(zip(ROLES[kind], encoders))
     try:
-        return build_clip(
+        clip = build_clip(
             kind, {role: e.state_dict for role, e in by_role.items()},
             {role: e.config for role, e in by_role.items()},
             {role: {"tokenizer_path": e.tokenizer_path, "embedding_size": e.config.hidden_size,
@@ -261,6 +262,8 @@ def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch
         raise
     except TextencError as exc:  # weights that do not fit the folder's config.json
         raise DiffusersLayoutError(str(exc)) from exc
+    use_vit_h_penultimate(clip)  # diffusers' 23-layer SD2 folders: see textenc.diffusers_layers
+    return clip
 
 
 def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: torch.dtype | None = None,
