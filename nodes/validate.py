@@ -33,10 +33,11 @@ ERROR_BY_TYPE = {"CLIP": "CheckpointError", "CLIP_VISION": "CheckpointError", "P
                  "IMAGE": "ImageError", "STRING": "PromptError"}
 
 
-def _error(node: str, name: str, kind: Any, message: str) -> Exception:
+def _error(node: str, name: str, kind: Any, message: str, *, file_list: bool) -> Exception:
     from textenc import errors
 
-    class_name = ERROR_BY_INPUT.get(name) or (ERROR_BY_TYPE.get(kind) if isinstance(kind, str) else None)
+    class_name = "CheckpointError" if file_list else ERROR_BY_INPUT.get(name) or (
+        ERROR_BY_TYPE.get(kind) if isinstance(kind, str) else None)
     return getattr(errors, class_name or "TextencError")(f"{node}: {name} {message}")
 
 
@@ -132,7 +133,7 @@ def check_input(node: str, name: str, value: Any, spec: tuple, *, file_list: boo
         kind = "STRING"
     problem = _problem(value, kind, options, name)
     if problem is not None:
-        raise _error(node, name, kind, problem)
+        raise _error(node, name, kind, problem, file_list=file_list)
 
 
 def _check_outputs(cls: type, result: tuple, inputs: dict[str, Any]) -> None:
