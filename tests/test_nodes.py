@@ -319,10 +319,15 @@ def test_loaders_follow_symlinks_but_refuse_names_that_climb_out(pack, models_di
             torch.testing.assert_close(cond[0][0], _hf_cond(hf_text, "a photo of a cat"), atol=1e-5, rtol=1e-5)
         # Names the folder does not list are refused, even when the file exists.
         (models_dir / "text_encoders" / "notes.txt").write_text("x")
-        with pytest.raises(CheckpointError, match="clip_name .*not found"):
-            run(pack, "CLIPLoader", clip_name="notes.txt", type="sd1")
+        broken = models_dir / "text_encoders" / "broken.safetensors"
+        broken.symlink_to(tmp_path / "gone.safetensors")
+        assert "broken.safetensors" not in paths.get_filename_list("text_encoders")
+        for name in ("notes.txt", "broken.safetensors"):
+            with pytest.raises(CheckpointError, match="clip_name .*not found"):
+                run(pack, "CLIPLoader", clip_name=name, type="sd1")
     finally:
-        for path in (link, linked_folder, loop, models_dir / "text_encoders" / "notes.txt"):
+        for path in (link, linked_folder, loop, models_dir / "text_encoders" / "notes.txt",
+                     models_dir / "text_encoders" / "broken.safetensors"):
             path.unlink(missing_ok=True)
     with pytest.raises(CheckpointError, match="CLIPVisionLoader: clip_name .*not found"):
         run(pack, "CLIPVisionLoader", clip_name="missing.safetensors")

@@ -281,7 +281,10 @@ def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: tor
         embedding_directory: textual-inversion folder(s) for ``embedding:name``.
 
     Returns:
-        A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"`` or ``"sdxl"``. An SD2 text
+        encoder of 23 layers (ViT-H without its last, as diffusers' SD2 folders
+        ship it) defaults to its last layer: ViT-H's penultimate, SD2's default
+        (see :mod:`textenc.diffusers_layers`).
 
     Raises:
         DiffusersLayoutError: missing ``model_index.json``/component/config,
