@@ -1,9 +1,13 @@
 """textenc's ComfyUI node pack: thin adapters over the textenc library.
 
-Loaded by a host as a package (ComfyUI imports ``custom_nodes/<folder>/__init__.py``
-under the folder's name), so modules here import each other relatively and the
-library absolutely. Importing is cheap: no torch, no model files; library
-modules are imported when a node runs.
+The repository folder is ``nodes/``; ``pip install`` installs it as
+``textenc_nodes`` (never as a top-level ``nodes``, the name of ComfyUI's own
+``nodes.py``). A host loads it as a package under a name of its own (ComfyUI
+imports ``custom_nodes/<folder>/__init__.py`` named after its path), so modules
+here import each other relatively and the library absolutely. Importing is
+cheap: no torch, no model files; library modules are imported when a node runs.
+Every node's FUNCTION is wrapped by :func:`.validate.checked` (typed errors
+naming the input; CONDITIONING outputs finite).
 """
 
 from .conditioning import (ConditioningAverage, ConditioningCombine, ConditioningConcat,

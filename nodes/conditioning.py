@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .validate import checked
+
 CATEGORY = "conditioning"
 
 
@@ -20,6 +22,7 @@ class ConditioningConcat:
     CATEGORY = CATEGORY
     DESCRIPTION = "Appends the tokens of conditioning_from to every entry of conditioning_to."
 
+    @checked
     def concat(self, conditioning_to, conditioning_from):
         from textenc.conditioning import conditioning_concat
 
@@ -37,6 +40,7 @@ class ConditioningCombine:
     CATEGORY = CATEGORY
     DESCRIPTION = "Combines two conditionings into one list; the sampler uses both."
 
+    @checked
     def combine(self, conditioning_1, conditioning_2):
         from textenc.conditioning import conditioning_combine
 
@@ -57,6 +61,7 @@ class ConditioningAverage:
     CATEGORY = CATEGORY
     DESCRIPTION = "Blends two conditionings: to * strength + from * (1 - strength), pooled outputs too."
 
+    @checked
     def addWeighted(self, conditioning_to, conditioning_from, conditioning_to_strength: float):
         from textenc.conditioning import conditioning_average
 
@@ -73,6 +78,7 @@ class ConditioningZeroOut:
     CATEGORY = "advanced/conditioning"
     DESCRIPTION = "Replaces every cond and pooled output with zeros of the same shape."
 
+    @checked
     def zero_out(self, conditioning):
         from textenc.conditioning import conditioning_zero_out
 
@@ -95,6 +101,7 @@ class unCLIPConditioning:  # noqa: N801 - ComfyUI's node name
     CATEGORY = CATEGORY
     DESCRIPTION = "Adds a CLIP vision embedding to the conditioning for unCLIP models."
 
+    @checked
     def apply_adm(self, conditioning, clip_vision_output, strength: float, noise_augmentation: float):
         from textenc.conditioning import unclip_conditioning
 

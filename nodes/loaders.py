@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from textenc import paths
 
+from .validate import checked
+
 #: ComfyUI's ``CLIPLoader`` type names that mean an SD text encoder, plus ours.
 #: ``stable_diffusion`` is ComfyUI's: CLIP-L (SD1) or CLIP-H (SD2), told apart by the weights.
 CLIP_LOADER_TYPES = {"stable_diffusion": "auto", "auto": "auto", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
@@ -26,21 +28,22 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_clip(names: list[str], clip_type: str, device: str):
+def _full_path(node: str, input_name: str, kind: str, name: str) -> str:
+    """The file of a model name, via :mod:`textenc.paths`; its errors name the node and input."""
+    from textenc.errors import CheckpointError
+
+    try:
+        return paths.get_full_path(kind, name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{node}: {input_name} {exc}") from None
+
+
+def _load_clip(node: str, names: dict[str, str], clip_type: str, device: str):
     from textenc.sd import load_clip
 
-    files = [paths.get_full_path("text_encoders", name) for name in names]
+    files = [_full_path(node, input_name, "text_encoders", name) for input_name, name in names.items()]
     embeddings = paths.embedding_directories() or None
     return load_clip(files, embedding_directory=embeddings, clip_type=clip_type, device=_device(device))
-
-
-def _model_type(node: str, type: str, types: dict[str, str]) -> str:
-    """The library's clip_type for a loader's ``type`` input; unknown names are an error."""
-    if type not in types:
-        from textenc.errors import CheckpointError
-
-        raise CheckpointError(f"{node} type {type!r} is not one of {list(types)}")
-    return types[type]
 
 
 def _file_input(folder: str, tooltip: str) -> tuple:
@@ -66,6 +69,7 @@ class CLIPLoader:
                                          "weights; sd1, sd2, sdxl: require that model type."})},
                 "optional": _device_input()}
 
+    FILE_INPUTS = ("clip_name",)
     RETURN_TYPES = ("CLIP",)
     OUTPUT_TOOLTIPS = ("The CLIP text encoder with its tokenizer.",)
     FUNCTION = "load_clip"
@@ -73,9 +77,9 @@ class CLIPLoader:
     DESCRIPTION = ("Loads a CLIP text encoder (standalone clip_l / ViT-H file or a full SD checkpoint). "
                    "Textual inversions are read from the embeddings folder.")
 
+    @checked
     def load_clip(self, clip_name: str, type: str = "stable_diffusion", device: str = "default"):
-        clip_type = _model_type("CLIPLoader", type, CLIP_LOADER_TYPES)
-        return (_load_clip([clip_name], clip_type, device),)
+        return (_load_clip("CLIPLoader", {"clip_name": clip_name}, CLIP_LOADER_TYPES[type], device),)
 
 
 class DualCLIPLoader:
@@ -89,15 +93,17 @@ class DualCLIPLoader:
                              "tooltip": "Model type; sdxl needs CLIP-L and CLIP-G in either order."})},
                 "optional": _device_input()}
 
+    FILE_INPUTS = ("clip_name1", "clip_name2")
     RETURN_TYPES = ("CLIP",)
     OUTPUT_TOOLTIPS = ("The combined CLIP text encoders with their tokenizers.",)
     FUNCTION = "load_clip"
     CATEGORY = "advanced/loaders"
     DESCRIPTION = "Loads two text encoder files as one CLIP.\n\n[Recipes]\n\nsdxl: clip-l, clip-g"
 
+    @checked
     def load_clip(self, clip_name1: str, clip_name2: str, type: str = "sdxl", device: str = "default"):
-        clip_type = _model_type("DualCLIPLoader", type, DUAL_CLIP_LOADER_TYPES)
-        return (_load_clip([clip_name1, clip_name2], clip_type, device),)
+        names = {"clip_name1": clip_name1, "clip_name2": clip_name2}
+        return (_load_clip("DualCLIPLoader", names, DUAL_CLIP_LOADER_TYPES[type], device),)
 
 
 class CLIPVisionLoader:
@@ -105,16 +111,18 @@ class CLIPVisionLoader:
     def INPUT_TYPES(cls):
         return {"required": {"clip_name": _file_input("clip_vision", "CLIP vision file in models/clip_vision.")}}
 
+    FILE_INPUTS = ("clip_name",)
     RETURN_TYPES = ("CLIP_VISION",)
     OUTPUT_TOOLTIPS = ("The CLIP vision model.",)
     FUNCTION = "load_clip"
     CATEGORY = "loaders"
     DESCRIPTION = "Loads a CLIP vision model (ViT-L/14, ViT-L/14-336, ViT-H/14, ViT-bigG/14; HF or open_clip keys)."
 
+    @checked
     def load_clip(self, clip_name: str):
         from textenc import clip_vision
 
-        return (clip_vision.load(paths.get_full_path("clip_vision", clip_name)),)
+        return (clip_vision.load(_full_path("CLIPVisionLoader", "clip_name", "clip_vision", clip_name)),)
 
 
 class PhotoMakerLoader:
@@ -123,13 +131,16 @@ class PhotoMakerLoader:
         return {"required": {"photomaker_model_name": _file_input(
             "photomaker", "PhotoMaker v1 file in models/photomaker.")}}
 
+    FILE_INPUTS = ("photomaker_model_name",)
     RETURN_TYPES = ("PHOTOMAKER",)
     OUTPUT_TOOLTIPS = ("The PhotoMaker ID encoder.",)
     FUNCTION = "load_photomaker_model"
     CATEGORY = "_for_testing/photomaker"
     DESCRIPTION = "Loads the ID encoder of a PhotoMaker v1 checkpoint (.bin or .safetensors), safely."
 
+    @checked
     def load_photomaker_model(self, photomaker_model_name: str):
         from textenc.photomaker import load_photomaker
 
-        return (load_photomaker(paths.get_full_path("photomaker", photomaker_model_name)),)
+        path = _full_path("PhotoMakerLoader", "photomaker_model_name", "photomaker", photomaker_model_name)
+        return (load_photomaker(path),)

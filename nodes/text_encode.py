@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .validate import checked
+
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
-WEIGHT_INTERPRETATIONS = ["comfy", "a1111", "a1111_no_norm", "compel", "none"]
+WEIGHT_INTERPRETATIONS = ["auto", "comfy", "a1111", "a1111_no_norm", "compel", "none"]
 TOKEN_NORMALIZATIONS = ["none", "mean", "length", "length+mean"]
 WEIGHT_CONVENTIONS = ["comfy", "a1111"]
+#: The advanced node's syntax refinements at their defaults (plain ComfyUI syntax).
+COMFY_REFINEMENTS = {"weight_convention": "comfy", "square_brackets": False, "break_keyword": False}
 
 
 def _text_input(tooltip: str, default: str = "") -> tuple:
@@ -17,12 +21,17 @@ def _text_input(tooltip: str, default: str = "") -> tuple:
 CLIP_INPUT = ("CLIP", {"tooltip": "The CLIP model used for encoding the text."})
 
 
-def _require_clip(clip: Any) -> None:
-    if clip is None:
-        from textenc.errors import CheckpointError
+def _check_layer_depth(clip: Any, layer: int) -> None:
+    """``layer`` must exist in each of the CLIP's text encoders (SDXL: clip_l and clip_g)."""
+    from textenc.diffusers_layers import text_encoders
+    from textenc.errors import LayerError
+    from textenc.layers import check_layer
 
-        raise CheckpointError("clip input is None: the checkpoint or loader gave no text encoder; "
-                              "connect a CLIP loader")
+    for encoder in text_encoders(clip):
+        try:
+            check_layer(layer, encoder.num_layers)
+        except LayerError as exc:
+            raise LayerError(f"CLIPSetLastLayer: stop_at_clip_layer={layer}: {exc}") from None
 
 
 class CLIPSetLastLayer:
@@ -40,8 +49,9 @@ class CLIPSetLastLayer:
     CATEGORY = "conditioning"
     DESCRIPTION = "Sets the CLIP layer whose output is used (clip skip); the input CLIP is not changed."
 
+    @checked
     def set_last_layer(self, clip, stop_at_clip_layer: int):
-        _require_clip(clip)
+        _check_layer_depth(clip, stop_at_clip_layer)
         clip = clip.clone()
         clip.clip_layer(stop_at_clip_layer)
         return (clip,)
@@ -59,8 +69,8 @@ class CLIPTextEncode:
     DESCRIPTION = ("Encodes a text prompt using a CLIP model into an embedding that can be used to guide "
                    "the diffusion model towards generating specific images.")
 
+    @checked
     def encode(self, clip, text: str):
-        _require_clip(clip)
         return (clip.encode_from_tokens_scheduled(clip.tokenize(text)),)
 
 
@@ -98,20 +108,25 @@ class CLIPTextEncodeSDXL:
     DESCRIPTION = ("Encodes separate prompts for SDXL's two text encoders and attaches the size and crop "
                    "conditioning; the shorter token list is padded with empty-prompt windows.")
 
+    @checked
     def encode(self, clip, width: int, height: int, crop_w: int, crop_h: int, target_width: int,
                target_height: int, text_g: str, text_l: str):
         from textenc.errors import CheckpointError
 
-        _require_clip(clip)
-        clip_type = getattr(clip, "clip_type", None)  # None: a CLIP not loaded by textenc
-        if clip_type != "sdxl":
-            raise CheckpointError(f"CLIPTextEncodeSDXL needs an SDXL CLIP (l + g), got {clip_type!r}")
+        if clip.clip_type != "sdxl":
+            raise CheckpointError(f"CLIPTextEncodeSDXL: clip must be an SDXL CLIP (l + g), got {clip.clip_type!r}")
         tokens = {"g": clip.tokenize(text_g)["g"], "l": clip.tokenize(text_l)["l"]}
         tokens = pad_to_same_windows(tokens, clip.tokenize(""))
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         sizes = {"width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
                  "target_width": target_width, "target_height": target_height}
         return ([[cond, {**extras, **sizes}] for cond, extras in conditioning],)
+
+
+def _syntaxes() -> list[str]:
+    from textenc.dialects import SYNTAXES
+
+    return list(SYNTAXES)
 
 
 class CLIPTextEncodeAdvancedTextenc:
@@ -123,36 +138,49 @@ class CLIPTextEncodeAdvancedTextenc:
             "token_normalization": (TOKEN_NORMALIZATIONS, {"default": "none",
                                     "tooltip": "Rescale weights per word: mean (average weight 1), length "
                                                "(spread over the word's tokens), or both."}),
-            "weight_interpretation": (WEIGHT_INTERPRETATIONS, {"default": "comfy",
-                                      "tooltip": "How weights change the embedding: comfy (towards the empty "
-                                                 "prompt), a1111 (scale, then restore the mean), "
+            "weight_interpretation": (WEIGHT_INTERPRETATIONS, {"default": "auto",
+                                      "tooltip": "How weights change the embedding: auto (the syntax's own: "
+                                                 "comfy for comfy, a1111 for a1111), comfy (towards the "
+                                                 "empty prompt), a1111 (scale, then restore the mean), "
                                                  "a1111_no_norm, compel, none (ignore weights)."}),
             "weight_convention": (WEIGHT_CONVENTIONS, {"default": "comfy",
-                                  "tooltip": "comfy: (x:w) replaces the outer weight; a1111: it multiplies it."}),
+                                  "tooltip": "Syntax comfy only: (x:w) replaces the outer weight (comfy) "
+                                             "or multiplies it (a1111)."}),
             "square_brackets": ("BOOLEAN", {"default": False,
-                                "tooltip": "Read [x] as down-weighting by 1/1.1 (A1111)."}),
+                                "tooltip": "Syntax comfy only: read [x] as down-weighting by 1/1.1 (A1111)."}),
             "break_keyword": ("BOOLEAN", {"default": False,
-                              "tooltip": "Read a standalone BREAK as the start of a new 77-token window."})}}
+                              "tooltip": "Syntax comfy only: read a standalone BREAK as the start of a new "
+                                         "77-token window."})},
+            "optional": {
+            "syntax": (_syntaxes(), {"default": "comfy",
+                       "tooltip": "Prompt dialect: comfy (ComfyUI's), a1111 (A1111's weights, [x] and "
+                                  "BREAK), ... The three options above refine comfy only."})}}
 
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text.",)
     FUNCTION = "encode"
     CATEGORY = "conditioning/advanced"
-    DESCRIPTION = ("Encodes a prompt with a choice of weight interpretation, token normalization and prompt "
-                   "syntax (A1111 weights, square brackets, BREAK).")
+    DESCRIPTION = ("Encodes a prompt with a choice of prompt syntax (comfy, a1111, ...), weight "
+                   "interpretation and token normalization.")
 
-    def encode(self, clip, text: str, token_normalization: str = "none", weight_interpretation: str = "comfy",
-               weight_convention: str = "comfy", square_brackets: bool = False, break_keyword: bool = False):
-        _require_clip(clip)
-        from textenc.errors import CheckpointError
-        from textenc.sd import CLIP
+    @checked
+    def encode(self, clip, text: str, token_normalization: str = "none", weight_interpretation: str = "auto",
+               weight_convention: str = "comfy", square_brackets: bool = False, break_keyword: bool = False,
+               syntax: str = "comfy"):
+        from textenc.dialects import DEFAULT_SYNTAX, default_weight_mode
+        from textenc.errors import PromptError
 
-        if not isinstance(clip, CLIP):
-            raise CheckpointError(f"CLIPTextEncodeAdvancedTextenc needs a CLIP loaded by textenc's loaders, "
-                                  f"got {type(clip).__module__}.{type(clip).__name__}")
+        refinements = {"weight_convention": weight_convention, "square_brackets": square_brackets,
+                       "break_keyword": break_keyword}
+        if syntax != DEFAULT_SYNTAX:
+            changed = [k for k, v in refinements.items() if v != COMFY_REFINEMENTS[k]]
+            if changed:
+                raise PromptError(f"CLIPTextEncodeAdvancedTextenc: {', '.join(changed)} refine syntax comfy "
+                                  f"only; syntax {syntax!r} has its own rules: leave them at their defaults")
+            refinements = {}
         # Per-call syntax options: the shared tokenizer is not changed.
-        tokens = clip.tokenizer.tokenize_with_weights(text, True, weight_convention=weight_convention,
-                                                      square_brackets=bool(square_brackets),
-                                                      break_keyword=bool(break_keyword))
+        tokens = clip.tokenizer.tokenize_with_weights(text, True, syntax=syntax, **refinements)
+        if weight_interpretation == "auto":
+            weight_interpretation = default_weight_mode(syntax)
         options = {"weight_mode": weight_interpretation, "normalization": token_normalization}
         return (clip.encode_from_tokens_scheduled(tokens, options=options),)

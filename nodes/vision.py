@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .text_encode import _require_clip, _text_input
+from .text_encode import _text_input
+from .validate import checked
 
 CROP_MODES = {"center": True, "none": False}
 
@@ -22,11 +23,8 @@ class CLIPVisionEncode:
     CATEGORY = "conditioning"
     DESCRIPTION = "Encodes images with a CLIP vision model (for unCLIP, style and IP-Adapter style nodes)."
 
+    @checked
     def encode(self, clip_vision, image, crop: str = "center"):
-        from textenc.errors import TextencError
-
-        if crop not in CROP_MODES:
-            raise TextencError(f"crop {crop!r} is not one of {list(CROP_MODES)}")
         return (clip_vision.encode_image(image, crop=CROP_MODES[crop]),)
 
 
@@ -45,8 +43,8 @@ class PhotoMakerEncode:
     CATEGORY = "_for_testing/photomaker"
     DESCRIPTION = "Encodes the prompt and fuses the ID images into the class word before 'photomaker'."
 
+    @checked
     def apply_photomaker(self, photomaker, image, clip, text: str):
         from textenc.photomaker import encode_photomaker
 
-        _require_clip(clip)
         return (encode_photomaker(photomaker, clip, text, image),)

@@ -294,28 +294,49 @@ def test_photomaker_encode_calls_the_library(pack, models_dir):
     torch.testing.assert_close(out[0][0], expected[0][0])
 
 
-def test_loaders_refuse_paths_outside_the_models_folder(pack, models_dir, tmp_path):
-    outside = tmp_path / "outside.safetensors"
+def test_loaders_follow_symlinks_but_refuse_names_that_climb_out(pack, models_dir, tmp_path, hf_text):
+    outside = tmp_path / "shared" / "outside.safetensors"
+    outside.parent.mkdir()
     outside.write_bytes((models_dir / "text_encoders" / "tiny_sd1.safetensors").read_bytes())
-    for name in ("../../outside.safetensors", str(outside), f"../{tmp_path.name}/outside.safetensors"):
-        with pytest.raises(CheckpointError):
+    for name in ("../../outside.safetensors", str(outside), f"../{tmp_path.name}/outside.safetensors",
+                 "sub/../tiny_sd1.safetensors", "..\\tiny_sd1.safetensors"):
+        with pytest.raises(CheckpointError, match="CLIPLoader: clip_name .*(climbs out|relative)"):
             run(pack, "CLIPLoader", clip_name=name, type="sd1")
+    # A symlink inside the folder to a file outside it is listed and loads, as in ComfyUI.
     link = models_dir / "text_encoders" / "link.safetensors"
     link.symlink_to(outside)
+    linked_folder = models_dir / "text_encoders" / "shared"
+    linked_folder.symlink_to(outside.parent, target_is_directory=True)
+    loop = models_dir / "text_encoders" / "loop"
+    loop.symlink_to(models_dir / "text_encoders", target_is_directory=True)
     try:
-        assert "link.safetensors" not in paths.get_filename_list("text_encoders")
-        with pytest.raises(CheckpointError, match="outside"):
-            run(pack, "CLIPLoader", clip_name="link.safetensors", type="sd1")
+        listed = paths.get_filename_list("text_encoders")
+        assert "link.safetensors" in listed and "shared/outside.safetensors" in listed
+        assert not any(name.startswith("loop/loop/") for name in listed)  # the loop ends
+        for name in ("link.safetensors", "shared/outside.safetensors"):
+            (clip,) = run(pack, "CLIPLoader", clip_name=name, type="sd1")
+            (cond,) = run(pack, "CLIPTextEncode", clip=clip, text="a photo of a cat")
+            torch.testing.assert_close(cond[0][0], _hf_cond(hf_text, "a photo of a cat"), atol=1e-5, rtol=1e-5)
+        # Names the folder does not list are refused, even when the file exists.
+        (models_dir / "text_encoders" / "notes.txt").write_text("x")
+        broken = models_dir / "text_encoders" / "broken.safetensors"
+        broken.symlink_to(tmp_path / "gone.safetensors")
+        assert "broken.safetensors" not in paths.get_filename_list("text_encoders")
+        for name in ("notes.txt", "broken.safetensors"):
+            with pytest.raises(CheckpointError, match="clip_name .*not found"):
+                run(pack, "CLIPLoader", clip_name=name, type="sd1")
     finally:
-        link.unlink()
-    with pytest.raises(CheckpointError, match="not found"):
+        for path in (link, linked_folder, loop, models_dir / "text_encoders" / "notes.txt",
+                     models_dir / "text_encoders" / "broken.safetensors"):
+            path.unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="CLIPVisionLoader: clip_name .*not found"):
         run(pack, "CLIPVisionLoader", clip_name="missing.safetensors")
 
 
 def test_wrong_inputs_raise_typed_errors(pack, models_dir):
     with pytest.raises(CheckpointError, match="type"):
         run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="flux")
-    with pytest.raises(CheckpointError, match="DualCLIPLoader type 'sd1' is not one of"):
+    with pytest.raises(CheckpointError, match=r"DualCLIPLoader: type 'sd1' is not one of \['sdxl'\]"):
         run(pack, "DualCLIPLoader", clip_name1="tiny_sd1.safetensors",
             clip_name2="tiny_sd1.safetensors", type="sd1")
     with pytest.raises(CheckpointError, match="sd2"):
@@ -324,10 +345,10 @@ def test_wrong_inputs_raise_typed_errors(pack, models_dir):
         run(pack, "CLIPTextEncode", clip=None, text="x")
     with pytest.raises(CheckpointError, match="textenc"):
         run(pack, "CLIPTextEncodeAdvancedTextenc", clip=object(), text="x")
-    with pytest.raises(CheckpointError, match="SDXL CLIP .* got None"):  # a CLIP from another loader
+    with pytest.raises(CheckpointError, match="clip must be a CLIP from a textenc loader"):
         run(pack, "CLIPTextEncodeSDXL", clip=object(), width=1024, height=1024, crop_w=0, crop_h=0,
             target_width=1024, target_height=1024, text_g="a", text_l="b")
-    with pytest.raises(CheckpointError, match="clip input is None"):
+    with pytest.raises(CheckpointError, match="PhotoMakerEncode: photomaker must be a PHOTOMAKER"):
         run(pack, "PhotoMakerEncode", photomaker=object(), image=torch.rand(1, 8, 8, 3), clip=None,
             text="photo of a man photomaker")
 

@@ -15,8 +15,10 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .conditioning import validate_conditioning
+from .dialects import DEFAULT_SYNTAX, check_syntax, default_weight_mode
+from .diffusers_layers import comfy_layer, diffusers_layer, text_encoders
 from .diffusers_load import KINDS, load_from_diffusers
-from .errors import DiffusersLayoutError, PromptError, TextencError
+from .errors import DiffusersLayoutError, LayerError, PromptError, TextencError
 from .sd import CLIP
 from .sd1_encode import empty_encoding
 
@@ -91,22 +93,27 @@ def _negative_list(negative: str | Sequence[str] | None, batch: int) -> list[str
     return negatives
 
 
-def _encode_options(clip_skip: int | None, weight_mode: str) -> dict[str, Any]:
-    options: dict[str, Any] = {"weight_mode": weight_mode}
+def _encode_options(clip: CLIP, *, clip_skip: Any, layer: Any, weight_mode: str | None,
+                    syntax: str) -> dict[str, Any]:
+    """Per-call options: the layer (resolved to the CLIP's own index) and the weighting."""
+    if clip_skip is not None and layer is not None:
+        raise LayerError(f"clip_skip={clip_skip!r} and layer={layer!r} both given: pass clip_skip "
+                         "(diffusers' numbering) or layer (ComfyUI's), not both")
+    options: dict[str, Any] = {"weight_mode": default_weight_mode(syntax) if weight_mode is None
+                               else weight_mode}
     if clip_skip is not None:
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip >= 0:
-            raise PromptError(f"clip_skip={clip_skip!r}: use ComfyUI's CLIPSetLastLayer numbering "
-                              "(-1 last layer, -2 penultimate, ...); diffusers' clip_skip=1 is -2 "
-                              "for SD1/SD2 and -3 for SDXL")
-        options["layer"] = clip_skip
+        options["layer"] = diffusers_layer(clip, clip_skip)
+    elif layer is not None:
+        options["layer"] = comfy_layer(clip, layer)
+    elif clip.layer_idx is not None:  # a CLIP given with clip_layer() already set
+        options["layer"] = clip.layer_idx
     return options
 
 
 def _empty_window(clip: CLIP, options: Mapping[str, Any]) -> torch.Tensor:
     """One 77-token window of the empty prompt's encoding, (77, width); SDXL: cat(l, g)."""
-    model = clip.cond_stage_model
-    parts = [model.clip_l, model.clip_g] if clip.clip_type == "sdxl" else [model.encoder]
-    return torch.cat([empty_encoding(p, p.max_length, p.resolve_options(options))[0] for p in parts], -1)
+    return torch.cat([empty_encoding(p, p.max_length, p.resolve_options(options))[0]
+                      for p in text_encoders(clip)], -1)
 
 
 def _padded(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
@@ -127,7 +134,8 @@ def _result(kind: str, positive: tuple, negative: tuple, target: _Target) -> dic
 
 def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
                         negative_prompt: str | Sequence[str] = "", *, clip_skip: int | None = None,
-                        weight_mode: str = "comfy", zero_negative: bool = False,
+                        layer: int | None = None, syntax: str = DEFAULT_SYNTAX,
+                        weight_mode: str | None = None, zero_negative: bool = False,
                         embedding_directory: Any = None, device: Any = None,
                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Encode prompts the ComfyUI way into the keyword arguments of a diffusers pipeline call.
@@ -135,11 +143,16 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
     Args:
         pipe_or_loaded: a StableDiffusion(XL) pipeline (its CLIP is built once and
             cached on it as ``_textenc_clip``) or a CLIP from :func:`load_from_diffusers`.
-        prompt: a prompt with ComfyUI syntax, or a list (one batch row each).
+        prompt: a prompt in ``syntax``, or a list (one batch row each).
         negative_prompt: one negative (broadcast to the batch) or one per prompt.
-        clip_skip: ComfyUI ``CLIPSetLastLayer`` numbering (-1 last, -2 penultimate);
-            None: the model's default (SD1 -1, SD2 -2, SDXL -2). Applies to the negative too.
-        weight_mode: see :mod:`textenc.weighting` (``"comfy"`` default).
+        clip_skip: diffusers' count, the same hidden layer as ``pipe(..., clip_skip=)``:
+            SD1/SD2 ``hidden_states[-(clip_skip + 1)]`` with the final norm, SDXL
+            ``hidden_states[-(clip_skip + 2)]`` without. Applies to the negative too.
+        layer: ComfyUI's ``CLIPSetLastLayer`` index instead (-1 last, -2 penultimate).
+            Neither: the model's ComfyUI default (SD1 -1, SD2 -2, SDXL -2).
+        syntax: prompt dialect, one of :data:`textenc.dialects.SYNTAXES` (``"comfy"``).
+        weight_mode: see :mod:`textenc.weighting`; None: the syntax's own
+            (:func:`textenc.dialects.default_weight_mode`).
         zero_negative: an empty negative becomes zeros (embeds and pooled), as
             diffusers' SDXL ``force_zeros_for_empty_prompt`` does for ``negative_prompt=None``.
         embedding_directory: textual-inversion folder(s) (pipeline objects only).
@@ -152,16 +165,20 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
         empty prompt's encoding.
 
     Raises:
-        PromptError: bad prompt, weight or clip_skip. DiffusersLayoutError: not a
-        supported pipeline.
+        LayerError: clip_skip or layer outside the text encoder's depth (naming the
+        value and the valid range), or both given. PromptError: bad prompt, weight
+        or syntax. DiffusersLayoutError: not a supported pipeline.
     """
+    check_syntax(syntax)
     target = _target(pipe_or_loaded, embedding_directory, device, dtype)
-    clip = target.clip
+    options = _encode_options(target.clip, clip_skip=clip_skip, layer=layer, weight_mode=weight_mode,
+                              syntax=syntax)
+    clip = target.clip.clone()
+    clip.clip_layer(None)  # the layer travels in options, so the padding windows use it too
     prompts = _prompt_list(prompt, "prompt")
     negatives = _negative_list(negative_prompt, len(prompts))
-    options = _encode_options(clip_skip, weight_mode)
-    encode = lambda text: clip.encode_from_tokens(clip.tokenize(text), return_pooled=True,  # noqa: E731
-                                                   options=options)
+    encode = lambda text: clip.encode_from_tokens(clip.tokenize(text, syntax=syntax),  # noqa: E731
+                                                   return_pooled=True, options=options)
     positive = [encode(p) for p in prompts]
     negative = [None if zero_negative and not n else encode(n) for n in negatives]
     length = max(cond.shape[1] for cond, _ in positive + [x for x in negative if x is not None])

@@ -13,9 +13,11 @@ folder(s), named as in ComfyUI::
       photomaker/                  PhotoMaker ID encoders
 
 Names are paths relative to a kind's folder (``"sd15/clip_l.safetensors"``).
-A name is resolved with ``realpath`` and refused when the result is outside
-the folder (``..``, absolute paths, symlinks pointing elsewhere), so a name
-coming from a workflow can never make textenc read another file.
+A name must be one the folder lists: absolute paths and names with ``..`` are
+refused, so a name coming from a workflow can never make textenc read a file
+the folder does not list. Symlinked files and folders inside a models folder
+are followed wherever they point, as ComfyUI does (shared model folders are
+often made of symlinks): whoever can place a link there chose that file.
 
 Nothing here imports torch; listing is cheap enough for ``INPUT_TYPES``.
 
@@ -107,12 +109,22 @@ def is_inside(folder: str, path: str) -> bool:
 
 
 def _walk(folder: str, extensions: Sequence[str]) -> list[str]:
-    names = []
+    """Model names below ``folder``, following symlinked files and folders as ComfyUI does.
+
+    A symlink may point anywhere (shared model folders are often made of them);
+    each real folder is walked once, so a link loop ends. Broken links are skipped.
+    """
+    names, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if is_inside(folder, os.path.realpath(os.path.join(dirpath, d)))]
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
         for filename in filenames:
             full = os.path.join(dirpath, filename)
-            if filename.lower().endswith(tuple(extensions)) and is_inside(folder, os.path.realpath(full)):
+            if filename.lower().endswith(tuple(extensions)) and os.path.isfile(full):
                 names.append(os.path.relpath(full, folder).replace(os.sep, "/"))
     return names
 
@@ -139,20 +151,20 @@ def _comfy_kind(comfy: ModuleType, kind: str) -> str:
 def _resolve(kind: str, name: str) -> str:
     if not isinstance(name, str) or not name or "\x00" in name:
         raise CheckpointError(f"{kind} model name must be a non-empty string, got {name!r}")
-    if os.path.isabs(name):
+    if os.path.isabs(name) or name.startswith(("/", "\\")):
         raise CheckpointError(f"{kind} model name {name!r} must be relative to the {kind} folder")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise CheckpointError(f"{kind} model name {name!r} climbs out of the {kind} folder ('..'); "
+                              "pass a name as the folder lists it")
     folders = kind_folders(kind)
     if not folders:
         raise CheckpointError(f"no {kind} folder: set {ENV_VAR} or call textenc.paths.set_models_dir() "
                               f"to a directory with a {'/'.join(KINDS[kind])} subfolder")
     for folder in folders:
-        full = os.path.realpath(os.path.join(folder, name))
-        if not is_inside(folder, full):
-            raise CheckpointError(f"{kind} model name {name!r} points outside {folder}; "
-                                  "only files inside the models folder are read")
-        if os.path.isfile(full):
-            return full
-    raise CheckpointError(f"{kind} model {name!r} not found in {', '.join(folders)}")
+        if name in _walk(folder, MODEL_EXTENSIONS):  # listed: the file a symlink points to is read
+            return os.path.realpath(os.path.join(folder, name))
+    raise CheckpointError(f"{kind} model {name!r} not found in {', '.join(folders)} "
+                          "(only model files the folder lists can be loaded)")
 
 
 def get_full_path(kind: str, name: str) -> str:
