@@ -26,6 +26,8 @@ __all__ = [
     "LayerError",
     "TextencWarning",
     "EmbeddingWarning",
+    "PromptWarning",
+    "EncodeError",
 ]
 
 
@@ -79,3 +81,11 @@ class ConditioningError(TextencError):
 
 class LayerError(PromptError):
     """A clip-skip count or layer index is not valid for the model's depth."""
+
+
+class PromptWarning(TextencWarning):
+    """A prompt is encoded, but something in it deserves a look (a very large weight)."""
+
+
+class EncodeError(TextencError):
+    """An encode produced NaN or infinite conditioning; the message names the likely cause."""

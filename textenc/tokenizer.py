@@ -41,7 +41,7 @@ from textenc.dialects import get_dialect
 from textenc.embeddings import EmbeddingLoader, EmbeddingResult
 from textenc.errors import EmbeddingWarning, PromptError
 from textenc.lru import LRUCache
-from textenc.prompt_parser import ParseOptions, Segment, parse_prompt
+from textenc.prompt_parser import ParseOptions, Segment, large_weights, parse_prompt
 
 __all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT_VOCAB"]
 
@@ -51,7 +51,9 @@ EMBEDDING_IDENTIFIER = "embedding:"
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PIECE_SPLIT = re.compile(" embedding:|\nembedding:")  # ComfyUI's split, separator dropped
 _NAME_END = re.compile(r"\s")
-_PER_CALL_PARSE_OPTIONS = ("weight_convention", "square_brackets", "break_keyword")
+_PER_CALL_PARSE_OPTIONS = ("weight_convention", "square_brackets", "break_keyword", "max_weight",
+                           "strict_weights", "warn_weight_above")
+_CHUNK_CHARS = 1 << 16  # text tokenized per step while counting towards max_windows
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,13 @@ class UnitReport:
 
 @dataclass(frozen=True)
 class InspectReport:
-    """What :meth:`SDTokenizer.inspect` found: windows, units and embeddings."""
+    """What :meth:`SDTokenizer.inspect` found: windows, units, embeddings and
+    the segments weighted above ``warn_weight_above`` (``large_weights``)."""
 
     windows: list[list[TokenReport]]
     units: list[UnitReport]
     embeddings: list[EmbeddingResult] = field(default_factory=list)
+    large_weights: list[Segment] = field(default_factory=list)
 
     @property
     def missing(self) -> list[EmbeddingResult]:
@@ -110,6 +114,55 @@ def _fix_surrogates(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _check_max_windows(value: Any) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise PromptError(f"max_windows must be None or an int >= 1, got {value!r}")
+
+
+def _space_chunks(text: str, size: int):
+    """Consecutive pieces of about ``size`` characters, each cut just after a space (a word
+    longer than ``size`` stays whole)."""
+    start = 0
+    while start < len(text):
+        end = start + size
+        if end < len(text):
+            cut = text.rfind(" ", start, end)
+            if cut < start:
+                cut = text.find(" ", end)
+            end = len(text) if cut < 0 else cut + 1
+        yield text[start:end]
+        start = end
+
+
+class _TokenBudget:
+    """Counts a prompt's tokens while it is tokenized and refuses once they cannot fit.
+
+    ``max_windows`` windows hold at most ``max_windows * capacity`` tokens, so
+    passing that count proves the limit is exceeded, whatever the packing.
+    """
+
+    def __init__(self, tokenizer: "SDTokenizer", max_windows: int | None, prompt_chars: int) -> None:
+        self.capacity = tokenizer.window_capacity()
+        self.max_windows = max_windows
+        self.limit = None if max_windows is None else max_windows * self.capacity
+        self.prompt_chars = prompt_chars
+        self.tokens = self.chars = 0
+
+    def add(self, tokens: int, chars: int) -> None:
+        self.tokens += tokens
+        self.chars += chars
+        if self.limit is None or self.tokens <= self.limit:
+            return
+        share = max(self.chars, 1) / max(self.prompt_chars, 1)
+        estimate = int(self.tokens / min(share, 1.0) / self.capacity) + 1
+        raise PromptError(
+            f"prompt needs more than max_windows={self.max_windows} windows of {self.capacity} tokens "
+            f"({self.tokens} tokens in its first {self.chars} of {self.prompt_chars} characters; about "
+            f"{estimate} windows in all); shorten it, or pass max_windows=None (or a larger number) "
+            "to the tokenizer or to this call")
 
 
 def _build_backend(folder: str) -> Any:
@@ -172,7 +225,11 @@ class SDTokenizer:
         tokenizer_class: a transformers tokenizer class to use instead of the
             Rust backend (slower; ComfyUI's way).
         weight_convention, square_brackets, break_keyword, max_weight,
-            max_prompt_chars: prompt syntax, see :mod:`textenc.prompt_parser`.
+            max_prompt_chars, strict_weights, warn_weight_above: prompt
+            syntax and weight policy, see :mod:`textenc.prompt_parser`.
+        max_windows: most windows a prompt may need (default 256, about
+            19,000 tokens); checked while tokenizing, before anything is
+            encoded; None disables it. Also a per-call keyword.
         cache_size: number of tokenized units remembered.
 
     >>> tok = SDTokenizer()
@@ -186,8 +243,10 @@ class SDTokenizer:
                  has_end_token: bool = True, pad_to_max_length: bool = True, min_length: int | None = None,
                  pad_token: int | None = None, end_token: int | None = None, min_padding: int | None = None,
                  tokenizer_data: dict | None = None, *, weight_convention: str = "comfy",
-                 square_brackets: bool = False, break_keyword: bool = False, max_weight: float = 100.0,
-                 max_prompt_chars: int = 1_048_576, cache_size: int = 8192) -> None:
+                 square_brackets: bool = False, break_keyword: bool = False, max_weight: float | None = None,
+                 max_prompt_chars: int = 1_048_576, strict_weights: bool = False,
+                 warn_weight_above: float | None = 100.0, max_windows: int | None = 256,
+                 cache_size: int = 8192) -> None:
         tokenizer_data = tokenizer_data or {}
         folder = tokenizer_path if tokenizer_path is not None else DEFAULT_VOCAB
         self._hf = tokenizer_class.from_pretrained(folder) if tokenizer_class is not None else None
@@ -205,7 +264,8 @@ class SDTokenizer:
         self.max_word_length = 8
         self.embedding_identifier = EMBEDDING_IDENTIFIER
         self.parse_options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight,
-                                          max_prompt_chars)
+                                          max_prompt_chars, strict_weights, warn_weight_above)
+        self.max_windows = _check_max_windows(max_windows)
         self._cache = LRUCache(cache_size)  # unit text -> token ids
         self._by_word = (self._backend is not None and self.tokens_start == 1 and has_end_token
                          and end_token is None and _is_clip_pipeline(self._backend))
@@ -304,7 +364,7 @@ class SDTokenizer:
         return units
 
     def _units(self, segments: list[Segment], found: list[EmbeddingResult]) -> list[_Unit]:
-        """Split segments into groups and tokenize all text groups in one batch."""
+        """Split segments into groups (text groups are tokenized by :meth:`_fill_tokens`)."""
         units: list[_Unit] = []
         for segment in segments:
             if segment.is_break:
@@ -317,10 +377,47 @@ class SDTokenizer:
                     units.extend(self._embedding_units(piece, segment, found))
                 else:
                     units.append(_Unit("text", piece, segment.weight, segment))
-        text_units = [u for u in units if u.kind == "text"]
-        for unit, ids in zip(text_units, self.encode_units([u.text for u in text_units])):
-            unit.tokens = [(t, unit.weight) for t in ids]
         return units
+
+    def window_capacity(self) -> int:
+        """Prompt tokens one window holds: ``max_length`` less the start and end tokens."""
+        specials = (self.start_token is not None) + (self.end_token is not None)
+        return max(1, self.max_length - specials)
+
+    def _fill_tokens(self, units: list[_Unit], max_windows: int | None, prompt_chars: int) -> None:
+        """Tokenize the text groups in steps of ~64K characters, refusing (PromptError) as soon
+        as their tokens cannot fit ``max_windows`` windows, so that a huge prompt is refused
+        before it is tokenized, let alone encoded."""
+        counter = _TokenBudget(self, max_windows, prompt_chars)
+        counter.add(sum(len(u.tokens) for u in units if u.kind == "embedding"), 0)
+        batch: list[_Unit] = []
+        batch_chars = 0
+        for unit in (u for u in units if u.kind == "text"):
+            if self._by_word and len(unit.text) > _CHUNK_CHARS:
+                self._fill_batch(batch, counter)
+                batch, batch_chars = [], 0
+                unit.tokens = self._tokens_of_long_unit(unit, counter)
+                continue
+            batch.append(unit)
+            batch_chars += len(unit.text)
+            if batch_chars >= _CHUNK_CHARS:
+                self._fill_batch(batch, counter)
+                batch, batch_chars = [], 0
+        self._fill_batch(batch, counter)
+
+    def _fill_batch(self, batch: list[_Unit], counter: "_TokenBudget") -> None:
+        for unit, ids in zip(batch, self.encode_units([u.text for u in batch])):
+            unit.tokens = [(t, unit.weight) for t in ids]
+            counter.add(len(ids), len(unit.text))
+
+    def _tokens_of_long_unit(self, unit: _Unit, counter: "_TokenBudget") -> list[tuple]:
+        """A long text group, tokenized chunk by chunk (cut at spaces: CLIP never joins across one)."""
+        tokens: list[tuple] = []
+        for chunk in _space_chunks(unit.text, _CHUNK_CHARS):
+            ids = self.encode_units([chunk])[0]
+            tokens.extend((t, unit.weight) for t in ids)
+            counter.add(len(ids), len(chunk))
+        return tokens
 
     def _new_window(self, windows: list[list]) -> list:
         window = [(self.start_token, 1.0, 0)] if self.start_token is not None else []
@@ -377,10 +474,17 @@ class SDTokenizer:
         min_length = options.get(f"{self.embedding_key}_min_length", self.min_length)
         min_length = kwargs.get("min_length", min_length)
         min_padding = options.get(f"{self.embedding_key}_min_padding", self.min_padding)
+        max_windows = _check_max_windows(kwargs["max_windows"]) if "max_windows" in kwargs else self.max_windows
         found: list[EmbeddingResult] = []
         segments = self._segments(text, bool(kwargs.get("disable_weights", False)), self._parse_options(kwargs))
         units = self._units(segments, found)
-        return self._windows(units, min_length, min_padding), units, found
+        self._fill_tokens(units, max_windows, len(text))
+        windows = self._windows(units, min_length, min_padding)
+        if max_windows is not None and len(windows) > max_windows:
+            raise PromptError(f"prompt needs {len(windows)} windows of {self.max_length} tokens, more than "
+                              f"max_windows={max_windows}; shorten it, or pass max_windows=None (or a larger "
+                              "number) to the tokenizer or to this call")
+        return windows, units, found
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
         """Windows of ``(token, weight)`` or ``(token, weight, word_id)``.
@@ -429,6 +533,8 @@ class SDTokenizer:
     def inspect_comfy(self, text: str, **kwargs: Any) -> InspectReport:
         """ComfyUI's reading of ``text`` as an :class:`InspectReport`."""
         windows, units, found = self._run(text, kwargs)
+        segments = {id(u.segment): u.segment for u in units}.values()
+        heavy = large_weights(list(segments), self._parse_options(kwargs))
         reports, word_id = [], 0
         for unit in units:
             word_id += unit.kind != "break"
@@ -436,7 +542,7 @@ class SDTokenizer:
                                       unit.weight, unit.segment.start, unit.segment.end, len(unit.tokens)))
         token_windows = [[TokenReport(t if isinstance(t, int) else None, self._token_text(t), w, i)
                           for t, w, i in window] for window in windows]
-        return InspectReport(token_windows, reports, found)
+        return InspectReport(token_windows, reports, found, heavy)
 
     def state_dict(self) -> dict:
         """Nothing to save (ComfyUI API)."""
