@@ -253,7 +253,7 @@ def _colon_weight(src: _Source, lo: int, hi: int) -> tuple[float, int] | None:
         value = float(literal)  # ComfyUI: ``float(x[xx+1:])``; what it rejects is text
     except ValueError:
         return None
-    where = f"weight {literal.strip()!r} of {src.text[lo:colon][:40]!r} at character {src.source_offset(colon + 1)}"
+    where = f"weight {literal.strip()!r} of {src.text[lo:min(colon, lo + 40)]!r} at character {src.source_offset(colon + 1)}"
     if src.options.strict_weights and not WEIGHT_LITERAL.fullmatch(literal):
         raise PromptError(f"{where} is not a plain decimal number (strict_weights=True refuses "
                           "exponents, underscores and non-ASCII digits); write e.g. '(word:1.2)'")
@@ -272,13 +272,12 @@ class _Emitter:
 
     def text(self, lo: int, hi: int, weight: float) -> None:
         src = self.src
-        where = f"weight {weight!r} of {src.text[lo:hi][:40]!r} at character {src.source_offset(lo)}"
         if not finite_in_float32(weight):
-            raise PromptError(f"{where} is not a finite float32 number (too many nested parentheses "
-                              "or weights multiplied past 3.4e38); use fewer parentheses or smaller weights")
+            raise PromptError(f"{self._where(lo, hi, weight)} is not a finite float32 number (too many nested "
+                              "parentheses or weights multiplied past 3.4e38); use fewer parentheses or smaller weights")
         limit = src.options.max_weight
         if limit is not None and not abs(weight) <= limit:
-            raise PromptError(f"{where} exceeds max_weight={limit}; "
+            raise PromptError(f"{self._where(lo, hi, weight)} exceeds max_weight={limit}; "
                               "use fewer nested parentheses or a smaller explicit weight")
         if not src.options.break_keyword:
             self._append(lo, hi, weight)
@@ -291,6 +290,9 @@ class _Emitter:
             lo = match.end()
         if hi > lo:
             self._append(lo, hi, weight)
+
+    def _where(self, lo: int, hi: int, weight: float) -> str:
+        return f"weight {weight!r} of {self.src.text[lo:min(hi, lo + 40)]!r} at character {self.src.source_offset(lo)}"
 
     def _append(self, lo: int, hi: int, weight: float) -> None:
         src = self.src

@@ -4,12 +4,12 @@ batched encoding and weighting. Kept apart so each function stays small.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from .errors import CheckpointError, EmbeddingWarning, PromptError
+from .warn import warn_at_caller
 from .weighting import (apply_weights, compel_blend_weights, downweighted_runs,
                         normalize_weights)
 
@@ -101,8 +101,8 @@ def _drop_wrong_width(window: list, width: int, pad: int) -> list:
     """Remove embedding vectors of the wrong width, padding at the end (as ComfyUI)."""
     kept = [t for t in window if not (isinstance(t, torch.Tensor) and t.shape[-1] != width)]
     if len(kept) < len(window):
-        warnings.warn(f"{len(window) - len(kept)} embedding vector(s) of the wrong width "
-                      f"(expected {width}) were dropped", EmbeddingWarning, stacklevel=4)
+        warn_at_caller(f"{len(window) - len(kept)} embedding vector(s) of the wrong width "
+                       f"(expected {width}) were dropped", EmbeddingWarning)
     return kept + [pad] * (len(window) - len(kept))
 
 

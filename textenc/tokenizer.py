@@ -18,11 +18,18 @@ Differences from ComfyUI, all deliberate:
   split regex, byte-level BPE with ``</w>``), every piece of a prompt in one
   ``encode_batch`` call, with a bounded per-instance cache. Lone surrogates
   (which make HF raise) are replaced by U+FFFD first.
-* Embedding names end at the first whitespace; a trailing ``,`` is tried
-  without it; text after the name is tokenized normally. ``embedding:`` with
-  nothing (or a space) after the colon is plain text, so it never swallows
-  the next word. Missing, unsafe or invalid embeddings emit
-  :class:`~textenc.errors.EmbeddingWarning` and the prompt goes on.
+* Embedding names end at the first whitespace; a name not found is tried
+  again with commas stripped from both ends (as ComfyUI), and the stripped
+  commas stay in the prompt as text, where they were (ComfyUI re-inserts the
+  name's last characters instead of leading commas). Text after the name is
+  tokenized normally. ``embedding:`` with nothing (or a space) after the
+  colon is plain text, so it never swallows the next word (ComfyUI loads the
+  next word as the name). Missing, unsafe or invalid embeddings, and
+  ``embedding:NAME`` with no embedding directory, emit
+  :class:`~textenc.errors.EmbeddingWarning` attributed to the caller's line,
+  and the prompt goes on.
+* ``max_windows`` (default 256) refuses a prompt that needs more windows,
+  while it is being tokenized (ComfyUI encodes any length).
 * ``BREAK`` (``break_keyword=True``) closes the current window unless it is
   empty.
 """
@@ -33,14 +40,14 @@ import dataclasses
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from textenc.dialects import get_dialect
-from textenc.embeddings import EmbeddingLoader, EmbeddingResult
+from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
 from textenc.errors import EmbeddingWarning, PromptError
 from textenc.lru import LRUCache
+from textenc.warn import warn_at_caller
 from textenc.prompt_parser import ParseOptions, Segment, large_weights, parse_prompt
 
 __all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT_VOCAB"]
@@ -344,21 +351,25 @@ class SDTokenizer:
         name, leftover = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
         if not name:
             return [_Unit("text", piece, segment.weight, segment)]
+        if self._embeddings is None:  # ComfyUI reads it as text; say why
+            warn_at_caller(f"embedding:{name} read as text: {NO_DIRECTORY} (pass embedding_directory= "
+                           "to the tokenizer, or --embeddings on the command line)", EmbeddingWarning)
+            return [_Unit("text", piece, segment.weight, segment)]
+        leading = ""
         result = self._embeddings.lookup(name)
-        if result.status != "found" and name.endswith(","):
-            stripped = name.rstrip(",")
-            if stripped:
-                leftover = name[len(stripped):] + leftover
-                result = self._embeddings.lookup(stripped)
+        stripped = name.strip(",")  # ComfyUI strips commas at both ends, then tries again
+        if result.status != "found" and stripped and stripped != name:
+            leading = name[:len(name) - len(name.lstrip(","))]
+            leftover = name[len(leading) + len(stripped):] + leftover  # the commas stay as text
+            result = self._embeddings.lookup(stripped)
         found.append(result)
-        units = []
+        units = [_Unit("text", leading, segment.weight, segment)] if leading else []
         if result.status == "found":
             rows = result.vectors
             units.append(_Unit("embedding", result.name, segment.weight, segment,
                                [(rows[i], segment.weight) for i in range(rows.shape[0])]))
         else:
-            warnings.warn(f"embedding:{result.name} skipped ({result.status}: {result.reason})",
-                          EmbeddingWarning, stacklevel=4)
+            warn_at_caller(f"embedding:{result.name} skipped ({result.status}: {result.reason})", EmbeddingWarning)
         if leftover.strip():
             units.append(_Unit("text", leftover, segment.weight, segment))
         return units
@@ -373,7 +384,7 @@ class SDTokenizer:
             split = _PIECE_SPLIT.split(segment.text)
             pieces = [split[0]] + [EMBEDDING_IDENTIFIER + p for p in split[1:]]
             for piece in (p for p in pieces if p):
-                if piece.startswith(EMBEDDING_IDENTIFIER) and self._embeddings is not None:
+                if piece.startswith(EMBEDDING_IDENTIFIER):
                     units.extend(self._embedding_units(piece, segment, found))
                 else:
                     units.append(_Unit("text", piece, segment.weight, segment))
