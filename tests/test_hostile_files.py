@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from textenc.checkpoint import load_state_dict
 from textenc.convert import to_layout
 from textenc.embeddings import EmbeddingLoader
-from textenc.errors import CheckpointError, TextencError
+from textenc.errors import CheckpointError, CheckpointWarning, TextencError
 from textenc.sd import load_clip
 from textenc.sd1_clip import SDClipModel
 
@@ -249,9 +249,12 @@ def test_load_clip_refuses_missing_unexpected_and_misshaped_keys(tmp_path, sd1_c
         path = tmp_path / f"{name}.safetensors"
         save_file(sd, path)
         with pytest.raises(CheckpointError) as caught:
-            load_clip(str(path))
+            load_clip(str(path), strict=True)
         assert all(f in str(caught.value) for f in fragments), (name, str(caught.value))
-    load_clip(str(tmp_path / "unexpected.safetensors"), strict=False)  # the documented opt-out
+    # A stray key is a warning by default, as in ComfyUI (strict=True above keeps refusing).
+    with pytest.warns(CheckpointWarning, match=r"unexpected key.*layers\.1\.mlp\.extra") as caught:
+        load_clip(str(tmp_path / "unexpected.safetensors"))
+    assert caught[0].filename == __file__
 
 
 def test_load_sd_lists_every_problem_in_one_error(sd1_checkpoint):

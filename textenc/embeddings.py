@@ -155,6 +155,8 @@ def _available_names(roots: Sequence[str]) -> list[str]:
     names = set()
     for root in roots:
         for folder in _folders(root):
+            if os.path.islink(folder) or not is_inside(root, os.path.realpath(folder)):
+                continue  # symlinked folders are never searched, so never listed
             try:
                 entries = os.listdir(folder)
             except OSError:

@@ -28,6 +28,7 @@ __all__ = [
     "EmbeddingWarning",
     "PromptWarning",
     "EncodeError",
+    "CheckpointWarning",
 ]
 
 
@@ -89,3 +90,7 @@ class PromptWarning(TextencWarning):
 
 class EncodeError(TextencError):
     """An encode produced NaN or infinite conditioning; the message names the likely cause."""
+
+
+class CheckpointWarning(TextencWarning):
+    """A checkpoint loaded, but held something that was ignored (a stray key)."""
