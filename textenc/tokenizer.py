@@ -37,7 +37,6 @@ Differences from ComfyUI, all deliberate:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,6 +46,8 @@ from textenc.dialects import get_dialect
 from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
 from textenc.errors import EmbeddingWarning, PromptError
 from textenc.lru import LRUCache
+from textenc.clip_backend import build_backend, fix_surrogates, is_clip_pipeline
+from textenc.token_budget import TokenBudget, check_max_windows, space_chunks
 from textenc.warn import warn_at_caller
 from textenc.prompt_parser import ParseOptions, Segment, large_weights, parse_prompt
 
@@ -54,8 +55,6 @@ __all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT
 
 DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
 EMBEDDING_IDENTIFIER = "embedding:"
-# The CLIP pre-tokenizer regex, as in transformers' CLIPTokenizer.
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PIECE_SPLIT = re.compile(" embedding:|\nembedding:")  # ComfyUI's split, separator dropped
 _NAME_END = re.compile(r"\s")
 _PER_CALL_PARSE_OPTIONS = ("weight_convention", "square_brackets", "break_keyword", "max_weight",
@@ -114,110 +113,6 @@ class _Unit:
     tokens: list = field(default_factory=list)
 
 
-def _fix_surrogates(text: str) -> str:
-    """Join surrogate pairs and replace lone surrogates by U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def _check_max_windows(value: Any) -> int | None:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return value
-    raise PromptError(f"max_windows must be None or an int >= 1, got {value!r}")
-
-
-def _space_chunks(text: str, size: int):
-    """Consecutive pieces of about ``size`` characters, each cut just after a space (a word
-    longer than ``size`` stays whole)."""
-    start = 0
-    while start < len(text):
-        end = start + size
-        if end < len(text):
-            cut = text.rfind(" ", start, end)
-            if cut < start:
-                cut = text.find(" ", end)
-            end = len(text) if cut < 0 else cut + 1
-        yield text[start:end]
-        start = end
-
-
-class _TokenBudget:
-    """Counts a prompt's tokens while it is tokenized and refuses once they cannot fit.
-
-    ``max_windows`` windows hold at most ``max_windows * capacity`` tokens, so
-    passing that count proves the limit is exceeded, whatever the packing.
-    """
-
-    def __init__(self, tokenizer: "SDTokenizer", max_windows: int | None, prompt_chars: int) -> None:
-        self.capacity = tokenizer.window_capacity()
-        self.max_windows = max_windows
-        self.limit = None if max_windows is None else max_windows * self.capacity
-        self.prompt_chars = prompt_chars
-        self.tokens = self.chars = 0
-
-    def add(self, tokens: int, chars: int) -> None:
-        self.tokens += tokens
-        self.chars += chars
-        if self.limit is None or self.tokens <= self.limit:
-            return
-        share = max(self.chars, 1) / max(self.prompt_chars, 1)
-        estimate = int(self.tokens / min(share, 1.0) / self.capacity) + 1
-        raise PromptError(
-            f"prompt needs more than max_windows={self.max_windows} windows of {self.capacity} tokens "
-            f"({self.tokens} tokens in its first {self.chars} of {self.prompt_chars} characters; about "
-            f"{estimate} windows in all); shorten it, or pass max_windows=None (or a larger number) "
-            "to the tokenizer or to this call")
-
-
-def _build_backend(folder: str) -> Any:
-    """A ``tokenizers.Tokenizer`` equal to transformers' CLIPTokenizer for ``folder``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    single = os.path.join(folder, "tokenizer.json")
-    if os.path.isfile(single) and not os.path.isfile(os.path.join(folder, "vocab.json")):
-        backend = Tokenizer.from_file(single)
-        backend.no_truncation()  # once, at construction: never mutated per call
-        backend.no_padding()
-        return backend
-    try:
-        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as handle:
-            vocab = json.load(handle)
-        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as handle:
-            merges = [tuple(line.split()) for line in handle.read().split("\n")[1:] if line.strip()]
-    except (OSError, ValueError) as error:
-        raise PromptError(f"cannot read a CLIP vocabulary from {folder!r}: {error}") from error
-    backend = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
-                            end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in ("<|startoftext|>", "<|endoftext|>")])
-    bos, eos = backend.token_to_id("<|startoftext|>"), backend.token_to_id("<|endoftext|>")
-    backend.post_processor = processors.RobertaProcessing(("<|endoftext|>", eos), ("<|startoftext|>", bos),
-                                                          trim_offsets=False, add_prefix_space=False)
-    return backend
-
-
-def _is_clip_pipeline(backend: Any) -> bool:
-    """Whether a backend normalises and splits exactly like CLIP, so it can run word by word."""
-    config = json.loads(backend.to_str())
-    normalizer = config.get("normalizer") or {}
-    steps = [step.get("type") for step in normalizer.get("normalizers", [])]
-    pre = (config.get("pre_tokenizer") or {}).get("pretokenizers") or [{}]
-    pattern = (pre[0].get("pattern") or {}).get("Regex")
-    replace = (normalizer.get("normalizers") or [{}, {}])[1:2]
-    whitespace_only = replace and replace[0].get("pattern", {}).get("Regex") == r"\s+" and replace[0].get("content") == " "
-    return steps == ["NFC", "Replace", "Lowercase"] and bool(whitespace_only) and pattern == _CLIP_SPLIT
-
-
 class SDTokenizer:
     """ComfyUI's ``SDTokenizer``; positional parameters keep ComfyUI's order.
 
@@ -257,7 +152,7 @@ class SDTokenizer:
         tokenizer_data = tokenizer_data or {}
         folder = tokenizer_path if tokenizer_path is not None else DEFAULT_VOCAB
         self._hf = tokenizer_class.from_pretrained(folder) if tokenizer_class is not None else None
-        self._backend = _build_backend(folder) if self._hf is None else None
+        self._backend = build_backend(folder) if self._hf is None else None
         self.max_length = tokenizer_data.get(f"{embedding_key}_max_length", max_length)
         self.min_length = tokenizer_data.get(f"{embedding_key}_min_length", min_length)
         self.min_padding = min_padding
@@ -272,10 +167,10 @@ class SDTokenizer:
         self.embedding_identifier = EMBEDDING_IDENTIFIER
         self.parse_options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight,
                                           max_prompt_chars, strict_weights, warn_weight_above)
-        self.max_windows = _check_max_windows(max_windows)
+        self.max_windows = check_max_windows(max_windows)
         self._cache = LRUCache(cache_size)  # unit text -> token ids
         self._by_word = (self._backend is not None and self.tokens_start == 1 and has_end_token
-                         and end_token is None and _is_clip_pipeline(self._backend))
+                         and end_token is None and is_clip_pipeline(self._backend))
         self._embeddings = (EmbeddingLoader(embedding_directory, embedding_size, embed_key=embedding_key)
                             if embedding_directory is not None else None)
 
@@ -295,7 +190,7 @@ class SDTokenizer:
 
     def _raw_encode(self, texts: list[str], *, special: bool = True) -> list[list[int]]:
         """Ids with the tokenizer's own start/end tokens, for every text."""
-        texts = [_fix_surrogates(t) for t in texts]
+        texts = [fix_surrogates(t) for t in texts]
         if self._hf is not None:
             return [list(ids) for ids in self._hf(texts)["input_ids"]] if texts else []
         if not texts:
@@ -337,7 +232,7 @@ class SDTokenizer:
         options = options or self.parse_options
         if not isinstance(text, str):
             raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
-        text = _fix_surrogates(text)
+        text = fix_surrogates(text)
         if disable_weights:  # ComfyUI still resolves the escapes
             if len(text) > options.max_prompt_chars:
                 raise PromptError(f"prompt has {len(text)} characters, more than max_prompt_chars")
@@ -399,7 +294,7 @@ class SDTokenizer:
         """Tokenize the text groups in steps of ~64K characters, refusing (PromptError) as soon
         as their tokens cannot fit ``max_windows`` windows, so that a huge prompt is refused
         before it is tokenized, let alone encoded."""
-        counter = _TokenBudget(self, max_windows, prompt_chars)
+        counter = TokenBudget(self, max_windows, prompt_chars)
         counter.add(sum(len(u.tokens) for u in units if u.kind == "embedding"), 0)
         batch: list[_Unit] = []
         batch_chars = 0
@@ -416,15 +311,15 @@ class SDTokenizer:
                 batch, batch_chars = [], 0
         self._fill_batch(batch, counter)
 
-    def _fill_batch(self, batch: list[_Unit], counter: "_TokenBudget") -> None:
+    def _fill_batch(self, batch: list[_Unit], counter: TokenBudget) -> None:
         for unit, ids in zip(batch, self.encode_units([u.text for u in batch])):
             unit.tokens = [(t, unit.weight) for t in ids]
             counter.add(len(ids), len(unit.text))
 
-    def _tokens_of_long_unit(self, unit: _Unit, counter: "_TokenBudget") -> list[tuple]:
+    def _tokens_of_long_unit(self, unit: _Unit, counter: TokenBudget) -> list[tuple]:
         """A long text group, tokenized chunk by chunk (cut at spaces: CLIP never joins across one)."""
         tokens: list[tuple] = []
-        for chunk in _space_chunks(unit.text, _CHUNK_CHARS):
+        for chunk in space_chunks(unit.text, _CHUNK_CHARS):
             ids = self.encode_units([chunk])[0]
             tokens.extend((t, unit.weight) for t in ids)
             counter.add(len(ids), len(chunk))
@@ -485,7 +380,7 @@ class SDTokenizer:
         min_length = options.get(f"{self.embedding_key}_min_length", self.min_length)
         min_length = kwargs.get("min_length", min_length)
         min_padding = options.get(f"{self.embedding_key}_min_padding", self.min_padding)
-        max_windows = _check_max_windows(kwargs["max_windows"]) if "max_windows" in kwargs else self.max_windows
+        max_windows = check_max_windows(kwargs["max_windows"]) if "max_windows" in kwargs else self.max_windows
         found: list[EmbeddingResult] = []
         segments = self._segments(text, bool(kwargs.get("disable_weights", False)), self._parse_options(kwargs))
         units = self._units(segments, found)
