@@ -166,8 +166,8 @@ def is_finite(tensor: torch.Tensor) -> bool:
 
     A NaN or an infinity makes the sum non-finite, and summing reads each
     value once without a temporary (several times faster than
-    ``torch.isfinite(tensor).all()``: 45 ms for CLIP-L's fp16 weights on one
-    thread, see ``bench/bench_weight_scan.py``). A non-finite sum can also be
+    ``torch.isfinite(tensor).all()``: 45–172 ms against 1.8–4.1 s for CLIP-L's
+    fp16 weights on one thread, see ``bench/bench_weight_scan.py``). A non-finite sum can also be
     an overflow of the sum itself, so only then is every value checked.
 
     >>> is_finite(torch.full((4,), 60000.0, dtype=torch.float16)), is_finite(torch.tensor([1.0, float("inf")]))

@@ -275,8 +275,8 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
             ``CheckpointWarning``, as ComfyUI); missing and mis-shaped keys
             are always refused.
         require_finite: refuse text-encoder weights holding NaN or infinite
-            values, naming the tensor (a sum per tensor: ~0.1 s for CLIP-L,
-            ~0.5 s for CLIP-G on one CPU thread; see the README).
+            values, naming the tensor (a sum per tensor: 0.05–0.2 s for CLIP-L,
+            0.3–1.3 s for CLIP-G on one CPU thread; see the README).
         allow_missing_layers: load an L/H/G encoder that has fewer layers than
             the released model (12/24/32) as a shallower model, instead of
             refusing it. A gap in the layer numbers is always refused.

@@ -45,8 +45,8 @@ def check_weight_values(sd: dict, *, require_finite: bool = True) -> None:
     """Refuse non-floating tensors and (``require_finite``) NaN or infinite values, naming the tensor.
 
     The finite scan sums each tensor (see :func:`textenc.checkpoint.is_finite`):
-    about 45 ms (fp16) / 100 ms (fp32) for CLIP-L and 0.3 / 0.5 s for SDXL's
-    CLIP-G on one CPU thread, so it runs by default.
+    0.05–0.2 s for CLIP-L and 0.3–1.3 s for SDXL's CLIP-G on one loaded CPU
+    thread (``bench/bench_weight_scan.py``), so it runs by default.
     """
     for key, tensor in sd.items():
         if not tensor.is_floating_point():
