@@ -371,21 +371,22 @@ def test_a_stray_layer_index_never_sets_the_depth(sd1_checkpoint):
     assert clip.cond_stage_model.encoder.num_layers == 2
 
 
-def _clip_l_like(layers=12):
-    """CLIP-L widths (768, so the model is a known one) with a small MLP and vocabulary."""
-    sd = {"text_model.embeddings.token_embedding.weight": torch.zeros(49408, 768, dtype=torch.float16),
-          "text_model.embeddings.position_embedding.weight": torch.zeros(77, 768, dtype=torch.float16),
-          "text_model.final_layer_norm.weight": torch.ones(768, dtype=torch.float16),
-          "text_model.final_layer_norm.bias": torch.zeros(768, dtype=torch.float16)}
+def _clip_l_like(layers=12, width=768):
+    """CLIP-L (or, with width 1024, ViT-H) widths, so the model is a known one, with a small MLP."""
+    half = torch.float16
+    sd = {"text_model.embeddings.token_embedding.weight": torch.zeros(49408, width, dtype=half),
+          "text_model.embeddings.position_embedding.weight": torch.zeros(77, width, dtype=half),
+          "text_model.final_layer_norm.weight": torch.ones(width, dtype=half),
+          "text_model.final_layer_norm.bias": torch.zeros(width, dtype=half)}
     for n in layers if not isinstance(layers, int) else range(layers):
         p = f"text_model.encoder.layers.{n}."
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[p + f"self_attn.{name}.weight"] = torch.zeros(768, 768, dtype=torch.float16)
-            sd[p + f"self_attn.{name}.bias"] = torch.zeros(768, dtype=torch.float16)
+            sd[p + f"self_attn.{name}.weight"] = torch.zeros(width, width, dtype=half)
+            sd[p + f"self_attn.{name}.bias"] = torch.zeros(width, dtype=half)
         for name in ("layer_norm1", "layer_norm2"):
-            sd[p + f"{name}.weight"], sd[p + f"{name}.bias"] = torch.ones(768, dtype=torch.float16), torch.zeros(768, dtype=torch.float16)
-        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = torch.zeros(8, 768, dtype=torch.float16), torch.zeros(8, dtype=torch.float16)
-        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = torch.zeros(768, 8, dtype=torch.float16), torch.zeros(768, dtype=torch.float16)
+            sd[p + f"{name}.weight"], sd[p + f"{name}.bias"] = torch.ones(width, dtype=half), torch.zeros(width, dtype=half)
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = torch.zeros(8, width, dtype=half), torch.zeros(8, dtype=half)
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = torch.zeros(width, 8, dtype=half), torch.zeros(width, dtype=half)
     return sd
 
 
@@ -443,3 +444,19 @@ def test_non_finite_output_names_the_embedding_or_the_weight(sd1_checkpoint):
     window[1] = (window[1][0], 1e300)  # hand-built: the parser refuses weights beyond float32
     with pytest.raises(EncodeError, match=r"a prompt weight \(largest \|weight\| 1e\+300\)"):
         clip.encode_from_tokens({"l": [window]})
+
+
+def test_a_23_layer_vit_h_loads_with_allow_missing_layers_and_matches_comfyui_penultimate():
+    """diffusers' SD2 text_encoder stores 23 of ViT-H's 24 layers (README troubleshooting)."""
+    generator = torch.Generator().manual_seed(0)
+    full = {k: (torch.randn(v.shape, generator=generator) * 0.02).to(torch.float16) if "norm" not in k else v
+            for k, v in _clip_l_like(24, width=1024).items()}
+    short = {k: v for k, v in full.items() if ".layers.23." not in k}
+    with pytest.raises(CheckpointError, match=r"missing layer\(s\) \[23\] \(CLIP-H has 24 layers\)"):
+        load_clip(None, state_dicts=[("diffusers-sd2", short)])
+    ours = load_clip(None, state_dicts=[("diffusers-sd2", short)], allow_missing_layers=True)
+    comfy = load_clip(None, state_dicts=[("full", full)])  # ComfyUI's 24-layer model, penultimate by default
+    tokens = ours.tokenize("a red fox")
+    last = ours.clone()
+    last.clip_layer(-1)
+    assert torch.equal(last.encode_from_tokens(tokens), comfy.encode_from_tokens(tokens))

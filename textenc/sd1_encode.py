@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from .checkpoint import is_finite
-from .errors import CheckpointError, EmbeddingWarning, EncodeError, PromptError
+from .errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError
 from .warn import warn_at_caller
 from .weighting import (apply_weights, compel_blend_weights, downweighted_runs,
                         normalize_weights)
@@ -84,6 +84,9 @@ def load_text_state_dict(model: SDClipModel, sd, *, strict: bool = True, require
                               f"{model.config.num_hidden_layers}-layer, width-{width} config: "
                               + "; ".join(parts) + ". Check the model type/config, or pass strict=False "
                               "to ignore unexpected keys.")
+    if unexpected:  # strict=False: ignored, and said so (ComfyUI logs them too)
+        warn_at_caller(f"text encoder state dict: {len(unexpected)} unexpected key(s) ignored "
+                       f"(strict=False): {unexpected[:8]}", CheckpointWarning)
     sd = {k: v for k, v in sd.items() if k not in unexpected}
     check_weight_values(sd, require_finite=require_finite)
     target = model.storage_dtype
