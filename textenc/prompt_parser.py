@@ -61,11 +61,12 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 from textenc.errors import PromptError, PromptWarning
 from textenc.warn import warn_at_caller
 
-__all__ = ["Segment", "ParseOptions", "parse_prompt", "large_weights", "finite_in_float32"]
+__all__ = ["Segment", "ParseOptions", "parse_prompt", "iter_segments", "large_weights", "finite_in_float32"]
 
 #: The ``strict_weights=True`` grammar: plain ASCII decimal, optional sign and spaces.
 WEIGHT_LITERAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*")
@@ -195,26 +196,24 @@ class _Source:
         return hi
 
 
-def _top_level_items(src: _Source) -> list[tuple[int, int]]:
-    """ComfyUI's ``parse_parentheses`` on the whole prompt, as spans."""
-    items: list[tuple[int, int]] = []
+def _top_level_items(src: _Source) -> Iterator[tuple[int, int]]:
+    """ComfyUI's ``parse_parentheses`` on the whole prompt, as spans, lazily."""
     level = 0
     item_start = 0
     for pos in src.brackets:
         if src.text[pos] in src.openers:
             if level == 0:
                 if pos > item_start:
-                    items.append((item_start, pos))
+                    yield item_start, pos
                 item_start = pos
             level += 1
         else:
             level -= 1
             if level == 0:
-                items.append((item_start, pos + 1))
+                yield item_start, pos + 1
                 item_start = pos + 1
     if item_start < len(src.text):
-        items.append((item_start, len(src.text)))
-    return items
+        yield item_start, len(src.text)
 
 
 def _group_factor(src: _Source, lo: int, hi: int) -> float | None:
@@ -376,6 +375,21 @@ def parse_prompt(
     if options is None:
         options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight, max_prompt_chars,
                                strict_weights, warn_weight_above)
+    segments = list(iter_segments(text, options))
+    heavy = large_weights(segments, options)
+    if heavy:
+        warn_at_caller(describe_large_weights(heavy, options), PromptWarning)
+    return segments
+
+
+def iter_segments(text: str, options: ParseOptions) -> Iterator[Segment]:
+    """:func:`parse_prompt`'s segments, one top-level group at a time (no large-weight
+    warning: the caller reports :func:`large_weights` once it has seen them all), so a
+    caller can stop early (the tokenizer's ``max_windows``).
+
+    Raises:
+        PromptError: as :func:`parse_prompt`, when the offending segment is reached.
+    """
     if not isinstance(text, str):
         raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
     if len(text) > options.max_prompt_chars:
@@ -387,10 +401,8 @@ def parse_prompt(
     out = _Emitter(src)
     for lo, hi in _top_level_items(src):
         _walk_group(src, out, lo, hi, 1.0)
-    heavy = large_weights(out.segments, options)
-    if heavy:
-        warn_at_caller(describe_large_weights(heavy, options), PromptWarning)
-    return out.segments
+        yield from out.segments
+        out.segments.clear()
 
 
 def large_weights(segments: list[Segment], options: ParseOptions) -> list[Segment]:

@@ -40,16 +40,16 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from textenc.dialects import get_dialect
 from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
-from textenc.errors import EmbeddingWarning, PromptError
+from textenc.errors import EmbeddingWarning, PromptError, PromptWarning
 from textenc.lru import LRUCache
 from textenc.clip_backend import build_backend, fix_surrogates, is_clip_pipeline
 from textenc.token_budget import TokenBudget, check_max_windows, space_chunks
 from textenc.warn import warn_at_caller
-from textenc.prompt_parser import ParseOptions, Segment, large_weights, parse_prompt
+from textenc.prompt_parser import ParseOptions, Segment, describe_large_weights, iter_segments, large_weights
 
 __all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT_VOCAB"]
 
@@ -228,7 +228,8 @@ class SDTokenizer:
         overrides = {k: kwargs[k] for k in _PER_CALL_PARSE_OPTIONS if k in kwargs}
         return dataclasses.replace(self.parse_options, **overrides) if overrides else self.parse_options
 
-    def _segments(self, text: str, disable_weights: bool, options: ParseOptions | None = None) -> list[Segment]:
+    def _segments(self, text: str, disable_weights: bool, options: ParseOptions | None = None) -> Iterable[Segment]:
+        """The prompt's segments, lazily (parsed one top-level group at a time)."""
         options = options or self.parse_options
         if not isinstance(text, str):
             raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
@@ -237,7 +238,7 @@ class SDTokenizer:
             if len(text) > options.max_prompt_chars:
                 raise PromptError(f"prompt has {len(text)} characters, more than max_prompt_chars")
             return [Segment(re.sub(r"\\([()])", r"\1", text), 1.0, 0, len(text))] if text else []
-        return parse_prompt(text, options=options)
+        return iter_segments(text, options)
 
     def _embedding_units(self, piece: str, segment: Segment, found: list[EmbeddingResult]) -> list[_Unit]:
         """An ``embedding:name rest`` piece: the embedding group, then the rest as text."""
@@ -290,11 +291,28 @@ class SDTokenizer:
         specials = (self.start_token is not None) + (self.end_token is not None)
         return max(1, self.max_length - specials)
 
-    def _fill_tokens(self, units: list[_Unit], max_windows: int | None, prompt_chars: int) -> None:
+    def _stream_units(self, segments: Iterable[Segment], found: list[EmbeddingResult],
+                      counter: TokenBudget) -> tuple[list[_Unit], list[Segment]]:
+        """Parse, split and tokenize in steps of ~64K characters of segments, so that
+        ``max_windows`` refuses a huge prompt before most of it is parsed or tokenized."""
+        units: list[_Unit] = []
+        seen: list[Segment] = []
+        pending: list[Segment] = []
+        pending_chars = 0
+        for segment in segments:
+            pending.append(segment)
+            pending_chars += len(segment.text)
+            if pending_chars >= _CHUNK_CHARS:
+                units += self._fill_tokens(self._units(pending, found), counter)
+                seen += pending
+                pending, pending_chars = [], 0
+        units += self._fill_tokens(self._units(pending, found), counter)
+        return units, seen + pending
+
+    def _fill_tokens(self, units: list[_Unit], counter: TokenBudget) -> list[_Unit]:
         """Tokenize the text groups in steps of ~64K characters, refusing (PromptError) as soon
         as their tokens cannot fit ``max_windows`` windows, so that a huge prompt is refused
         before it is tokenized, let alone encoded."""
-        counter = TokenBudget(self, max_windows, prompt_chars)
         counter.add(sum(len(u.tokens) for u in units if u.kind == "embedding"), 0)
         batch: list[_Unit] = []
         batch_chars = 0
@@ -310,6 +328,7 @@ class SDTokenizer:
                 self._fill_batch(batch, counter)
                 batch, batch_chars = [], 0
         self._fill_batch(batch, counter)
+        return units
 
     def _fill_batch(self, batch: list[_Unit], counter: TokenBudget) -> None:
         for unit, ids in zip(batch, self.encode_units([u.text for u in batch])):
@@ -382,9 +401,12 @@ class SDTokenizer:
         min_padding = options.get(f"{self.embedding_key}_min_padding", self.min_padding)
         max_windows = check_max_windows(kwargs["max_windows"]) if "max_windows" in kwargs else self.max_windows
         found: list[EmbeddingResult] = []
-        segments = self._segments(text, bool(kwargs.get("disable_weights", False)), self._parse_options(kwargs))
-        units = self._units(segments, found)
-        self._fill_tokens(units, max_windows, len(text))
+        parse_options = self._parse_options(kwargs)
+        segments = self._segments(text, bool(kwargs.get("disable_weights", False)), parse_options)
+        units, seen = self._stream_units(segments, found, TokenBudget(self, max_windows, len(text)))
+        heavy = large_weights(seen, parse_options)
+        if heavy:
+            warn_at_caller(describe_large_weights(heavy, parse_options), PromptWarning)
         windows = self._windows(units, min_length, min_padding)
         if max_windows is not None and len(windows) > max_windows:
             raise PromptError(f"prompt needs {len(windows)} windows of {self.max_length} tokens, more than "
