@@ -12,6 +12,12 @@ all its windows in one batched forward (counted with a forward hook; its time
 against the reference is shown too, bounded below by 3/4: the reference runs
 the empty prompt as a fourth row). Tokenization ≥ 3× reference throughput.
 
+Issue 15 (point 5): a 1 MB prompt (short words; and weighted groups) is refused by ``max_windows``
+(default 256) in under 1 s with under 64 MiB of peak memory growth (the
+process's resident high-water mark, reset through ``/proc/self/clear_refs``
+on Linux, so the Rust tokenizer's memory counts too); the reference column is
+the same prompt tokenized in full with ``max_windows=None``.
+
 Usage: ``python bench/bench_prompt.py [--quick]``
 """
 
@@ -197,21 +203,90 @@ def bench_tokenization(rounds: int, count: int) -> list[dict]:
     return [row]
 
 
+def make_megabyte_prompt(seed: int = 0) -> str:
+    """One million characters of short words (about 500,000 tokens)."""
+    rng = random.Random(seed)
+    words = ("a", "cat", "dog", "red", "sky", "on", "in", "fox", "of", "is")
+    return " ".join(rng.choice(words) for _ in range(400_000))[:1_000_000]
+
+
+def _memory_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _refuse_once(tokenizer: SDTokenizer, prompt: str) -> tuple[float, float | None]:
+    """Seconds and MiB of peak RSS growth for one refusal."""
+    from textenc.errors import PromptError
+
+    measurable = _reset_peak()
+    before = _memory_kib("VmRSS")
+    start = time.perf_counter()
+    try:
+        tokenizer.tokenize_with_weights(prompt)
+    except PromptError:
+        elapsed = time.perf_counter() - start
+    else:
+        raise AssertionError("the 1 MB prompt was not refused by max_windows")
+    peak = _memory_kib("VmHWM")
+    growth = (peak - before) / 1024 if measurable and peak is not None and before is not None else None
+    return elapsed, growth
+
+
+def bench_max_windows(rounds: int) -> list[dict]:
+    """Refusing 1 MB prompts: short words, and 71,000 weighted groups (the parser's worst case)."""
+    tokenizer = SDTokenizer()
+    tokenizer.tokenize_with_weights(ONE_WINDOW)
+    rows = []
+    for label, prompt in (("1 MB prompt", make_megabyte_prompt()),
+                          ("1 MB weighted prompt", ("(red fox:1.2) " * 80_000)[:1_000_000])):
+        refusals = [_refuse_once(SDTokenizer(), prompt) for _ in range(rounds)]  # cold caches
+        start = time.perf_counter()
+        windows = tokenizer.tokenize_with_weights(prompt, max_windows=None)
+        full = time.perf_counter() - start
+        times = [t for t, _ in refusals]
+        growths = [g for _, g in refusals if g is not None]
+        peak = max(growths) if growths else None
+        ok = max(times) < 1.0 and (peak is None or peak < 64)
+        row = _row(f"refuse a {label} (max_windows=256)", times, [full], max(times) / full,
+                   "< 1 s and < 64 MiB peak growth", ok)
+        row["note"] = (f"peak RSS growth {peak:.1f} MiB" if peak is not None else "peak RSS not measurable here") + \
+            f"; tokenizing it in full gives {len(windows)} windows"
+        rows.append(row)
+    return rows
+
+
 def run(quick: bool = False) -> list[dict]:
     """Run every case; ``quick`` uses fewer rounds (< 40 s) for CI."""
     rounds = 3 if quick else 7
-    return bench_encoding(rounds) + bench_tokenization(2 if quick else 5, 2000)
+    return (bench_encoding(rounds) + bench_tokenization(2 if quick else 5, 2000)
+            + bench_max_windows(2 if quick else 5))
 
 
 def main() -> None:
     started = time.perf_counter()
     rows = run(quick="--quick" in sys.argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times min / median / max ms\n")
-    print("| case | ours | reference | ratio | target | ok |")
-    print("|---|---|---|---|---|---|")
+    print("| case | ours | reference | ratio | target | ok | note |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['ours_ms']} | {r['reference_ms']} | {r['ratio']} | {r['target']} | "
-              f"{ {True: 'yes', False: 'NO', None: 'info'}[r['ok']] } |")
+              f"{ {True: 'yes', False: 'NO', None: 'info'}[r['ok']] } | {r.get('note', '')} |")
     print(f"\n(ratio: ours/reference time for encoding, reference/ours for tokenization; "
           f"total {time.perf_counter() - started:.0f} s)")
 

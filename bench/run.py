@@ -236,7 +236,8 @@ def _normalize(row: dict, module_name: str) -> dict:
     """Map bench_prompt's and bench_dataset's row layouts onto this table's columns."""
     if "ours_ms" in row:  # bench_prompt: case, ours_ms, reference_ms, ratio, target (= limit), ok
         case = str(row.get("case", ""))
-        target = "5 tokenization" if "tokeni" in case else "4 weighted prompts"
+        target = ("5 tokenization" if "tokeni" in case else
+                  "15 max_windows" if "max_windows" in case else "4 weighted prompts")
         extra = {k: v for k, v in row.items() if k in ("prompts_per_s",)}
         return {"target": target, "case": case,
                 "ours": f"{row['ours_ms']} ms" if row.get("ours_ms") else "",

@@ -262,3 +262,62 @@ def test_threads_share_the_loader(folder):
     for result in results:
         assert all((torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b) and w == v
                    for (a, w), (b, v) in zip(result[0], expected[0]))
+
+
+# --- names with commas, value bound, messages (issues 15 and 16) ----------------------------
+
+def test_commas_are_stripped_at_both_ends_and_stay_as_text(folder):
+    """ComfyUI's ``_try_get_embedding`` retries ``name.strip(',')``; the commas stay text here."""
+    value = vectors(2)
+    save_file({"emb_params": value}, folder / "EasyNegative.safetensors")
+    tok, plain = SDTokenizer(embedding_directory=str(folder)), SDTokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbeddingWarning)
+        for prompt, before, after in [("embedding:,,EasyNegative lowres", ",,", " lowres"),
+                                      ("embedding:EasyNegative,, lowres", "", ",, lowres"),
+                                      ("embedding:,EasyNegative, lowres", ",", ", lowres")]:
+            out = [t for t, _, _ in tokens_of(tok, prompt)]
+            head, tail = plain.encode_units([before])[0] if before else [], plain.encode_units([after])[0]
+            assert out[1:len(head) + 1] == head, prompt
+            assert [torch.equal(t, v) for t, v in zip(out[len(head) + 1:len(head) + 3], value)] == [True, True]
+            assert out[len(head) + 3:len(head) + 3 + len(tail) + 1] == tail + [END], prompt
+
+
+def test_huge_valued_embedding_is_refused_and_the_rest_encodes(folder):
+    save_file({"emb_params": torch.full((1, WIDTH), 1e30)}, folder / "huge.safetensors")
+    save_file({"emb_params": torch.full((1, WIDTH), 16384.0)}, folder / "edge.safetensors")
+    tok, plain = SDTokenizer(embedding_directory=str(folder)), SDTokenizer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = tokens_of(tok, "a embedding:huge cat")
+    assert len(caught) == 1 and caught[0].filename == __file__
+    message = str(caught[0].message)
+    assert "huge.safetensors" in message and "magnitude 1e+30" in message and "16384" in message
+    assert [(t, w) for t, w, _ in out] == [(t, w) for t, w, _ in tokens_of(plain, "a cat")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmbeddingWarning)
+        report = tok.inspect("embedding:huge x")
+    assert [e.status for e in report.embeddings] == ["rejected"] and report.rejected[0].name == "huge"
+    assert EmbeddingLoader(str(folder), WIDTH).lookup("edge").status == "found"  # the bound itself passes
+    assert EmbeddingLoader(str(folder), WIDTH, max_abs_value=1e31).lookup("huge").status == "found"
+
+
+def test_missing_messages_say_which_case_and_point_at_the_caller(folder, tmp_path):
+    save_file({"emb_params": vectors(1)}, folder / "sub" / "watercolor.safetensors")
+    cases = [
+        (SDTokenizer(), "embedding:watercolr cat", r"embedding:watercolr read as text: no embedding directory was given"),
+        (SDTokenizer(embedding_directory=str(tmp_path / "nope")), "embedding:watercolr cat",
+         r"missing: embedding directory '.*nope' does not exist"),
+        (SDTokenizer(embedding_directory=str(folder)), "embedding:watercolr cat",
+         r"missing: no embedding named 'watercolr' in '.*embeddings' \(did you mean 'sub/watercolor'\?\)"),
+        (SDTokenizer(embedding_directory=[str(folder), str(tmp_path / "gone")]), "embedding:zzz cat",
+         r"no embedding named 'zzz' in '.*embeddings'; directory '.*gone' does not exist"),
+    ]
+    for tok, prompt, pattern in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tok.tokenize_with_weights(prompt)
+        assert len(caught) == 1 and caught[0].category is EmbeddingWarning
+        assert caught[0].filename == __file__, caught[0].filename
+        assert __import__("re").search(pattern, str(caught[0].message)), str(caught[0].message)
+    assert EmbeddingLoader(None, WIDTH).lookup("x").reason == "no embedding directory was given"

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from textenc.checkpoint import load_state_dict
 from textenc.convert import to_layout
 from textenc.embeddings import EmbeddingLoader
-from textenc.errors import CheckpointError, TextencError
+from textenc.errors import CheckpointError, CheckpointWarning, EncodeError, TextencError
 from textenc.sd import load_clip
 from textenc.sd1_clip import SDClipModel
 
@@ -249,9 +249,12 @@ def test_load_clip_refuses_missing_unexpected_and_misshaped_keys(tmp_path, sd1_c
         path = tmp_path / f"{name}.safetensors"
         save_file(sd, path)
         with pytest.raises(CheckpointError) as caught:
-            load_clip(str(path))
+            load_clip(str(path), strict=True)
         assert all(f in str(caught.value) for f in fragments), (name, str(caught.value))
-    load_clip(str(tmp_path / "unexpected.safetensors"), strict=False)  # the documented opt-out
+    # A stray key is a warning by default, as in ComfyUI (strict=True above keeps refusing).
+    with pytest.warns(CheckpointWarning, match=r"unexpected key.*layers\.1\.mlp\.extra") as caught:
+        load_clip(str(tmp_path / "unexpected.safetensors"))
+    assert caught[0].filename == __file__
 
 
 def test_load_sd_lists_every_problem_in_one_error(sd1_checkpoint):
@@ -323,3 +326,137 @@ def test_non_finite_checkpoint_is_refused_with_the_finite_option(tmp_path, sd1_c
         load_state_dict(tmp_path / "inf.safetensors", require_finite=True)
     with pytest.raises(TextencError):
         load_clip(None, state_dicts=[("in-memory", bad)], require_finite=True)
+
+
+# --- issue 15 point 7, issue 19 point 7: weights, stray keys, layers, vocabulary, output ----
+
+def test_non_finite_weights_are_refused_by_default_and_encodes_check_their_output(tmp_path, sd1_checkpoint):
+    key = _key(sd1_checkpoint, "layers.1.self_attn.q_proj.weight")
+    bad = {**sd1_checkpoint, key: sd1_checkpoint[key].clone()}
+    bad[key][3, 5] = float("nan")
+    save_file(bad, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match=r"nan.safetensors: tensor 'text_model.encoder.layers.1.self_attn.q_proj"
+                                              r".weight' holds NaN"):
+        load_clip(str(tmp_path / "nan.safetensors"))
+    clip = load_clip(str(tmp_path / "nan.safetensors"), require_finite=False)  # the documented opt-out
+    with pytest.raises(EncodeError, match=r"likely cause: the model weights: tensor '.*q_proj.weight'"):
+        clip.encode_from_tokens(clip.tokenize("a cat"))
+
+
+def test_integer_weights_are_a_checkpoint_error_naming_the_tensor(tmp_path, sd1_checkpoint):
+    key = _key(sd1_checkpoint, "final_layer_norm.weight")
+    save_file({**sd1_checkpoint, key: torch.ones(64, dtype=torch.int64)}, tmp_path / "int.safetensors")
+    with pytest.raises(CheckpointError, match=r"int.safetensors: tensor 'text_model.final_layer_norm.weight' has "
+                                              r"dtype torch.int64"):
+        load_clip(str(tmp_path / "int.safetensors"))
+
+
+def test_an_unrelated_stray_key_warns_and_strict_refuses(tmp_path, sd1_checkpoint):
+    hf = {k.removeprefix("cond_stage_model.transformer."): v for k, v in sd1_checkpoint.items()}
+    save_file({**hf, "some_adapter.scale": torch.ones(1)}, tmp_path / "stray.safetensors")
+    with pytest.warns(CheckpointWarning, match=r"1 unexpected key\(s\): \['some_adapter.scale'\]"):
+        clip = load_clip(str(tmp_path / "stray.safetensors"))
+    reference = load_clip(None, state_dicts=[("plain", hf)])
+    tokens = clip.tokenize("a cat")
+    assert torch.equal(clip.encode_from_tokens(tokens), reference.encode_from_tokens(tokens))
+    with pytest.raises(CheckpointError, match="some_adapter.scale"):
+        load_clip(str(tmp_path / "stray.safetensors"), strict=True)
+
+
+def test_a_stray_layer_index_never_sets_the_depth(sd1_checkpoint):
+    hf = {k.removeprefix("cond_stage_model.transformer."): v for k, v in sd1_checkpoint.items()}
+    stray = {**hf, "text_model.encoder.layers.7.mlp.fc1.weight": torch.zeros(128, 64)}
+    with pytest.warns(CheckpointWarning, match=r"layers\.7\.mlp\.fc1\.weight"):
+        clip = load_clip(None, state_dicts=[("stray", stray)])
+    assert clip.cond_stage_model.encoder.num_layers == 2
+
+
+def _clip_l_like(layers=12, width=768):
+    """CLIP-L (or, with width 1024, ViT-H) widths, so the model is a known one, with a small MLP."""
+    half = torch.float16
+    sd = {"text_model.embeddings.token_embedding.weight": torch.zeros(49408, width, dtype=half),
+          "text_model.embeddings.position_embedding.weight": torch.zeros(77, width, dtype=half),
+          "text_model.final_layer_norm.weight": torch.ones(width, dtype=half),
+          "text_model.final_layer_norm.bias": torch.zeros(width, dtype=half)}
+    for n in layers if not isinstance(layers, int) else range(layers):
+        p = f"text_model.encoder.layers.{n}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[p + f"self_attn.{name}.weight"] = torch.zeros(width, width, dtype=half)
+            sd[p + f"self_attn.{name}.bias"] = torch.zeros(width, dtype=half)
+        for name in ("layer_norm1", "layer_norm2"):
+            sd[p + f"{name}.weight"], sd[p + f"{name}.bias"] = torch.ones(width, dtype=half), torch.zeros(width, dtype=half)
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = torch.zeros(8, width, dtype=half), torch.zeros(8, dtype=half)
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = torch.zeros(width, 8, dtype=half), torch.zeros(width, dtype=half)
+    return sd
+
+
+def test_known_model_with_missing_layers_is_refused_naming_them():
+    assert load_clip(None, state_dicts=[("full", _clip_l_like())]).cond_stage_model.encoder.num_layers == 12
+    with pytest.raises(CheckpointError, match=r"short: text encoder 'l' is missing layer\(s\) \[11\] \(CLIP-L has 12 "
+                                              r"layers\).*allow_missing_layers=True"):
+        load_clip(None, state_dicts=[("short", _clip_l_like(11))])
+    clip = load_clip(None, state_dicts=[("short", _clip_l_like(11))], allow_missing_layers=True)
+    assert clip.cond_stage_model.encoder.num_layers == 11
+    with pytest.raises(CheckpointError, match=r"missing layer\(s\) \[5\]"):  # a gap is never allowed
+        load_clip(None, state_dicts=[("gap", _clip_l_like([n for n in range(12) if n != 5]))],
+                  allow_missing_layers=True)
+    with pytest.warns(CheckpointWarning, match=r"layers\.12\."):  # past CLIP-L's depth: stray, not a 13th layer
+        extra = load_clip(None, state_dicts=[("extra", {**_clip_l_like(), **{
+            k.replace("layers.0.", "layers.12."): v for k, v in _clip_l_like(1).items() if "layers.0.mlp" in k}})])
+    assert extra.cond_stage_model.encoder.num_layers == 12
+
+
+def test_strict_false_reaches_the_state_dict_load(sd1_checkpoint):
+    hf = {k.removeprefix("cond_stage_model.transformer."): v for k, v in sd1_checkpoint.items()}
+    one_layer = {**_TINY, "num_hidden_layers": 1}  # the file's layer 1 is then unexpected at load_sd
+    with pytest.raises(CheckpointError, match=r"unexpected .*layers\.1\."):
+        load_clip(None, state_dicts=[("two", hf)], text_configs={"l": one_layer}, strict=True)
+    clip = load_clip(None, state_dicts=[("two", hf)], text_configs={"l": one_layer}, strict=False)
+    assert clip.cond_stage_model.encoder.num_layers == 1
+    model = SDClipModel(textmodel_json_config=_TINY)
+    result = model.load_sd({**hf, "text_model.bogus": torch.zeros(1)}, strict=False)
+    assert list(result.unexpected_keys) == ["text_model.bogus"]
+    clip.load_sd({**{k: v for k, v in hf.items() if ".layers.1." not in k}, "text_model.bogus": torch.zeros(1)},
+                 strict=False)
+    with pytest.raises(CheckpointError, match="bogus"):
+        clip.load_sd({**hf, "text_model.bogus": torch.zeros(1)})
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_typed_error(sd1_checkpoint):
+    small = {**_TINY, "vocab_size": 1000}
+    model = SDClipModel(textmodel_json_config=small)
+    generator = torch.Generator().manual_seed(0)
+    model.load_sd({k: torch.randn(v.shape, generator=generator) * 0.02
+                   for k, v in model.transformer.state_dict().items()})
+    with pytest.raises(CheckpointError, match=r"token id 49407 is outside the text encoder's vocabulary of 1000"):
+        model.encode_token_weights([[(49406, 1.0), (320, 1.0), (49407, 1.0)]])
+
+
+def test_non_finite_output_names_the_embedding_or_the_weight(sd1_checkpoint):
+    hf = {k.removeprefix("cond_stage_model.transformer."): v for k, v in sd1_checkpoint.items()}
+    clip = load_clip(None, state_dicts=[("tiny", hf)])
+    tokens = clip.tokenize("a cat")
+    window = list(tokens["l"][0])
+    window[1] = (torch.full((64,), 3e38), 1.0)  # built by hand: the tokenizer refuses such files
+    with pytest.raises(EncodeError, match="likely cause: an embedding vector"):
+        clip.encode_from_tokens({"l": [window]})
+    window = list(tokens["l"][0])
+    window[1] = (window[1][0], 1e300)  # hand-built: the parser refuses weights beyond float32
+    with pytest.raises(EncodeError, match=r"a prompt weight \(largest \|weight\| 1e\+300\)"):
+        clip.encode_from_tokens({"l": [window]})
+
+
+def test_a_23_layer_vit_h_loads_with_allow_missing_layers_and_matches_comfyui_penultimate():
+    """diffusers' SD2 text_encoder stores 23 of ViT-H's 24 layers (README troubleshooting)."""
+    generator = torch.Generator().manual_seed(0)
+    full = {k: (torch.randn(v.shape, generator=generator) * 0.02).to(torch.float16) if "norm" not in k else v
+            for k, v in _clip_l_like(24, width=1024).items()}
+    short = {k: v for k, v in full.items() if ".layers.23." not in k}
+    with pytest.raises(CheckpointError, match=r"missing layer\(s\) \[23\] \(CLIP-H has 24 layers\)"):
+        load_clip(None, state_dicts=[("diffusers-sd2", short)])
+    ours = load_clip(None, state_dicts=[("diffusers-sd2", short)], allow_missing_layers=True)
+    comfy = load_clip(None, state_dicts=[("full", full)])  # ComfyUI's 24-layer model, penultimate by default
+    tokens = ours.tokenize("a red fox")
+    last = ours.clone()
+    last.clip_layer(-1)
+    assert torch.equal(last.encode_from_tokens(tokens), comfy.encode_from_tokens(tokens))

@@ -7,13 +7,15 @@ from their description, used on generated prompts small enough to recurse.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from textenc.errors import PromptError
+from textenc.errors import PromptError, PromptWarning
 from textenc.prompt_parser import ParseOptions, parse_prompt
 
 # --- reference oracle (recursive, sentinel-based, like ComfyUI) -------------
@@ -159,21 +161,66 @@ def test_offsets_point_into_the_source():
     assert [(prompt[s.start:s.end], s.text) for s in segs] == [(r"x \(y\) ", "x (y) "), ("zz", "zz")]
 
 
-@pytest.mark.parametrize("literal", ["nan", "inf", "-inf", "Infinity", "1e3", "1E-2", "1_0", "\u0661"])
-def test_float_only_literals_are_refused_with_position(literal):
+# What Python's float() accepts is a weight, as in ComfyUI (``weight = float(x[xx+1:])``);
+# the expected values are float()'s own, independent of textenc.
+FLOAT_LITERALS = ["1e1", "1.5e0", "2E-1", "1e-999", "1_0", "\u0661.\u0665", "\uff11.\uff15", " 1.5 ", "+.5",
+                  "-2", "1E+1", "1.", "\u0967", "3e38"]
+
+
+@pytest.mark.parametrize("literal", FLOAT_LITERALS)
+def test_float_literals_are_weights_as_in_comfyui(literal):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptWarning)
+        assert pairs(f"abc (word:{literal})") == [("abc ", 1.0), ("word", float(literal))]
+        assert pairs(f"abc (word:{literal})") == reference(f"abc (word:{literal})")
+
+
+@pytest.mark.parametrize("literal", ["nan", "NaN", "inf", "-inf", "Infinity", "1e39", "-1e39", "1e999", " nan "])
+def test_non_finite_weights_are_refused_with_fragment_and_position(literal):
     prompt = f"abc (word:{literal})"
-    with pytest.raises(PromptError, match=r"character 10"):
+    with pytest.raises(PromptError, match=r"weight '.*' of 'word' at character 10 is not a finite float32"):
         parse_prompt(prompt)
 
 
-def test_max_weight():
-    with pytest.raises(PromptError, match="max_weight"):
-        parse_prompt("(a:101)")
-    assert pairs("(a:101)", max_weight=200.0) == [("a", 101.0)]
+@pytest.mark.parametrize("literal", ["0x10", "1.2.3", "1,5", "one", "1e", "--1", "1 2"])
+def test_literals_float_rejects_stay_text(literal):
+    assert pairs(f"(word:{literal})") == reference(f"(word:{literal})") == [(f"word:{literal}", 1.1)]
+
+
+@pytest.mark.parametrize("literal", ["1e3", "1E-2", "1_0", "\u0661", "\uff11"])
+def test_strict_weights_keeps_the_plain_decimal_grammar(literal):
+    with pytest.raises(PromptError, match=r"'word' at character 10 is not a plain decimal"):
+        parse_prompt(f"abc (word:{literal})", strict_weights=True)
+    assert pairs("(word: 1.5 )", strict_weights=True) == [("word", 1.5)]
+
+
+def test_large_weights_warn_at_the_caller_and_max_weight_refuses():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pairs("(a:101)") == [("a", 101.0)]
+    assert len(caught) == 1 and caught[0].category is PromptWarning
+    assert caught[0].filename == __file__ and "'a' at character 1 has weight 101" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pairs("(a:100)") == [("a", 100.0)]  # at the threshold: no warning
+        assert pairs("(a:101)", warn_weight_above=None) == [("a", 101.0)]
+        assert pairs("(a:101)", warn_weight_above=200.0) == [("a", 101.0)]
+    with pytest.raises(PromptError, match="max_weight=100"):
+        parse_prompt("(a:101)", max_weight=100.0)
     with pytest.raises(PromptError):
         parse_prompt("(a:" + "9" * 400 + ")")  # float() overflows to inf
-    with pytest.raises(PromptError):
-        parse_prompt("(" * 60 + "a" + ")" * 60)  # 1.1**60 > 100
+    with pytest.raises(PromptError, match="not a finite float32"):
+        parse_prompt("(" * 1000 + "a" + ")" * 1000)  # 1.1**1000 ~ 2.5e41 > float32 max
+
+
+def test_deep_nesting_and_url_weights_are_kept_as_comfyui():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deep = pairs("(" * 300 + "a" + ")" * 300)
+        url = pairs("(see https://example.com:8080) fox")
+    assert deep == reference("(" * 300 + "a" + ")" * 300) and 2.5e12 < deep[0][1] < 2.7e12
+    assert url == reference("(see https://example.com:8080) fox") == [("see https://example.com", 8080.0), (" fox", 1.0)]
+    assert [c.category for c in caught] == [PromptWarning, PromptWarning]
 
 
 def test_prompt_length_limit_and_type():
@@ -211,8 +258,8 @@ _ALPHABET = st.sampled_from(list("ab (():)):.1 5\\-+"))
 @given(st.text(_ALPHABET, max_size=40), st.booleans())
 def test_matches_reference_oracle(prompt, a1111):
     expected = reference(prompt, a1111)
-    options = {"weight_convention": "a1111" if a1111 else "comfy"}
-    if any(not abs(w) <= 100.0 for _, w in expected):
+    options = {"weight_convention": "a1111" if a1111 else "comfy", "warn_weight_above": None}
+    if any(not abs(w) < 3.4e38 for _, w in expected):
         with pytest.raises(PromptError):
             parse_prompt(prompt, **options)
     else:
@@ -223,9 +270,9 @@ def test_matches_reference_oracle(prompt, a1111):
 @given(st.text(max_size=60), st.booleans(), st.booleans())
 def test_never_crashes_and_weights_are_finite(prompt, square, brk):
     try:
-        segs = parse_prompt(prompt, square_brackets=square, break_keyword=brk)
+        segs = parse_prompt(prompt, square_brackets=square, break_keyword=brk, warn_weight_above=None)
     except PromptError:
         return
     for seg in segs:
-        assert seg.text and abs(seg.weight) <= 100.0
+        assert seg.text and math.isfinite(seg.weight) and abs(seg.weight) < 3.4e38
         assert 0 <= seg.start < seg.end <= len(prompt)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import textenc.errors as errors
-from textenc.errors import EmbeddingWarning, PromptError, TextencError, TextencWarning
+from textenc.errors import EmbeddingWarning, PromptError, PromptWarning, TextencError, TextencWarning
 from textenc.prompt_parser import parse_prompt
 from textenc.tokenizer import SDTokenizer
 from textenc.weighting import apply_weights
@@ -118,10 +118,10 @@ def test_library_raises_only_typed_errors():
 
 
 def test_error_messages_name_the_thing():
-    with pytest.raises(PromptError, match=r"'1e39' at character 8"):
+    with pytest.raises(PromptError, match=r"'1e39' of 'b, c' at character 8"):
         parse_prompt("a (b, c:1e39)")
     with pytest.raises(PromptError, match=r"'a' at character \d+ exceeds max_weight=100"):
-        parse_prompt("(" * 60 + "a" + ")" * 60)
+        parse_prompt("(" * 60 + "a" + ")" * 60, max_weight=100.0)
     with pytest.raises(PromptError, match="1048577 characters"):
         parse_prompt("x" * 1_048_577)
 
@@ -160,23 +160,31 @@ def test_control_characters_round_trip_as_text(text):
     assert tok.tokenize_with_weights("x\0\1")[0][:3] != tok.tokenize_with_weights("x)")[0][:3]
 
 
-@pytest.mark.parametrize("literal", ["nan", "NaN", "inf", "-inf", "+inf", "infinity", "1e39", "1E2", "1_0",
-                                     "١", " nan "])
-def test_non_decimal_weights_are_refused_through_the_tokenizer(literal):
+@pytest.mark.parametrize("literal", ["nan", "NaN", "inf", "-inf", "+inf", "infinity", "1e39", "1e999", " nan "])
+def test_non_finite_weights_are_refused_through_the_tokenizer(literal):
     with pytest.raises(PromptError, match="character"):
         SDTokenizer().tokenize_with_weights(f"a (cat:{literal}) dog")
 
 
-def test_weight_products_beyond_max_weight_are_refused():
+@pytest.mark.parametrize("literal", ["1E2", "1_0", "١"])
+def test_float_literals_are_weights_through_the_tokenizer(literal):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptWarning)
+        assert SDTokenizer().tokenize_with_weights(f"a (cat:{literal}) dog")[0][2][1] == float(literal)
+
+
+def test_weight_products_beyond_max_weight_are_refused_only_when_asked():
     tok = SDTokenizer()
+    with pytest.warns(PromptWarning, match="weight 106.7"):
+        assert tok.tokenize_with_weights("(" * 49 + "a" + ")" * 49)[0][1][1] == pytest.approx(1.1 ** 49)
     with pytest.raises(PromptError, match="max_weight"):
-        tok.tokenize_with_weights("(" * 49 + "a" + ")" * 49)  # 1.1**49 > 100
+        tok.tokenize_with_weights("(" * 49 + "a" + ")" * 49, max_weight=100.0)  # 1.1**49 > 100
     assert tok.tokenize_with_weights("(" * 48 + "a" + ")" * 48)[0][1][1] <= 100
     with pytest.raises(PromptError, match="max_weight"):
-        parse_prompt("(((a:90)))", weight_convention="a1111")  # 90 * 1.21
-    with pytest.raises(PromptError, match="max_weight"):
+        parse_prompt("(((a:90)))", weight_convention="a1111", max_weight=100.0)  # 90 * 1.21
+    with pytest.raises(PromptError, match="not a finite float32"):
         parse_prompt("(a:" + "9" * 400 + ")")  # a plain decimal that overflows to inf
-    with pytest.raises(PromptError, match="max_weight"):
+    with pytest.raises(PromptError, match="not a finite float32"):
         parse_prompt("((b:0):" + "9" * 400 + ")", weight_convention="a1111")  # inf * 0 = nan
     assert parse_prompt("(a:-100)")[0].weight == -100.0
 
@@ -207,7 +215,7 @@ def test_pathological_megabyte_prompts_tokenize_or_are_refused_in_time():
     # One long group each: these took 27 s and 84 s while groups were split by slicing.
     for prompt in ["(" * 1_048_576, "🙂" * 1_048_576]:
         start = time.perf_counter()
-        windows = tok.tokenize_with_weights(prompt)
+        windows = tok.tokenize_with_weights(prompt, max_windows=None)
         assert time.perf_counter() - start <= 5.0 * SLACK and all(len(w) == 77 for w in windows)
     for kwargs in ({}, {"disable_weights": True}):
         start = time.perf_counter()

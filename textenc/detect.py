@@ -16,7 +16,7 @@ from textenc.convert import (TEXT, TEXT_PREFIXES, VISION, VISION_PREFIXES, Conve
                              Tower, _template, apply_rules, tower_rules)
 from textenc.errors import CheckpointError
 
-__all__ = ["TextEncoderInfo", "VisionInfo", "detect_text_encoders", "detect_vision",
+__all__ = ["TextEncoderInfo", "VisionInfo", "LayerReport", "layer_report", "KNOWN_TEXT_DEPTHS", "detect_text_encoders", "detect_vision",
            "find_vision_tower", "convert_tower",
            "detect_model_kind", "convert_text_state_dict", "convert_vision_state_dict"]
 # --------------------------------------------------------------------------
@@ -68,6 +68,13 @@ class TextEncoderInfo(_TowerInfo):
     vocab_size: int
     max_positions: int
     projection_dim: int | None
+    missing_layers: tuple[int, ...] = ()
+    stray_keys: tuple[str, ...] = ()
+
+    @property
+    def expected_layers(self) -> int | None:
+        """The depth of the released model (None unless both the role and the width name one)."""
+        return KNOWN_TEXT_DEPTHS.get(self.name) if _TEXT_NAMES_BY_WIDTH.get(self.hidden_size) == self.name else None
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,56 @@ def _num_layers(hf: Mapping[str, torch.Tensor], root: str) -> int:
     return len(layers)
 
 
+#: Layer count of each released CLIP text encoder (OpenAI L/14, OpenCLIP ViT-H/14, bigG/14).
+KNOWN_TEXT_DEPTHS = {"l": 12, "h": 24, "g": 32}
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """The encoder layers found in an HF-layout state dict.
+
+    ``depth`` is the model depth read from the keys; ``absent`` lists layer
+    indices below it (or below the released depth of a known model) that
+    have no key at all; ``stray`` holds the keys of layers that cannot be
+    part of the model: past a known model's depth, or partial layers past
+    the first incomplete one. A stray key's index never sets the depth; a
+    partial layer inside the depth is left for the loader to report its
+    missing keys.
+    """
+
+    depth: int
+    absent: tuple[int, ...]
+    stray: tuple[str, ...]
+
+
+def layer_report(hf: Mapping[str, torch.Tensor], expected: int | None = None, tower: Tower = TEXT) -> LayerReport:
+    """Count an encoder's layers from the keys that belong to it.
+
+    Args:
+        hf: HF-layout keys of one tower.
+        expected: the released depth when the model is a known one (12 for
+            CLIP-L), else None.
+
+    >>> layer_report({}).depth
+    0
+    """
+    per_layer = [t for rule in tower_rules(tower, "hf") for t in rule.targets if "{n}" in t]
+    found: dict[int, set[str]] = {}
+    for key in hf:
+        template, index = _template(key)
+        if index and template in per_layer:
+            found.setdefault(int(index), set()).add(key)
+    full = {n for n, keys in found.items() if len(keys) == len(per_layer)}
+    if expected is not None:
+        depth = expected
+    else:
+        depth = max(full, default=-1) + 1
+        depth += depth in found  # a partial layer right after the full ones: a truncated file
+    absent = tuple(n for n in range(depth) if n not in found)
+    stray = tuple(sorted(k for n, keys in found.items() if n >= depth for k in keys))
+    return LayerReport(depth, absent, stray)
+
+
 def _projection_dim(hf: Mapping[str, torch.Tensor], key: str) -> int | None:
     return int(hf[key].shape[0]) if key in hf else None
 
@@ -114,12 +171,16 @@ def _text_info(found: _Found) -> TextEncoderInfo:
     vocab, width = _shape(hf, "text_model.embeddings.token_embedding.weight", where)
     positions = _shape(hf, "text_model.embeddings.position_embedding.weight", where)[0]
     intermediate = _shape(hf, "text_model.encoder.layers.0.mlp.fc1.weight", where)[0]
+    name = found.row[1] or _TEXT_NAMES_BY_WIDTH.get(width, "custom")
+    known = _TEXT_NAMES_BY_WIDTH.get(width) == name
+    layers = layer_report(hf, KNOWN_TEXT_DEPTHS.get(name) if known else None)
     return TextEncoderInfo(
-        name=found.row[1] or _TEXT_NAMES_BY_WIDTH.get(width, "custom"), prefix=found.prefix,
+        name=name, prefix=found.prefix,
         layout=found.inner, source=found.row[2], hidden_size=width,
-        num_layers=_num_layers(hf, "text_model."), num_heads=max(1, width // 64),
+        num_layers=layers.depth, num_heads=max(1, width // 64),
         intermediate_size=intermediate, vocab_size=vocab, max_positions=positions,
         projection_dim=_projection_dim(hf, "text_projection.weight"),
+        missing_layers=layers.absent, stray_keys=layers.stray,
     )
 
 

@@ -27,16 +27,33 @@ Which tensor is used, in order: ``string_to_param`` (A1111), a list of dicts
 ``clip_g``), LoRA-bundled ``bundle_emb.*.string_to_param.*`` then
 ``bundle_emb.*.<embed_key>``, else the first value (diffusers ``{token: t}``).
 
-Result statuses: ``found``; ``missing`` (no such file); ``rejected`` with a
-reason: unsafe name or symlink, unreadable/corrupt file (the OS, zip, pickle
-or safetensors error is quoted with the path), no tensor, non-floating dtype,
-rank above 2, empty, non-finite values, or width != ``embedding_size``.
+Result statuses: ``found``; ``missing``, whose reason says which of three
+cases it is: no embedding directory was given, the directory does not exist,
+or there is no such name in it (with the closest names, by :mod:`difflib`);
+``rejected`` with a reason: unsafe name or symlink, unreadable/corrupt file
+(the OS, zip, pickle or safetensors error is quoted with the path), no tensor,
+non-floating dtype, rank above 2, empty, non-finite values, values beyond
+:data:`MAX_ABS_VALUE`, or width != ``embedding_size``.
+
+**The value bound.** An embedding vector goes into the encoder's residual
+stream unchanged (token embedding plus position embedding) and through
+every layer's LayerNorm. In float16 compute a value is infinite past
+65504, and the residual stream adds each layer's attention and MLP output
+to it; in float32 and bfloat16 (whose LayerNorm accumulates in float32) the
+LayerNorm's squared deviation ``(x - mean)**2`` overflows float32 past
+about 1.8e19 (measured on a full-size CLIP-L: 1e19 already changes the
+output, 1e30 gives all-NaN conditioning, 1e5 is NaN in float16 compute).
+:data:`MAX_ABS_VALUE` is 2**14 = 16384, a quarter of float16's largest
+value, so an accepted embedding stays finite in every compute dtype with
+room for the residual additions; trained textual inversions hold values
+below about 10.
 The tokenizer turns ``missing`` and ``rejected`` into an
 :class:`~textenc.errors.EmbeddingWarning` and goes on with the prompt.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import pickletools
 import zipfile
@@ -49,9 +66,13 @@ from textenc.errors import EmbeddingError
 from textenc.lru import LRUCache
 from textenc.paths import is_inside
 
-__all__ = ["EmbeddingResult", "EmbeddingLoader", "load_embed", "EXTENSIONS"]
+__all__ = ["EmbeddingResult", "EmbeddingLoader", "load_embed", "EXTENSIONS", "MAX_ABS_VALUE",
+           "NO_DIRECTORY"]
 
 EXTENSIONS = (".safetensors", ".pt", ".bin")
+#: Largest accepted ``abs(value)`` in an embedding (see the module docstring).
+MAX_ABS_VALUE = 2.0 ** 14
+NO_DIRECTORY = "no embedding directory was given"
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
     "DoubleStorage": torch.float64,
@@ -127,6 +148,43 @@ def locate(name: str, directories: Sequence[str]) -> tuple[str | None, str]:
                 elif os.path.isfile(real):
                     return real, ""
     return None, refusal
+
+
+def _available_names(roots: Sequence[str]) -> list[str]:
+    """Relative names (without extension) of the embedding files below ``roots``."""
+    names = set()
+    for root in roots:
+        for folder in _folders(root):
+            if os.path.islink(folder) or not is_inside(root, os.path.realpath(folder)):
+                continue  # symlinked folders are never searched, so never listed
+            try:
+                entries = os.listdir(folder)
+            except OSError:
+                continue
+            for entry in entries:
+                stem, ext = os.path.splitext(entry)
+                if ext.lower() in EXTENSIONS:
+                    names.add(os.path.relpath(os.path.join(folder, stem), root).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def missing_reason(name: str, directories: Sequence[str]) -> str:
+    """Why ``name`` was not found: no directory, directories that do not exist, or no such
+    name in them (with the closest names).
+
+    >>> missing_reason("x", [])
+    'no embedding directory was given'
+    """
+    if not directories:
+        return NO_DIRECTORY
+    existing = [d for d in directories if os.path.isdir(d)]
+    absent = "; ".join(f"directory {d!r} does not exist" for d in directories if d not in existing)
+    if not existing:
+        return f"embedding {absent}"
+    close = difflib.get_close_matches(name, _available_names([os.path.realpath(d) for d in existing]), n=3)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    where = ", ".join(repr(d) for d in existing)
+    return f"no embedding named {name!r} in {where}{hint}" + (f"; {absent}" if absent else "")
 
 
 def _check_zip(path: str, limit: int) -> None:
@@ -271,8 +329,25 @@ def _as_rows(value: Any, width: int) -> torch.Tensor:
     return rows
 
 
-def read_embedding_file(path: str, width: int, embed_key: str | None, limit: int) -> torch.Tensor:
+def _check_magnitude(rows: torch.Tensor, max_abs: float) -> torch.Tensor:
+    largest = float(rows.abs().max())
+    if largest > max_abs:
+        raise _Rejected(f"holds a value of magnitude {largest:.3g}, above the {max_abs:g} limit that keeps the "
+                        "encoder finite in every compute dtype (the file is corrupt or was trained wrongly)")
+    return rows
+
+
+def read_embedding_file(path: str, width: int, embed_key: str | None, limit: int, *,
+                        max_abs: float = MAX_ABS_VALUE) -> torch.Tensor:
     """Read and validate one embedding file. Raises ``_Rejected`` with the path."""
+    try:
+        return _check_magnitude(_read_rows(path, width, embed_key, limit), max_abs)
+    except _Rejected as error:
+        message = str(error)
+        raise _Rejected(message if path in message else f"{path}: {message}") from None
+
+
+def _read_rows(path: str, width: int, embed_key: str | None, limit: int) -> torch.Tensor:
     try:
         if path.lower().endswith(".safetensors"):
             from safetensors import safe_open  # light, but only needed here
@@ -303,47 +378,55 @@ class EmbeddingLoader:
         embedding_size: expected width (768 for SD1 CLIP-L, 1024 SD2, 1280 CLIP-G).
         embed_key: key chosen in multi-encoder files (``"clip_l"``, ``"clip_g"``).
         max_file_bytes: limit for pickle files and declared zip contents.
+        max_abs_value: largest accepted magnitude (default :data:`MAX_ABS_VALUE`).
         cache_size: number of files kept (keyed by path, size and mtime).
     """
 
-    def __init__(self, directories: str | os.PathLike | Sequence[str | os.PathLike], embedding_size: int, *,
-                 embed_key: str | None = None, max_file_bytes: int = 64 << 20, cache_size: int = 64) -> None:
-        if isinstance(directories, (str, os.PathLike)):
+    def __init__(self, directories: str | os.PathLike | Sequence[str | os.PathLike] | None, embedding_size: int, *,
+                 embed_key: str | None = None, max_file_bytes: int = 64 << 20,
+                 max_abs_value: float = MAX_ABS_VALUE, cache_size: int = 64) -> None:
+        if directories is None:
+            directories = []
+        elif isinstance(directories, (str, os.PathLike)):
             directories = [directories]
         self.directories = [os.fspath(d) for d in directories]
         self.embedding_size = embedding_size
         self.embed_key = embed_key
         self.max_file_bytes = max_file_bytes
+        self.max_abs_value = max_abs_value
         self.cache_size = cache_size
         self._cache = LRUCache(cache_size)  # (realpath, size, mtime, width, key) -> tensor or reason
 
     def lookup(self, name: str) -> EmbeddingResult:
         """Find, read and validate ``name``; never raises for a bad file."""
         path, reason = locate(name, self.directories)
+        if path is None and reason:
+            return EmbeddingResult(name, "rejected", reason=reason)
         if path is None:
-            return EmbeddingResult(name, "rejected" if reason else "missing", reason=reason or "no such file")
+            return EmbeddingResult(name, "missing", reason=missing_reason(name, self.directories))
         try:
             stat = os.stat(path)
         except OSError as error:
             return EmbeddingResult(name, "rejected", path=path, reason=f"{path}: {error}")
-        key = (path, stat.st_size, stat.st_mtime_ns, self.embedding_size, self.embed_key)
+        key = (path, stat.st_size, stat.st_mtime_ns, self.embedding_size, self.embed_key, self.max_abs_value)
         cached = self._cache.get_or_compute(
-            key, lambda: _read_or_reason(path, self.embedding_size, self.embed_key, self.max_file_bytes))
+            key, lambda: _read_or_reason(path, self.embedding_size, self.embed_key, self.max_file_bytes,
+                                         self.max_abs_value))
         if isinstance(cached, str):
             return EmbeddingResult(name, "rejected", path=path, reason=cached)
         return EmbeddingResult(name, "found", vectors=cached, path=path)
 
 
 def _read_or_reason(path: str, embedding_size: int, embed_key: str | None,
-                    max_file_bytes: int) -> torch.Tensor | str:
+                    max_file_bytes: int, max_abs: float) -> torch.Tensor | str:
     """The vectors of a valid file, or the reason it was rejected (both are cached)."""
     try:
-        return read_embedding_file(path, embedding_size, embed_key, max_file_bytes)
+        return read_embedding_file(path, embedding_size, embed_key, max_file_bytes, max_abs=max_abs)
     except _Rejected as error:
         return str(error)
 
 
-def load_embed(embedding_name: str, embedding_directory: str | Sequence[str], embedding_size: int,
+def load_embed(embedding_name: str, embedding_directory: str | Sequence[str] | None, embedding_size: int,
                embed_key: str | None = None) -> torch.Tensor | None:
     """ComfyUI-compatible loader: ``[n, width]`` tensor, or None when missing.
 

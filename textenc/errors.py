@@ -26,6 +26,9 @@ __all__ = [
     "LayerError",
     "TextencWarning",
     "EmbeddingWarning",
+    "PromptWarning",
+    "EncodeError",
+    "CheckpointWarning",
 ]
 
 
@@ -79,3 +82,15 @@ class ConditioningError(TextencError):
 
 class LayerError(PromptError):
     """A clip-skip count or layer index is not valid for the model's depth."""
+
+
+class PromptWarning(TextencWarning):
+    """A prompt is encoded, but something in it deserves a look (a very large weight)."""
+
+
+class EncodeError(TextencError):
+    """An encode produced NaN or infinite conditioning; the message names the likely cause."""
+
+
+class CheckpointWarning(TextencWarning):
+    """A checkpoint loaded, but held something that was ignored (a stray key)."""

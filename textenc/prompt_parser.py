@@ -22,16 +22,22 @@ recursion, linear time in the prompt length.
 
 Policies (all configurable through :class:`ParseOptions`):
 
-* **Weight literals.** A weight is accepted when it matches
-  ``^\\s*[+-]?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)\\s*$`` (plain ASCII decimals).
-  Text that Python's ``float()`` would also accept but that is not a plain
-  decimal (``nan``, ``inf``, ``1e39``, ``1_0``, non-ASCII digits) is refused
-  with :class:`~textenc.errors.PromptError` naming the fragment and its
-  character position, instead of silently becoming a weight or text. Text
-  that ``float()`` rejects stays text, as in ComfyUI.
-* **max_weight** (default 100.0): every emitted segment's effective weight
-  must satisfy ``abs(weight) <= max_weight``; otherwise PromptError (this
-  also catches the overflow of very deep ``((((...))))`` nesting).
+* **Weight literals**, as ComfyUI: whatever Python's ``float()`` accepts is a
+  weight (``1.2``, ``1e1``, ``2E-1``, ``1_0``, `` 1.5 ``, Arabic-Indic or
+  full-width digits); whatever it rejects stays text. Unlike ComfyUI, a
+  weight that is not finite once stored in float32 (``nan``, ``inf``,
+  ``1e39``, ``1e999``), or a nesting product that overflows float32, raises
+  :class:`~textenc.errors.PromptError` naming the fragment and its
+  character position (ComfyUI returns NaN/Inf conditioning).
+  ``strict_weights=True`` (opt-in) refuses, with the same error, every
+  literal that is not a plain ASCII decimal
+  (``^\\s*[+-]?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)\\s*$``).
+* **Large weights** are reported, not refused: a segment whose effective
+  weight is above ``warn_weight_above`` (default 100.0; None disables) gives
+  one :class:`~textenc.errors.PromptWarning` per prompt naming the fragments
+  (pointing at the caller's line), and :meth:`SDTokenizer.inspect` lists
+  them. ``max_weight`` (default None) refuses them with PromptError instead,
+  for hosts that want a hard limit.
 * **max_prompt_chars** (default 1,048,576, one MiB of text): longer prompts
   are refused up front with PromptError.
 
@@ -55,17 +61,31 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
-from textenc.errors import PromptError
+from textenc.errors import PromptError, PromptWarning
+from textenc.warn import warn_at_caller
 
-__all__ = ["Segment", "ParseOptions", "parse_prompt"]
+__all__ = ["Segment", "ParseOptions", "parse_prompt", "iter_segments", "large_weights", "finite_in_float32"]
 
-#: Accepted weight literal: plain ASCII decimal, optional sign and spaces.
+#: The ``strict_weights=True`` grammar: plain ASCII decimal, optional sign and spaces.
 WEIGHT_LITERAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _ROUND_FACTOR = 1.1  # ComfyUI: ``weight *= 1.1`` per parenthesis level.
 _SQUARE_FACTOR = 1 / 1.1  # A1111: ``square_bracket_multiplier = 1 / 1.1``.
 _CONVENTIONS = ("comfy", "a1111")
+# Smallest magnitude that rounds to infinity in float32 (max 0x1.fffffep+127 plus half
+# an ulp; the tie rounds to even, i.e. up): the encoder multiplies by weights in float32.
+_FLOAT32_OVERFLOW = float.fromhex("0x1.ffffffp+127")
+
+
+def finite_in_float32(value: float) -> bool:
+    """Whether ``value`` stays finite when stored as a float32 (``1e39`` does not).
+
+    >>> finite_in_float32(3e38), finite_in_float32(1e39), finite_in_float32(float("nan"))
+    (True, False, False)
+    """
+    return abs(value) < _FLOAT32_OVERFLOW
 
 
 @dataclass(frozen=True)
@@ -98,16 +118,20 @@ class ParseOptions:
     weight_convention: str = "comfy"
     square_brackets: bool = False
     break_keyword: bool = False
-    max_weight: float = 100.0
+    max_weight: float | None = None
     max_prompt_chars: int = 1_048_576
+    strict_weights: bool = False
+    warn_weight_above: float | None = 100.0
 
     def __post_init__(self) -> None:
         if self.weight_convention not in _CONVENTIONS:
             raise PromptError(
                 f"weight_convention must be one of {_CONVENTIONS}, got {self.weight_convention!r}"
             )
-        if not self.max_weight > 0 or self.max_weight == float("inf"):
-            raise PromptError(f"max_weight must be a finite number > 0, got {self.max_weight!r}")
+        for name in ("max_weight", "warn_weight_above"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise PromptError(f"{name} must be None or a finite number > 0, got {value!r}")
         if not isinstance(self.max_prompt_chars, int) or self.max_prompt_chars < 0:
             raise PromptError(f"max_prompt_chars must be an int >= 0, got {self.max_prompt_chars!r}")
 
@@ -172,26 +196,24 @@ class _Source:
         return hi
 
 
-def _top_level_items(src: _Source) -> list[tuple[int, int]]:
-    """ComfyUI's ``parse_parentheses`` on the whole prompt, as spans."""
-    items: list[tuple[int, int]] = []
+def _top_level_items(src: _Source) -> Iterator[tuple[int, int]]:
+    """ComfyUI's ``parse_parentheses`` on the whole prompt, as spans, lazily."""
     level = 0
     item_start = 0
     for pos in src.brackets:
         if src.text[pos] in src.openers:
             if level == 0:
                 if pos > item_start:
-                    items.append((item_start, pos))
+                    yield item_start, pos
                 item_start = pos
             level += 1
         else:
             level -= 1
             if level == 0:
-                items.append((item_start, pos + 1))
+                yield item_start, pos + 1
                 item_start = pos + 1
     if item_start < len(src.text):
-        items.append((item_start, len(src.text)))
-    return items
+        yield item_start, len(src.text)
 
 
 def _group_factor(src: _Source, lo: int, hi: int) -> float | None:
@@ -216,7 +238,8 @@ def _colon_weight(src: _Source, lo: int, hi: int) -> tuple[float, int] | None:
     """ComfyUI's ``x.rfind(':')`` + ``float(...)`` on the content ``[lo, hi)``.
 
     Returns ``(value, colon_position)`` or None when the colon part is text.
-    Raises PromptError for literals float() accepts but the policy refuses.
+    Raises PromptError for a value that is not finite in float32, and (with
+    ``strict_weights``) for literals float() accepts that are not plain decimals.
     """
     index = bisect.bisect_left(src.colons, hi) - 1
     if index < 0 or src.colons[index] <= lo:  # ComfyUI requires ``xx > 0``
@@ -225,16 +248,18 @@ def _colon_weight(src: _Source, lo: int, hi: int) -> tuple[float, int] | None:
     if src.has_any(src.brackets, colon + 1, hi) or src.has_any(src.escaped, colon + 1, hi):
         return None  # a bracket (escaped or not) is never part of a number
     literal = src.text[colon + 1:hi]
-    if WEIGHT_LITERAL.fullmatch(literal):
-        return float(literal), colon
     try:
-        float(literal)
+        value = float(literal)  # ComfyUI: ``float(x[xx+1:])``; what it rejects is text
     except ValueError:
         return None
-    raise PromptError(
-        f"weight {literal.strip()!r} at character {src.source_offset(colon + 1)} is not a plain "
-        "decimal number (nan, inf, exponents and underscores are refused); write e.g. '(word:1.2)'"
-    )
+    where = f"weight {literal.strip()!r} of {src.text[lo:min(colon, lo + 40)]!r} at character {src.source_offset(colon + 1)}"
+    if src.options.strict_weights and not WEIGHT_LITERAL.fullmatch(literal):
+        raise PromptError(f"{where} is not a plain decimal number (strict_weights=True refuses "
+                          "exponents, underscores and non-ASCII digits); write e.g. '(word:1.2)'")
+    if not finite_in_float32(value):
+        raise PromptError(f"{where} is not a finite float32 number (it would make the conditioning "
+                          "NaN or infinite); write a finite weight, e.g. '(word:1.2)'")
+    return value, colon
 
 
 class _Emitter:
@@ -246,12 +271,13 @@ class _Emitter:
 
     def text(self, lo: int, hi: int, weight: float) -> None:
         src = self.src
-        if not abs(weight) <= src.options.max_weight:
-            raise PromptError(
-                f"weight {weight!r} of {src.text[lo:hi][:40]!r} at character "
-                f"{src.source_offset(lo)} exceeds max_weight={src.options.max_weight}; "
-                "use fewer nested parentheses or a smaller explicit weight"
-            )
+        if not finite_in_float32(weight):
+            raise PromptError(f"{self._where(lo, hi, weight)} is not a finite float32 number (too many nested "
+                              "parentheses or weights multiplied past 3.4e38); use fewer parentheses or smaller weights")
+        limit = src.options.max_weight
+        if limit is not None and not abs(weight) <= limit:
+            raise PromptError(f"{self._where(lo, hi, weight)} exceeds max_weight={limit}; "
+                              "use fewer nested parentheses or a smaller explicit weight")
         if not src.options.break_keyword:
             self._append(lo, hi, weight)
             return
@@ -263,6 +289,9 @@ class _Emitter:
             lo = match.end()
         if hi > lo:
             self._append(lo, hi, weight)
+
+    def _where(self, lo: int, hi: int, weight: float) -> str:
+        return f"weight {weight!r} of {self.src.text[lo:min(hi, lo + 40)]!r} at character {self.src.source_offset(lo)}"
 
     def _append(self, lo: int, hi: int, weight: float) -> None:
         src = self.src
@@ -314,8 +343,10 @@ def parse_prompt(
     weight_convention: str = "comfy",
     square_brackets: bool = False,
     break_keyword: bool = False,
-    max_weight: float = 100.0,
+    max_weight: float | None = None,
     max_prompt_chars: int = 1_048_576,
+    strict_weights: bool = False,
+    warn_weight_above: float | None = 100.0,
     options: ParseOptions | None = None,
 ) -> list[Segment]:
     """Split a prompt into weighted segments (see the module docstring).
@@ -323,22 +354,42 @@ def parse_prompt(
     Args:
         text: the prompt.
         weight_convention, square_brackets, break_keyword, max_weight,
-            max_prompt_chars: see :class:`ParseOptions`; ignored when
-            ``options`` is given.
+            max_prompt_chars, strict_weights, warn_weight_above: see
+            :class:`ParseOptions`; ignored when ``options`` is given.
         options: a prebuilt :class:`ParseOptions`.
 
     Returns:
         Segments in prompt order; empty text segments are never emitted.
 
     Raises:
-        PromptError: non-str prompt, prompt too long, refused weight literal,
-            or an effective weight above ``max_weight``.
+        PromptError: non-str prompt, prompt too long, a weight that is not
+            finite in float32, a non-decimal literal with ``strict_weights``,
+            or an effective weight above an explicit ``max_weight``.
+
+    Warns:
+        PromptWarning: segments weighted above ``warn_weight_above``.
 
     >>> [(s.text, s.weight) for s in parse_prompt(r"\\(a\\) (b:0.5)")]
     [('(a) ', 1.0), ('b', 0.5)]
     """
     if options is None:
-        options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight, max_prompt_chars)
+        options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight, max_prompt_chars,
+                               strict_weights, warn_weight_above)
+    segments = list(iter_segments(text, options))
+    heavy = large_weights(segments, options)
+    if heavy:
+        warn_at_caller(describe_large_weights(heavy, options), PromptWarning)
+    return segments
+
+
+def iter_segments(text: str, options: ParseOptions) -> Iterator[Segment]:
+    """:func:`parse_prompt`'s segments, one top-level group at a time (no large-weight
+    warning: the caller reports :func:`large_weights` once it has seen them all), so a
+    caller can stop early (the tokenizer's ``max_windows``).
+
+    Raises:
+        PromptError: as :func:`parse_prompt`, when the offending segment is reached.
+    """
     if not isinstance(text, str):
         raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
     if len(text) > options.max_prompt_chars:
@@ -350,4 +401,20 @@ def parse_prompt(
     out = _Emitter(src)
     for lo, hi in _top_level_items(src):
         _walk_group(src, out, lo, hi, 1.0)
-    return out.segments
+        yield from out.segments
+        out.segments.clear()
+
+
+def large_weights(segments: list[Segment], options: ParseOptions) -> list[Segment]:
+    """The segments weighted above ``options.warn_weight_above`` (none when it is None)."""
+    limit = options.warn_weight_above
+    return [] if limit is None else [s for s in segments if abs(s.weight) > limit]
+
+
+def describe_large_weights(heavy: list[Segment], options: ParseOptions) -> str:
+    """One line naming the (first five) heavily weighted fragments."""
+    shown = ", ".join(f"{s.text[:30]!r} at character {s.start} has weight {s.weight:.4g}" for s in heavy[:5])
+    more = f" and {len(heavy) - 5} more" if len(heavy) > 5 else ""
+    return (f"prompt weights above {options.warn_weight_above:g}: {shown}{more}; such weights usually "
+            "come from unbalanced or deeply nested parentheses or a colon read as a weight "
+            "(escape them as \\( \\) if they are text); pass max_weight= to refuse them")

@@ -12,10 +12,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoint import check_finite, load_state_dict
+from .checkpoint import load_state_dict
 from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
-from .errors import CheckpointError, TextencError
+from .errors import CheckpointError, CheckpointWarning, TextencError
 from .layers import check_layer
+from .warn import warn_at_caller
 from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
 from .sd2_clip import SD2ClipModel, SD2Tokenizer
 from .sdxl_clip import SDXLClipModel, SDXLTokenizer
@@ -79,14 +80,46 @@ def _role(info: TextEncoderInfo, clip_type: str | None, taken: Mapping[str, Any]
     return "l"
 
 
+def _check_layers(source: str, info: TextEncoderInfo, allow_missing_layers: bool) -> TextEncoderInfo:
+    """Refuse missing layers; with ``allow_missing_layers``, a known model truncated at the end
+    becomes a shallower model (a gap is always refused)."""
+    missing = list(info.missing_layers)
+    if not missing:
+        return info
+    truncated = missing == list(range(missing[0], info.num_layers)) and missing[0] > 0
+    if allow_missing_layers and truncated and info.expected_layers is not None:
+        return dataclasses.replace(info, num_layers=missing[0], missing_layers=())
+    depth = (f"CLIP-{info.name.upper()} has {info.expected_layers} layers" if info.expected_layers
+             else f"the keys name {info.num_layers} layers")
+    hint = " (allow_missing_layers=True loads it as a shallower model)" if truncated and info.expected_layers else ""
+    raise CheckpointError(f"{source}: text encoder {info.name!r} is missing layer(s) {missing} ({depth}); "
+                          f"the file is truncated or was pruned; use a complete copy{hint}")
+
+
+def _stray_keys(source: str, info: TextEncoderInfo, unmatched: Sequence[str], strict: bool) -> None:
+    """Keys that belong to no known weight: refused when ``strict``, else a warning (as ComfyUI)."""
+    stray = list(unmatched) + list(info.stray_keys)
+    if not stray:
+        return
+    message = (f"{source}: text encoder {info.name!r} has {len(stray)} unexpected key(s): {stray[:8]}; "
+               "they belong to no known weight (a bad merge or an extra tensor)")
+    if strict:
+        raise CheckpointError(message + "; strict=False loads the file without them")
+    warn_at_caller(message + "; they were ignored (strict=True refuses such files)", CheckpointWarning)
+
+
 def load_text_encoder_state_dicts(state_dicts: Sequence[tuple[str, Mapping]], *,
-                                  clip_type: str | None = None,
-                                  strict: bool = True) -> dict[str, _Encoder]:
+                                  clip_type: str | None = None, strict: bool = False,
+                                  allow_missing_layers: bool = False) -> dict[str, _Encoder]:
     """Find every text encoder in the given ``(source, state_dict)`` pairs, keyed by role.
 
     Raises:
-        CheckpointError: no encoder, two of one role, or (``strict``) keys below
-            an encoder's prefix that match no known weight.
+        CheckpointError: no encoder, two of one role, missing layers (see
+            :func:`load_clip`), or (``strict``) keys below an encoder's prefix
+            that match no known weight.
+
+    Warns:
+        CheckpointWarning: (not ``strict``) such keys, which are ignored.
     """
     found: dict[str, _Encoder] = {}
     for source, sd in state_dicts:
@@ -95,12 +128,9 @@ def load_text_encoder_state_dicts(state_dicts: Sequence[tuple[str, Mapping]], *,
             raise CheckpointError(f"{source}: no CLIP text encoder found")
         for info in infos:
             result = convert_text_state_dict(sd, encoder=info.name, source=source)
-            if strict and result.unmatched:
-                raise CheckpointError(
-                    f"{source}: text encoder {info.name!r} has {len(result.unmatched)} unexpected "
-                    f"key(s): {list(result.unmatched[:8])}; the file is not a supported CLIP layout "
-                    "or was merged badly (pass strict=False to ignore them)")
-            converted = result.state_dict
+            info = _check_layers(source, info, allow_missing_layers)
+            _stray_keys(source, info, result.unmatched, strict)
+            converted = {k: v for k, v in result.state_dict.items() if k not in set(info.stray_keys)}
             role = _role(info, clip_type, found)
             if role in found:
                 raise CheckpointError(f"{source}: a second {role!r} text encoder "
@@ -178,8 +208,8 @@ class CLIP:
     def encode(self, text: str):
         return self.encode_from_tokens(self.tokenize(text))
 
-    def load_sd(self, sd, full_model: bool = False):
-        return self.cond_stage_model.load_sd(sd)
+    def load_sd(self, sd, full_model: bool = False, *, strict: bool = True, require_finite: bool = True):
+        return self.cond_stage_model.load_sd(sd, strict=strict, require_finite=require_finite)
 
     def get_sd(self) -> dict:
         return self.cond_stage_model.state_dict()
@@ -191,7 +221,7 @@ ROLES = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g")}
 def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]],
                configs: Mapping[str, Any], tokenizer_kwargs: Mapping[str, Mapping[str, Any]], *,
                sources: Mapping[str, str], embedding_directory=None, device="cpu",
-               dtype: torch.dtype | None = None) -> CLIP:
+               dtype: torch.dtype | None = None, strict: bool = True, require_finite: bool = True) -> CLIP:
     """Assemble a :class:`CLIP` from per-role HF-layout weights, text configs and tokenizer
     arguments (roles in :data:`ROLES`: ``l`` for SD1, ``h`` for SD2, ``l`` + ``g`` for SDXL).
 
@@ -218,14 +248,15 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
         encoder.special_tokens = {"start": encoder_tokenizer.start_token, "end": encoder_tokenizer.end_token,
                                   "pad": encoder_tokenizer.pad_token}
         try:
-            encoder.load_sd(weights[role])
+            encoder.load_sd(weights[role], strict=strict, require_finite=require_finite)
         except TextencError as exc:  # same error type, naming the file it came from
             raise type(exc)(f"{sources[role]}: {exc}") from exc
     return CLIP(model, tokenizer, clip_type=clip_type)
 
 
 def _build(clip_type: str, encoders: Mapping[str, _Encoder], *, embedding_directory, device,
-           dtype, tokenizer_kwargs: Mapping[str, Any], text_configs: Mapping[str, Any]) -> CLIP:
+           dtype, tokenizer_kwargs: Mapping[str, Any], text_configs: Mapping[str, Any],
+           strict: bool, require_finite: bool) -> CLIP:
     pads = {"l": 49407, "h": 0, "g": 0}  # the pad_token_id of each role's config read from shapes
     roles = ROLES[clip_type]
     configs = {role: text_configs[role] if role in text_configs else
@@ -234,15 +265,16 @@ def _build(clip_type: str, encoders: Mapping[str, _Encoder], *, embedding_direct
               for role in roles}
     return build_clip(clip_type, {role: encoders[role].state_dict for role in roles}, configs, kwargs,
                       sources={role: encoders[role].source for role in roles},
-                      embedding_directory=embedding_directory, device=device, dtype=dtype)
+                      embedding_directory=embedding_directory, device=device, dtype=dtype,
+                      strict=strict, require_finite=require_finite)
 
 
 def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embedding_directory=None,
               clip_type: str | None = None, *, device="cpu", dtype: torch.dtype | None = None,
               state_dicts: Sequence[tuple[str, Mapping]] | None = None,
               tokenizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-              text_configs: Mapping[str, Any] | None = None, strict: bool = True,
-              require_finite: bool = False) -> CLIP:
+              text_configs: Mapping[str, Any] | None = None, strict: bool = False,
+              require_finite: bool = True, allow_missing_layers: bool = False) -> CLIP:
     """Load text encoders from checkpoint files (full SD1/SD2/SDXL checkpoints or
     standalone clip_l / clip_g / ViT-H files, any known key layout) into a :class:`CLIP`.
 
@@ -255,12 +287,20 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
         tokenizer_kwargs: per-role extra tokenizer arguments (``{"l": {...}}``).
         text_configs: per-role text configs (name, path, dict) overriding the
             config read from shapes (needed for non-standard head counts).
-        strict: refuse keys below a text encoder's prefix that match no weight
-            (missing and mis-shaped keys are always refused).
-        require_finite: refuse files holding NaN or infinite values.
+        strict: refuse keys below a text encoder's prefix that match no weight,
+            and keys the model does not have (default: ignore them with a
+            ``CheckpointWarning``, as ComfyUI); missing and mis-shaped keys
+            are always refused.
+        require_finite: refuse text-encoder weights holding NaN or infinite
+            values, naming the tensor (a sum per tensor: 0.05–0.2 s for CLIP-L,
+            0.3–1.3 s for CLIP-G on one CPU thread; see the README).
+        allow_missing_layers: load an L/H/G encoder that has fewer layers than
+            the released model (12/24/32) as a shallower model, instead of
+            refusing it. A gap in the layer numbers is always refused.
 
     Raises:
-        CheckpointError: unreadable file, no or unexpected text encoders, bad keys.
+        CheckpointError: unreadable file, no or unexpected text encoders, bad or
+            missing keys or layers, integer or non-finite weights.
     """
     if clip_type in (None, "auto"):
         clip_type = None
@@ -268,15 +308,13 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
         raise CheckpointError(f"clip_type {clip_type!r} is not one of {CLIP_TYPES} or 'auto'")
     if state_dicts is None:
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
-        state_dicts = [(str(p), load_state_dict(p, require_finite=require_finite)) for p in paths]
-    elif require_finite:
-        for source, sd in state_dicts:
-            check_finite(sd, source)
-    encoders = load_text_encoder_state_dicts(state_dicts, clip_type=clip_type, strict=strict)
+        state_dicts = [(str(p), load_state_dict(p)) for p in paths]
+    encoders = load_text_encoder_state_dicts(state_dicts, clip_type=clip_type, strict=strict,
+                                             allow_missing_layers=allow_missing_layers)
     detected = detect_clip_type(list(encoders))
     if clip_type is not None and clip_type != detected:
         raise CheckpointError(f"clip_type {clip_type!r} was asked for, but the file(s) hold "
                               f"{sorted(encoders)} text encoders ({detected})")
     return _build(detected, encoders, embedding_directory=embedding_directory, device=device,
                   dtype=dtype, tokenizer_kwargs=tokenizer_kwargs or {},
-                  text_configs=text_configs or {})
+                  text_configs=text_configs or {}, strict=strict, require_finite=require_finite)

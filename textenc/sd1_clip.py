@@ -128,15 +128,25 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         return self.options if not options else self.options.updated(options, self.num_layers)
 
     # ---- weights -------------------------------------------------------------
-    def load_sd(self, sd: Mapping[str, torch.Tensor], *, strict: bool = True):
+    def load_sd(self, sd: Mapping[str, torch.Tensor], *, strict: bool = True, require_finite: bool = True):
         """Load an HF-layout text-encoder state dict (``text_model.*``, ``text_projection.weight``).
 
         Tensors are assigned, not copied, when their dtype already matches, so a
         memory-mapped safetensors file is not read into a second buffer. SD1
         checkpoints carry no ``text_projection``: it is set to the identity
         (their pooled output is returned unprojected anyway).
+
+        Args:
+            strict: refuse keys the model does not have (``False`` ignores them
+                and returns them as ``unexpected_keys``); missing keys always fail.
+            require_finite: refuse NaN or infinite weights (a cheap sum per tensor).
+
+        Raises:
+            CheckpointError: missing, mis-shaped or (``strict``) unexpected keys,
+                integer weights, or (``require_finite``) non-finite values; the
+                message names the tensor.
         """
-        return sd1_encode.load_text_state_dict(self, sd, strict=strict)
+        return sd1_encode.load_text_state_dict(self, sd, strict=strict, require_finite=require_finite)
 
     def get_sd(self) -> dict[str, torch.Tensor]:
         return self.transformer.state_dict()
@@ -187,8 +197,8 @@ class SD1ClipModel(torch.nn.Module):
                               f"{sorted(token_weight_pairs)} (tokenize with the matching tokenizer)")
         return self.encoder.encode_token_weights(token_weight_pairs[self.clip_name], options=options)
 
-    def load_sd(self, sd, *, strict: bool = True):
-        return self.encoder.load_sd(sd, strict=strict)
+    def load_sd(self, sd, *, strict: bool = True, require_finite: bool = True):
+        return self.encoder.load_sd(sd, strict=strict, require_finite=require_finite)
 
 
 class SD1Tokenizer:

@@ -109,11 +109,11 @@ class SDXLClipModel(torch.nn.Module):
         l_out = _pad_windows(self.clip_l, l_out, windows, options)
         return torch.cat([l_out, g_out], dim=-1), g_pooled
 
-    def load_sd(self, sd, *, strict: bool = True):
+    def load_sd(self, sd, *, strict: bool = True, require_finite: bool = True):
         """Load one encoder: the one whose width matches (``text_model`` 768 → l, else g)."""
         key = "text_model.embeddings.token_embedding.weight"
         if key not in sd:
             raise CheckpointError(f"not an HF-layout text encoder state dict: {key!r} is missing")
         width = sd[key].shape[1]
         target = self.clip_l if width == self.clip_l.config.hidden_size else self.clip_g
-        return target.load_sd(sd, strict=strict)
+        return target.load_sd(sd, strict=strict, require_finite=require_finite)

@@ -18,11 +18,18 @@ Differences from ComfyUI, all deliberate:
   split regex, byte-level BPE with ``</w>``), every piece of a prompt in one
   ``encode_batch`` call, with a bounded per-instance cache. Lone surrogates
   (which make HF raise) are replaced by U+FFFD first.
-* Embedding names end at the first whitespace; a trailing ``,`` is tried
-  without it; text after the name is tokenized normally. ``embedding:`` with
-  nothing (or a space) after the colon is plain text, so it never swallows
-  the next word. Missing, unsafe or invalid embeddings emit
-  :class:`~textenc.errors.EmbeddingWarning` and the prompt goes on.
+* Embedding names end at the first whitespace; a name not found is tried
+  again with commas stripped from both ends (as ComfyUI), and the stripped
+  commas stay in the prompt as text, where they were (ComfyUI re-inserts the
+  name's last characters instead of leading commas). Text after the name is
+  tokenized normally. ``embedding:`` with nothing (or a space) after the
+  colon is plain text, so it never swallows the next word (ComfyUI loads the
+  next word as the name). Missing, unsafe or invalid embeddings, and
+  ``embedding:NAME`` with no embedding directory, emit
+  :class:`~textenc.errors.EmbeddingWarning` attributed to the caller's line,
+  and the prompt goes on.
+* ``max_windows`` (default 256) refuses a prompt that needs more windows,
+  while it is being tokenized (ComfyUI encodes any length).
 * ``BREAK`` (``break_keyword=True``) closes the current window unless it is
   empty.
 """
@@ -30,28 +37,29 @@ Differences from ComfyUI, all deliberate:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from textenc.dialects import get_dialect
-from textenc.embeddings import EmbeddingLoader, EmbeddingResult
-from textenc.errors import EmbeddingWarning, PromptError
+from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
+from textenc.errors import EmbeddingWarning, PromptError, PromptWarning
 from textenc.lru import LRUCache
-from textenc.prompt_parser import ParseOptions, Segment, parse_prompt
+from textenc.clip_backend import build_backend, fix_surrogates, is_clip_pipeline
+from textenc.token_budget import TokenBudget, check_max_windows, space_chunks
+from textenc.warn import warn_at_caller
+from textenc.prompt_parser import ParseOptions, Segment, describe_large_weights, iter_segments, large_weights
 
 __all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT_VOCAB"]
 
 DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
 EMBEDDING_IDENTIFIER = "embedding:"
-# The CLIP pre-tokenizer regex, as in transformers' CLIPTokenizer.
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PIECE_SPLIT = re.compile(" embedding:|\nembedding:")  # ComfyUI's split, separator dropped
 _NAME_END = re.compile(r"\s")
-_PER_CALL_PARSE_OPTIONS = ("weight_convention", "square_brackets", "break_keyword")
+_PER_CALL_PARSE_OPTIONS = ("weight_convention", "square_brackets", "break_keyword", "max_weight",
+                           "strict_weights", "warn_weight_above")
+_CHUNK_CHARS = 1 << 16  # text tokenized per step while counting towards max_windows
 
 
 @dataclass(frozen=True)
@@ -79,11 +87,13 @@ class UnitReport:
 
 @dataclass(frozen=True)
 class InspectReport:
-    """What :meth:`SDTokenizer.inspect` found: windows, units and embeddings."""
+    """What :meth:`SDTokenizer.inspect` found: windows, units, embeddings and
+    the segments weighted above ``warn_weight_above`` (``large_weights``)."""
 
     windows: list[list[TokenReport]]
     units: list[UnitReport]
     embeddings: list[EmbeddingResult] = field(default_factory=list)
+    large_weights: list[Segment] = field(default_factory=list)
 
     @property
     def missing(self) -> list[EmbeddingResult]:
@@ -103,61 +113,6 @@ class _Unit:
     tokens: list = field(default_factory=list)
 
 
-def _fix_surrogates(text: str) -> str:
-    """Join surrogate pairs and replace lone surrogates by U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def _build_backend(folder: str) -> Any:
-    """A ``tokenizers.Tokenizer`` equal to transformers' CLIPTokenizer for ``folder``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    single = os.path.join(folder, "tokenizer.json")
-    if os.path.isfile(single) and not os.path.isfile(os.path.join(folder, "vocab.json")):
-        backend = Tokenizer.from_file(single)
-        backend.no_truncation()  # once, at construction: never mutated per call
-        backend.no_padding()
-        return backend
-    try:
-        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as handle:
-            vocab = json.load(handle)
-        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as handle:
-            merges = [tuple(line.split()) for line in handle.read().split("\n")[1:] if line.strip()]
-    except (OSError, ValueError) as error:
-        raise PromptError(f"cannot read a CLIP vocabulary from {folder!r}: {error}") from error
-    backend = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
-                            end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in ("<|startoftext|>", "<|endoftext|>")])
-    bos, eos = backend.token_to_id("<|startoftext|>"), backend.token_to_id("<|endoftext|>")
-    backend.post_processor = processors.RobertaProcessing(("<|endoftext|>", eos), ("<|startoftext|>", bos),
-                                                          trim_offsets=False, add_prefix_space=False)
-    return backend
-
-
-def _is_clip_pipeline(backend: Any) -> bool:
-    """Whether a backend normalises and splits exactly like CLIP, so it can run word by word."""
-    config = json.loads(backend.to_str())
-    normalizer = config.get("normalizer") or {}
-    steps = [step.get("type") for step in normalizer.get("normalizers", [])]
-    pre = (config.get("pre_tokenizer") or {}).get("pretokenizers") or [{}]
-    pattern = (pre[0].get("pattern") or {}).get("Regex")
-    replace = (normalizer.get("normalizers") or [{}, {}])[1:2]
-    whitespace_only = replace and replace[0].get("pattern", {}).get("Regex") == r"\s+" and replace[0].get("content") == " "
-    return steps == ["NFC", "Replace", "Lowercase"] and bool(whitespace_only) and pattern == _CLIP_SPLIT
-
-
 class SDTokenizer:
     """ComfyUI's ``SDTokenizer``; positional parameters keep ComfyUI's order.
 
@@ -172,7 +127,11 @@ class SDTokenizer:
         tokenizer_class: a transformers tokenizer class to use instead of the
             Rust backend (slower; ComfyUI's way).
         weight_convention, square_brackets, break_keyword, max_weight,
-            max_prompt_chars: prompt syntax, see :mod:`textenc.prompt_parser`.
+            max_prompt_chars, strict_weights, warn_weight_above: prompt
+            syntax and weight policy, see :mod:`textenc.prompt_parser`.
+        max_windows: most windows a prompt may need (default 256, about
+            19,000 tokens); checked while tokenizing, before anything is
+            encoded; None disables it. Also a per-call keyword.
         cache_size: number of tokenized units remembered.
 
     >>> tok = SDTokenizer()
@@ -186,12 +145,14 @@ class SDTokenizer:
                  has_end_token: bool = True, pad_to_max_length: bool = True, min_length: int | None = None,
                  pad_token: int | None = None, end_token: int | None = None, min_padding: int | None = None,
                  tokenizer_data: dict | None = None, *, weight_convention: str = "comfy",
-                 square_brackets: bool = False, break_keyword: bool = False, max_weight: float = 100.0,
-                 max_prompt_chars: int = 1_048_576, cache_size: int = 8192) -> None:
+                 square_brackets: bool = False, break_keyword: bool = False, max_weight: float | None = None,
+                 max_prompt_chars: int = 1_048_576, strict_weights: bool = False,
+                 warn_weight_above: float | None = 100.0, max_windows: int | None = 256,
+                 cache_size: int = 8192) -> None:
         tokenizer_data = tokenizer_data or {}
         folder = tokenizer_path if tokenizer_path is not None else DEFAULT_VOCAB
         self._hf = tokenizer_class.from_pretrained(folder) if tokenizer_class is not None else None
-        self._backend = _build_backend(folder) if self._hf is None else None
+        self._backend = build_backend(folder) if self._hf is None else None
         self.max_length = tokenizer_data.get(f"{embedding_key}_max_length", max_length)
         self.min_length = tokenizer_data.get(f"{embedding_key}_min_length", min_length)
         self.min_padding = min_padding
@@ -205,10 +166,11 @@ class SDTokenizer:
         self.max_word_length = 8
         self.embedding_identifier = EMBEDDING_IDENTIFIER
         self.parse_options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight,
-                                          max_prompt_chars)
+                                          max_prompt_chars, strict_weights, warn_weight_above)
+        self.max_windows = check_max_windows(max_windows)
         self._cache = LRUCache(cache_size)  # unit text -> token ids
         self._by_word = (self._backend is not None and self.tokens_start == 1 and has_end_token
-                         and end_token is None and _is_clip_pipeline(self._backend))
+                         and end_token is None and is_clip_pipeline(self._backend))
         self._embeddings = (EmbeddingLoader(embedding_directory, embedding_size, embed_key=embedding_key)
                             if embedding_directory is not None else None)
 
@@ -228,7 +190,7 @@ class SDTokenizer:
 
     def _raw_encode(self, texts: list[str], *, special: bool = True) -> list[list[int]]:
         """Ids with the tokenizer's own start/end tokens, for every text."""
-        texts = [_fix_surrogates(t) for t in texts]
+        texts = [fix_surrogates(t) for t in texts]
         if self._hf is not None:
             return [list(ids) for ids in self._hf(texts)["input_ids"]] if texts else []
         if not texts:
@@ -266,16 +228,17 @@ class SDTokenizer:
         overrides = {k: kwargs[k] for k in _PER_CALL_PARSE_OPTIONS if k in kwargs}
         return dataclasses.replace(self.parse_options, **overrides) if overrides else self.parse_options
 
-    def _segments(self, text: str, disable_weights: bool, options: ParseOptions | None = None) -> list[Segment]:
+    def _segments(self, text: str, disable_weights: bool, options: ParseOptions | None = None) -> Iterable[Segment]:
+        """The prompt's segments, lazily (parsed one top-level group at a time)."""
         options = options or self.parse_options
         if not isinstance(text, str):
             raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
-        text = _fix_surrogates(text)
+        text = fix_surrogates(text)
         if disable_weights:  # ComfyUI still resolves the escapes
             if len(text) > options.max_prompt_chars:
                 raise PromptError(f"prompt has {len(text)} characters, more than max_prompt_chars")
             return [Segment(re.sub(r"\\([()])", r"\1", text), 1.0, 0, len(text))] if text else []
-        return parse_prompt(text, options=options)
+        return iter_segments(text, options)
 
     def _embedding_units(self, piece: str, segment: Segment, found: list[EmbeddingResult]) -> list[_Unit]:
         """An ``embedding:name rest`` piece: the embedding group, then the rest as text."""
@@ -284,27 +247,31 @@ class SDTokenizer:
         name, leftover = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
         if not name:
             return [_Unit("text", piece, segment.weight, segment)]
+        if self._embeddings is None:  # ComfyUI reads it as text; say why
+            warn_at_caller(f"embedding:{name} read as text: {NO_DIRECTORY} (pass embedding_directory= "
+                           "to the tokenizer, or --embeddings on the command line)", EmbeddingWarning)
+            return [_Unit("text", piece, segment.weight, segment)]
+        leading = ""
         result = self._embeddings.lookup(name)
-        if result.status != "found" and name.endswith(","):
-            stripped = name.rstrip(",")
-            if stripped:
-                leftover = name[len(stripped):] + leftover
-                result = self._embeddings.lookup(stripped)
+        stripped = name.strip(",")  # ComfyUI strips commas at both ends, then tries again
+        if result.status != "found" and stripped and stripped != name:
+            leading = name[:len(name) - len(name.lstrip(","))]
+            leftover = name[len(leading) + len(stripped):] + leftover  # the commas stay as text
+            result = self._embeddings.lookup(stripped)
         found.append(result)
-        units = []
+        units = [_Unit("text", leading, segment.weight, segment)] if leading else []
         if result.status == "found":
             rows = result.vectors
             units.append(_Unit("embedding", result.name, segment.weight, segment,
                                [(rows[i], segment.weight) for i in range(rows.shape[0])]))
         else:
-            warnings.warn(f"embedding:{result.name} skipped ({result.status}: {result.reason})",
-                          EmbeddingWarning, stacklevel=4)
+            warn_at_caller(f"embedding:{result.name} skipped ({result.status}: {result.reason})", EmbeddingWarning)
         if leftover.strip():
             units.append(_Unit("text", leftover, segment.weight, segment))
         return units
 
     def _units(self, segments: list[Segment], found: list[EmbeddingResult]) -> list[_Unit]:
-        """Split segments into groups and tokenize all text groups in one batch."""
+        """Split segments into groups (text groups are tokenized by :meth:`_fill_tokens`)."""
         units: list[_Unit] = []
         for segment in segments:
             if segment.is_break:
@@ -313,14 +280,69 @@ class SDTokenizer:
             split = _PIECE_SPLIT.split(segment.text)
             pieces = [split[0]] + [EMBEDDING_IDENTIFIER + p for p in split[1:]]
             for piece in (p for p in pieces if p):
-                if piece.startswith(EMBEDDING_IDENTIFIER) and self._embeddings is not None:
+                if piece.startswith(EMBEDDING_IDENTIFIER):
                     units.extend(self._embedding_units(piece, segment, found))
                 else:
                     units.append(_Unit("text", piece, segment.weight, segment))
-        text_units = [u for u in units if u.kind == "text"]
-        for unit, ids in zip(text_units, self.encode_units([u.text for u in text_units])):
-            unit.tokens = [(t, unit.weight) for t in ids]
         return units
+
+    def window_capacity(self) -> int:
+        """Prompt tokens one window holds: ``max_length`` less the start and end tokens."""
+        specials = (self.start_token is not None) + (self.end_token is not None)
+        return max(1, self.max_length - specials)
+
+    def _stream_units(self, segments: Iterable[Segment], found: list[EmbeddingResult],
+                      counter: TokenBudget) -> tuple[list[_Unit], list[Segment]]:
+        """Parse, split and tokenize in steps of ~64K characters of segments, so that
+        ``max_windows`` refuses a huge prompt before most of it is parsed or tokenized."""
+        units: list[_Unit] = []
+        seen: list[Segment] = []
+        pending: list[Segment] = []
+        pending_chars = 0
+        for segment in segments:
+            pending.append(segment)
+            pending_chars += len(segment.text)
+            if pending_chars >= _CHUNK_CHARS:
+                units += self._fill_tokens(self._units(pending, found), counter)
+                seen += pending
+                pending, pending_chars = [], 0
+        units += self._fill_tokens(self._units(pending, found), counter)
+        return units, seen + pending
+
+    def _fill_tokens(self, units: list[_Unit], counter: TokenBudget) -> list[_Unit]:
+        """Tokenize the text groups in steps of ~64K characters, refusing (PromptError) as soon
+        as their tokens cannot fit ``max_windows`` windows, so that a huge prompt is refused
+        before it is tokenized, let alone encoded."""
+        counter.add(sum(len(u.tokens) for u in units if u.kind == "embedding"), 0)
+        batch: list[_Unit] = []
+        batch_chars = 0
+        for unit in (u for u in units if u.kind == "text"):
+            if self._by_word and len(unit.text) > _CHUNK_CHARS:
+                self._fill_batch(batch, counter)
+                batch, batch_chars = [], 0
+                unit.tokens = self._tokens_of_long_unit(unit, counter)
+                continue
+            batch.append(unit)
+            batch_chars += len(unit.text)
+            if batch_chars >= _CHUNK_CHARS:
+                self._fill_batch(batch, counter)
+                batch, batch_chars = [], 0
+        self._fill_batch(batch, counter)
+        return units
+
+    def _fill_batch(self, batch: list[_Unit], counter: TokenBudget) -> None:
+        for unit, ids in zip(batch, self.encode_units([u.text for u in batch])):
+            unit.tokens = [(t, unit.weight) for t in ids]
+            counter.add(len(ids), len(unit.text))
+
+    def _tokens_of_long_unit(self, unit: _Unit, counter: TokenBudget) -> list[tuple]:
+        """A long text group, tokenized chunk by chunk (cut at spaces: CLIP never joins across one)."""
+        tokens: list[tuple] = []
+        for chunk in space_chunks(unit.text, _CHUNK_CHARS):
+            ids = self.encode_units([chunk])[0]
+            tokens.extend((t, unit.weight) for t in ids)
+            counter.add(len(ids), len(chunk))
+        return tokens
 
     def _new_window(self, windows: list[list]) -> list:
         window = [(self.start_token, 1.0, 0)] if self.start_token is not None else []
@@ -377,10 +399,20 @@ class SDTokenizer:
         min_length = options.get(f"{self.embedding_key}_min_length", self.min_length)
         min_length = kwargs.get("min_length", min_length)
         min_padding = options.get(f"{self.embedding_key}_min_padding", self.min_padding)
+        max_windows = check_max_windows(kwargs["max_windows"]) if "max_windows" in kwargs else self.max_windows
         found: list[EmbeddingResult] = []
-        segments = self._segments(text, bool(kwargs.get("disable_weights", False)), self._parse_options(kwargs))
-        units = self._units(segments, found)
-        return self._windows(units, min_length, min_padding), units, found
+        parse_options = self._parse_options(kwargs)
+        segments = self._segments(text, bool(kwargs.get("disable_weights", False)), parse_options)
+        units, seen = self._stream_units(segments, found, TokenBudget(self, max_windows, len(text)))
+        heavy = large_weights(seen, parse_options)
+        if heavy:
+            warn_at_caller(describe_large_weights(heavy, parse_options), PromptWarning)
+        windows = self._windows(units, min_length, min_padding)
+        if max_windows is not None and len(windows) > max_windows:
+            raise PromptError(f"prompt needs {len(windows)} windows of {self.max_length} tokens, more than "
+                              f"max_windows={max_windows}; shorten it, or pass max_windows=None (or a larger "
+                              "number) to the tokenizer or to this call")
+        return windows, units, found
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
         """Windows of ``(token, weight)`` or ``(token, weight, word_id)``.
@@ -429,6 +461,8 @@ class SDTokenizer:
     def inspect_comfy(self, text: str, **kwargs: Any) -> InspectReport:
         """ComfyUI's reading of ``text`` as an :class:`InspectReport`."""
         windows, units, found = self._run(text, kwargs)
+        segments = {id(u.segment): u.segment for u in units}.values()
+        heavy = large_weights(list(segments), self._parse_options(kwargs))
         reports, word_id = [], 0
         for unit in units:
             word_id += unit.kind != "break"
@@ -436,7 +470,7 @@ class SDTokenizer:
                                       unit.weight, unit.segment.start, unit.segment.end, len(unit.tokens)))
         token_windows = [[TokenReport(t if isinstance(t, int) else None, self._token_text(t), w, i)
                           for t, w, i in window] for window in windows]
-        return InspectReport(token_windows, reports, found)
+        return InspectReport(token_windows, reports, found, heavy)
 
     def state_dict(self) -> dict:
         """Nothing to save (ComfyUI API)."""

@@ -1,0 +1,200 @@
+"""One test per line of the README's "Deliberate differences from ComfyUI" list.
+
+Each test shows what textenc does, and ComfyUI's side from ComfyUI's documented
+code behaviour (``comfy/sd1_clip.py``: ``token_weights`` reads weights with
+``float()``; ``escape_important``/``unescape_important`` swap ``\\(``/``\\)`` for
+``"\\0\\2"``/``"\\0\\1"``; ``_try_get_embedding`` takes ``name.split()[0]`` and
+re-inserts ``name[len(name.strip(',')):]``; ``load_embed`` checks
+``os.path.commonpath`` of ``abspath`` paths and no values; ``process_tokens``
+drops vectors of another width at encode time and pads at the end;
+``set_clip_options`` uses the last layer when ``abs(layer) > num_layers``),
+restated here as small rules, never imported from ComfyUI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from test_prompt_parser import reference as comfy_weights
+from textenc.embeddings import EmbeddingLoader
+from textenc.errors import (CheckpointError, EmbeddingWarning, EncodeError, LayerError, PromptError,
+                            PromptWarning)
+from textenc.prompt_parser import parse_prompt
+from textenc.sd import load_clip
+from textenc.sd1_clip import SDClipModel
+from textenc.tokenizer import SDTokenizer
+
+TINY = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 1, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5, "projection_dim": 64, "bos_token_id": 49406, "eos_token_id": 49407,
+        "pad_token_id": 49407}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights() -> dict[str, torch.Tensor]:
+    model = SDClipModel(textmodel_json_config=TINY)
+    generator = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.shape, generator=generator) * 0.02 for k, v in model.transformer.state_dict().items()}
+
+
+def _comfy_try_get_embedding(name_and_rest: str, exists) -> tuple[str | None, str]:
+    """ComfyUI's ``_try_get_embedding``: (name loaded or None, leftover text)."""
+    split = name_and_rest.split()
+    name, leftover = split[0], " ".join(split[1:])
+    if exists(name):
+        return name, leftover
+    stripped = name.strip(",")
+    if len(stripped) < len(name):
+        return (stripped if exists(stripped) else None), f"{name[len(stripped):]} {leftover}"
+    return None, leftover
+
+
+def test_non_finite_weight():
+    # textenc: PromptError naming the fragment and position; ComfyUI: float() gives nan/inf as the weight.
+    for literal in ("nan", "inf", "1e39"):
+        with pytest.raises(PromptError, match=r"'cat' at character 7 is not a finite float32"):
+            parse_prompt(f"a (cat:{literal})")
+        assert not abs(comfy_weights(f"a (cat:{literal})")[1][1]) < 3.4e38
+
+
+def test_width_mismatched_embedding(tmp_path):
+    # textenc: skipped at tokenize time; ComfyUI: kept in the windows, dropped at encode time and
+    # replaced by padding at the end of the window, so the tokens after it move forward.
+    save_file({"emb_params": torch.ones(2, 768)}, tmp_path / "sd15.safetensors")
+    save_file({"emb_params": torch.ones(2, 1280)}, tmp_path / "same_rows.safetensors")
+    tok = SDTokenizer(embedding_directory=str(tmp_path), embedding_size=1280, pad_with_end=False)
+    with pytest.warns(EmbeddingWarning, match="width 768"):
+        ours = [t for t, _ in tok.tokenize_with_weights("a embedding:sd15 cat")[0]]
+    assert not any(isinstance(t, torch.Tensor) for t in ours)
+    # ComfyUI loads any width, so its window is laid out like one with a 2-row embedding of the right width.
+    comfy = [t for t, _ in tok.tokenize_with_weights("a embedding:same_rows cat")[0]]
+    assert [isinstance(t, torch.Tensor) for t in comfy[2:4]] == [True, True]
+    cat = SDTokenizer().encode_units(["cat"])[0][0]
+    position = lambda window: next(i for i, t in enumerate(window) if isinstance(t, int) and t == cat)  # noqa: E731
+    assert position(ours) == 2 and position(comfy) == 4
+
+
+def test_comma_handling(tmp_path):
+    # textenc: leading commas stay text before the embedding; ComfyUI re-inserts the name's last characters.
+    save_file({"emb_params": torch.ones(1, 768)}, tmp_path / "EasyNegative.safetensors")
+    tok, plain = SDTokenizer(embedding_directory=str(tmp_path)), SDTokenizer()
+    ours = [t for t, _ in tok.tokenize_with_weights("embedding:,,EasyNegative lowres")[0]]
+    loaded, leftover = _comfy_try_get_embedding(",,EasyNegative lowres", lambda n: n == "EasyNegative")
+    assert loaded == "EasyNegative" and leftover == "ve lowres"  # ComfyUI's text after the embedding
+    head, tail = plain.encode_units([",,"])[0], plain.encode_units([" lowres"])[0]
+    assert ours[1:1 + len(head)] == head and isinstance(ours[1 + len(head)], torch.Tensor)
+    assert ours[2 + len(head):2 + len(head) + len(tail)] == tail
+    assert plain.encode_units([leftover])[0] != tail
+
+
+def test_escaped_parenthesis_sentinels():
+    # textenc: user text "\0\1" stays as it is; ComfyUI's unescape turns it into ")".
+    assert [s.text for s in parse_prompt("x\0\1y")] == ["x\0\1y"]
+    comfy_text = "".join(t for t, _ in comfy_weights("x\0\1y")).replace("\0\1", ")").replace("\0\2", "(")
+    assert comfy_text == "x)y"
+
+
+def test_embedding_followed_by_a_space(tmp_path):
+    # textenc: "embedding: cat" is plain text; ComfyUI takes the next word as the name (and drops it
+    # when no such file exists).
+    save_file({"emb_params": torch.ones(1, 768)}, tmp_path / "cat.safetensors")
+    tok, plain = SDTokenizer(embedding_directory=str(tmp_path)), SDTokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbeddingWarning)
+        assert tok.tokenize_with_weights("a embedding: cat") == plain.tokenize_with_weights("a embedding: cat")
+    loaded, leftover = _comfy_try_get_embedding(" cat", lambda n: n == "cat")
+    assert (loaded, leftover) == ("cat", "")
+
+
+def test_path_escaping_names(tmp_path):
+    # textenc: '..', absolute names and symlinks leaving the folder are refused; ComfyUI checks only
+    # that abspath(join(folder, name)) lies in the folder, without resolving symlinks.
+    folder = tmp_path / "embeddings"
+    (folder / "sub").mkdir(parents=True)
+    save_file({"emb_params": torch.ones(1, 768)}, folder / "style.safetensors")
+    save_file({"emb_params": torch.ones(1, 768)}, tmp_path / "outside.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", folder / "link.safetensors")
+    loader = EmbeddingLoader(str(folder), 768)
+    for name in ("sub/../style", str(folder / "style"), "link"):
+        assert loader.lookup(name).status == "rejected", name
+        candidate = os.path.abspath(os.path.join(str(folder), name))
+        assert os.path.commonpath((str(folder), candidate)) == str(folder)  # ComfyUI would load it
+
+
+def test_out_of_range_layer():
+    # textenc: LayerError; ComfyUI: abs(layer) > num_layers silently means the last layer.
+    model = SDClipModel(textmodel_json_config=TINY)
+    with pytest.raises(LayerError):
+        model.set_clip_options({"layer": -30})
+    assert abs(-30) > model.num_layers  # ComfyUI's rule then picks "last"
+
+
+def test_prompt_window_limit():
+    # textenc: a prompt needing more than max_windows=256 windows is refused; ComfyUI encodes any length.
+    prompt = "cat " * (256 * 75 + 1)
+    with pytest.raises(PromptError, match="max_windows=256"):
+        SDTokenizer().tokenize_with_weights(prompt)
+    assert len(SDTokenizer().tokenize_with_weights(prompt, max_windows=None)) == 257
+
+
+def test_embedding_values_beyond_the_bound(tmp_path):
+    # textenc: values above 2**14 are refused at load; ComfyUI's load_embed checks no value.
+    save_file({"emb_params": torch.full((1, 768), 1e30)}, tmp_path / "huge.safetensors")
+    assert EmbeddingLoader(str(tmp_path), 768).lookup("huge").status == "rejected"
+    assert EmbeddingLoader(str(tmp_path), 768, max_abs_value=math.inf).lookup("huge").status == "found"
+
+
+def test_non_finite_checkpoint_weights(tmp_path, tiny_weights):
+    # textenc: CheckpointError naming the tensor; ComfyUI loads it and returns NaN conditioning.
+    bad = {**tiny_weights, "text_model.final_layer_norm.bias": torch.full((64,), float("nan"))}
+    with pytest.raises(CheckpointError, match="final_layer_norm.bias"):
+        load_clip(None, state_dicts=[("nan", bad)])
+    clip = load_clip(None, state_dicts=[("nan", bad)], require_finite=False)
+    z = clip.cond_stage_model.encoder.transformer(torch.tensor([[49406, 49407]]))[0]
+    assert not torch.isfinite(z).any()  # what ComfyUI's forward returns
+
+
+def test_non_finite_conditioning(tiny_weights):
+    # textenc: EncodeError naming the likely cause; ComfyUI returns the NaN/Inf conditioning.
+    clip = load_clip(None, state_dicts=[("tiny", tiny_weights)])
+    window = list(clip.tokenize("a cat")["l"][0])
+    window[1] = (window[1][0], 1e300)
+    with pytest.raises(EncodeError, match="a prompt weight"):
+        clip.encode_from_tokens({"l": [window]})
+    z = clip.encode_from_tokens(clip.tokenize("a cat"))[0]
+    assert not torch.isfinite((z - z.mean()) * torch.tensor(1e300).float()).all()  # ComfyUI's arithmetic
+
+
+def test_missing_layers_of_a_known_model():
+    # textenc: CheckpointError naming the layers; ComfyUI builds 12 layers from its config and leaves
+    # the missing one uninitialised (load_state_dict(strict=False) only logs the keys).
+    from test_hostile_files import _clip_l_like
+
+    with pytest.raises(CheckpointError, match=r"missing layer\(s\) \[11\]"):
+        load_clip(None, state_dicts=[("short", _clip_l_like(11))])
+    missing = torch.nn.Linear(2, 2).load_state_dict({}, strict=False).missing_keys
+    assert missing == ["weight", "bias"]  # torch's strict=False, as ComfyUI calls it: no error
+
+
+def test_token_id_beyond_the_vocabulary(tiny_weights):
+    # textenc: CheckpointError naming the mismatch; ComfyUI: torch's embedding lookup raises IndexError.
+    small = {**TINY, "vocab_size": 1000}
+    model = SDClipModel(textmodel_json_config=small)
+    model.load_sd({k: (v[:1000] if "token_embedding" in k else v) for k, v in tiny_weights.items()})
+    with pytest.raises(CheckpointError, match="vocabulary of 1000 tokens"):
+        model.encode_token_weights([[(49406, 1.0), (49407, 1.0)]])
+    with pytest.raises(IndexError):
+        torch.nn.Embedding(1000, 4)(torch.tensor([49406]))
+
+
+def test_large_weights_warn_but_encode_as_comfyui():
+    # Not a difference in the result: ComfyUI's weight, plus a PromptWarning naming the fragment.
+    with pytest.warns(PromptWarning, match="8080"):
+        ours = [(s.text, s.weight) for s in parse_prompt("(see https://example.com:8080) fox")]
+    assert ours == comfy_weights("(see https://example.com:8080) fox")
