@@ -100,7 +100,7 @@ def test_library_raises_only_typed_errors():
         ("ops.py", "NotImplementedError"),  # abstract hook of the ops mixin
         ("attention.py", "ValueError"),  # internal shape invariants of attention backends
         ("clip_model.py", "ValueError"),  # num_tokens missing: a programming error
-        ("dataset_cli.py", "ArgumentTypeError"),  # argparse's own protocol
+        ("cli.py", "ArgumentTypeError"),  # argparse's own protocol
     }
     typed = {name for name in dir(errors) if isinstance(getattr(errors, name), type)
              and issubclass(getattr(errors, name), TextencError)}

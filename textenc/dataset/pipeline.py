@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .dataset_encode import CaptionEncoder, Tokenized
-from .dataset_format import FORMAT_VERSION, shard_name, write_safetensors
-from .dataset_io import CaptionRows
+from .encode import CaptionEncoder, Tokenized
+from .format import FORMAT_VERSION, shard_name, write_safetensors
+from .inputs import CaptionRows
 
 __all__ = ["ShardJob", "ShardContext", "plan_shards", "run_shards", "shard_record_histogram"]
 

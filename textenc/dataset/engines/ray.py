@@ -2,7 +2,7 @@
 
 Shards are handed out one at a time to ``workers`` actors; each actor loads
 the model once and writes its shards itself with the same code as the local
-engine (:func:`textenc.dataset_pipeline.run_shards`), so the files do not
+engine (:func:`textenc.dataset.pipeline.run_shards`), so the files do not
 depend on the engine or the worker count. The driver alone writes the manifest.
 
 Actors ask for ``num_cpus=0.5``: on a 2-CPU machine, actors holding whole CPUs
@@ -18,10 +18,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .dataset_encode import CaptionEncoder, EncodeSettings
-from .dataset_io import CaptionRows
-from .dataset_pipeline import ShardContext, ShardJob, run_shards
-from .errors import DatasetError
+from ...errors import DatasetError
+from ..encode import CaptionEncoder, EncodeSettings
+from ..inputs import CaptionRows
+from ..manifest import record_shard
+from ..model import load_model, model_fingerprint, resolve_device
+from ..pipeline import ShardContext, ShardJob, run_shards
 
 __all__ = ["run_ray", "ACTOR_NUM_CPUS"]
 
@@ -60,8 +62,6 @@ class ShardWorker:
     def __init__(self, *, model: str, kind: str, device: str | None, settings: EncodeSettings,
                  context: ShardContext, folder: str, batch_size: int, per_caption: bool,
                  threads: int) -> None:
-        from .dataset import load_model, model_fingerprint, resolve_device
-
         torch.set_num_threads(threads)
         clip = load_model(model, kind=kind, device=resolve_device(device))
         if model_fingerprint(clip) != context.fingerprint:
@@ -91,8 +91,6 @@ def _init(ray, address: str | None) -> bool:
 def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
              on_shard_written: Callable[[int], None] | None) -> list:
     """Wait for finished shards, record them → the actors that are free again."""
-    from .dataset import _record_shard
-
     done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_SECONDS)
     free = []
     for ref in done:
@@ -103,7 +101,7 @@ def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
             raise DatasetError(f"ray worker failed on shard {job.index}: {exc}") from exc
         for key, value in spent.items():
             seconds[key] = seconds.get(key, 0.0) + value
-        _record_shard(run, records, record, on_shard_written)
+        record_shard(run, records, record, on_shard_written)
         free.append(actor)
     return free
 

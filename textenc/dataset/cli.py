@@ -12,7 +12,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from .errors import TextencError
+from ..errors import TextencError
+from .driver import encode_dataset
+from .dry_run import format_plan
 
 __all__ = ["add_encode_dataset_arguments", "configure_parser", "run_encode_dataset", "main"]
 
@@ -67,9 +69,6 @@ def add_encode_dataset_arguments(subparsers) -> argparse.ArgumentParser:
 
 def run_encode_dataset(args: argparse.Namespace) -> int:
     """Run ``encode-dataset`` from parsed arguments → exit status."""
-    from .dataset import encode_dataset
-    from .dataset_dry_run import format_plan
-
     try:
         report = encode_dataset(
             args.input, model=args.model, out=args.out, column=args.column, id_column=args.id_column,

@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import PromptError
-from .sd1_encode import empty_encoding, encode_windows, token_weights
-from .weighting import apply_weights
+from ..errors import PromptError
+from ..sd1_encode import empty_encoding, encode_windows, token_weights
+from ..weighting import apply_weights
 
 __all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES"]
 
