@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from ..errors import TextencError
+from .compute import DEFAULT_THREADS
 from .driver import encode_dataset
 from .dry_run import format_plan
 
@@ -48,6 +49,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--workers", type=_positive, default=1, help="ray actors (default 1)")
     add("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per ray actor (default 0)")
     add("--ray-address", default=None, help="join this Ray cluster (default: start one locally)")
+    add("--threads", type=_positive, default=DEFAULT_THREADS,
+        help="torch threads per encoding process, the local engine's and each Ray actor's; "
+             "the shards' bytes depend on it (recorded; default %(default)s)")
     add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--max-chars", type=_positive, default=16384, help="reject longer captions (default 16384)")
     add("--max-windows", type=_positive, default=64, help="reject captions needing more 77-token windows")
@@ -77,7 +81,7 @@ def run_encode_dataset(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, engine=args.engine, workers=args.workers,
             num_gpus_per_worker=args.num_gpus_per_worker, ray_address=args.ray_address,
             overwrite=args.overwrite, limit=args.limit, dry_run=args.dry_run, device=args.device,
-            max_chars=args.max_chars, max_windows=args.max_windows,
+            max_chars=args.max_chars, max_windows=args.max_windows, threads=args.threads,
             progress=False if args.no_progress else None)
     except TextencError as exc:
         print(f"textenc encode-dataset: error: {exc}", file=sys.stderr)

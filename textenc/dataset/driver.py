@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 from ..errors import DatasetError
 from ..sd import CLIP_TYPES
 from ..weighting import WEIGHT_MODES
+from .compute import DEFAULT_THREADS, torch_threads
 from .dry_run import dry_run_report
 from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings
 from .engines import run_local, run_ray
@@ -37,14 +38,14 @@ OUTPUTS = ("cond,pooled", "pooled")
 
 
 def _check_arguments(*, kind, weight_mode, outputs, dtype, shard_rows, batch_size, engine,
-                     workers, clip_skip, limit) -> None:
+                     workers, clip_skip, limit, threads) -> None:
     checks = [(kind is None or kind in KINDS, f"kind {kind!r} is not one of {KINDS}"),
               (weight_mode is None or weight_mode in WEIGHT_MODES,
                f"weight_mode {weight_mode!r} is not one of {WEIGHT_MODES}"),
               (outputs in OUTPUTS, f"outputs {outputs!r} is not one of {OUTPUTS}"),
               (dtype in OUTPUT_DTYPES, f"dtype {dtype!r} is not one of {tuple(OUTPUT_DTYPES)}"),
-              (shard_rows >= 1 and batch_size >= 1 and workers >= 1,
-               "shard_rows, batch_size and workers must be at least 1"),
+              (shard_rows >= 1 and batch_size >= 1 and workers >= 1 and threads >= 1,
+               "shard_rows, batch_size, workers and threads must be at least 1"),
               (engine in ("local", "ray"), f"engine {engine!r} is not 'local' or 'ray'"),
               (clip_skip is None or clip_skip >= 1, f"clip_skip must be >= 1, got {clip_skip}"),
               (limit is None or limit >= 1, f"limit must be >= 1, got {limit}")]
@@ -69,7 +70,8 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
                    overwrite: bool = False, limit: int | None = None, dry_run: bool = False,
                    device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
-                   per_caption: bool = False, progress: bool | None = None,
+                   threads: int = DEFAULT_THREADS, per_caption: bool = False,
+                   progress: bool | None = None,
                    on_shard_written: Callable[[int], None] | None = None) -> DatasetReport:
     """Encode every caption of ``input`` with the CLIP text encoder(s) of ``model`` into ``out``.
 
@@ -80,6 +82,10 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             ``clip_skip``/``weight_mode`` None keep the model kind's defaults
             (as ``CLIP.encode_from_tokens`` without options); ``dtype`` is the
             stored dtype; ``max_chars``/``max_windows`` reject over-long captions;
+            ``threads`` is torch's thread count in every encoding process
+            (this one for the local engine, each Ray actor): the bytes depend
+            on it, so it is recorded with the batch size in the manifest's
+            ``compute`` and a resume with other values is refused;
             ``per_caption`` turns off batching (same bytes, slower);
             ``on_shard_written(index)`` is called after each shard is recorded.
 
@@ -93,7 +99,22 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
     started = time.perf_counter()
     _check_arguments(kind=kind, weight_mode=weight_mode, outputs=outputs, dtype=dtype,
                      shard_rows=shard_rows, batch_size=batch_size, engine=engine,
-                     workers=workers, clip_skip=clip_skip, limit=limit)
+                     workers=workers, clip_skip=clip_skip, limit=limit, threads=threads)
+    with torch_threads(threads):
+        return _encode(input, model=model, out=out, column=column, id_column=id_column, kind=kind,
+                       clip_skip=clip_skip, weight_mode=weight_mode, outputs=outputs, dtype=dtype,
+                       shard_rows=shard_rows, batch_size=batch_size, engine=engine, workers=workers,
+                       num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
+                       overwrite=overwrite, limit=limit, dry_run=dry_run, device=device,
+                       max_chars=max_chars, max_windows=max_windows, threads=threads,
+                       per_caption=per_caption, progress=progress,
+                       on_shard_written=on_shard_written, started=started)
+
+
+def _encode(input, *, model, out, column, id_column, kind, clip_skip, weight_mode, outputs, dtype,
+            shard_rows, batch_size, engine, workers, num_gpus_per_worker, ray_address, overwrite,
+            limit, dry_run, device, max_chars, max_windows, threads, per_caption, progress,
+            on_shard_written, started) -> DatasetReport:
     rows = read_captions(input, column=column, id_column=id_column, limit=limit)
     clip = load_model(model, kind=kind, device=resolve_device(device))
     settings = EncodeSettings(clip_skip=clip_skip, weight_mode=weight_mode, outputs=outputs,
@@ -105,6 +126,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
     jobs = plan_shards(len(rows), shard_rows)
     empty = CaptionEncoder(clip, settings).encode_empty()
     manifest = base_manifest(rows, clip, fingerprint, options, jobs, empty)
+    manifest["compute"] = {"threads": threads, "batch_size": batch_size}
     context = ShardContext(fingerprint, json.dumps(options, sort_keys=True), manifest["cond_width"],
                            manifest["pooled_width"], all(isinstance(i, int) for i in rows.ids),
                            manifest["window_length"])
@@ -124,7 +146,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
         timings = run_ray(run, todo, records, batch_size=batch_size, workers=workers,
                           num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
                           model=os.fspath(model), device=device, per_caption=per_caption,
-                          on_shard_written=on_shard_written)
+                          threads=threads, on_shard_written=on_shard_written)
     return _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
 
 

@@ -7,6 +7,7 @@ to its engine; an engine calls :func:`record_shard` for every shard it wrote.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,9 +20,9 @@ from .inputs import CaptionRows
 from .pipeline import ShardContext, ShardJob, shard_record_histogram
 
 __all__ = ["Run", "base_manifest", "prepare_folder", "shard_totals", "finish_manifest",
-           "record_shard", "IDENTITY_KEYS"]
+           "record_shard", "describe_changes", "IDENTITY_KEYS"]
 
-IDENTITY_KEYS = ("format", "model_fingerprint", "options", "input")
+IDENTITY_KEYS = ("format", "model_fingerprint", "options", "compute", "input")
 
 
 @dataclasses.dataclass
@@ -68,16 +69,49 @@ def prepare_folder(out: Path, manifest: dict, *, overwrite: bool) -> dict[int, d
             raise DatasetError(f"{out} holds shard files but no manifest.json; "
                                "pass --overwrite to replace them")
         return {}
-    changed = [key for key in IDENTITY_KEYS if old.get(key) != manifest.get(key)]
-    if changed:
-        raise DatasetError(f"{out} was encoded with a different {' and '.join(changed)}; "
-                           "pass --overwrite to replace it or choose another --out")
+    changes = describe_changes(old, manifest)
+    if changes:
+        raise DatasetError(f"{out} was encoded differently: {'; '.join(changes)}. "
+                           "Pass --overwrite to replace it or choose another --out")
     kept = {}
     for record in old.get("shards", []):
         path = out / record["file"]
         if path.exists() and file_sha256(path) == record["sha256"]:
             kept[record["index"]] = record
     return kept
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _option_changes(old: Any, new: Any, *, prefix: str = "") -> list[str]:
+    old, new = old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}
+    return [f"{prefix}{key} {_short(old.get(key))} -> {_short(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def describe_changes(old: dict, new: dict) -> list[str]:
+    """What differs between an output folder's manifest and this run, one phrase each:
+    every changed option and compute setting (old -> new), the model, the input."""
+    changes = []
+    if old.get("format") != new.get("format"):
+        changes.append(f"format {_short(old.get('format'))} -> {_short(new.get('format'))}")
+    options = _option_changes(old.get("options"), new.get("options"))
+    if options:
+        changes.append("different options: " + ", ".join(options))
+    compute = _option_changes(old.get("compute"), new.get("compute"))
+    if compute:
+        changes.append("different compute settings: " + ", ".join(compute))
+    if old.get("model_fingerprint") != new.get("model_fingerprint"):
+        changes.append("a different model (model_fingerprint "
+                       f"{_short(old.get('model_fingerprint'))} -> {_short(new.get('model_fingerprint'))})")
+    if old.get("input") != new.get("input"):
+        before, after = old.get("input") or {}, new.get("input") or {}
+        changes.append(f"a different input ({before.get('rows')} rows, {_short(before.get('sha256'))} -> "
+                       f"{after.get('rows')} rows, {_short(after.get('sha256'))})")
+    return changes
 
 
 def shard_totals(shards: Sequence[dict]) -> dict:

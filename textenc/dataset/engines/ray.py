@@ -7,7 +7,8 @@ depend on the engine or the worker count. The driver alone writes the manifest.
 
 Actors ask for ``num_cpus=0.5``: on a 2-CPU machine, actors holding whole CPUs
 leave none for Ray's own tasks and the job hangs without an error. Each actor
-sets its torch thread count itself (Ray would otherwise cap it at 1).
+sets the run's torch thread count (``threads``, recorded in the manifest)
+itself, the same count the local engine uses, so both write the same bytes.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
 
 def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: int, workers: int,
             num_gpus_per_worker: float, ray_address: str | None, model: str, device: str | None,
-            per_caption: bool, on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
+            per_caption: bool, threads: int,
+            on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
     """Encode ``todo`` over Ray actors, updating ``records`` and the manifest as shards finish."""
     if not todo:
         return {}
@@ -116,7 +118,6 @@ def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: in
     started_here = _init(ray, ray_address)
     count = min(workers, len(todo))
     actor_class = ray.remote(num_cpus=ACTOR_NUM_CPUS, num_gpus=num_gpus_per_worker)(ShardWorker)
-    threads = max(1, (os.cpu_count() or 1) // count)
     actors = [actor_class.remote(model=model, kind=run.clip.clip_type, device=device,
                                  settings=run.settings, context=run.context, folder=str(run.out),
                                  batch_size=batch_size, per_caption=per_caption, threads=threads)
