@@ -70,7 +70,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
                    overwrite: bool = False, limit: int | None = None, dry_run: bool = False,
                    device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
-                   threads: int = DEFAULT_THREADS, per_caption: bool = False,
+                   threads: int = DEFAULT_THREADS,
                    progress: bool | None = None,
                    on_shard_written: Callable[[int], None] | None = None) -> DatasetReport:
     """Encode every caption of ``input`` with the CLIP text encoder(s) of ``model`` into ``out``.
@@ -86,7 +86,6 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             (this one for the local engine, each Ray actor): the bytes depend
             on it, so it is recorded with the batch size in the manifest's
             ``compute`` and a resume with other values is refused;
-            ``per_caption`` turns off batching (same bytes, slower);
             ``on_shard_written(index)`` is called after each shard is recorded.
 
     Returns:
@@ -107,13 +106,13 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                        num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
                        overwrite=overwrite, limit=limit, dry_run=dry_run, device=device,
                        max_chars=max_chars, max_windows=max_windows, threads=threads,
-                       per_caption=per_caption, progress=progress,
+                       progress=progress,
                        on_shard_written=on_shard_written, started=started)
 
 
 def _encode(input, *, model, out, column, id_column, kind, clip_skip, weight_mode, outputs, dtype,
             shard_rows, batch_size, engine, workers, num_gpus_per_worker, ray_address, overwrite,
-            limit, dry_run, device, max_chars, max_windows, threads, per_caption, progress,
+            limit, dry_run, device, max_chars, max_windows, threads, progress,
             on_shard_written, started) -> DatasetReport:
     rows = read_captions(input, column=column, id_column=id_column, limit=limit)
     clip = load_model(model, kind=kind, device=resolve_device(device))
@@ -140,12 +139,12 @@ def _encode(input, *, model, out, column, id_column, kind, clip_skip, weight_mod
     todo = [job for job in jobs if job.index not in records]
     skipped = len(jobs) - len(todo)
     if engine == "local":
-        timings = run_local(run, todo, records, batch_size=batch_size, per_caption=per_caption,
+        timings = run_local(run, todo, records, batch_size=batch_size,
                              progress=progress, on_shard_written=on_shard_written)
     else:
         timings = run_ray(run, todo, records, batch_size=batch_size, workers=workers,
                           num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
-                          model=os.fspath(model), device=device, per_caption=per_caption,
+                          model=os.fspath(model), device=device,
                           threads=threads, on_shard_written=on_shard_written)
     return _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
 

@@ -1,12 +1,16 @@
-"""Batched, exact caption encoding for :mod:`textenc.dataset`.
+"""Batched caption encoding for :mod:`textenc.dataset`.
 
 Captions with the same number of windows are encoded together: their windows
-are stacked into one forward of each ``SDClipModel``; weighting is then applied
-per caption exactly as :func:`textenc.sd1_encode.encode_token_weights` does, so
-every caption's ``(cond, pooled)`` equals a direct ``CLIP.encode_from_tokens``
-of it (bit for bit in fp32; ``tests/test_dataset.py`` checks this). Captions
-whose weighting needs extra encodes (compel down-weights) or whose SDXL sides
-have different window counts fall back to the direct call.
+are stacked into one forward of each ``SDClipModel``, for the last layer and
+for an intermediate one (clip skip, the SD2 and SDXL defaults) alike; weighting
+is then applied per caption exactly as :func:`textenc.sd1_encode.encode_token_weights`
+does. Against a direct ``CLIP.encode_from_tokens`` of each caption alone the
+result is bit for bit equal for the last layer and within 1e-6 (fp32) for an
+intermediate one, whose pooled row runs the remaining layers on a [windows, 1, D]
+slice that matmul kernels round differently with its size
+(``tests/test_dataset_batching.py`` checks both). Captions whose weighting needs
+extra encodes (compel down-weights) or whose SDXL sides have different window
+counts take the direct call.
 """
 
 from __future__ import annotations
@@ -79,19 +83,14 @@ class CaptionEncoder:
     than :meth:`encode_batch` (the tokenizer and the model share no state).
     """
 
-    def __init__(self, clip, settings: EncodeSettings, *, per_caption: bool = False) -> None:
+    def __init__(self, clip, settings: EncodeSettings) -> None:
         self.clip = clip
         self.settings = settings
-        self.per_caption = per_caption
         self.out_dtype = OUTPUT_DTYPES[settings.dtype]
         self.encoders = _encoders(clip)
         self.options = settings.clip_options()
         self.resolved = {role: enc.resolve_options(self.options) for role, enc in self.encoders.items()}
         self.window_length = next(iter(self.encoders.values())).max_length
-        # With an intermediate layer the model runs the layers after it for the pooled
-        # rows only ([windows, 1, D] matmuls), and small-M matmuls round differently
-        # with the batch size (1 ulp on CPU): batching would not match a direct encode.
-        self.batch_exact = all(opts.layer != "hidden" for opts in self.resolved.values())
         self.seconds = {"tokenize": 0.0, "forward": 0.0, "write": 0.0}
 
     # ---- tokenizing ----------------------------------------------------------
@@ -121,8 +120,6 @@ class CaptionEncoder:
         or ``{row: reason}`` (a str) for a caption that failed to encode."""
         start = time.perf_counter()
         try:
-            if self.per_caption or not self.batch_exact or len(items) == 1:
-                return {item.row: self._direct(item) for item in items}
             return self._batched(items)
         finally:
             self.seconds["forward"] += time.perf_counter() - start

@@ -27,10 +27,10 @@ def _progress(total: int, enabled: bool | None):
 
 
 def run_local(run: Run, todo: list[ShardJob], records: dict, *, batch_size: int,
-              per_caption: bool, progress: bool | None,
+              progress: bool | None,
               on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
     """Encode ``todo`` in this process, updating ``records`` and the manifest as shards finish."""
-    encoder = CaptionEncoder(run.clip, run.settings, per_caption=per_caption)
+    encoder = CaptionEncoder(run.clip, run.settings)
     bar = _progress(sum(j.stop - j.start for j in todo), progress)
     try:
         for record in run_shards(encoder, run.rows, todo, folder=str(run.out), context=run.context,

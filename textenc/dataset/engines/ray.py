@@ -61,13 +61,12 @@ class ShardWorker:
     """One actor: a loaded model that encodes and writes whole shards."""
 
     def __init__(self, *, model: str, kind: str, device: str | None, settings: EncodeSettings,
-                 context: ShardContext, folder: str, batch_size: int, per_caption: bool,
-                 threads: int) -> None:
+                 context: ShardContext, folder: str, batch_size: int, threads: int) -> None:
         torch.set_num_threads(threads)
         clip = load_model(model, kind=kind, device=resolve_device(device))
         if model_fingerprint(clip) != context.fingerprint:
             raise DatasetError(f"{model} changed while the dataset was being encoded")
-        self.encoder = CaptionEncoder(clip, settings, per_caption=per_caption)
+        self.encoder = CaptionEncoder(clip, settings)
         self.context, self.folder, self.batch_size = context, folder, batch_size
 
     def encode(self, job: ShardJob, rows: CaptionRows) -> tuple[dict, dict[str, float]]:
@@ -109,7 +108,7 @@ def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
 
 def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: int, workers: int,
             num_gpus_per_worker: float, ray_address: str | None, model: str, device: str | None,
-            per_caption: bool, threads: int,
+            threads: int,
             on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
     """Encode ``todo`` over Ray actors, updating ``records`` and the manifest as shards finish."""
     if not todo:
@@ -120,7 +119,7 @@ def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: in
     actor_class = ray.remote(num_cpus=ACTOR_NUM_CPUS, num_gpus=num_gpus_per_worker)(ShardWorker)
     actors = [actor_class.remote(model=model, kind=run.clip.clip_type, device=device,
                                  settings=run.settings, context=run.context, folder=str(run.out),
-                                 batch_size=batch_size, per_caption=per_caption, threads=threads)
+                                 batch_size=batch_size, threads=threads)
               for _ in range(count)]
     jobs, pending, seconds = collections.deque(todo), {}, {}
     try:
