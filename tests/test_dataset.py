@@ -142,7 +142,9 @@ def test_weighted_and_clip_skip_match_direct(tmp_path, captions, tiny_model, cli
     for caption_id, cond, pooled in open_shards(tmp_path):
         tokens = clip.tokenize(captions[1][caption_id])
         direct_cond, direct_pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
-        assert torch.equal(cond, direct_cond[0]) and torch.equal(pooled, direct_pooled[0])
+        assert torch.equal(cond, direct_cond[0])
+        # The pooled row of an intermediate layer: a few ulp (see test_dataset_batching).
+        assert (pooled - direct_pooled[0]).abs().max() <= 1e-6 * max(1.0, direct_pooled.abs().max())
 
 
 def test_shard_layout_and_manifest(reference):
