@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from ..errors import TextencError
-from .compute import DEFAULT_THREADS
+from .compute import COMPUTE_DTYPES, DEFAULT_THREADS
 from .driver import encode_dataset
 from .dry_run import format_plan
 
@@ -52,6 +52,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--threads", type=_positive, default=DEFAULT_THREADS,
         help="torch threads per encoding process, the local engine's and each Ray actor's; "
              "the shards' bytes depend on it (recorded; default %(default)s)")
+    add("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32",
+        help="dtype the model runs in: bf16 needs a CPU with bf16 units (AVX512-BF16/AMX) "
+             "or CUDA, fp16 CUDA; auto picks bf16 where it is fast, else fp32 "
+             "(recorded; default %(default)s)")
     add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--max-chars", type=_positive, default=16384, help="reject longer captions (default 16384)")
     add("--max-windows", type=_positive, default=64, help="reject captions needing more 77-token windows")
@@ -82,6 +86,7 @@ def run_encode_dataset(args: argparse.Namespace) -> int:
             num_gpus_per_worker=args.num_gpus_per_worker, ray_address=args.ray_address,
             overwrite=args.overwrite, limit=args.limit, dry_run=args.dry_run, device=args.device,
             max_chars=args.max_chars, max_windows=args.max_windows, threads=args.threads,
+            compute_dtype=args.compute_dtype,
             progress=False if args.no_progress else None)
     except TextencError as exc:
         print(f"textenc encode-dataset: error: {exc}", file=sys.stderr)

@@ -20,14 +20,14 @@ from typing import Callable, Sequence
 from ..errors import DatasetError
 from ..sd import CLIP_TYPES
 from ..weighting import WEIGHT_MODES
-from .compute import DEFAULT_THREADS, torch_threads
+from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
 from .dry_run import dry_run_report
 from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings
 from .engines import run_local, run_ray
 from .format import FORMAT_VERSION, write_manifest, write_safetensors
 from .inputs import read_captions
 from .manifest import Run, base_manifest, finish_manifest, prepare_folder, shard_totals
-from .model import load_model, model_fingerprint, resolve_device
+from .model import cast_for_compute, load_model, model_fingerprint, resolve_device
 from .pipeline import ShardContext, ShardJob, plan_shards
 from .report import DatasetReport
 
@@ -70,7 +70,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
                    overwrite: bool = False, limit: int | None = None, dry_run: bool = False,
                    device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
-                   threads: int = DEFAULT_THREADS,
+                   threads: int = DEFAULT_THREADS, compute_dtype: str = "fp32",
                    progress: bool | None = None,
                    on_shard_written: Callable[[int], None] | None = None) -> DatasetReport:
     """Encode every caption of ``input`` with the CLIP text encoder(s) of ``model`` into ``out``.
@@ -86,6 +86,9 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             (this one for the local engine, each Ray actor): the bytes depend
             on it, so it is recorded with the batch size in the manifest's
             ``compute`` and a resume with other values is refused;
+            ``compute_dtype`` (``fp32``, ``bf16`` on a CPU with bf16 units or
+            CUDA, ``fp16`` on CUDA, ``auto``) is the dtype the model runs in
+            (recorded the same way);
             ``on_shard_written(index)`` is called after each shard is recorded.
 
     Returns:
@@ -106,26 +109,31 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                        num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
                        overwrite=overwrite, limit=limit, dry_run=dry_run, device=device,
                        max_chars=max_chars, max_windows=max_windows, threads=threads,
+                       compute_dtype=compute_dtype,
                        progress=progress,
                        on_shard_written=on_shard_written, started=started)
 
 
 def _encode(input, *, model, out, column, id_column, kind, clip_skip, weight_mode, outputs, dtype,
             shard_rows, batch_size, engine, workers, num_gpus_per_worker, ray_address, overwrite,
-            limit, dry_run, device, max_chars, max_windows, threads, progress,
+            limit, dry_run, device, max_chars, max_windows, threads, compute_dtype, progress,
             on_shard_written, started) -> DatasetReport:
     rows = read_captions(input, column=column, id_column=id_column, limit=limit)
+    compute_dtype = resolve_compute_dtype(compute_dtype, resolve_device(device))
     clip = load_model(model, kind=kind, device=resolve_device(device))
     settings = EncodeSettings(clip_skip=clip_skip, weight_mode=weight_mode, outputs=outputs,
-                              dtype=dtype, max_chars=max_chars, max_windows=max_windows)
+                              dtype=dtype, compute_dtype=compute_dtype, max_chars=max_chars,
+                              max_windows=max_windows)
     options = {**dataclasses.asdict(settings), "kind": clip.clip_type, "column": column,
                "id_column": id_column, "shard_rows": shard_rows, "limit": limit}
+    del options["compute_dtype"]  # a compute setting: manifest["compute"]["dtype"]
     # The dry run writes nothing, so it skips the sha256 over every weight.
     fingerprint = None if dry_run else model_fingerprint(clip)
+    cast_for_compute(clip, compute_dtype)
     jobs = plan_shards(len(rows), shard_rows)
     empty = CaptionEncoder(clip, settings).encode_empty()
     manifest = base_manifest(rows, clip, fingerprint, options, jobs, empty)
-    manifest["compute"] = {"threads": threads, "batch_size": batch_size}
+    manifest["compute"] = {"dtype": compute_dtype, "threads": threads, "batch_size": batch_size}
     context = ShardContext(fingerprint, json.dumps(options, sort_keys=True), manifest["cond_width"],
                            manifest["pooled_width"], all(isinstance(i, int) for i in rows.ids),
                            manifest["window_length"])

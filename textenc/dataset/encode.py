@@ -24,6 +24,7 @@ import torch
 from ..errors import PromptError
 from ..sd1_encode import empty_encoding, encode_windows, token_weights
 from ..weighting import apply_weights
+from .compute import torch_dtype
 
 __all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES"]
 
@@ -38,6 +39,7 @@ class EncodeSettings:
     weight_mode: str | None = None
     outputs: str = "cond,pooled"
     dtype: str = "fp16"
+    compute_dtype: str = "fp32"
     max_chars: int = 16384
     max_windows: int = 64
 
@@ -48,6 +50,7 @@ class EncodeSettings:
             options["layer"] = -int(self.clip_skip)
         if self.weight_mode is not None:
             options["weight_mode"] = self.weight_mode
+        options["compute_dtype"] = torch_dtype(self.compute_dtype)
         return options
 
     @property

@@ -14,9 +14,10 @@ import torch
 from ..diffusers_load import load_from_diffusers
 from ..errors import DatasetError
 from ..sd import load_clip
+from .compute import torch_dtype
 from .format import _tensor_bytes
 
-__all__ = ["resolve_device", "load_model", "model_fingerprint"]
+__all__ = ["resolve_device", "load_model", "model_fingerprint", "cast_for_compute"]
 
 
 def resolve_device(device: str | None) -> str:
@@ -48,3 +49,19 @@ def model_fingerprint(clip) -> str:
         hasher.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
         hasher.update(_tensor_bytes(tensor))
     return "sha256:" + hasher.hexdigest()
+
+
+def cast_for_compute(clip, compute_dtype: str) -> None:
+    """Store the text encoders' weights in the compute dtype, once, after fingerprinting.
+
+    The same bytes as casting them in every forward (``ops.manual_cast`` does
+    that for a file stored in another dtype), without the per-forward cost.
+    """
+    dtype = torch_dtype(compute_dtype)
+    model = clip.cond_stage_model
+    model.to(dtype)
+    for module in model.modules():
+        if hasattr(module, "storage_dtype"):
+            module.storage_dtype = dtype
+        if hasattr(module, "clear_caches"):
+            module.clear_caches()

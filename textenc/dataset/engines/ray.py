@@ -23,7 +23,7 @@ from ...errors import DatasetError
 from ..encode import CaptionEncoder, EncodeSettings
 from ..inputs import CaptionRows
 from ..manifest import record_shard
-from ..model import load_model, model_fingerprint, resolve_device
+from ..model import cast_for_compute, load_model, model_fingerprint, resolve_device
 from ..pipeline import ShardContext, ShardJob, run_shards
 
 __all__ = ["run_ray", "ACTOR_NUM_CPUS"]
@@ -66,6 +66,7 @@ class ShardWorker:
         clip = load_model(model, kind=kind, device=resolve_device(device))
         if model_fingerprint(clip) != context.fingerprint:
             raise DatasetError(f"{model} changed while the dataset was being encoded")
+        cast_for_compute(clip, settings.compute_dtype)
         self.encoder = CaptionEncoder(clip, settings)
         self.context, self.folder, self.batch_size = context, folder, batch_size
 
