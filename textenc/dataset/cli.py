@@ -56,6 +56,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="dtype the model runs in: bf16 needs a CPU with bf16 units (AVX512-BF16/AMX) "
              "or CUDA, fp16 CUDA; auto picks bf16 where it is fast, else fp32 "
              "(recorded; default %(default)s)")
+    add("--no-dedup", action="store_true",
+        help="encode every row even when its caption repeats one earlier in its shard "
+             "(default: repeats are encoded once and written for each row)")
     add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--max-chars", type=_positive, default=16384, help="reject longer captions (default 16384)")
     add("--max-windows", type=_positive, default=64, help="reject captions needing more 77-token windows")
@@ -86,7 +89,7 @@ def run_encode_dataset(args: argparse.Namespace) -> int:
             num_gpus_per_worker=args.num_gpus_per_worker, ray_address=args.ray_address,
             overwrite=args.overwrite, limit=args.limit, dry_run=args.dry_run, device=args.device,
             max_chars=args.max_chars, max_windows=args.max_windows, threads=args.threads,
-            compute_dtype=args.compute_dtype,
+            compute_dtype=args.compute_dtype, dedup=not args.no_dedup,
             progress=False if args.no_progress else None)
     except TextencError as exc:
         print(f"textenc encode-dataset: error: {exc}", file=sys.stderr)

@@ -70,7 +70,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
                    overwrite: bool = False, limit: int | None = None, dry_run: bool = False,
                    device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
-                   threads: int = DEFAULT_THREADS, compute_dtype: str = "fp32",
+                   threads: int = DEFAULT_THREADS, compute_dtype: str = "fp32", dedup: bool = True,
                    progress: bool | None = None,
                    on_shard_written: Callable[[int], None] | None = None) -> DatasetReport:
     """Encode every caption of ``input`` with the CLIP text encoder(s) of ``model`` into ``out``.
@@ -88,7 +88,8 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             ``compute`` and a resume with other values is refused;
             ``compute_dtype`` (``fp32``, ``bf16`` on a CPU with bf16 units or
             CUDA, ``fp16`` on CUDA, ``auto``) is the dtype the model runs in
-            (recorded the same way);
+            (recorded the same way); ``dedup`` encodes a caption repeated within a
+            shard once and writes it for each row (the report counts them as reused);
             ``on_shard_written(index)`` is called after each shard is recorded.
 
     Returns:
@@ -109,14 +110,14 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                        num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
                        overwrite=overwrite, limit=limit, dry_run=dry_run, device=device,
                        max_chars=max_chars, max_windows=max_windows, threads=threads,
-                       compute_dtype=compute_dtype,
+                       compute_dtype=compute_dtype, dedup=dedup,
                        progress=progress,
                        on_shard_written=on_shard_written, started=started)
 
 
 def _encode(input, *, model, out, column, id_column, kind, clip_skip, weight_mode, outputs, dtype,
             shard_rows, batch_size, engine, workers, num_gpus_per_worker, ray_address, overwrite,
-            limit, dry_run, device, max_chars, max_windows, threads, compute_dtype, progress,
+            limit, dry_run, device, max_chars, max_windows, threads, compute_dtype, dedup, progress,
             on_shard_written, started) -> DatasetReport:
     rows = read_captions(input, column=column, id_column=id_column, limit=limit)
     compute_dtype = resolve_compute_dtype(compute_dtype, resolve_device(device))
@@ -125,7 +126,7 @@ def _encode(input, *, model, out, column, id_column, kind, clip_skip, weight_mod
                               dtype=dtype, compute_dtype=compute_dtype, max_chars=max_chars,
                               max_windows=max_windows)
     options = {**dataclasses.asdict(settings), "kind": clip.clip_type, "column": column,
-               "id_column": id_column, "shard_rows": shard_rows, "limit": limit}
+               "id_column": id_column, "shard_rows": shard_rows, "limit": limit, "dedup": dedup}
     del options["compute_dtype"]  # a compute setting: manifest["compute"]["dtype"]
     # The dry run writes nothing, so it skips the sha256 over every weight.
     fingerprint = None if dry_run else model_fingerprint(clip)
@@ -136,7 +137,7 @@ def _encode(input, *, model, out, column, id_column, kind, clip_skip, weight_mod
     manifest["compute"] = {"dtype": compute_dtype, "threads": threads, "batch_size": batch_size}
     context = ShardContext(fingerprint, json.dumps(options, sort_keys=True), manifest["cond_width"],
                            manifest["pooled_width"], all(isinstance(i, int) for i in rows.ids),
-                           manifest["window_length"])
+                           manifest["window_length"], dedup)
     run = Run(rows, clip, settings, manifest, jobs, context, Path(out))
     if dry_run:
         return dry_run_report(run, started=started)
@@ -167,4 +168,4 @@ def _report(run: Run, records: dict, *, todo: Sequence[ShardJob], skipped: int, 
                          shards=len(run.jobs), shards_written=len(todo), shards_skipped=skipped,
                          seconds=seconds, captions_per_s=encoded_now / seconds if seconds else 0.0,
                          bytes=totals["bytes"], windows_histogram=totals["windows_histogram"],
-                         rejected=rejected, timings=timings)
+                         rejected=rejected, timings=timings, reused=totals["reused"])

@@ -119,6 +119,7 @@ def shard_totals(shards: Sequence[dict]) -> dict:
     return {"encoded": sum(r["rows"] for r in shards),
             "windows": sum(r["windows"] for r in shards),
             "bytes": sum(r["bytes"] for r in shards),
+            "reused": sum(r.get("reused", 0) for r in shards),
             "windows_histogram": shard_record_histogram(shards)}
 
 
