@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..dialects import check_syntax, default_weight_mode
 from ..errors import DatasetError
 from ..sd import CLIP_TYPES
 from ..weighting import WEIGHT_MODES
 from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
 from .dry_run import dry_run_report
-from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings
-from .engines import run_local, run_ray
+from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings, layer_for_clip_skip, resolved_layers
+from .engines import ENGINES, run_local, run_ray
 from .format import FORMAT_VERSION, write_manifest, write_safetensors
 from .inputs import read_captions
 from .manifest import Run, base_manifest, finish_manifest, prepare_folder, shard_totals
@@ -37,21 +38,55 @@ KINDS = CLIP_TYPES
 OUTPUTS = ("cond,pooled", "pooled")
 
 
-def _check_arguments(*, kind, weight_mode, outputs, dtype, shard_rows, batch_size, engine,
-                     workers, clip_skip, limit, threads) -> None:
-    checks = [(kind is None or kind in KINDS, f"kind {kind!r} is not one of {KINDS}"),
-              (weight_mode is None or weight_mode in WEIGHT_MODES,
-               f"weight_mode {weight_mode!r} is not one of {WEIGHT_MODES}"),
-              (outputs in OUTPUTS, f"outputs {outputs!r} is not one of {OUTPUTS}"),
-              (dtype in OUTPUT_DTYPES, f"dtype {dtype!r} is not one of {tuple(OUTPUT_DTYPES)}"),
-              (shard_rows >= 1 and batch_size >= 1 and workers >= 1 and threads >= 1,
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """The arguments of one :func:`encode_dataset` call."""
+
+    input: str | os.PathLike
+    model: str | os.PathLike
+    out: str | os.PathLike
+    column: str
+    id_column: str | None
+    kind: str | None
+    clip_skip: int | None
+    syntax: str
+    weight_mode: str | None
+    outputs: str
+    dtype: str
+    shard_rows: int
+    batch_size: int
+    engine: str
+    workers: int
+    num_gpus_per_worker: float
+    ray_address: str | None
+    overwrite: bool
+    limit: int | None
+    dry_run: bool
+    device: str | None
+    max_chars: int
+    max_windows: int
+    threads: int
+    compute_dtype: str
+    dedup: bool
+    progress: bool | None
+    on_shard_written: Callable[[int], None] | None
+
+
+def _check_request(request: Request) -> None:
+    r = request
+    checks = [(r.kind is None or r.kind in KINDS, f"kind {r.kind!r} is not one of {KINDS}"),
+              (r.weight_mode is None or r.weight_mode in WEIGHT_MODES,
+               f"weight_mode {r.weight_mode!r} is not one of {WEIGHT_MODES}"),
+              (r.outputs in OUTPUTS, f"outputs {r.outputs!r} is not one of {OUTPUTS}"),
+              (r.dtype in OUTPUT_DTYPES, f"dtype {r.dtype!r} is not one of {tuple(OUTPUT_DTYPES)}"),
+              (min(r.shard_rows, r.batch_size, r.workers, r.threads) >= 1,
                "shard_rows, batch_size, workers and threads must be at least 1"),
-              (engine in ("local", "ray"), f"engine {engine!r} is not 'local' or 'ray'"),
-              (clip_skip is None or clip_skip >= 1, f"clip_skip must be >= 1, got {clip_skip}"),
-              (limit is None or limit >= 1, f"limit must be >= 1, got {limit}")]
+              (r.engine in ENGINES, f"engine {r.engine!r} is not one of {ENGINES}"),
+              (r.limit is None or r.limit >= 1, f"limit must be >= 1, got {r.limit}")]
     for ok, message in checks:
         if not ok:
             raise DatasetError(message)
+    check_syntax(r.syntax)
 
 
 def _write_empty(run: Run, empty) -> None:
@@ -64,7 +99,7 @@ def _write_empty(run: Run, empty) -> None:
 
 def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: str | os.PathLike,
                    column: str = "text", id_column: str | None = None, kind: str | None = None,
-                   clip_skip: int | None = None, weight_mode: str | None = None,
+                   clip_skip: int | None = None, syntax: str = "comfy", weight_mode: str | None = None,
                    outputs: str = "cond,pooled", dtype: str = "fp16", shard_rows: int = 10000,
                    batch_size: int = 64, engine: str = "local", workers: int = 1,
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
@@ -78,10 +113,13 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
     Args:
         input: parquet file/folder/glob, ``.jsonl``, ``.txt`` or kohya caption folder.
         model: checkpoint file or diffusers model folder.
-        out: output folder (created). Options mirror ``textenc encode-dataset``;
-            ``clip_skip``/``weight_mode`` None keep the model kind's defaults
-            (as ``CLIP.encode_from_tokens`` without options); ``dtype`` is the
-            stored dtype; ``max_chars``/``max_windows`` reject over-long captions;
+        out: output folder (created). Options mirror ``textenc encode-dataset``:
+            ``clip_skip`` counts as A1111 does (1 = last layer, 2 = penultimate;
+            ComfyUI's -1/-2 are accepted too), None keeps the kind's default
+            layer; the manifest records the layer each encoder used.
+            ``syntax`` is the prompt dialect (``comfy``, ``a1111``, ``compel``);
+            ``weight_mode`` None is the syntax's own. ``dtype`` is the stored
+            dtype; ``max_chars``/``max_windows`` reject over-long captions;
             ``threads`` is torch's thread count in every encoding process
             (this one for the local engine, each Ray actor): the bytes depend
             on it, so it is recorded with the batch size in the manifest's
@@ -98,63 +136,71 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
     Raises:
         DatasetError: bad input or options, or ``out`` holds another encoding
             (different options, model or input) and ``overwrite`` is False.
+        LayerError: ``clip_skip`` outside the model's depth.
+        PromptError: an unknown ``syntax``.
     """
     started = time.perf_counter()
-    _check_arguments(kind=kind, weight_mode=weight_mode, outputs=outputs, dtype=dtype,
-                     shard_rows=shard_rows, batch_size=batch_size, engine=engine,
-                     workers=workers, clip_skip=clip_skip, limit=limit, threads=threads)
+    request = Request(**{name: value for name, value in locals().items() if name != "started"})
+    _check_request(request)
     with torch_threads(threads):
-        return _encode(input, model=model, out=out, column=column, id_column=id_column, kind=kind,
-                       clip_skip=clip_skip, weight_mode=weight_mode, outputs=outputs, dtype=dtype,
-                       shard_rows=shard_rows, batch_size=batch_size, engine=engine, workers=workers,
-                       num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
-                       overwrite=overwrite, limit=limit, dry_run=dry_run, device=device,
-                       max_chars=max_chars, max_windows=max_windows, threads=threads,
-                       compute_dtype=compute_dtype, dedup=dedup,
-                       progress=progress,
-                       on_shard_written=on_shard_written, started=started)
+        run, empty = _plan(request)
+        if dry_run:
+            return dry_run_report(run, started=started)
+        return _execute(request, run, empty, started=started)
 
 
-def _encode(input, *, model, out, column, id_column, kind, clip_skip, weight_mode, outputs, dtype,
-            shard_rows, batch_size, engine, workers, num_gpus_per_worker, ray_address, overwrite,
-            limit, dry_run, device, max_chars, max_windows, threads, compute_dtype, dedup, progress,
-            on_shard_written, started) -> DatasetReport:
-    rows = read_captions(input, column=column, id_column=id_column, limit=limit)
-    compute_dtype = resolve_compute_dtype(compute_dtype, resolve_device(device))
-    clip = load_model(model, kind=kind, device=resolve_device(device))
-    settings = EncodeSettings(clip_skip=clip_skip, weight_mode=weight_mode, outputs=outputs,
-                              dtype=dtype, compute_dtype=compute_dtype, max_chars=max_chars,
-                              max_windows=max_windows)
-    options = {**dataclasses.asdict(settings), "kind": clip.clip_type, "column": column,
-               "id_column": id_column, "shard_rows": shard_rows, "limit": limit, "dedup": dedup}
+def _options(request: Request, clip, settings: EncodeSettings) -> dict:
+    """The manifest's ``options``: what the encoding depends on, each value resolved
+    (so an option given with its default value is the same as one left out)."""
+    options = {**dataclasses.asdict(settings), "kind": clip.clip_type, "column": request.column,
+               "id_column": request.id_column, "shard_rows": request.shard_rows,
+               "limit": request.limit, "dedup": request.dedup}
+    options["layer"] = resolved_layers(clip, settings.layer)
     del options["compute_dtype"]  # a compute setting: manifest["compute"]["dtype"]
+    return options
+
+
+def _plan(request: Request) -> tuple[Run, tuple]:
+    """Read the rows, load the model, build the manifest → ``(run, empty encoding)``."""
+    r = request
+    rows = read_captions(r.input, column=r.column, id_column=r.id_column, limit=r.limit)
+    compute_dtype = resolve_compute_dtype(r.compute_dtype, resolve_device(r.device))
+    clip = load_model(r.model, kind=r.kind, device=resolve_device(r.device))
+    settings = EncodeSettings(layer=layer_for_clip_skip(clip, r.clip_skip), syntax=r.syntax,
+                              weight_mode=r.weight_mode or default_weight_mode(r.syntax),
+                              outputs=r.outputs, dtype=r.dtype, compute_dtype=compute_dtype,
+                              max_chars=r.max_chars, max_windows=r.max_windows)
+    options = _options(r, clip, settings)
     # The dry run writes nothing, so it skips the sha256 over every weight.
-    fingerprint = None if dry_run else model_fingerprint(clip)
+    fingerprint = None if r.dry_run else model_fingerprint(clip)
     cast_for_compute(clip, compute_dtype)
-    jobs = plan_shards(len(rows), shard_rows)
+    jobs = plan_shards(len(rows), r.shard_rows)
     empty = CaptionEncoder(clip, settings).encode_empty()
     manifest = base_manifest(rows, clip, fingerprint, options, jobs, empty)
-    manifest["compute"] = {"dtype": compute_dtype, "threads": threads, "batch_size": batch_size}
+    manifest["compute"] = {"dtype": compute_dtype, "threads": r.threads, "batch_size": r.batch_size}
     context = ShardContext(fingerprint, json.dumps(options, sort_keys=True), manifest["cond_width"],
                            manifest["pooled_width"], all(isinstance(i, int) for i in rows.ids),
-                           manifest["window_length"], dedup)
-    run = Run(rows, clip, settings, manifest, jobs, context, Path(out))
-    if dry_run:
-        return dry_run_report(run, started=started)
-    records = prepare_folder(run.out, manifest, overwrite=overwrite)
+                           manifest["window_length"], r.dedup)
+    return Run(rows, clip, settings, manifest, jobs, context, Path(r.out)), empty
+
+
+def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetReport:
+    """Check the output folder, write ``empty.safetensors``, hand the shards left to an engine."""
+    r = request
+    records = prepare_folder(run.out, run.manifest, overwrite=r.overwrite)
     _write_empty(run, empty)
-    finish_manifest(manifest, records)
-    write_manifest(run.out, manifest)
-    todo = [job for job in jobs if job.index not in records]
-    skipped = len(jobs) - len(todo)
-    if engine == "local":
-        timings = run_local(run, todo, records, batch_size=batch_size,
-                             progress=progress, on_shard_written=on_shard_written)
+    finish_manifest(run.manifest, records)
+    write_manifest(run.out, run.manifest)
+    todo = [job for job in run.jobs if job.index not in records]
+    skipped = len(run.jobs) - len(todo)
+    if r.engine == "local":
+        timings = run_local(run, todo, records, batch_size=r.batch_size, progress=r.progress,
+                            on_shard_written=r.on_shard_written)
     else:
-        timings = run_ray(run, todo, records, batch_size=batch_size, workers=workers,
-                          num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
-                          model=os.fspath(model), device=device,
-                          threads=threads, on_shard_written=on_shard_written)
+        timings = run_ray(run, todo, records, batch_size=r.batch_size, workers=r.workers,
+                          num_gpus_per_worker=r.num_gpus_per_worker, ray_address=r.ray_address,
+                          model=os.fspath(r.model), device=r.device, threads=r.threads,
+                          on_shard_written=r.on_shard_written)
     return _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
 
 

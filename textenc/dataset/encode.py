@@ -22,11 +22,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import PromptError
+from ..layers import layer_from_clip_skip
 from ..sd1_encode import empty_encoding, encode_windows, token_weights
 from ..weighting import apply_weights
 from .compute import torch_dtype
 
-__all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES"]
+__all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES", "layer_for_clip_skip",
+           "resolved_layers"]
 
 OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -35,8 +37,9 @@ OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 class EncodeSettings:
     """What changes the encoding of one caption (all recorded in the manifest)."""
 
-    clip_skip: int | None = None
-    weight_mode: str | None = None
+    layer: int | None = None  # ComfyUI's layer index for every encoder; None: the kind's default
+    syntax: str = "comfy"
+    weight_mode: str = "comfy"
     outputs: str = "cond,pooled"
     dtype: str = "fp16"
     compute_dtype: str = "fp32"
@@ -44,13 +47,11 @@ class EncodeSettings:
     max_windows: int = 64
 
     def clip_options(self) -> dict[str, Any]:
-        """The ``options`` of ``CLIP.encode_from_tokens``; empty means the model's defaults."""
-        options: dict[str, Any] = {}
-        if self.clip_skip is not None:
-            options["layer"] = -int(self.clip_skip)
-        if self.weight_mode is not None:
-            options["weight_mode"] = self.weight_mode
-        options["compute_dtype"] = torch_dtype(self.compute_dtype)
+        """The ``options`` of ``CLIP.encode_from_tokens`` for these settings."""
+        options: dict[str, Any] = {"weight_mode": self.weight_mode,
+                                   "compute_dtype": torch_dtype(self.compute_dtype)}
+        if self.layer is not None:
+            options["layer"] = self.layer
         return options
 
     @property
@@ -77,6 +78,43 @@ def _encoders(clip) -> dict[str, Any]:
     if clip.clip_type == "sdxl":
         return {"g": model.clip_g, "l": model.clip_l}
     return {model.clip_name: model.encoder}
+
+
+def _layer_key(options, num_layers: int) -> tuple:
+    """What an encoder's resolved options mean for the layer: the normalized last
+    hidden state is the same as ``"last"``, however it was asked for."""
+    if options.layer == "last" or (options.layer == "hidden" and options.layer_norm_hidden_state
+                                   and options.layer_idx % num_layers == num_layers - 1):
+        return ("last",)
+    return (options.layer, options.layer_idx % num_layers, options.layer_norm_hidden_state)
+
+
+def layer_for_clip_skip(clip, clip_skip: int | None) -> int | None:
+    """A1111's clip skip (1 = last layer, 2 = penultimate; ComfyUI's -1/-2 too) → ComfyUI's
+    layer index for every encoder of ``clip``, or None where it is the kind's default layer
+    (so giving the default explicitly is the same run as leaving it out).
+
+    Raises:
+        LayerError: not an integer, 0, or deeper than an encoder (names value and range).
+    """
+    if clip_skip is None:
+        return None
+    encoders = _encoders(clip)
+    layer = max(layer_from_clip_skip(clip_skip, enc.num_layers, numbering="a1111")
+                for enc in encoders.values())  # all equal; each call checks its encoder's depth
+    same = all(_layer_key(enc.resolve_options({"layer": layer}), enc.num_layers)
+               == _layer_key(enc.resolve_options({}), enc.num_layers) for enc in encoders.values())
+    return None if same else layer
+
+
+def resolved_layers(clip, layer: int | None) -> dict[str, int]:
+    """The layer each encoder uses, as ComfyUI's negative index (-1 = last), for the manifest."""
+    result = {}
+    for role, encoder in _encoders(clip).items():
+        options = encoder.resolve_options({} if layer is None else {"layer": layer})
+        index = -1 if options.layer == "last" else options.layer_idx
+        result[role] = index - encoder.num_layers if index >= 0 else index
+    return result
 
 
 class CaptionEncoder:
@@ -106,7 +144,7 @@ class CaptionEncoder:
                                                f"max_chars={self.settings.max_chars}")
         start = time.perf_counter()
         try:
-            tokens = self.clip.tokenize(text)
+            tokens = self.clip.tokenize(text, syntax=self.settings.syntax)
         except PromptError as exc:
             return Tokenized(row, None, reason=f"PromptError: {exc}")
         finally:
@@ -181,6 +219,6 @@ class CaptionEncoder:
 
     def encode_empty(self):
         """The empty caption's ``(cond [77, D], pooled [P])`` (for caption dropout)."""
-        tokens = self.clip.tokenize("")
+        tokens = self.clip.tokenize("", syntax=self.settings.syntax)
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True, options=self.options)
         return cond[0].to(self.out_dtype), pooled[0].to(self.out_dtype)
