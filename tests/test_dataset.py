@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from textenc.dataset import encode_dataset, export_diffusers, export_kohya, main, open_shards
-from textenc.dataset_format import TEMP_SUFFIX
+from textenc.dataset.format import TEMP_SUFFIX
 from textenc.errors import DatasetError
 
 NUM_CAPTIONS = 1500
@@ -142,15 +142,9 @@ def test_weighted_and_clip_skip_match_direct(tmp_path, captions, tiny_model, cli
     for caption_id, cond, pooled in open_shards(tmp_path):
         tokens = clip.tokenize(captions[1][caption_id])
         direct_cond, direct_pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
-        assert torch.equal(cond, direct_cond[0]) and torch.equal(pooled, direct_pooled[0])
-
-
-def test_per_caption_fallback_gives_the_same_tensors(tmp_path, reference, captions, tiny_model):
-    _encode(captions[0], tiny_model, tmp_path, per_caption=True, limit=SHARD_ROWS)
-    name = "shard-00000.safetensors"
-    with safe_open(str(reference[0] / name), "pt") as ref, safe_open(str(tmp_path / name), "pt") as got:
-        for key in ("ids", "rows", "window_offsets", "cond", "pooled"):
-            assert torch.equal(ref.get_tensor(key), got.get_tensor(key)), key
+        assert torch.equal(cond, direct_cond[0])
+        # The pooled row of an intermediate layer: a few ulp (see test_dataset_batching).
+        assert (pooled - direct_pooled[0]).abs().max() <= 1e-6 * max(1.0, direct_pooled.abs().max())
 
 
 def test_shard_layout_and_manifest(reference):
@@ -232,7 +226,7 @@ def test_changed_options_or_model_are_refused(tmp_path, captions, tiny_model, ca
         _encode(captions[0], tiny_model, tmp_path, limit=50, dtype="fp16")
     code = main([str(captions[0]), "--model", str(tiny_model), "--out", str(tmp_path),
                  "--limit", "50", "--shard-rows", str(SHARD_ROWS), "--no-progress"])
-    assert code == 2
+    assert code == 1  # a runtime error (2 is for usage errors)
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "--overwrite" in error
     other = tmp_path.parent / "other_model.safetensors"
@@ -405,3 +399,34 @@ def test_no_process_state_leaks(tmp_path, captions, tiny_model):
     before = threading.active_count()
     _run(captions[0], tiny_model, tmp_path / "out", limit=10)
     assert threading.active_count() == before  # the tokenizer thread is joined
+
+
+def test_dataset_package_has_no_import_circle():
+    """No two modules of textenc/dataset import each other (directly or around a loop),
+    counting imports inside functions too, so a lazy import cannot hide a circle."""
+    import ast
+    import textenc.dataset as package
+
+    root = Path(package.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        home = module.split(".") if parts[-1] == "__init__" else module.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = home[:len(home) - (node.level - 1)] + ([node.module] if node.module else [])
+                deps.add(".".join(base))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("textenc.dataset"):
+                deps.add(node.module)
+        graph[module] = {d for d in deps if d.startswith("textenc.dataset") and d != module}
+    # Importing a submodule also runs its parents' __init__; leave those edges out.
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == goal or (dep not in seen and reaches(dep, goal, seen | {dep})):
+                return True
+        return False
+    circles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert "textenc.dataset.driver" in graph and "textenc.dataset.engines.ray" in graph
+    assert circles == []

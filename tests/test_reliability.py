@@ -100,7 +100,7 @@ def test_library_raises_only_typed_errors():
         ("ops.py", "NotImplementedError"),  # abstract hook of the ops mixin
         ("attention.py", "ValueError"),  # internal shape invariants of attention backends
         ("clip_model.py", "ValueError"),  # num_tokens missing: a programming error
-        ("dataset_cli.py", "ArgumentTypeError"),  # argparse's own protocol
+        ("cli.py", "ArgumentTypeError"),  # argparse's own protocol
         ("common.py", "OSError"),  # commands: a failed write re-raised naming the output path
         ("common.py", "Terminated"),  # commands: SIGTERM raised like KeyboardInterrupt, exit 143
     }

@@ -7,9 +7,10 @@ import time
 from collections import Counter
 from typing import Any
 
-from .dataset_encode import OUTPUT_DTYPES, CaptionEncoder
-from .dataset_format import shard_name
-from .dataset_pipeline import shard_record_histogram
+from .encode import OUTPUT_DTYPES, CaptionEncoder
+from .format import shard_name
+from .pipeline import shard_record_histogram
+from .report import DatasetReport
 
 __all__ = ["dry_run_report", "format_plan"]
 
@@ -37,12 +38,12 @@ def _shard_plan(encoder: CaptionEncoder, run: Any, job) -> dict:
             "rejected": rejected}
 
 
-def dry_run_report(run: Any, report_class: type, *, started: float):
+def dry_run_report(run: Any, *, started: float) -> DatasetReport:
     """Tokenize every row of ``run`` and describe the shards that would be written."""
     encoder = CaptionEncoder(run.clip, run.settings)
     plan = [_shard_plan(encoder, run, job) for job in run.jobs]
     seconds = time.perf_counter() - started
-    return report_class(out=str(run.out), rows=len(run.rows), encoded=sum(s["rows"] for s in plan),
+    return DatasetReport(out=str(run.out), rows=len(run.rows), encoded=sum(s["rows"] for s in plan),
                         shards=len(plan), shards_written=len(plan), shards_skipped=0,
                         seconds=seconds, captions_per_s=0.0,
                         bytes=sum(s["estimated_bytes"] for s in plan),

@@ -2,12 +2,13 @@
 
 Shards are handed out one at a time to ``workers`` actors; each actor loads
 the model once and writes its shards itself with the same code as the local
-engine (:func:`textenc.dataset_pipeline.run_shards`), so the files do not
+engine (:func:`textenc.dataset.pipeline.run_shards`), so the files do not
 depend on the engine or the worker count. The driver alone writes the manifest.
 
 Actors ask for ``num_cpus=0.5``: on a 2-CPU machine, actors holding whole CPUs
 leave none for Ray's own tasks and the job hangs without an error. Each actor
-sets its torch thread count itself (Ray would otherwise cap it at 1).
+sets the run's torch thread count (``threads``, recorded in the manifest)
+itself, the same count the local engine uses, so both write the same bytes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .dataset_encode import CaptionEncoder, EncodeSettings
-from .dataset_io import CaptionRows
-from .dataset_pipeline import ShardContext, ShardJob, run_shards
-from .errors import DatasetError
+from ...errors import DatasetError
+from ..encode import CaptionEncoder, EncodeSettings
+from ..inputs import CaptionRows
+from ..manifest import record_shard
+from ..model import cast_for_compute, load_model, model_fingerprint, resolve_device
+from ..pipeline import ShardContext, ShardJob, run_shards
 
 __all__ = ["run_ray", "ACTOR_NUM_CPUS"]
 
@@ -58,15 +61,13 @@ class ShardWorker:
     """One actor: a loaded model that encodes and writes whole shards."""
 
     def __init__(self, *, model: str, kind: str, device: str | None, settings: EncodeSettings,
-                 context: ShardContext, folder: str, batch_size: int, per_caption: bool,
-                 threads: int) -> None:
-        from .dataset import load_model, model_fingerprint, resolve_device
-
+                 context: ShardContext, folder: str, batch_size: int, threads: int) -> None:
         torch.set_num_threads(threads)
         clip = load_model(model, kind=kind, device=resolve_device(device))
         if model_fingerprint(clip) != context.fingerprint:
             raise DatasetError(f"{model} changed while the dataset was being encoded")
-        self.encoder = CaptionEncoder(clip, settings, per_caption=per_caption)
+        cast_for_compute(clip, settings.compute_dtype)
+        self.encoder = CaptionEncoder(clip, settings)
         self.context, self.folder, self.batch_size = context, folder, batch_size
 
     def encode(self, job: ShardJob, rows: CaptionRows) -> tuple[dict, dict[str, float]]:
@@ -91,8 +92,6 @@ def _init(ray, address: str | None) -> bool:
 def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
              on_shard_written: Callable[[int], None] | None) -> list:
     """Wait for finished shards, record them → the actors that are free again."""
-    from .dataset import _record_shard
-
     done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_SECONDS)
     free = []
     for ref in done:
@@ -103,14 +102,15 @@ def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
             raise DatasetError(f"ray worker failed on shard {job.index}: {exc}") from exc
         for key, value in spent.items():
             seconds[key] = seconds.get(key, 0.0) + value
-        _record_shard(run, records, record, on_shard_written)
+        record_shard(run, records, record, on_shard_written)
         free.append(actor)
     return free
 
 
 def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: int, workers: int,
             num_gpus_per_worker: float, ray_address: str | None, model: str, device: str | None,
-            per_caption: bool, on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
+            threads: int,
+            on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
     """Encode ``todo`` over Ray actors, updating ``records`` and the manifest as shards finish."""
     if not todo:
         return {}
@@ -118,10 +118,9 @@ def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: in
     started_here = _init(ray, ray_address)
     count = min(workers, len(todo))
     actor_class = ray.remote(num_cpus=ACTOR_NUM_CPUS, num_gpus=num_gpus_per_worker)(ShardWorker)
-    threads = max(1, (os.cpu_count() or 1) // count)
     actors = [actor_class.remote(model=model, kind=run.clip.clip_type, device=device,
                                  settings=run.settings, context=run.context, folder=str(run.out),
-                                 batch_size=batch_size, per_caption=per_caption, threads=threads)
+                                 batch_size=batch_size, threads=threads)
               for _ in range(count)]
     jobs, pending, seconds = collections.deque(todo), {}, {}
     try:

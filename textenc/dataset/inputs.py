@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 __all__ = ["CaptionRows", "read_captions", "input_kind"]
 

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .dataset_encode import CaptionEncoder, Tokenized
-from .dataset_format import FORMAT_VERSION, shard_name, write_safetensors
-from .dataset_io import CaptionRows
+from .encode import CaptionEncoder, Tokenized
+from .format import FORMAT_VERSION, shard_name, write_safetensors
+from .inputs import CaptionRows
 
 __all__ = ["ShardJob", "ShardContext", "plan_shards", "run_shards", "shard_record_histogram"]
 
@@ -48,6 +48,7 @@ class ShardContext:
     pooled_width: int
     int_ids: bool
     window_length: int = 77
+    dedup: bool = True  # encode a caption repeated within a shard once
 
 
 def plan_shards(num_rows: int, shard_rows: int) -> list[ShardJob]:
@@ -74,11 +75,27 @@ def _put(out: queue.Queue, item: tuple, stop: threading.Event) -> bool:
     return False
 
 
+def _repeat_of(rows: CaptionRows, row: int, first_of: dict[str, int] | None) -> int | None:
+    """The shard's first row with the same caption as ``row`` (None: ``row`` is the first).
+    Options are the run's, so equal captions encode equally."""
+    text = rows.texts[row]
+    if first_of is None or text is None or row in rows.rejected:
+        return None
+    first = first_of.setdefault(text, row)
+    return None if first == row else first
+
+
 def _tokenize_job(encoder: CaptionEncoder, rows: CaptionRows, job: ShardJob, batch_size: int,
-                  out: queue.Queue, stop: threading.Event) -> bool:
+                  out: queue.Queue, stop: threading.Event, dedup: bool) -> bool:
     groups: dict[tuple, list[Tokenized]] = {}
     rejected: dict[int, str] = {}
+    repeats: dict[int, int] = {}
+    first_of: dict[str, int] | None = {} if dedup else None
     for row in range(job.start, job.stop):
+        first = _repeat_of(rows, row, first_of)
+        if first is not None:
+            repeats[row] = first
+            continue
         item = encoder.tokenize(row, rows.texts[row], rows.rejected.get(row))
         if item.reason is not None:
             rejected[row] = item.reason
@@ -92,14 +109,14 @@ def _tokenize_job(encoder: CaptionEncoder, rows: CaptionRows, job: ShardJob, bat
     for group in groups.values():
         if group and not _put(out, ("batch", job, group), stop):
             return False
-    return _put(out, ("end", job, rejected), stop)
+    return _put(out, ("end", job, rejected, repeats), stop)
 
 
 def _produce(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJob], batch_size: int,
-             out: queue.Queue, stop: threading.Event) -> None:
+             out: queue.Queue, stop: threading.Event, dedup: bool) -> None:
     try:
         for job in jobs:
-            if not _tokenize_job(encoder, rows, job, batch_size, out, stop):
+            if not _tokenize_job(encoder, rows, job, batch_size, out, stop, dedup):
                 return
         _put(out, ("done",), stop)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, re-raised there
@@ -136,14 +153,18 @@ def _metadata(job: ShardJob, rows: CaptionRows, kept: list, context: ShardContex
 
 
 def write_shard(folder: str, job: ShardJob, rows: CaptionRows, results: dict[int, Any],
-                rejected: dict[int, str], context: ShardContext, encoder: CaptionEncoder) -> dict:
-    """Write one shard atomically → its manifest record."""
+                rejected: dict[int, str], context: ShardContext, encoder: CaptionEncoder,
+                repeats: dict[int, int] | None = None) -> dict:
+    """Write one shard atomically → its manifest record. ``repeats`` maps a row to the
+    earlier row of the shard with the same caption, whose encoding it reuses."""
     start = time.perf_counter()
-    kept, reasons = [], dict(rejected)
+    kept, reasons, repeats = [], dict(rejected), repeats or {}
     for row in range(job.start, job.stop):
-        if row in reasons:
+        source = repeats.get(row, row)
+        if source in reasons:
+            reasons[row] = reasons[source]
             continue
-        result = results[row]
+        result = results[source]
         if isinstance(result, str):
             reasons[row] = result
         else:
@@ -157,6 +178,7 @@ def write_shard(folder: str, job: ShardJob, rows: CaptionRows, results: dict[int
     return {"index": job.index, "file": shard_name(job.index), "row_start": job.start,
             "row_stop": job.stop, "rows": len(kept), "windows": int(offsets[-1]),
             "sha256": sha256, "bytes": size,
+            "reused": sum(1 for row in repeats if row not in reasons),
             "windows_histogram": {str(k): histogram[k] for k in sorted(histogram)},
             "rejected": [{"row": r, "id": rows.ids[r], "reason": reasons[r]} for r in sorted(reasons)]}
 
@@ -164,10 +186,14 @@ def write_shard(folder: str, job: ShardJob, rows: CaptionRows, results: dict[int
 def run_shards(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJob], *,
                folder: str, context: ShardContext, batch_size: int,
                on_batch: Callable[[int], None] | None = None) -> Iterator[dict]:
-    """Encode and write ``jobs`` in order, yielding each shard's manifest record."""
+    """Encode and write ``jobs`` in order, yielding each shard's manifest record.
+
+    With ``context.dedup``, a caption repeated within a shard is encoded once and written
+    for each of its rows (per shard, so a shard's bytes never depend on others)."""
     out: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
     stop = threading.Event()
-    producer = threading.Thread(target=_produce, args=(encoder, rows, jobs, batch_size, out, stop),
+    producer = threading.Thread(target=_produce, args=(encoder, rows, jobs, batch_size, out, stop,
+                                                     context.dedup),
                                 name="textenc-tokenize", daemon=True)
     producer.start()
     results: dict[int, Any] = {}
@@ -183,8 +209,10 @@ def run_shards(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJ
                 if on_batch is not None:
                     on_batch(len(item[2]))
                 continue
-            job, rejected = item[1], item[2]
-            record = write_shard(folder, job, rows, results, rejected, context, encoder)
+            job, rejected, repeats = item[1], item[2], item[3]
+            record = write_shard(folder, job, rows, results, rejected, context, encoder, repeats)
+            if on_batch is not None and repeats:
+                on_batch(len(repeats))
             for row in range(job.start, job.stop):
                 results.pop(row, None)
             yield record

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 __all__ = ["FORMAT_VERSION", "shard_name", "write_safetensors", "atomic_write", "read_manifest",
            "write_manifest", "file_sha256", "open_shards", "export_diffusers", "export_kohya",

@@ -1,12 +1,16 @@
-"""Batched, exact caption encoding for :mod:`textenc.dataset`.
+"""Batched caption encoding for :mod:`textenc.dataset`.
 
 Captions with the same number of windows are encoded together: their windows
-are stacked into one forward of each ``SDClipModel``; weighting is then applied
-per caption exactly as :func:`textenc.sd1_encode.encode_token_weights` does, so
-every caption's ``(cond, pooled)`` equals a direct ``CLIP.encode_from_tokens``
-of it (bit for bit in fp32; ``tests/test_dataset.py`` checks this). Captions
-whose weighting needs extra encodes (compel down-weights) or whose SDXL sides
-have different window counts fall back to the direct call.
+are stacked into one forward of each ``SDClipModel``, for the last layer and
+for an intermediate one (clip skip, the SD2 and SDXL defaults) alike; weighting
+is then applied per caption exactly as :func:`textenc.sd1_encode.encode_token_weights`
+does. Against a direct ``CLIP.encode_from_tokens`` of each caption alone the
+result is bit for bit equal for the last layer and within 1e-6 (fp32) for an
+intermediate one, whose pooled row runs the remaining layers on a [windows, 1, D]
+slice that matmul kernels round differently with its size
+(``tests/test_dataset_batching.py`` checks both). Captions whose weighting needs
+extra encodes (compel down-weights) or whose SDXL sides have different window
+counts take the direct call.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import PromptError
-from .sd1_encode import empty_encoding, encode_windows, token_weights
-from .weighting import apply_weights
+from ..errors import PromptError
+from ..layers import layer_from_clip_skip
+from ..sd1_encode import empty_encoding, encode_windows, token_weights
+from ..weighting import apply_weights
+from .compute import torch_dtype
 
-__all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES"]
+__all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES", "layer_for_clip_skip",
+           "resolved_layers"]
 
 OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -30,20 +37,21 @@ OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 class EncodeSettings:
     """What changes the encoding of one caption (all recorded in the manifest)."""
 
-    clip_skip: int | None = None
-    weight_mode: str | None = None
+    layer: int | None = None  # ComfyUI's layer index for every encoder; None: the kind's default
+    syntax: str = "comfy"
+    weight_mode: str = "comfy"
     outputs: str = "cond,pooled"
     dtype: str = "fp16"
+    compute_dtype: str = "fp32"
     max_chars: int = 16384
     max_windows: int = 64
 
     def clip_options(self) -> dict[str, Any]:
-        """The ``options`` of ``CLIP.encode_from_tokens``; empty means the model's defaults."""
-        options: dict[str, Any] = {}
-        if self.clip_skip is not None:
-            options["layer"] = -int(self.clip_skip)
-        if self.weight_mode is not None:
-            options["weight_mode"] = self.weight_mode
+        """The ``options`` of ``CLIP.encode_from_tokens`` for these settings."""
+        options: dict[str, Any] = {"weight_mode": self.weight_mode,
+                                   "compute_dtype": torch_dtype(self.compute_dtype)}
+        if self.layer is not None:
+            options["layer"] = self.layer
         return options
 
     @property
@@ -72,6 +80,43 @@ def _encoders(clip) -> dict[str, Any]:
     return {model.clip_name: model.encoder}
 
 
+def _layer_key(options, num_layers: int) -> tuple:
+    """What an encoder's resolved options mean for the layer: the normalized last
+    hidden state is the same as ``"last"``, however it was asked for."""
+    if options.layer == "last" or (options.layer == "hidden" and options.layer_norm_hidden_state
+                                   and options.layer_idx % num_layers == num_layers - 1):
+        return ("last",)
+    return (options.layer, options.layer_idx % num_layers, options.layer_norm_hidden_state)
+
+
+def layer_for_clip_skip(clip, clip_skip: int | None) -> int | None:
+    """A1111's clip skip (1 = last layer, 2 = penultimate; ComfyUI's -1/-2 too) → ComfyUI's
+    layer index for every encoder of ``clip``, or None where it is the kind's default layer
+    (so giving the default explicitly is the same run as leaving it out).
+
+    Raises:
+        LayerError: not an integer, 0, or deeper than an encoder (names value and range).
+    """
+    if clip_skip is None:
+        return None
+    encoders = _encoders(clip)
+    layer = max(layer_from_clip_skip(clip_skip, enc.num_layers, numbering="a1111")
+                for enc in encoders.values())  # all equal; each call checks its encoder's depth
+    same = all(_layer_key(enc.resolve_options({"layer": layer}), enc.num_layers)
+               == _layer_key(enc.resolve_options({}), enc.num_layers) for enc in encoders.values())
+    return None if same else layer
+
+
+def resolved_layers(clip, layer: int | None) -> dict[str, int]:
+    """The layer each encoder uses, as ComfyUI's negative index (-1 = last), for the manifest."""
+    result = {}
+    for role, encoder in _encoders(clip).items():
+        options = encoder.resolve_options({} if layer is None else {"layer": layer})
+        index = -1 if options.layer == "last" else options.layer_idx
+        result[role] = index - encoder.num_layers if index >= 0 else index
+    return result
+
+
 class CaptionEncoder:
     """Tokenize and encode captions with one :class:`textenc.sd.CLIP` and fixed settings.
 
@@ -79,19 +124,14 @@ class CaptionEncoder:
     than :meth:`encode_batch` (the tokenizer and the model share no state).
     """
 
-    def __init__(self, clip, settings: EncodeSettings, *, per_caption: bool = False) -> None:
+    def __init__(self, clip, settings: EncodeSettings) -> None:
         self.clip = clip
         self.settings = settings
-        self.per_caption = per_caption
         self.out_dtype = OUTPUT_DTYPES[settings.dtype]
         self.encoders = _encoders(clip)
         self.options = settings.clip_options()
         self.resolved = {role: enc.resolve_options(self.options) for role, enc in self.encoders.items()}
         self.window_length = next(iter(self.encoders.values())).max_length
-        # With an intermediate layer the model runs the layers after it for the pooled
-        # rows only ([windows, 1, D] matmuls), and small-M matmuls round differently
-        # with the batch size (1 ulp on CPU): batching would not match a direct encode.
-        self.batch_exact = all(opts.layer != "hidden" for opts in self.resolved.values())
         self.seconds = {"tokenize": 0.0, "forward": 0.0, "write": 0.0}
 
     # ---- tokenizing ----------------------------------------------------------
@@ -104,7 +144,7 @@ class CaptionEncoder:
                                                f"max_chars={self.settings.max_chars}")
         start = time.perf_counter()
         try:
-            tokens = self.clip.tokenize(text)
+            tokens = self.clip.tokenize(text, syntax=self.settings.syntax)
         except PromptError as exc:
             return Tokenized(row, None, reason=f"PromptError: {exc}")
         finally:
@@ -121,8 +161,6 @@ class CaptionEncoder:
         or ``{row: reason}`` (a str) for a caption that failed to encode."""
         start = time.perf_counter()
         try:
-            if self.per_caption or not self.batch_exact or len(items) == 1:
-                return {item.row: self._direct(item) for item in items}
             return self._batched(items)
         finally:
             self.seconds["forward"] += time.perf_counter() - start
@@ -181,6 +219,6 @@ class CaptionEncoder:
 
     def encode_empty(self):
         """The empty caption's ``(cond [77, D], pooled [P])`` (for caption dropout)."""
-        tokens = self.clip.tokenize("")
+        tokens = self.clip.tokenize("", syntax=self.settings.syntax)
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True, options=self.options)
         return cond[0].to(self.out_dtype), pooled[0].to(self.out_dtype)

@@ -1,0 +1,197 @@
+"""encode-dataset options mean one thing everywhere (issue 16) and a re-run says what
+changed: A1111 clip skip with the resolved layer recorded, ``syntax``, explicit defaults
+equal to left-out ones, help text, exit statuses and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from test_dataset import _caption, tiny_model  # noqa: F401  (fixture)
+from test_sd1_clip import hf_models, hf_state, to_layout  # noqa: F401  (fixture)
+from textenc.dataset import encode_dataset, main, open_shards
+from textenc.dataset.cli import configure_parser
+from textenc.dialects import default_weight_mode
+from textenc.errors import DatasetError, LayerError, PromptError
+from textenc.sd import load_clip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> tuple[Path, list[str]]:
+    rng = random.Random(5)
+    texts = [_caption(rng) for _ in range(40)] + ["a [cat] BREAK (dog:1.5) house", "[[old]] man BREAK sky"]
+    path = tmp_path_factory.mktemp("data") / "captions.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return path, texts
+
+
+@pytest.fixture(scope="module")
+def sd2_model(hf_models, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sd2") / "sd2.safetensors"
+    save_file(to_layout(hf_state(hf_models["h"]), "sd2"), str(path))
+    return path
+
+
+def _encode(captions, model, out, **kwargs):
+    options = dict(dtype="fp32", shard_rows=25, batch_size=16, progress=False)
+    options.update(kwargs)
+    return encode_dataset(captions, model=model, out=out, **options)
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+# ---- clip skip ---------------------------------------------------------------------------
+
+def test_clip_skip_counts_as_a1111_and_records_the_layer(tmp_path, captions, tiny_model):
+    _encode(captions[0], tiny_model, tmp_path, clip_skip=2)
+    assert _manifest(tmp_path)["options"]["layer"] == {"l": -2}
+    clip = load_clip(str(tiny_model))
+    for row, cond, _ in open_shards(tmp_path):
+        direct = clip.encode_from_tokens(clip.tokenize(captions[1][row]), options={"layer": -2})
+        assert torch.equal(cond, direct[0])
+    # ComfyUI's -2 is the same request: the re-run resumes (nothing to do), no refusal.
+    report = _encode(captions[0], tiny_model, tmp_path, clip_skip=-2)
+    assert report.shards_written == 0 and report.shards_skipped == report.shards
+
+
+@pytest.mark.parametrize("kind_default", [("sd1", 1), ("sd2", 2)])
+def test_clip_skip_of_the_kinds_own_layer_is_the_default_run(tmp_path, captions, tiny_model, sd2_model,
+                                                             kind_default):
+    kind, clip_skip = kind_default
+    model = tiny_model if kind == "sd1" else sd2_model
+    _encode(captions[0], model, tmp_path, limit=25)
+    assert _manifest(tmp_path)["options"]["layer"] == ({"l": -1} if kind == "sd1" else {"h": -2})
+    report = _encode(captions[0], model, tmp_path, limit=25, clip_skip=clip_skip)
+    assert report.shards_skipped == 1
+
+
+@pytest.mark.parametrize("clip_skip,match", [(3, r"clip_skip 3 is out of range for a 2-layer"),
+                                             (-3, r"clip_skip -3 is out of range for a 2-layer"),
+                                             (0, r"clip_skip 0 does not exist")])
+def test_clip_skip_outside_the_model_is_a_layer_error(tmp_path, captions, tiny_model, clip_skip, match):
+    with pytest.raises(LayerError, match=match):
+        _encode(captions[0], tiny_model, tmp_path, clip_skip=clip_skip)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_cli_clip_skip_out_of_range_is_one_line_exit_1(tmp_path, captions, tiny_model, capsys):
+    code = main([str(captions[0]), "--model", str(tiny_model), "--out", str(tmp_path / "o"),
+                 "--clip-skip", "13", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err
+    assert "clip_skip 13" in err and "2-layer" in err and "up to 2" in err
+
+
+# ---- syntax and weight mode ----------------------------------------------------------------
+
+def test_syntax_reaches_the_tokenizer_and_the_manifest(tmp_path, captions, tiny_model):
+    _encode(captions[0], tiny_model, tmp_path / "a1111", syntax="a1111")
+    _encode(captions[0], tiny_model, tmp_path / "comfy")
+    options = _manifest(tmp_path / "a1111")["options"]
+    assert options["syntax"] == "a1111" and options["weight_mode"] == default_weight_mode("a1111")
+    clip = load_clip(str(tiny_model))
+    a1111 = {row: cond for row, cond, _ in open_shards(tmp_path / "a1111")}
+    comfy = {row: cond for row, cond, _ in open_shards(tmp_path / "comfy")}
+    for row in (40, 41):  # [x] and BREAK read differently by the two syntaxes
+        tokens = clip.tokenize(captions[1][row], syntax="a1111")
+        direct = clip.encode_from_tokens(tokens, options={"weight_mode": default_weight_mode("a1111")})
+        assert torch.equal(a1111[row], direct[0])
+        assert a1111[row].shape != comfy[row].shape or not torch.equal(a1111[row], comfy[row])
+    with pytest.raises(PromptError, match="unknown prompt syntax 'bogus'"):
+        _encode(captions[0], tiny_model, tmp_path / "bad", syntax="bogus")
+
+
+def test_options_given_with_their_default_are_the_same_options(tmp_path, captions, tiny_model, capsys):
+    args = [str(captions[0]), "--model", str(tiny_model), "--out", str(tmp_path), "--shard-rows", "25",
+            "--limit", "30", "--no-progress"]
+    assert main(args) == 0
+    explicit = ["--weight-mode", "comfy", "--syntax", "comfy", "--dtype", "fp16", "--threads", "1",
+                "--batch-size", "64", "--compute-dtype", "fp32", "--column", "text",
+                "--outputs", "cond,pooled", "--max-chars", "16384", "--max-windows", "64"]
+    capsys.readouterr()
+    assert main(args + explicit) == 0
+    assert "wrote 0 of 2 shards (2 skipped)" in capsys.readouterr().out
+
+
+# ---- what a refused re-run says ----------------------------------------------------------
+
+def test_a_refused_rerun_names_each_change(tmp_path, captions, tiny_model):
+    _encode(captions[0], tiny_model, tmp_path, limit=30)
+    with pytest.raises(DatasetError) as info:
+        _encode(captions[0], tiny_model, tmp_path, limit=30, dtype="fp16", weight_mode="a1111",
+                threads=2)
+    message = str(info.value)
+    assert 'dtype "fp32" -> "fp16"' in message and 'weight_mode "comfy" -> "a1111"' in message
+    assert "threads 1 -> 2" in message and "--overwrite" in message and "\n" not in message
+    assert "model" not in message.replace("--model", "") and "input" not in message
+    with pytest.raises(DatasetError, match=r"a different input \(30 rows"):
+        _encode(captions[0], tiny_model, tmp_path, limit=31)
+    other = tmp_path.parent / "other.safetensors"
+    from safetensors.torch import load_file
+    state = load_file(str(tiny_model))
+    first = sorted(state)[0]
+    state[first] = state[first] + 1
+    save_file(state, str(other))
+    with pytest.raises(DatasetError, match=r"a different model \(model_fingerprint"):
+        _encode(captions[0], other, tmp_path, limit=30)
+
+
+# ---- help and exit statuses ------------------------------------------------------------------
+
+def test_every_option_has_help_that_shows_its_default():
+    parser = configure_parser(argparse.ArgumentParser())
+    for action in parser._actions:
+        if action.dest in ("help", "input", "model", "out"):
+            assert action.help
+            continue
+        assert action.help and "default" in action.help, action.option_strings
+    text = parser.format_help()
+    assert "{cond,pooled,pooled}" not in text and "-1/-2" in text
+
+
+def test_usage_error_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["captions.txt", "--model", "m.safetensors"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err
+    assert "--out" in err and "see python -m textenc.dataset --help" in err
+
+
+def test_os_error_is_one_line_naming_the_path_exit_1(tmp_path, captions, tiny_model, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = main([str(captions[0]), "--model", str(tiny_model), "--out", str(blocker), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and str(blocker) in err
+
+
+def test_unicode_and_library_errors_are_one_line_exit_1(monkeypatch, tmp_path, capsys):
+    import textenc.dataset.cli as cli
+
+    def undecodable(*args, **kwargs):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(cli, "encode_dataset", undecodable)
+    code = main([str(tmp_path / "in.txt"), "--model", "m", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "in.txt: not UTF-8" in err
+    monkeypatch.undo()
+    code = main([str(tmp_path / "in.txt"), "--model", "m", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "in.txt" in err  # a DatasetError: no such input

@@ -1,0 +1,217 @@
+""":func:`encode_dataset`: plan a run, check the output folder, hand the shards to an engine.
+
+Output format: see :mod:`textenc.dataset.format`. Shard ``i`` holds input rows
+``[i·N, (i+1)·N)``; a finished shard is never rewritten on a re-run with the
+same options (its sha256 is checked against ``manifest.json``), a missing one
+is rebuilt byte-identical. Engines: ``local`` (one process, tokenizing in a
+background thread) and ``ray`` (:mod:`textenc.dataset.engines.ray`); both write
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..dialects import check_syntax, default_weight_mode
+from ..errors import DatasetError
+from ..sd import CLIP_TYPES
+from ..weighting import WEIGHT_MODES
+from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
+from .dry_run import dry_run_report
+from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings, layer_for_clip_skip, resolved_layers
+from .engines import ENGINES, run_local, run_ray
+from .format import FORMAT_VERSION, write_manifest, write_safetensors
+from .inputs import read_captions
+from .manifest import Run, base_manifest, finish_manifest, prepare_folder, shard_totals
+from .model import cast_for_compute, load_model, model_fingerprint, resolve_device
+from .pipeline import ShardContext, ShardJob, plan_shards
+from .report import DatasetReport
+
+__all__ = ["encode_dataset", "KINDS", "OUTPUTS"]
+
+KINDS = CLIP_TYPES
+OUTPUTS = ("cond,pooled", "pooled")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """The arguments of one :func:`encode_dataset` call."""
+
+    input: str | os.PathLike
+    model: str | os.PathLike
+    out: str | os.PathLike
+    column: str
+    id_column: str | None
+    kind: str | None
+    clip_skip: int | None
+    syntax: str
+    weight_mode: str | None
+    outputs: str
+    dtype: str
+    shard_rows: int
+    batch_size: int
+    engine: str
+    workers: int
+    num_gpus_per_worker: float
+    ray_address: str | None
+    overwrite: bool
+    limit: int | None
+    dry_run: bool
+    device: str | None
+    max_chars: int
+    max_windows: int
+    threads: int
+    compute_dtype: str
+    dedup: bool
+    progress: bool | None
+    on_shard_written: Callable[[int], None] | None
+
+
+def _check_request(request: Request) -> None:
+    r = request
+    checks = [(r.kind is None or r.kind in KINDS, f"kind {r.kind!r} is not one of {KINDS}"),
+              (r.weight_mode is None or r.weight_mode in WEIGHT_MODES,
+               f"weight_mode {r.weight_mode!r} is not one of {WEIGHT_MODES}"),
+              (r.outputs in OUTPUTS, f"outputs {r.outputs!r} is not one of {OUTPUTS}"),
+              (r.dtype in OUTPUT_DTYPES, f"dtype {r.dtype!r} is not one of {tuple(OUTPUT_DTYPES)}"),
+              (min(r.shard_rows, r.batch_size, r.workers, r.threads) >= 1,
+               "shard_rows, batch_size, workers and threads must be at least 1"),
+              (r.engine in ENGINES, f"engine {r.engine!r} is not one of {ENGINES}"),
+              (r.limit is None or r.limit >= 1, f"limit must be >= 1, got {r.limit}")]
+    for ok, message in checks:
+        if not ok:
+            raise DatasetError(message)
+    check_syntax(r.syntax)
+
+
+def _write_empty(run: Run, empty) -> None:
+    tensors = {"cond": empty[0], "pooled": empty[1]}
+    metadata = {"format": FORMAT_VERSION, "model_fingerprint": run.context.fingerprint,
+                "options": run.context.options_json}
+    sha256, _ = write_safetensors(run.out / "empty.safetensors", tensors, metadata)
+    run.manifest["empty"] = {"file": "empty.safetensors", "sha256": sha256}
+
+
+def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: str | os.PathLike,
+                   column: str = "text", id_column: str | None = None, kind: str | None = None,
+                   clip_skip: int | None = None, syntax: str = "comfy", weight_mode: str | None = None,
+                   outputs: str = "cond,pooled", dtype: str = "fp16", shard_rows: int = 10000,
+                   batch_size: int = 64, engine: str = "local", workers: int = 1,
+                   num_gpus_per_worker: float = 0, ray_address: str | None = None,
+                   overwrite: bool = False, limit: int | None = None, dry_run: bool = False,
+                   device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
+                   threads: int = DEFAULT_THREADS, compute_dtype: str = "fp32", dedup: bool = True,
+                   progress: bool | None = None,
+                   on_shard_written: Callable[[int], None] | None = None) -> DatasetReport:
+    """Encode every caption of ``input`` with the CLIP text encoder(s) of ``model`` into ``out``.
+
+    Args:
+        input: parquet file/folder/glob, ``.jsonl``, ``.txt`` or kohya caption folder.
+        model: checkpoint file or diffusers model folder.
+        out: output folder (created). Options mirror ``textenc encode-dataset``:
+            ``clip_skip`` counts as A1111 does (1 = last layer, 2 = penultimate;
+            ComfyUI's -1/-2 are accepted too), None keeps the kind's default
+            layer; the manifest records the layer each encoder used.
+            ``syntax`` is the prompt dialect (``comfy``, ``a1111``, ``compel``);
+            ``weight_mode`` None is the syntax's own. ``dtype`` is the stored
+            dtype; ``max_chars``/``max_windows`` reject over-long captions;
+            ``threads`` is torch's thread count in every encoding process
+            (this one for the local engine, each Ray actor): the bytes depend
+            on it, so it is recorded with the batch size in the manifest's
+            ``compute`` and a resume with other values is refused;
+            ``compute_dtype`` (``fp32``, ``bf16`` on a CPU with bf16 units or
+            CUDA, ``fp16`` on CUDA, ``auto``) is the dtype the model runs in
+            (recorded the same way); ``dedup`` encodes a caption repeated within a
+            shard once and writes it for each row (the report counts them as reused);
+            ``on_shard_written(index)`` is called after each shard is recorded.
+
+    Returns:
+        A :class:`DatasetReport`.
+
+    Raises:
+        DatasetError: bad input or options, or ``out`` holds another encoding
+            (different options, model or input) and ``overwrite`` is False.
+        LayerError: ``clip_skip`` outside the model's depth.
+        PromptError: an unknown ``syntax``.
+    """
+    started = time.perf_counter()
+    request = Request(**{name: value for name, value in locals().items() if name != "started"})
+    _check_request(request)
+    with torch_threads(threads):
+        run, empty = _plan(request)
+        if dry_run:
+            return dry_run_report(run, started=started)
+        return _execute(request, run, empty, started=started)
+
+
+def _options(request: Request, clip, settings: EncodeSettings) -> dict:
+    """The manifest's ``options``: what the encoding depends on, each value resolved
+    (so an option given with its default value is the same as one left out)."""
+    options = {**dataclasses.asdict(settings), "kind": clip.clip_type, "column": request.column,
+               "id_column": request.id_column, "shard_rows": request.shard_rows,
+               "limit": request.limit, "dedup": request.dedup}
+    options["layer"] = resolved_layers(clip, settings.layer)
+    del options["compute_dtype"]  # a compute setting: manifest["compute"]["dtype"]
+    return options
+
+
+def _plan(request: Request) -> tuple[Run, tuple]:
+    """Read the rows, load the model, build the manifest → ``(run, empty encoding)``."""
+    r = request
+    rows = read_captions(r.input, column=r.column, id_column=r.id_column, limit=r.limit)
+    compute_dtype = resolve_compute_dtype(r.compute_dtype, resolve_device(r.device))
+    clip = load_model(r.model, kind=r.kind, device=resolve_device(r.device))
+    settings = EncodeSettings(layer=layer_for_clip_skip(clip, r.clip_skip), syntax=r.syntax,
+                              weight_mode=r.weight_mode or default_weight_mode(r.syntax),
+                              outputs=r.outputs, dtype=r.dtype, compute_dtype=compute_dtype,
+                              max_chars=r.max_chars, max_windows=r.max_windows)
+    options = _options(r, clip, settings)
+    # The dry run writes nothing, so it skips the sha256 over every weight.
+    fingerprint = None if r.dry_run else model_fingerprint(clip)
+    cast_for_compute(clip, compute_dtype)
+    jobs = plan_shards(len(rows), r.shard_rows)
+    empty = CaptionEncoder(clip, settings).encode_empty()
+    manifest = base_manifest(rows, clip, fingerprint, options, jobs, empty)
+    manifest["compute"] = {"dtype": compute_dtype, "threads": r.threads, "batch_size": r.batch_size}
+    context = ShardContext(fingerprint, json.dumps(options, sort_keys=True), manifest["cond_width"],
+                           manifest["pooled_width"], all(isinstance(i, int) for i in rows.ids),
+                           manifest["window_length"], r.dedup)
+    return Run(rows, clip, settings, manifest, jobs, context, Path(r.out)), empty
+
+
+def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetReport:
+    """Check the output folder, write ``empty.safetensors``, hand the shards left to an engine."""
+    r = request
+    records = prepare_folder(run.out, run.manifest, overwrite=r.overwrite)
+    _write_empty(run, empty)
+    finish_manifest(run.manifest, records)
+    write_manifest(run.out, run.manifest)
+    todo = [job for job in run.jobs if job.index not in records]
+    skipped = len(run.jobs) - len(todo)
+    if r.engine == "local":
+        timings = run_local(run, todo, records, batch_size=r.batch_size, progress=r.progress,
+                            on_shard_written=r.on_shard_written)
+    else:
+        timings = run_ray(run, todo, records, batch_size=r.batch_size, workers=r.workers,
+                          num_gpus_per_worker=r.num_gpus_per_worker, ray_address=r.ray_address,
+                          model=os.fspath(r.model), device=r.device, threads=r.threads,
+                          on_shard_written=r.on_shard_written)
+    return _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
+
+
+def _report(run: Run, records: dict, *, todo: Sequence[ShardJob], skipped: int, timings: dict,
+            started: float) -> DatasetReport:
+    seconds = time.perf_counter() - started
+    totals = shard_totals([records[i] for i in sorted(records)])
+    encoded_now = sum(records[job.index]["rows"] for job in todo)
+    rejected = run.manifest.get("rejected", [])
+    return DatasetReport(out=str(run.out), rows=len(run.rows), encoded=totals["encoded"],
+                         shards=len(run.jobs), shards_written=len(todo), shards_skipped=skipped,
+                         seconds=seconds, captions_per_s=encoded_now / seconds if seconds else 0.0,
+                         bytes=totals["bytes"], windows_histogram=totals["windows_histogram"],
+                         rejected=rejected, timings=timings, reused=totals["reused"])
