@@ -25,6 +25,7 @@ from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings
 from .engines import run_local, run_ray
 from .format import FORMAT_VERSION, write_manifest, write_safetensors
 from .inputs import read_captions
+from .lock import FolderLock
 from .manifest import Run, base_manifest, finish_manifest, prepare_folder, shard_totals
 from .model import load_model, model_fingerprint, resolve_device
 from .pipeline import ShardContext, ShardJob, plan_shards
@@ -111,20 +112,22 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
     run = Run(rows, clip, settings, manifest, jobs, context, Path(out))
     if dry_run:
         return dry_run_report(run, started=started)
-    records = prepare_folder(run.out, manifest, overwrite=overwrite)
-    _write_empty(run, empty)
-    finish_manifest(manifest, records)
-    write_manifest(run.out, manifest)
-    todo = [job for job in jobs if job.index not in records]
-    skipped = len(jobs) - len(todo)
-    if engine == "local":
-        timings = run_local(run, todo, records, batch_size=batch_size, per_caption=per_caption,
-                             progress=progress, on_shard_written=on_shard_written)
-    else:
-        timings = run_ray(run, todo, records, batch_size=batch_size, workers=workers,
-                          num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
-                          model=os.fspath(model), device=device, per_caption=per_caption,
-                          on_shard_written=on_shard_written)
+    run.out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(run.out):  # one run per folder; see textenc.dataset.lock
+        records = prepare_folder(run.out, manifest, overwrite=overwrite)
+        _write_empty(run, empty)
+        finish_manifest(manifest, records)
+        write_manifest(run.out, manifest)
+        todo = [job for job in jobs if job.index not in records]
+        skipped = len(jobs) - len(todo)
+        if engine == "local":
+            timings = run_local(run, todo, records, batch_size=batch_size, per_caption=per_caption,
+                                progress=progress, on_shard_written=on_shard_written)
+        else:
+            timings = run_ray(run, todo, records, batch_size=batch_size, workers=workers,
+                              num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
+                              model=os.fspath(model), device=device, per_caption=per_caption,
+                              on_shard_written=on_shard_written)
     return _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
 
 

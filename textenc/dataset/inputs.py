@@ -8,8 +8,9 @@ Supported inputs (see :func:`read_captions`):
 * a folder of per-image ``.txt`` caption files (kohya layout), id = relative path
   without the extension.
 
-A row that cannot be read (not UTF-8, bad JSON, a null caption) keeps its
-position and is recorded in :attr:`CaptionRows.rejected` with the reason, so
+A row that cannot be read (not UTF-8, bad JSON, a null caption, an id or caption
+holding a lone surrogate, which UTF-8 cannot store) keeps its position and is
+recorded in :attr:`CaptionRows.rejected` with the reason, so
 shard ``i`` always covers input rows ``[i·N, (i+1)·N)``. Problems with the
 input as a whole (missing file or column, no rows, duplicate ids) raise
 :class:`~textenc.errors.DatasetError`.
@@ -129,17 +130,32 @@ def _read_parquet(path: str, column: str, id_column: str | None) -> CaptionRows:
     return rows
 
 
+def _not_unicode(what: str, text: Any) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate, from a JSON escape such as
+    ``"\\ud800"`` or an undecodable file name), or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"{what} is not valid Unicode (lone surrogate U+{ord(text[exc.start]):04X} "
+                f"at character {exc.start})")
+    return None
+
+
 def _append(rows: CaptionRows, row_id: Any, value: Any) -> None:
     index = len(rows.ids)
     rows.ids.append(index if row_id is None else row_id)
-    reason = None
+    reason = _not_unicode("id", row_id)
     if isinstance(value, (bytes, bytearray)):
-        value, reason = _decode(bytes(value))
+        value, decode_reason = _decode(bytes(value))
+        reason = reason or decode_reason
     elif value is None:
-        reason = "caption is null"
+        reason = reason or "caption is null"
     elif not isinstance(value, str):
-        value, reason = None, f"caption is a {type(value).__name__}, not a string"
-    rows.texts.append(value)
+        value, reason = None, reason or f"caption is a {type(value).__name__}, not a string"
+    reason = reason or _not_unicode("caption", value)
+    rows.texts.append(None if reason is not None else value)
     if reason is not None:
         rows.rejected[index] = reason
 
