@@ -251,3 +251,35 @@ def test_a_stale_lock_file_without_flock_is_taken_over(tmp_path, monkeypatch):
         path.write_text(json.dumps(holder))
         with pytest.raises(DatasetError, match=f"pid {holder['pid']} on host {holder['host']}"):
             FolderLock(tmp_path).acquire()
+
+
+# ---- point 6: caption folders --------------------------------------------------------
+
+def test_caption_folder_skips_folders_special_files_and_outside_symlinks(tmp_path, tiny_model):
+    from textenc.errors import TextencWarning
+
+    folder = tmp_path / "captions"
+    (folder / "x.txt").mkdir(parents=True)  # a directory named like a caption file
+    (folder / "x.txt" / "inner.txt").write_text("a cat inside a folder")
+    (folder / "a.txt").write_text("a red house")
+    os.mkfifo(folder / "pipe.txt")  # reading it would block forever
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a caption of this folder")
+    (folder / "leak.txt").symlink_to(secret)
+    (folder / "alias.txt").symlink_to(folder / "a.txt")  # inside the folder: read
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "far.txt").write_text("far away")
+    (folder / "linked_dir").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.warns(TextencWarning) as warned:
+        _encode(folder, tiny_model, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped_inputs"]}
+    assert set(skipped) == {"x.txt", "pipe.txt", "leak.txt"}
+    assert skipped["x.txt"] == "a directory, not a caption file"
+    assert skipped["pipe.txt"].startswith("not a regular file")
+    assert f"outside the caption folder {folder}" in skipped["leak.txt"]
+    assert sorted(str(w.message).split(":")[0] for w in warned) == sorted(
+        str(folder / name) for name in skipped)
+    got = {row_id: pooled for row_id, _, pooled in open_shards(tmp_path / "out")}
+    assert sorted(got) == ["a", "alias", "x.txt/inner"]  # no leak, no far-away file
+    assert torch.equal(got["a"], got["alias"])

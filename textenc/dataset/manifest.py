@@ -50,7 +50,8 @@ def base_manifest(rows: CaptionRows, clip, fingerprint: str | None, options: dic
             "input": {"rows": len(rows), "sha256": rows.digest()}, "kind": clip.clip_type,
             "widths": _widths(clip, empty[0]), "cond_width": int(empty[0].shape[-1]),
             "pooled_width": int(empty[1].shape[-1]), "window_length": int(empty[0].shape[0]),
-            "num_shards": len(jobs), "shards": [], "complete": False}
+            "num_shards": len(jobs), "shards": [], "complete": False,
+            "skipped_inputs": list(rows.skipped)}
 
 
 def _our_files(out: Path) -> list[Path]:
