@@ -84,13 +84,26 @@ class ShardWorker:
         return records[0], dict(self.encoder.seconds)
 
 
+def _join(ray, address: str) -> None:
+    try:
+        ray.init(address=address)
+    except ConnectionError as exc:  # Ray's message runs to many lines; its first says what failed
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DatasetError(
+            f"--ray-address {address}: cannot join the Ray cluster ({first}); check the address "
+            "('ray status' on the head node prints it) and, if the cluster uses token "
+            "authentication (Ray 2.60's ray start turns it on when ~/.ray/auth_token exists), "
+            "run with RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or "
+            "~/.ray/auth_token)") from exc
+
+
 def _init(ray, address: str | None) -> tuple[bool, RayReaper | None]:
     """Connect to Ray → ``(started here, reaper)``: True when this call started Ray (and
     must shut it down), with the reaper watching the processes it started."""
     if ray.is_initialized():
         return False, None
     if address:
-        ray.init(address=address)
+        _join(ray, address)
         return True, None
     reaper = RayReaper()
     try:
