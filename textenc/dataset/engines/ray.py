@@ -138,7 +138,7 @@ def _stop(ray, actors: list, *, started_here: bool, reaper: RayReaper | None) ->
     for actor in actors:
         try:
             ray.kill(actor)
-        except Exception:  # noqa: BLE001 - already dead or Ray is going down: nothing to stop
+        except ray.exceptions.RayError:  # Ray is gone already: nothing left to stop
             pass
     try:
         if started_here:
