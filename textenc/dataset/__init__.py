@@ -4,11 +4,12 @@
 >>> # for caption_id, cond, pooled in open_shards("te_cache"): ...
 
 Modules, lowest first: :mod:`~textenc.dataset.inputs` (reading captions),
+:mod:`~textenc.dataset.lock` (one run per output folder),
 :mod:`~textenc.dataset.format` (shards, manifest, reader, exporters),
 :mod:`~textenc.dataset.encode` (batched caption encoding),
 :mod:`~textenc.dataset.pipeline` (tokenize → encode → write),
 :mod:`~textenc.dataset.model`, :mod:`~textenc.dataset.manifest`,
-:mod:`~textenc.dataset.engines` (``local``, ``ray``),
+:mod:`~textenc.dataset.engines` (``local``, ``ray`` and its ``reaper``),
 :mod:`~textenc.dataset.driver` (:func:`encode_dataset`) and
 :mod:`~textenc.dataset.cli`. Run standalone as
 ``python -m textenc.dataset INPUT --model M --out DIR``.

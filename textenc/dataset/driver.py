@@ -27,6 +27,7 @@ from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings, layer_for_cli
 from .engines import ENGINES, run_local, run_ray
 from .format import FORMAT_VERSION, write_manifest, write_safetensors
 from .inputs import read_captions
+from .lock import FolderLock
 from .manifest import Run, base_manifest, finish_manifest, prepare_folder, shard_totals
 from .model import cast_for_compute, load_model, model_fingerprint, resolve_device
 from .pipeline import ShardContext, ShardJob, plan_shards
@@ -185,22 +186,25 @@ def _plan(request: Request) -> tuple[Run, tuple]:
 
 
 def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetReport:
-    """Check the output folder, write ``empty.safetensors``, hand the shards left to an engine."""
+    """Lock the output folder, check it, write the manifest and ``empty.safetensors``,
+    hand the shards left to an engine."""
     r = request
-    records = prepare_folder(run.out, run.manifest, overwrite=r.overwrite)
-    _write_empty(run, empty)
-    finish_manifest(run.manifest, records)
-    write_manifest(run.out, run.manifest)
-    todo = [job for job in run.jobs if job.index not in records]
-    skipped = len(run.jobs) - len(todo)
-    if r.engine == "local":
-        timings = run_local(run, todo, records, batch_size=r.batch_size, progress=r.progress,
-                            on_shard_written=r.on_shard_written)
-    else:
-        timings = run_ray(run, todo, records, batch_size=r.batch_size, workers=r.workers,
-                          num_gpus_per_worker=r.num_gpus_per_worker, ray_address=r.ray_address,
-                          model=os.fspath(r.model), device=r.device, threads=r.threads,
-                          on_shard_written=r.on_shard_written)
+    run.out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(run.out):  # one run per folder; see textenc.dataset.lock
+        records = prepare_folder(run.out, run.manifest, overwrite=r.overwrite)
+        _write_empty(run, empty)
+        finish_manifest(run.manifest, records)
+        write_manifest(run.out, run.manifest)
+        todo = [job for job in run.jobs if job.index not in records]
+        skipped = len(run.jobs) - len(todo)
+        if r.engine == "local":
+            timings = run_local(run, todo, records, batch_size=r.batch_size, progress=r.progress,
+                                on_shard_written=r.on_shard_written)
+        else:
+            timings = run_ray(run, todo, records, batch_size=r.batch_size, workers=r.workers,
+                              num_gpus_per_worker=r.num_gpus_per_worker, ray_address=r.ray_address,
+                              model=os.fspath(r.model), device=r.device, threads=r.threads,
+                              on_shard_written=r.on_shard_written)
     return _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -31,13 +32,18 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..errors import DatasetError
+from .lock import writer_alive, writer_tag
 
 __all__ = ["FORMAT_VERSION", "shard_name", "write_safetensors", "atomic_write", "read_manifest",
            "write_manifest", "file_sha256", "open_shards", "export_diffusers", "export_kohya",
-           "clean_temp_files", "TEMP_SUFFIX"]
+           "clean_temp_files", "temp_path", "TEMP_SUFFIX"]
 
 FORMAT_VERSION = "textenc-dataset/1"
 TEMP_SUFFIX = ".partial"
+# Temporary files are "<target>.textenc-<host>-<pid>.partial" (see temp_path); the
+# cleanup removes only those, for this folder's own targets, whose writer is gone.
+_TARGETS = r"(?:shard-\d{5}\.safetensors|empty\.safetensors|manifest\.json)"
+_TEMP_NAME = re.compile(rf"^{_TARGETS}(?:\.textenc-(?P<writer>[A-Za-z0-9_]+-\d+))?{re.escape(TEMP_SUFFIX)}$")
 _DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
 
 
@@ -74,7 +80,7 @@ def atomic_write(path: str | os.PathLike, pieces: list) -> tuple[str, int]:
         ``(sha256 hex, size in bytes)`` of what was written.
     """
     target = Path(path)
-    temp = target.with_name(target.name + TEMP_SUFFIX)
+    temp = temp_path(target)
     hasher, size = hashlib.sha256(), 0
     with open(temp, "wb") as handle:
         for piece in pieces:
@@ -113,17 +119,37 @@ def file_sha256(path: str | os.PathLike) -> str:
     return hasher.hexdigest()
 
 
+def temp_path(target: str | os.PathLike) -> Path:
+    """Where :func:`atomic_write` writes ``target`` before renaming it: beside it, named
+    after it and after the writing process (``<name>.textenc-<host>-<pid>.partial``)."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.textenc-{writer_tag()}{TEMP_SUFFIX}")
+
+
 def clean_temp_files(folder: str | os.PathLike) -> list[str]:
-    """Remove temporary files a killed run left behind; returns their names."""
+    """Remove the temporary files killed runs left in a dataset folder → their names.
+
+    Only files this module names are touched (``shard-NNNNN.safetensors``,
+    ``empty.safetensors`` or ``manifest.json`` plus the writer's tag and
+    ``.partial``, or plus ``.partial`` alone as older versions wrote them), and
+    only when their writer is no longer running on this host; a user's
+    ``notes.partial`` and a live run's temporary file are left alone.
+    """
     removed = []
     for path in sorted(Path(folder).glob("*" + TEMP_SUFFIX)):
-        path.unlink()
+        match = _TEMP_NAME.match(path.name)
+        if match is None or (match["writer"] and writer_alive(match["writer"])):
+            continue
+        path.unlink(missing_ok=True)
         removed.append(path.name)
     return removed
 
 
 def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    """The manifest as UTF-8 JSON. A lone surrogate (from a non-UTF-8 file name, say) is
+    written as its JSON escape ``\\udXXX``, so no id or reason can stop the manifest."""
+    text = json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    return text.encode("utf-8", "backslashreplace")
 
 
 def write_manifest(folder: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
@@ -164,14 +190,70 @@ def _shard_ids(handle, ids: torch.Tensor) -> list:
     return ids.tolist()
 
 
-def open_shards(folder: str | os.PathLike) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor]]:
-    """Yield ``(id, cond [windows·77, width] or None, pooled [pooled_width])`` per caption.
+def _verify_sha256(path: Path, shard: Mapping[str, Any]) -> None:
+    digest = file_sha256(path)
+    if digest != shard.get("sha256"):
+        raise DatasetError(f"{path}: its sha256 {digest[:16]}... is not the manifest's "
+                           f"{str(shard.get('sha256'))[:16]}... (the file was changed or replaced "
+                           "after it was written); re-run encode-dataset to rebuild it")
 
-    Captions come in input-row order (shards in order). Raises DatasetError
-    when the folder has no manifest or a shard listed in it is missing.
-    """
+
+def _check_shard_rows(path: Path, shard: Mapping[str, Any], manifest: Mapping[str, Any],
+                      metadata: Mapping[str, str], rows: list[int], ids: list) -> None:
+    """The file holds the rows the manifest lists for this shard, from this encoding."""
+    start, stop = shard.get("row_start"), shard.get("row_stop")
+    rejected = {entry.get("row") for entry in shard.get("rejected", [])}
+    expected = [row for row in range(start, stop) if row not in rejected] if isinstance(start, int) \
+        and isinstance(stop, int) else None
+    found = {"shard": metadata.get("shard"), "row_start": metadata.get("row_start"),
+             "row_stop": metadata.get("row_stop"), "model_fingerprint": metadata.get("model_fingerprint"),
+             "options": metadata.get("options"), "rows": rows, "ids": len(ids)}
+    wanted = {"shard": str(shard["index"]), "row_start": str(start), "row_stop": str(stop),
+              "model_fingerprint": manifest.get("model_fingerprint"),
+              "options": json.dumps(manifest.get("options"), sort_keys=True), "rows": expected,
+              "ids": shard.get("rows")}
+    wrong = [key for key in wanted if found[key] != wanted[key]]
+    if wrong:
+        raise DatasetError(f"{path}: holds other rows than the manifest lists for {shard['file']} "
+                           f"({', '.join(wrong)} differ; a file from another shard or another "
+                           "encoding?); re-run encode-dataset to rebuild it")
+
+
+def _read_shard(path: Path) -> tuple[dict, list, list, torch.Tensor | None, torch.Tensor, list]:
+    """``(metadata, offsets, rows, cond or None, pooled, ids)`` of one shard file."""
     from safetensors import SafetensorError, safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = set(handle.keys())
+            offsets = handle.get_tensor("window_offsets").tolist()
+            rows = handle.get_tensor("rows").tolist()
+            pooled = handle.get_tensor("pooled")
+            cond = handle.get_tensor("cond") if "cond" in names else None
+            ids = _shard_ids(handle, handle.get_tensor("ids"))
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:  # a damaged or foreign file
+        raise DatasetError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
+                           "re-run encode-dataset") from exc
+    return metadata, offsets, rows, cond, pooled, ids
+
+
+def open_shards(folder: str | os.PathLike, *, verify: bool = True
+                ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor]]:
+    """Yield ``(id, cond [windows·77, width] or None, pooled [pooled_width])`` per caption.
+
+    Captions come in input-row order (shards in order). Before yielding from a
+    shard, its sha256 is checked against the manifest (``verify=False`` skips
+    that hash, which reads every byte of every shard twice; use it for speed
+    when the files are known good), and in every case its metadata and row
+    list are checked against the manifest's record of that shard, so a shard
+    file copied over another is refused even without the hash.
+
+    Raises:
+        DatasetError: no manifest; a listed shard is missing, unreadable, not
+            the bytes the manifest records, or holds other rows (the message
+            names the shard file).
+    """
     manifest = read_manifest(folder)
     if manifest is None:
         raise DatasetError(f"{folder}: no manifest.json; is this a textenc encode-dataset output?")
@@ -180,16 +262,10 @@ def open_shards(folder: str | os.PathLike) -> Iterator[tuple[Any, torch.Tensor |
         path = Path(folder) / shard["file"]
         if not path.exists():
             raise DatasetError(f"{path}: listed in the manifest but missing; re-run encode-dataset")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                names = set(handle.keys())
-                offsets = handle.get_tensor("window_offsets").tolist()
-                pooled = handle.get_tensor("pooled")
-                cond = handle.get_tensor("cond") if "cond" in names else None
-                ids = _shard_ids(handle, handle.get_tensor("ids"))
-        except (SafetensorError, OSError) as exc:  # a damaged or foreign file
-            raise DatasetError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
-                               "re-run encode-dataset") from exc
+        if verify:
+            _verify_sha256(path, shard)
+        metadata, offsets, rows, cond, pooled, ids = _read_shard(path)
+        _check_shard_rows(path, shard, manifest, metadata, rows, ids)
         for row, row_id in enumerate(ids):
             part = None if cond is None else cond[offsets[row] * length:offsets[row + 1] * length]
             yield row_id, part, pooled[row]

@@ -8,8 +8,9 @@ Supported inputs (see :func:`read_captions`):
 * a folder of per-image ``.txt`` caption files (kohya layout), id = relative path
   without the extension.
 
-A row that cannot be read (not UTF-8, bad JSON, a null caption) keeps its
-position and is recorded in :attr:`CaptionRows.rejected` with the reason, so
+A row that cannot be read (not UTF-8, bad JSON, a null caption, an id or caption
+holding a lone surrogate, which UTF-8 cannot store) keeps its position and is
+recorded in :attr:`CaptionRows.rejected` with the reason, so
 shard ``i`` always covers input rows ``[i·N, (i+1)·N)``. Problems with the
 input as a whole (missing file or column, no rows, duplicate ids) raise
 :class:`~textenc.errors.DatasetError`.
@@ -22,10 +23,12 @@ import glob as globlib
 import hashlib
 import json
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError
+from ..errors import DatasetError, TextencWarning
 
 __all__ = ["CaptionRows", "read_captions", "input_kind"]
 
@@ -38,11 +41,13 @@ class CaptionRows:
         ids: one id per row (int, or str for kohya / string id columns).
         texts: the caption, or None for a row that could not be read.
         rejected: row index → reason, for rows whose ``texts`` entry is None.
+        skipped: files of a caption folder that are not rows (``{"path", "reason"}``).
     """
 
     ids: list[Any]
     texts: list[str | None]
     rejected: dict[int, str]
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -129,17 +134,32 @@ def _read_parquet(path: str, column: str, id_column: str | None) -> CaptionRows:
     return rows
 
 
+def _not_unicode(what: str, text: Any) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate, from a JSON escape such as
+    ``"\\ud800"`` or an undecodable file name), or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"{what} is not valid Unicode (lone surrogate U+{ord(text[exc.start]):04X} "
+                f"at character {exc.start})")
+    return None
+
+
 def _append(rows: CaptionRows, row_id: Any, value: Any) -> None:
     index = len(rows.ids)
     rows.ids.append(index if row_id is None else row_id)
-    reason = None
+    reason = _not_unicode("id", row_id)
     if isinstance(value, (bytes, bytearray)):
-        value, reason = _decode(bytes(value))
+        value, decode_reason = _decode(bytes(value))
+        reason = reason or decode_reason
     elif value is None:
-        reason = "caption is null"
+        reason = reason or "caption is null"
     elif not isinstance(value, str):
-        value, reason = None, f"caption is a {type(value).__name__}, not a string"
-    rows.texts.append(value)
+        value, reason = None, reason or f"caption is a {type(value).__name__}, not a string"
+    reason = reason or _not_unicode("caption", value)
+    rows.texts.append(None if reason is not None else value)
     if reason is not None:
         rows.rejected[index] = reason
 
@@ -185,13 +205,45 @@ def _read_txt(path: str) -> CaptionRows:
     return rows
 
 
+def _not_a_caption_file(file: Path, root: Path) -> str | None:
+    """Why ``file`` (found under the caption folder ``root``) is skipped, or None to read it."""
+    real = os.path.realpath(file)
+    root_real = os.path.realpath(root)
+    if os.path.commonpath([real, root_real]) != root_real:
+        return f"resolves to {real}, outside the caption folder {root}"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a directory, not a caption file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device)"
+    return None
+
+
 def _read_kohya(path: str) -> CaptionRows:
+    """Every ``*.txt`` under ``path`` (symlinked subfolders are not walked). Directories,
+    special files and symlinks resolving outside ``path`` are skipped with a warning and
+    listed in :attr:`CaptionRows.skipped`; they are not rows."""
     root = Path(path)
     files = sorted(root.rglob("*.txt"), key=lambda p: p.relative_to(root).as_posix())
     rows = CaptionRows([], [], {})
     for file in files:
-        row_id = file.relative_to(root).with_suffix("").as_posix()
-        _append(rows, row_id, file.read_bytes().strip())
+        name = file.relative_to(root).as_posix()
+        reason = _not_a_caption_file(file, root)
+        if reason is not None:
+            warnings.warn(f"{file}: skipped, {reason}", TextencWarning, stacklevel=3)
+            rows.skipped.append({"path": name, "reason": reason})
+            continue
+        unreadable = None
+        try:
+            value: Any = file.read_bytes().strip()
+        except OSError as exc:  # a caption file that exists but cannot be read: a bad row
+            value, unreadable = None, f"cannot read {name} ({exc.strerror})"
+        _append(rows, file.relative_to(root).with_suffix("").as_posix(), value)
+        if unreadable is not None:
+            rows.rejected[len(rows.ids) - 1] = unreadable
     return rows
 
 
@@ -231,7 +283,7 @@ def read_captions(path: str | os.PathLike, *, column: str = "text", id_column: s
         rows = _read_kohya(source)
     if limit is not None:
         rows = CaptionRows(rows.ids[:limit], rows.texts[:limit],
-                           {k: v for k, v in rows.rejected.items() if k < limit})
+                           {k: v for k, v in rows.rejected.items() if k < limit}, rows.skipped)
     if not rows.ids:
         raise DatasetError(f"{source}: no caption rows ({kind} input is empty)")
     _check_ids(rows, source)

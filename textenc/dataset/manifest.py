@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DatasetError
 from .encode import EncodeSettings
-from .format import FORMAT_VERSION, clean_temp_files, file_sha256, read_manifest, write_manifest
+from .format import FORMAT_VERSION, clean_temp_files, file_sha256, read_manifest, shard_name, write_manifest
 from .inputs import CaptionRows
 from .pipeline import ShardContext, ShardJob, shard_record_histogram
 
@@ -51,24 +51,16 @@ def base_manifest(rows: CaptionRows, clip, fingerprint: str | None, options: dic
             "input": {"rows": len(rows), "sha256": rows.digest()}, "kind": clip.clip_type,
             "widths": _widths(clip, empty[0]), "cond_width": int(empty[0].shape[-1]),
             "pooled_width": int(empty[1].shape[-1]), "window_length": int(empty[0].shape[0]),
-            "num_shards": len(jobs), "shards": [], "complete": False}
+            "num_shards": len(jobs), "shards": [], "complete": False,
+            "skipped_inputs": list(rows.skipped)}
 
 
-def prepare_folder(out: Path, manifest: dict, *, overwrite: bool) -> dict[int, dict]:
-    """Check an existing output folder → the records of shards that can be kept."""
-    out.mkdir(parents=True, exist_ok=True)
-    clean_temp_files(out)
-    old = None if overwrite else read_manifest(out)
-    ours = sorted(out.glob("shard-*.safetensors")) + sorted(out.glob("empty.safetensors"))
-    if overwrite:
-        for path in ours + [out / "manifest.json"]:
-            path.unlink(missing_ok=True)
-        return {}
-    if old is None:
-        if ours:
-            raise DatasetError(f"{out} holds shard files but no manifest.json; "
-                               "pass --overwrite to replace them")
-        return {}
+def _our_files(out: Path) -> list[Path]:
+    return sorted(out.glob("shard-[0-9][0-9][0-9][0-9][0-9].safetensors")) + sorted(out.glob("empty.safetensors"))
+
+
+def _kept_records(out: Path, old: dict, manifest: dict) -> dict[int, dict]:
+    """Refuse a folder holding another encoding → the old shard records that still hold."""
     changes = describe_changes(old, manifest)
     if changes:
         raise DatasetError(f"{out} was encoded differently: {'; '.join(changes)}. "
@@ -76,7 +68,8 @@ def prepare_folder(out: Path, manifest: dict, *, overwrite: bool) -> dict[int, d
     kept = {}
     for record in old.get("shards", []):
         path = out / record["file"]
-        if path.exists() and file_sha256(path) == record["sha256"]:
+        if record["index"] < manifest["num_shards"] and path.exists() \
+                and file_sha256(path) == record["sha256"]:
             kept[record["index"]] = record
     return kept
 
@@ -112,6 +105,35 @@ def describe_changes(old: dict, new: dict) -> list[str]:
         changes.append(f"a different input ({before.get('rows')} rows, {_short(before.get('sha256'))} -> "
                        f"{after.get('rows')} rows, {_short(after.get('sha256'))})")
     return changes
+
+
+def prepare_folder(out: Path, manifest: dict, *, overwrite: bool) -> dict[int, dict]:
+    """Check an existing output folder and write this run's manifest → the shard records kept.
+
+    Call it holding the folder's :class:`~textenc.dataset.lock.FolderLock`. The
+    manifest is written before any other file of the run, so whatever a kill
+    leaves behind, the folder has a manifest naming this encoding and a re-run
+    resumes it. Shard files the manifest does not list are rewritten by the
+    run, or removed here when the run has no such shard.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    clean_temp_files(out)
+    old = None if overwrite else read_manifest(out)
+    if old is None and not overwrite and _our_files(out):
+        raise DatasetError(f"{out} holds shard files but no manifest.json; "
+                           "pass --overwrite to replace them")
+    kept = {} if old is None else _kept_records(out, old, manifest)
+    finish_manifest(manifest, kept)
+    write_manifest(out, manifest)  # replaces the old one atomically: this folder is now ours
+    wanted = {shard_name(index) for index in kept}
+    for path in _our_files(out):
+        if path.name == "empty.safetensors":
+            stale = overwrite
+        else:
+            stale = path.name not in wanted and (overwrite or int(path.name[6:11]) >= manifest["num_shards"])
+        if stale:
+            path.unlink(missing_ok=True)
+    return kept
 
 
 def shard_totals(shards: Sequence[dict]) -> dict:

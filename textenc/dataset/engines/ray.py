@@ -9,6 +9,12 @@ Actors ask for ``num_cpus=0.5``: on a 2-CPU machine, actors holding whole CPUs
 leave none for Ray's own tasks and the job hangs without an error. Each actor
 sets the run's torch thread count (``threads``, recorded in the manifest)
 itself, the same count the local engine uses, so both write the same bytes.
+Actors are placed with the ``SPREAD`` strategy, so a cluster's nodes share the work.
+
+Lifecycle: however the driver's run ends (finished, an error, Ctrl-C, SIGTERM,
+which ``ray.init`` turns into ``SystemExit``), its actors are killed and a Ray
+it started is shut down; if the driver is killed outright, the watchdog of
+:mod:`textenc.dataset.engines.reaper` stops the Ray processes it started.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ..inputs import CaptionRows
 from ..manifest import record_shard
 from ..model import cast_for_compute, load_model, model_fingerprint, resolve_device
 from ..pipeline import ShardContext, ShardJob, run_shards
+from .reaper import RayReaper
 
 __all__ = ["run_ray", "ACTOR_NUM_CPUS"]
 
@@ -78,15 +85,35 @@ class ShardWorker:
         return records[0], dict(self.encoder.seconds)
 
 
-def _init(ray, address: str | None) -> bool:
-    """Connect to Ray → True when this call started it (and must shut it down)."""
-    if ray.is_initialized():
-        return False
-    if address:
+def _join(ray, address: str) -> None:
+    try:
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    return True
+    except ConnectionError as exc:  # Ray's message runs to many lines; its first says what failed
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DatasetError(
+            f"--ray-address {address}: cannot join the Ray cluster ({first}); check the address "
+            "('ray status' on the head node prints it) and, if the cluster uses token "
+            "authentication (Ray 2.60's ray start turns it on when ~/.ray/auth_token exists), "
+            "run with RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or "
+            "~/.ray/auth_token)") from exc
+
+
+def _init(ray, address: str | None) -> tuple[bool, RayReaper | None]:
+    """Connect to Ray → ``(started here, reaper)``: True when this call started Ray (and
+    must shut it down), with the reaper watching the processes it started."""
+    if ray.is_initialized():
+        return False, None
+    if address:
+        _join(ray, address)
+        return True, None
+    reaper = RayReaper()
+    try:
+        with reaper.marking():  # the processes Ray starts now are the reaper's to stop
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    except BaseException:
+        reaper.close()
+        raise
+    return True, reaper
 
 
 def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
@@ -107,33 +134,58 @@ def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
     return free
 
 
+def _stop(ray, actors: list, *, started_here: bool, reaper: RayReaper | None) -> None:
+    """Stop this run's actors, then the Ray this run started; never raises Ray's errors."""
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except ray.exceptions.RayError:  # Ray is gone already: nothing left to stop
+            pass
+    try:
+        if started_here:
+            ray.shutdown()
+    finally:
+        if reaper is not None:
+            reaper.close()
+
+
 def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: int, workers: int,
             num_gpus_per_worker: float, ray_address: str | None, model: str, device: str | None,
             threads: int,
             on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
-    """Encode ``todo`` over Ray actors, updating ``records`` and the manifest as shards finish."""
+    """Encode ``todo`` over Ray actors, updating ``records`` and the manifest as shards finish.
+
+    However it ends (done, an error, Ctrl-C, SIGTERM), the actors are killed and a
+    Ray this call started is shut down; a driver killed outright is covered by
+    :class:`~textenc.dataset.engines.reaper.RayReaper`.
+    """
     if not todo:
         return {}
     ray = _require_ray()
-    started_here = _init(ray, ray_address)
-    count = min(workers, len(todo))
-    actor_class = ray.remote(num_cpus=ACTOR_NUM_CPUS, num_gpus=num_gpus_per_worker)(ShardWorker)
-    actors = [actor_class.remote(model=model, kind=run.clip.clip_type, device=device,
-                                 settings=run.settings, context=run.context, folder=str(run.out),
-                                 batch_size=batch_size, threads=threads)
-              for _ in range(count)]
-    jobs, pending, seconds = collections.deque(todo), {}, {}
+    (started_here, reaper), actors = (False, None), []
     try:
-        free = list(actors)
-        while jobs or pending:
-            while free and jobs:
-                job = jobs.popleft()
-                actor = free.pop()
-                pending[actor.encode.remote(job, _shard_rows(run.rows, job))] = (actor, job)
-            free += _collect(ray, pending, run, records, seconds, on_shard_written)
+        started_here, reaper = _init(ray, ray_address)
+        count = min(workers, len(todo))
+        actor_class = ray.remote(num_cpus=ACTOR_NUM_CPUS, num_gpus=num_gpus_per_worker,
+                                 scheduling_strategy="SPREAD")(ShardWorker)
+        for _ in range(count):
+            actors.append(actor_class.remote(
+                model=model, kind=run.clip.clip_type, device=device, settings=run.settings,
+                context=run.context, folder=str(run.out), batch_size=batch_size,
+                threads=threads))
+        return _dispatch(ray, run, todo, records, list(actors), on_shard_written)
     finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started_here:
-            ray.shutdown()
+        _stop(ray, actors, started_here=started_here, reaper=reaper)
+
+
+def _dispatch(ray, run: Any, todo: Sequence[ShardJob], records: dict, free: list,
+              on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
+    """Hand shards to free actors one at a time until all are recorded → seconds per stage."""
+    jobs, pending, seconds = collections.deque(todo), {}, {}
+    while jobs or pending:
+        while free and jobs:
+            job = jobs.popleft()
+            actor = free.pop()
+            pending[actor.encode.remote(job, _shard_rows(run.rows, job))] = (actor, job)
+        free += _collect(ray, pending, run, records, seconds, on_shard_written)
     return seconds

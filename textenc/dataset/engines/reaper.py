@@ -1,0 +1,88 @@
+"""Stop the Ray processes a driver started, even when the driver is killed (``kill -9``).
+
+``ray.init`` ties ``gcs_server`` and ``raylet`` to the driver's life, but the
+agents and workers the raylet starts outlive a killed driver. So before a run
+starts Ray itself, :class:`RayReaper` starts a small watchdog process and puts a
+random marker in the driver's environment for the length of ``ray.init``: every
+Ray process started then inherits it (the raylet passes its environment on to
+the workers it starts later). The watchdog waits on a pipe from the driver;
+when the pipe closes - the driver finished, raised, or died - it kills every
+process that still carries the marker. Linux only (it reads
+``/proc/*/environ``); elsewhere it does nothing and Ray's own shutdown is all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["RayReaper", "MARKER_VARIABLE"]
+
+MARKER_VARIABLE = "TEXTENC_RAY_RUN"
+
+# Runs in its own interpreter (imports nothing from textenc, starts in a blink).
+_WATCHDOG = r"""
+import os, signal, sys
+from pathlib import Path
+sys.stdin.buffer.read()  # returns when the driver closes the pipe or dies
+needle, driver = sys.argv[1].encode(), int(sys.argv[2])
+for entry in Path("/proc").iterdir():
+    if not entry.name.isdigit() or int(entry.name) in (driver, os.getpid()):
+        continue
+    try:
+        if needle in (entry / "environ").read_bytes().split(b"\0"):
+            os.kill(int(entry.name), signal.SIGKILL)
+    except OSError:
+        pass  # gone already, or not ours
+"""
+
+
+class RayReaper:
+    """A watchdog that kills the Ray processes started inside :meth:`marking`.
+
+    >>> # reaper = RayReaper()
+    >>> # with reaper.marking():
+    >>> #     ray.init(...)
+    >>> # ...
+    >>> # ray.shutdown(); reaper.close()
+    """
+
+    def __init__(self) -> None:
+        self.marker = f"{MARKER_VARIABLE}={os.getpid()}-{secrets.token_hex(8)}"
+        self._process: subprocess.Popen | None = None
+        if Path("/proc/self/environ").exists():
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG, self.marker, str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)  # a Ctrl-C to the terminal does not stop it first
+
+    @contextlib.contextmanager
+    def marking(self) -> Iterator[None]:
+        """Processes started inside this block carry the marker (the driver's own
+        environment is restored after it)."""
+        name, value = self.marker.split("=", 1)
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
+
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Let the watchdog kill what is left of the marked processes, and wait for it."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        process.stdin.close()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:  # it is done soon; the run's result does not wait
+            pass
