@@ -140,23 +140,87 @@ def _construct(text: str, i: int) -> tuple[list, int] | None:
     return None
 
 
+@dataclass
+class _Group:
+    """A complete bracket construct at the top level, and its source text."""
+
+    nodes: list
+    text: str
+
+
+def _top_items(text: str) -> list:
+    """Top-level items: plain text, one-character str for stray ``[ ] ( ) :``, or groups.
+
+    Raises:
+        _Unreadable: a ``|`` outside alternation or a ``\\`` at the end or before a line break.
+    """
+    items: list = []
+    i = 0
+    while i < len(text):
+        construct = _construct(text, i) if text[i] in "([" else None
+        if construct is not None:
+            items.append(_Group(construct[0], text[i:construct[1]]))
+            i = construct[1]
+        elif text[i] in "[]():":
+            items.append(text[i])
+            i += 1
+        else:
+            end = _plain(text, i)
+            if end == i:
+                raise _Unreadable(text[i])
+            items.append(_Plain(text[i:end]))
+            i = end
+    return items
+
+
+class _Plain(str):
+    """Plain top-level text (a str subclass, told apart from stray one-character brackets)."""
+
+
+def _as_stray(group: _Group) -> list | None:
+    """The group read as a stray opening bracket and what follows it, if the grammar allows."""
+    try:
+        return [group.text[0], *_top_items(group.text[1:])]
+    except _Unreadable:  # a ``|`` inside: only alternation can hold it
+        return None
+
+
+def _resolve(items: list) -> list:
+    """Choose, right to left, which top-level groups A1111's parser keeps.
+
+    A1111's grammar lets every top-level bracket also be stray text, and its
+    Earley parser (lark, ``ambiguity="resolve"``) then picks one reading.
+    Observed rule, checked against lark on every prompt of up to 8 characters
+    over ``[ ] ( ) : a 2``: a group directly followed by ``n >= 1`` stray
+    characters is read as stray text when ``n`` plus the run of bracket
+    characters ending the group is odd; groups are decided from the right.
+    """
+    out: list = []
+    stray_after = 0
+    pending = list(items)
+    while pending:
+        item = pending.pop()
+        if isinstance(item, _Group):
+            run = len(item.text) - len(item.text.rstrip("[]():"))
+            stray = _as_stray(item) if stray_after and (run + stray_after) % 2 == 1 else None
+            if stray is not None:
+                pending.extend(stray)
+                continue
+            out.append(item.nodes)
+            stray_after = 0
+        else:
+            out.append([str(item)])
+            stray_after = 0 if isinstance(item, _Plain) else stray_after + 1
+    return [node for nodes in reversed(out) for node in nodes]
+
+
 def parse_schedule(text: str) -> list:
     """The prompt as text and :class:`Scheduled` / :class:`Alternate` nodes.
 
     Raises:
         _Unreadable: the prompt is outside the grammar.
     """
-    nodes: list = []
-    i = 0
-    while i < len(text):
-        part, i = _sequence(text, i)
-        nodes.extend(part)
-        if i < len(text):
-            if text[i] not in "[]():":
-                raise _Unreadable(text[i])
-            nodes.append(text[i])  # an unbalanced bracket or colon: plain text
-            i += 1
-    return nodes
+    return _resolve(_top_items(text))
 
 
 def _when(literal: str, steps: int) -> int:
