@@ -11,7 +11,12 @@ grammar, ``get_learned_conditioning_prompt_schedules`` and
   ``steps``. ``[a|b|c]`` takes ``a``, ``b``, ``c``, ``a``... one per step
   (an empty alternative is empty text). They nest, and inside them ``(x)``,
   ``(x:w)`` and ``[x]`` are kept as text for the attention grammar.
-* Outside such brackets, unbalanced ``[ ] ( ) :`` are plain text. A ``|``
+* Outside such brackets, unbalanced ``[ ] ( ) :`` are plain text. A bracket
+  group that closes is always read as a group. (A1111's grammar also allows
+  reading a top-level group as stray brackets when stray ``[ ] ( ) :``
+  follow it directly, as in ``[a:b:5]))``; its parser, lark 1.1.2 as A1111
+  pins it, then picks a reading that changes with Python's hash seed, i.e.
+  from one start of A1111 to the next. textenc always takes the group.) A ``|``
   outside any alternation, or a ``\\`` at the end or before a line break,
   makes the prompt unreadable to the grammar: it is then used as it is,
   for every step.
@@ -149,7 +154,7 @@ class _Group:
 
 
 def _top_items(text: str) -> list:
-    """Top-level items: plain text, one-character str for stray ``[ ] ( ) :``, or groups.
+    """Top-level items: text (plain, or a stray ``[ ] ( ) :``) and complete groups.
 
     Raises:
         _Unreadable: a ``|`` outside alternation or a ``\\`` at the end or before a line break.
@@ -168,50 +173,9 @@ def _top_items(text: str) -> list:
             end = _plain(text, i)
             if end == i:
                 raise _Unreadable(text[i])
-            items.append(_Plain(text[i:end]))
+            items.append(text[i:end])
             i = end
     return items
-
-
-class _Plain(str):
-    """Plain top-level text (a str subclass, told apart from stray one-character brackets)."""
-
-
-def _as_stray(group: _Group) -> list | None:
-    """The group read as a stray opening bracket and what follows it, if the grammar allows."""
-    try:
-        return [group.text[0], *_top_items(group.text[1:])]
-    except _Unreadable:  # a ``|`` inside: only alternation can hold it
-        return None
-
-
-def _resolve(items: list) -> list:
-    """Choose, right to left, which top-level groups A1111's parser keeps.
-
-    A1111's grammar lets every top-level bracket also be stray text, and its
-    Earley parser (lark, ``ambiguity="resolve"``) then picks one reading.
-    Observed rule, checked against lark on every prompt of up to 8 characters
-    over ``[ ] ( ) : a 2``: a group directly followed by ``n >= 1`` stray
-    characters is read as stray text when ``n`` plus the run of bracket
-    characters ending the group is odd; groups are decided from the right.
-    """
-    out: list = []
-    stray_after = 0
-    pending = list(items)
-    while pending:
-        item = pending.pop()
-        if isinstance(item, _Group):
-            run = len(item.text) - len(item.text.rstrip("[]():"))
-            stray = _as_stray(item) if stray_after and (run + stray_after) % 2 == 1 else None
-            if stray is not None:
-                pending.extend(stray)
-                continue
-            out.append(item.nodes)
-            stray_after = 0
-        else:
-            out.append([str(item)])
-            stray_after = 0 if isinstance(item, _Plain) else stray_after + 1
-    return [node for nodes in reversed(out) for node in nodes]
 
 
 def parse_schedule(text: str) -> list:
@@ -220,7 +184,10 @@ def parse_schedule(text: str) -> list:
     Raises:
         _Unreadable: the prompt is outside the grammar.
     """
-    return _resolve(_top_items(text))
+    nodes: list = []
+    for item in _top_items(text):
+        nodes.extend(item.nodes if isinstance(item, _Group) else [item])
+    return nodes
 
 
 def _when(literal: str, steps: int) -> int:
