@@ -59,11 +59,22 @@ def tag_prompts(count: int, seed: int = 0) -> list[str]:
     return prompts
 
 
+def clause_prompts(count: int, seed: int = 0) -> list[str]:
+    """Comma-separated clauses of 6-30 tokens: the last comma before a chunk's end often
+    lies 15-25 tokens before it (A1111 moves text for 15-20 at its default of 20)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        clauses = [" ".join(_tag(rng) for _ in range(rng.randint(3, 16))) for _ in range(rng.randint(4, 12))]
+        prompts.append(", ".join(clauses))
+    return prompts
+
+
 def long_words_prompt(words: int, seed: int = 0) -> str:
     """A long prompt without commas (no backtracking possible)."""
     rng = random.Random(seed)
     return " ".join(rng.choice(TAGS) for _ in range(words))
 
 
-ALL_PROMPTS = (DOCTEST_PROMPTS + EDGE_PROMPTS + tag_prompts(70)
+ALL_PROMPTS = (DOCTEST_PROMPTS + EDGE_PROMPTS + tag_prompts(40) + clause_prompts(40)
                + [long_words_prompt(n, n) for n in (40, 80, 120)])

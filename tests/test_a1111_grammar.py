@@ -105,7 +105,7 @@ def _schedule_fuzz(count: int, seed: int) -> list[str]:
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(count)]
 
 
-SCHEDULE_PROMPTS = ([p for p, _ in SCHEDULE_DOCTESTS] + _schedule_fuzz(600, 2) + [
+SCHEDULE_PROMPTS = ([p for p, _ in SCHEDULE_DOCTESTS] + _schedule_fuzz(250, 2) + [
     "[a:2]::", "([a:2]):", "[[a:2]]:", "[a:2]::[b:2]", "[a:2]::[b:2]::", "(([cat:dog:0.5]))",
     "[cat:dog:0.5]))", "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75]"
     "[ in foreground::0.6][ in background:0.25] [shoddy:masterful:0.5]", "a | b", "[a:b:1.0]",
@@ -118,7 +118,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from a1111_reference import get_learned_conditioning_prompt_schedules as g
 prompts = json.loads(sys.stdin.read())
-print(json.dumps({{str(steps): g(prompts, steps) for steps in (1, 6, 20)}}))
+print(json.dumps({{str(steps): g(prompts, steps) for steps in (1, 6)}}))
 """
 
 
@@ -126,8 +126,8 @@ def _a1111_readings(prompts: list[str]) -> dict[int, list[set]]:
     """Every reading A1111 gives: lark 1.1.2 resolves ambiguous prompts by set order,
     which follows Python's hash seed, so the oracle runs under several seeds."""
     script = _ORACLE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    readings: dict[int, list[set]] = {steps: [set() for _ in prompts] for steps in (1, 6, 20)}
-    for seed in range(6):
+    readings: dict[int, list[set]] = {steps: [set() for _ in prompts] for steps in (1, 6)}
+    for seed in range(4):
         env = {**os.environ, "PYTHONHASHSEED": str(seed)}
         out = subprocess.run([sys.executable, "-c", script], input=json.dumps(prompts), env=env,
                              capture_output=True, text=True, check=True, timeout=300).stdout
