@@ -156,3 +156,14 @@ def test_embeddings_are_placed_as_a1111_places_them(hf_tokenizer, embedding_fold
     windows = tokenizer.tokenize_with_weights(prompt, syntax="a1111")
     got = [(_tokens_and_vectors(w), [x for _, x in w]) for w in windows]
     assert got == _reference_with_vectors(clip, prompt)
+
+
+def test_inspect_printout_shows_chunks_and_moves():
+    from textenc.cli import _format_report, _report_dict
+
+    report = SDTokenizer().inspect(" ".join(["cat"] * 60) + ", " + " ".join(["dog"] * 20), syntax="a1111")
+    text = _format_report(report)
+    assert "chunk 0: 61 prompt token(s), ended by comma" in text
+    assert "comma backtracking moved 14 token(s) from chunk 0 to chunk 1: 'dog dog" in text
+    assert _report_dict(report)["moves"] == [{"source": 0, "num_tokens": 14, "text": " ".join(["dog"] * 14)}]
+    assert "chunks" not in _report_dict(SDTokenizer().inspect("a cat"))  # comfy: unchanged
