@@ -178,3 +178,12 @@ def test_registry_schedules_and_refusals():
             prompt_schedule("a", bad)
     with pytest.raises(PromptError, match="1e999"):
         prompt_schedule("[a:b:1e999]", 10)
+
+
+def test_huge_prompts_are_linear_or_refused():
+    prompt = ("masterpiece, (best quality:1.2), a (red fox:1.1) in the ((snowy forest)), 8k " * 20_000)[:1_048_576]
+    assert len(parse_attention(prompt)) > 10_000
+    with pytest.raises(PromptError, match="brackets"):
+        parse_attention("(a " * 10_000)  # 10 000 unclosed brackets, each over the rest
+    with pytest.raises(PromptError, match="brackets"):
+        parse_attention("(a " * 50_000 + ")" * 50_000)

@@ -31,6 +31,10 @@ __all__ = ["parse_attention", "is_break", "ROUND", "SQUARE"]
 ROUND = 1.1
 SQUARE = 1 / 1.1
 BREAK_WEIGHT = -1.0
+#: Bracket products (pieces x enclosing brackets) a prompt may need. A1111 multiplies
+#: every piece inside a bracket once per bracket, which is quadratic for thousands of
+#: nested or unclosed brackets; real prompts need far less than this.
+MAX_BRACKET_WORK = 20_000_000
 
 # One lexical item per match: escapes, a lone backslash, brackets, ":weight)",
 # a run of text, or a lone colon (the order of the alternatives matters).
@@ -66,7 +70,11 @@ def _add_text(pieces: list[list], text: str) -> None:
         pieces.append([part, 1.0])
 
 
-def _multiply(pieces: list[list], start: int, factor: float) -> None:
+def _multiply(pieces: list[list], start: int, factor: float, budget: list[int]) -> None:
+    budget[0] -= len(pieces) - start
+    if budget[0] < 0:
+        raise PromptError(f"prompt has too many nested or unclosed brackets (more than "
+                          f"{MAX_BRACKET_WORK} bracket products); close or remove some")
     for piece in pieces[start:]:
         piece[1] *= factor
 
@@ -87,7 +95,8 @@ def parse_attention(text: str) -> list[list]:
     A break is the piece ``["BREAK", -1.0]`` (see :func:`is_break`).
 
     Raises:
-        PromptError: a ``(x:w)`` whose ``w`` is not a number (such as ``1.2.3``).
+        PromptError: a ``(x:w)`` whose ``w`` is not a number (such as ``1.2.3``), or
+            brackets that would take more than :data:`MAX_BRACKET_WORK` products.
 
     >>> parse_attention("an (important) word")
     [['an ', 1.0], ['important', 1.1], [' word', 1.0]]
@@ -96,6 +105,7 @@ def parse_attention(text: str) -> list[list]:
     """
     pieces: list[list] = []
     opened = {"(": [], "[": []}
+    budget = [MAX_BRACKET_WORK]
     for match in _ITEM.finditer(text):
         kind = match.lastgroup
         if kind == "escape":
@@ -105,15 +115,15 @@ def parse_attention(text: str) -> list[list]:
         elif kind == "open":
             opened[match.group()].append(len(pieces))
         elif kind == "weight" and opened["("]:
-            _multiply(pieces, opened["("].pop(), _number(match.group("weight"), text))
+            _multiply(pieces, opened["("].pop(), _number(match.group("weight"), text), budget)
         elif kind == "close" and match.group() == ")" and opened["("]:
-            _multiply(pieces, opened["("].pop(), ROUND)
+            _multiply(pieces, opened["("].pop(), ROUND, budget)
         elif kind == "close" and match.group() == "]" and opened["["]:
-            _multiply(pieces, opened["["].pop(), SQUARE)
+            _multiply(pieces, opened["["].pop(), SQUARE, budget)
         else:
             _add_text(pieces, match.group())
     for start in opened["("]:
-        _multiply(pieces, start, ROUND)
+        _multiply(pieces, start, ROUND, budget)
     for start in opened["["]:
-        _multiply(pieces, start, SQUARE)
+        _multiply(pieces, start, SQUARE, budget)
     return _merge_equal_neighbours(pieces) if pieces else [["", 1.0]]
