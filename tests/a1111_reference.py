@@ -219,7 +219,7 @@ class A1111Clip:
     variant (``id_pad=0``) around a transformers tokenizer and text model."""
 
     def __init__(self, tokenizer, model=None, *, id_pad=None, comma_padding_backtrack=20,
-                 emphasis="Original", embeddings=None, stop_at_last_layers=1):
+                 emphasis="Original", embeddings=None, stop_at_last_layers=1, final_norm=True):
         self.tokenizer, self.model = tokenizer, model
         self.id_start, self.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.id_pad = self.id_end if id_pad is None else id_pad
@@ -228,7 +228,9 @@ class A1111Clip:
         self.emphasis = emphasis
         self.embedding_db = EmbeddingDatabase(tokenizer, embeddings or {})
         self.stop_at_last_layers = stop_at_last_layers
+        self.final_norm = final_norm  # False: SDXL's penultimate layer as is (its layer="hidden")
         self.fixes = None
+        self.pooled = None
 
     def tokenize(self, texts):
         return self.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
@@ -316,6 +318,8 @@ class A1111Clip:
             multipliers = [x.multipliers for x in batch_chunk]
             self.fixes = [x.fixes for x in batch_chunk]
             zs.append(self.process_tokens(tokens, multipliers))
+            if i == 0:
+                self.first_pooled = self.pooled  # A1111 returns zs[0].pooled
         return torch.hstack(zs)
 
     def process_tokens(self, remade_batch_tokens, batch_multipliers):
@@ -356,8 +360,11 @@ class A1111Clip:
                 outputs = self.model(input_ids=tokens, output_hidden_states=True)
         finally:
             hook.remove()
+        self.pooled = getattr(outputs, "text_embeds", None)
         if self.stop_at_last_layers > 1:
             z = outputs.hidden_states[-self.stop_at_last_layers]
+            if not self.final_norm:
+                return z
             with torch.no_grad():
                 return self.model.text_model.final_layer_norm(z)
         return outputs.last_hidden_state

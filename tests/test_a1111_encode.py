@@ -169,3 +169,46 @@ def test_comfy_schedule_is_one_entry_over_the_whole_range(clip):
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a [b:c:2] AND d"), return_pooled=True)
     assert torch.equal(entry[0], cond) and torch.equal(entry[1]["pooled_output"], pooled)
     assert (entry[1]["start_percent"], entry[1]["end_percent"]) == (0.0, 1.0)
+
+
+def test_sdxl_schedule_equals_a1111(hf_tokenizer):
+    """SDXL: each encoder chunks and weights on its own (CLIP-L pads with the end token,
+    OpenCLIP-G with 0), both at the penultimate layer without the final norm; the cond is
+    L beside G and the pooled output G's projected one of the first chunk."""
+    from textenc.sdxl_clip import SDXLClipModel, SDXLTokenizer
+
+    def hf(width, seed):
+        torch.manual_seed(seed)
+        config = transformers.CLIPTextConfig(
+            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3, num_attention_heads=2,
+            projection_dim=width, hidden_act="gelu", eos_token_id=END, bos_token_id=START)
+        model = transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="eager").eval()
+        randomize_(model, seed)
+        with torch.no_grad():  # see make_hf
+            model.text_model.encoder.layers[1].mlp.fc2.bias += 1.0
+        return model
+
+    hf_l, hf_g = hf(64, 11), hf(96, 12)
+    configs = {}
+    for role, model, pad in (("l", hf_l, END), ("g", hf_g, 0)):
+        width = model.config.hidden_size
+        configs[role] = {**text_config(pad), "hidden_size": width, "intermediate_size": 2 * width,
+                         "hidden_act": "gelu", "projection_dim": width}
+    model = SDXLClipModel(l_config=configs["l"], g_config=configs["g"])
+    model.load_sd({k: v.clone() for k, v in hf_l.state_dict().items() if k != "text_projection.weight"})
+    model.load_sd({k: v.clone() for k, v in hf_g.state_dict().items()})
+    model.clip_l.special_tokens = {"start": START, "end": END, "pad": END}
+    model.clip_g.special_tokens = {"start": START, "end": END, "pad": 0}
+    sdxl = CLIP(model, SDXLTokenizer(), clip_type="sdxl")
+    ref_l = A1111Clip(hf_tokenizer, hf_l, stop_at_last_layers=2, final_norm=False)
+    ref_g = A1111Clip(hf_tokenizer, hf_g, id_pad=0, stop_at_last_layers=2, final_norm=False)
+    prompt, steps = "[a red fox:((a blue bird)):3], " + ", ".join(["snowy forest at dawn"] * 14), 6
+    schedule = get_learned_conditioning_prompt_schedules([prompt], steps)[0]
+    texts = [text for _, text in schedule]
+    cond_l, cond_g = ref_l.forward(texts), ref_g.forward(texts)
+    conditioning = sdxl.encode_scheduled(prompt, steps=steps, syntax="a1111")
+    assert len(conditioning) == len(schedule)
+    for index, (cond, extra) in enumerate(conditioning):
+        expected = torch.cat([cond_l[index], cond_g[index]], dim=-1)
+        torch.testing.assert_close(cond[0], expected, atol=TOL, rtol=0)
+        torch.testing.assert_close(extra["pooled_output"][0], ref_g.first_pooled[index], atol=TOL, rtol=0)
