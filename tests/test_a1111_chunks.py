@@ -167,3 +167,8 @@ def test_inspect_printout_shows_chunks_and_moves():
     assert "comma backtracking moved 14 token(s) from chunk 0 to chunk 1: 'dog dog" in text
     assert _report_dict(report)["moves"] == [{"source": 0, "num_tokens": 14, "text": " ".join(["dog"] * 14)}]
     assert "chunks" not in _report_dict(SDTokenizer().inspect("a cat"))  # comfy: unchanged
+
+
+def test_tokenizer_without_start_token_is_refused():
+    with pytest.raises(PromptError, match="start and end tokens"):
+        SDTokenizer(has_start_token=False).tokenize_with_weights("a", syntax="a1111")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ...errors import PromptError
 from .chunks import DEFAULT_BACKTRACK, Chunk, Chunking, tokenize_line
 from .encode import encode_texts
 from .schedule import prompt_schedule, split_and
@@ -33,7 +34,13 @@ def _window(tokenizer: "SDTokenizer", chunk: Chunk) -> list[tuple]:
 
 
 def chunk_windows(tokenizer: "SDTokenizer", chunking: Chunking) -> list[list[tuple]]:
-    """One 77-token window per chunk."""
+    """One 77-token window per chunk.
+
+    Raises:
+        PromptError: the tokenizer has no start or end token (A1111's chunks need both).
+    """
+    if tokenizer.start_token is None or tokenizer.end_token is None:
+        raise PromptError("syntax='a1111' needs a CLIP tokenizer with start and end tokens")
     return [_window(tokenizer, chunk) for chunk in chunking.chunks]
 
 
