@@ -1,391 +1,549 @@
-"""Test oracle: AUTOMATIC1111's prompt pipeline restated step by step.
+"""Test oracle for the A1111 dialect, written from AUTOMATIC1111's documented rules.
 
-This follows the structure of A1111's own code (``modules/prompt_parser.py``:
-``parse_prompt_attention``, the lark schedule grammar with
-``get_learned_conditioning_prompt_schedules`` and ``get_multicond_prompt_list``;
-``modules/sd_hijack_clip.py``: ``tokenize_line``, ``forward``,
-``process_tokens``; ``modules/sd_emphasis.py``: "Original" / "No norm"),
-on ``transformers.CLIPTokenizer`` and ``transformers.CLIPTextModel``. It
-uses none of textenc's code, so textenc can be checked against it.
+Nothing here is taken from A1111's code, and it shares no code or structure with
+``textenc/dialects/a1111``: it is a second, independent reading of the same rules
+(A1111's wiki on attention/emphasis, prompt editing, alternating words and BREAK, its
+parser's doctest examples, and the rules written out in the dialect's docstrings and
+the README). Where the product tokenizes with a regular expression, this scans
+character by character and defers the bracket products; where the product parses the
+schedule with functions over ``(text, index)``, this is a cursor-based reader that
+builds a tree; where the product chunks in one loop, this first flattens the prompt
+into a stream of items and then packs them.
+
+Tokenizing and encoding use ``transformers.CLIPTokenizer`` and ``transformers``' CLIP
+text models, never textenc's tokenizer or encoder.
+
+Rules restated (the oracle's own wording):
+
+Attention. ``(x)`` multiplies the weight of ``x`` by 1.1, ``[x]`` by 1/1.1, and
+``(x:w)`` by ``w`` (``w`` is ``[+-]?[.0-9]+`` with optional white space around it).
+A closing bracket multiplies what was written since its own opening bracket; round
+and square brackets are matched separately. Brackets still open at the end weigh the
+rest of the prompt: the round ones first, then the square ones. ``\\(``, ``\\)``,
+``\\[``, ``\\]`` and ``\\\\`` stand for the character; any other backslash is
+dropped (it leaves an empty piece of weight 1). A stray closer, a ``:`` that starts
+no weight, and a ``:w)`` with no ``(`` open are text. Inside each run of plain text,
+the word ``BREAK`` (with the white space around it) is a break marker of weight -1,
+which the brackets around it multiply like any text. Neighbours of equal weight are
+joined; an empty prompt is one empty piece.
+
+Chunks. Each piece is tokenized on its own. Tokens fill chunks of 75; when a chunk is
+full and a non-comma token comes, and the chunk's last comma is at most ``backtrack``
+tokens from its end, the tokens after that comma start the next chunk. A break closes
+the current chunk, even an empty one. A textual inversion (its name's tokens) takes
+one slot per vector and starts a new chunk when it does not fit. A chunk is padded
+with the end token to 75 and wrapped in start/end; with another pad id, everything
+after the first end token becomes the pad id.
+
+Schedules and AND: see :func:`oracle_schedule` and :func:`oracle_and_parts`.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 
-CHUNK_LENGTH = 75
+CHUNK_TOKENS = 75
+WINDOW_TOKENS = CHUNK_TOKENS + 2
+ROUND_FACTOR = 1.1
+SQUARE_FACTOR = 1 / 1.1
+BREAK_MARK = ("BREAK", -1.0)
 
-# ---- prompt_parser.parse_prompt_attention ------------------------------------
+# ---- attention -------------------------------------------------------------------
 
-re_attention = re.compile(r"""
-\\\(|
-\\\)|
-\\\[|
-\\]|
-\\\\|
-\\|
-\(|
-\[|
-:\s*([+-]?[.\d]+)\s*\)|
-\)|
-]|
-[^\\()\[\]:]+|
-:
-""", re.X)
-re_break = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_ATTENTION_SPECIAL = frozenset("\\()[]:")
+_ESCAPABLE = frozenset("()[]\\")
+_BREAK_SPLIT = re.compile(r"\s*(?<!\w)BREAK(?!\w)\s*")
 
 
-def parse_prompt_attention(text):
-    res = []
-    round_brackets = []
-    square_brackets = []
+def _weight_literal_at(text: str, colon: int) -> tuple[str, int] | None:
+    """If ``:`` at ``colon`` starts ``: w )``, the literal ``w`` and the index after ``)``."""
+    n, j = len(text), colon + 1
+    while j < n and text[j].isspace():
+        j += 1
+    begin = j
+    if j < n and text[j] in "+-":
+        j += 1
+    body = j
+    while j < n and (text[j] == "." or text[j].isdecimal()):
+        j += 1
+    if j == body:
+        return None
+    literal = text[begin:j]
+    while j < n and text[j].isspace():
+        j += 1
+    return (literal, j + 1) if j < n and text[j] == ")" else None
 
-    def multiply_range(start_position, multiplier):
-        for p in range(start_position, len(res)):
-            res[p][1] *= multiplier
 
-    for m in re_attention.finditer(text):
-        text = m.group(0)
-        weight = m.group(1)
-        if text.startswith("\\"):
-            res.append([text[1:], 1.0])
-        elif text == "(":
-            round_brackets.append(len(res))
-        elif text == "[":
-            square_brackets.append(len(res))
-        elif weight is not None and round_brackets:
-            multiply_range(round_brackets.pop(), float(weight))
-        elif text == ")" and round_brackets:
-            multiply_range(round_brackets.pop(), 1.1)
-        elif text == "]" and square_brackets:
-            multiply_range(square_brackets.pop(), 1 / 1.1)
-        else:
-            parts = re.split(re_break, text)
-            for i, part in enumerate(parts):
-                if i > 0:
-                    res.append(["BREAK", -1])
-                res.append([part, 1.0])
-    for pos in round_brackets:
-        multiply_range(pos, 1.1)
-    for pos in square_brackets:
-        multiply_range(pos, 1 / 1.1)
-    if len(res) == 0:
-        res = [["", 1.0]]
+def _append_run(pieces: list[list], run: str) -> None:
+    """Add a run of plain text, cut at each ``BREAK`` word."""
+    for index, part in enumerate(_BREAK_SPLIT.split(run)):
+        if index:
+            pieces.append(list(BREAK_MARK))
+        pieces.append([part, 1.0])
+
+
+def oracle_attention(prompt: str) -> list[list]:
+    """``prompt`` as ``[[text, weight], ...]`` by A1111's attention rules.
+
+    Raises ValueError for a ``(x:w)`` whose ``w`` is no number, as A1111 does.
+    """
+    pieces: list[list] = []
+    products: list[tuple[int, int, float]] = []  # (first piece, stop, factor), in order
+    round_opened: list[int] = []
+    square_opened: list[int] = []
     i = 0
-    while i + 1 < len(res):
-        if res[i][1] == res[i + 1][1]:
-            res[i][0] += res[i + 1][0]
-            res.pop(i + 1)
-        else:
+    while i < len(prompt):
+        char = prompt[i]
+        if char == "\\":
+            follower = prompt[i + 1:i + 2]
+            escaped = bool(follower) and follower in _ESCAPABLE
+            pieces.append([follower if escaped else "", 1.0])
+            i += 2 if escaped else 1
+        elif char in "([":
+            (round_opened if char == "(" else square_opened).append(len(pieces))
             i += 1
-    return res
+        elif char == ":":
+            found = _weight_literal_at(prompt, i)
+            if found is None:
+                _append_run(pieces, ":")
+                i += 1
+            elif round_opened:
+                products.append((round_opened.pop(), len(pieces), float(found[0])))
+                i = found[1]
+            else:
+                _append_run(pieces, prompt[i:found[1]])
+                i = found[1]
+        elif char == ")" and round_opened:
+            products.append((round_opened.pop(), len(pieces), ROUND_FACTOR))
+            i += 1
+        elif char == "]" and square_opened:
+            products.append((square_opened.pop(), len(pieces), SQUARE_FACTOR))
+            i += 1
+        elif char in ")]":
+            _append_run(pieces, char)
+            i += 1
+        else:
+            stop = i
+            while stop < len(prompt) and prompt[stop] not in _ATTENTION_SPECIAL:
+                stop += 1
+            _append_run(pieces, prompt[i:stop])
+            i = stop
+    end = len(pieces)
+    products += [(first, end, ROUND_FACTOR) for first in round_opened]
+    products += [(first, end, SQUARE_FACTOR) for first in square_opened]
+    for first, stop, factor in products:
+        for piece in pieces[first:stop]:
+            piece[1] *= factor
+    joined: list[list] = []
+    for piece in pieces:
+        if joined and joined[-1][1] == piece[1]:
+            joined[-1][0] += piece[0]
+        else:
+            joined.append(piece)
+    return joined or [["", 1.0]]
 
 
-# ---- prompt_parser schedules (lark, as A1111) -----------------------------------
+# ---- prompt editing / alternation ---------------------------------------------------
 
-SCHEDULE_GRAMMAR = r"""
-!start: (prompt | /[][():]/+)*
-prompt: (emphasized | scheduled | alternate | plain | WHITESPACE)*
-!emphasized: "(" prompt ")"
-        | "(" prompt ":" prompt ")"
-        | "[" prompt "]"
-scheduled: "[" [prompt ":"] prompt ":" [WHITESPACE] NUMBER [WHITESPACE] "]"
-alternate: "[" prompt ("|" [prompt])+ "]"
-WHITESPACE: /\s+/
-plain: /([^\\\[\]():|]|\\.)+/
-%import common.SIGNED_NUMBER -> NUMBER
-"""
-_PARSER = []
+_DIGITS = frozenset("0123456789")
 
 
-def get_learned_conditioning_prompt_schedules(prompts, steps):
-    import lark
-
-    if not _PARSER:
-        _PARSER.append(lark.Lark(SCHEDULE_GRAMMAR))
-    schedule_parser = _PARSER[0]
-
-    def collect_steps(steps, tree):
-        res = [steps]
-
-        class CollectSteps(lark.Visitor):
-            def scheduled(self, tree):
-                s = tree.children[-2]
-                v = float(s)
-                if "." in s:
-                    v = v * steps
-                tree.children[-2] = min(steps, int(v))
-                if tree.children[-2] >= 1:
-                    res.append(tree.children[-2])
-
-            def alternate(self, tree):
-                res.extend(range(1, steps + 1))
-
-        CollectSteps().visit(tree)
-        return sorted(set(res))
-
-    def at_step(step, tree):
-        class AtStep(lark.Transformer):
-            def scheduled(self, args):
-                before, after, _, when, _ = args
-                yield before or () if step <= when else after
-
-            def alternate(self, args):
-                args = ["" if not arg else arg for arg in args]
-                yield args[(step - 1) % len(args)]
-
-            def start(self, args):
-                def flatten(x):
-                    if isinstance(x, str):
-                        yield x
-                    else:
-                        for gen in x:
-                            yield from flatten(gen)
-                return "".join(flatten(args))
-
-            def plain(self, args):
-                yield args[0].value
-
-            def __default__(self, data, children, meta):
-                for child in children:
-                    yield child
-        return AtStep().transform(tree)
-
-    def get_schedule(prompt):
-        try:
-            tree = schedule_parser.parse(prompt)
-        except lark.exceptions.LarkError:
-            return [[steps, prompt]]
-        return [[t, at_step(t, tree)] for t in collect_steps(steps, tree)]
-
-    promptdict = {prompt: get_schedule(prompt) for prompt in set(prompts)}
-    return [promptdict[prompt] for prompt in prompts]
+class _GroupFails(Exception):
+    """A bracket group does not close as the grammar wants."""
 
 
-re_AND = re.compile(r"\bAND\b")
-re_weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+class _Unreadable(Exception):
+    """No reading of the prompt exists (then A1111 uses it as written)."""
 
 
-def get_multicond_prompt_list(prompt):
-    """One prompt's ``[(text, weight), ...]`` (A1111 also dedupes texts; same result)."""
-    out = []
-    for subprompt in re_AND.split(prompt):
-        match = re_weight.search(subprompt)
-        text, weight = match.groups() if match is not None else (subprompt, 1.0)
-        out.append((text, float(weight) if weight is not None else 1.0))
+@dataclass
+class _Edit:
+    before: list | None
+    after: list
+    literal: str
+
+
+@dataclass
+class _Alternation:
+    options: list
+
+
+class _ScheduleReader:
+    """A cursor over the prompt; groups are read recursively and give up with
+    :class:`_GroupFails`. Plain text: anything but ``\\ [ ] ( ) : |``, or a backslash
+    with the character after it (not a line break). Inside a group, ``(`` and ``[``
+    must open groups: ``( p )``, ``( p : p )``, ``[ p ]``, ``[ p : N ]``,
+    ``[ p : p : N ]``, ``[ p | p | ... ]``. At the top level a group that fails leaves
+    its opener as text, as are ``] ) :``; a ``|`` or a bad backslash there means no
+    reading exists. A group that closes is always taken."""
+
+    def __init__(self, text: str):
+        self.text, self.at = text, 0
+
+    def peek(self) -> str:
+        return self.text[self.at] if self.at < len(self.text) else ""
+
+    def escaped_pair(self) -> str | None:
+        after = self.text[self.at + 1:self.at + 2]
+        return None if after in ("", "\n") else self.text[self.at:self.at + 2]
+
+    def inner(self) -> list:
+        nodes: list = []
+        while (char := self.peek()) not in ("", "]", ")", ":", "|"):
+            if char in "([":
+                nodes.extend(self.group())
+            elif char == "\\":
+                pair = self.escaped_pair()
+                if pair is None:
+                    raise _GroupFails
+                nodes.append(pair)
+                self.at += 2
+            else:
+                nodes.append(char)
+                self.at += 1
+        return nodes
+
+    def expect(self, char: str) -> None:
+        if self.peek() != char:
+            raise _GroupFails
+        self.at += 1
+
+    def number_and_close(self) -> str | None:
+        """``ws? SIGNED_NUMBER ws? ]`` here: the number (cursor after ``]``), else None."""
+        text, j = self.text, self.at
+        while j < len(text) and text[j].isspace():
+            j += 1
+        begin = j
+        if j < len(text) and text[j] in "+-":
+            j += 1
+        whole = j
+        while j < len(text) and text[j] in _DIGITS:
+            j += 1
+        has_whole = j > whole
+        has_fraction = False
+        if j < len(text) and text[j] == ".":
+            k = j + 1
+            while k < len(text) and text[k] in _DIGITS:
+                k += 1
+            has_fraction = k > j + 1
+            if has_whole or has_fraction:
+                j = k
+        if not (has_whole or has_fraction):
+            return None
+        if j < len(text) and text[j] in "eE":
+            k = j + 1 + (text[j + 1:j + 2] in ("+", "-") and j + 1 < len(text))
+            digits = k
+            while k < len(text) and text[k] in _DIGITS:
+                k += 1
+            j = k if k > digits else j
+        literal = text[begin:j]
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if j < len(text) and text[j] == "]":
+            self.at = j + 1
+            return literal
+        return None
+
+    def group(self) -> list:
+        opener = self.peek()
+        self.at += 1
+        first = self.inner()
+        if opener == "(":
+            if self.peek() == ")":
+                self.at += 1
+                return ["(", *first, ")"]
+            self.expect(":")
+            second = self.inner()
+            self.expect(")")
+            return ["(", *first, ":", *second, ")"]
+        follower = self.peek()
+        if follower == "]":
+            self.at += 1
+            return ["[", *first, "]"]
+        if follower == "|":
+            options = [first]
+            while self.peek() == "|":
+                self.at += 1
+                options.append(self.inner())
+            self.expect("]")
+            return [_Alternation(options)]
+        self.expect(":")
+        mark = self.at
+        literal = self.number_and_close()
+        if literal is not None:
+            return [_Edit(None, first, literal)]
+        self.at = mark
+        second = self.inner()
+        self.expect(":")
+        literal = self.number_and_close()
+        if literal is None:
+            raise _GroupFails
+        return [_Edit(first, second, literal)]
+
+    def whole(self) -> list:
+        nodes: list = []
+        while (char := self.peek()) != "":
+            if char in "([":
+                start = self.at
+                try:
+                    nodes.extend(self.group())
+                    continue
+                except _GroupFails:
+                    self.at = start + 1
+                    nodes.append(char)
+            elif char == "|":
+                raise _Unreadable
+            elif char == "\\":
+                pair = self.escaped_pair()
+                if pair is None:
+                    raise _Unreadable
+                nodes.append(pair)
+                self.at += 2
+            else:
+                nodes.append(char)
+                self.at += 1
+        return nodes
+
+
+def _switch_step(literal: str, steps: int) -> int:
+    """A literal with a ``.`` is a fraction of ``steps``; the step is capped at ``steps``."""
+    value = float(literal) * (steps if "." in literal else 1)
+    return min(steps, int(value))
+
+
+def _change_steps(nodes: list | None, steps: int, into: set[int]) -> None:
+    for node in nodes or ():
+        if isinstance(node, _Edit):
+            step = _switch_step(node.literal, steps)
+            if step >= 1:
+                into.add(step)
+            _change_steps(node.before, steps, into)
+            _change_steps(node.after, steps, into)
+        elif isinstance(node, _Alternation):
+            into.update(range(1, steps + 1))
+            for option in node.options:
+                _change_steps(option, steps, into)
+
+
+def _text_at(nodes: list | None, step: int, steps: int) -> str:
+    out = ""
+    for node in nodes or ():
+        if isinstance(node, _Edit):
+            chosen = node.before if step <= _switch_step(node.literal, steps) else node.after
+            out += _text_at(chosen, step, steps)
+        elif isinstance(node, _Alternation):
+            out += _text_at(node.options[(step - 1) % len(node.options)], step, steps)
+        else:
+            out += node
     return out
 
 
-# ---- sd_hijack_clip ------------------------------------------------------------
+def oracle_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """``[(last_step, text), ...]``: ``text`` is used at 0-based steps up to ``last_step``.
 
-class PromptChunk:
-    def __init__(self):
-        self.tokens = []
-        self.multipliers = []
-        self.fixes = []
-
-
-class Embedding:
-    def __init__(self, vec, name):
-        self.vec, self.name, self.vectors = vec, name, vec.shape[0]
-
-
-class EmbeddingDatabase:
-    """``textual_inversion.EmbeddingDatabase``'s lookup by name tokens."""
-
-    def __init__(self, tokenizer, embeddings):
-        self.ids_lookup = {}
-        for name, vec in embeddings.items():
-            ids = tokenizer([name], truncation=False, add_special_tokens=False)["input_ids"][0]
-            first_id = ids[0]
-            self.ids_lookup.setdefault(first_id, [])
-            self.ids_lookup[first_id] = sorted(self.ids_lookup[first_id] + [(ids, Embedding(vec, name))],
-                                               key=lambda x: len(x[0]), reverse=True)
-
-    def find_embedding_at_position(self, tokens, offset):
-        possible_matches = self.ids_lookup.get(tokens[offset], None)
-        if possible_matches is None:
-            return None, None
-        for ids, embedding in possible_matches:
-            if tokens[offset:offset + len(ids)] == ids:
-                return embedding, len(ids)
-        return None, None
+    ``[a:b:N]`` is ``a`` up to step N then ``b``; ``[b:N]`` and ``[a::N]`` leave one side
+    empty; N with a ``.`` is a fraction of ``steps``. ``[a|b|c]`` cycles one option per
+    step. A prompt without a reading is used as written.
+    """
+    try:
+        tree = _ScheduleReader(prompt).whole()
+    except _Unreadable:
+        return [(steps, prompt)]
+    changes = {steps}
+    _change_steps(tree, steps, changes)
+    return [(step, _text_at(tree, step, steps)) for step in sorted(changes)]
 
 
-class A1111Clip:
-    """``FrozenCLIPEmbedderWithCustomWords`` (id_pad = id_end) or the OpenCLIP
-    variant (``id_pad=0``) around a transformers tokenizer and text model."""
+_AND_WORD = re.compile(r"(?<!\w)AND(?!\w)")
+_PART_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
 
-    def __init__(self, tokenizer, model=None, *, id_pad=None, comma_padding_backtrack=20,
-                 emphasis="Original", embeddings=None, stop_at_last_layers=1, final_norm=True):
+
+def oracle_and_parts(prompt: str) -> list[tuple[str, float]]:
+    """``AND`` (a whole word) separates parts; a part ending in ``:number`` (white space
+    allowed around both) takes that weight, else 1. Trailing white space is dropped."""
+    parts = []
+    for part in _AND_WORD.split(prompt):
+        head, colon, tail = part.rpartition(":")
+        if colon and _PART_NUMBER.fullmatch(tail.strip()):
+            parts.append((head.rstrip(), float(tail.strip())))
+        else:
+            parts.append((part.rstrip(), 1.0))
+    return parts
+
+
+def active_entry(schedule: list[tuple[int, str]], step: int) -> int:
+    """Index of the entry used at 0-based ``step`` (the first whose last step is >= it)."""
+    return next((index for index, (last, _) in enumerate(schedule) if step <= last), 0)
+
+
+# ---- chunks and encoding on transformers -----------------------------------------------
+
+
+@dataclass
+class OracleChunk:
+    """A 77-token window (start, 75 tokens, end) before any pad rewrite.
+
+    ``vectors`` are ``(slot, rows)``: embedding rows for window positions ``slot + 1``...
+    """
+
+    ids: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    vectors: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    kind: str  # "token", "vectors" or "break"
+    first_id: int = -1
+    weight: float = 1.0
+    rows: torch.Tensor | None = None
+
+
+class OracleClip:
+    """A1111-style chunking and encoding on a transformers tokenizer and text model.
+
+    ``emphasis``: ``"Original"`` (weights, then the batch mean restored), ``"No norm"``
+    (weights only) or ``"Ignore"``. ``skip`` > 1 takes ``hidden_states[-skip]``, through
+    the final layer norm unless ``final_norm=False``. ``pad_id`` None pads with the end token.
+    """
+
+    def __init__(self, tokenizer, model=None, *, pad_id: int | None = None, backtrack: int = 20,
+                 emphasis: str = "Original", embeddings: dict | None = None, skip: int = 1,
+                 final_norm: bool = True):
         self.tokenizer, self.model = tokenizer, model
-        self.id_start, self.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
-        self.id_pad = self.id_end if id_pad is None else id_pad
-        self.comma_token = tokenizer.get_vocab().get(",</w>", None)
-        self.comma_padding_backtrack = comma_padding_backtrack
-        self.emphasis = emphasis
-        self.embedding_db = EmbeddingDatabase(tokenizer, embeddings or {})
-        self.stop_at_last_layers = stop_at_last_layers
-        self.final_norm = final_norm  # False: SDXL's penultimate layer as is (its layer="hidden")
-        self.fixes = None
-        self.pooled = None
+        self.start_id, self.end_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad_id = self.end_id if pad_id is None else pad_id
+        self.comma_id = tokenizer.convert_tokens_to_ids(",</w>")
+        self.backtrack, self.emphasis, self.skip, self.final_norm = backtrack, emphasis, skip, final_norm
+        self.names = [(self._ids(name), rows) for name, rows in (embeddings or {}).items()]
+        self.first_pooled = None
 
-    def tokenize(self, texts):
-        return self.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
 
-    def empty_chunk(self):
-        chunk = PromptChunk()
-        chunk.tokens = [self.id_start] + [self.id_end] * (CHUNK_LENGTH + 1)
-        chunk.multipliers = [1.0] * (CHUNK_LENGTH + 2)
-        return chunk
+    def _embedding_at(self, ids: list[int], at: int):
+        best = None
+        for name_ids, rows in self.names:
+            if ids[at:at + len(name_ids)] == name_ids and (best is None or len(name_ids) > len(best[0])):
+                best = (name_ids, rows)
+        return best
 
-    def tokenize_line(self, line):
-        parsed = parse_prompt_attention(line) if self.emphasis != "None" else [[line, 1.0]]
-        tokenized = self.tokenize([text for text, _ in parsed])
-        chunks = []
-        chunk = PromptChunk()
-        token_count = 0
-        last_comma = -1
-
-        def next_chunk(is_last=False):
-            nonlocal token_count, last_comma, chunk
-            token_count += len(chunk.tokens) if is_last else CHUNK_LENGTH
-            to_add = CHUNK_LENGTH - len(chunk.tokens)
-            if to_add > 0:
-                chunk.tokens += [self.id_end] * to_add
-                chunk.multipliers += [1.0] * to_add
-            chunk.tokens = [self.id_start] + chunk.tokens + [self.id_end]
-            chunk.multipliers = [1.0] + chunk.multipliers + [1.0]
-            last_comma = -1
-            chunks.append(chunk)
-            chunk = PromptChunk()
-
-        for tokens, (text, weight) in zip(tokenized, parsed):
-            if text == "BREAK" and weight == -1:
-                next_chunk()
+    def items(self, prompt: str) -> list[_Item]:
+        """The prompt as a flat stream of tokens, embeddings and breaks."""
+        stream = []
+        for text, weight in oracle_attention(prompt):
+            if (text, weight) == BREAK_MARK:
+                stream.append(_Item("break"))
                 continue
-            position = 0
-            while position < len(tokens):
-                token = tokens[position]
-                if token == self.comma_token:
-                    last_comma = len(chunk.tokens)
-                elif (self.comma_padding_backtrack != 0 and len(chunk.tokens) == CHUNK_LENGTH
-                      and last_comma != -1 and len(chunk.tokens) - last_comma <= self.comma_padding_backtrack):
-                    break_location = last_comma + 1
-                    reloc_tokens = chunk.tokens[break_location:]
-                    reloc_mults = chunk.multipliers[break_location:]
-                    chunk.tokens = chunk.tokens[:break_location]
-                    chunk.multipliers = chunk.multipliers[:break_location]
-                    next_chunk()
-                    chunk.tokens = reloc_tokens
-                    chunk.multipliers = reloc_mults
-                if len(chunk.tokens) == CHUNK_LENGTH:
-                    next_chunk()
-                embedding, embedding_length_in_tokens = self.embedding_db.find_embedding_at_position(tokens, position)
-                if embedding is None:
-                    chunk.tokens.append(token)
-                    chunk.multipliers.append(weight)
-                    position += 1
-                    continue
-                emb_len = int(embedding.vectors)
-                if len(chunk.tokens) + emb_len > CHUNK_LENGTH:
-                    next_chunk()
-                chunk.fixes.append((len(chunk.tokens), embedding))
-                chunk.tokens += [0] * emb_len
-                chunk.multipliers += [weight] * emb_len
-                position += embedding_length_in_tokens
-        if chunk.tokens or not chunks:
-            next_chunk(is_last=True)
-        return chunks, token_count
+            ids, at = self._ids(text), 0
+            while at < len(ids):
+                found = self._embedding_at(ids, at)
+                if found is None:
+                    stream.append(_Item("token", ids[at], weight))
+                    at += 1
+                else:
+                    stream.append(_Item("vectors", ids[at], weight, found[1]))
+                    at += len(found[0])
+        return stream
 
-    def process_texts(self, texts):
-        cache, batch_chunks = {}, []
-        for line in texts:
-            if line not in cache:
-                cache[line] = self.tokenize_line(line)[0]
-            batch_chunks.append(cache[line])
-        return batch_chunks
+    def _seal(self, body: list, weights: list, vectors: list) -> OracleChunk:
+        filler = CHUNK_TOKENS - len(body)
+        return OracleChunk([self.start_id, *body, *[self.end_id] * filler, self.end_id],
+                           [1.0, *weights, *[1.0] * filler, 1.0], vectors)
 
-    def forward(self, texts):
-        batch_chunks = self.process_texts(texts)
-        chunk_count = max(len(x) for x in batch_chunks)
-        zs = []
-        for i in range(chunk_count):
-            batch_chunk = [chunks[i] if i < len(chunks) else self.empty_chunk() for chunks in batch_chunks]
-            tokens = [x.tokens for x in batch_chunk]
-            multipliers = [x.multipliers for x in batch_chunk]
-            self.fixes = [x.fixes for x in batch_chunk]
-            zs.append(self.process_tokens(tokens, multipliers))
-            if i == 0:
-                self.first_pooled = self.pooled  # A1111 returns zs[0].pooled
-        return torch.hstack(zs)
+    def chunks(self, prompt: str) -> list[OracleChunk]:
+        done: list[OracleChunk] = []
+        body, weights, vectors, comma = [], [], [], None
 
-    def process_tokens(self, remade_batch_tokens, batch_multipliers):
-        tokens = torch.asarray(remade_batch_tokens)
-        if self.id_end != self.id_pad:
-            for batch_pos in range(len(remade_batch_tokens)):
-                index = remade_batch_tokens[batch_pos].index(self.id_end)
-                tokens[batch_pos, index + 1:tokens.shape[1]] = self.id_pad
-        z = self.encode_with_transformers(tokens)
-        multipliers = torch.asarray(batch_multipliers)
-        if self.emphasis == "Original":
-            original_mean = z.mean()
-            z = z * multipliers.reshape(multipliers.shape + (1,)).expand(z.shape)
-            new_mean = z.mean()
-            z = z * (original_mean / new_mean)
-        elif self.emphasis == "No norm":
-            z = z * multipliers.reshape(multipliers.shape + (1,)).expand(z.shape)
-        return z
+        def seal():
+            nonlocal body, weights, vectors, comma
+            done.append(self._seal(body, weights, vectors))
+            body, weights, vectors, comma = [], [], [], None
 
-    def _embeddings_with_fixes(self, module, args, output):
-        """``sd_hijack.EmbeddingsWithFixes.forward``: the fixes go in after the start token."""
-        batch_fixes, self.fixes = self.fixes, None
-        if not batch_fixes or max(len(x) for x in batch_fixes) == 0:
-            return output
-        vecs = []
-        for fixes, tensor in zip(batch_fixes, output):
-            for offset, embedding in fixes:
-                emb = embedding.vec.to(tensor.dtype)
-                emb_len = min(tensor.shape[0] - offset - 1, emb.shape[0])
-                tensor = torch.cat([tensor[0:offset + 1], emb[0:emb_len], tensor[offset + 1 + emb_len:]])
-            vecs.append(tensor)
-        return torch.stack(vecs)
+        for item in self.items(prompt):
+            if item.kind == "break":
+                seal()
+                continue
+            if item.first_id == self.comma_id:
+                comma = len(body)
+            elif (self.backtrack and len(body) == CHUNK_TOKENS and comma is not None
+                  and CHUNK_TOKENS - comma <= self.backtrack):
+                moved = (body[comma + 1:], weights[comma + 1:])
+                body, weights = body[:comma + 1], weights[:comma + 1]
+                seal()
+                body, weights = list(moved[0]), list(moved[1])
+            if len(body) == CHUNK_TOKENS:
+                seal()
+            if item.kind == "token":
+                body.append(item.first_id)
+                weights.append(item.weight)
+                continue
+            count = item.rows.shape[0]
+            if len(body) + count > CHUNK_TOKENS:
+                seal()
+            vectors.append((len(body), item.rows))
+            body += [0] * count
+            weights += [item.weight] * count
+        if body or not done:
+            seal()
+        return done
 
-    def encode_with_transformers(self, tokens):
-        hook = self.model.text_model.embeddings.token_embedding.register_forward_hook(self._embeddings_with_fixes)
+    def window_ids(self, chunk: OracleChunk) -> list[int]:
+        """The ids the model sees: after the first end token, ``pad_id``."""
+        cut = chunk.ids.index(self.end_id) + 1
+        return chunk.ids[:cut] + [self.pad_id] * (len(chunk.ids) - cut)
+
+    def _blank(self) -> OracleChunk:
+        return self._seal([], [], [])
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """``[batch, 77 * chunks, width]``; shorter texts get blank chunks."""
+        per_text = [self.chunks(text) for text in texts]
+        parts = []
+        for index in range(max(len(c) for c in per_text)):
+            row = [c[index] if index < len(c) else self._blank() for c in per_text]
+            hidden, pooled = self._run(row)
+            if index == 0:
+                self.first_pooled = pooled
+            parts.append(self._emphasize(hidden, torch.tensor([c.weights for c in row])))
+        return torch.cat(parts, dim=1)
+
+    def _emphasize(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.emphasis == "Ignore":
+            return hidden
+        scaled = hidden * weights.unsqueeze(-1)
+        if self.emphasis == "No norm":
+            return scaled
+        return scaled * (hidden.mean() / scaled.mean())
+
+    def _run(self, row: list[OracleChunk]):
+        ids = torch.tensor([self.window_ids(c) for c in row])
+
+        def put_vectors(module, inputs, embedded):
+            embedded = embedded.clone()
+            for b, chunk in enumerate(row):
+                for slot, rows in chunk.vectors:
+                    n = min(WINDOW_TOKENS - slot - 1, rows.shape[0])
+                    embedded[b, slot + 1:slot + 1 + n] = rows[:n].to(embedded.dtype)
+            return embedded
+
+        text_model = self.model.text_model
+        handle = text_model.embeddings.token_embedding.register_forward_hook(put_vectors)
         try:
             with torch.no_grad():
-                outputs = self.model(input_ids=tokens, output_hidden_states=True)
+                out = self.model(input_ids=ids, output_hidden_states=True)
+                if self.skip == 1:
+                    hidden = out.last_hidden_state
+                else:
+                    hidden = out.hidden_states[-self.skip]
+                    hidden = text_model.final_layer_norm(hidden) if self.final_norm else hidden
         finally:
-            hook.remove()
-        self.pooled = getattr(outputs, "text_embeds", None)
-        if self.stop_at_last_layers > 1:
-            z = outputs.hidden_states[-self.stop_at_last_layers]
-            if not self.final_norm:
-                return z
-            with torch.no_grad():
-                return self.model.text_model.final_layer_norm(z)
-        return outputs.last_hidden_state
+            handle.remove()
+        return hidden, getattr(out, "text_embeds", None)
 
 
-def reference_window_tokens(clip: A1111Clip, chunk: PromptChunk) -> list[int]:
-    """A chunk's 77 token ids after ``process_tokens``' pad rewrite."""
-    tokens = list(chunk.tokens)
-    if clip.id_end != clip.id_pad:
-        index = tokens.index(clip.id_end)
-        tokens[index + 1:] = [clip.id_pad] * (len(tokens) - index - 1)
-    return tokens
-
-
-def step_of_entry(schedule, step):
-    """``reconstruct_cond_batch``: the entry A1111 uses at 0-based ``step``."""
-    for index, (end_at_step, _) in enumerate(schedule):
-        if step <= end_at_step:
-            return index
-    return 0
-
-
-__all__ = ["parse_prompt_attention", "get_learned_conditioning_prompt_schedules",
-           "get_multicond_prompt_list", "A1111Clip", "reference_window_tokens", "step_of_entry"]
+__all__ = ["oracle_attention", "oracle_schedule", "oracle_and_parts", "active_entry",
+           "OracleClip", "OracleChunk", "CHUNK_TOKENS"]

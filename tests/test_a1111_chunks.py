@@ -1,5 +1,5 @@
-"""A1111's chunking: textenc's ``syntax="a1111"`` windows against A1111's ``tokenize_line``
-(restated in ``a1111_reference`` on ``transformers.CLIPTokenizer``)."""
+"""A1111's chunking: textenc's ``syntax="a1111"`` windows against A1111's chunking rules
+(``a1111_reference``: written independently from A1111's rules, on ``transformers.CLIPTokenizer``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from a1111_prompts import ALL_PROMPTS, clause_prompts, tag_prompts
-from a1111_reference import A1111Clip, reference_window_tokens
+from a1111_reference import OracleClip
 from textenc.errors import PromptError
 from textenc.sd1_clip import SD1Tokenizer
 from textenc.sdxl_clip import SDXLTokenizer
@@ -22,9 +22,8 @@ def hf_tokenizer():
     return transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB)
 
 
-def reference_windows(clip: A1111Clip, prompt: str) -> list[tuple[list[int], list[float]]]:
-    chunks, _ = clip.tokenize_line(prompt)
-    return [(reference_window_tokens(clip, c), c.multipliers) for c in chunks]
+def reference_windows(clip: OracleClip, prompt: str) -> list[tuple[list[int], list[float]]]:
+    return [(clip.window_ids(c), c.weights) for c in clip.chunks(prompt)]
 
 
 def ours(tokenizer: SDTokenizer, prompt: str, **kwargs) -> list[tuple[list, list[float]]]:
@@ -36,7 +35,7 @@ def ours(tokenizer: SDTokenizer, prompt: str, **kwargs) -> list[tuple[list, list
 @pytest.mark.parametrize("backtrack", [20, 0, 5, 74])
 def test_windows_equal_a1111(hf_tokenizer, pad_with_end, backtrack):
     tokenizer = SDTokenizer(pad_with_end=pad_with_end)
-    clip = A1111Clip(hf_tokenizer, id_pad=None if pad_with_end else 0, comma_padding_backtrack=backtrack)
+    clip = OracleClip(hf_tokenizer, pad_id=None if pad_with_end else 0, backtrack=backtrack)
     prompts = ALL_PROMPTS if backtrack in (20, 0) else tag_prompts(15, seed=backtrack) + clause_prompts(15, seed=backtrack)
     for prompt in prompts:
         expected = reference_windows(clip, prompt)
@@ -47,14 +46,13 @@ def test_windows_equal_a1111(hf_tokenizer, pad_with_end, backtrack):
 def test_long_tag_prompts_cover_commas_15_to_25_tokens_from_chunk_ends(hf_tokenizer):
     """Without backtracking, the last comma of a full chunk lies d tokens from its end; the
     set holds both d in 15-20 (A1111 moves the text after it) and 21-25 (it does not)."""
-    clip = A1111Clip(hf_tokenizer, comma_padding_backtrack=0)
+    clip = OracleClip(hf_tokenizer, backtrack=0)
     distances = []
     for prompt in clause_prompts(40):
-        chunks, _ = clip.tokenize_line(prompt)
-        for chunk in chunks[:-1]:
-            body = chunk.tokens[1:-1]
-            commas = [i for i, t in enumerate(body) if t == clip.comma_token]
-            if clip.id_end not in body and commas:
+        for chunk in clip.chunks(prompt)[:-1]:
+            body = chunk.ids[1:-1]
+            commas = [i for i, t in enumerate(body) if t == clip.comma_id]
+            if clip.end_id not in body and commas:
                 distances.append(75 - commas[-1])
     assert sum(15 <= d <= 20 for d in distances) >= 5 and sum(21 <= d <= 25 for d in distances) >= 5
     tokenizer = SDTokenizer()
@@ -81,14 +79,14 @@ def test_exactly_75_tokens_fill_one_chunk_and_76_make_two():
 
 
 def test_wrappers_pass_syntax_through(hf_tokenizer):
-    clip = A1111Clip(hf_tokenizer)
+    clip = OracleClip(hf_tokenizer)
     prompt = ", ".join(["a red fox"] * 30)
     expected = [t for t, _ in reference_windows(clip, prompt)]
     sd1 = SD1Tokenizer().tokenize_with_weights(prompt, syntax="a1111")["l"]
     assert [[t for t, _ in w] for w in sd1] == expected
     sdxl = SDXLTokenizer().tokenize_with_weights(prompt, syntax="a1111")
     assert [[t for t, _ in w] for w in sdxl["l"]] == expected
-    clip_g = A1111Clip(hf_tokenizer, id_pad=0)
+    clip_g = OracleClip(hf_tokenizer, pad_id=0)
     assert [[t for t, _ in w] for w in sdxl["g"]] == [t for t, _ in reference_windows(clip_g, prompt)]
 
 
@@ -130,16 +128,14 @@ def _tokens_and_vectors(window):
 
 
 def _reference_with_vectors(clip, prompt):
-    """Reference windows with each fix's rows written where ``EmbeddingsWithFixes`` puts them."""
-    chunks, _ = clip.tokenize_line(prompt)
+    """Reference windows with each embedding's rows written where they enter the model."""
     out = []
-    for chunk in chunks:
-        tokens = list(reference_window_tokens(clip, chunk))
-        for offset, embedding in chunk.fixes:
-            rows = min(77 - offset - 1, embedding.vec.shape[0])
-            for row in range(rows):
-                tokens[offset + 1 + row] = ("vec", tuple(embedding.vec[row, :3].tolist()))
-        out.append((tokens, chunk.multipliers))
+    for chunk in clip.chunks(prompt):
+        tokens = list(clip.window_ids(chunk))
+        for slot, rows in chunk.vectors:
+            for row in range(min(77 - slot - 1, rows.shape[0])):
+                tokens[slot + 1 + row] = ("vec", tuple(rows[row, :3].tolist()))
+        out.append((tokens, chunk.weights))
     return out
 
 
@@ -151,7 +147,7 @@ def _reference_with_vectors(clip, prompt):
 ])
 def test_embeddings_are_placed_as_a1111_places_them(hf_tokenizer, embedding_folder, prompt):
     folder, vectors = embedding_folder
-    clip = A1111Clip(hf_tokenizer, embeddings=vectors)
+    clip = OracleClip(hf_tokenizer, embeddings=vectors)
     tokenizer = SDTokenizer(embedding_directory=str(folder))
     windows = tokenizer.tokenize_with_weights(prompt, syntax="a1111")
     got = [(_tokens_and_vectors(w), [x for _, x in w]) for w in windows]

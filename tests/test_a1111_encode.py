@@ -1,5 +1,6 @@
 """A1111 conditioning: textenc (``syntax="a1111"`` windows through ``SDClipModel``) against
-A1111's ``forward``/``process_tokens``/emphasis restated on transformers' CLIP text model.
+``a1111_reference``: A1111's chunking and emphasis written independently from its rules,
+on transformers' CLIP text model.
 
 The text models are tiny random transformers models (every parameter random); textenc
 loads the same weights. Tolerance 1e-5 in fp32.
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from a1111_prompts import ALL_PROMPTS
-from a1111_reference import A1111Clip, get_learned_conditioning_prompt_schedules, step_of_entry
+from a1111_reference import OracleClip, active_entry, oracle_schedule
 from random_weights import randomize_
 from textenc.sd import CLIP, conditioning_at_step
 from textenc.sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
@@ -83,12 +84,12 @@ def clip(hf_model) -> CLIP:
                                             ("Ignore", "none")])
 def test_conditioning_equals_a1111(hf_model, hf_tokenizer, emphasis, mode):
     """Every prompt of the set (>100: doctests, edge cases, long tag and clause prompts)."""
-    reference = A1111Clip(hf_tokenizer, hf_model, emphasis=emphasis)
+    reference = OracleClip(hf_tokenizer, hf_model, emphasis=emphasis)
     model, tokenizer = our_model(hf_model), SD1Tokenizer().tokenizer
     prompts = ALL_PROMPTS if mode == "a1111" else ALL_PROMPTS[::4]
     worst = 0.0
     for prompt in prompts:
-        expected = reference.forward([prompt])
+        expected = reference.encode([prompt])
         windows = tokenizer.tokenize_with_weights(prompt, syntax="a1111")
         got = model.encode_token_weights(windows, options={"weight_mode": mode})[0]
         assert got.shape == expected.shape, prompt
@@ -99,20 +100,19 @@ def test_conditioning_equals_a1111(hf_model, hf_tokenizer, emphasis, mode):
 def test_openclip_padding_and_clip_skip(hf_model, hf_tokenizer):
     """``id_pad`` 0 after the first end token (SD2/SDXL-G) and CLIP skip 2 (A1111's
     ``CLIP_stop_at_last_layers``: hidden_states[-2] through the final layer norm)."""
-    reference = A1111Clip(hf_tokenizer, hf_model, id_pad=0, stop_at_last_layers=2)
+    reference = OracleClip(hf_tokenizer, hf_model, pad_id=0, skip=2)
     model = our_model(hf_model, pad=0)
     tokenizer = SD1Tokenizer(pad_with_end=False).tokenizer
     for prompt in ALL_PROMPTS[::5]:
         windows = tokenizer.tokenize_with_weights(prompt, syntax="a1111")
         got = model.encode_token_weights(windows, options={"weight_mode": "a1111", "layer": -2})[0]
-        torch.testing.assert_close(got, reference.forward([prompt]), atol=TOL, rtol=0)
+        torch.testing.assert_close(got, reference.encode([prompt]), atol=TOL, rtol=0)
 
 
 def _reference_schedule(reference, prompt, steps):
-    """A1111's ``get_learned_conditioning``: the schedule's texts as one batch."""
-    pytest.importorskip("lark")
-    schedule = get_learned_conditioning_prompt_schedules([prompt], steps)[0]
-    conds = reference.forward([text for _, text in schedule])
+    """A1111 encodes all texts of one prompt's schedule as one batch."""
+    schedule = oracle_schedule(prompt, steps)
+    conds = reference.encode([text for _, text in schedule])
     return schedule, conds
 
 
@@ -126,18 +126,18 @@ def _reference_schedule(reference, prompt, steps):
 def test_schedule_equals_a1111_batch(clip, hf_model, hf_tokenizer, prompt, steps):
     """Each text of a schedule with A1111's emphasis over the batch (and empty chunks for
     the shorter texts), and the entry that is active at each step."""
-    reference = A1111Clip(hf_tokenizer, hf_model)
+    reference = OracleClip(hf_tokenizer, hf_model)
     schedule, conds = _reference_schedule(reference, prompt, steps)
     conditioning = clip.encode_scheduled(prompt, steps=steps, syntax="a1111")
     for step in range(steps):
         active = conditioning_at_step(conditioning, step, steps)
         assert len(active) == 1
-        expected = conds[step_of_entry(schedule, step)]
+        expected = conds[active_entry(schedule, step)]
         torch.testing.assert_close(active[0][0][0], expected, atol=TOL, rtol=0)
 
 
 def test_and_parts_weights_and_percent_ranges(clip, hf_model, hf_tokenizer):
-    reference = A1111Clip(hf_tokenizer, hf_model)
+    reference = OracleClip(hf_tokenizer, hf_model)
     prompt = "a cat [sitting:running:2] AND a dog:0.7 AND (snow:1.2):-0.5"
     conditioning = clip.encode_scheduled(prompt, steps=4, syntax="a1111")
     assert [(e["start_percent"], e["end_percent"], e["strength"]) for _, e in conditioning] == [
@@ -148,7 +148,7 @@ def test_and_parts_weights_and_percent_ranges(clip, hf_model, hf_tokenizer):
         assert [w for _, _, w in active] == [w for _, w in parts]
         for (cond, pooled, _), (text, _) in zip(active, parts):
             schedule, conds = _reference_schedule(reference, text, 4)
-            torch.testing.assert_close(cond[0], conds[step_of_entry(schedule, step)], atol=TOL, rtol=0)
+            torch.testing.assert_close(cond[0], conds[active_entry(schedule, step)], atol=TOL, rtol=0)
             assert pooled.shape == (1, WIDTH)
     assert len(clip.encode_scheduled("a AND b", steps=3, syntax="a1111", split_and=False)) == 1
 
@@ -200,12 +200,12 @@ def test_sdxl_schedule_equals_a1111(hf_tokenizer):
     model.clip_l.special_tokens = {"start": START, "end": END, "pad": END}
     model.clip_g.special_tokens = {"start": START, "end": END, "pad": 0}
     sdxl = CLIP(model, SDXLTokenizer(), clip_type="sdxl")
-    ref_l = A1111Clip(hf_tokenizer, hf_l, stop_at_last_layers=2, final_norm=False)
-    ref_g = A1111Clip(hf_tokenizer, hf_g, id_pad=0, stop_at_last_layers=2, final_norm=False)
+    ref_l = OracleClip(hf_tokenizer, hf_l, skip=2, final_norm=False)
+    ref_g = OracleClip(hf_tokenizer, hf_g, pad_id=0, skip=2, final_norm=False)
     prompt, steps = "[a red fox:((a blue bird)):3], " + ", ".join(["snowy forest at dawn"] * 14), 6
-    schedule = get_learned_conditioning_prompt_schedules([prompt], steps)[0]
+    schedule = oracle_schedule(prompt, steps)
     texts = [text for _, text in schedule]
-    cond_l, cond_g = ref_l.forward(texts), ref_g.forward(texts)
+    cond_l, cond_g = ref_l.encode(texts), ref_g.encode(texts)
     conditioning = sdxl.encode_scheduled(prompt, steps=steps, syntax="a1111")
     assert len(conditioning) == len(schedule)
     for index, (cond, extra) in enumerate(conditioning):
