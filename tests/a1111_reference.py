@@ -134,6 +134,11 @@ def oracle_attention(prompt: str) -> list[list]:
     end = len(pieces)
     products += [(first, end, ROUND_FACTOR) for first in round_opened]
     products += [(first, end, SQUARE_FACTOR) for first in square_opened]
+    return _weigh_and_join(pieces, products)
+
+
+def _weigh_and_join(pieces: list[list], products: list[tuple[int, int, float]]) -> list[list]:
+    """Apply the bracket products in order, then join neighbours of equal weight."""
     for first, stop, factor in products:
         for piece in pieces[first:stop]:
             piece[1] *= factor
