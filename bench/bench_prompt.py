@@ -11,6 +11,9 @@ unweighted one (ours) and ≤ 0.65× the reference; a three-window prompt encode
 all its windows in one batched forward (counted with a forward hook; its time
 against the reference is shown too, bounded below by 3/4: the reference runs
 the empty prompt as a fourth row). Tokenization ≥ 3× reference throughput.
+Issue #17 adds an A1111 row: a three-chunk tag prompt read with
+``syntax="a1111"`` (chunking, comma backtracking, "Original" emphasis), text to
+conditioning, side by side with the same prompt on the ComfyUI path (info).
 
 Issue 15 (point 5): a 1 MB prompt (short words; and weighted groups) is refused by ``max_windows``
 (default 256) in under 1 s with under 64 MiB of peak memory growth (the
@@ -174,6 +177,33 @@ def bench_encoding(rounds: int) -> list[dict]:
     return rows
 
 
+A1111_PROMPT = ", ".join(f"({tag}:1.2)" if i % 5 == 0 else tag for i, tag in enumerate(TAGS + TAGS[:6])) + " BREAK 4k"
+
+
+def bench_a1111(rounds: int) -> list[dict]:
+    """Text to conditioning: ``syntax="a1111"`` (3 chunks) vs the ComfyUI path, same prompt."""
+    model, tokenizer = make_model(), SDTokenizer()
+
+    def a1111():
+        windows = tokenizer.tokenize_with_weights(A1111_PROMPT, syntax="a1111")
+        return model.encode_token_weights(windows, options={"weight_mode": "a1111"})
+
+    def comfy():
+        return model.encode_token_weights(tokenizer.tokenize_with_weights(A1111_PROMPT))
+
+    chunks = len(tokenizer.tokenize_with_weights(A1111_PROMPT, syntax="a1111"))
+    if chunks != 3:
+        raise AssertionError(f"the A1111 case has {chunks} chunks, not 3")
+    timed = common.interleaved({"a1111": a1111, "comfy": comfy}, repeats=rounds)
+    ours, ref = timed["a1111"].samples, timed["comfy"].samples
+    ratio = statistics.median(ours) / statistics.median(ref)
+    windows = len(tokenizer.tokenize_with_weights(A1111_PROMPT))
+    row = _row(f"A1111 prompt, 3 chunks (comfy path: {windows} windows), text to cond", ours, ref, ratio,
+               "info", None)
+    row["reference_ms"] = f"{row['reference_ms']} (comfy)"
+    return [row]
+
+
 def bench_tokenization(rounds: int, count: int) -> list[dict]:
     import transformers
 
@@ -274,7 +304,7 @@ def bench_max_windows(rounds: int) -> list[dict]:
 def run(quick: bool = False) -> list[dict]:
     """Run every case; ``quick`` uses fewer rounds (< 40 s) for CI."""
     rounds = 3 if quick else 7
-    return (bench_encoding(rounds) + bench_tokenization(2 if quick else 5, 2000)
+    return (bench_encoding(rounds) + bench_a1111(rounds) + bench_tokenization(2 if quick else 5, 2000)
             + bench_max_windows(2 if quick else 5))
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .checkpoint import load_state_dict
+from .dialects import default_weight_mode, get_dialect, prompt_schedules
 from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
 from .errors import CheckpointError, CheckpointWarning, TextencError
 from .layers import check_layer
@@ -22,7 +23,7 @@ from .sd2_clip import SD2ClipModel, SD2Tokenizer
 from .sdxl_clip import SDXLClipModel, SDXLTokenizer
 
 __all__ = ["CLIP", "CLIP_TYPES", "ROLES", "build_clip", "load_clip", "load_text_encoder_state_dicts",
-           "text_config_from_info", "detect_clip_type"]
+           "text_config_from_info", "detect_clip_type", "conditioning_at_step"]
 
 CLIP_TYPES = ("sd1", "sd2", "sdxl")
 # Shapes cannot tell the activation: OpenAI's CLIP-L uses quick_gelu, OpenCLIP's
@@ -205,14 +206,85 @@ class CLIP:
         cond = result.pop("cond")
         return [[cond, result]]
 
-    def encode(self, text: str):
-        return self.encode_from_tokens(self.tokenize(text))
+    def encode(self, text: str, *, syntax: str | None = None, options: Mapping[str, Any] | None = None):
+        """``cond`` of ``text``; ``syntax`` picks the dialect and, unless ``options``
+        names one, the ``weight_mode`` that goes with it (``a1111`` for ``"a1111"``)."""
+        return self.encode_from_tokens(self.tokenize(text, syntax=syntax) if syntax else self.tokenize(text),
+                                       options=_syntax_options(syntax, options))
+
+    def encode_scheduled(self, text: str, *, steps: int, syntax: str | None = None,
+                         options: Mapping[str, Any] | None = None, split_and: bool = True,
+                         **tokenize_kwargs: Any) -> list:
+        """CONDITIONING for ``steps`` sampling steps: prompt editing, alternation and ``AND``.
+
+        With ``syntax="a1111"``, ``[from:to:when]``, ``[a|b]`` and ``AND`` are
+        read as AUTOMATIC1111 reads them; each text of a part's schedule is
+        encoded as A1111 encodes it (all of one schedule in one batch).
+        Returns ``[[cond, {"pooled_output", "start_percent", "end_percent",
+        "strength"}], ...]``: for each ``AND`` part in order, one entry per
+        change of its text, active while ``start_percent <= step / steps <
+        end_percent`` (0-based step ``step``; A1111 uses a text up to and
+        including its end step), ``strength`` the part's ``:weight``.
+        Entries of one part have equal lengths; parts may differ. Dialects
+        without editing give one entry over the whole range. ``split_and=False``
+        reads ``AND`` as text (A1111's negative prompt). ``tokenize_kwargs`` go
+        to the tokenizer (e.g. ``comma_padding_backtrack``); ``options`` and the
+        default ``weight_mode`` as :meth:`encode`. See :func:`conditioning_at_step`.
+
+        Raises:
+            PromptError: a bad syntax, ``steps`` or prompt.
+        """
+        opts = _syntax_options(syntax, options)
+        dialect = get_dialect(syntax)
+        tokenize = lambda text: self.tokenize(text, True, syntax=syntax, **tokenize_kwargs)  # noqa: E731
+        together = getattr(dialect, "encode_texts", None)
+        conditioning: list = []
+        for weight, schedule in prompt_schedules(syntax, text, steps, split=split_and):
+            texts = [t for _, t in schedule]
+            if together is not None:
+                encoded = together(self.cond_stage_model, tokenize, texts, self._options(True, opts))
+            else:
+                encoded = [self.encode_from_tokens(tokenize(t), return_pooled=True, options=opts) for t in texts]
+            conditioning += _timed_entries(schedule, encoded, steps, weight)
+        return conditioning
 
     def load_sd(self, sd, full_model: bool = False, *, strict: bool = True, require_finite: bool = True):
         return self.cond_stage_model.load_sd(sd, strict=strict, require_finite=require_finite)
 
     def get_sd(self) -> dict:
         return self.cond_stage_model.state_dict()
+
+
+def _syntax_options(syntax: str | None, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``options`` with the syntax's default ``weight_mode`` when they name none."""
+    if syntax is None:
+        return dict(options) if options else None
+    return {"weight_mode": default_weight_mode(syntax), **(options or {})}
+
+
+def _timed_entries(schedule: Sequence[tuple[int, str]], encoded: Sequence[tuple], steps: int,
+                   weight: float) -> list:
+    """ComfyUI entries of one schedule: text ``k`` covers steps ``end[k-1] + 1 .. end[k]``."""
+    entries, previous = [], -1
+    for (end, _text), (cond, pooled) in zip(schedule, encoded):
+        start, stop = (previous + 1) / steps, min(1.0, (end + 1) / steps)
+        previous = end
+        if start < 1.0:  # a text that starts after the last step is never used
+            entries.append([cond, {"pooled_output": pooled, "start_percent": start,
+                                   "end_percent": stop, "strength": weight}])
+    return entries
+
+
+def conditioning_at_step(conditioning: Sequence, step: int, steps: int) -> list[tuple]:
+    """The ``(cond, pooled, strength)`` active at 0-based ``step`` of ``steps``: one per ``AND`` part.
+
+    For :meth:`CLIP.encode_scheduled` output in a pipeline of your own. A1111
+    combines the parts as ``uncond + cfg · Σ strength · (pred(cond) - uncond)``;
+    ComfyUI averages them weighted by ``strength`` instead.
+    """
+    at = step / steps
+    return [(cond, extra["pooled_output"], extra.get("strength", 1.0)) for cond, extra in conditioning
+            if extra.get("start_percent", 0.0) <= at < extra.get("end_percent", 1.0)]
 
 
 ROLES = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g")}

@@ -63,6 +63,8 @@ def report_dict(report) -> dict[str, Any]:
         "embeddings": [{"name": e.name, "status": e.status, "path": e.path, "reason": e.reason,
                         "vectors": None if e.vectors is None else int(e.vectors.shape[0])}
                        for e in report.embeddings],
+        **({"chunks": [vars(c) for c in report.chunks], "moves": [vars(m) for m in report.moves]}
+           if hasattr(report, "chunks") else {}),
     }
 
 
@@ -88,6 +90,11 @@ def format_report(report) -> str:
     for unit in report.units:
         lines.append(f"  word {unit.word_id:>3}  {unit.kind:<9}  weight {unit.weight:<7.4g}  "
                      f"{unit.num_tokens:>3} token(s)  {unit.text!r}")
+    for chunk in getattr(report, "chunks", ()):  # syntax="a1111": A1111's chunks
+        lines.append(f"chunk {chunk.index}: {chunk.num_tokens} prompt token(s), ended by {chunk.ended_by}")
+    for move in getattr(report, "moves", ()):
+        lines.append(f"  comma backtracking moved {move.num_tokens} token(s) from chunk {move.source} "
+                     f"to chunk {move.source + 1}: {move.text!r}")
     if report.embeddings:
         lines.append("embeddings:")
         for entry in report.embeddings:

@@ -13,6 +13,12 @@ Every entry point (``SDTokenizer.tokenize_with_weights(text, syntax=...)``,
 ``CLIP.tokenize``, ``textenc encode/inspect --syntax``, ``encode-dataset``,
 ``encode_for_pipeline`` and the advanced encode node) takes the same names.
 Each dialect also names the ``weight_mode`` used when the caller gives none.
+
+Optional (A1111): ``prompt_schedules(text, steps, split=True)`` returns the
+``AND`` parts with their prompt-editing schedules, ``[(weight, [(end_step,
+text), ...]), ...]``, and ``encode_texts(model, tokenize, texts, options)``
+encodes the texts of one schedule together; :func:`prompt_schedules` gives
+every dialect's schedule (one part, one text for dialects without editing).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from . import a1111, comfy, compel
 if TYPE_CHECKING:  # pragma: no cover
     from ..tokenizer import InspectReport, SDTokenizer
 
-__all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "get_dialect", "default_weight_mode", "check_syntax"]
+__all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "get_dialect", "default_weight_mode", "check_syntax",
+           "prompt_schedules"]
 
 DEFAULT_SYNTAX = "comfy"
 
@@ -64,3 +71,16 @@ def get_dialect(syntax: str | None) -> Dialect:
 def default_weight_mode(syntax: str | None) -> str:
     """The ``weight_mode`` that goes with ``syntax`` when none is given."""
     return get_dialect(syntax).default_weight_mode
+
+
+def prompt_schedules(syntax: str | None, text: str, steps: int, *,
+                     split: bool = True) -> list[tuple[float, list[tuple[int, str]]]]:
+    """``[(weight, [(end_step, text), ...]), ...]``: the prompt's parts and their schedules.
+
+    Dialects without prompt editing or ``AND`` give ``[(1.0, [(steps, text)])]``.
+    """
+    dialect = get_dialect(syntax)
+    schedules = getattr(dialect, "prompt_schedules", None)
+    if schedules is None:
+        return [(1.0, [(steps, text)])]
+    return schedules(text, steps, split=split)

@@ -1,0 +1,21 @@
+"""``A1111InspectReport``: an :class:`~textenc.tokenizer.InspectReport` with A1111's chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...tokenizer import InspectReport
+
+__all__ = ["A1111InspectReport"]
+
+
+@dataclass(frozen=True)
+class A1111InspectReport(InspectReport):
+    """``windows``/``units``/``embeddings`` as for ComfyUI, plus ``chunks`` (one
+    ``ChunkReport`` per window: prompt tokens and what ended it) and ``moves``
+    (``MoveReport``: the text comma backtracking moved to the next chunk).
+    Units are A1111's weighted pieces; their ``start``/``end`` are -1 (A1111
+    joins pieces, so they have no single place in the prompt)."""
+
+    chunks: list = field(default_factory=list)
+    moves: list = field(default_factory=list)
