@@ -249,6 +249,14 @@ def test_inspect_reports_compel_fragments(pipe):
                                                        "snow</w>"]
 
 
+def test_doctests():
+    import doctest
+
+    from textenc.dialects import compel_grammar, compel_weighting
+
+    assert doctest.testmod(compel_grammar).failed == 0 and doctest.testmod(compel_weighting).failed == 0
+
+
 def test_compel_syntax_defaults_to_compel_weights():
     from textenc.dialects import default_weight_mode
 

@@ -40,7 +40,11 @@ Encode = Callable[..., tuple]  # (windows, mask (W, T) or None) -> (z (W, T, D),
 
 
 def lerp_weight(weight: float) -> float:
-    """compel's blend factor for the encoding without a fragment of weight ``weight`` < 1."""
+    """compel's blend factor for the encoding without a fragment of weight ``weight`` < 1.
+
+    >>> round(lerp_weight(0.5), 12), round(lerp_weight(0.0))  # half-way; 0 is clamped to 1e-5
+    (1.0, 63662)
+    """
     return math.tan((1.0 - max(weight, COMPEL_MIN_WEIGHT)) * math.pi / 2)
 
 
