@@ -305,6 +305,7 @@ def test_grammar_equals_compels_parser(one_compel_parser):
     ('("fire", "fire flames").blend(0.7, 0.3, 0.1)', "weight"), ('("fire", "flames").and(2)', "weight"),
     ('("a", "b").blend(0.5, 0.5) trailing', "after .blend"), ('("a", "b").and(s_start=1)', "numbers"),
     ('("mountain, man", "face, eyes--").blend(1,-1)', "sum to 0"),
+    ("(" * 3000 + "x" + ")" * 3000, "too deeply"), (123, "must be a str"),
 ])
 def test_refusals_are_prompt_errors(pipe, prompt, match):
     with pytest.raises(PromptError, match=match):
