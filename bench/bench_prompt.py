@@ -51,6 +51,7 @@ TAGS = ("masterpiece", "best quality", "1girl", "solo", "long hair", "looking at
         "octane render", "trending on artstation", "by greg rutkowski", "watercolor", "oil painting",
         "portrait", "landscape", "mountains", "river", "forest", "castle", "dragon", "cyberpunk",
         "steampunk", "art nouveau", "4k", "8k uhd", "dslr", "film grain", "fujifilm xt3")
+COMPEL_DOWN = "a photo of a (red fox)1.3 sitting in (deep snow)0.8, (golden hour)0.6, highly detailed, 35mm"
 UNICODE = ("café", "naïve", "東京タワー", "🦊", "Ωmega", "straße", "crème brûlée", "日本の風景", "ñandú")
 
 
@@ -301,11 +302,69 @@ def bench_max_windows(rounds: int) -> list[dict]:
     return rows
 
 
+def _hf_twin(model: SDClipModel):
+    """A transformers ``CLIPTextModel`` holding ``model``'s weights (the real compel's encoder)."""
+    import transformers
+
+    c = model.config
+    config = transformers.CLIPTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        max_position_embeddings=77, hidden_act=c.hidden_act, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407)
+    hf = transformers.CLIPTextModel._from_config(config, attn_implementation="sdpa").eval()
+    ours = {k.removeprefix("text_model."): v for k, v in model.transformer.state_dict().items()}
+    wanted = hf.state_dict()
+    missing = [k for k in wanted if k.removeprefix("text_model.") not in ours]
+    if missing:
+        raise AssertionError(f"cannot copy weights into transformers' CLIPTextModel: {missing[:4]}")
+    hf.load_state_dict({k: ours[k.removeprefix("text_model.")] for k in wanted})
+    return hf
+
+
+def bench_compel(rounds: int) -> list[dict]:
+    """A compel down-weighted prompt: textenc's ``syntax="compel"`` vs the real compel."""
+    try:
+        from compel import Compel
+        import transformers
+    except ImportError:
+        return [{"case": "compel down-weighted prompt", "ours_ms": "", "reference_ms": "", "ratio": None,
+                 "target": "info", "ok": None, "note": "compel not installed"}]
+    model = make_model()
+    hf = _hf_twin(model)
+    compel = Compel(tokenizer=transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB, model_max_length=77),
+                    text_encoder=hf)
+    tokenizer = SDTokenizer()
+
+    def ours():
+        tokens = tokenizer.tokenize_with_weights(COMPEL_DOWN, syntax="compel")
+        return model.encode_token_weights(tokens, options={"weight_mode": "compel"})[0]
+
+    def theirs():
+        with torch.no_grad():
+            return compel(COMPEL_DOWN)
+
+    difference = (ours() - theirs()).abs().max().item()
+    if difference > 1e-4:
+        raise AssertionError(f"textenc and compel differ by {difference:.3g} on {COMPEL_DOWN!r}")
+    timed = common.interleaved({"ours": ours, "ref": theirs}, repeats=rounds)
+    times_ours, times_ref = timed["ours"].samples, timed["ref"].samples
+    ratio = statistics.median(times_ours) / statistics.median(times_ref)
+    row = _row("compel down-weighted prompt (reference: compel 2.5 on transformers)", times_ours, times_ref,
+               ratio, "info", None)
+    started = time.perf_counter()
+    compel.parse_prompt_string(COMPEL_DOWN)
+    parse_ms = (time.perf_counter() - started) * 1000
+    row["note"] = (f"max difference {difference:.2g}; compel builds its pyparsing grammar on every call "
+                   f"(one build + parse: {parse_ms:.0f} ms)")
+    return [row]
+
+
 def run(quick: bool = False) -> list[dict]:
     """Run every case; ``quick`` uses fewer rounds (< 40 s) for CI."""
     rounds = 3 if quick else 7
-    return (bench_encoding(rounds) + bench_a1111(rounds) + bench_tokenization(2 if quick else 5, 2000)
-            + bench_max_windows(2 if quick else 5))
+    return (bench_encoding(rounds) + bench_a1111(rounds) + bench_compel(rounds)
+            + bench_tokenization(2 if quick else 5, 2000) + bench_max_windows(2 if quick else 5))
 
 
 def main() -> None:

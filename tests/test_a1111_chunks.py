@@ -155,7 +155,7 @@ def test_embeddings_are_placed_as_a1111_places_them(hf_tokenizer, embedding_fold
 
 
 def test_inspect_printout_shows_chunks_and_moves():
-    from textenc.cli import _format_report, _report_dict
+    from textenc.commands.inspect import format_report as _format_report, report_dict as _report_dict
 
     report = SDTokenizer().inspect(" ".join(["cat"] * 60) + ", " + " ".join(["dog"] * 20), syntax="a1111")
     text = _format_report(report)

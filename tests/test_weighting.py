@@ -6,9 +6,7 @@ The encodings come from the tiny random transformers oracle of
 * a1111 (AUTOMATIC1111 ``sd_hijack_clip``): ``z * w``, then each window is
   rescaled so its mean equals the unweighted window's mean;
 * a1111_no_norm: ``z * w``;
-* compel (down-weights): ``(z_up + t·z_without) / (1 + t)``,
-  ``t = tan((1 - w)·π/2)``, ``z_without`` = the prompt encoded with the
-  down-weighted unit's positions masked out through ``attention_mask``;
+* compel: not here; ``test_compel_oracle`` compares it with the real compel package;
 * none: the unweighted encoding.
 
 Normalisations are checked on hand-computed weight tables (word ids).
@@ -91,43 +89,6 @@ def test_none_ignores_weights(hf_models):
     model = sd1_model(hf_models, weight_mode="none")
     windows = [window(UNITS_A)]
     assert close(model.encode_token_weights(windows)[0], hf_z(hf_models, windows))
-
-
-@pytest.mark.parametrize("down", [0.5, 0.2, 0.0])
-def test_compel_downweight_blends_with_masked_encoding(hf_models, down):
-    units = [([320], 1.0), ([736, 3240], 1.4), ([530], 1.0), ([2368, 1615], down), ([4006], 1.0)]
-    windows = [window(units)]
-    model = sd1_model(hf_models, weight_mode="compel")
-    cond = model.encode_token_weights(windows)[0]
-
-    ids, weights = ids_and_weights(windows)
-    z = hf_z(hf_models, windows).double()
-    z_empty = hf_run(hf_models["l"], [START, END] + [END] * 75).last_hidden_state.double()
-    up = (weights[0] > 1).unsqueeze(-1)
-    z_up = torch.where(up, z_empty + (z - z_empty) * weights[0].unsqueeze(-1), z)
-    mask = torch.ones(1, 77, dtype=torch.long)
-    mask[0, [5, 6]] = 0  # the down-weighted unit: positions 5 and 6
-    assert weights[0, 5] == weights[0, 6] == down
-    z_without = hf_z(hf_models, windows, attention_mask=mask).double()
-    t = math.tan((1 - max(down, 1e-4)) * math.pi / 2)
-    expected = (z_up + t * z_without) / (1 + t)
-    assert close(cond, expected, 1e-5 * (1 + t))
-
-
-def test_compel_each_unit_masked_separately(hf_models):
-    """Two down-weighted units: each gets its own masked encode (summed blend)."""
-    units = [([320], 0.5), ([736], 1.0), ([3240], 0.8)]
-    windows = [window(units)]
-    cond = sd1_model(hf_models, weight_mode="compel").encode_token_weights(windows)[0]
-    z = hf_z(hf_models, windows).double()
-    total, blended = 1.0, z.clone()
-    for position, w in ((1, 0.5), (3, 0.8)):
-        mask = torch.ones(1, 77, dtype=torch.long)
-        mask[0, position] = 0
-        t = math.tan((1 - w) * math.pi / 2)
-        blended += t * hf_z(hf_models, windows, attention_mask=mask).double()
-        total += t
-    assert close(cond, blended / total)
 
 
 # ---- normalisation: hand tables ----------------------------------------------------

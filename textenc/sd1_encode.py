@@ -9,10 +9,10 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from .checkpoint import is_finite
+from .dialects.compel_weighting import encode_compel
 from .errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError
 from .warn import warn_at_caller
-from .weighting import (apply_weights, compel_blend_weights, downweighted_runs,
-                        normalize_weights)
+from .weighting import apply_weights, normalize_weights
 
 from .clip_options import ClipOptions
 
@@ -251,25 +251,12 @@ def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     return z.clone(), pooled.clone()
 
 
-def _compel_downweight(model, windows, weights, word_ids, z, opts):
-    """Blend each down-weighted unit with an encode that masks it out (compel)."""
-    jobs = []  # (window index, positions, blend factor)
-    for w, row in enumerate(weights.tolist()):
-        ids_row = word_ids[w].tolist() if word_ids is not None else None
-        jobs += [(w, run, compel_blend_weights(row[run[0]])) for run in downweighted_runs(row, ids_row)]
-    if not jobs:
-        return z
-    length = z.shape[1]
-    masks = torch.ones(len(jobs), length, dtype=torch.long, device=model.device)
-    for j, (_, positions, _) in enumerate(jobs):
-        masks[j, positions] = 0
-    z_without = encode_windows(model, [windows[w] for w, _, _ in jobs], opts, extra_mask=masks)[0]
-    total = torch.ones(z.shape[0], 1, 1, dtype=z.dtype, device=z.device)
-    blended = z.clone()
-    for j, (w, _, factor) in enumerate(jobs):
-        blended[w] += factor * z_without[j]
-        total[w] += factor
-    return blended / total
+def _encode_compel(model: SDClipModel, pairs, weights, word_ids, opts: ClipOptions):
+    """compel's algorithm (see :mod:`textenc.dialects.compel_weighting`) on this model."""
+    return encode_compel(
+        pairs, weights, word_ids, special=model.special_tokens,
+        encode=lambda windows, mask: encode_windows(model, windows, opts, extra_mask=mask),
+        empty=lambda length: empty_encoding(model, length, opts)[0])
 
 
 def token_weights(pairs: Sequence[Sequence[tuple]],
@@ -290,6 +277,14 @@ def token_weights(pairs: Sequence[Sequence[tuple]],
     return weights, word_ids
 
 
+def _check_weighted(z: torch.Tensor, weights: torch.Tensor) -> None:
+    """Raise EncodeError when weighting made the conditioning NaN or infinite."""
+    if not is_finite(z):
+        raise EncodeError(f"the weighted conditioning is NaN or infinite: a prompt weight (largest "
+                          f"|weight| {float(weights.abs().max()):.3g}) overflowed float32 when it scaled the "
+                          "encoder output; use smaller weights (ComfyUI would return this NaN/Inf conditioning)")
+
+
 def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptions):
     """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.weighting` for modes)."""
     pairs = [list(w) for w in token_weight_pairs]
@@ -299,16 +294,15 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
         return z_empty.unsqueeze(0).clone(), pooled_empty.unsqueeze(0).clone()
     windows = [[p[0] for p in w] for w in pairs]
     weights, word_ids = token_weights(pairs, opts.normalization)
+    if opts.weight_mode == "compel":
+        result = _encode_compel(model, pairs, weights, word_ids, opts)
+        _check_weighted(result[0], weights)
+        return result
     out = _encode_maybe_cached(model, windows, opts)
     z, pooled = out[0], out[1]
     if opts.weight_mode != "none" and bool((weights != 1.0).any()):
         z_empty = empty_encoding(model, z.shape[1], opts)[0]
         z = apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
-        if opts.weight_mode == "compel":
-            z = _compel_downweight(model, windows, weights, word_ids, z, opts)
-    if not is_finite(z):
-        raise EncodeError(f"the weighted conditioning is NaN or infinite: a prompt weight (largest "
-                          f"|weight| {float(weights.abs().max()):.3g}) overflowed float32 when it scaled the "
-                          "encoder output; use smaller weights (ComfyUI would return this NaN/Inf conditioning)")
+    _check_weighted(z, weights)
     result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1])
     return result + (out[2],) if len(out) > 2 else result

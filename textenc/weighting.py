@@ -10,10 +10,10 @@ Modes (``weight_mode``):
 * ``a1111`` (AUTOMATIC1111): ``z * w``, then the window is rescaled so its
   mean equals the unweighted window's mean.
 * ``a1111_no_norm``: ``z * w`` only.
-* ``compel``: weights above 1 as ``comfy``; each run of tokens weighted below
-  1 is blended with a copy of the prompt encoded with those tokens masked out,
-  ``(z + t·z_without) / (1 + t)`` with ``t = tan((1 - w)·π/2)`` (compel's
-  down-weighting; ``w`` is clamped to ≥ 1e-4 so ``t`` stays finite).
+* ``compel``: compel's algorithm (:mod:`textenc.dialects.compel_weighting`):
+  every weighted token as ``comfy``, then each fragment weighted below 1 is
+  blended with an encode that masks it out. Only its first step is here
+  (:func:`apply_weights` treats ``compel`` as ``comfy``); the encoder runs the rest.
 * ``none``: weights are ignored.
 
 Token normalisation (``normalization``), applied to the weights before the
@@ -25,20 +25,14 @@ mode, per unit (word id), as in the ComfyUI "advanced CLIP encode" nodes:
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
-
 import torch
 
 from .errors import PromptError
 
-__all__ = ["WEIGHT_MODES", "NORMALIZATIONS", "normalize_weights", "apply_weights",
-           "compel_blend_weights", "downweighted_runs"]
+__all__ = ["WEIGHT_MODES", "NORMALIZATIONS", "normalize_weights", "apply_weights"]
 
 WEIGHT_MODES = ("comfy", "a1111", "a1111_no_norm", "compel", "none")
 NORMALIZATIONS = ("none", "mean", "length", "length+mean")
-#: compel clamps weights before tan((1-w)π/2) so a 0 weight stays finite.
-COMPEL_MIN_WEIGHT = 1e-4
 
 
 def check_mode(weight_mode: str, normalization: str) -> None:
@@ -71,17 +65,15 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor, z_empty: torch.Tensor 
                   weight_mode: str) -> torch.Tensor:
     """Apply ``weights`` (windows, T) to encodings ``z`` (windows, T, D).
 
-    ``z_empty`` (T, D) is needed by ``comfy`` and ``compel``'s up-weights.
-    ``compel``'s down-weights are blended separately by the caller (they need
-    extra encodes); here they are left untouched.
+    ``z_empty`` (T, D) is needed by ``comfy`` and ``compel``. For ``compel`` this
+    is only the first step (every weight, down-weights included, as ``comfy``);
+    its down-weights also need extra encodes, which the encoder runs.
     """
     w = weights.to(z.dtype).unsqueeze(-1)
     if weight_mode == "none":
         return z
     if weight_mode in ("comfy", "compel"):
         changed = w != 1.0
-        if weight_mode == "compel":
-            changed = w > 1.0
         weighted = z_empty + (z - z_empty) * w
         # Tokens of weight 1 keep z bit-for-bit, as ComfyUI skips them.
         return torch.where(changed, weighted, z)
@@ -95,25 +87,3 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor, z_empty: torch.Tensor 
     # zero-mean tokens) would divide 0 by 0; there is no mean to restore then.
     ratio = torch.where(new_mean == 0, torch.ones_like(new_mean), original_mean / new_mean)
     return scaled * ratio
-
-
-def downweighted_runs(weights: Sequence[float], word_ids: Sequence[int] | None) -> list[list[int]]:
-    """Positions of each down-weighted unit (word id if known, else each contiguous run)."""
-    runs: list[list[int]] = []
-    previous_key = None
-    for position, weight in enumerate(weights):
-        if weight >= 1.0:
-            previous_key = None
-            continue
-        key = (word_ids[position], weight) if word_ids is not None else weight
-        if runs and key == previous_key:
-            runs[-1].append(position)
-        else:
-            runs.append([position])
-        previous_key = key
-    return runs
-
-
-def compel_blend_weights(weight: float) -> float:
-    """compel's blend factor ``tan((1 - w)·π/2)`` for a down-weight ``w`` < 1."""
-    return math.tan((1.0 - max(weight, COMPEL_MIN_WEIGHT)) * math.pi / 2.0)
