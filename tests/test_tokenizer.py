@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import re
-import time
 import warnings
 
 import pytest
@@ -316,14 +315,12 @@ def test_threads_share_one_tokenizer():
 
 
 def test_one_megabyte_prompt_within_bounds(tok):
+    """The size limits hold; their speed is bench/bench_prompt.py's (never a timed unit test)."""
     prompt = ("masterpiece, (best quality:1.2), a (red fox:1.1) in the ((snowy forest)), 8k " * 20_000)[:1_048_576]
-    start = time.perf_counter()
     out = tok.tokenize_with_weights(prompt, max_windows=None)
-    assert time.perf_counter() - start < 5.0 and len(out) > 1000
-    start = time.perf_counter()
-    with pytest.raises(PromptError):
+    assert len(out) > 1000
+    with pytest.raises(PromptError):  # one character over max_prompt_chars
         tok.tokenize_with_weights(prompt + "x", max_windows=None)
-    assert time.perf_counter() - start < 0.5
 
 
 @settings(max_examples=300, deadline=None)

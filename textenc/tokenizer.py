@@ -475,3 +475,8 @@ class SDTokenizer:
     def state_dict(self) -> dict:
         """Nothing to save (ComfyUI API)."""
         return {}
+
+
+# The dialects import this module's neighbours (embeddings, the model code); imported
+# here, once the tokenizer is defined, so tokenizing never imports a module later.
+from textenc.dialects import a1111, comfy, compel  # noqa: E402,F401

@@ -117,6 +117,12 @@ def resolved_layers(clip, layer: int | None) -> dict[str, int]:
     return result
 
 
+def _has_compel_tags(windows: list) -> bool:
+    """Whether compel-syntax tokens carry fragment tags (``.compel``, see
+    :mod:`textenc.dialects.compel_tokens`) that only the direct encode applies."""
+    return any(getattr(pair, "compel", None) is not None for window in windows for pair in window)
+
+
 class CaptionEncoder:
     """Tokenize and encode captions with one :class:`textenc.sd.CLIP` and fixed settings.
 
@@ -210,10 +216,10 @@ class CaptionEncoder:
             weights, _ = token_weights(windows, opts.normalization)
         except PromptError as exc:
             return f"PromptError: {exc}"
+        if opts.weight_mode == "compel" and (bool((weights < 1.0).any()) or _has_compel_tags(windows)):
+            return None  # down-weights, .blend() and .and() need compel's extra encodes
         if opts.weight_mode == "none" or not bool((weights != 1.0).any()):
             return z
-        if opts.weight_mode == "compel" and bool((weights < 1.0).any()):
-            return None
         z_empty = empty_encoding(self.encoders[role], z.shape[1], opts)[0]
         return apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+import importlib
+
 from ..errors import PromptError
-from . import a1111, comfy, compel
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tokenizer import InspectReport, SDTokenizer
@@ -52,8 +53,15 @@ class Dialect(Protocol):
         """The windows and units of ``text``, for ``textenc inspect``."""
 
 
-_REGISTRY: dict[str, Dialect] = {d.name: d for d in (comfy.DIALECT, a1111.DIALECT, compel.DIALECT)}
-SYNTAXES = tuple(_REGISTRY)
+#: Dialect name -> the weight mode it uses when none is given. Plain data, so
+#: command lines can list and check names without importing torch.
+_DEFAULT_WEIGHT_MODES = {"comfy": "comfy", "a1111": "a1111", "compel": "compel"}
+SYNTAXES = tuple(_DEFAULT_WEIGHT_MODES)
+
+
+def _load(name: str) -> Dialect:
+    """The ``DIALECT`` of ``textenc.dialects.<name>`` (the tokenizer imports them all)."""
+    return importlib.import_module(f"{__name__}.{name}").DIALECT
 
 
 def check_syntax(syntax: object) -> str:
@@ -65,12 +73,12 @@ def check_syntax(syntax: object) -> str:
 
 def get_dialect(syntax: str | None) -> Dialect:
     """The dialect named ``syntax`` (None means ``comfy``)."""
-    return _REGISTRY[check_syntax(syntax or DEFAULT_SYNTAX)]
+    return _load(check_syntax(syntax or DEFAULT_SYNTAX))
 
 
 def default_weight_mode(syntax: str | None) -> str:
     """The ``weight_mode`` that goes with ``syntax`` when none is given."""
-    return get_dialect(syntax).default_weight_mode
+    return _DEFAULT_WEIGHT_MODES[check_syntax(syntax or DEFAULT_SYNTAX)]
 
 
 def prompt_schedules(syntax: str | None, text: str, steps: int, *,
