@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import load_state_dict
 from .dialects import default_weight_mode, get_dialect, prompt_schedules
+from .diffusers_layers import VIT_H_LAYERS, use_vit_h_penultimate
 from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
 from .errors import CheckpointError, CheckpointWarning, TextencError
 from .layers import check_layer
@@ -88,6 +89,10 @@ def _check_layers(source: str, info: TextEncoderInfo, allow_missing_layers: bool
     if not missing:
         return info
     truncated = missing == list(range(missing[0], info.num_layers)) and missing[0] > 0
+    if info.name == "h" and missing == [VIT_H_LAYERS - 1]:
+        # diffusers' SD2 text encoder: ViT-H without the last layer, which SD2 never uses.
+        # ComfyUI loads it too (and encodes with the penultimate layer, this file's last).
+        return dataclasses.replace(info, num_layers=missing[0], missing_layers=())
     if allow_missing_layers and truncated and info.expected_layers is not None:
         return dataclasses.replace(info, num_layers=missing[0], missing_layers=())
     depth = (f"CLIP-{info.name.upper()} has {info.expected_layers} layers" if info.expected_layers
@@ -387,6 +392,8 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
     if clip_type is not None and clip_type != detected:
         raise CheckpointError(f"clip_type {clip_type!r} was asked for, but the file(s) hold "
                               f"{sorted(encoders)} text encoders ({detected})")
-    return _build(detected, encoders, embedding_directory=embedding_directory, device=device,
+    clip = _build(detected, encoders, embedding_directory=embedding_directory, device=device,
                   dtype=dtype, tokenizer_kwargs=tokenizer_kwargs or {},
                   text_configs=text_configs or {}, strict=strict, require_finite=require_finite)
+    use_vit_h_penultimate(clip)  # a 23-layer SD2 encoder defaults to its last layer, as ComfyUI
+    return clip
