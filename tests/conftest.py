@@ -31,3 +31,12 @@ def tiny_hf_vision_state_dict() -> dict[str, torch.Tensor]:
     )
     model = transformers.CLIPVisionModelWithProjection._from_config(config, attn_implementation="sdpa")
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch at one thread for a module's tests (use with ``pytestmark``), restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from ..dialects import SYNTAXES, default_weight_mode
+from ..diffusers_layers import VIT_H_LAYERS, dropped_layers
 from ..errors import LayerError, TextencError
 from ..layers import layer_from_clip_skip
 from .common import check_folder, check_out_file, progress, show_path, write_file_atomically
@@ -83,14 +84,6 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 
 #: ComfyUI's default layer per model type: SD1 the last, SD2 and SDXL the penultimate.
 COMFY_DEFAULT_LAYER = {"sd1": -1, "sd2": -2, "sdxl": -2}
-#: OpenCLIP ViT-H/14's depth. stabilityai's diffusers SD2 folders hold it without its last
-#: layer (23 of 24: SD2 uses the penultimate one); ComfyUI numbers such a model as the
-#: 24-layer one it comes from, and so does this command.
-VIT_H_LAYERS = 24
-
-
-def _dropped_layers(clip) -> int:
-    return 1 if clip.clip_type == "sd2" and clip.num_layers == VIT_H_LAYERS - 1 else 0
 
 
 def resolve_layer(clip, clip_skip: int | None) -> tuple[int, int]:
@@ -100,7 +93,7 @@ def resolve_layer(clip, clip_skip: int | None) -> tuple[int, int]:
     Raises:
         LayerError: 0, beyond the model's depth, or ViT-H's last layer on a 23-layer SD2.
     """
-    dropped = _dropped_layers(clip)
+    dropped = dropped_layers(clip)  # a 23-layer SD2 is numbered as ViT-H's 24 layers, as ComfyUI
     if clip_skip is None:
         layer = COMFY_DEFAULT_LAYER[clip.clip_type]
     else:
