@@ -207,6 +207,37 @@ def test_embeds_and_num_tokens_match_token_path():
     assert max_diff(out.projected_pooled, ref.text_embeds) <= FP32_TOL
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_groups_pool_each_group_as_if_alone(threads):
+    """``row_groups`` runs the pooled-only tail after an intermediate layer group by
+    group: each group's pooled rows equal that group encoded alone bit for bit, and
+    transformers' pooled output (its full last layer) within 1e-5."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hf, ours = text_pair(reduced(load_text_config("sd2_clip_config"), layers=3), seed=5)
+        batches = [make_ids(0, seed=s) for s in range(1, 4)]
+        ids = torch.cat([b[0] for b in batches] + [batches[0][0][:1]])  # groups of 3, 3, 3, 1
+        mask = torch.cat([b[1] for b in batches] + [batches[0][1][:1]])
+        groups = [3, 3, 3, 1]
+        kwargs = dict(intermediate_output=-2, return_last_hidden=False)
+        out = ours(ids, mask, row_groups=groups, **kwargs)
+        start = 0
+        for size in groups:
+            alone = ours(ids[start:start + size], mask[start:start + size], **kwargs)
+            assert torch.equal(out.pooled_output[start:start + size], alone.pooled_output)
+            assert torch.equal(out.projected_pooled[start:start + size], alone.projected_pooled)
+            assert torch.equal(out.intermediate[start:start + size], alone.intermediate)
+            start += size
+        ref = hf(input_ids=ids, attention_mask=mask)
+        assert max_diff(out.projected_pooled, ref.text_embeds) <= FP32_TOL
+        with pytest.raises(ValueError, match="summing to the batch"):
+            ours(ids, mask, row_groups=[3, 3], **kwargs)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", TEXT_CONFIGS)
 def test_text_low_precision_against_fp32_transformers(name):
     cfg = load_text_config(name)

@@ -16,7 +16,8 @@ Shapes in comments: B batch, T tokens, D width, H heads.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+import itertools
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ACTIVATION_FUNCTIONS", "INPLACE_ACTIVATIONS", "IntermediateSpec",
-    "CLIPAttention", "CLIPMLP", "CLIPLayer", "CLIPEncoder", "resolve_layer_index",
+    "CLIPAttention", "CLIPMLP", "CLIPLayer", "CLIPEncoder", "group_spans", "resolve_layer_index",
 ]
 
 IntermediateSpec = Union[int, str, None]
@@ -215,6 +216,24 @@ class CLIPLayer(torch.nn.Module):
         return self.self_attn(h[:, :keys], mask, optimized_attention, queries=_select_rows(h, rows))
 
 
+def group_spans(row_groups: Sequence[int], batch: int) -> list[tuple[int, int]]:
+    """Group sizes → ``[(start, stop), ...]`` covering ``batch`` rows (ValueError otherwise)."""
+    sizes = [int(size) for size in row_groups]
+    if any(size < 1 for size in sizes) or sum(sizes) != batch:
+        raise ValueError(f"row_groups {sizes} must be positive sizes summing to the batch ({batch})")
+    stops = list(itertools.accumulate(sizes))
+    return list(zip([0] + stops[:-1], stops))
+
+
+def _tail_by_group(layer: CLIPLayer, x: torch.Tensor, mask: torch.Tensor | None, attention,
+                   rows: torch.Tensor, row_groups: Sequence[int], **kwargs) -> torch.Tensor:
+    def group_mask(start: int, stop: int):
+        return mask if mask is None or mask.shape[0] == 1 else mask[start:stop]
+
+    return torch.cat([layer(x[start:stop], group_mask(start, stop), attention, rows=rows[start:stop], **kwargs)
+                      for start, stop in group_spans(row_groups, x.shape[0])])
+
+
 def resolve_layer_index(spec: IntermediateSpec, num_layers: int) -> int | str | None:
     """Turn a layer spec into a 0-based index (negative counts from the end) or ``"all"``."""
     if spec is None or spec == "all":
@@ -240,6 +259,7 @@ class CLIPEncoder(torch.nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 intermediate_output: IntermediateSpec = None, *,
                 tail_rows: torch.Tensor | None = None,
+                row_groups: Sequence[int] | None = None,
                 attention_backend: str | None = None,
                 causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(last, intermediate)``.
@@ -248,8 +268,12 @@ class CLIPEncoder(torch.nn.Module):
         negative from the end), all layers stacked as (B, layers, T, D) for
         ``"all"``, or None. With ``tail_rows`` (B,), the last layer computes only
         those rows and ``last`` is (B, 1, D) (this needs causal attention:
-        ``causal=True`` or a causal ``mask``). ``causal`` blocks keys after each
-        query on top of ``mask``.
+        ``causal=True`` or a causal ``mask``). ``row_groups`` (sizes summing to
+        B) runs that one-row tail group by group, with the shapes each group
+        would have alone: CPU matmul kernels round a 1-2 row product differently
+        from a larger one, so a batch of captions then equals each caption
+        encoded by itself bit for bit. ``causal`` blocks keys after each query
+        on top of ``mask``.
         """
         attention = optimized_attention_for_device(
             x.device, mask=mask is not None, small_input=True, backend=attention_backend,
@@ -261,7 +285,10 @@ class CLIPEncoder(torch.nn.Module):
         scratch = _Scratch() if x.device.type == "cpu" else None
         for i, layer in enumerate(self.layers):
             rows = tail_rows if i == last and index != last else None
-            x = layer(x, mask, attention, rows=rows, causal=causal, scratch=scratch)
+            if rows is not None and row_groups is not None:
+                x = _tail_by_group(layer, x, mask, attention, rows, row_groups, causal=causal, scratch=scratch)
+            else:
+                x = layer(x, mask, attention, rows=rows, causal=causal, scratch=scratch)
             if index == "all":
                 collected.append(x)
             elif i == index:

@@ -13,13 +13,13 @@ Shapes in comments: B batch, T tokens, D width, H heads.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
 from . import ops
 from .clip_layers import (ACTIVATION_FUNCTIONS, CLIPMLP, CLIPAttention, CLIPEncoder,  # noqa: F401
-                          CLIPLayer, IntermediateSpec)
+                          CLIPLayer, IntermediateSpec, group_spans)
 from .config import CLIPTextConfig, CLIPVisionConfig, load_text_config, load_vision_config
 
 __all__ = [
@@ -118,13 +118,17 @@ class CLIPTextModel_(torch.nn.Module):
                 final_layer_norm_intermediate: bool = True,
                 dtype: torch.dtype = torch.float32, *,
                 return_last_hidden: bool = True,
-                attention_backend: str | None = None) -> tuple:
+                attention_backend: str | None = None,
+                row_groups: Sequence[int] | None = None) -> tuple:
         """Encode tokens (B, T) or input embeddings (B, T, D).
 
         Returns ``(last_hidden_state, intermediate, pooled_output)``. With
         ``return_last_hidden=False`` (and an intermediate layer requested) the
         layers after the intermediate one run only as far as the pooled token
-        needs, and ``last_hidden_state`` is None.
+        needs, and ``last_hidden_state`` is None; ``row_groups`` (sizes summing
+        to B, e.g. the windows of each caption in a batch) then runs that
+        one-row tail group by group, so each group's pooled output has the bits
+        it has when the group is encoded alone (see :class:`CLIPEncoder`).
         """
         if embeds is not None:
             position = self.embeddings.position_embedding.weight[: embeds.shape[1]]
@@ -141,6 +145,7 @@ class CLIPTextModel_(torch.nn.Module):
         partial = not return_last_hidden and intermediate_output not in (None, "all")
         x, intermediate = self.encoder(x, mask=mask, intermediate_output=intermediate_output,
                                        tail_rows=pool_at if partial else None,
+                                       row_groups=row_groups if partial else None,
                                        attention_backend=attention_backend, causal=causal)
         x = self.final_layer_norm(x)
         if intermediate is not None and final_layer_norm_intermediate:
@@ -170,9 +175,15 @@ class CLIPTextModel(torch.nn.Module):
     def set_input_embeddings(self, embeddings) -> None:
         self.text_model.embeddings.token_embedding = embeddings
 
-    def forward(self, *args, **kwargs) -> CLIPTextOutput:
-        last, intermediate, pooled = self.text_model(*args, **kwargs)
-        return CLIPTextOutput(last, intermediate, self.text_projection(pooled), pooled)
+    def forward(self, *args, row_groups: Sequence[int] | None = None, **kwargs) -> CLIPTextOutput:
+        """Encode (see :meth:`CLIPTextModel_.forward`); with ``row_groups`` the
+        pooled rows are also projected group by group, with each group's shapes."""
+        last, intermediate, pooled = self.text_model(*args, row_groups=row_groups, **kwargs)
+        if row_groups is None:
+            return CLIPTextOutput(last, intermediate, self.text_projection(pooled), pooled)
+        projected = torch.cat([self.text_projection(pooled[start:stop])
+                               for start, stop in group_spans(row_groups, pooled.shape[0])])
+        return CLIPTextOutput(last, intermediate, projected, pooled)
 
 
 class CLIPVisionEmbeddings(torch.nn.Module):

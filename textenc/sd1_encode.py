@@ -165,7 +165,7 @@ def process_tokens(model: SDClipModel, windows: Sequence[Sequence[Any]],
 # ---- encoding -----------------------------------------------------------------
 
 def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipOptions,
-                     attention_mask: torch.Tensor | None):
+                     attention_mask: torch.Tensor | None, row_groups: Sequence[int] | None = None):
     if opts.layer == "all":
         intermediate = "all"
     elif opts.layer == "hidden":
@@ -177,7 +177,8 @@ def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipO
                                 num_tokens=processed.num_tokens, intermediate_output=intermediate,
                                 final_layer_norm_intermediate=opts.layer_norm_hidden_state,
                                 dtype=opts.compute_dtype,
-                                return_last_hidden=opts.layer in ("last", "pooled"))
+                                return_last_hidden=opts.layer in ("last", "pooled"),
+                                **({} if row_groups is None else {"row_groups": row_groups}))
     z = out.last_hidden_state if opts.layer in ("last", "pooled") else out.intermediate
     pooled = out.projected_pooled if opts.return_projected_pooled else out.pooled_output
     return z.float(), pooled.float()
@@ -212,15 +213,20 @@ def check_finite_output(model: SDClipModel, windows, z: torch.Tensor, pooled: to
 
 
 def encode_windows(model: SDClipModel, windows, opts: ClipOptions, *,
-                   extra_mask: torch.Tensor | None = None):
-    """Encode windows in one forward → ``(z (W, T, D), pooled (W, P)[, extra])``."""
+                   extra_mask: torch.Tensor | None = None, row_groups: Sequence[int] | None = None):
+    """Encode windows in one forward → ``(z (W, T, D), pooled (W, P)[, extra])``.
+
+    ``row_groups`` (window counts summing to W: the windows of each prompt in a
+    batch of prompts) makes each prompt's pooled output bit-equal to encoding
+    that prompt alone (see :meth:`textenc.clip_model.CLIPTextModel.forward`).
+    """
     if not model.loaded:
         raise CheckpointError("the text encoder has no weights yet: call load_sd(state_dict) first")
     processed = process_tokens(model, windows, opts.compute_dtype)
     mask = processed.attention_mask if model.enable_attention_masks else None
     if extra_mask is not None:
         mask = extra_mask if mask is None else mask * extra_mask
-    z, pooled = _run_transformer(model, processed, opts, mask)
+    z, pooled = _run_transformer(model, processed, opts, mask, row_groups)
     check_finite_output(model, windows, z, pooled, opts)
     if model.zero_out_masked:
         z = z * processed.attention_mask.unsqueeze(-1).to(z.dtype)

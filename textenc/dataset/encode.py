@@ -5,10 +5,11 @@ are stacked into one forward of each ``SDClipModel``, for the last layer and
 for an intermediate one (clip skip, the SD2 and SDXL defaults) alike; weighting
 is then applied per caption exactly as :func:`textenc.sd1_encode.encode_token_weights`
 does. Against a direct ``CLIP.encode_from_tokens`` of each caption alone the
-result is bit for bit equal for the last layer and within 1e-6 (fp32) for an
-intermediate one, whose pooled row runs the remaining layers on a [windows, 1, D]
-slice that matmul kernels round differently with its size
-(``tests/test_dataset_batching.py`` checks both). Captions whose weighting needs
+result is bit for bit equal, for the last layer and an intermediate one alike:
+the pooled row of an intermediate layer runs the remaining layers as a
+[windows, 1, D] slice per caption (``row_groups``), because matmul kernels round
+a 1-2 row product differently from a larger one
+(``tests/test_dataset_batching.py`` checks it at 1 and 2 threads). Captions whose weighting needs
 extra encodes (compel down-weights) or whose SDXL sides have different window
 counts take the direct call.
 """
@@ -188,7 +189,9 @@ class CaptionEncoder:
         per_role = {}
         for role, encoder in self.encoders.items():
             windows = [[p[0] for p in window] for item in items for window in item.tokens[role]]
-            z, pooled = encode_windows(encoder, windows, self.resolved[role])[:2]
+            # Each caption's pooled tail with its own shapes: bit-equal to encoding it alone.
+            groups = [len(item.tokens[role]) for item in items]
+            z, pooled = encode_windows(encoder, windows, self.resolved[role], row_groups=groups)[:2]
             per_role[role] = (z, pooled, len(items[0].tokens[role]))
         results: dict[int, Any] = {}
         for index, item in enumerate(items):
