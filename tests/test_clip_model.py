@@ -22,6 +22,7 @@ from transformers.initialization import no_init_weights
 from textenc import ops
 from textenc.clip_model import CLIPTextModel, CLIPVisionModelProjection
 from textenc.config import load_text_config, load_vision_config
+from textenc.errors import ConfigError
 
 FP32_TOL = 1e-5
 #: Measured deviations versus fp32 transformers are stated next to each use.
@@ -232,7 +233,7 @@ def test_row_groups_pool_each_group_as_if_alone(threads):
             start += size
         ref = hf(input_ids=ids, attention_mask=mask)
         assert max_diff(out.projected_pooled, ref.text_embeds) <= FP32_TOL
-        with pytest.raises(ValueError, match="summing to the batch"):
+        with pytest.raises(ConfigError, match="summing to the batch"):
             ours(ids, mask, row_groups=[3, 3], **kwargs)
     finally:
         torch.set_num_threads(before)

@@ -217,10 +217,10 @@ class CLIPLayer(torch.nn.Module):
 
 
 def group_spans(row_groups: Sequence[int], batch: int) -> list[tuple[int, int]]:
-    """Group sizes → ``[(start, stop), ...]`` covering ``batch`` rows (ValueError otherwise)."""
+    """Group sizes → ``[(start, stop), ...]`` covering ``batch`` rows (ConfigError otherwise)."""
     sizes = [int(size) for size in row_groups]
     if any(size < 1 for size in sizes) or sum(sizes) != batch:
-        raise ValueError(f"row_groups {sizes} must be positive sizes summing to the batch ({batch})")
+        raise ConfigError(f"row_groups {sizes} must be positive sizes summing to the batch ({batch})")
     stops = list(itertools.accumulate(sizes))
     return list(zip([0] + stops[:-1], stops))
 
