@@ -321,3 +321,19 @@ def test_missing_messages_say_which_case_and_point_at_the_caller(folder, tmp_pat
         assert caught[0].filename == __file__, caught[0].filename
         assert __import__("re").search(pattern, str(caught[0].message)), str(caught[0].message)
     assert EmbeddingLoader(None, WIDTH).lookup("x").reason == "no embedding directory was given"
+
+
+def test_tokenizer_looks_embeddings_up_in_its_directories(folder):
+    value = vectors(2)
+    torch.save({"string_to_param": {"*": value}}, folder / "sub" / "style.pt")
+    tok = SDTokenizer(embedding_directory=str(folder))
+    assert tok.embedding_directories == [str(folder)]
+    found = tok.lookup_embedding("style")
+    assert found.status == "found" and torch.equal(found.vectors, value)
+    assert found.path == os.path.realpath(folder / "sub" / "style.pt")
+    missing = tok.lookup_embedding("sub/styles")
+    assert missing.status == "missing" and "did you mean 'sub/style'" in missing.reason
+    bare = SDTokenizer()
+    assert bare.embedding_directories == []
+    assert bare.lookup_embedding("style").status == "missing"
+    assert bare.lookup_embedding("style").reason == "no embedding directory was given"

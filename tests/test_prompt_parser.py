@@ -241,6 +241,45 @@ def test_deep_nesting_is_iterative():
     assert len(parse_prompt(")" * depth + "a" + "(" * depth)) == 1
 
 
+def test_deep_refusal_names_the_fragment_and_its_place():
+    depth = 100_000  # 1.1 ** 100_000 overflows to inf long before the innermost level
+    with pytest.raises(PromptError, match=r"weight inf of 'a' at character 100000 is not a finite float32"):
+        parse_prompt("(" * depth + "a" + ")" * depth)
+    with pytest.raises(PromptError, match=r"weight inf of 'b' at character 100001 "):
+        parse_prompt("(" * depth + "[b]" + ")" * depth, square_brackets=True)
+
+
+@pytest.mark.parametrize("prompt", [
+    "(" * 200 + "a" + ")" * 200,
+    "(" * 150 + "a:0.5" + ")" * 150 + " b",
+    "((x ((((y:2)))) z))",
+    "(((a)) (b))",
+    "((a) )",
+    "( (a))",
+    "(((a:1.5) ))",
+    "((((a)))" + ")" * 3,
+    ")((a))(",
+    "((a\\)))",
+    "(" * 120 + "c:" + "(" * 30 + "d" + ")" * 30 + ")" * 120,
+    "(" * 100 + "e:1.1" + ")" * 60,
+])
+@pytest.mark.parametrize("a1111", [False, True])
+def test_nested_groups_match_the_oracle(prompt, a1111):
+    """``((x))`` levels are stepped through without frames; results stay ComfyUI's."""
+    options = {"weight_convention": "a1111" if a1111 else "comfy", "warn_weight_above": None}
+    assert pairs(prompt, **options) == reference(prompt, a1111)
+
+
+def test_doctests():
+    import doctest
+
+    from textenc import prompt_brackets, prompt_parser
+
+    for module in (prompt_parser, prompt_brackets):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
 def test_one_megabyte_prompt_parses():
     prompt = ("(a:1.2) \\(b\\) (c) d:e, " * 50_000)[:1_000_000]
     segs = parse_prompt(prompt)

@@ -17,8 +17,11 @@ quirks included:
   text until the counter is back at zero. An unclosed group that happens to
   end with ``)`` (``"(a (b)"``) is still a group, as in ComfyUI.
 
-The parser is an explicit-stack walk over precomputed bracket positions: no
-recursion, linear time in the prompt length.
+The parser is an explicit-stack walk over the bracket tables of
+:mod:`textenc.prompt_brackets`: no recursion, linear time in the prompt
+length. A group whose whole content is one nested group (``((x))``) only
+multiplies the weight, so runs of such levels are stepped through in one
+tight loop (the same multiplications, in the same order).
 
 Policies (all configurable through :class:`ParseOptions`):
 
@@ -64,6 +67,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from textenc.errors import PromptError, PromptWarning
+from textenc.prompt_brackets import BracketTable, top_level_items
 from textenc.warn import warn_at_caller
 
 __all__ = ["Segment", "ParseOptions", "parse_prompt", "iter_segments", "large_weights", "finite_in_float32"]
@@ -136,105 +140,22 @@ class ParseOptions:
             raise PromptError(f"max_prompt_chars must be an int >= 0, got {self.max_prompt_chars!r}")
 
 
-class _Source:
-    """A prompt with escapes removed, plus the bracket tables the walk needs."""
-
-    def __init__(self, text: str, options: ParseOptions) -> None:
-        brackets = "()[]" if options.square_brackets else "()"
-        self.openers = "([" if options.square_brackets else "("
-        escape = re.compile(r"\\([" + re.escape(brackets) + "])")
-        pieces: list[str] = []
-        self.escaped: list[int] = []  # cleaned positions of escaped brackets
-        last = 0
-        for match in escape.finditer(text):
-            pieces.append(text[last:match.start()])
-            self.escaped.append(match.start() - len(self.escaped))
-            pieces.append(match.group(1))
-            last = match.end()
-        pieces.append(text[last:])
-        self.text = "".join(pieces)
-        escaped = set(self.escaped)
-        finder = re.compile("[" + re.escape(brackets) + "]")
-        self.brackets = [m.start() for m in finder.finditer(self.text) if m.start() not in escaped]
-        self.bracket_set = set(self.brackets)
-        self.colons = [m.start() for m in re.finditer(":", self.text)]
-        self.match = self._match_brackets()
-        self.options = options
-
-    def _match_brackets(self) -> dict[int, int]:
-        """Stack-match every opener to the closer that ends its nesting level."""
-        stack: list[int] = []
-        match: dict[int, int] = {}
-        for pos in self.brackets:
-            if self.text[pos] in self.openers:
-                stack.append(pos)
-            elif stack:
-                match[stack.pop()] = pos
-        return match
-
-    def source_offset(self, pos: int) -> int:
-        """Map a cleaned position to its offset in the original prompt."""
-        return pos + bisect.bisect_right(self.escaped, pos)
-
-    def source_start(self, pos: int) -> int:
-        """Like :meth:`source_offset`, but an escaped bracket starts at its backslash."""
-        return pos + bisect.bisect_left(self.escaped, pos)
-
-    def has_any(self, table: list[int], lo: int, hi: int) -> bool:
-        """Whether a sorted position table has an entry in ``[lo, hi)``."""
-        index = bisect.bisect_left(table, lo)
-        return index < len(table) and table[index] < hi
-
-    def next_opener(self, lo: int, hi: int) -> int:
-        """First unescaped opener in ``[lo, hi)``, or ``hi``."""
-        index = bisect.bisect_left(self.brackets, lo)
-        while index < len(self.brackets) and self.brackets[index] < hi:
-            pos = self.brackets[index]
-            if self.text[pos] in self.openers:
-                return pos
-            index += 1  # only reached for the outer level's stray closers
-        return hi
+_PAIR_FACTORS = {"()": _ROUND_FACTOR, "[]": _SQUARE_FACTOR}
 
 
-def _top_level_items(src: _Source) -> Iterator[tuple[int, int]]:
-    """ComfyUI's ``parse_parentheses`` on the whole prompt, as spans, lazily."""
-    level = 0
-    item_start = 0
-    for pos in src.brackets:
-        if src.text[pos] in src.openers:
-            if level == 0:
-                if pos > item_start:
-                    yield item_start, pos
-                item_start = pos
-            level += 1
-        else:
-            level -= 1
-            if level == 0:
-                yield item_start, pos + 1
-                item_start = pos + 1
-    if item_start < len(src.text):
-        yield item_start, len(src.text)
-
-
-def _group_factor(src: _Source, lo: int, hi: int) -> float | None:
+def _group_factor(src: BracketTable, lo: int, hi: int) -> float | None:
     """1.1 or 1/1.1 if ``[lo, hi)`` is a bracket group, else None (plain text)."""
     if hi - lo < 2:
         return None
-    first, last = src.text[lo], src.text[hi - 1]
-    if not (_is_bracket(src, lo) and _is_bracket(src, hi - 1)):
-        return None
-    if first == "(" and last == ")":
-        return _ROUND_FACTOR
-    if first == "[" and last == "]":
-        return _SQUARE_FACTOR
-    return None
+    factor = _PAIR_FACTORS.get(src.text[lo] + src.text[hi - 1])
+    if factor is None or src.text[lo] not in src.openers:
+        return None  # "(a]" is text; so is "[a]" without square_brackets
+    if src.escaped_set and (lo in src.escaped_set or hi - 1 in src.escaped_set):
+        return None  # an escaped bracket is text
+    return factor
 
 
-def _is_bracket(src: _Source, pos: int) -> bool:
-    return pos in src.bracket_set
-
-
-def _colon_weight(src: _Source, lo: int, hi: int) -> tuple[float, int] | None:
+def _colon_weight(src: BracketTable, options: ParseOptions, lo: int, hi: int) -> tuple[float, int] | None:
     """ComfyUI's ``x.rfind(':')`` + ``float(...)`` on the content ``[lo, hi)``.
 
     Returns ``(value, colon_position)`` or None when the colon part is text.
@@ -253,7 +174,7 @@ def _colon_weight(src: _Source, lo: int, hi: int) -> tuple[float, int] | None:
     except ValueError:
         return None
     where = f"weight {literal.strip()!r} of {src.text[lo:min(colon, lo + 40)]!r} at character {src.source_offset(colon + 1)}"
-    if src.options.strict_weights and not WEIGHT_LITERAL.fullmatch(literal):
+    if options.strict_weights and not WEIGHT_LITERAL.fullmatch(literal):
         raise PromptError(f"{where} is not a plain decimal number (strict_weights=True refuses "
                           "exponents, underscores and non-ASCII digits); write e.g. '(word:1.2)'")
     if not finite_in_float32(value):
@@ -265,8 +186,9 @@ def _colon_weight(src: _Source, lo: int, hi: int) -> tuple[float, int] | None:
 class _Emitter:
     """Collects segments, checking weights and splitting on BREAK."""
 
-    def __init__(self, src: _Source) -> None:
+    def __init__(self, src: BracketTable, options: ParseOptions) -> None:
         self.src = src
+        self.options = options
         self.segments: list[Segment] = []
 
     def text(self, lo: int, hi: int, weight: float) -> None:
@@ -274,11 +196,11 @@ class _Emitter:
         if not finite_in_float32(weight):
             raise PromptError(f"{self._where(lo, hi, weight)} is not a finite float32 number (too many nested "
                               "parentheses or weights multiplied past 3.4e38); use fewer parentheses or smaller weights")
-        limit = src.options.max_weight
+        limit = self.options.max_weight
         if limit is not None and not abs(weight) <= limit:
             raise PromptError(f"{self._where(lo, hi, weight)} exceeds max_weight={limit}; "
                               "use fewer nested parentheses or a smaller explicit weight")
-        if not src.options.break_keyword:
+        if not self.options.break_keyword:
             self._append(lo, hi, weight)
             return
         for match in _BREAK.finditer(src.text, lo, hi):
@@ -299,7 +221,7 @@ class _Emitter:
         self.segments.append(Segment(src.text[lo:hi], weight, start, end))
 
 
-def _walk_group(src: _Source, out: _Emitter, lo: int, hi: int, weight: float) -> None:
+def _walk_group(src: BracketTable, out: _Emitter, lo: int, hi: int, weight: float) -> None:
     """Emit a group item ``[lo, hi)`` and everything nested in it, depth first."""
     stack: list[list] = []  # frames: [cursor, end, weight]
     _open_group(src, out, stack, lo, hi, weight)
@@ -320,21 +242,42 @@ def _walk_group(src: _Source, out: _Emitter, lo: int, hi: int, weight: float) ->
         _open_group(src, out, stack, cursor, item_end, frame_weight)
 
 
-def _open_group(src: _Source, out: _Emitter, stack: list, lo: int, hi: int, weight: float) -> None:
+def _open_group(src: BracketTable, out: _Emitter, stack: list, lo: int, hi: int, weight: float) -> None:
     """Push the content of item ``[lo, hi)`` if it is a group, else emit it as text."""
     factor = _group_factor(src, lo, hi)
     if factor is None:
         out.text(lo, hi, weight)
         return
+    if src.match.get(lo + 1) == hi - 2:  # ((x)): its content is one group and nothing else
+        lo, hi, weight, factor = _skip_wrappers(src, lo, hi, weight, factor)
     content_end = hi - 1
     inner_weight = weight * factor
     if factor == _ROUND_FACTOR:
-        parsed = _colon_weight(src, lo + 1, content_end)
+        parsed = _colon_weight(src, out.options, lo + 1, content_end)
         if parsed is not None:
             value, content_end = parsed
-            inner_weight = value if src.options.weight_convention == "comfy" else weight * value
+            inner_weight = value if out.options.weight_convention == "comfy" else weight * value
     if content_end > lo + 1:
         stack.append([lo + 1, content_end, inner_weight])
+
+
+def _skip_wrappers(src: BracketTable, lo: int, hi: int, weight: float,
+                   factor: float) -> tuple[int, int, float, float]:
+    """Step into ``((x))``-style nesting: while group ``[lo, hi)`` holds exactly one group
+    ``[lo + 1, hi - 1)`` and nothing else, that level emits no text and has no colon weight
+    (its content ends with a bracket), so it only multiplies the weight by its factor.
+
+    Returns the innermost such group, its outer weight and its factor: what the walk
+    would reach one frame at a time, with the same multiplications in the same order.
+    """
+    match_get, text = src.match.get, src.text
+    while match_get(lo + 1) == hi - 2:  # matched brackets are never escaped
+        inner = _PAIR_FACTORS.get(text[lo + 1] + text[hi - 2])
+        if inner is None:  # "(a]"-style mixed pair: plain text, left to the walk
+            break
+        weight *= factor
+        lo, hi, factor = lo + 1, hi - 1, inner
+    return lo, hi, weight, factor
 
 
 def parse_prompt(
@@ -397,9 +340,9 @@ def iter_segments(text: str, options: ParseOptions) -> Iterator[Segment]:
             f"prompt has {len(text)} characters, more than max_prompt_chars={options.max_prompt_chars}; "
             "shorten it or raise the limit"
         )
-    src = _Source(text, options)
-    out = _Emitter(src)
-    for lo, hi in _top_level_items(src):
+    src = BracketTable(text, square_brackets=options.square_brackets)
+    out = _Emitter(src, options)
+    for lo, hi in top_level_items(src):
         _walk_group(src, out, lo, hi, 1.0)
         yield from out.segments
         out.segments.clear()

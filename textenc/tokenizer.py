@@ -9,7 +9,12 @@ windows of ``max_length`` tokens: ``[start, ..., end, pad...]``. A group
 shorter than ``max_word_length`` (8) tokens that does not fit moves whole to
 the next window; a longer one is split at the window edge. Word ids are the
 group's index + 1; a text piece that tokenizes to nothing still uses an id,
-as in ComfyUI.
+as in ComfyUI. The steps have modules of their own: segments into units
+(:mod:`textenc.prompt_units`), units into windows
+(:mod:`textenc.window_packing`), the ``max_windows`` count
+(:mod:`textenc.token_budget`), the Rust pipeline (:mod:`textenc.clip_backend`)
+and :meth:`SDTokenizer.inspect`'s records (:mod:`textenc.inspect_report`);
+this module drives them and holds the token cache.
 
 Differences from ComfyUI, all deliberate:
 
@@ -39,78 +44,27 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from textenc.dialects import get_dialect
-from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
-from textenc.errors import EmbeddingWarning, PromptError, PromptWarning
-from textenc.lru import LRUCache
 from textenc.clip_backend import build_backend, fix_surrogates, is_clip_pipeline
+# The dialect modules are loaded here, up front, so that tokenizing never imports a module mid-call.
+from textenc.dialects import a1111, comfy, compel, get_dialect  # noqa: F401
+from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
+from textenc.errors import PromptError, PromptWarning
+from textenc.inspect_report import InspectReport, TokenReport, UnitReport
+from textenc.lru import LRUCache
+from textenc.prompt_parser import ParseOptions, Segment, describe_large_weights, iter_segments, large_weights
+from textenc.prompt_units import EMBEDDING_IDENTIFIER, Unit, split_units
 from textenc.token_budget import TokenBudget, check_max_windows, space_chunks
 from textenc.warn import warn_at_caller
-from textenc.prompt_parser import ParseOptions, Segment, describe_large_weights, iter_segments, large_weights
+from textenc.window_packing import pack_windows
 
 __all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT_VOCAB"]
 
 DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
-EMBEDDING_IDENTIFIER = "embedding:"
-_PIECE_SPLIT = re.compile(" embedding:|\nembedding:")  # ComfyUI's split, separator dropped
-_NAME_END = re.compile(r"\s")
 _PER_CALL_PARSE_OPTIONS = ("weight_convention", "square_brackets", "break_keyword", "max_weight",
                            "strict_weights", "warn_weight_above")
 _CHUNK_CHARS = 1 << 16  # text tokenized per step while counting towards max_windows
-
-
-@dataclass(frozen=True)
-class TokenReport:
-    """One token of one window: id (None for an embedding vector), text, weight, word id."""
-
-    token: int | None
-    text: str
-    weight: float
-    word_id: int
-
-
-@dataclass(frozen=True)
-class UnitReport:
-    """One group: ``kind`` is "text", "embedding" or "break"."""
-
-    word_id: int
-    kind: str
-    text: str
-    weight: float
-    start: int
-    end: int
-    num_tokens: int
-
-
-@dataclass(frozen=True)
-class InspectReport:
-    """What :meth:`SDTokenizer.inspect` found: windows, units, embeddings and
-    the segments weighted above ``warn_weight_above`` (``large_weights``)."""
-
-    windows: list[list[TokenReport]]
-    units: list[UnitReport]
-    embeddings: list[EmbeddingResult] = field(default_factory=list)
-    large_weights: list[Segment] = field(default_factory=list)
-
-    @property
-    def missing(self) -> list[EmbeddingResult]:
-        return [e for e in self.embeddings if e.status == "missing"]
-
-    @property
-    def rejected(self) -> list[EmbeddingResult]:
-        return [e for e in self.embeddings if e.status == "rejected"]
-
-
-@dataclass
-class _Unit:
-    kind: str
-    text: str
-    weight: float
-    segment: Segment
-    tokens: list = field(default_factory=list)
 
 
 class SDTokenizer:
@@ -240,62 +194,16 @@ class SDTokenizer:
             return [Segment(re.sub(r"\\([()])", r"\1", text), 1.0, 0, len(text))] if text else []
         return iter_segments(text, options)
 
-    def _embedding_units(self, piece: str, segment: Segment, found: list[EmbeddingResult]) -> list[_Unit]:
-        """An ``embedding:name rest`` piece: the embedding group, then the rest as text."""
-        rest = piece[len(EMBEDDING_IDENTIFIER):].strip("\n")
-        end = _NAME_END.search(rest)
-        name, leftover = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
-        if not name:
-            return [_Unit("text", piece, segment.weight, segment)]
-        if self._embeddings is None:  # ComfyUI reads it as text; say why
-            warn_at_caller(f"embedding:{name} read as text: {NO_DIRECTORY} (pass embedding_directory= "
-                           "to the tokenizer, or --embeddings on the command line)", EmbeddingWarning)
-            return [_Unit("text", piece, segment.weight, segment)]
-        leading = ""
-        result = self._embeddings.lookup(name)
-        stripped = name.strip(",")  # ComfyUI strips commas at both ends, then tries again
-        if result.status != "found" and stripped and stripped != name:
-            leading = name[:len(name) - len(name.lstrip(","))]
-            leftover = name[len(leading) + len(stripped):] + leftover  # the commas stay as text
-            result = self._embeddings.lookup(stripped)
-        found.append(result)
-        units = [_Unit("text", leading, segment.weight, segment)] if leading else []
-        if result.status == "found":
-            rows = result.vectors
-            units.append(_Unit("embedding", result.name, segment.weight, segment,
-                               [(rows[i], segment.weight) for i in range(rows.shape[0])]))
-        else:
-            warn_at_caller(f"embedding:{result.name} skipped ({result.status}: {result.reason})", EmbeddingWarning)
-        if leftover.strip():
-            units.append(_Unit("text", leftover, segment.weight, segment))
-        return units
-
-    def _units(self, segments: list[Segment], found: list[EmbeddingResult]) -> list[_Unit]:
-        """Split segments into groups (text groups are tokenized by :meth:`_fill_tokens`)."""
-        units: list[_Unit] = []
-        for segment in segments:
-            if segment.is_break:
-                units.append(_Unit("break", "BREAK", 1.0, segment))
-                continue
-            split = _PIECE_SPLIT.split(segment.text)
-            pieces = [split[0]] + [EMBEDDING_IDENTIFIER + p for p in split[1:]]
-            for piece in (p for p in pieces if p):
-                if piece.startswith(EMBEDDING_IDENTIFIER):
-                    units.extend(self._embedding_units(piece, segment, found))
-                else:
-                    units.append(_Unit("text", piece, segment.weight, segment))
-        return units
-
     def window_capacity(self) -> int:
         """Prompt tokens one window holds: ``max_length`` less the start and end tokens."""
         specials = (self.start_token is not None) + (self.end_token is not None)
         return max(1, self.max_length - specials)
 
     def _stream_units(self, segments: Iterable[Segment], found: list[EmbeddingResult],
-                      counter: TokenBudget) -> tuple[list[_Unit], list[Segment]]:
+                      counter: TokenBudget) -> tuple[list[Unit], list[Segment]]:
         """Parse, split and tokenize in steps of ~64K characters of segments, so that
         ``max_windows`` refuses a huge prompt before most of it is parsed or tokenized."""
-        units: list[_Unit] = []
+        units: list[Unit] = []
         seen: list[Segment] = []
         pending: list[Segment] = []
         pending_chars = 0
@@ -303,18 +211,18 @@ class SDTokenizer:
             pending.append(segment)
             pending_chars += len(segment.text)
             if pending_chars >= _CHUNK_CHARS:
-                units += self._fill_tokens(self._units(pending, found), counter)
+                units += self._fill_tokens(split_units(pending, self._embeddings, found), counter)
                 seen += pending
                 pending, pending_chars = [], 0
-        units += self._fill_tokens(self._units(pending, found), counter)
+        units += self._fill_tokens(split_units(pending, self._embeddings, found), counter)
         return units, seen + pending
 
-    def _fill_tokens(self, units: list[_Unit], counter: TokenBudget) -> list[_Unit]:
+    def _fill_tokens(self, units: list[Unit], counter: TokenBudget) -> list[Unit]:
         """Tokenize the text groups in steps of ~64K characters, refusing (PromptError) as soon
         as their tokens cannot fit ``max_windows`` windows, so that a huge prompt is refused
         before it is tokenized, let alone encoded."""
         counter.add(sum(len(u.tokens) for u in units if u.kind == "embedding"), 0)
-        batch: list[_Unit] = []
+        batch: list[Unit] = []
         batch_chars = 0
         for unit in (u for u in units if u.kind == "text"):
             if self._by_word and len(unit.text) > _CHUNK_CHARS:
@@ -330,12 +238,12 @@ class SDTokenizer:
         self._fill_batch(batch, counter)
         return units
 
-    def _fill_batch(self, batch: list[_Unit], counter: TokenBudget) -> None:
+    def _fill_batch(self, batch: list[Unit], counter: TokenBudget) -> None:
         for unit, ids in zip(batch, self.encode_units([u.text for u in batch])):
             unit.tokens = [(t, unit.weight) for t in ids]
             counter.add(len(ids), len(unit.text))
 
-    def _tokens_of_long_unit(self, unit: _Unit, counter: TokenBudget) -> list[tuple]:
+    def _tokens_of_long_unit(self, unit: Unit, counter: TokenBudget) -> list[tuple]:
         """A long text group, tokenized chunk by chunk (cut at spaces: CLIP never joins across one)."""
         tokens: list[tuple] = []
         for chunk in space_chunks(unit.text, _CHUNK_CHARS):
@@ -344,57 +252,7 @@ class SDTokenizer:
             counter.add(len(ids), len(chunk))
         return tokens
 
-    def _new_window(self, windows: list[list]) -> list:
-        window = [(self.start_token, 1.0, 0)] if self.start_token is not None else []
-        windows.append(window)
-        return window
-
-    def _close_window(self, window: list, remaining: int) -> None:
-        if self.end_token is not None:
-            window.append((self.end_token, 1.0, 0))
-        if self.pad_to_max_length:
-            window.extend([(self.pad_token, 1.0, 0)] * remaining)
-
-    def _windows(self, units: list[_Unit], min_length: int | None, min_padding: int | None) -> list[list]:
-        """ComfyUI's packing of groups into windows (``tokenize_with_weights``)."""
-        windows: list[list] = []
-        window = self._new_window(windows)
-        has_end = 1 if self.end_token is not None else 0
-        empty_length = len(window)
-        word_id, pending_break = 0, False
-        for unit in units:
-            if unit.kind == "break":  # closes the window lazily: a trailing BREAK adds nothing
-                pending_break = pending_break or len(window) > empty_length
-                continue
-            if pending_break:
-                self._close_window(window, self.max_length - len(window) - has_end)
-                window, pending_break = self._new_window(windows), False
-            word_id += 1
-            group, is_large = unit.tokens, len(unit.tokens) >= self.max_word_length
-            position = 0  # an index, not ``group = group[remaining:]``: slicing was quadratic
-            while position < len(group):
-                if len(group) - position + len(window) > self.max_length - has_end:
-                    remaining = self.max_length - len(window) - has_end
-                    if is_large:
-                        window.extend((t, w, word_id) for t, w in group[position:position + remaining])
-                        position += remaining
-                        self._close_window(window, 0)
-                    else:
-                        self._close_window(window, remaining)
-                    window = self._new_window(windows)
-                else:
-                    window.extend((t, w, word_id) for t, w in group[position:])
-                    position = len(group)
-        self._close_window(window, 0)
-        if min_padding is not None:
-            window.extend([(self.pad_token, 1.0, 0)] * min_padding)
-        if self.pad_to_max_length and len(window) < self.max_length:
-            window.extend([(self.pad_token, 1.0, 0)] * (self.max_length - len(window)))
-        if min_length is not None and len(window) < min_length:
-            window.extend([(self.pad_token, 1.0, 0)] * (min_length - len(window)))
-        return windows
-
-    def _run(self, text: str, kwargs: dict) -> tuple[list[list], list[_Unit], list[EmbeddingResult]]:
+    def _run(self, text: str, kwargs: dict) -> tuple[list[list], list[Unit], list[EmbeddingResult]]:
         options = kwargs.get("tokenizer_options") or {}
         min_length = options.get(f"{self.embedding_key}_min_length", self.min_length)
         min_length = kwargs.get("min_length", min_length)
@@ -407,7 +265,7 @@ class SDTokenizer:
         heavy = large_weights(seen, parse_options)
         if heavy:
             warn_at_caller(describe_large_weights(heavy, parse_options), PromptWarning)
-        windows = self._windows(units, min_length, min_padding)
+        windows = pack_windows(units, self, min_length=min_length, min_padding=min_padding)
         if max_windows is not None and len(windows) > max_windows:
             raise PromptError(f"prompt needs {len(windows)} windows of {self.max_length} tokens, more than "
                               f"max_windows={max_windows}; shorten it, or pass max_windows=None (or a larger "
@@ -443,12 +301,33 @@ class SDTokenizer:
             return [[(t, w) for t, w, _ in window] for window in windows]
         return windows
 
-    def _token_text(self, token: Any) -> str:
+    def token_text(self, token: Any) -> str:
+        """The vocabulary text of ``token``: ``"<unknown>"`` for an id not in the
+        vocabulary, ``"<embedding>"`` for an embedding vector (a tensor).
+
+        >>> SDTokenizer().token_text(2368)
+        'cat</w>'
+        """
         return self.inv_vocab.get(token, "<unknown>") if isinstance(token, int) else "<embedding>"
+
+    @property
+    def embedding_directories(self) -> list[str]:
+        """The embedding folders this tokenizer searches (empty when none was given)."""
+        return list(self._embeddings.directories) if self._embeddings is not None else []
+
+    def lookup_embedding(self, name: str) -> EmbeddingResult:
+        """Find, read and validate the embedding ``name`` in :attr:`embedding_directories`
+        (files are cached). Never raises for a bad file or name: the result's ``status`` is
+        ``"found"``, ``"missing"`` (also when there is no embedding directory) or
+        ``"rejected"``, with the reason.
+        """
+        if self._embeddings is None:
+            return EmbeddingResult(name, "missing", reason=NO_DIRECTORY)
+        return self._embeddings.lookup(name)
 
     def untokenize(self, token_weight_pair: Sequence[tuple]) -> list[tuple[tuple, str]]:
         """Pair each ``(token, weight[, id])`` with its vocabulary text, as ComfyUI."""
-        return [(pair, self._token_text(pair[0])) for pair in token_weight_pair]
+        return [(pair, self.token_text(pair[0])) for pair in token_weight_pair]
 
     def inspect(self, text: str, **kwargs: Any) -> InspectReport:
         """Tokenize ``text`` and report windows, units and embeddings, for debugging prompts.
@@ -468,7 +347,7 @@ class SDTokenizer:
             word_id += unit.kind != "break"
             reports.append(UnitReport(word_id if unit.kind != "break" else 0, unit.kind, unit.text,
                                       unit.weight, unit.segment.start, unit.segment.end, len(unit.tokens)))
-        token_windows = [[TokenReport(t if isinstance(t, int) else None, self._token_text(t), w, i)
+        token_windows = [[TokenReport(t if isinstance(t, int) else None, self.token_text(t), w, i)
                           for t, w, i in window] for window in windows]
         return InspectReport(token_windows, reports, found, heavy)
 
@@ -476,7 +355,3 @@ class SDTokenizer:
         """Nothing to save (ComfyUI API)."""
         return {}
 
-
-# The dialects import this module's neighbours (embeddings, the model code); imported
-# here, once the tokenizer is defined, so tokenizing never imports a module later.
-from textenc.dialects import a1111, comfy, compel  # noqa: E402,F401

@@ -81,7 +81,7 @@ class _EmbeddingFinder:
     """A1111's embedding database over the tokenizer's embedding folders."""
 
     def __init__(self, tokenizer: "SDTokenizer") -> None:
-        self.loader = getattr(tokenizer, "_embeddings", None)
+        self.tokenizer = tokenizer
         self.found: list[EmbeddingResult] = []
         self._usable: dict[str, Any] = {}
         self._by_first: dict[int, list[tuple[list[int], str]]] = {}
@@ -93,10 +93,8 @@ class _EmbeddingFinder:
             candidates.sort(key=lambda item: len(item[0]), reverse=True)
 
     def _names(self) -> list[str]:
-        if self.loader is None:
-            return []
         names: dict[str, None] = {}
-        for directory in self.loader.directories:
+        for directory in self.tokenizer.embedding_directories:
             for _folder, subdirs, files in os.walk(os.path.realpath(directory), followlinks=False):
                 subdirs.sort()
                 for file in sorted(files):
@@ -107,7 +105,7 @@ class _EmbeddingFinder:
 
     def _vectors(self, name: str) -> Any:
         if name not in self._usable:
-            result = self.loader.lookup(name)
+            result = self.tokenizer.lookup_embedding(name)
             self.found.append(result)
             self._usable[name] = result.vectors if result.status == "found" else None
             if result.status != "found":

@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import PromptError
+from ...inspect_report import TokenReport, UnitReport
 from .chunks import DEFAULT_BACKTRACK, Chunk, Chunking, tokenize_line
 from .encode import encode_texts
+from .report import A1111InspectReport
 from .schedule import prompt_schedule, split_and
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ...tokenizer import InspectReport, SDTokenizer
+    from ...inspect_report import InspectReport
+    from ...tokenizer import SDTokenizer
 
 __all__ = ["A1111Dialect", "DIALECT", "chunk_windows"]
 
@@ -87,19 +90,14 @@ class A1111Dialect:
         return windows
 
     def inspect(self, tokenizer: "SDTokenizer", text: str, **kwargs: Any) -> "InspectReport":
-        # The report classes live in textenc.tokenizer, which imports this registry
-        # at import time; importing them here, on use, keeps that order working.
-        from ...tokenizer import TokenReport, UnitReport
-        from .report import A1111InspectReport
-
         chunking = _chunking(tokenizer, text, kwargs)
-        windows = [[TokenReport(t if isinstance(t, int) else None, tokenizer._token_text(t), w, i)
+        windows = [[TokenReport(t if isinstance(t, int) else None, tokenizer.token_text(t), w, i)
                     for t, w, i in window] for window in chunk_windows(tokenizer, chunking)]
         units = [UnitReport(0 if piece[1] == -1.0 and piece[0] == "BREAK" else index,
                             "break" if piece[1] == -1.0 and piece[0] == "BREAK" else "text",
                             piece[0], piece[1], -1, -1, 0) for index, piece in enumerate(chunking.pieces, 1)]
         chunks = [ChunkReport(i, len(c.tokens), c.ended_by) for i, c in enumerate(chunking.chunks)]
-        moves = [MoveReport(m.source, len(m.tokens), "".join(tokenizer._token_text(t) for t in m.tokens)
+        moves = [MoveReport(m.source, len(m.tokens), "".join(tokenizer.token_text(t) for t in m.tokens)
                             .replace("</w>", " ").strip()) for m in chunking.moves]
         return A1111InspectReport(windows, units, chunking.embeddings, chunks=chunks, moves=moves)
 

@@ -1,10 +1,10 @@
-"""``A1111InspectReport``: an :class:`~textenc.tokenizer.InspectReport` with A1111's chunks."""
+"""``A1111InspectReport``: an :class:`~textenc.inspect_report.InspectReport` with A1111's chunks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...tokenizer import InspectReport
+from ...inspect_report import InspectReport
 
 __all__ = ["A1111InspectReport"]
 
