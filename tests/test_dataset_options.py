@@ -257,3 +257,22 @@ def test_unicode_and_library_errors_are_one_line_exit_1(monkeypatch, tmp_path, c
     code = main([str(tmp_path / "in.txt"), "--model", "m", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err and "in.txt" in err  # a DatasetError: no such input
+
+
+def test_a_disk_fault_after_some_shards_says_how_to_resume(monkeypatch, tmp_path, captions, tiny_model, capsys):
+    import errno
+
+    import textenc.dataset.cli as cli
+
+    out = tmp_path / "out"
+    _encode(captions[0], tiny_model, out, limit=30)  # 2 shards of 25 rows
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "shard-00002.safetensors"))
+
+    monkeypatch.setattr(cli, "encode_dataset", disk_full)
+    assert main([str(captions[0]), "--model", str(tiny_model), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m textenc.dataset: error: ")
+    assert f"{out / 'shard-00002.safetensors'}: the disk is full: free some space or write elsewhere; " \
+           "2 of 2 shards are finished: run the same command again to resume" in err
