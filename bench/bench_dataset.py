@@ -31,41 +31,21 @@ from typing import Callable
 
 import torch
 
-WORDS = ("a photo of the cat dog red blue house tree sky sun moon painting portrait old woman man "
-         "city night river mountain forest girl boy smiling standing").split()
-SIZES = {"l": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                   projection_dim=256, hidden_act="quick_gelu"),
-         "h": dict(hidden_size=320, intermediate_size=1280, num_hidden_layers=4, num_attention_heads=5,
-                   projection_dim=320, hidden_act="gelu"),
-         "g": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
-                   projection_dim=384, hidden_act="gelu"),
-         "clip-l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                        projection_dim=768, hidden_act="quick_gelu")}
-LAYOUTS = {"sd1": [("l", "sd1", False)], "sd2": [("h", "sd2", True)],
-           "sdxl": [("l", "sdxl_l", False), ("g", "sdxl_g", True)], "clip-l": [("clip-l", "sd1", False)]}
+try:
+    from .dataset_models import WORDS, Part, checkpoint_state
+except ImportError:  # run as a script from bench/, or imported by bench/run.py
+    from dataset_models import WORDS, Part, checkpoint_state
 
-
-def _hf_model(size: str, seed: int):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
-                                         bos_token_id=49406, **SIZES[size])
-    return transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="sdpa").eval()
+LAYOUTS: dict[str, list[Part]] = {
+    "sd1": [("l", "sd1", False)], "sd2": [("h", "sd2", True)],
+    "sdxl": [("l", "sdxl_l", False), ("g", "sdxl_g", True)], "clip-l": [("clip-l", "sd1", False)]}
 
 
 def _checkpoint(kind: str, folder: Path) -> tuple[Path, dict]:
     """Our checkpoint file for ``kind`` and the transformers models holding its weights."""
     from safetensors.torch import save_file
 
-    from textenc.convert import to_layout
-
-    state, models = {}, {}
-    for seed, (size, layout, projection) in enumerate(LAYOUTS[kind]):
-        models[size] = _hf_model(size, seed)
-        weights = {k: v.detach().contiguous().clone() for k, v in models[size].state_dict().items()
-                   if projection or k != "text_projection.weight"}
-        state.update(to_layout(weights, layout))
+    state, models = checkpoint_state(LAYOUTS[kind])
     path = folder / f"bench_{kind}.safetensors"
     save_file(state, str(path))
     return path, models

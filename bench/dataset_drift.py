@@ -17,34 +17,21 @@ import random
 
 import torch
 
-WORDS = ("a photo of the cat dog red blue house tree sky sun moon painting portrait old woman man "
-         "city night river mountain forest girl boy smiling standing").split()
-SIZES = {"l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   projection_dim=768, hidden_act="quick_gelu"),
-         "g": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                   projection_dim=1280, hidden_act="gelu")}
+try:
+    from .dataset_models import WORDS, checkpoint_state
+except ImportError:  # run as a script from bench/
+    from dataset_models import WORDS, checkpoint_state
 
-
-def _state(role: str, seed: int) -> dict:
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
-                                         bos_token_id=49406, **SIZES[role])
-    model = transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="sdpa")
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+#: SD1: a full-size CLIP-L; SDXL: that CLIP-L and a ViT-bigG-sized G (see dataset_models).
+CHECKPOINTS = {"sd1": ("clip_l", [("clip-l", "sd1", False)]),
+               "sdxl": ("sdxl", [("clip-l", "sdxl_l", False), ("bigg", "sdxl_g", True)])}
 
 
 def _clip(kind: str):
-    from textenc.convert import to_layout
     from textenc.sd import load_clip
 
-    if kind == "sd1":
-        state = {k: v for k, v in _state("l", 0).items() if k != "text_projection.weight"}
-        return load_clip([], state_dicts=[("clip_l", to_layout(state, "sd1"))])
-    l_state = {k: v for k, v in _state("l", 0).items() if k != "text_projection.weight"}
-    state = {**to_layout(l_state, "sdxl_l"), **to_layout(_state("g", 1), "sdxl_g")}
-    return load_clip([], state_dicts=[("sdxl", state)])
+    name, parts = CHECKPOINTS[kind]
+    return load_clip([], state_dicts=[(name, checkpoint_state(parts)[0])])
 
 
 def _captions(count: int) -> list[str]:

@@ -1,9 +1,15 @@
-"""Shared pytest fixtures: tiny random Hugging Face CLIP models as oracles."""
+"""Shared pytest fixtures: tiny random Hugging Face CLIP models as oracles, and the
+tiny SD1 text encoder file the encode-dataset modules encode with (built by
+:mod:`dataset_fixtures`, which holds their other shared helpers)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from dataset_fixtures import write_tiny_sd1
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +46,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random CLIP-L-shaped text encoder (width 128, 2 heads of 64, 2 layers) in SD1
+    layout; the same weights as a diffusers folder at ``tiny_model.parent / "diffusers"``.
+    Built once: the dataset modules only read it."""
+    return write_tiny_sd1(tmp_path_factory.mktemp("model"), width=128, diffusers=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from dataset_fixtures import folder_bytes  # this script's folder comes first on sys.path
+
 KILLED = 99
 
 
@@ -57,17 +59,13 @@ def install_kill_point(point: int) -> None:
         setattr(os, name, after(name))
 
 
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 def main(captions: str, model: str, workdir: str) -> list[dict]:
     from textenc.dataset import encode_dataset
 
     options = dict(model=model, dtype="fp32", shard_rows=2, batch_size=4, progress=False)
     work = Path(workdir)
     encode_dataset(captions, out=work / "reference", **options)
-    reference = files(work / "reference")
+    reference = folder_bytes(work / "reference")
     results, point = [], 1
     while True:
         out = work / f"killed-at-{point}"
@@ -84,7 +82,7 @@ def main(captions: str, model: str, workdir: str) -> list[dict]:
         result = {"point": point, "status": status, "left": left}
         try:
             encode_dataset(captions, out=out, **options)
-            result["same"] = files(out) == reference
+            result["same"] = folder_bytes(out) == reference
         except Exception as exc:  # noqa: BLE001 - the test prints what went wrong
             result["error"] = f"{type(exc).__name__}: {exc}"
         results.append(result)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import threading
 from pathlib import Path
 
@@ -15,74 +13,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dataset_fixtures import encoder, folder_bytes, random_captions, ray_session
 from textenc.dataset import encode_dataset, export_diffusers, export_kohya, main, open_shards
 from textenc.dataset.format import TEMP_SUFFIX
 from textenc.errors import DatasetError
 
 NUM_CAPTIONS = 1500
 SHARD_ROWS = 250
-WORDS = ("a photo of the cat dog red blue house tree sky sun moon painting portrait old "
-         "woman man city night river mountain forest girl boy smiling standing").split()
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+_encode = encoder(dtype="fp32", shard_rows=SHARD_ROWS, batch_size=64)
+_files = folder_bytes
 
 
 class Interrupted(RuntimeError):
     """Raised from the writer hook to simulate a killed run."""
-
-
-def _caption(rng: random.Random) -> str:
-    roll = rng.random()
-    if roll < 0.02:
-        return ""
-    count = rng.randint(60, 150) if roll < 0.1 else rng.randint(1, 25)
-    words = [rng.choice(WORDS) for _ in range(count)]
-    if rng.random() < 0.15:
-        words[0] = f"({words[0]}:{rng.choice(['1.3', '0.7', '1.1'])})"
-    return " ".join(words)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and CI machines are shared (no spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random CLIP-L-shaped text encoder (width 128, 2 heads of 64, 2 layers) in SD1 layout."""
-    transformers = pytest.importorskip("transformers")
-    from textenc.convert import to_layout
-
-    torch.manual_seed(0)
-    config = transformers.CLIPTextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=2, vocab_size=49408,
-                                         max_position_embeddings=77, projection_dim=128,
-                                         hidden_act="quick_gelu")
-    model = transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="sdpa")
-    state = to_layout(dict(model.state_dict()), "sd1")
-    path = tmp_path_factory.mktemp("model") / "tiny_sd1.safetensors"
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))
-    _write_diffusers_folder(path.parent / "diffusers", model)
-    return path
-
-
-def _write_diffusers_folder(folder: Path, model) -> None:
-    """The same weights as a diffusers SD1 pipeline folder (text encoder and tokenizer only)."""
-    import shutil
-
-    import textenc
-
-    (folder / "tokenizer").mkdir(parents=True)
-    vocab = Path(textenc.__file__).parent / "vocab"
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(vocab / name, folder / "tokenizer" / name)
-    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
-    model.save_pretrained(folder / "text_encoder")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"]}))
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +38,7 @@ def clip(tiny_model):
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> tuple[Path, list[str]]:
-    rng = random.Random(0)
-    texts = [_caption(rng) for _ in range(NUM_CAPTIONS)]
-    path = tmp_path_factory.mktemp("data") / "captions.txt"
-    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    return path, texts
-
-
-def _encode(captions_path, model, out, **kwargs):
-    options = dict(dtype="fp32", shard_rows=SHARD_ROWS, batch_size=64, progress=False)
-    options.update(kwargs)
-    return encode_dataset(captions_path, model=model, out=out, **options)
+    return random_captions(tmp_path_factory, NUM_CAPTIONS, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +47,6 @@ def reference(tmp_path_factory, captions, tiny_model):
     out = tmp_path_factory.mktemp("reference")
     report = _encode(captions[0], tiny_model, out)
     return out, report
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 # ---- exactness ----------------------------------------------------------------------
@@ -248,22 +179,8 @@ def safe_open_all(path) -> dict[str, torch.Tensor]:
 # ---- ray ---------------------------------------------------------------------------------
 
 def test_ray_engine_writes_the_same_bytes(tmp_path, reference, captions, tiny_model):
-    ray = pytest.importorskip("ray", reason="the ray engine needs the textenc[ray] extra")
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal.alarm guards against scheduling deadlocks; needs the main thread")
-
-    def deadline(signum, frame):
-        raise TimeoutError("the ray engine did not finish in 150 s (scheduling deadlock?)")
-
-    previous = signal.signal(signal.SIGALRM, deadline)
-    signal.alarm(150)
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with ray_session(150):
         report = _encode(captions[0], tiny_model, tmp_path, engine="ray", workers=2)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        ray.shutdown()
     assert report.shards_written == NUM_CAPTIONS // SHARD_ROWS
     assert _files(tmp_path) == _files(reference[0])
 

@@ -13,14 +13,13 @@ caption has alone.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_dataset import _caption
+from dataset_fixtures import random_captions
 from test_sd1_clip import hf_models, hf_state, to_layout  # noqa: F401  (fixture)
 from textenc.dataset import encode_dataset, open_shards
 from textenc.sd import load_clip
@@ -46,11 +45,7 @@ def model_files(hf_models, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> tuple[Path, list[str]]:
-    rng = random.Random(2)
-    texts = [_caption(rng) for _ in range(ROWS)]
-    path = tmp_path_factory.mktemp("data") / "captions.txt"
-    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    return path, texts
+    return random_captions(tmp_path_factory, ROWS, seed=2)
 
 
 CASES = [("sd1", None, None), ("sd1", 2, -2), ("sd1", 3, -3), ("sd2", None, None), ("sd2", 1, -1),

@@ -4,7 +4,6 @@ where it would not run natively (bf16 without CPU bf16 units, fp16 off CUDA)."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import textenc.dataset.compute as compute
-from test_dataset import _caption, tiny_model  # noqa: F401  (fixture)
-from textenc.dataset import encode_dataset, open_shards
+from dataset_fixtures import encoder, random_captions
+from textenc.dataset import open_shards
 from textenc.errors import DatasetError
 from textenc.sd import load_clip
 
@@ -25,17 +24,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> tuple[Path, list[str]]:
-    rng = random.Random(3)
-    texts = [_caption(rng) for _ in range(ROWS)]
-    path = tmp_path_factory.mktemp("data") / "captions.txt"
-    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    return path, texts
+    return random_captions(tmp_path_factory, ROWS, seed=3)
 
 
-def _encode(captions, model, out, **kwargs):
-    options = dict(dtype="fp32", shard_rows=60, batch_size=16, progress=False)
-    options.update(kwargs)
-    return encode_dataset(captions, model=model, out=out, **options)
+_encode = encoder(dtype="fp32", shard_rows=60, batch_size=16)
 
 
 def _rows(folder: Path) -> dict:

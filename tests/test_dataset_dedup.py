@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from test_dataset import tiny_model  # noqa: F401  (fixture)
 from textenc.dataset import encode_dataset, open_shards
 from textenc.sd import load_clip
 

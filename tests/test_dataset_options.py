@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_dataset import _caption, tiny_model  # noqa: F401  (fixture)
+from dataset_fixtures import encoder, random_captions
 from test_sd1_clip import hf_models, hf_state, to_layout  # noqa: F401  (fixture)
-from textenc.dataset import encode_dataset, main, open_shards
+from textenc.dataset import main, open_shards
 from textenc.dataset.cli import configure_parser
 from textenc.dialects import default_weight_mode
 from textenc.errors import DatasetError, LayerError, PromptError
@@ -27,11 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> tuple[Path, list[str]]:
-    rng = random.Random(5)
-    texts = [_caption(rng) for _ in range(40)] + ["a [cat] BREAK (dog:1.5) house", "[[old]] man BREAK sky"]
-    path = tmp_path_factory.mktemp("data") / "captions.txt"
-    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    return path, texts
+    return random_captions(tmp_path_factory, 40, seed=5,
+                           extra=["a [cat] BREAK (dog:1.5) house", "[[old]] man BREAK sky"])
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +38,7 @@ def sd2_model(hf_models, tmp_path_factory) -> Path:
     return path
 
 
-def _encode(captions, model, out, **kwargs):
-    options = dict(dtype="fp32", shard_rows=25, batch_size=16, progress=False)
-    options.update(kwargs)
-    return encode_dataset(captions, model=model, out=out, **options)
+_encode = encoder(dtype="fp32", shard_rows=25, batch_size=16)
 
 
 def _manifest(folder: Path) -> dict:
@@ -183,7 +177,62 @@ def test_usage_error_is_one_line_and_exit_2(capsys):
         main(["captions.txt", "--model", "m.safetensors"])
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and "\n" not in err
-    assert "--out" in err and "see python -m textenc.dataset --help" in err
+    assert "--out" in err and err.endswith("; see 'python -m textenc.dataset --help'")
+
+
+# Both entry points, ``textenc encode-dataset`` and ``python -m textenc.dataset``, are one
+# parser and one error path: the same input gives the same lines, each under its own name.
+BAD_ARGUMENTS = [
+    ["in.txt", "--model", "m.safetensors"],
+    ["in.txt", "--model", "m", "--out", "o", "--shard-rows", "0"],
+    ["in.txt", "--model", "m", "--out", "o", "--outputs", "cond"],
+    ["in.txt", "--model", "m", "--out", "o", "--syntax", "bogus"],
+    ["in.txt", "--model", "m", "--out", "o", "--clip-skip", "two"],
+    ["in.txt", "--model", "m", "--out", "o", "--bogus"],
+]
+USAGE_LINE = re.compile(r"(?P<prog>[^:]+): error: (?P<message>.+); see '(?P=prog) --help'\n")
+
+
+def _both_entry_points(capsys, argv: list[str]) -> list[tuple[int, str, str]]:
+    """``(exit status, stdout, stderr)`` of ``textenc encode-dataset ARGV`` and of
+    ``python -m textenc.dataset ARGV`` (whose ``main`` exits as a script does)."""
+    from textenc.cli import main as textenc_main
+
+    results = []
+    for run in (lambda: textenc_main(["encode-dataset", *argv]), lambda: main(argv)):
+        try:
+            status = run()
+        except SystemExit as done:
+            status = done.code
+        captured = capsys.readouterr()
+        results.append((status, captured.out, captured.err))
+    return results
+
+
+@pytest.mark.parametrize("argv", BAD_ARGUMENTS, ids=lambda argv: argv[-1])
+def test_both_entry_points_give_the_same_usage_error(capsys, argv):
+    (status, out, err), (other_status, other_out, other_err) = _both_entry_points(capsys, argv)
+    assert status == other_status == 2 and out == other_out == ""
+    line, other_line = USAGE_LINE.fullmatch(err), USAGE_LINE.fullmatch(other_err)
+    assert line and other_line, (err, other_err)
+    assert line["message"] == other_line["message"]
+    # An unknown option is reported by the outer ``textenc`` parser, as for every command.
+    assert line["prog"] == ("textenc" if "--bogus" in argv else "textenc encode-dataset")
+    assert other_line["prog"] == "python -m textenc.dataset"
+
+
+def test_both_entry_points_give_the_same_help_and_runtime_error(capsys, tmp_path):
+    (status, text, _), (other_status, other_text, _) = _both_entry_points(capsys, ["--help"])
+    assert status == other_status == 0
+    same = lambda text, prog: " ".join(text.replace(prog, "PROG").split())  # noqa: E731  (wrapping differs)
+    assert same(text, "textenc encode-dataset") == same(other_text, "python -m textenc.dataset")
+    assert "--outputs {cond,pooled|pooled}" in text and "(default: cond,pooled)" in text
+    missing = [str(tmp_path / "no-such.txt"), "--model", "m", "--out", str(tmp_path / "o")]
+    (status, _, err), (other_status, _, other_err) = _both_entry_points(capsys, missing)
+    assert status == other_status == 1
+    assert err.startswith("textenc: error: ") and other_err.startswith("python -m textenc.dataset: error: ")
+    assert err.split(": error: ", 1)[1] == other_err.split(": error: ", 1)[1]
+    assert err.count("\n") == 1 and "no-such.txt" in err
 
 
 def test_os_error_is_one_line_naming_the_path_exit_1(tmp_path, captions, tiny_model, capsys):
@@ -208,3 +257,22 @@ def test_unicode_and_library_errors_are_one_line_exit_1(monkeypatch, tmp_path, c
     code = main([str(tmp_path / "in.txt"), "--model", "m", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err and "in.txt" in err  # a DatasetError: no such input
+
+
+def test_a_disk_fault_after_some_shards_says_how_to_resume(monkeypatch, tmp_path, captions, tiny_model, capsys):
+    import errno
+
+    import textenc.dataset.cli as cli
+
+    out = tmp_path / "out"
+    _encode(captions[0], tiny_model, out, limit=30)  # 2 shards of 25 rows
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "shard-00002.safetensors"))
+
+    monkeypatch.setattr(cli, "encode_dataset", disk_full)
+    assert main([str(captions[0]), "--model", str(tiny_model), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m textenc.dataset: error: ")
+    assert f"{out / 'shard-00002.safetensors'}: the disk is full: free some space or write elsewhere; " \
+           "2 of 2 shards are finished: run the same command again to resume" in err

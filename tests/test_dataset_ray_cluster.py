@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+
+from dataset_fixtures import folder_bytes
 
 ray = pytest.importorskip("ray", reason="the ray engine needs the textenc[ray] extra")
 if not Path("/proc/self/environ").exists():
@@ -78,24 +79,6 @@ def _describe(pids: list[int]) -> list[str]:
         except OSError:
             names.append(str(pid))
     return names
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random 2-layer CLIP text encoder (width 128) in SD1 layout."""
-    transformers = pytest.importorskip("transformers")
-    from textenc.convert import to_layout
-
-    torch.manual_seed(0)
-    config = transformers.CLIPTextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=2, vocab_size=49408,
-                                         max_position_embeddings=77, projection_dim=128,
-                                         hidden_act="quick_gelu")
-    model = transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="sdpa")
-    state = to_layout(dict(model.state_dict()), "sd1")
-    path = tmp_path_factory.mktemp("model") / "tiny_sd1.safetensors"
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))
-    return path
 
 
 def _captions(folder: Path, count: int, *, long: bool = False) -> Path:
@@ -270,12 +253,8 @@ def test_two_node_cluster_writes_the_local_engines_bytes(tmp_path, tiny_model):
     assert done.returncode == 0, done.stderr[-3000:]
     assert local.shards == 12 and "wrote 12 of 12 shards" in done.stdout
     assert placed == [1, 1]  # one actor on each node
-    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")
     assert left == [], _describe(left)
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def test_a_cluster_that_cannot_be_joined_is_a_dataset_error(monkeypatch):

@@ -10,46 +10,32 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from textenc.dataset import encode_dataset, open_shards
+from dataset_fixtures import encoder, folder_bytes, write_tiny_sd1
+from textenc.dataset import export_diffusers, export_kohya, open_shards
 from textenc.dataset.format import clean_temp_files, temp_path
 from textenc.dataset.lock import LOCK_NAME, FolderLock, this_host
-from textenc.errors import DatasetError
+from textenc.errors import DatasetError, DatasetIncompleteError, DatasetWarning
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTIONS = ["a photo of a cat", "a red house", "(a dog:1.2) in the sky", "",
             "an old woman smiling", "a city at night", "a river and a forest"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+_encode = encoder(dtype="fp32", shard_rows=2, batch_size=4)
+_files = folder_bytes
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """A random 2-layer CLIP text encoder (width 64) in SD1 layout."""
-    transformers = pytest.importorskip("transformers")
-    from textenc.convert import to_layout
-
-    torch.manual_seed(0)
-    config = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=2, vocab_size=49408,
-                                         max_position_embeddings=77, projection_dim=64,
-                                         hidden_act="quick_gelu")
-    model = transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="sdpa")
-    state = to_layout(dict(model.state_dict()), "sd1")
-    path = tmp_path_factory.mktemp("model") / "tiny_sd1.safetensors"
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))
-    return path
+    """A random 2-layer CLIP text encoder of width 64 in SD1 layout: half conftest's
+    width, as the kill-point test loads it once per write point."""
+    return write_tiny_sd1(tmp_path_factory.mktemp("model"), width=64)
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +45,11 @@ def captions(tmp_path_factory) -> Path:
     return path
 
 
-def _encode(source, model, out, **kwargs):
-    options = dict(dtype="fp32", shard_rows=2, batch_size=4, progress=False)
-    options.update(kwargs)
-    return encode_dataset(source, model=model, out=out, **options)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, captions, tiny_model) -> Path:
     out = tmp_path_factory.mktemp("reference")
     _encode(captions, tiny_model, out)
     return out
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def _copy(folder: Path, target: Path) -> Path:
@@ -135,6 +111,73 @@ def test_open_shards_yields_the_rows_of_a_good_folder(reference):
     rejected = {entry["row"] for entry in manifest["rejected"]}
     assert ids == [row for row in range(len(CAPTIONS) + 1) if row not in rejected]
     assert rejected == {len(CAPTIONS)}  # the line that is not UTF-8
+
+
+# ---- an unfinished folder: refused, or read with a warning when asked --------------------
+
+class _Stopped(RuntimeError):
+    """Raised from the shard hook: the run ends there, as a kill leaves it."""
+
+
+@pytest.fixture(scope="module")
+def unfinished(tmp_path_factory, captions, tiny_model) -> Path:
+    """A real run stopped after 2 of its 4 shards (8 input rows, 2 per shard)."""
+    out = tmp_path_factory.mktemp("unfinished")
+    written = []
+
+    def stop_after_two(index: int) -> None:
+        written.append(index)
+        if len(written) == 2:
+            raise _Stopped()
+
+    with pytest.raises(_Stopped):
+        _encode(captions, tiny_model, out, on_shard_written=stop_after_two)
+    return out
+
+
+def test_an_unfinished_folder_is_refused_saying_how_to_finish_it(tmp_path, unfinished):
+    with pytest.raises(DatasetIncompleteError) as info:
+        open_shards(unfinished)  # at the call, before any row is read
+    message = str(info.value)
+    assert isinstance(info.value, DatasetError) and str(unfinished) in message
+    assert "2 of 4 shards are finished (covering 4 of 8 input rows)" in message
+    assert "run the same encode-dataset command again to finish it" in message
+    assert "allow_incomplete=True" in message
+    for export in (export_diffusers, export_kohya):
+        with pytest.raises(DatasetIncompleteError, match="2 of 4 shards are finished"):
+            export(unfinished, tmp_path / export.__name__)
+        assert not (tmp_path / export.__name__).exists()
+
+
+def test_allow_incomplete_reads_the_finished_shards_and_warns(tmp_path, unfinished, reference):
+    with pytest.warns(DatasetWarning, match=r"2 of 4 shards are finished .* reading only those") as caught:
+        rows = list(open_shards(unfinished, allow_incomplete=True))
+    assert caught[0].filename == __file__  # points at the caller's line
+    expected = {row_id: pooled for row_id, _, pooled in open_shards(reference) if row_id < 4}
+    assert [row_id for row_id, _, _ in rows] == sorted(expected) == [0, 1, 2, 3]
+    assert all(torch.equal(pooled, expected[row_id]) for row_id, _, pooled in rows)
+    for export in (export_diffusers, export_kohya):
+        with pytest.warns(DatasetWarning, match="2 of 4 shards are finished"):
+            assert export(unfinished, tmp_path / export.__name__, allow_incomplete=True) == 4
+
+
+def test_a_finished_folder_gives_no_warning(tmp_path, reference):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(open_shards(reference))) == len(CAPTIONS)
+        assert export_diffusers(reference, tmp_path / "diffusers") == len(CAPTIONS)
+        assert export_kohya(reference, tmp_path / "kohya") == len(CAPTIONS)
+
+
+def test_running_the_same_command_again_finishes_the_folder(tmp_path, unfinished, captions, tiny_model,
+                                                           reference):
+    out = _copy(unfinished, tmp_path / "out")
+    (out / LOCK_NAME).unlink(missing_ok=True)
+    _encode(captions, tiny_model, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _files(out) == _files(reference)
+        assert len(list(open_shards(out))) == len(CAPTIONS)
 
 
 # ---- point 3: ids and captions that are not valid Unicode -------------------------------

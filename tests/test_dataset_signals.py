@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_dataset import _caption, tiny_model  # noqa: F401  (fixture)
+from dataset_fixtures import folder_bytes, random_captions
 from textenc.dataset import encode_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +26,7 @@ ROWS, SHARD_ROWS = 3000, 100
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> Path:
-    rng = random.Random(6)
-    path = tmp_path_factory.mktemp("data") / "captions.txt"
-    path.write_text("\n".join(_caption(rng) for _ in range(ROWS)) + "\n", encoding="utf-8")
-    return path
+    return random_captions(tmp_path_factory, ROWS, seed=6)[0]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +56,10 @@ def _finished(out: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum,status,words", [(signal.SIGINT, 130, "interrupted (SIGINT); "),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM); ")])
 def test_interrupt_is_one_line_and_the_rerun_resumes(tmp_path, captions, tiny_model, reference,
-                                                    signum, status):
+                                                    signum, status, words):
     out = tmp_path / "out"
     process = subprocess.Popen(_command(captions, tiny_model, out), env=_env(), cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -74,7 +71,9 @@ def test_interrupt_is_one_line_and_the_rerun_resumes(tmp_path, captions, tiny_mo
     assert process.returncode == status, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert "interrupted" in lines[0] and "run the same command again to resume" in lines[0]
+    # Worded as every textenc command words it (textenc.commands.common.run_command).
+    assert lines[0].startswith(f"python -m textenc.dataset: {words}")
+    assert "run the same command again to resume" in lines[0]
     manifest = json.loads((out / "manifest.json").read_text())
     done = len(manifest["shards"])
     assert 1 <= done < ROWS // SHARD_ROWS
@@ -86,5 +85,4 @@ def test_interrupt_is_one_line_and_the_rerun_resumes(tmp_path, captions, tiny_mo
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"({done} skipped)" in rerun.stdout
-    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-    assert files == {p.name: p.read_bytes() for p in sorted(reference.iterdir())}
+    assert folder_bytes(out) == folder_bytes(reference)

@@ -8,16 +8,14 @@ This module pins no thread count: each test sets the count it means (1 and 2).
 from __future__ import annotations
 
 import json
-import random
-import signal
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_dataset import _caption, tiny_model  # noqa: F401  (fixture)
-from textenc.dataset import encode_dataset, open_shards
+import dataset_fixtures
+from dataset_fixtures import encoder, folder_bytes, random_captions
+from textenc.dataset import open_shards
 from textenc.errors import DatasetError
 
 ROWS, SHARD_ROWS = 480, 120
@@ -25,20 +23,11 @@ ROWS, SHARD_ROWS = 480, 120
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("data") / "captions.txt"
-    path.write_text("\n".join(_caption(rng) for _ in range(ROWS)) + "\n", encoding="utf-8")
-    return path
+    return random_captions(tmp_path_factory, ROWS, seed=1)[0]
 
 
-def _encode(captions, model, out, **kwargs):
-    options = dict(dtype="fp32", shard_rows=SHARD_ROWS, batch_size=32, progress=False)
-    options.update(kwargs)
-    return encode_dataset(captions, model=model, out=out, **options)
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+_encode = encoder(dtype="fp32", shard_rows=SHARD_ROWS, batch_size=32)
+_files = folder_bytes
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +49,8 @@ def local_runs(tmp_path_factory, captions, tiny_model):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray = pytest.importorskip("ray", reason="the ray engine needs the textenc[ray] extra")
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal.alarm guards against scheduling deadlocks; needs the main thread")
-
-    def deadline(signum, frame):
-        raise TimeoutError("the ray engine did not finish in 240 s (scheduling deadlock?)")
-
-    previous = signal.signal(signal.SIGALRM, deadline)
-    signal.alarm(240)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with dataset_fixtures.ray_session(240) as ray:
         yield ray
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        ray.shutdown()
 
 
 def test_the_thread_count_is_recorded(local_runs):

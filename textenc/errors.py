@@ -29,6 +29,8 @@ __all__ = [
     "PromptWarning",
     "EncodeError",
     "CheckpointWarning",
+    "DatasetIncompleteError",
+    "DatasetWarning",
 ]
 
 
@@ -94,3 +96,11 @@ class EncodeError(TextencError):
 
 class CheckpointWarning(TextencWarning):
     """A checkpoint loaded, but held something that was ignored (a stray key)."""
+
+
+class DatasetIncompleteError(DatasetError):
+    """An encoded dataset folder is read before its run finished every shard."""
+
+
+class DatasetWarning(TextencWarning):
+    """An encoded dataset folder is read as asked, but not all of it is there."""

@@ -21,6 +21,7 @@ from .layers import check_layer
 from .warn import warn_at_caller
 from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
 from .sd2_clip import SD2ClipModel, SD2Tokenizer
+from .step_ranges import step_ranges
 from .sdxl_clip import SDXLClipModel, SDXLTokenizer
 
 __all__ = ["CLIP", "CLIP_TYPES", "ROLES", "build_clip", "load_clip", "load_text_encoder_state_dicts",
@@ -269,15 +270,10 @@ def _syntax_options(syntax: str | None, options: Mapping[str, Any] | None) -> di
 
 def _timed_entries(schedule: Sequence[tuple[int, str]], encoded: Sequence[tuple], steps: int,
                    weight: float) -> list:
-    """ComfyUI entries of one schedule: text ``k`` covers steps ``end[k-1] + 1 .. end[k]``."""
-    entries, previous = [], -1
-    for (end, _text), (cond, pooled) in zip(schedule, encoded):
-        start, stop = (previous + 1) / steps, min(1.0, (end + 1) / steps)
-        previous = end
-        if start < 1.0:  # a text that starts after the last step is never used
-            entries.append([cond, {"pooled_output": pooled, "start_percent": start,
-                                   "end_percent": stop, "strength": weight}])
-    return entries
+    """ComfyUI entries of one schedule, over the steps :func:`~textenc.step_ranges.step_ranges` gives."""
+    return [[encoded[r.index][0], {"pooled_output": encoded[r.index][1], "start_percent": r.start_percent,
+                                   "end_percent": r.end_percent, "strength": weight}]
+            for r in step_ranges(schedule, steps)]
 
 
 def conditioning_at_step(conditioning: Sequence, step: int, steps: int) -> list[tuple]:

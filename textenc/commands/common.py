@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 from ..errors import TextencError
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
-           "HelpFormatter", "Terminated", "run_command", "describe_error", "one_line", "show_path",
+           "HelpFormatter", "Terminated", "run_command", "positive_int", "describe_error", "one_line", "show_path",
            "check_out_file", "check_folder", "write_file_atomically", "progress"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -88,10 +88,40 @@ class CommandParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._checks: list[Callable[[argparse.Namespace], str | None]] = []
+
+    def add_check(self, check: Callable[[argparse.Namespace], str | None]) -> None:
+        """After parsing, ``check(namespace)`` returns None or the problem of a combination
+        of options (``--steps`` with a syntax that has no schedules); a problem is a
+        usage error of this parser (one line, status 2), before anything runs."""
+        self._checks.append(check)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        for check in self._checks:
+            problem = check(namespace)
+            if problem:
+                self.error(problem)
+        return namespace, extras
 
     def error(self, message: str):  # type: ignore[override]
         """Print ``PROG: error: MESSAGE; see 'PROG --help'`` and exit with status 2."""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}; see '{self.prog} --help'\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1 (a bad one is a usage error).
+
+    >>> positive_int("3")
+    3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 # --- faults -----------------------------------------------------------------------
@@ -112,20 +142,27 @@ _OS_HINTS = {
     errno.EPERM: "operation not permitted: check the permissions or choose another location",
     errno.ENOENT: "no such file or folder: check the path",
     errno.EISDIR: "it is a folder: give a file path",
+    errno.EEXIST: "it exists already and is in the way (a file where a folder is needed?): "
+                  "remove it or choose another path",
     errno.ENOTDIR: "a part of the path is not a folder: check the path",
     errno.ENAMETOOLONG: "the name is too long: use a shorter path",
     errno.EIO: "input/output error: the disk or network share failed; check it and re-run",
 }
 
 
-def describe_error(error: BaseException) -> str:
-    """One line for a fault a user can cause: what went wrong, where, and what to do."""
+def describe_error(error: BaseException, *, path: str | os.PathLike | None = None) -> str:
+    """One line for a fault a user can cause: what went wrong, where, and what to do.
+
+    ``path`` names the file being read when the error itself cannot (a
+    ``UnicodeDecodeError`` knows no file name).
+    """
     if isinstance(error, OSError):
         paths = [show_path(p) for p in (error.filename, error.filename2) if p is not None]
         reason = _OS_HINTS.get(error.errno or -1) or error.strerror or one_line(error)
         return f"{' -> '.join(paths)}: {reason}" if paths else one_line(f"{reason} ({error})")
     if isinstance(error, UnicodeDecodeError):
-        return (f"input is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+        where = "input is" if path is None else f"{show_path(path)}:"
+        return (f"{where} not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
                 f"{error.start}); save it as UTF-8")
     if isinstance(error, UnicodeError):
         return f"text that cannot be written as UTF-8 ({one_line(error)}); remove the odd characters"

@@ -3,7 +3,11 @@
 Needs no model weights: the bundled tokenizer of ``--tokenizer``, or the
 tokenizer of ``--model`` when one is given. The model code (torch layers) is
 imported only for ``--model``. All printing is :func:`format_report`
-(table) and :func:`report_dict` (``--json``).
+(table) and :func:`report_dict` (``--json``); with ``--steps N`` (A1111
+syntax) it is :func:`format_schedule` and :func:`schedule_dict`: for each
+``AND`` part and each text of its prompt-editing schedule, the steps it is
+used at (as :meth:`textenc.sd.CLIP.encode_scheduled` with ``steps=N``), the
+text and its chunks.
 """
 
 from __future__ import annotations
@@ -12,11 +16,17 @@ import argparse
 import json
 from typing import Any
 
-from ..dialects import SYNTAXES
-from .common import check_folder
+from ..dialects import SYNTAXES, prompt_schedules
+from ..step_ranges import step_ranges
+from .common import check_folder, positive_int
 from .encode import SYNTAX_HELP
 
-__all__ = ["add_inspect", "run_inspect", "format_report", "report_dict", "TOKENIZERS"]
+__all__ = ["add_inspect", "run_inspect", "format_report", "report_dict", "format_schedule", "schedule_dict",
+           "TOKENIZERS", "SCHEDULED_SYNTAXES"]
+
+#: The syntaxes whose dialect has prompt schedules (editing, alternation, AND), so
+#: --steps can be checked while parsing, without importing the dialects (tests check).
+SCHEDULED_SYNTAXES = ("a1111",)
 
 #: --tokenizer name → (embedding width, pad with the end token, embedding key).
 TOKENIZERS = {"sd1": (768, True, "clip_l"), "sd2": (1024, False, "clip_h"), "sdxl-g": (1280, False, "clip_g")}
@@ -46,9 +56,53 @@ def run_inspect(args: argparse.Namespace) -> int:
     embeddings = None if args.embeddings is None else check_folder(args.embeddings, "--embeddings")
     tokenizer = (_model_tokenizer(args, embeddings) if args.model
                  else _bundled_tokenizer(args, embeddings))
+    if args.steps is not None:
+        schedule = schedule_report(tokenizer, args.prompt, syntax=args.syntax, steps=args.steps)
+        print(json.dumps(schedule_dict(schedule), indent=1) if args.json else format_schedule(schedule))
+        return 0
     report = tokenizer.inspect(args.prompt, syntax=args.syntax)
     print(json.dumps(report_dict(report), indent=1) if args.json else format_report(report))
     return 0
+
+
+# --- schedules (--steps) ----------------------------------------------------------
+
+def schedule_report(tokenizer, prompt: str, *, syntax: str, steps: int) -> dict[str, Any]:
+    """``{"steps", "parts": [{"weight", "entries": [(StepRange, InspectReport), ...]}]}``:
+    the ``AND`` parts of ``prompt``, each text of their schedules over ``steps``
+    sampling steps, and how ``tokenizer`` reads that text."""
+    parts = []
+    for weight, schedule in prompt_schedules(syntax, prompt, steps):
+        entries = [(entry, tokenizer.inspect(entry.text, syntax=syntax))
+                   for entry in step_ranges(schedule, steps)]
+        parts.append({"weight": weight, "entries": entries})
+    return {"steps": steps, "parts": parts}
+
+
+def schedule_dict(schedule: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`schedule_report` as plain JSON-able data (``--steps N --json``)."""
+    def entry_dict(entry, report) -> dict[str, Any]:
+        return {"first_step": entry.first_step, "last_step": entry.last_step,
+                "start_percent": entry.start_percent, "end_percent": entry.end_percent, "text": entry.text,
+                "chunks": [vars(c) for c in getattr(report, "chunks", ())],
+                "moves": [vars(m) for m in getattr(report, "moves", ())]}
+
+    return {"steps": schedule["steps"],
+            "parts": [{"weight": part["weight"], "entries": [entry_dict(*pair) for pair in part["entries"]]}
+                      for part in schedule["parts"]]}
+
+
+def format_schedule(schedule: dict[str, Any]) -> str:
+    """A :func:`schedule_report` as the table ``textenc inspect --steps N`` prints."""
+    steps, parts = schedule["steps"], schedule["parts"]
+    lines = [f"schedule over {steps} steps (0..{steps - 1}), {len(parts)} AND part(s)"]
+    for number, part in enumerate(parts, 1):
+        lines.append(f"part {number}: weight {part['weight']:.4g}")
+        for entry, report in part["entries"]:
+            lines.append(f"  steps {entry.first_step}..{entry.last_step}  start_percent {entry.start_percent:.4g}"
+                         f"  end_percent {entry.end_percent:.4g}  {entry.text!r}")
+            lines += ["    " + line for line in _chunk_lines(report)]
+    return "\n".join(lines)
 
 
 # --- printing ---------------------------------------------------------------------
@@ -81,6 +135,16 @@ def _window_lines(index: int, window) -> list[str]:
     return lines
 
 
+def _chunk_lines(report) -> list[str]:
+    """A1111's chunks and comma-backtracking moves of a report (none for other syntaxes)."""
+    lines = [f"chunk {chunk.index}: {chunk.num_tokens} prompt token(s), ended by {chunk.ended_by}"
+             for chunk in getattr(report, "chunks", ())]
+    for move in getattr(report, "moves", ()):
+        lines.append(f"  comma backtracking moved {move.num_tokens} token(s) from chunk {move.source} "
+                     f"to chunk {move.source + 1}: {move.text!r}")
+    return lines
+
+
 def format_report(report) -> str:
     """An ``InspectReport`` as the table ``textenc inspect`` prints."""
     lines = []
@@ -90,11 +154,7 @@ def format_report(report) -> str:
     for unit in report.units:
         lines.append(f"  word {unit.word_id:>3}  {unit.kind:<9}  weight {unit.weight:<7.4g}  "
                      f"{unit.num_tokens:>3} token(s)  {unit.text!r}")
-    for chunk in getattr(report, "chunks", ()):  # syntax="a1111": A1111's chunks
-        lines.append(f"chunk {chunk.index}: {chunk.num_tokens} prompt token(s), ended by {chunk.ended_by}")
-    for move in getattr(report, "moves", ()):
-        lines.append(f"  comma backtracking moved {move.num_tokens} token(s) from chunk {move.source} "
-                     f"to chunk {move.source + 1}: {move.text!r}")
+    lines += _chunk_lines(report)
     if report.embeddings:
         lines.append("embeddings:")
         for entry in report.embeddings:
@@ -118,6 +178,22 @@ def add_inspect(sub) -> argparse.ArgumentParser:
              "folder, as textenc encode --model (default: none: the bundled --tokenizer)")
     add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none; "
         "each embedding:name is then reported missing)")
+    add("--steps", type=positive_int, default=None, metavar="N",
+        help="sampling steps, as steps= of CLIP.encode_scheduled: print the prompt's schedule instead "
+             "(A1111 prompt editing [a:b:when], alternation [a|b] and AND parts): for each part and each "
+             "text, the 0-based steps it is used at, ComfyUI's start_percent/end_percent, the text and "
+             f"its chunks; needs --syntax {'|'.join(SCHEDULED_SYNTAXES)} (default: none: the prompt's "
+             "windows and units)")
     add("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_check(_check_steps)
     parser.set_defaults(run=run_inspect)
     return parser
+
+
+def _check_steps(args: argparse.Namespace) -> str | None:
+    """``--steps`` only with a syntax that has prompt schedules."""
+    if args.steps is None or args.syntax in SCHEDULED_SYNTAXES:
+        return None
+    return (f"--steps needs a syntax with prompt schedules (--syntax {' or '.join(SCHEDULED_SYNTAXES)}); "
+            f"--syntax {args.syntax} has no prompt editing, alternation or AND: drop --steps or "
+            f"use --syntax {SCHEDULED_SYNTAXES[0]}")

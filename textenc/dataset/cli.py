@@ -1,26 +1,26 @@
 """Command-line front end of :func:`textenc.dataset.encode_dataset`.
 
 ``add_encode_dataset_arguments(subparsers)`` adds the ``encode-dataset``
-sub-command to a ``textenc`` parser; ``run_encode_dataset(args)`` runs it and
-returns the exit status; ``main(argv)`` is ``python -m textenc.dataset``.
+sub-command to a ``textenc`` parser; ``run_encode_dataset(args)`` runs it;
+``main(argv)`` is ``python -m textenc.dataset``.
 
-Exit statuses: 0 done; 1 any runtime error (a textenc error, or an ``OSError``
-or ``UnicodeDecodeError``), printed as one line on stderr that names the path
-involved; 2 a usage error (one line plus "see --help"); 130 / 143 interrupted
-by SIGINT / SIGTERM, with one line saying how many shards are finished and
+Both entry points use :mod:`textenc.commands.common`, like every textenc
+command: the same parser class (help shows every default, choices as typed),
+usage errors as one line plus "see --help" with exit status 2, runtime errors
+(a textenc error, an ``OSError``, a ``UnicodeDecodeError``) as one line on
+stderr naming the path involved with exit status 1, and SIGINT / SIGTERM as
+exit status 130 / 143 with one line saying how many shards are finished and
 that running the same command again resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import threading
-from typing import Any, Iterator, NoReturn, Sequence
+from typing import Sequence
 
+from ..commands.common import CommandParser, describe_error, positive_int, run_command
 from ..dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
-from ..errors import TextencError
+from ..errors import DatasetError, TextencError
 from ..weighting import WEIGHT_MODES
 from .compute import COMPUTE_DTYPES, DEFAULT_THREADS
 from .driver import KINDS, OUTPUTS, encode_dataset
@@ -29,21 +29,11 @@ from .encode import OUTPUT_DTYPES
 from .engines import ENGINES
 from .format import read_manifest
 
-__all__ = ["add_encode_dataset_arguments", "configure_parser", "run_encode_dataset", "main"]
+__all__ = ["add_encode_dataset_arguments", "configure_parser", "build_parser", "run_encode_dataset",
+           "main", "PROG", "DESCRIPTION"]
 
-PROG = "textenc encode-dataset"
-_EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
+PROG = "python -m textenc.dataset"
+DESCRIPTION = "Encode every caption of INPUT into sharded safetensors."
 
 def _clip_skip(text: str) -> int:
     try:
@@ -74,31 +64,33 @@ def _add_model_options(add) -> None:
 
 
 def _add_output_options(add) -> None:
-    add("--outputs", choices=OUTPUTS, default="cond,pooled", metavar="{cond+pooled,pooled}",
+    # A choice holds a comma: written out as HelpFormatter writes choices, also for a
+    # plain ArgumentParser (whose "{cond,pooled,pooled}" would read as three choices).
+    add("--outputs", choices=OUTPUTS, default="cond,pooled", metavar="{" + "|".join(OUTPUTS) + "}",
         help="what each shard holds: 'cond,pooled' (both) or 'pooled' (pooled only) "
              "(default: %(default)s)")
     add("--dtype", choices=tuple(OUTPUT_DTYPES), default="fp16", help="stored dtype (default: %(default)s)")
-    add("--shard-rows", type=_positive, default=10000, help="input rows per shard (default: %(default)s)")
-    add("--max-chars", type=_positive, default=16384,
+    add("--shard-rows", type=positive_int, default=10000, help="input rows per shard (default: %(default)s)")
+    add("--max-chars", type=positive_int, default=16384,
         help="reject captions with more characters (default: %(default)s)")
-    add("--max-windows", type=_positive, default=64,
+    add("--max-windows", type=positive_int, default=64,
         help="reject captions needing more 77-token windows (default: %(default)s)")
     add("--no-dedup", action="store_true",
         help="encode every row even when its caption repeats one earlier in its shard "
              "(default: off: a repeat is encoded once and written for each row)")
     add("--overwrite", action="store_true",
         help="replace an output folder encoded with other options, model or input (default: off)")
-    add("--limit", type=_positive, default=None, help="encode only the first N rows (default: all)")
+    add("--limit", type=positive_int, default=None, help="encode only the first N rows (default: all)")
 
 
 def _add_engine_options(add) -> None:
     add("--engine", choices=ENGINES, default="local",
         help="local: this process; ray: Ray actors (extra textenc[ray]) (default: %(default)s)")
-    add("--workers", type=_positive, default=1, help="Ray actors (default: %(default)s)")
-    add("--threads", type=_positive, default=DEFAULT_THREADS,
+    add("--workers", type=positive_int, default=1, help="Ray actors (default: %(default)s)")
+    add("--threads", type=positive_int, default=DEFAULT_THREADS,
         help="torch threads per encoding process, the local engine's and each Ray actor's; "
              "the shards' bytes depend on it (recorded; default: %(default)s)")
-    add("--batch-size", type=_positive, default=64,
+    add("--batch-size", type=positive_int, default=64,
         help="captions per forward; recorded, the bytes depend on it (default: %(default)s)")
     add("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (default: %(default)s)")
     add("--ray-address", default=None, help="join this Ray cluster (default: start one locally)")
@@ -111,8 +103,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add = parser.add_argument
     add("input", help="parquet file/folder/glob, .jsonl, .txt (one caption per line) "
                       "or a folder of kohya .txt caption files")
-    add("--model", required=True, help="checkpoint file or diffusers model folder")
-    add("--out", required=True, help="output folder (shard-*.safetensors, empty.safetensors, manifest.json)")
+    add("--model", required=True, help="checkpoint file or diffusers model folder (required)")
+    add("--out", required=True,
+        help="output folder (shard-*.safetensors, empty.safetensors, manifest.json) (required)")
     add("--column", default="text", help="caption column (parquet, jsonl; default: %(default)s)")
     add("--id-column", default=None, help="id column (default: the row index)")
     _add_model_options(add)
@@ -124,58 +117,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 def add_encode_dataset_arguments(subparsers) -> argparse.ArgumentParser:
     """Add ``encode-dataset`` to an ``argparse`` sub-parsers object; returns its parser."""
     parser = subparsers.add_parser("encode-dataset", help="encode a caption dataset into shards",
-                                   description="Encode every caption of INPUT into sharded safetensors.")
+                                   description=DESCRIPTION)
     configure_parser(parser)
     parser.set_defaults(run=run_encode_dataset)
     return parser
 
 
-class _Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived; unwinds the run like KeyboardInterrupt."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _InterruptOnSignals:
-    """Turn SIGINT and SIGTERM into :class:`_Interrupted` while the run lasts (main thread only)."""
-
-    def __enter__(self) -> "_InterruptOnSignals":
-        self.previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in _EXIT_STATUS:
-                self.previous[signum] = signal.signal(signum, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum: int, frame) -> NoReturn:
-        raise _Interrupted(signum)
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def _finished_shards(out: str) -> str:
+def _finished_shards(out: str) -> tuple[int, object] | None:
+    """``(shards finished, shards planned)`` in the folder ``out``; None without a manifest."""
     try:
         manifest = read_manifest(out)
     except (TextencError, OSError):
-        manifest = None
+        return None
     if manifest is None:
+        return None
+    return len(manifest.get("shards", [])), manifest.get("num_shards", "?")
+
+
+def _progress_phrase(out: str) -> str:
+    finished = _finished_shards(out)
+    if finished is None:
         return "no shard is finished"
-    return f"{len(manifest.get('shards', []))} of {manifest.get('num_shards', '?')} shards are finished"
-
-
-def _error_line(exc: BaseException, args: argparse.Namespace) -> str:
-    """One line for a runtime error, naming the path involved and what to do."""
-    if isinstance(exc, TextencError):
-        return str(exc)
-    if isinstance(exc, UnicodeDecodeError):
-        return f"{args.input}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-    path = getattr(exc, "filename", None) or args.out  # an OSError
-    return (f"{path}: {getattr(exc, 'strerror', None) or exc}; check that the path exists, is "
-            "writable and its disk has space, then run the same command again (it resumes)")
+    return f"{finished[0]} of {finished[1]} shards are finished"
 
 
 def _encode(args: argparse.Namespace):
@@ -192,31 +155,44 @@ def _encode(args: argparse.Namespace):
 
 
 def run_encode_dataset(args: argparse.Namespace) -> int:
-    """Run ``encode-dataset`` from parsed arguments → exit status (see the module docstring)."""
+    """Run ``encode-dataset`` from parsed arguments; returns 0 and prints the summary.
+
+    Meant to run inside :func:`~textenc.commands.common.run_command`, which
+    turns what this raises into one line and an exit status.
+
+    Raises:
+        TextencError: any runtime fault, naming the path (a caption file that is
+            not UTF-8 names that file). OSError: a file system fault.
+        KeyboardInterrupt: SIGINT or SIGTERM, re-raised with how many shards are
+            finished and that running the same command again resumes.
+    """
     try:
-        with _InterruptOnSignals():
-            report = _encode(args)
-    except (_Interrupted, KeyboardInterrupt) as exc:
-        signum = exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT
-        print(f"{PROG}: interrupted ({signal.Signals(signum).name}): {_finished_shards(args.out)} "
-              f"in {args.out}; run the same command again to resume", file=sys.stderr)
-        return _EXIT_STATUS[signum]
-    except (TextencError, OSError, UnicodeDecodeError) as exc:
-        print(f"{PROG}: error: {_error_line(exc, args)}", file=sys.stderr)
-        return 1
+        report = _encode(args)
+    except KeyboardInterrupt as interrupt:
+        raise type(interrupt)(f"{_progress_phrase(args.out)} in {args.out}; "
+                              "run the same command again to resume") from None
+    except UnicodeDecodeError as error:
+        raise DatasetError(describe_error(error, path=args.input)) from None
+    except OSError as error:
+        raise DatasetError(_os_error_line(error, args)) from None
     print(format_plan(report) if report.dry_run else report.summary())
     return 0
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A usage error is one line plus "see --help", exit status 2 (not the usage block)."""
+def _os_error_line(error: OSError, args: argparse.Namespace) -> str:
+    """The shared one-line form of ``error``, plus how to resume when shards are finished."""
+    line = describe_error(error) if error.filename else f"{args.out}: {describe_error(error)}"
+    if _finished_shards(args.out) is None:
+        return line
+    return f"{line}; {_progress_phrase(args.out)}: run the same command again to resume"
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+def build_parser(prog: str = PROG) -> CommandParser:
+    """The parser of ``python -m textenc.dataset`` (the options of ``textenc encode-dataset``)."""
+    return configure_parser(CommandParser(prog=prog, description=DESCRIPTION))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m textenc.dataset INPUT --model M --out DIR [options]``."""
-    parser = configure_parser(_OneLineParser(
-        prog="python -m textenc.dataset", description="Encode every caption of INPUT into sharded safetensors."))
-    return run_encode_dataset(parser.parse_args(argv))
+    """``python -m textenc.dataset INPUT --model M --out DIR [options]`` → exit status."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: run_encode_dataset(args), prog=PROG)

@@ -31,7 +31,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..errors import DatasetError
+from ..errors import DatasetError, DatasetIncompleteError, DatasetWarning
+from ..warn import warn_at_caller
 from .lock import writer_alive, writer_tag
 
 __all__ = ["FORMAT_VERSION", "shard_name", "write_safetensors", "atomic_write", "read_manifest",
@@ -238,18 +239,46 @@ def _read_shard(path: Path) -> tuple[dict, list, list, torch.Tensor | None, torc
     return metadata, offsets, rows, cond, pooled, ids
 
 
-def open_shards(folder: str | os.PathLike, *, verify: bool = True
+def _check_complete(folder: str | os.PathLike, manifest: Mapping[str, Any], *, allow_incomplete: bool) -> None:
+    """Refuse a folder whose run has not finished every shard; with ``allow_incomplete``,
+    warn instead (:class:`~textenc.errors.DatasetWarning`)."""
+    if manifest.get("complete") is True:
+        return
+    shards = manifest.get("shards", [])
+    rows = sum(record["row_stop"] - record["row_start"] for record in shards
+               if isinstance(record.get("row_start"), int) and isinstance(record.get("row_stop"), int))
+    source = manifest.get("input")
+    total_rows = source.get("rows", "?") if isinstance(source, dict) else "?"
+    state = (f"{folder}: the encoding is not finished: {len(shards)} of {manifest.get('num_shards', '?')} "
+             f"shards are finished (covering {rows} of {total_rows} input rows)")
+    finish = "run the same encode-dataset command again to finish it (it resumes)"
+    if not allow_incomplete:
+        raise DatasetIncompleteError(f"{state}; {finish}, or pass allow_incomplete=True to read the "
+                                     "finished shards only")
+    warn_at_caller(f"{state}; reading only those. To read every row, {finish}", DatasetWarning)
+
+
+def open_shards(folder: str | os.PathLike, *, verify: bool = True, allow_incomplete: bool = False
                 ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor]]:
     """Yield ``(id, cond [windows·77, width] or None, pooled [pooled_width])`` per caption.
 
-    Captions come in input-row order (shards in order). Before yielding from a
-    shard, its sha256 is checked against the manifest (``verify=False`` skips
-    that hash, which reads every byte of every shard twice; use it for speed
-    when the files are known good), and in every case its metadata and row
-    list are checked against the manifest's record of that shard, so a shard
-    file copied over another is refused even without the hash.
+    Captions come in input-row order (shards in order). A folder whose run has
+    not finished (the manifest is not ``complete``: the run was interrupted,
+    or is still writing) is refused, because training on it would silently
+    use a subset of the captions; ``allow_incomplete=True`` reads its finished
+    shards and warns with :class:`~textenc.errors.DatasetWarning`. The manifest
+    is checked when ``open_shards`` is called, the shards as they are read.
+
+    Before yielding from a shard, its sha256 is checked against the manifest
+    (``verify=False`` skips that hash, which reads every byte of every shard
+    twice; use it for speed when the files are known good), and in every case
+    its metadata and row list are checked against the manifest's record of
+    that shard, so a shard file copied over another is refused even without
+    the hash.
 
     Raises:
+        DatasetIncompleteError: the run has not finished every shard (the
+            message says how many are, and to run the same command again).
         DatasetError: no manifest; a listed shard is missing, unreadable, not
             the bytes the manifest records, or holds other rows (the message
             names the shard file).
@@ -257,9 +286,15 @@ def open_shards(folder: str | os.PathLike, *, verify: bool = True
     manifest = read_manifest(folder)
     if manifest is None:
         raise DatasetError(f"{folder}: no manifest.json; is this a textenc encode-dataset output?")
+    _check_complete(folder, manifest, allow_incomplete=allow_incomplete)
+    return _read_rows(Path(folder), manifest, verify=verify)
+
+
+def _read_rows(folder: Path, manifest: Mapping[str, Any], *, verify: bool
+               ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor]]:
     length = int(manifest.get("window_length", 77))
     for shard in manifest["shards"]:
-        path = Path(folder) / shard["file"]
+        path = folder / shard["file"]
         if not path.exists():
             raise DatasetError(f"{path}: listed in the manifest but missing; re-run encode-dataset")
         if verify:
@@ -278,11 +313,15 @@ def _safe_stem(row_id: Any) -> str:
     return stem
 
 
-def export_diffusers(folder: str | os.PathLike, out: str | os.PathLike) -> int:
+def export_diffusers(folder: str | os.PathLike, out: str | os.PathLike, *, allow_incomplete: bool = False) -> int:
     """Write ``{out}/{id}.safetensors`` with ``prompt_embeds`` [1, T, D] and
-    ``pooled_prompt_embeds`` [1, P] per caption (diffusers pipeline argument names)."""
+    ``pooled_prompt_embeds`` [1, P] per caption (diffusers pipeline argument names).
+
+    Reads through :func:`open_shards`: an unfinished folder is refused unless
+    ``allow_incomplete=True`` (then it warns). Returns the number of files written.
+    """
     count = 0
-    for row_id, cond, pooled in open_shards(folder):
+    for row_id, cond, pooled in open_shards(folder, allow_incomplete=allow_incomplete):
         if cond is None:
             raise DatasetError(f"{folder}: encoded with outputs=pooled; diffusers export needs cond")
         target = Path(out) / f"{_safe_stem(row_id)}.safetensors"
@@ -293,8 +332,11 @@ def export_diffusers(folder: str | os.PathLike, out: str | os.PathLike) -> int:
     return count
 
 
-def export_kohya(folder: str | os.PathLike, out: str | os.PathLike) -> int:
+def export_kohya(folder: str | os.PathLike, out: str | os.PathLike, *, allow_incomplete: bool = False) -> int:
     """Write kohya sd-scripts style ``{out}/{id}_te_outputs.npz`` per caption.
+
+    Reads through :func:`open_shards`: an unfinished folder is refused unless
+    ``allow_incomplete=True`` (then it warns). Returns the number of files written.
 
     SDXL (as sd-scripts' ``TextEncoderOutputsCachingStrategy``): ``hidden_state1``
     (CLIP-L, [T, 768]), ``hidden_state2`` (bigG, [T, 1280]) and ``pool2`` ([1280]);
@@ -305,7 +347,7 @@ def export_kohya(folder: str | os.PathLike, out: str | os.PathLike) -> int:
     manifest = read_manifest(folder) or {}
     split = manifest.get("widths", {}).get("l") if manifest.get("kind") == "sdxl" else None
     count = 0
-    for row_id, cond, pooled in open_shards(folder):
+    for row_id, cond, pooled in open_shards(folder, allow_incomplete=allow_incomplete):
         target = Path(out) / f"{_safe_stem(row_id)}_te_outputs.npz"
         target.parent.mkdir(parents=True, exist_ok=True)
         if split is not None:
