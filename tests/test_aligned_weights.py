@@ -174,3 +174,12 @@ def test_clip_vision_load_sd_aligns_and_encodes_bit_identically(hf_model, tmp_pa
             assert torch.equal(outputs[0][name], outputs[1][name]), name
     finally:
         torch.set_num_threads(previous)
+
+
+def test_checkpoint_doctests():
+    import doctest
+
+    from textenc import checkpoint
+
+    result = doctest.testmod(checkpoint)
+    assert result.attempted >= 3 and result.failed == 0

@@ -205,3 +205,12 @@ def test_clip_set_last_layer_node_uses_comfyui_numbering(vit_h, sd2_23, pack):
         _close(conditioning[0][0], _comfy_layer(vit_h, layer))
     with pytest.raises(LayerError, match=rf"stop_at_clip_layer=-1: .*{MISSING}"):
         run(pack, "CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-1)
+
+
+def test_layer_numbering_doctests():
+    import doctest
+
+    from textenc import layers
+
+    result = doctest.testmod(layers)
+    assert result.attempted >= 6 and result.failed == 0
