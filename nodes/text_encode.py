@@ -22,16 +22,14 @@ CLIP_INPUT = ("CLIP", {"tooltip": "The CLIP model used for encoding the text."})
 
 
 def _check_layer_depth(clip: Any, layer: int) -> None:
-    """``layer`` must exist in each of the CLIP's text encoders (SDXL: clip_l and clip_g)."""
-    from textenc.diffusers_layers import text_encoders
+    """``layer`` must exist in each of the CLIP's text encoders (SDXL: clip_l and clip_g),
+    in ComfyUI's numbering (diffusers' 23-layer SD2 counts as ViT-H's 24 layers)."""
     from textenc.errors import LayerError
-    from textenc.layers import check_layer
 
-    for encoder in text_encoders(clip):
-        try:
-            check_layer(layer, encoder.num_layers)
-        except LayerError as exc:
-            raise LayerError(f"CLIPSetLastLayer: stop_at_clip_layer={layer}: {exc}") from None
+    try:
+        clip.check_layer(layer)
+    except LayerError as exc:
+        raise LayerError(f"CLIPSetLastLayer: stop_at_clip_layer={layer}: {exc}") from None
 
 
 class CLIPSetLastLayer:

@@ -297,7 +297,8 @@ def test_sd2_folder_of_23_layers_is_numbered_as_vit_h_24(tmp_path, capsys):
     tensors, _ = _encode(checkpoint, tmp_path / "o.safetensors", "--clip-skip", "1")
     torch.testing.assert_close(tensors["cond_0"], reference(-1), atol=1e-5, rtol=0)
     capsys.readouterr()
-    for clip_skip, words in (("1", "ViT-H's last layer, which this SD2 text encoder does not have"),
+    for clip_skip, words in (("1", "ViT-H's last layer, which this text encoder does not have: its file "
+                                   "holds 23 of ViT-H's 24 layers"),
                              ("25", "out of range for a 24-layer text encoder")):
         assert main(["encode", PROMPT, "--model", str(folder), "--clip-skip", clip_skip,
                      "--out", str(tmp_path / "x.safetensors")]) == 1

@@ -148,7 +148,7 @@ def test_sd2_with_23_layers_counts_vit_h_layers(pipes):
     # The library default of the loaded CLIP, outside encode_for_pipeline, too.
     cond = from_folder.encode_from_tokens(from_folder.tokenize(SHORT))
     assert float((cond - penultimate).abs().max()) <= ATOL
-    with pytest.raises(LayerError, match=r"layer -1 is ViT-H's last layer.*23 layers.*-24\.\.-2"):
+    with pytest.raises(LayerError, match=r"layer -1 is ViT-H's last layer.*23 of ViT-H's 24 layers.*-24\.\.-2"):
         encode_for_pipeline(cut, SHORT, layer=-1)
     with pytest.raises(LayerError, match="layer 23 is ViT-H's last layer"):
         encode_for_pipeline(cut, SHORT, layer=23)

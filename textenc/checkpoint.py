@@ -42,6 +42,8 @@ __all__ = [
     "read_safetensors_header",
     "check_finite",
     "is_finite",
+    "ALIGNMENT",
+    "aligned",
 ]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -183,6 +185,30 @@ def is_finite(tensor: torch.Tensor) -> bool:
     if bool(torch.isfinite(total)):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+#: Byte alignment of PyTorch's CPU allocator (c10 ``gAlignment``).
+ALIGNMENT = 64
+
+
+def aligned(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each tensor whose data is not ``ALIGNMENT``-byte aligned copied.
+
+    safetensors (and ``torch.load(mmap=True)``) hand out views into the
+    memory-mapped file at whatever byte offset the file stores them (often only
+    4- or 8-byte aligned), and the models keep them as their parameters
+    (``assign=True``). CPU matmul kernels take another code path for such
+    weights and round differently in the last bit, so the same weights would
+    encode differently depending on the file's layout. Aligned tensors stay
+    shared with the file, so only the unaligned ones cost memory. Every loader
+    that assigns weights calls this just before assigning.
+
+    >>> base = torch.zeros(40)
+    >>> [t.data_ptr() % ALIGNMENT for t in aligned({"view": base[1:], "whole": base}).values()]
+    [0, 0]
+    """
+    return {key: value if value.data_ptr() % ALIGNMENT == 0 else value.clone()
+            for key, value in state_dict.items()}
 
 
 def _check_regular_file(path: str | os.PathLike[str]) -> Path:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import PromptError
-from .layers import check_layer
+from .layers import LayerNumbering
 from .weighting import check_mode
 
 __all__ = ["ClipOptions"]
@@ -20,7 +20,12 @@ __all__ = ["ClipOptions"]
 
 @dataclasses.dataclass(frozen=True)
 class ClipOptions:
-    """Everything that changes an encoding; hashable, so it keys the caches."""
+    """Everything that changes an encoding; hashable, so it keys the caches.
+
+    ``layer_idx`` is ComfyUI's index (``CLIPSetLastLayer`` numbering, as
+    ComfyUI's ``SDClipModel.layer_idx``); the encoder's
+    :class:`~textenc.layers.LayerNumbering` turns it into its own index at the forward.
+    """
 
     layer: str = "last"
     layer_idx: int | None = None
@@ -30,15 +35,21 @@ class ClipOptions:
     normalization: str = "none"
     compute_dtype: torch.dtype = torch.float32
 
-    def updated(self, options: Mapping[str, Any], num_layers: int) -> "ClipOptions":
-        """Apply ComfyUI's ``set_clip_options`` rules to a copy."""
+    def updated(self, options: Mapping[str, Any], numbering: LayerNumbering) -> "ClipOptions":
+        """Apply ComfyUI's ``set_clip_options`` rules to a copy; ``options["layer"]`` is
+        checked against ``numbering`` (the encoder's, see :class:`~textenc.layers.LayerNumbering`).
+
+        Raises:
+            LayerError: a layer the encoder does not have.
+            PromptError: an unknown option, weight mode or normalization.
+        """
         changes: dict[str, Any] = {}
         if "layer" in options and self.layer != "all":
             idx = options["layer"]
             if idx is None:
                 changes.update(layer="last", layer_idx=None)
             else:  # out of range is a LayerError (ComfyUI silently uses the last layer)
-                changes.update(layer="hidden", layer_idx=check_layer(idx, num_layers))
+                changes.update(layer="hidden", layer_idx=numbering.check(idx))
         if "projected_pooled" in options:
             changes["return_projected_pooled"] = bool(options["projected_pooled"])
         for key in ("weight_mode", "normalization", "compute_dtype", "layer_norm_hidden_state"):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .checkpoint import load_state_dict
+from .checkpoint import aligned, load_state_dict
 from .clip_model import CLIPVisionModelProjection
 from .config import CLIPVisionConfig, load_vision_config
 from .convert import VISION, check_keys
@@ -214,7 +214,8 @@ class ClipVisionModel:
     def load_sd(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load HF-layout weights strictly; ``position_ids`` buffers are ignored.
 
-        Tensors already at the model's dtype and device are used without copying.
+        Tensors already at the model's dtype and device are used without copying,
+        unless their data is not 64-byte aligned (:func:`textenc.checkpoint.aligned`).
 
         Raises:
             CheckpointError: missing, unexpected or mis-shaped keys (all listed).
@@ -223,8 +224,8 @@ class ClipVisionModel:
                    if not key.endswith(_NON_WEIGHT_SUFFIXES)}
         expected = {key: value.shape for key, value in self.model.state_dict().items()}
         check_state_dict(expected, weights)
-        weights = {key: value.to(device=self.device, dtype=self.dtype)
-                   for key, value in weights.items()}
+        weights = aligned({key: value.to(device=self.device, dtype=self.dtype)
+                           for key, value in weights.items()})
         self.model.load_state_dict(weights, strict=True, assign=True)
         self.model.requires_grad_(False)
         self.loaded = True

@@ -16,7 +16,7 @@ import torch
 
 from .conditioning import validate_conditioning
 from .dialects import DEFAULT_SYNTAX, check_syntax, default_weight_mode
-from .diffusers_layers import comfy_layer, diffusers_layer, text_encoders
+from .diffusers_layers import diffusers_layer, text_encoders
 from .diffusers_load import KINDS, load_from_diffusers
 from .errors import DiffusersLayoutError, LayerError, PromptError, TextencError
 from .sd import CLIP
@@ -95,7 +95,7 @@ def _negative_list(negative: str | Sequence[str] | None, batch: int) -> list[str
 
 def _encode_options(clip: CLIP, *, clip_skip: Any, layer: Any, weight_mode: str | None,
                     syntax: str) -> dict[str, Any]:
-    """Per-call options: the layer (resolved to the CLIP's own index) and the weighting."""
+    """Per-call options: the layer (ComfyUI's index, checked) and the weighting."""
     if clip_skip is not None and layer is not None:
         raise LayerError(f"clip_skip={clip_skip!r} and layer={layer!r} both given: pass clip_skip "
                          "(diffusers' numbering) or layer (ComfyUI's), not both")
@@ -104,7 +104,7 @@ def _encode_options(clip: CLIP, *, clip_skip: Any, layer: Any, weight_mode: str 
     if clip_skip is not None:
         options["layer"] = diffusers_layer(clip, clip_skip)
     elif layer is not None:
-        options["layer"] = comfy_layer(clip, layer)
+        options["layer"] = clip.check_layer(layer)
     elif clip.layer_idx is not None:  # a CLIP given with clip_layer() already set
         options["layer"] = clip.layer_idx
     return options
@@ -148,8 +148,10 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
         clip_skip: diffusers' count, the same hidden layer as ``pipe(..., clip_skip=)``:
             SD1/SD2 ``hidden_states[-(clip_skip + 1)]`` with the final norm, SDXL
             ``hidden_states[-(clip_skip + 2)]`` without. Applies to the negative too.
-        layer: ComfyUI's ``CLIPSetLastLayer`` index instead (-1 last, -2 penultimate).
-            Neither: the model's ComfyUI default (SD1 -1, SD2 -2, SDXL -2).
+        layer: ComfyUI's ``CLIPSetLastLayer`` index instead (-1 last, -2 penultimate;
+            diffusers' 23-layer SD2 encoder counts as ViT-H's 24, so -2 is its last).
+            Neither: the CLIP's ``clip_layer()`` if set, else the model's ComfyUI
+            default (SD1 -1, SD2 -2, SDXL -2).
         syntax: prompt dialect, one of :data:`textenc.dialects.SYNTAXES` (``"comfy"``).
         weight_mode: see :mod:`textenc.weighting`; None: the syntax's own
             (:func:`textenc.dialects.default_weight_mode`).

@@ -1,4 +1,4 @@
-"""Which hidden layer a diffusers ``clip_skip`` or a ComfyUI ``layer`` means for a CLIP.
+"""Which hidden layer a diffusers ``clip_skip`` means for a CLIP, in ComfyUI's numbering.
 
 Part of :mod:`textenc.diffusers` (import from there). Two numberings meet here
 (README, "Using textenc with diffusers", "Clip skip"):
@@ -7,13 +7,10 @@ Part of :mod:`textenc.diffusers` (import from there). Two numberings meet here
   default: SD1/SD2 ``hidden_states[-(clip_skip + 1)]`` with the final layer norm,
   SDXL ``hidden_states[-(clip_skip + 2)]`` without it (``encode_prompt`` in
   diffusers' ``pipeline_stable_diffusion.py`` / ``pipeline_stable_diffusion_xl.py``).
-* ``layer`` is ComfyUI's ``CLIPSetLastLayer`` index (-1 last, -2 penultimate, ...).
-
-stabilityai's diffusers SD2 folders ship OpenCLIP ViT-H's text encoder with its
-last layer dropped (23 of 24 layers; SD2 uses the penultimate one, which is
-then the last). ComfyUI loads such a folder into its 24-layer model, so its
-numbering counts the dropped layer: ``-2`` (SD2's default) is the folder's last
-layer and ``-1`` does not exist. textenc counts the same way.
+  It counts the text encoder's own layers.
+* ``layer`` is ComfyUI's ``CLIPSetLastLayer`` index (-1 last, -2 penultimate, ...),
+  which every ``SDClipModel`` checks and maps itself (:class:`textenc.layers.LayerNumbering`):
+  diffusers' 23-layer SD2 folders count as ViT-H's 24 layers there.
 
 >>> DIFFUSERS_DEFAULT_LAYER["sdxl"]
 -2
@@ -21,19 +18,16 @@ layer and ``-1`` does not exist. textenc counts the same way.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from .errors import LayerError
-from .layers import check_layer, layer_from_clip_skip
+from .layers import layer_from_clip_skip
+from .sd2_clip import VIT_H_LAYERS
 
-__all__ = ["DIFFUSERS_DEFAULT_LAYER", "VIT_H_LAYERS", "text_encoders", "dropped_layers",
-           "comfy_layer", "diffusers_layer", "use_vit_h_penultimate"]
+__all__ = ["DIFFUSERS_DEFAULT_LAYER", "VIT_H_LAYERS", "text_encoders", "diffusers_layer"]
 
 #: The layer each pipeline kind encodes with when ``clip_skip`` is None (diffusers 0.42).
 DIFFUSERS_DEFAULT_LAYER = {"sd1": -1, "sd2": -1, "sdxl": -2}
-#: OpenCLIP ViT-H/14's depth (SD2's text encoder).
-VIT_H_LAYERS = 24
 
 
 def text_encoders(clip: Any) -> list:
@@ -42,35 +36,11 @@ def text_encoders(clip: Any) -> list:
     return [model.clip_l, model.clip_g] if clip.clip_type == "sdxl" else [model.encoder]
 
 
-def _depth(clip: Any) -> int:
-    """The smallest depth among the CLIP's encoders (a layer must exist in each)."""
-    return min(encoder.num_layers for encoder in text_encoders(clip))
-
-
-def dropped_layers(clip: Any) -> int:
-    """1 for an SD2 text encoder of 23 layers (ViT-H without its last), else 0."""
-    return 1 if clip.clip_type == "sd2" and _depth(clip) == VIT_H_LAYERS - 1 else 0
-
-
-def comfy_layer(clip: Any, layer: object) -> int:
-    """The CLIP's own layer index for ComfyUI's ``layer`` (counting a dropped ViT-H layer).
-
-    Raises:
-        LayerError: not an integer, or a layer the text encoder does not have.
-
-    The index returned is negative when ``layer`` is.
-    """
-    depth, dropped = _depth(clip), dropped_layers(clip)
-    index = check_layer(layer, depth + dropped)
-    if index >= depth or (dropped and index == -1):
-        raise LayerError(f"layer {layer} is ViT-H's last layer, which this SD2 text encoder does not "
-                         f"have ({depth} layers, as diffusers' SD2 folders ship it); valid layers are "
-                         f"-{depth + dropped}..-2 (from the end) or 0..{depth - 1} (from the start)")
-    return index + dropped if index < 0 else index
-
-
 def diffusers_layer(clip: Any, clip_skip: object) -> int:
-    """The CLIP's own layer index for diffusers' ``clip_skip`` (0 = the pipeline's default layer).
+    """ComfyUI's layer index for diffusers' ``clip_skip`` (0 = the pipeline's default layer).
+
+    diffusers counts the layers the text encoder has; the result is in ComfyUI's
+    numbering (on diffusers' 23-layer SD2 encoder, ``clip_skip=0`` is ``-2``).
 
     Raises:
         LayerError: negative, not an integer, or deeper than the text encoder.
@@ -79,15 +49,8 @@ def diffusers_layer(clip: Any, clip_skip: object) -> int:
         raise LayerError(f"clip_skip={clip_skip}: encode_for_pipeline's clip_skip is diffusers' count "
                          "(0 or more; 1 = the layer before the pipeline's default); for ComfyUI's "
                          f"CLIPSetLastLayer numbering pass layer={clip_skip}")
-    return layer_from_clip_skip(clip_skip, _depth(clip), numbering="diffusers",
-                                default_layer=DIFFUSERS_DEFAULT_LAYER[clip.clip_type])
-
-
-def use_vit_h_penultimate(clip: Any) -> None:
-    """Make a 23-layer SD2 CLIP default to its last layer: ViT-H's penultimate, SD2's default."""
-    if not dropped_layers(clip):
-        return
-    for encoder in text_encoders(clip):
-        encoder.options_default = dataclasses.replace(encoder.options_default, layer="hidden",
-                                                      layer_idx=-1)
-        encoder.reset_clip_options()
+    encoders = text_encoders(clip)
+    index = layer_from_clip_skip(clip_skip, min(encoder.num_layers for encoder in encoders),
+                                 numbering="diffusers", default_layer=DIFFUSERS_DEFAULT_LAYER[clip.clip_type])
+    # negative, so the same for every encoder of an SDXL CLIP (none of which lacks layers)
+    return encoders[0].numbering.numbered_index(index)

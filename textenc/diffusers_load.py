@@ -24,7 +24,6 @@ import torch
 from .checkpoint import load_state_dict
 from .config import CLIPTextConfig, load_text_config
 from .detect import convert_text_state_dict
-from .diffusers_layers import use_vit_h_penultimate
 from .errors import ConfigError, DiffusersLayoutError, TextencError
 from .sd import CLIP, CLIP_TYPES, ROLES, build_clip
 
@@ -186,29 +185,11 @@ def _pad_token_id(folder: Path) -> int:
     return pad_id
 
 
-#: Byte alignment of PyTorch's CPU allocator (c10 ``gAlignment``).
-ALIGNMENT = 64
-
-
-def _aligned(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each tensor that is not ``ALIGNMENT``-byte aligned copied into memory of its own.
-
-    safetensors hands out views into the memory-mapped file at whatever byte
-    offset the file stores them (often only 4-byte aligned), and the model keeps
-    them as its parameters (``assign=True``). CPU matmul kernels take another
-    code path for such weights and round differently in the last bit, so the
-    same folder would encode differently from a pipeline built from its weights
-    in ordinary memory. Aligned tensors stay shared with the file.
-    """
-    return {key: value if value.data_ptr() % ALIGNMENT == 0 else value.clone()
-            for key, value in state_dict.items()}
-
-
 def _folder_encoder(folder: Path, tokenizer: Path) -> _Encoder:
     """Read one ``text_encoder*`` folder and its matching ``tokenizer*`` folder."""
     hf_config = _read_json(folder / "config.json", "the text encoder needs its config.json")
     raw = _load_weights(folder)
-    converted = _aligned(convert_text_state_dict(raw, source=str(folder)).state_dict)
+    converted = convert_text_state_dict(raw, source=str(folder)).state_dict
     config = _text_config(hf_config, has_projection="text_projection.weight" in converted,
                           source=str(folder / "config.json"))
     return _Encoder(converted, config, str(tokenizer), _pad_token_id(tokenizer), str(folder))
@@ -262,7 +243,6 @@ def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch
         raise
     except TextencError as exc:  # weights that do not fit the folder's config.json
         raise DiffusersLayoutError(str(exc)) from exc
-    use_vit_h_penultimate(clip)  # diffusers' 23-layer SD2 folders: see textenc.diffusers_layers
     return clip
 
 
@@ -283,8 +263,8 @@ def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: tor
     Returns:
         A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"`` or ``"sdxl"``. An SD2 text
         encoder of 23 layers (ViT-H without its last, as diffusers' SD2 folders
-        ship it) defaults to its last layer: ViT-H's penultimate, SD2's default
-        (see :mod:`textenc.diffusers_layers`).
+        ship it) is numbered as ViT-H's 24 layers, as ComfyUI does: its default
+        ``-2`` is the folder's last layer (see :mod:`textenc.sd2_clip`).
 
     Raises:
         DiffusersLayoutError: missing ``model_index.json``/component/config,

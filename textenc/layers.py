@@ -14,6 +14,13 @@ The *name* of an option says its numbering:
 * ``clip_skip`` in ``encode_for_pipeline``: diffusers' count, relative to the
   pipeline's default layer (``1`` = one layer before it).
 
+ComfyUI numbers a text encoder as the released model it comes from, also when
+the file lacks that model's last layer: diffusers' SD2 ``text_encoder`` keeps
+23 of OpenCLIP ViT-H's 24 layers, and ComfyUI loads it into its 24-layer model,
+so ``-2`` (SD2's default) is the file's last layer and ``-1`` does not exist.
+:class:`LayerNumbering` is that translation, and the only place that knows it:
+each ``SDClipModel`` holds one and every entry point goes through it.
+
 >>> layer_from_clip_skip(2, 12, numbering="a1111")
 -2
 >>> layer_from_clip_skip(-2, 12, numbering="a1111")
@@ -28,9 +35,11 @@ textenc.errors.LayerError: layer -13 is out of range for a 12-layer text encoder
 
 from __future__ import annotations
 
+import dataclasses
+
 from .errors import LayerError
 
-__all__ = ["NUMBERINGS", "check_layer", "layer_from_clip_skip"]
+__all__ = ["NUMBERINGS", "LayerNumbering", "check_layer", "layer_from_clip_skip"]
 
 NUMBERINGS = ("comfy", "a1111", "diffusers")
 
@@ -96,3 +105,68 @@ def layer_from_clip_skip(clip_skip: object, num_layers: int, *, numbering: str =
         raise LayerError(f"clip_skip {count} is out of range for a {num_layers}-layer text encoder "
                          f"({numbering} numbering allows up to {top})")
     return layer
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNumbering:
+    """ComfyUI's layer numbering of one text encoder, and the model's own index for it.
+
+    Attributes:
+        depth: the layers the loaded model has.
+        numbered: the layers ComfyUI counts: the released model's depth when the
+            file lacks its last layer(s), else ``depth``.
+        model: the released model's name (``"ViT-H"``), named in errors.
+
+    Indices are ComfyUI's (``CLIPSetLastLayer``) on the way in; only
+    :meth:`model_index` gives an index into the loaded layers.
+
+    >>> vit_h = LayerNumbering.of(23, released=("ViT-H", 24))
+    >>> vit_h.numbered, vit_h.model_index(-2), vit_h.model_index(22), vit_h.numbered_index(-1)
+    (24, -1, 22, -2)
+    >>> vit_h.check(-1)
+    Traceback (most recent call last):
+    ...
+    textenc.errors.LayerError: layer -1 is ViT-H's last layer, which this text encoder does not have: its file holds 23 of ViT-H's 24 layers (numbered as the full model, as ComfyUI does); valid layers are -24..-2 (from the end) or 0..22 (from the start)
+    """
+
+    depth: int
+    numbered: int
+    model: str = ""
+
+    @classmethod
+    def of(cls, depth: int, released: tuple[str, int] | None = None) -> "LayerNumbering":
+        """The numbering of a ``depth``-layer model; one layer short of ``released``
+        (``(name, depth)``) counts as that model without its last layer."""
+        if released is not None and depth == released[1] - 1:
+            return cls(depth, released[1], released[0])
+        return cls(depth, depth)
+
+    @property
+    def dropped(self) -> int:
+        """How many of the released model's last layers the model lacks."""
+        return self.numbered - self.depth
+
+    def check(self, layer: object) -> int:
+        """ComfyUI's layer index, checked: it must exist in the loaded model.
+
+        Raises:
+            LayerError: not an integer, out of range, or a layer the file lacks.
+        """
+        index = check_layer(layer, self.numbered)
+        if index >= self.depth or -self.dropped <= index < 0:
+            position = index % self.numbered
+            which = "last layer" if position == self.numbered - 1 else f"layer {position}"
+            raise LayerError(
+                f"layer {layer} is {self.model}'s {which}, which this text encoder "
+                f"does not have: its file holds {self.depth} of {self.model}'s {self.numbered} layers "
+                "(numbered as the full model, as ComfyUI does); valid layers are "
+                f"-{self.numbered}..-{self.dropped + 1} (from the end) or 0..{self.depth - 1} (from the start)")
+        return index
+
+    def model_index(self, layer: int) -> int:
+        """The loaded model's own index for ComfyUI's (checked) ``layer``; negative stays negative."""
+        return layer + self.dropped if layer < 0 else layer
+
+    def numbered_index(self, model_index: int) -> int:
+        """ComfyUI's index for the loaded model's own ``model_index`` (the inverse of :meth:`model_index`)."""
+        return model_index - self.dropped if model_index < 0 else model_index

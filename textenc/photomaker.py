@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from . import ops
-from .checkpoint import load_state_dict
+from .checkpoint import aligned, load_state_dict
 from .clip_model import CLIPVisionModelProjection
 from .clip_vision import check_state_dict, clip_preprocess
 from .config import CLIPVisionConfig
@@ -156,7 +156,7 @@ def load_photomaker(path: str | os.PathLike[str], *, device: str | torch.device 
         check_state_dict(expected, weights, what="PhotoMaker ID encoder")
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()},
+    model.load_state_dict(aligned({k: v.to(device=device, dtype=dtype) for k, v in weights.items()}),
                           assign=True)
     return model.eval().requires_grad_(False)
 

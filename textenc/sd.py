@@ -14,13 +14,11 @@ import torch
 
 from .checkpoint import load_state_dict
 from .dialects import default_weight_mode, get_dialect, prompt_schedules
-from .diffusers_layers import VIT_H_LAYERS, use_vit_h_penultimate
 from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
 from .errors import CheckpointError, CheckpointWarning, TextencError
-from .layers import check_layer
 from .warn import warn_at_caller
 from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
-from .sd2_clip import SD2ClipModel, SD2Tokenizer
+from .sd2_clip import VIT_H_LAYERS, SD2ClipModel, SD2Tokenizer
 from .step_ranges import step_ranges
 from .sdxl_clip import SDXLClipModel, SDXLTokenizer
 
@@ -92,7 +90,7 @@ def _check_layers(source: str, info: TextEncoderInfo, allow_missing_layers: bool
     truncated = missing == list(range(missing[0], info.num_layers)) and missing[0] > 0
     if info.name == "h" and missing == [VIT_H_LAYERS - 1]:
         # diffusers' SD2 text encoder: ViT-H without the last layer, which SD2 never uses.
-        # ComfyUI loads it too (and encodes with the penultimate layer, this file's last).
+        # ComfyUI loads it too; SD2ClipHModel numbers it as ViT-H (its default -2 is this file's last).
         return dataclasses.replace(info, num_layers=missing[0], missing_layers=())
     if allow_missing_layers and truncated and info.expected_layers is not None:
         return dataclasses.replace(info, num_layers=missing[0], missing_layers=())
@@ -171,18 +169,36 @@ class CLIP:
 
     @property
     def num_layers(self) -> int:
-        """Depth of the shallowest text encoder: the range every ``layer`` must fit."""
+        """Depth of the shallowest text encoder as loaded (23 for diffusers' SD2 ViT-H)."""
         return min(encoder.num_layers for encoder in self._encoders())
 
-    def clip_layer(self, layer_idx: int | None) -> None:
-        """Set the layer every encode uses, in ComfyUI's ``CLIPSetLastLayer`` numbering.
+    @property
+    def numbered_layers(self) -> int:
+        """The layers ComfyUI's numbering counts for the shallowest text encoder (24 for
+        diffusers' 23-layer SD2 ViT-H): ``layer`` values run ``-numbered_layers..-1``."""
+        return min(encoder.numbered_layers for encoder in self._encoders())
+
+    def check_layer(self, layer: object) -> int:
+        """ComfyUI's ``layer``, checked against each text encoder's numbering (SDXL: both).
 
         Raises:
-            LayerError: ``layer_idx`` is outside the model's depth (checked now,
+            LayerError: not an integer, or a layer an encoder does not have.
+        """
+        return [encoder.numbering.check(layer) for encoder in self._encoders()][0]
+
+    def clip_layer(self, layer_idx: int | None) -> None:
+        """Set the layer every encode uses, in ComfyUI's ``CLIPSetLastLayer`` numbering
+        (diffusers' 23-layer SD2 file counts as ViT-H's 24 layers: -2 is its last).
+
+        A per-call ``options={"layer": ...}`` is more specific and wins over this
+        setting for that call; ``None`` goes back to the model's default layer.
+
+        Raises:
+            LayerError: ``layer_idx`` is outside the model's layers (checked now,
                 and again at encode for ``options={"layer": ...}``).
         """
         if layer_idx is not None and self._encoders():
-            layer_idx = check_layer(layer_idx, self.num_layers)
+            layer_idx = self.check_layer(layer_idx)
         self.layer_idx = layer_idx
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs):
@@ -190,14 +206,19 @@ class CLIP:
 
     def _options(self, return_pooled, extra: Mapping | None) -> dict:
         options: dict[str, Any] = dict(extra or {})
-        if self.layer_idx is not None:
-            options["layer"] = self.layer_idx
+        if self.layer_idx is not None:  # per-call options are more specific: they win
+            options.setdefault("layer", self.layer_idx)
         if return_pooled == "unprojected":
             options["projected_pooled"] = False
         return options
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict: bool = False, *,
                            options: Mapping[str, Any] | None = None):
+        """``cond`` [1, 77·windows, width] (and ``pooled`` with ``return_pooled``) of ``tokens``.
+
+        ``options`` (e.g. ``{"layer": -2, "weight_mode": "a1111"}``) hold for this
+        call only; its ``"layer"`` wins over :meth:`clip_layer`'s (the more specific).
+        """
         out = self.cond_stage_model.encode_token_weights(tokens, options=self._options(return_pooled, options))
         cond, pooled = out[0], out[1]
         if return_dict:
@@ -355,7 +376,8 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
         ckpt_paths: one path or several (SDXL: clip_l and clip_g files).
         embedding_directory: textual-inversion folder(s).
         clip_type: ``"sd1"``, ``"sd2"``, ``"sdxl"`` or None/``"auto"`` to detect.
-        dtype: storage dtype; None keeps the file's (memory-mapped, no copy).
+        dtype: storage dtype; None keeps the file's (memory-mapped, no copy, except
+            tensors stored at offsets that are not 64-byte aligned).
         state_dicts: already-loaded ``(source, state_dict)`` pairs instead of paths.
         tokenizer_kwargs: per-role extra tokenizer arguments (``{"l": {...}}``).
         text_configs: per-role text configs (name, path, dict) overriding the
@@ -388,8 +410,6 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
     if clip_type is not None and clip_type != detected:
         raise CheckpointError(f"clip_type {clip_type!r} was asked for, but the file(s) hold "
                               f"{sorted(encoders)} text encoders ({detected})")
-    clip = _build(detected, encoders, embedding_directory=embedding_directory, device=device,
+    return _build(detected, encoders, embedding_directory=embedding_directory, device=device,
                   dtype=dtype, tokenizer_kwargs=tokenizer_kwargs or {},
                   text_configs=text_configs or {}, strict=strict, require_finite=require_finite)
-    use_vit_h_penultimate(clip)  # a 23-layer SD2 encoder defaults to its last layer, as ComfyUI
-    return clip

@@ -24,6 +24,7 @@ from . import ops
 from .clip_model import CLIPTextModel
 from .config import load_text_config
 from .errors import PromptError
+from .layers import LayerNumbering
 from .lru import LRUCache
 from .tokenizer import SDTokenizer
 from .clip_options import ClipOptions
@@ -57,7 +58,8 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         max_length: tokens per window.
         freeze: put the model in eval mode without gradients.
         layer: ``"last"``, ``"pooled"``, ``"hidden"`` (with ``layer_idx``) or ``"all"``.
-        layer_idx: intermediate layer for ``"hidden"``; negative counts from the end.
+        layer_idx: intermediate layer for ``"hidden"``, in ComfyUI's numbering
+            (:attr:`numbering`); negative counts from the end.
         textmodel_json_config: config name, JSON path or dict (default: CLIP ViT-L/14).
         dtype: storage dtype of the weights (None: keep the checkpoint's).
         special_tokens: ``{"start", "end", "pad"}`` token ids.
@@ -69,9 +71,18 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         compute_dtype: activation dtype (fp32 default; bf16 is faster on CPUs with AVX512-BF16).
         weight_mode / normalization: see :mod:`textenc.weighting`.
         cache_size: entries of the optional LRU cache of encodings (0 disables it).
+
+    Every layer index (``layer_idx``, ``set_clip_options({"layer": ...})``,
+    per-call ``options``) is ComfyUI's: :attr:`numbering` counts
+    :attr:`numbered_layers`, the released model's depth when the weights lack
+    its last layer (:attr:`released_model`), and maps it onto the
+    :attr:`num_layers` layers the model has.
     """
 
     LAYERS = LAYERS
+    #: ``(name, depth)`` of the released model this encoder is numbered as when its weights
+    #: lack that model's last layer, as ComfyUI does; None: always its own depth.
+    released_model: tuple[str, int] | None = None
 
     def __init__(self, device="cpu", max_length: int = 77, freeze: bool = True,
                  layer: str = "last", layer_idx: int | None = None,
@@ -95,6 +106,7 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         # its own dtype (fp16 file, fp32 compute) without a second copy.
         self.transformer = model_class(config, dtype=dtype, device="meta", operations=ops.manual_cast)
         self.num_layers = self.transformer.num_layers
+        self.numbering = LayerNumbering.of(self.num_layers, self.released_model)
         self.enable_attention_masks = enable_attention_masks
         self.zero_out_masked = zero_out_masked
         self.return_attention_masks = return_attention_masks
@@ -104,7 +116,7 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
                            return_projected_pooled=return_projected_pooled,
                            compute_dtype=compute_dtype)
         base = base.updated({"weight_mode": weight_mode, "normalization": normalization},
-                            self.num_layers)
+                            self.numbering)
         self.options_default = base
         self.options = base
         self.layer, self.layer_idx = base.layer, base.layer_idx
@@ -114,9 +126,18 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         self.cache_size = cache_size
 
     # ---- options -------------------------------------------------------------
+    @property
+    def numbered_layers(self) -> int:
+        """The layers ComfyUI's numbering counts (24 for diffusers' 23-layer SD2 ViT-H)."""
+        return self.numbering.numbered
+
     def set_clip_options(self, options: Mapping[str, Any]) -> None:
-        """Set the instance's default options (ComfyUI API; e.g. ``{"layer": -2}``)."""
-        self.options = self.options.updated(options, self.num_layers)
+        """Set the instance's default options (ComfyUI API; e.g. ``{"layer": -2}``).
+
+        Raises:
+            LayerError: a layer outside :attr:`numbering` (see :class:`~textenc.layers.LayerNumbering`).
+        """
+        self.options = self.options.updated(options, self.numbering)
         self.layer, self.layer_idx = self.options.layer, self.options.layer_idx
 
     def reset_clip_options(self) -> None:
@@ -125,14 +146,17 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
 
     def resolve_options(self, options: Mapping[str, Any] | None) -> ClipOptions:
         """The options of one call: the instance default updated by ``options``."""
-        return self.options if not options else self.options.updated(options, self.num_layers)
+        return self.options if not options else self.options.updated(options, self.numbering)
 
     # ---- weights -------------------------------------------------------------
     def load_sd(self, sd: Mapping[str, torch.Tensor], *, strict: bool = True, require_finite: bool = True):
         """Load an HF-layout text-encoder state dict (``text_model.*``, ``text_projection.weight``).
 
         Tensors are assigned, not copied, when their dtype already matches, so a
-        memory-mapped safetensors file is not read into a second buffer. SD1
+        memory-mapped safetensors file is not read into a second buffer; only a
+        tensor the file stores at an offset that is not 64-byte aligned is copied
+        (:func:`textenc.checkpoint.aligned`: results then do not depend on the
+        file's layout). SD1
         checkpoints carry no ``text_projection``: it is set to the identity
         (their pooled output is returned unprojected anyway).
 

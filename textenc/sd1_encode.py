@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .checkpoint import is_finite
+from .checkpoint import aligned, is_finite
 from .dialects.compel_weighting import encode_compel
 from .errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError
 from .warn import warn_at_caller
@@ -90,7 +90,7 @@ def load_text_state_dict(model: SDClipModel, sd, *, strict: bool = True, require
     sd = {k: v for k, v in sd.items() if k not in unexpected}
     check_weight_values(sd, require_finite=require_finite)
     target = model.storage_dtype
-    sd = {k: v.to(device=model.device, dtype=target or v.dtype) for k, v in sd.items()}
+    sd = aligned({k: v.to(device=model.device, dtype=target or v.dtype) for k, v in sd.items()})
     model.transformer.load_state_dict(sd, strict=True, assign=True)
     if model.freeze:
         model.transformer.requires_grad_(False)
@@ -168,8 +168,8 @@ def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipO
                      attention_mask: torch.Tensor | None, row_groups: Sequence[int] | None = None):
     if opts.layer == "all":
         intermediate = "all"
-    elif opts.layer == "hidden":
-        intermediate = opts.layer_idx
+    elif opts.layer == "hidden":  # ComfyUI's index → the loaded layers' own (23-layer SD2)
+        intermediate = model.numbering.model_index(opts.layer_idx)
     else:
         intermediate = None
     with torch.no_grad():

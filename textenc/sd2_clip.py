@@ -2,6 +2,11 @@
 
 Penultimate layer with the final layer norm, padding with token 0 (``!``),
 width 1024, projected pooled output — as ComfyUI's ``sd2_clip``.
+
+diffusers' SD2 ``text_encoder`` files keep 23 of ViT-H's 24 layers (SD2 never
+uses the last). ComfyUI loads them into its 24-layer model; textenc builds 23
+layers and numbers them as ViT-H's 24 (``released_model``), so the default
+``-2`` is the file's last layer in both.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ from typing import Mapping
 from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
 from .tokenizer import SDTokenizer
 
-__all__ = ["SD2ClipHModel", "SD2ClipHTokenizer", "SD2Tokenizer", "SD2ClipModel"]
+__all__ = ["SD2ClipHModel", "SD2ClipHTokenizer", "SD2Tokenizer", "SD2ClipModel", "VIT_H_LAYERS"]
 
 SD2_SPECIAL_TOKENS = {"start": 49406, "end": 49407, "pad": 0}
+#: OpenCLIP ViT-H/14's depth (SD2's text encoder).
+VIT_H_LAYERS = 24
 
 
 class SD2ClipHModel(SDClipModel):
-    """ViT-H/14 text encoder; ``layer="penultimate"`` means hidden layer -2."""
+    """ViT-H/14 text encoder; ``layer="penultimate"`` means hidden layer -2 of ViT-H's 24."""
+
+    released_model = ("ViT-H", VIT_H_LAYERS)
 
     def __init__(self, arch: str = "ViT-H-14", device="cpu", max_length: int = 77,
                  freeze: bool = True, layer: str = "penultimate", layer_idx: int | None = None,

@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 from ..dialects import SYNTAXES, default_weight_mode
-from ..diffusers_layers import VIT_H_LAYERS, dropped_layers
 from ..errors import LayerError, TextencError
 from ..layers import layer_from_clip_skip
 from .common import check_folder, check_out_file, progress, show_path, write_file_atomically
@@ -86,38 +85,35 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 COMFY_DEFAULT_LAYER = {"sd1": -1, "sd2": -2, "sdxl": -2}
 
 
-def resolve_layer(clip, clip_skip: int | None) -> tuple[int, int]:
-    """``(ComfyUI layer, index into the loaded model)`` for ``--clip-skip`` (A1111 numbering)
-    or, when None, the model type's default layer. The two differ only for a 23-layer SD2.
+def resolve_layer(clip, clip_skip: int | None) -> int:
+    """ComfyUI's layer for ``--clip-skip`` (A1111 numbering) or, when None, the model type's
+    default. The CLIP's own numbering checks it (diffusers' 23-layer SD2 counts as ViT-H's 24).
 
     Raises:
         LayerError: 0, beyond the model's depth, or ViT-H's last layer on a 23-layer SD2.
     """
-    dropped = dropped_layers(clip)  # a 23-layer SD2 is numbered as ViT-H's 24 layers, as ComfyUI
     if clip_skip is None:
-        layer = COMFY_DEFAULT_LAYER[clip.clip_type]
-    else:
-        layer = layer_from_clip_skip(clip_skip, clip.num_layers + dropped, numbering="a1111")
-    if dropped and layer == -1:
-        raise LayerError(f"clip_skip {clip_skip} is ViT-H's last layer, which this SD2 text encoder does "
-                         f"not have ({clip.num_layers} layers, as diffusers' SD2 folders ship it); "
-                         f"use 2..{VIT_H_LAYERS} (2 = its last layer, SD2's default)")
-    return layer, layer + dropped
+        return COMFY_DEFAULT_LAYER[clip.clip_type]
+    layer = layer_from_clip_skip(clip_skip, clip.numbered_layers, numbering="a1111")
+    try:
+        return clip.check_layer(layer)
+    except LayerError as error:
+        raise LayerError(f"clip_skip {clip_skip}: {error}") from None
 
 
 def resolve_options(args: argparse.Namespace, clip) -> tuple[dict[str, Any], dict[str, Any]]:
     """The clip options one ``encode`` passes to ``clip``, and the same options as recorded.
 
-    Recorded ``layer`` is ComfyUI's index (``--clip-skip`` n is ``-n``, else the
-    model type's default); ``weight_mode`` is ``--weight-mode`` or the syntax's.
+    ``layer`` is ComfyUI's index (``--clip-skip`` n is ``-n``, else the model
+    type's default) in both; ``weight_mode`` is ``--weight-mode`` or the syntax's.
 
     Raises:
         LayerError: see :func:`resolve_layer`.
     """
-    layer, index = resolve_layer(clip, args.clip_skip)
     weight_mode = args.weight_mode or default_weight_mode(args.syntax)
-    options = {"layer": index, "weight_mode": weight_mode, "normalization": args.normalization}
-    return options, {**options, "layer": layer}
+    options = {"layer": resolve_layer(clip, args.clip_skip), "weight_mode": weight_mode,
+               "normalization": args.normalization}
+    return options, dict(options)
 
 
 def _model_names(models: list[str]) -> list[str]:

@@ -81,40 +81,44 @@ def _encoders(clip) -> dict[str, Any]:
     return {model.clip_name: model.encoder}
 
 
-def _layer_key(options, num_layers: int) -> tuple:
-    """What an encoder's resolved options mean for the layer: the normalized last
-    hidden state is the same as ``"last"``, however it was asked for."""
-    if options.layer == "last" or (options.layer == "hidden" and options.layer_norm_hidden_state
-                                   and options.layer_idx % num_layers == num_layers - 1):
+def _layer_key(options, encoder) -> tuple:
+    """What an encoder's resolved options mean for the layer, as an index into its loaded
+    layers: the normalized last hidden state is the same as ``"last"``, however it was asked for."""
+    depth = encoder.num_layers
+    if options.layer != "hidden":
+        return ("last",) if options.layer == "last" else (options.layer,)
+    index = encoder.numbering.model_index(options.layer_idx) % depth
+    if options.layer_norm_hidden_state and index == depth - 1:
         return ("last",)
-    return (options.layer, options.layer_idx % num_layers, options.layer_norm_hidden_state)
+    return (options.layer, index, options.layer_norm_hidden_state)
 
 
 def layer_for_clip_skip(clip, clip_skip: int | None) -> int | None:
     """A1111's clip skip (1 = last layer, 2 = penultimate; ComfyUI's -1/-2 too) → ComfyUI's
     layer index for every encoder of ``clip``, or None where it is the kind's default layer
-    (so giving the default explicitly is the same run as leaving it out).
+    (so giving the default explicitly is the same run as leaving it out). Diffusers' 23-layer
+    SD2 counts as ViT-H's 24 layers, as everywhere (:class:`textenc.layers.LayerNumbering`).
 
     Raises:
-        LayerError: not an integer, 0, or deeper than an encoder (names value and range).
+        LayerError: not an integer, 0, or a layer an encoder does not have (names value and range).
     """
     if clip_skip is None:
         return None
+    layer = layer_from_clip_skip(clip_skip, clip.numbered_layers, numbering="a1111")
     encoders = _encoders(clip)
-    layer = max(layer_from_clip_skip(clip_skip, enc.num_layers, numbering="a1111")
-                for enc in encoders.values())  # all equal; each call checks its encoder's depth
-    same = all(_layer_key(enc.resolve_options({"layer": layer}), enc.num_layers)
-               == _layer_key(enc.resolve_options({}), enc.num_layers) for enc in encoders.values())
+    same = all(_layer_key(enc.resolve_options({"layer": layer}), enc)
+               == _layer_key(enc.resolve_options({}), enc) for enc in encoders.values())
     return None if same else layer
 
 
 def resolved_layers(clip, layer: int | None) -> dict[str, int]:
-    """The layer each encoder uses, as ComfyUI's negative index (-1 = last), for the manifest."""
+    """The layer each encoder uses, as ComfyUI's negative index (-1 = last; diffusers'
+    23-layer SD2 counts as ViT-H's 24, so its last layer is -2), for the manifest."""
     result = {}
     for role, encoder in _encoders(clip).items():
         options = encoder.resolve_options({} if layer is None else {"layer": layer})
-        index = -1 if options.layer == "last" else options.layer_idx
-        result[role] = index - encoder.num_layers if index >= 0 else index
+        index = encoder.numbering.numbered_index(-1) if options.layer == "last" else options.layer_idx
+        result[role] = index - encoder.numbered_layers if index >= 0 else index
     return result
 
 
