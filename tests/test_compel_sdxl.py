@@ -5,8 +5,10 @@ The oracle is compel 2.5.1 as its README sets it up for SDXL:
 pipe.text_encoder_2], returned_embeddings_type=PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
 requires_pooled=[False, True])``, returning ``(cond, pooled)``: both encoders'
 ``hidden_states[-2]`` side by side, and text_encoder_2's projected pooled output of
-the raw prompt text. Also ``truncate_long_prompts=False``, and compel's
-``CompelForSDXL`` wrapper for a padded positive/negative pair.
+the raw prompt text. Also ``truncate_long_prompts=False`` (long, down-weighted
+and ``.and()`` prompts), and compel's
+``CompelForSDXL`` wrapper (the one its deprecation warning points to) on a third
+of the prompts and on a padded positive/negative pair.
 
 The encoders are tiny random transformers models, as in a real SDXL pipeline: a
 ``CLIPTextModel`` (quick_gelu) and a ``CLIPTextModelWithProjection`` (gelu, its
@@ -155,8 +157,13 @@ def test_prompt_set_has_the_prompts_compels_sdxl_setup_crashes_on(one_compel_par
     assert 0 < len(blends) < 20 and all(".blend(" in p for p in blends)
 
 
-@pytest.mark.parametrize("truncate", [True, False], ids=["truncated", "chunked"])
-@pytest.mark.parametrize("group", sorted(PROMPTS))
+#: groups also compared without truncation: where chunking and the masks at chunk edges
+#: differ (a short prompt is one chunk either way; the SD1 oracle runs every group).
+CHUNKED_GROUPS = ("long", "down", "and")
+
+
+@pytest.mark.parametrize("group, truncate", [(g, True) for g in sorted(PROMPTS)]
+                         + [(g, False) for g in CHUNKED_GROUPS])
 def test_equals_compels_sdxl_setup(sdxl, one_compel_parser, group, truncate):
     """cond (L ‖ G, penultimate, no final norm) and pooled (G's projection of the raw text)."""
     for prompt in PROMPTS[group]:
@@ -167,6 +174,24 @@ def test_equals_compels_sdxl_setup(sdxl, one_compel_parser, group, truncate):
         assert cond.shape[-1] == L_WIDTH + G_WIDTH and pooled.shape == (1, G_PROJECTION)
         if group == "long":  # the long prompts really are cut (truncated) or chunked
             assert cond.shape[1] == 77 if truncate else cond.shape[1] >= 154
+
+
+def test_equals_compel_for_sdxl(sdxl, one_compel_parser):
+    """compel's own SDXL wrapper, ``CompelForSDXL(pipe)`` (no truncation), on every third
+    prompt (each group); it crashes, as its ``Compel`` does, on a weighted ``.and()``."""
+    from compel.convenience_wrappers import CompelForSDXL
+
+    wrapper = CompelForSDXL(sdxl["pipe"])
+    for prompt in ALL[::3]:
+        cond, pooled = textenc_encode(sdxl, prompt, truncate_long_prompts=False)
+        with torch.no_grad():
+            if compel_prompts.and_weighted(one_compel_parser, prompt):
+                with pytest.raises(AttributeError):
+                    wrapper(prompt)
+                continue
+            theirs = wrapper(prompt)
+        max_error(cond, theirs.embeds, prompt)
+        max_error(pooled, theirs.pooled_embeds, prompt + " (pooled)")
 
 
 def test_pooled_is_the_raw_text_not_the_parsed_prompt(sdxl, one_compel_parser):
