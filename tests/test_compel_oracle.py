@@ -5,9 +5,10 @@ The oracle is compel itself, used as a diffusers user would:
 defaults: truncation on, last hidden state, masking down-weights) and
 ``truncate_long_prompts=False``. The text encoder is a tiny random transformers
 ``CLIPTextModel`` (SDPA, fp32) with the bundled CLIP vocabulary; textenc loads
-the same weights from a safetensors file in the HF layout. Prompts cover every
-construct and compel's own parser test cases (damian0815/compel,
-test/test_prompt_parser.py). Tolerance 1e-5.
+the same weights from a safetensors file in the HF layout. Prompts
+(``compel_prompts.PROMPTS``) cover every construct and compel's own parser test
+cases (damian0815/compel, test/test_prompt_parser.py). The pooled output is
+compared with ``requires_pooled=True``. Tolerance 1e-5. SDXL: test_compel_sdxl.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 compel = pytest.importorskip("compel")
 transformers = pytest.importorskip("transformers")
 
+import compel_prompts  # noqa: E402
+from compel_prompts import ALL, LONG_SENTENCES, LONG_SPAN, PROMPTS  # noqa: E402
 from random_weights import randomize_  # noqa: E402
 from textenc.dialects.compel import (empty_conditioning, parse_compel,  # noqa: E402
                                      pad_conditioning_tensors_to_same_length)
@@ -30,69 +33,14 @@ START, END = 49406, 49407
 WIDTH, LAYERS = 64, 2
 COMPEL = {"weight_mode": "compel"}
 
-LONG_SENTENCES = ("a castle on a hill at dawn. " * 8 + "(soft light)0.6 over the old stone walls. " * 3).strip()
-LONG_TAGS = ", ".join(f"tag{i} (detail{i})0.8" if i % 3 == 0 else f"tag{i} detail{i}" for i in range(30))
-LONG_WORDS = " ".join(["mountain"] * 70 + ["(river valley forest)0.4"] + ["sky"] * 20)
-LONG_SPAN = " ".join(["tree"] * 60) + " (" + " ".join(["cloud"] * 40) + ")0.3 end"
-LONG_ZERO = " ".join(["stone"] * 74) + " (moss lichen fern)0 path"
-
-#: construct → prompts (compel syntax). ≥ 100 in all, each compared with compel.
-PROMPTS = {
-    "plain": ["", "a cat", "fire flames", "fire, flames , fire", "cat hot-dog eating", "Dalí",
-              "a photo of an astronaut riding a horse on mars", "x,y,z", "a.b c,d"],
-    "up": ["(flames)+", "flames+", '"flames"+', "(flames)++", "fire flames++", "(pretty flowers)+, hot",
-           "(flames)1.3", "(fire flames)1.5 on a hill", "flames.attend(1.4)", "(flames).attend(+)",
-           "a (red)2.0 ball", "(x)1.", "(x).5 y"],
-    "down": ["(flames)-", "flames-", '"flames"-', "(flames)--", "(flames)0.5", "fire (flames)0.5",
-             "flowers fire-- flames", "(flowers)--- flames+++", "a (red)0.2 ball", "(fire flames).attend(0.5)",
-             "a cat (sitting)0.7 on (a mat)0.3", "(a)0.5 (b)0.5 c", "(a)0.5 (b)0.6 c", "(a b c d e)0.9 f",
-             "(x)-0.5", "a (b (c)0.5)0.5 d", "start (middle)0.01 end", "(flames)--, (smoke)-- and fire"],
-    "zero": ["(cat)0", "a (cat)0 on a mat", "(a)0 (b)0 c", "(dog)0.0 and (cat)0.5", "(x)0 (y)1.5"],
-    "nested": ["fire (flames (trees)1.5)2.0", "hairy (mountain (\\(man\\))+)+", "(a (b (c)1.2)0.8)1.1",
-               "((((deep))))1.2", "hamburger ((bun))", "(a (ba)dly (f)ormed +test prompt",
-               "(((a badly (formed +test )prompt", "(a, (b, c)0.8, d)1.1"],
-    "escapes": ["mountain \\(man\\)", "mountain (\\(man)\\)", "mountain (\\(man\\))+", '"mountain" (\\(man\\))+',
-                '\\"mountain\\" (\\(man\\))+', "(\\\"mountain\\\")+ (\\(man\\))-", "mountain (\\(man\\))1.1",
-                'hairy ("mountain, man" with a (beard)2.0)+', 'hairy ("mountain, \\"man\\"" with a (beard)2.0)+',
-                'hai\\(ry ("mountain, \\\\"man\\" w\\)ith a (beard)2.0)+', "word\\, x", "a \\+ b",
-                'hairy ("mountain, man" with a beard+)+', "a badly (formed test prompt", "(a=b) c", "(cat:1.3)"],
-    "blend": ['("fire", "fire flames").blend(0.7, 0.3)', '("mountain", "man").blend()', "(mountain, man).blend()",
-              "((mountain), (tall man)).blend()", '("fire", "fire flames (hot)++", "hi").blend(0.7, 0.3, 1.0)',
-              '("fire").blend(0.7)', '("fire", "").blend(0.7, 1)', '("fire", "  ,  ").blend(0.7, 1)',
-              '("mountain, man, hairy", "face, teeth, eyes--").blend(1,-1,no_normalize)',
-              '("mountain, man, hairy", "face, teeth, eyes--").blend(1,-0.5)',
-              '("a (red)0.3 cat", "a (blue)0 dog").blend(0.6, 0.4)', '("((a badly (formed +test ").blend(1.0)',
-              '("fire (flames)++", "mountain (man)2").blend(1,1)'],
-    "and": ['("fire", "flames").and(1,1)', '("fire", "flames").and()', '("(fire)2.0", "flames-").and()',
-            '("fire", "flames", "mountain man").and()', '("fire", "flames").and(2,1)', '("fire", "flames").and(1, 0.5)',
-            '("mountain man", "a person with a hat (riding a bicycle)++").and(0.5, 0.5)', "(cat, dog).and()",
-            '("a (cat)0.5 sits", "on a (mat)0").add(1, 0.7)', '("a", "b").and() ignored by compel'],
-    "long": [LONG_SENTENCES, LONG_TAGS, LONG_WORDS, LONG_SPAN, LONG_ZERO,
-             " ".join(f"word{i}" for i in range(80)), "(" + " ".join(["blue"] * 90) + ")0.5",
-             "(" + " ".join(["red"] * 90) + ")1.2 sky", LONG_SENTENCES + " " + LONG_TAGS],
-}
-ALL = [p for group in PROMPTS.values() for p in group]
-
 
 # ---- fixtures ------------------------------------------------------------------
 
 @pytest.fixture(scope="module", autouse=True)
 def one_compel_parser():
-    """compel builds its pyparsing grammar anew for every prompt and parses without
-    memoization (seconds for nested brackets here); parse with one built grammar and
-    pyparsing's packrat cache instead. Same parser code, same results, 5× faster."""
-    import pyparsing
-    from compel.prompt_parser import PromptParser
-
-    pyparsing.ParserElement.enable_packrat()
-    parser = PromptParser()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(compel.Compel, "parse_prompt_string",
-                          classmethod(lambda cls, s: parser.parse_conjunction(s)))
-            yield parser
-    finally:
-        pyparsing.ParserElement.disable_memoization()
+    """compel's own parser, built once and memoized (see :func:`compel_prompts.one_compel_parser`)."""
+    with compel_prompts.one_compel_parser(compel) as parser:
+        yield parser
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +140,23 @@ def test_comfy_syntax_with_compel_weights_is_compel_on_the_same_weights(pipe):
                 assert_close(ours, pipe["compel"](compel_prompt), comfy_prompt)
 
 
-def test_pooled_is_the_first_chunk_pooled_output(pipe):
-    """Difference from compel's ``requires_pooled`` (pools the raw prompt text): textenc
-    pools the parsed prompt's first chunk, as it does for every syntax."""
-    tokens = pipe["textenc_tokenizer"].tokenize_with_weights('("a cat", "a dog").blend(0.5, 0.5)', syntax="compel")
-    pooled = pipe["model"].encode_token_weights(tokens, options=COMPEL)[1]
-    ids = torch.tensor([[t[0] for t in tokens[0]]])
-    with torch.no_grad():
-        assert_close(pooled, pipe["text_encoder"](ids).pooler_output, "pooled")
+def test_pooled_equals_compels_requires_pooled(pipe, one_compel_parser):
+    """``Compel(..., requires_pooled=True)`` pools the raw prompt text (markup included,
+    cut to 77 tokens); so does textenc. Where that compel crashes (a weighted
+    ``.and()``), its pooled output is what its ``get_pooled_embeddings([text])`` gives."""
+    pooled_compel = compel.Compel(tokenizer=pipe["tokenizer"], text_encoder=pipe["text_encoder"],
+                                  requires_pooled=True)
+    for prompt in ALL:
+        tokens = pipe["textenc_tokenizer"].tokenize_with_weights(prompt, syntax="compel")
+        ours = pipe["model"].encode_token_weights(tokens, options=COMPEL)[1]
+        with torch.no_grad():
+            if compel_prompts.and_weighted(one_compel_parser, prompt):
+                with pytest.raises(AttributeError):
+                    pooled_compel(prompt)
+                theirs = pooled_compel.conditioning_provider.get_pooled_embeddings([prompt])
+            else:
+                theirs = pooled_compel(prompt)[1]
+        assert_close(ours, theirs, prompt)
 
 
 def test_clip_wrapper_carries_the_dialect(pipe):
@@ -238,7 +195,7 @@ def test_masked_encodes_run_in_one_batched_forward(pipe):
         model.encode_token_weights(tokens, options=COMPEL)
     finally:
         hook.remove()
-    assert batches == [1, 2]  # the prompt, then both masked copies together
+    assert batches == [2, 2]  # the prompt and its raw text (pooled), then both masked copies
 
 
 def test_inspect_reports_compel_fragments(pipe):
@@ -252,9 +209,10 @@ def test_inspect_reports_compel_fragments(pipe):
 def test_doctests():
     import doctest
 
-    from textenc.dialects import compel_grammar, compel_weighting
+    from textenc.dialects import compel_grammar, compel_parser, compel_tokens, compel_weighting
 
-    assert doctest.testmod(compel_grammar).failed == 0 and doctest.testmod(compel_weighting).failed == 0
+    for module in (compel_grammar, compel_parser, compel_tokens, compel_weighting):
+        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 def test_compel_syntax_defaults_to_compel_weights():

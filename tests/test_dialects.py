@@ -28,3 +28,14 @@ def test_listing_the_syntaxes_imports_no_torch():
     code = "import sys; from textenc.dialects import SYNTAXES, default_weight_mode; " \
            "default_weight_mode('a1111'); sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_dialects_package_has_no_import_circle():
+    """compel's modules (parser → grammar → tokens → weighting → dialect) and A1111's
+    import one way only."""
+    from import_graph import import_circles, import_graph
+
+    graph = import_graph("textenc.dialects")
+    assert {"textenc.dialects.compel_parser", "textenc.dialects.compel_grammar"} <= set(graph)
+    assert "textenc.dialects.compel_parser" in graph["textenc.dialects.compel_grammar"]
+    assert import_circles("textenc.dialects") == []

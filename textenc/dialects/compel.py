@@ -56,14 +56,15 @@ class CompelDialect:
         """Chunks of :class:`CompelToken` (plain ``(token, weight[, word_id])`` tuples
         that carry a ``.compel`` tag for the ``compel`` weight mode)."""
         prompt = _parse(tokenizer, text)
-        return compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=return_word_ids)
+        return compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=return_word_ids,
+                              text=text)
 
     def inspect(self, tokenizer: "SDTokenizer", text: str, **kwargs: Any) -> "InspectReport":
         """Chunks and fragments (units); a unit's ``start``/``end`` are -1 (not tracked)."""
         from ..tokenizer import InspectReport, TokenReport, UnitReport
 
         prompt = _parse(tokenizer, text)
-        windows = compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True)
+        windows = compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text)
         token_windows = [[TokenReport(t, tokenizer.inv_vocab.get(t, "<unknown>"), w, i) for t, w, i in window]
                          for window in windows]
         fragments = [f for part in prompt.parts for member in part.members for f in member.fragments]
@@ -74,8 +75,20 @@ class CompelDialect:
 
 
 def empty_conditioning(clip_model: Any, *, options: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
-    """The empty prompt's (1, T, D) encoding by an ``SDClipModel`` (compel's padding block)."""
-    return clip_model.encode_token_weights([], options=options)[0]
+    """The empty prompt's (1, T, D) encoding (compel's padding block).
+
+    ``clip_model``: an ``SDClipModel``, a ``CLIP`` or its ``cond_stage_model``. For
+    SDXL the block is both encoders' empty encodings side by side, as compel's SDXL
+    wrapper pads each encoder with its own.
+    """
+    model = getattr(clip_model, "cond_stage_model", clip_model)
+    if hasattr(model, "clip_l") and hasattr(model, "clip_g"):
+        tokens: Any = {"l": [], "g": []}
+    elif hasattr(model, "clip_name"):  # a one-encoder wrapper (SD1ClipModel)
+        tokens = {model.clip_name: []}
+    else:
+        tokens = []
+    return model.encode_token_weights(tokens, options=options)[0]
 
 
 DIALECT = CompelDialect()

@@ -16,7 +16,10 @@ Facts from compel 2.5.1 (``embeddings_provider.py``), code textenc's:
 
 Each token is a :class:`CompelToken`: a plain ``(token, weight)`` or
 ``(token, weight, word_id)`` tuple (what ComfyUI callers read) that also carries
-``.compel``, a :class:`CompelTag` the ``compel`` weight mode reads.
+``.compel``, a :class:`CompelTag` the ``compel`` weight mode reads. The tag also
+holds the window compel's ``requires_pooled`` encodes for the pooled output: the
+raw prompt text, syntax characters included, cut to ``max_length - 2`` ids
+(``Compel.build_conditioning_tensor`` → ``get_pooled_embeddings([text])``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .compel_grammar import CompelPrompt, Member, Part
 if TYPE_CHECKING:  # pragma: no cover
     from ..tokenizer import SDTokenizer
 
-__all__ = ["CompelTag", "CompelToken", "compel_windows", "split_point"]
+__all__ = ["CompelTag", "CompelToken", "compel_windows", "pooled_window", "split_point"]
 
 SENTENCE_END = (".</w>",)
 PHRASE_END = (".</w>", ",</w>", ";</w>", ":</w>")
@@ -45,6 +48,7 @@ class CompelTag(NamedTuple):
     normalize: bool                  # the blend normalizes its weights
     fragment: int                    # down-weighted fragment masked here, -1 for none
     fragment_weight: float           # that fragment's weight (1.0 when none)
+    pooled_window: Optional[tuple[int, ...]] = None  # the raw text's window, pooled as compel does
 
 
 class CompelToken(tuple):
@@ -159,17 +163,36 @@ def _member_windows(tokenizer: "SDTokenizer", member: Member, truncate: bool, fi
     return chunks, _masked_fragments(member, ranges, truncate, tokenizer.max_length, len(flat))
 
 
-def _tag(part_index: int, part: Part, member_index: int, fragment: int, member: Member) -> CompelTag:
+def _tag(part_index: int, part: Part, member_index: int, fragment: int, member: Member,
+         pooled: tuple[int, ...]) -> CompelTag:
     blend = part.blend_weights[member_index] if part.blend_weights is not None else None
     weight = member.fragments[fragment].weight if fragment >= 0 else 1.0
-    return CompelTag(part_index, part.weight, member_index, blend, part.normalize, fragment, weight)
+    return CompelTag(part_index, part.weight, member_index, blend, part.normalize, fragment, weight, pooled)
+
+
+def pooled_window(tokenizer: "SDTokenizer", text: str) -> tuple[int, ...]:
+    """The window compel pools: ``text`` as written (markup included), tokenized as one
+    string and cut to ``max_length - 2`` ids: ``(start, ids..., end, pad...)``.
+
+    >>> from textenc.tokenizer import SDTokenizer
+    >>> window = pooled_window(SDTokenizer(), "a (cat)0.5")
+    >>> len(window), window[:2], window.count(49407) == 77 - window.index(49407)
+    (77, (49406, 320), True)
+    """
+    ids = tokenizer.encode_units([text])[0][:tokenizer.max_length - 2]
+    window = [tokenizer.start_token, *ids, tokenizer.end_token]
+    return tuple(window + [tokenizer.pad_token] * (tokenizer.max_length - len(window)))
 
 
 def compel_windows(tokenizer: "SDTokenizer", prompt: CompelPrompt, *, truncate: bool,
-                   return_word_ids: bool) -> list[list[CompelToken]]:
-    """All chunks of all parts and members, in order, as :class:`CompelToken` windows."""
+                   return_word_ids: bool, text: str) -> list[list[CompelToken]]:
+    """All chunks of all parts and members, in order, as :class:`CompelToken` windows.
+
+    ``text`` is the prompt as written: its :func:`pooled_window` goes into every tag.
+    """
     if tokenizer.start_token is None or tokenizer.end_token is None:
         raise PromptError("syntax='compel' needs a tokenizer with start and end tokens (CLIP)")
+    pooled = pooled_window(tokenizer, text)
     windows: list[list[CompelToken]] = []
     word_id = 1
     for part_index, part in enumerate(prompt.parts):
@@ -182,7 +205,7 @@ def compel_windows(tokenizer: "SDTokenizer", prompt: CompelPrompt, *, truncate: 
                 for column, values in enumerate(chunk):
                     owner = owners[chunk_index * tokenizer.max_length + column]
                     if owner not in tags:
-                        tags[owner] = _tag(part_index, part, member_index, owner, member)
+                        tags[owner] = _tag(part_index, part, member_index, owner, member, pooled)
                     window.append(CompelToken(values if return_word_ids else values[:2], tags[owner]))
                 windows.append(window)
     return windows

@@ -20,6 +20,10 @@ A ``.blend()`` sums its members' results with its weights (normalized unless
 part with weight ``a`` ≠ 1 becomes ``z_empty + (c - z_empty)·a``; the parts are
 concatenated along the tokens. Token windows without compel tags (another
 syntax) are one member whose fragments are the runs of equal weight.
+
+The pooled output is the one compel's ``requires_pooled`` returns: the raw
+prompt text (markup included, cut to one window) encoded without weights or
+masks; for untagged windows, the first window's.
 """
 
 from __future__ import annotations
@@ -171,7 +175,7 @@ def encode_compel(pairs: Sequence[Sequence], weights: torch.Tensor, word_ids: Op
     weights = weights.to(torch.float32)
     parts = _tagged_layout(pairs) if tagged else _runs_layout(weights, _content_mask(pairs, word_ids, special))
     windows = [[p[0] for p in w] for w in pairs]
-    z, pooled = encode(windows, None)[:2]
+    z, pooled = _encode_with_pooled(encode, windows, _tag(pairs[0][0]).pooled_window if tagged else None)
     z_empty = empty(z.shape[1]).to(z)
     weights = weights.to(z.device)
     jobs = [(m, f) for part in parts for m in part.members for f in m.fragments]
@@ -192,7 +196,20 @@ def encode_compel(pairs: Sequence[Sequence], weights: torch.Tensor, word_ids: Op
             factors = [1.0] + [lerp_weight(f.weight) for f in member.fragments]
             conds.append(_weighted_sum(torch.stack(stack), factors, True) if member.fragments else stack[0])
         out.append(_combine_members(part, conds, z_empty))
-    return torch.cat(out).unsqueeze(0), pooled[parts[0].members[0].windows[0]].unsqueeze(0)
+    return torch.cat(out).unsqueeze(0), pooled.unsqueeze(0)
+
+
+def _encode_with_pooled(encode: Encode, windows: list[list], raw: Optional[Sequence[int]]):
+    """The windows' (W, T, D) encoding and the (P,) pooled output compel returns.
+
+    compel pools the raw prompt text's window (``raw``, see
+    :func:`textenc.dialects.compel_tokens.pooled_window`), encoded in the same
+    forward as one more row unless it is the first window already; without it
+    (tokens of another syntax) the first window's pooled output is used.
+    """
+    extra = [list(raw)] if raw is not None and list(raw) != windows[0] else []
+    z, pooled = encode(windows + extra, None)[:2]
+    return z[:len(windows)], pooled[-1] if extra else pooled[0]
 
 
 def _combine_members(part: _Part, conds: list[torch.Tensor], z_empty: torch.Tensor) -> torch.Tensor:
