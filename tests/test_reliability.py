@@ -99,6 +99,7 @@ def test_library_raises_only_typed_errors():
         ("attention.py", "ValueError"),  # internal shape invariants of attention backends
         ("clip_model.py", "ValueError"),  # num_tokens missing: a programming error
         ("cli.py", "ArgumentTypeError"),  # argparse's own protocol
+        ("common.py", "ArgumentTypeError"),  # argparse's own protocol (shared option types)
         ("common.py", "OSError"),  # commands: a failed write re-raised naming the output path
         ("common.py", "Terminated"),  # commands: SIGTERM raised like KeyboardInterrupt, exit 143
     }
