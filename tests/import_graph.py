@@ -1,4 +1,10 @@
-"""Test helper: the modules of a textenc package that import each other around a loop."""
+"""Test helper: the import graph of a textenc package, read from its sources, and the
+modules that import themselves around a loop.
+
+Imports inside functions count (a lazy import cannot hide a circle); imports under
+``if TYPE_CHECKING:`` do not (they never run). ``from pkg import mod`` counts as an
+import of ``pkg.mod`` when that is a module of the package.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +13,42 @@ import importlib
 from pathlib import Path
 
 
-def _module_name(path: Path, root: Path) -> tuple[str, list[str]]:
-    """(dotted module name, the package its relative imports start from)."""
-    parts = path.relative_to(root.parent.parent).with_suffix("").parts
-    is_init = parts[-1] == "__init__"
-    module = ".".join(parts[:-1] if is_init else parts)
-    return module, module.split(".") if is_init else module.split(".")[:-1]
+def _imports(tree: ast.Module) -> list[ast.stmt]:
+    """Every import statement of a module, nested ones included, but those under
+    ``if TYPE_CHECKING:``."""
+    found, pending = [], list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            pending.extend(node.orelse)
+        else:
+            pending.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+    return found
 
 
 def import_graph(package: str) -> dict[str, set[str]]:
-    """Module → the modules of ``package`` it imports, imports inside functions included
-    (so a lazy import cannot hide a circle). Submodule imports leave out the
-    parents' ``__init__`` that Python also runs."""
+    """Module of ``package`` → the modules of ``package`` it imports."""
     root = Path(importlib.import_module(package).__file__).parent
+    top = Path(importlib.import_module(package.split(".")[0]).__file__).parent.parent
     graph: dict[str, set[str]] = {}
     for path in root.rglob("*.py"):
-        module, home = _module_name(path, root)
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = home[:len(home) - (node.level - 1)] + ([node.module] if node.module else [])
+        parts = path.relative_to(top).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        module = ".".join(parts[:-1] if is_package else parts)
+        home = module.split(".") if is_package else module.split(".")[:-1]
+        deps: set[str] = set()
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = (home[:len(home) - (node.level - 1)] if node.level else []) + \
+                    ([node.module] if node.module else [])
                 deps.add(".".join(base))
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package):
-                deps.add(node.module)
-        graph[module] = {d for d in deps if d.startswith(package) and d != module}
-    return graph
+                deps.update(f"{'.'.join(base)}.{alias.name}" for alias in node.names)
+            else:
+                deps.update(alias.name for alias in node.names)
+        graph[module] = {d for d in deps if d != module}
+    return {m: {d for d in deps if d in graph} for m, deps in graph.items()}
 
 
 def import_circles(package: str) -> list[str]:

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import torch
 
 from ..errors import PromptError
+from ..inspect_report import InspectReport, TokenReport, UnitReport
 from .compel_grammar import CompelPrompt, parse_compel
 from .compel_tokens import CompelTag, CompelToken, compel_windows
 from .compel_weighting import COMPEL_MIN_WEIGHT, encode_compel, lerp_weight, pad_conditioning_tensors_to_same_length
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..tokenizer import InspectReport, SDTokenizer
+    from ..tokenizer import SDTokenizer
 
 __all__ = ["DIALECT", "CompelDialect", "CompelTag", "CompelToken", "COMPEL_MIN_WEIGHT", "parse_compel",
            "encode_compel", "lerp_weight", "pad_conditioning_tensors_to_same_length", "empty_conditioning"]
@@ -61,8 +62,6 @@ class CompelDialect:
 
     def inspect(self, tokenizer: "SDTokenizer", text: str, **kwargs: Any) -> "InspectReport":
         """Chunks and fragments (units); a unit's ``start``/``end`` are -1 (not tracked)."""
-        from ..tokenizer import InspectReport, TokenReport, UnitReport
-
         prompt = _parse(tokenizer, text)
         windows = compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text)
         token_windows = [[TokenReport(t, tokenizer.inv_vocab.get(t, "<unknown>"), w, i) for t, w, i in window]
