@@ -7,7 +7,8 @@ random marker in the driver's environment for the length of ``ray.init``: every
 Ray process started then inherits it (the raylet passes its environment on to
 the workers it starts later). The watchdog waits on a pipe from the driver;
 when the pipe closes - the driver finished, raised, or died - it kills every
-process that still carries the marker. Linux only (it reads
+process that still carries the marker, sweeping again until two sweeps in a row
+find none (a process Ray was starting just then shows up late). Linux only (it reads
 ``/proc/*/environ``); elsewhere it does nothing and Ray's own shutdown is all.
 """
 
@@ -27,18 +28,30 @@ MARKER_VARIABLE = "TEXTENC_RAY_RUN"
 
 # Runs in its own interpreter (imports nothing from textenc, starts in a blink).
 _WATCHDOG = r"""
-import os, signal, sys
+import os, signal, sys, time
 from pathlib import Path
 sys.stdin.buffer.read()  # returns when the driver closes the pipe or dies
 needle, driver = sys.argv[1].encode(), int(sys.argv[2])
-for entry in Path("/proc").iterdir():
-    if not entry.name.isdigit() or int(entry.name) in (driver, os.getpid()):
-        continue
-    try:
-        if needle in (entry / "environ").read_bytes().split(b"\0"):
-            os.kill(int(entry.name), signal.SIGKILL)
-    except OSError:
-        pass  # gone already, or not ours
+
+def sweep():
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in (driver, os.getpid()):
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except OSError:
+            pass  # gone already, or not ours
+    return killed
+
+# A process Ray was starting while the driver died appears after a first sweep:
+# sweep again until two sweeps in a row find nothing (30 s at most).
+deadline, quiet = time.monotonic() + 30, 0
+while quiet < 2 and time.monotonic() < deadline:
+    quiet = 0 if sweep() else quiet + 1
+    time.sleep(0.2)
 """
 
 
