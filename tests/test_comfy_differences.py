@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from test_prompt_parser import reference as comfy_weights
+from test_vit_h_numbering import PROMPT, sd2_23, vit_h  # noqa: F401  (fixtures)
+from test_vit_h_numbering import _ids as vit_h_ids
 from textenc.embeddings import EmbeddingLoader
 from textenc.errors import (CheckpointError, EmbeddingWarning, EncodeError, LayerError, PromptError,
                             PromptWarning)
@@ -180,6 +182,23 @@ def test_missing_layers_of_a_known_model():
         load_clip(None, state_dicts=[("short", _clip_l_like(11))])
     missing = torch.nn.Linear(2, 2).load_state_dict({}, strict=False).missing_keys
     assert missing == ["weight", "bias"]  # torch's strict=False, as ComfyUI calls it: no error
+
+
+def test_vit_h_last_layer_of_a_23_layer_sd2_file(vit_h, sd2_23):
+    # textenc: diffusers' 23-layer SD2 file is numbered as ViT-H's 24 layers; ViT-H's last
+    # layer (-1, 23, clip skip 1) is a LayerError and pooled comes from the file's last layer,
+    # projected, as diffusers computes it. ComfyUI builds 24 layers from its config and loads
+    # the file with strict=False: layer 23 keeps the values its constructor left, and
+    # ComfyUI's ops build Linear/LayerNorm without resetting parameters (torch.empty memory).
+    clip = load_clip(str(sd2_23))
+    with pytest.raises(LayerError, match=r"layer -1 is ViT-H's last layer.*23 of ViT-H's 24 layers"):
+        clip.clone().clip_layer(-1)
+    tokens = clip.tokenize(PROMPT)
+    _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    with torch.no_grad():
+        text_embeds = vit_h["short"](torch.tensor([vit_h_ids()])).text_embeds
+    assert float((pooled - text_embeds).abs().max()) <= 1e-5
+    assert torch.nn.Linear(2, 2).load_state_dict({}, strict=False).missing_keys == ["weight", "bias"]
 
 
 def test_token_id_beyond_the_vocabulary(tiny_weights):
