@@ -152,7 +152,11 @@ class CLIPTextEncodeAdvancedTextenc:
             "optional": {
             "syntax": (_syntaxes(), {"default": "comfy",
                        "tooltip": "Prompt dialect: comfy (ComfyUI's), a1111 (A1111's weights, [x] and "
-                                  "BREAK), ... The three options above refine comfy only."})}}
+                                  "BREAK), ... The three options above refine comfy only."}),
+            "truncate_long_prompts": ("BOOLEAN", {"default": True,
+                                      "tooltip": "Syntax compel only, as compel's option of that name: on "
+                                                 "keeps the first 75 tokens (one window); off cuts a longer "
+                                                 "prompt into compel's 77-token chunks."})}}
 
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text.",)
@@ -164,8 +168,8 @@ class CLIPTextEncodeAdvancedTextenc:
     @checked
     def encode(self, clip, text: str, token_normalization: str = "none", weight_interpretation: str = "auto",
                weight_convention: str = "comfy", square_brackets: bool = False, break_keyword: bool = False,
-               syntax: str = "comfy"):
-        from textenc.dialects import DEFAULT_SYNTAX, default_weight_mode
+               syntax: str = "comfy", truncate_long_prompts: bool = True):
+        from textenc.dialects import DEFAULT_SYNTAX, default_weight_mode, dialect_options
         from textenc.errors import PromptError
 
         refinements = {"weight_convention": weight_convention, "square_brackets": square_brackets,
@@ -176,6 +180,10 @@ class CLIPTextEncodeAdvancedTextenc:
                 raise PromptError(f"CLIPTextEncodeAdvancedTextenc: {', '.join(changed)} refine syntax comfy "
                                   f"only; syntax {syntax!r} has its own rules: leave them at their defaults")
             refinements = {}
+        try:
+            refinements.update(dialect_options(syntax, {"truncate_long_prompts": truncate_long_prompts}))
+        except PromptError as exc:
+            raise PromptError(f"CLIPTextEncodeAdvancedTextenc: {exc}") from None
         # Per-call syntax options: the shared tokenizer is not changed.
         tokens = clip.tokenizer.tokenize_with_weights(text, True, syntax=syntax, **refinements)
         if weight_interpretation == "auto":

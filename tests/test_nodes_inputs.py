@@ -98,6 +98,11 @@ CASES = [
     ("CLIPTextEncodeAdvancedTextenc", "square_brackets", "yes", PromptError, "square_brackets must be true"),
     ("CLIPTextEncodeAdvancedTextenc", "break_keyword", 1, PromptError, "break_keyword must be true or false"),
     ("CLIPTextEncodeAdvancedTextenc", "syntax", "bogus", PromptError, "syntax 'bogus' is not one of"),
+    ("CLIPTextEncodeAdvancedTextenc", "truncate_long_prompts", "no", PromptError,
+     "truncate_long_prompts must be true or false"),
+    ("CLIPTextEncodeAdvancedTextenc", "truncate_long_prompts", False, PromptError,
+     "CLIPTextEncodeAdvancedTextenc: truncate_long_prompts=False is an option of syntax='compel' only; "
+     "syntax='comfy'"),
     ("CLIPVisionLoader", "clip_name", None, CheckpointError, "CLIPVisionLoader: clip_name must be a string"),
     ("CLIPVisionLoader", "clip_name", "/etc/passwd", CheckpointError, "CLIPVisionLoader: clip_name .*relative"),
     ("CLIPVisionEncode", "clip_vision", None, CheckpointError, "CLIPVisionEncode: clip_vision input is None"),

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .conditioning import validate_conditioning
-from .dialects import DEFAULT_SYNTAX, check_syntax, default_weight_mode
+from .dialects import DEFAULT_SYNTAX, default_weight_mode, dialect_options
 from .diffusers_layers import diffusers_layer, text_encoders
 from .diffusers_load import KINDS, load_from_diffusers
 from .errors import DiffusersLayoutError, LayerError, PromptError, TextencError
@@ -135,6 +135,7 @@ def _result(kind: str, positive: tuple, negative: tuple, target: _Target) -> dic
 def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
                         negative_prompt: str | Sequence[str] = "", *, clip_skip: int | None = None,
                         layer: int | None = None, syntax: str = DEFAULT_SYNTAX,
+                        truncate_long_prompts: bool = True,
                         weight_mode: str | None = None, zero_negative: bool = False,
                         embedding_directory: Any = None, device: Any = None,
                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -153,6 +154,10 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
             Neither: the CLIP's ``clip_layer()`` if set, else the model's ComfyUI
             default (SD1 -1, SD2 -2, SDXL -2).
         syntax: prompt dialect, one of :data:`textenc.dialects.SYNTAXES` (``"comfy"``).
+        truncate_long_prompts: ``syntax="compel"`` only, as compel's: True (default)
+            keeps one 77-token window; False cuts a long prompt into compel's chunks,
+            and the rows are padded as compel's ``pad_conditioning_tensors_to_same_length``
+            pads them. Another syntax refuses False.
         weight_mode: see :mod:`textenc.weighting`; None: the syntax's own
             (:func:`textenc.dialects.default_weight_mode`).
         zero_negative: an empty negative becomes zeros (embeds and pooled), as
@@ -169,9 +174,10 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
     Raises:
         LayerError: clip_skip or layer outside the text encoder's depth (naming the
         value and the valid range), or both given. PromptError: bad prompt, weight
-        or syntax. DiffusersLayoutError: not a supported pipeline.
+        or syntax, or ``truncate_long_prompts=False`` without ``syntax="compel"``.
+        DiffusersLayoutError: not a supported pipeline.
     """
-    check_syntax(syntax)
+    tokenize_kwargs = dialect_options(syntax, {"truncate_long_prompts": truncate_long_prompts})
     target = _target(pipe_or_loaded, embedding_directory, device, dtype)
     options = _encode_options(target.clip, clip_skip=clip_skip, layer=layer, weight_mode=weight_mode,
                               syntax=syntax)
@@ -179,8 +185,8 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
     clip.clip_layer(None)  # the layer travels in options, so the padding windows use it too
     prompts = _prompt_list(prompt, "prompt")
     negatives = _negative_list(negative_prompt, len(prompts))
-    encode = lambda text: clip.encode_from_tokens(clip.tokenize(text, syntax=syntax),  # noqa: E731
-                                                   return_pooled=True, options=options)
+    tokenize = lambda text: clip.tokenize(text, syntax=syntax, **tokenize_kwargs)  # noqa: E731
+    encode = lambda text: clip.encode_from_tokens(tokenize(text), return_pooled=True, options=options)  # noqa: E731
     positive = [encode(p) for p in prompts]
     negative = [None if zero_negative and not n else encode(n) for n in negatives]
     length = max(cond.shape[1] for cond, _ in positive + [x for x in negative if x is not None])

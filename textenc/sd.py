@@ -202,6 +202,13 @@ class CLIP:
         self.layer_idx = layer_idx
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs):
+        """The tokenizer's ``tokenize_with_weights``: ``syntax=`` picks the dialect, and the
+        dialect's own options go with it (``truncate_long_prompts=False`` with
+        ``syntax="compel"``: compel's chunks instead of one truncated window).
+
+        Raises:
+            PromptError: see :meth:`textenc.tokenizer.SDTokenizer.tokenize_with_weights`.
+        """
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
 
     def _options(self, return_pooled, extra: Mapping | None) -> dict:
@@ -233,10 +240,15 @@ class CLIP:
         cond = result.pop("cond")
         return [[cond, result]]
 
-    def encode(self, text: str, *, syntax: str | None = None, options: Mapping[str, Any] | None = None):
+    def encode(self, text: str, *, syntax: str | None = None, options: Mapping[str, Any] | None = None,
+               **tokenize_kwargs: Any):
         """``cond`` of ``text``; ``syntax`` picks the dialect and, unless ``options``
-        names one, the ``weight_mode`` that goes with it (``a1111`` for ``"a1111"``)."""
-        return self.encode_from_tokens(self.tokenize(text, syntax=syntax) if syntax else self.tokenize(text),
+        names one, the ``weight_mode`` that goes with it (``a1111`` for ``"a1111"``).
+        ``tokenize_kwargs`` go to :meth:`tokenize` (e.g. ``truncate_long_prompts=False``
+        with ``syntax="compel"``)."""
+        if syntax:
+            tokenize_kwargs["syntax"] = syntax
+        return self.encode_from_tokens(self.tokenize(text, **tokenize_kwargs),
                                        options=_syntax_options(syntax, options))
 
     def encode_scheduled(self, text: str, *, steps: int, syntax: str | None = None,
@@ -255,7 +267,9 @@ class CLIP:
         Entries of one part have equal lengths; parts may differ. Dialects
         without editing give one entry over the whole range. ``split_and=False``
         reads ``AND`` as text (A1111's negative prompt). ``tokenize_kwargs`` go
-        to the tokenizer (e.g. ``comma_padding_backtrack``); ``options`` and the
+        to the tokenizer (e.g. ``comma_padding_backtrack``, or compel's
+        ``truncate_long_prompts``; another dialect's option at a value other
+        than its default is a PromptError); ``options`` and the
         default ``weight_mode`` as :meth:`encode`. See :func:`conditioning_at_step`.
 
         Raises:

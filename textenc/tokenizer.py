@@ -48,7 +48,7 @@ from typing import Any, Iterable, Sequence
 
 from textenc.clip_backend import build_backend, fix_surrogates, is_clip_pipeline
 # The dialect modules are loaded here, up front, so that tokenizing never imports a module mid-call.
-from textenc.dialects import a1111, comfy, compel, get_dialect  # noqa: F401
+from textenc.dialects import a1111, comfy, compel, dialect_options, get_dialect  # noqa: F401
 from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
 from textenc.errors import PromptError, PromptWarning
 from textenc.inspect_report import InspectReport, TokenReport, UnitReport
@@ -65,6 +65,14 @@ DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab"
 _PER_CALL_PARSE_OPTIONS = ("weight_convention", "square_brackets", "break_keyword", "max_weight",
                            "strict_weights", "warn_weight_above")
 _CHUNK_CHARS = 1 << 16  # text tokenized per step while counting towards max_windows
+
+
+def _checked_dialect(kwargs: dict):
+    """The dialect of ``kwargs.pop("syntax")``, after refusing another dialect's option
+    (e.g. ``truncate_long_prompts=False`` without ``syntax="compel"``)."""
+    syntax = kwargs.pop("syntax", None)
+    dialect_options(syntax, kwargs)
+    return get_dialect(syntax)
 
 
 class SDTokenizer:
@@ -276,12 +284,14 @@ class SDTokenizer:
         """Windows of ``(token, weight)`` or ``(token, weight, word_id)``.
 
         ``syntax=`` picks the prompt dialect (``"comfy"`` default, ``"a1111"``,
-        ``"compel"``; see :mod:`textenc.dialects`); the rest is ComfyUI's.
+        ``"compel"``; see :mod:`textenc.dialects`); the rest is ComfyUI's, plus the
+        dialect's own options (``truncate_long_prompts`` for compel, default True).
 
         Raises:
-            PromptError: unknown syntax, or what the dialect refuses.
+            PromptError: unknown syntax, another dialect's option at a value other
+                than its default, or what the dialect refuses.
         """
-        dialect = get_dialect(kwargs.pop("syntax", None))
+        dialect = _checked_dialect(kwargs)
         return dialect.tokenize_with_weights(self, text, return_word_ids, **kwargs)
 
     def tokenize_comfy(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
@@ -334,7 +344,7 @@ class SDTokenizer:
 
         ``syntax=`` picks the prompt dialect, as in :meth:`tokenize_with_weights`.
         """
-        dialect = get_dialect(kwargs.pop("syntax", None))
+        dialect = _checked_dialect(kwargs)
         return dialect.inspect(self, text, **kwargs)
 
     def inspect_comfy(self, text: str, **kwargs: Any) -> InspectReport:

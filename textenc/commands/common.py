@@ -30,10 +30,12 @@ import threading
 import warnings
 from typing import Callable, Iterator
 
+from ..dialects import DIALECT_OPTIONS, dialect_options
 from ..errors import TextencError
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
-           "HelpFormatter", "Terminated", "run_command", "positive_int", "describe_error", "one_line", "show_path",
+           "HelpFormatter", "Terminated", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
+           "describe_error", "one_line", "show_path",
            "check_out_file", "check_folder", "write_file_atomically", "progress"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -122,6 +124,44 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+# --- a dialect's own options -------------------------------------------------------
+
+#: compel's ``truncate_long_prompts`` (default True) as a flag that turns it off.
+TRUNCATE_FLAG = "--no-truncate-long-prompts"
+TRUNCATE_HELP = ("--syntax compel only: cut a prompt longer than 75 tokens into several 77-token windows, as "
+                 "compel's truncate_long_prompts=False does (after the last '.' that fits, else the last "
+                 "',' ';' ':', else the last whole word) (default: off: compel's default, one window with "
+                 "the first 75 tokens)")
+
+
+def add_dialect_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the dialects' own options (:data:`textenc.dialects.DIALECT_OPTIONS`) to a parser
+    that has ``--syntax``; on a :class:`CommandParser`, one given with another syntax is a
+    usage error (exit 2)."""
+    parser.add_argument(TRUNCATE_FLAG, action="store_true", help=TRUNCATE_HELP)
+    if isinstance(parser, CommandParser):
+        parser.add_check(_check_dialect_flags)
+
+
+def _check_dialect_flags(args: argparse.Namespace) -> str | None:
+    owner = DIALECT_OPTIONS["truncate_long_prompts"][0]
+    if not args.no_truncate_long_prompts or args.syntax == owner:
+        return None
+    return (f"{TRUNCATE_FLAG} is an option of --syntax {owner} only (compel's truncate_long_prompts); "
+            f"--syntax {args.syntax} has no such option: drop it or use --syntax {owner}")
+
+
+def dialect_flag_options(args: argparse.Namespace) -> dict:
+    """The dialect options of parsed ``args``, resolved for ``args.syntax``: the
+    keywords of ``tokenize`` (``{"truncate_long_prompts": False}`` for compel with
+    :data:`TRUNCATE_FLAG`, ``{}`` for comfy), also what a command records.
+
+    Raises:
+        PromptError: a flag with another syntax (a parser without the check).
+    """
+    return dialect_options(args.syntax, {"truncate_long_prompts": not args.no_truncate_long_prompts})
 
 
 # --- faults -----------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Every option is resolved to the value actually used before anything is
 encoded, and that value is what the output's metadata records: the layer
 index (ComfyUI numbering) whether or not ``--clip-skip`` was given, the
-weight mode whether given or taken from ``--syntax``. So giving an option
+weight mode whether given or taken from ``--syntax``, and with ``--syntax
+compel`` its ``truncate_long_prompts`` (``--no-truncate-long-prompts``: false). So giving an option
 with its default value and leaving it out produce the same file.
 """
 
@@ -17,7 +18,8 @@ from typing import Any
 from ..dialects import SYNTAXES, default_weight_mode
 from ..errors import LayerError, TextencError
 from ..layers import layer_from_clip_skip
-from .common import check_folder, check_out_file, progress, show_path, write_file_atomically
+from .common import (add_dialect_flags, check_folder, check_out_file, dialect_flag_options, progress, show_path,
+                     write_file_atomically)
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
@@ -133,13 +135,14 @@ def run_encode(args: argparse.Namespace) -> int:
 
     clip = load_text_model(args.model, clip_type=args.clip_type, embedding_directory=embeddings)
     options, recorded_options = resolve_options(args, clip)
+    syntax_options = dialect_flag_options(args)
     tensors = {}
     for index, prompt in enumerate(progress(prompts, "encode", "prompt")):
-        tokens = clip.tokenize(prompt, syntax=args.syntax)
+        tokens = clip.tokenize(prompt, syntax=args.syntax, **syntax_options)
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
         tensors[f"cond_{index}"] = cond.detach().contiguous().cpu()
         tensors[f"pooled_{index}"] = pooled.detach().contiguous().cpu()
-    recorded = {"syntax": args.syntax, **recorded_options, "clip_type": clip.clip_type,
+    recorded = {"syntax": args.syntax, **syntax_options, **recorded_options, "clip_type": clip.clip_type,
                 "models": _model_names(args.model)}
     metadata = {"format": "textenc.encode/1", "prompts": json.dumps(prompts),
                 "options": json.dumps(recorded)}
@@ -169,6 +172,7 @@ def add_encode(sub) -> argparse.ArgumentParser:
         help="model type; auto detects it from the weights")
     add("--clip-skip", type=int, default=None, metavar="N", help=CLIP_SKIP_HELP)
     add("--syntax", choices=SYNTAXES, default="comfy", help=SYNTAX_HELP)
+    add_dialect_flags(parser)
     pairs = ", ".join(f"{default_weight_mode(name)} for {name}" for name in SYNTAXES)
     add("--weight-mode", choices=WEIGHT_MODES, default=None,
         help=f"how token weights are applied, see textenc.weighting (default: the one that goes with --syntax: {pairs})")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..dialects import SYNTAXES, prompt_schedules
 from ..step_ranges import step_ranges
-from .common import check_folder, positive_int
+from .common import add_dialect_flags, check_folder, dialect_flag_options, positive_int
 from .encode import SYNTAX_HELP
 
 __all__ = ["add_inspect", "run_inspect", "format_report", "report_dict", "format_schedule", "schedule_dict",
@@ -60,7 +60,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         schedule = schedule_report(tokenizer, args.prompt, syntax=args.syntax, steps=args.steps)
         print(json.dumps(schedule_dict(schedule), indent=1) if args.json else format_schedule(schedule))
         return 0
-    report = tokenizer.inspect(args.prompt, syntax=args.syntax)
+    report = tokenizer.inspect(args.prompt, syntax=args.syntax, **dialect_flag_options(args))
     print(json.dumps(report_dict(report), indent=1) if args.json else format_report(report))
     return 0
 
@@ -170,6 +170,7 @@ def add_inspect(sub) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("prompt", help="the prompt, in the grammar chosen by --syntax")
     add("--syntax", choices=SYNTAXES, default="comfy", help=SYNTAX_HELP)
+    add_dialect_flags(parser)
     add("--tokenizer", choices=list(TOKENIZERS), default="sd1",
         help="bundled tokenizer: padding and embedding width of sd1 (CLIP-L), sd2 (ViT-H) or sdxl-g "
              "(bigG); with an SDXL --model, sd1 picks its CLIP-L side and sdxl-g its bigG side")

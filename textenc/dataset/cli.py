@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..commands.common import CommandParser, describe_error, positive_int, run_command
+from ..commands.common import (CommandParser, add_dialect_flags, describe_error, dialect_flag_options, positive_int,
+                               run_command)
 from ..dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
 from ..errors import DatasetError, TextencError
 from ..weighting import WEIGHT_MODES
@@ -46,7 +47,8 @@ def _syntax_weight_modes() -> str:
     return ", ".join(f"{name}: {default_weight_mode(name)}" for name in SYNTAXES)
 
 
-def _add_model_options(add) -> None:
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--kind", choices=KINDS, default=None, help="model kind (default: detected from the file)")
     add("--clip-skip", type=_clip_skip, default=None, metavar="N",
         help="A1111/civitai clip skip: 1 = the last layer, 2 = the penultimate, up to the model's "
@@ -54,6 +56,7 @@ def _add_model_options(add) -> None:
              "penultimate for SD2 and SDXL)")
     add("--syntax", choices=SYNTAXES, default=DEFAULT_SYNTAX,
         help="prompt syntax of the captions (default: %(default)s)")
+    add_dialect_flags(parser)
     add("--weight-mode", choices=WEIGHT_MODES, default=None,
         help=f"how prompt weights apply (default: the syntax's own: {_syntax_weight_modes()})")
     add("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32",
@@ -108,7 +111,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="output folder (shard-*.safetensors, empty.safetensors, manifest.json) (required)")
     add("--column", default="text", help="caption column (parquet, jsonl; default: %(default)s)")
     add("--id-column", default=None, help="id column (default: the row index)")
-    _add_model_options(add)
+    _add_model_options(parser)
     _add_output_options(add)
     _add_engine_options(add)
     return parser
@@ -144,7 +147,8 @@ def _progress_phrase(out: str) -> str:
 def _encode(args: argparse.Namespace):
     return encode_dataset(
         args.input, model=args.model, out=args.out, column=args.column, id_column=args.id_column,
-        kind=args.kind, clip_skip=args.clip_skip, syntax=args.syntax, weight_mode=args.weight_mode,
+        kind=args.kind, clip_skip=args.clip_skip, syntax=args.syntax, **dialect_flag_options(args),
+        weight_mode=args.weight_mode,
         outputs=args.outputs, dtype=args.dtype, shard_rows=args.shard_rows,
         batch_size=args.batch_size, engine=args.engine, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, ray_address=args.ray_address,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..dialects import check_syntax, default_weight_mode
+from ..dialects import check_syntax, default_weight_mode, dialect_options
 from ..errors import DatasetError
 from ..sd import CLIP_TYPES
 from ..weighting import WEIGHT_MODES
@@ -51,6 +51,7 @@ class Request:
     kind: str | None
     clip_skip: int | None
     syntax: str
+    truncate_long_prompts: bool
     weight_mode: str | None
     outputs: str
     dtype: str
@@ -83,11 +84,14 @@ def _check_request(request: Request) -> None:
               (min(r.shard_rows, r.batch_size, r.workers, r.threads) >= 1,
                "shard_rows, batch_size, workers and threads must be at least 1"),
               (r.engine in ENGINES, f"engine {r.engine!r} is not one of {ENGINES}"),
+              (isinstance(r.truncate_long_prompts, bool),
+               f"truncate_long_prompts must be True or False, got {r.truncate_long_prompts!r}"),
               (r.limit is None or r.limit >= 1, f"limit must be >= 1, got {r.limit}")]
     for ok, message in checks:
         if not ok:
             raise DatasetError(message)
     check_syntax(r.syntax)
+    dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
 
 
 def _write_empty(run: Run, empty) -> None:
@@ -100,7 +104,8 @@ def _write_empty(run: Run, empty) -> None:
 
 def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: str | os.PathLike,
                    column: str = "text", id_column: str | None = None, kind: str | None = None,
-                   clip_skip: int | None = None, syntax: str = "comfy", weight_mode: str | None = None,
+                   clip_skip: int | None = None, syntax: str = "comfy", truncate_long_prompts: bool = True,
+                   weight_mode: str | None = None,
                    outputs: str = "cond,pooled", dtype: str = "fp16", shard_rows: int = 10000,
                    batch_size: int = 64, engine: str = "local", workers: int = 1,
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
@@ -119,8 +124,10 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             ComfyUI's -1/-2 are accepted too), None keeps the kind's default
             layer; the manifest records the layer each encoder used.
             ``syntax`` is the prompt dialect (``comfy``, ``a1111``, ``compel``);
-            ``weight_mode`` None is the syntax's own. ``dtype`` is the stored
-            dtype; ``max_chars``/``max_windows`` reject over-long captions;
+            ``truncate_long_prompts`` is compel's (True: one 77-token window;
+            False: compel's chunks), recorded for ``compel`` (null for the other
+            syntaxes, which refuse False); ``weight_mode`` None is the syntax's
+            own. ``dtype`` is the stored dtype; ``max_chars``/``max_windows`` reject over-long captions;
             ``threads`` is torch's thread count in every encoding process
             (this one for the local engine, each Ray actor): the bytes depend
             on it, so it is recorded with the batch size in the manifest's
@@ -138,7 +145,8 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
         DatasetError: bad input or options, or ``out`` holds another encoding
             (different options, model or input) and ``overwrite`` is False.
         LayerError: ``clip_skip`` outside the model's depth.
-        PromptError: an unknown ``syntax``.
+        PromptError: an unknown ``syntax``; ``truncate_long_prompts=False`` with
+            another syntax than ``compel``.
     """
     started = time.perf_counter()
     request = Request(**{name: value for name, value in locals().items() if name != "started"})
@@ -167,7 +175,9 @@ def _plan(request: Request) -> tuple[Run, tuple]:
     rows = read_captions(r.input, column=r.column, id_column=r.id_column, limit=r.limit)
     compute_dtype = resolve_compute_dtype(r.compute_dtype, resolve_device(r.device))
     clip = load_model(r.model, kind=r.kind, device=resolve_device(r.device))
+    own = dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
     settings = EncodeSettings(layer=layer_for_clip_skip(clip, r.clip_skip), syntax=r.syntax,
+                              truncate_long_prompts=own.get("truncate_long_prompts"),
                               weight_mode=r.weight_mode or default_weight_mode(r.syntax),
                               outputs=r.outputs, dtype=r.dtype, compute_dtype=compute_dtype,
                               max_chars=r.max_chars, max_windows=r.max_windows)

@@ -40,6 +40,7 @@ class EncodeSettings:
 
     layer: int | None = None  # ComfyUI's layer index for every encoder; None: the kind's default
     syntax: str = "comfy"
+    truncate_long_prompts: bool | None = None  # compel's option; None: the syntax has none
     weight_mode: str = "comfy"
     outputs: str = "cond,pooled"
     dtype: str = "fp16"
@@ -54,6 +55,13 @@ class EncodeSettings:
         if self.layer is not None:
             options["layer"] = self.layer
         return options
+
+    def tokenize_kwargs(self) -> dict[str, Any]:
+        """The keywords of ``CLIP.tokenize`` for these settings: the syntax and its own options."""
+        kwargs: dict[str, Any] = {"syntax": self.syntax}
+        if self.truncate_long_prompts is not None:
+            kwargs["truncate_long_prompts"] = self.truncate_long_prompts
+        return kwargs
 
     @property
     def want_cond(self) -> bool:
@@ -155,7 +163,7 @@ class CaptionEncoder:
                                                f"max_chars={self.settings.max_chars}")
         start = time.perf_counter()
         try:
-            tokens = self.clip.tokenize(text, syntax=self.settings.syntax)
+            tokens = self.clip.tokenize(text, **self.settings.tokenize_kwargs())
         except PromptError as exc:
             return Tokenized(row, None, reason=f"PromptError: {exc}")
         finally:
@@ -232,6 +240,6 @@ class CaptionEncoder:
 
     def encode_empty(self):
         """The empty caption's ``(cond [77, D], pooled [P])`` (for caption dropout)."""
-        tokens = self.clip.tokenize("", syntax=self.settings.syntax)
+        tokens = self.clip.tokenize("", **self.settings.tokenize_kwargs())
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True, options=self.options)
         return cond[0].to(self.out_dtype), pooled[0].to(self.out_dtype)

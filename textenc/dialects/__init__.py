@@ -19,11 +19,17 @@ Optional (A1111): ``prompt_schedules(text, steps, split=True)`` returns the
 text), ...]), ...]``, and ``encode_texts(model, tokenize, texts, options)``
 encodes the texts of one schedule together; :func:`prompt_schedules` gives
 every dialect's schedule (one part, one text for dialects without editing).
+
+A dialect's own options (:data:`DIALECT_OPTIONS`, e.g. compel's
+``truncate_long_prompts``) are taken by every entry point with the same name,
+meaning and default; with another syntax :func:`dialect_options` accepts the
+default (it changes nothing) and refuses any other value with a
+:class:`~textenc.errors.PromptError` naming the option and the syntax.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 import importlib
 
@@ -32,8 +38,8 @@ from ..errors import PromptError
 if TYPE_CHECKING:  # pragma: no cover
     from ..tokenizer import InspectReport, SDTokenizer
 
-__all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "get_dialect", "default_weight_mode", "check_syntax",
-           "prompt_schedules"]
+__all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "DIALECT_OPTIONS", "get_dialect", "default_weight_mode",
+           "check_syntax", "dialect_options", "prompt_schedules"]
 
 DEFAULT_SYNTAX = "comfy"
 
@@ -58,6 +64,12 @@ class Dialect(Protocol):
 _DEFAULT_WEIGHT_MODES = {"comfy": "comfy", "a1111": "a1111", "compel": "compel"}
 SYNTAXES = tuple(_DEFAULT_WEIGHT_MODES)
 
+#: Options only one dialect understands: name -> (its syntax, default). Plain data,
+#: so command lines can check them without importing torch.
+#: ``truncate_long_prompts``: compel's ``Compel(truncate_long_prompts=...)``; True keeps
+#: one 77-token chunk, False chunks the whole prompt (:mod:`.compel_tokens`).
+DIALECT_OPTIONS: dict[str, tuple[str, Any]] = {"truncate_long_prompts": ("compel", True)}
+
 
 def _load(name: str) -> Dialect:
     """The ``DIALECT`` of ``textenc.dialects.<name>`` (the tokenizer imports them all)."""
@@ -69,6 +81,30 @@ def check_syntax(syntax: object) -> str:
     if syntax not in SYNTAXES:
         raise PromptError(f"unknown prompt syntax {syntax!r}; choose one of {', '.join(SYNTAXES)}")
     return syntax  # type: ignore[return-value]
+
+
+def dialect_options(syntax: str | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of :data:`DIALECT_OPTIONS` that belong to ``syntax``, resolved: each
+    as ``given`` holds it, else its default. Other keys of ``given`` are not looked at.
+
+    >>> dialect_options("compel", {}), dialect_options("comfy", {"truncate_long_prompts": True})
+    ({'truncate_long_prompts': True}, {})
+
+    Raises:
+        PromptError: an unknown syntax, or an option of another dialect given with a
+            value other than its default (naming the option, its syntax and ``syntax``).
+    """
+    syntax = check_syntax(syntax or DEFAULT_SYNTAX)
+    resolved = {}
+    for name, (owner, default) in DIALECT_OPTIONS.items():
+        value = given.get(name, default)
+        if owner == syntax:
+            resolved[name] = value
+        elif type(value) is not type(default) or value != default:
+            raise PromptError(f"{name}={value!r} is an option of syntax={owner!r} only; syntax={syntax!r} "
+                              f"has no such option: leave it out (or at its default {default!r}) or use "
+                              f"syntax={owner!r}")
+    return resolved
 
 
 def get_dialect(syntax: str | None) -> Dialect:

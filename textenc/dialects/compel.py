@@ -9,7 +9,8 @@ applies compel's algorithm (:mod:`.compel_weighting`).
 Keyword understood: ``truncate_long_prompts`` (default True, as compel's
 ``Compel(...)``): keep one 77-token chunk; False chunks the whole prompt as compel
 does. Pad a prompt and its negative to one length with
-:func:`pad_conditioning_tensors_to_same_length`.
+:func:`pad_conditioning_tensors_to_same_length`. Every entry point takes the
+option (:data:`textenc.dialects.DIALECT_OPTIONS`); other syntaxes refuse False.
 """
 
 from __future__ import annotations
