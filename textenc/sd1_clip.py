@@ -77,6 +77,14 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
     :attr:`numbered_layers`, the released model's depth when the weights lack
     its last layer (:attr:`released_model`), and maps it onto the
     :attr:`num_layers` layers the model has.
+
+    Attributes:
+        empty_cache: :class:`~textenc.lru.LRUCache` (unbounded) of the empty
+            prompt's ``(z (T, D), pooled (P,))``, keyed ``(ClipOptions, T)``
+            (:func:`textenc.sd1_encode.empty_encoding` fills it).
+        encode_cache: :class:`~textenc.lru.LRUCache` of ``cache_size`` whole
+            encodings, keyed by options and tokens (0: off). Both are emptied by
+            :meth:`clear_caches` and whenever weights are loaded.
     """
 
     LAYERS = LAYERS
@@ -121,8 +129,8 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         self.options = base
         self.layer, self.layer_idx = base.layer, base.layer_idx
         self.loaded = False
-        self._empty_cache = LRUCache(None)  # (options, length) -> empty-prompt encoding
-        self._encode_cache = LRUCache(max(cache_size, 0))
+        self.empty_cache = LRUCache(None)  # (options, length) -> empty-prompt encoding
+        self.encode_cache = LRUCache(max(cache_size, 0))
         self.cache_size = cache_size
 
     # ---- options -------------------------------------------------------------
@@ -186,8 +194,9 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         return self(tokens, options=options)
 
     def clear_caches(self) -> None:
-        self._empty_cache.clear()
-        self._encode_cache.clear()
+        """Empty :attr:`empty_cache` and :attr:`encode_cache`."""
+        self.empty_cache.clear()
+        self.encode_cache.clear()
 
 
 class SD1ClipModel(torch.nn.Module):

@@ -91,13 +91,14 @@ def load_text_state_dict(model: SDClipModel, sd, *, strict: bool = True, require
     check_weight_values(sd, require_finite=require_finite)
     target = model.storage_dtype
     sd = aligned({k: v.to(device=model.device, dtype=target or v.dtype) for k, v in sd.items()})
-    model.transformer.load_state_dict(sd, strict=True, assign=True)
+    keys = model.transformer.load_state_dict(sd, strict=True, assign=True)
     if model.freeze:
         model.transformer.requires_grad_(False)
         model.transformer.eval()
     model.loaded = True
     model.clear_caches()
-    return torch.nn.modules.module._IncompatibleKeys([], unexpected)
+    # torch's (missing_keys, unexpected_keys) named tuple, reporting the keys ignored above.
+    return keys._replace(unexpected_keys=list(unexpected))
 
 
 # ---- token processing -----------------------------------------------------------
@@ -245,14 +246,14 @@ def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
     """The empty prompt's ``(z (T, D), pooled (P,))``, cached per options and length."""
     tokens = model.gen_empty_tokens(model.special_tokens, length)
     compute = lambda: tuple(x[0] for x in encode_windows(model, [tokens], opts)[:2])  # noqa: E731
-    return model._empty_cache.get_or_compute((opts, length), compute)
+    return model.empty_cache.get_or_compute((opts, length), compute)
 
 
 def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     if model.cache_size <= 0 or model.return_attention_masks:
         return encode_windows(model, windows, opts)
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
-    z, pooled = model._encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
+    z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
     return z.clone(), pooled.clone()
 
