@@ -102,8 +102,11 @@ class CLIP:
 
         ``options`` (e.g. ``{"layer": -2, "weight_mode": "a1111"}``) hold for this
         call only; its ``"layer"`` wins over :meth:`clip_layer`'s (the more specific).
+        Without ``return_pooled`` or ``return_dict`` the model is told pooled is
+        not needed (``need_pooled=False``), which spares compel's raw-text window.
         """
-        out = self.cond_stage_model.encode_token_weights(tokens, options=self._options(return_pooled, options))
+        out = self.cond_stage_model.encode_token_weights(tokens, options=self._options(return_pooled, options),
+                                                         need_pooled=bool(return_pooled or return_dict))
         cond, pooled = out[0], out[1]
         if return_dict:
             result = {"cond": cond, "pooled_output": pooled}

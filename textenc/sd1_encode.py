@@ -258,10 +258,10 @@ def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     return z.clone(), pooled.clone()
 
 
-def _encode_compel(model: SDClipModel, pairs, weights, word_ids, opts: ClipOptions):
+def _encode_compel(model: SDClipModel, pairs, weights, word_ids, opts: ClipOptions, need_pooled: bool):
     """compel's algorithm (see :mod:`textenc.dialects.compel_weighting`) on this model."""
     return encode_compel(
-        pairs, weights, word_ids, special=model.special_tokens,
+        pairs, weights, word_ids, special=model.special_tokens, need_pooled=need_pooled,
         encode=lambda windows, mask: encode_windows(model, windows, opts, extra_mask=mask),
         empty=lambda length: empty_encoding(model, length, opts)[0])
 
@@ -292,17 +292,22 @@ def _check_weighted(z: torch.Tensor, weights: torch.Tensor) -> None:
                           "encoder output; use smaller weights (ComfyUI would return this NaN/Inf conditioning)")
 
 
-def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptions):
-    """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.weighting` for modes)."""
+def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptions, *,
+                         need_pooled: bool = True):
+    """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.weighting` for modes).
+
+    ``need_pooled=False`` (the caller discards the pooled output) returns None
+    in its place and skips the work done only for it: compel's raw-text window.
+    """
     pairs = [list(w) for w in token_weight_pairs]
     if not pairs:
         z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
         # Copies: the cached empty encoding weights every later prompt.
-        return z_empty.unsqueeze(0).clone(), pooled_empty.unsqueeze(0).clone()
+        return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone() if need_pooled else None)
     windows = [[p[0] for p in w] for w in pairs]
     weights, word_ids = token_weights(pairs, opts.normalization)
     if opts.weight_mode == "compel":
-        result = _encode_compel(model, pairs, weights, word_ids, opts)
+        result = _encode_compel(model, pairs, weights, word_ids, opts, need_pooled)
         _check_weighted(result[0], weights)
         return result
     out = _encode_maybe_cached(model, windows, opts)
@@ -311,5 +316,5 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
         z_empty = empty_encoding(model, z.shape[1], opts)[0]
         z = apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
     _check_weighted(z, weights)
-    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1])
+    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled else None)
     return result + (out[2],) if len(out) > 2 else result
