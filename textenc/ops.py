@@ -92,6 +92,10 @@ class CastWeightBiasMixin:
             bias = self._cast(bias, dtype, input.device)
         return self._forward_op(input, weight, bias, *args, **kwargs)
 
+    def clear_cast_cache(self) -> None:
+        """Drop the casts kept by :attr:`cache_casts` (the next forward casts again)."""
+        self.__dict__.pop("_cast_cache", None)
+
     def _cast(self, tensor: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor | None:
         if not self.cache_casts or tensor is None or (tensor.dtype == dtype and tensor.device == device):
             return cast_to(tensor, dtype=dtype, device=device)
@@ -135,7 +139,7 @@ def cache_weight_casts(module: torch.nn.Module, enabled: bool = True) -> torch.n
     for layer in module.modules():
         if isinstance(layer, CastWeightBiasMixin):
             layer.cache_casts = enabled
-            layer.__dict__.pop("_cast_cache", None)
+            layer.clear_cast_cache()
     return module
 
 

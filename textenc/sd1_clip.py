@@ -46,8 +46,16 @@ def gen_empty_tokens(special_tokens: Mapping[str, int], length: int) -> list[int
 class ClipTokenWeightEncoder:
     """Mixin: ``encode_token_weights`` over ``self.encode_windows`` (ComfyUI name)."""
 
-    def encode_token_weights(self, token_weight_pairs, *, options: Mapping[str, Any] | None = None):
-        return sd1_encode.encode_token_weights(self, token_weight_pairs, self.resolve_options(options))
+    def encode_token_weights(self, token_weight_pairs, *, options: Mapping[str, Any] | None = None,
+                             need_pooled: bool = True):
+        """``(cond [1, T·windows, D], pooled [1, P])`` of weighted token windows (ComfyUI's).
+
+        ``options`` hold for this call only. ``need_pooled=False`` (the caller
+        discards pooled, as SDXL does with its L encoder) returns None for it and
+        skips what only pooled needs (compel's raw-text window); cond is unchanged.
+        """
+        return sd1_encode.encode_token_weights(self, token_weight_pairs, self.resolve_options(options),
+                                               need_pooled=need_pooled)
 
 
 class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
@@ -77,6 +85,14 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
     :attr:`numbered_layers`, the released model's depth when the weights lack
     its last layer (:attr:`released_model`), and maps it onto the
     :attr:`num_layers` layers the model has.
+
+    Attributes:
+        empty_cache: :class:`~textenc.lru.LRUCache` (unbounded) of the empty
+            prompt's ``(z (T, D), pooled (P,))``, keyed ``(ClipOptions, T)``
+            (:func:`textenc.sd1_encode.empty_encoding` fills it).
+        encode_cache: :class:`~textenc.lru.LRUCache` of ``cache_size`` whole
+            encodings, keyed by options and tokens (0: off). Both are emptied by
+            :meth:`clear_caches` and whenever weights are loaded.
     """
 
     LAYERS = LAYERS
@@ -121,8 +137,8 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         self.options = base
         self.layer, self.layer_idx = base.layer, base.layer_idx
         self.loaded = False
-        self._empty_cache = LRUCache(None)  # (options, length) -> empty-prompt encoding
-        self._encode_cache = LRUCache(max(cache_size, 0))
+        self.empty_cache = LRUCache(None)  # (options, length) -> empty-prompt encoding
+        self.encode_cache = LRUCache(max(cache_size, 0))
         self.cache_size = cache_size
 
     # ---- options -------------------------------------------------------------
@@ -186,8 +202,9 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         return self(tokens, options=options)
 
     def clear_caches(self) -> None:
-        self._empty_cache.clear()
-        self._encode_cache.clear()
+        """Empty :attr:`empty_cache` and :attr:`encode_cache`."""
+        self.empty_cache.clear()
+        self.encode_cache.clear()
 
 
 class SD1ClipModel(torch.nn.Module):
@@ -215,11 +232,13 @@ class SD1ClipModel(torch.nn.Module):
     def reset_clip_options(self) -> None:
         self.encoder.reset_clip_options()
 
-    def encode_token_weights(self, token_weight_pairs, *, options=None):
+    def encode_token_weights(self, token_weight_pairs, *, options=None, need_pooled: bool = True):
+        """The encoder's :meth:`~SDClipModel.encode_token_weights` of ``token_weight_pairs[clip_name]``."""
         if self.clip_name not in token_weight_pairs:
             raise PromptError(f"tokens for encoder {self.clip_name!r} missing; got "
                               f"{sorted(token_weight_pairs)} (tokenize with the matching tokenizer)")
-        return self.encoder.encode_token_weights(token_weight_pairs[self.clip_name], options=options)
+        return self.encoder.encode_token_weights(token_weight_pairs[self.clip_name], options=options,
+                                                 need_pooled=need_pooled)
 
     def load_sd(self, sd, *, strict: bool = True, require_finite: bool = True):
         return self.encoder.load_sd(sd, strict=strict, require_finite=require_finite)

@@ -91,13 +91,14 @@ def load_text_state_dict(model: SDClipModel, sd, *, strict: bool = True, require
     check_weight_values(sd, require_finite=require_finite)
     target = model.storage_dtype
     sd = aligned({k: v.to(device=model.device, dtype=target or v.dtype) for k, v in sd.items()})
-    model.transformer.load_state_dict(sd, strict=True, assign=True)
+    keys = model.transformer.load_state_dict(sd, strict=True, assign=True)
     if model.freeze:
         model.transformer.requires_grad_(False)
         model.transformer.eval()
     model.loaded = True
     model.clear_caches()
-    return torch.nn.modules.module._IncompatibleKeys([], unexpected)
+    # torch's (missing_keys, unexpected_keys) named tuple, reporting the keys ignored above.
+    return keys._replace(unexpected_keys=list(unexpected))
 
 
 # ---- token processing -----------------------------------------------------------
@@ -245,22 +246,22 @@ def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
     """The empty prompt's ``(z (T, D), pooled (P,))``, cached per options and length."""
     tokens = model.gen_empty_tokens(model.special_tokens, length)
     compute = lambda: tuple(x[0] for x in encode_windows(model, [tokens], opts)[:2])  # noqa: E731
-    return model._empty_cache.get_or_compute((opts, length), compute)
+    return model.empty_cache.get_or_compute((opts, length), compute)
 
 
 def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     if model.cache_size <= 0 or model.return_attention_masks:
         return encode_windows(model, windows, opts)
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
-    z, pooled = model._encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
+    z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
     return z.clone(), pooled.clone()
 
 
-def _encode_compel(model: SDClipModel, pairs, weights, word_ids, opts: ClipOptions):
+def _encode_compel(model: SDClipModel, pairs, weights, word_ids, opts: ClipOptions, need_pooled: bool):
     """compel's algorithm (see :mod:`textenc.dialects.compel_weighting`) on this model."""
     return encode_compel(
-        pairs, weights, word_ids, special=model.special_tokens,
+        pairs, weights, word_ids, special=model.special_tokens, need_pooled=need_pooled,
         encode=lambda windows, mask: encode_windows(model, windows, opts, extra_mask=mask),
         empty=lambda length: empty_encoding(model, length, opts)[0])
 
@@ -291,17 +292,22 @@ def _check_weighted(z: torch.Tensor, weights: torch.Tensor) -> None:
                           "encoder output; use smaller weights (ComfyUI would return this NaN/Inf conditioning)")
 
 
-def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptions):
-    """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.weighting` for modes)."""
+def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptions, *,
+                         need_pooled: bool = True):
+    """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.weighting` for modes).
+
+    ``need_pooled=False`` (the caller discards the pooled output) returns None
+    in its place and skips the work done only for it: compel's raw-text window.
+    """
     pairs = [list(w) for w in token_weight_pairs]
     if not pairs:
         z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
         # Copies: the cached empty encoding weights every later prompt.
-        return z_empty.unsqueeze(0).clone(), pooled_empty.unsqueeze(0).clone()
+        return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone() if need_pooled else None)
     windows = [[p[0] for p in w] for w in pairs]
     weights, word_ids = token_weights(pairs, opts.normalization)
     if opts.weight_mode == "compel":
-        result = _encode_compel(model, pairs, weights, word_ids, opts)
+        result = _encode_compel(model, pairs, weights, word_ids, opts, need_pooled)
         _check_weighted(result[0], weights)
         return result
     out = _encode_maybe_cached(model, windows, opts)
@@ -310,5 +316,5 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
         z_empty = empty_encoding(model, z.shape[1], opts)[0]
         z = apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
     _check_weighted(z, weights)
-    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1])
+    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled else None)
     return result + (out[2],) if len(out) > 2 else result

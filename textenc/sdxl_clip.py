@@ -97,12 +97,17 @@ class SDXLClipModel(torch.nn.Module):
         self.clip_g.reset_clip_options()
         self.clip_l.reset_clip_options()
 
-    def encode_token_weights(self, token_weight_pairs, *, options=None):
+    def encode_token_weights(self, token_weight_pairs, *, options=None, need_pooled: bool = True):
+        """``(cond [1, T, 2048], pooled [1, 1280])``: L's and G's cond side by side and G's
+        pooled (None with ``need_pooled=False``). L is called with ``need_pooled=False``:
+        SDXL never uses its pooled output, so it skips compel's raw-text window."""
         missing = {"g", "l"} - set(token_weight_pairs)
         if missing:
             raise PromptError(f"SDXL needs tokens for encoders 'g' and 'l'; missing {sorted(missing)}")
-        g_out, g_pooled = self.clip_g.encode_token_weights(token_weight_pairs["g"], options=options)[:2]
-        l_out, _ = self.clip_l.encode_token_weights(token_weight_pairs["l"], options=options)[:2]
+        g_out, g_pooled = self.clip_g.encode_token_weights(token_weight_pairs["g"], options=options,
+                                                           need_pooled=need_pooled)[:2]
+        # SDXL's pooled output is G's alone, so L skips what only its pooled would need.
+        l_out = self.clip_l.encode_token_weights(token_weight_pairs["l"], options=options, need_pooled=False)[0]
         length = self.clip_g.max_length
         windows = max(g_out.shape[1], l_out.shape[1]) // length
         g_out = _pad_windows(self.clip_g, g_out, windows, options)

@@ -159,7 +159,7 @@ def _pad_tokens(conds: list[torch.Tensor], z_empty: torch.Tensor) -> list[torch.
 
 def encode_compel(pairs: Sequence[Sequence], weights: torch.Tensor, word_ids: Optional[torch.Tensor], *,
                   encode: Encode, empty: Callable[[int], torch.Tensor],
-                  special: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                  special: dict, need_pooled: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """compel's conditioning for token windows → ``(cond (1, N, D), pooled (1, P))``.
 
     Args:
@@ -170,12 +170,15 @@ def encode_compel(pairs: Sequence[Sequence], weights: torch.Tensor, word_ids: Op
             zeroes attention to a position, None for none.
         empty: ``empty(T)`` → the empty prompt's (T, D) encoding.
         special: the model's ``{"start", "end", "pad"}`` ids.
+        need_pooled: False when the caller discards the pooled output (SDXL's
+            L encoder): the raw-text window is not encoded and pooled is None.
     """
     tagged = all(_tag(w[0]) is not None for w in pairs)
     weights = weights.to(torch.float32)
     parts = _tagged_layout(pairs) if tagged else _runs_layout(weights, _content_mask(pairs, word_ids, special))
     windows = [[p[0] for p in w] for w in pairs]
-    z, pooled = _encode_with_pooled(encode, windows, _tag(pairs[0][0]).pooled_window if tagged else None)
+    raw = _tag(pairs[0][0]).pooled_window if tagged and need_pooled else None
+    z, pooled = _encode_with_pooled(encode, windows, raw)
     z_empty = empty(z.shape[1]).to(z)
     weights = weights.to(z.device)
     jobs = [(m, f) for part in parts for m in part.members for f in m.fragments]
@@ -196,7 +199,7 @@ def encode_compel(pairs: Sequence[Sequence], weights: torch.Tensor, word_ids: Op
             factors = [1.0] + [lerp_weight(f.weight) for f in member.fragments]
             conds.append(_weighted_sum(torch.stack(stack), factors, True) if member.fragments else stack[0])
         out.append(_combine_members(part, conds, z_empty))
-    return torch.cat(out).unsqueeze(0), pooled.unsqueeze(0)
+    return torch.cat(out).unsqueeze(0), (pooled.unsqueeze(0) if need_pooled else None)
 
 
 def _encode_with_pooled(encode: Encode, windows: list[list], raw: Optional[Sequence[int]]):
