@@ -71,13 +71,18 @@ def _wait_gone(marker: str, seconds: float) -> list[int]:
 
 
 def _describe(pids: list[int]) -> list[str]:
+    """pid, parent, state, whether it carries a driver's reaper marker, and command line."""
     names = []
     for pid in pids:
+        proc = Path(f"/proc/{pid}")
         try:
-            names.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                         .decode(errors="replace")[:120])
-        except OSError:
-            names.append(str(pid))
+            fields = (proc / "stat").read_bytes().rsplit(b")", 1)[1].split()
+            reaper = b"TEXTENC_RAY_RUN=" in (proc / "environ").read_bytes()
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+            names.append(f"{pid} (parent {int(fields[1])}, state {fields[0].decode()}, "
+                         f"reaper marker {reaper}): {command}")
+        except (OSError, IndexError):
+            names.append(f"{pid} (gone)")
     return names
 
 
@@ -124,14 +129,15 @@ def test_killing_the_driver_stops_its_ray_processes(tmp_path, tiny_model, signum
         assert len(_marked(marker)) > 3  # Ray's own processes and the actors are running
         driver.send_signal(signum)
         driver.communicate(timeout=60)
-        written = sorted(out.glob("shard-*.safetensors"))
         left = _wait_gone(marker, 30)
+        described = _describe(left)  # before the clean-up below kills them
+        written = sorted(out.glob("shard-*.safetensors"))
     finally:
         driver.kill()
         _kill_marked(marker)
     assert driver.returncode != 0
     assert _shards_in_manifest(out) < 60, "the run finished before it was interrupted"
-    assert left == [], _describe(left)
+    assert left == [], described
     time.sleep(2)
     assert sorted(out.glob("shard-*.safetensors")) == written  # no actor writes on
 

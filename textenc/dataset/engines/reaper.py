@@ -5,11 +5,14 @@ agents and workers the raylet starts outlive a killed driver. So before a run
 starts Ray itself, :class:`RayReaper` starts a small watchdog process and puts a
 random marker in the driver's environment for the length of ``ray.init``: every
 Ray process started then inherits it (the raylet passes its environment on to
-the workers it starts later). The watchdog waits on a pipe from the driver;
-when the pipe closes - the driver finished, raised, or died - it kills every
-process that still carries the marker, sweeping again until two sweeps in a row
-find none (a process Ray was starting just then shows up late). Linux only (it reads
-``/proc/*/environ``); elsewhere it does nothing and Ray's own shutdown is all.
+the workers it starts later). Ray's agents (``ray::DashboardAgent``,
+``ray::RuntimeEnvAgent``) overwrite their environment block with their process
+title, so the watchdog also remembers, once a second while the driver lives,
+every descendant of a marked process (pid and start time). When the pipe from
+the driver closes - the driver finished, raised, or died - it kills all of them,
+sweeping again until two sweeps in a row find none (a process Ray was starting
+just then shows up late). Linux only (it reads ``/proc``); elsewhere it does
+nothing and Ray's own shutdown is all.
 """
 
 from __future__ import annotations
@@ -28,29 +31,55 @@ MARKER_VARIABLE = "TEXTENC_RAY_RUN"
 
 # Runs in its own interpreter (imports nothing from textenc, starts in a blink).
 _WATCHDOG = r"""
-import os, signal, sys, time
+import os, select, signal, sys, time
 from pathlib import Path
-sys.stdin.buffer.read()  # returns when the driver closes the pipe or dies
-needle, driver = sys.argv[1].encode(), int(sys.argv[2])
+needle, driver, me = sys.argv[1].encode(), int(sys.argv[2]), os.getpid()
 
-def sweep():
-    killed = 0
+def table():
+    # pid -> (parent, start time, marked) of every live process but the driver and this one
+    found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in (driver, os.getpid()):
+        if not entry.name.isdigit() or int(entry.name) in (driver, me):
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed += 1
-        except OSError:
-            pass  # gone already, or not ours
-    return killed
+            fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+            if fields[0] == b"Z":
+                continue
+            marked = needle in (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        found[int(entry.name)] = (int(fields[1]), fields[19], marked)
+    return found
 
-# A process Ray was starting while the driver died appears after a first sweep:
-# sweep again until two sweeps in a row find nothing (30 s at most).
+def remember(procs, known):
+    # marked processes and their descendants (Ray's agents rewrite their environment
+    # block with their process title, so only their parent names them), by start time
+    ours = {pid for pid, (_, _, marked) in procs.items() if marked}
+    while True:
+        more = {pid for pid, (parent, _, _) in procs.items() if parent in ours and pid not in ours}
+        if not more:
+            break
+        ours |= more
+    known.update((pid, procs[pid][1]) for pid in ours)
+
+known = {}
+while True:  # until the driver closes the pipe or dies; look at the process tree each second
+    if select.select([sys.stdin], [], [], 1.0)[0] and not os.read(sys.stdin.fileno(), 4096):
+        break
+    remember(table(), known)
+# Kill what is ours; sweep again until two sweeps in a row find nothing (30 s at most):
+# a process Ray was starting while the driver died shows up late.
 deadline, quiet = time.monotonic() + 30, 0
 while quiet < 2 and time.monotonic() < deadline:
-    quiet = 0 if sweep() else quiet + 1
+    procs = table()
+    remember(procs, known)
+    victims = [pid for pid, start in known.items() if pid in procs and procs[pid][1] == start]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    quiet = 0 if victims else quiet + 1
     time.sleep(0.2)
 """
 
