@@ -169,21 +169,18 @@ class CLIPTextEncodeAdvancedTextenc:
     def encode(self, clip, text: str, token_normalization: str = "none", weight_interpretation: str = "auto",
                weight_convention: str = "comfy", square_brackets: bool = False, break_keyword: bool = False,
                syntax: str = "comfy", truncate_long_prompts: bool = True):
-        from textenc.dialects import DEFAULT_SYNTAX, default_weight_mode, dialect_options
+        from textenc.dialects import DEFAULT_SYNTAX, check_refinements, default_weight_mode, dialect_options
         from textenc.errors import PromptError
 
         refinements = {"weight_convention": weight_convention, "square_brackets": square_brackets,
                        "break_keyword": break_keyword}
-        if syntax != DEFAULT_SYNTAX:
-            changed = [k for k, v in refinements.items() if v != COMFY_REFINEMENTS[k]]
-            if changed:
-                raise PromptError(f"CLIPTextEncodeAdvancedTextenc: {', '.join(changed)} refine syntax comfy "
-                                  f"only; syntax {syntax!r} has its own rules: leave them at their defaults")
-            refinements = {}
         try:
+            check_refinements(syntax, refinements)
             refinements.update(dialect_options(syntax, {"truncate_long_prompts": truncate_long_prompts}))
         except PromptError as exc:
             raise PromptError(f"CLIPTextEncodeAdvancedTextenc: {exc}") from None
+        if syntax != DEFAULT_SYNTAX:  # comfy's refinements, at their defaults: not passed on
+            refinements = {k: v for k, v in refinements.items() if k not in COMFY_REFINEMENTS}
         # Per-call syntax options: the shared tokenizer is not changed.
         tokens = clip.tokenizer.tokenize_with_weights(text, True, syntax=syntax, **refinements)
         if weight_interpretation == "auto":

@@ -39,3 +39,44 @@ def test_dialects_package_has_no_import_circle():
     assert {"textenc.dialects.compel_parser", "textenc.dialects.compel_grammar"} <= set(graph)
     assert "textenc.dialects.compel_parser" in graph["textenc.dialects.compel_grammar"]
     assert import_circles("textenc.dialects") == []
+
+
+# A per-call refinement of one dialect, at a value that changes that dialect's reading:
+# (keyword, value, a prompt whose windows the value changes under its own syntax).
+_REFINED = [
+    ("weight_convention", "a1111", "a ((cat:1.5)) on a mat"),
+    ("square_brackets", True, "a [cat] on a mat"),
+    ("break_keyword", True, "a cat BREAK on a mat"),
+    ("comma_padding_backtrack", 0, " ".join(["dog"] * 64) + ", " + " ".join(["bird"] * 30)),
+]
+
+
+@pytest.mark.parametrize("name,value,prompt", _REFINED, ids=[r[0] for r in _REFINED])
+def test_a_refinement_is_refused_by_the_syntaxes_it_does_not_refine(name, value, prompt):
+    """Each refinement changes its own dialect's windows, and every other syntax refuses it
+    (before, they ignored it silently: one option, one meaning). At its default it is
+    accepted everywhere and changes nothing."""
+    from textenc.dialects import REFINEMENTS
+    from textenc.tokenizer import SDTokenizer
+
+    tok = SDTokenizer()
+    owner, default = REFINEMENTS[name]
+    assert (tok.tokenize_with_weights(prompt, syntax=owner, **{name: value})
+            != tok.tokenize_with_weights(prompt, syntax=owner)), "the refinement must matter to its own syntax"
+    for syntax in SYNTAXES:
+        if syntax == owner:
+            continue
+        message = rf"{name}={value!r} refines syntax='{owner}' only; syntax='{syntax}'"
+        with pytest.raises(PromptError, match=message):
+            tok.tokenize_with_weights(prompt, syntax=syntax, **{name: value})
+        with pytest.raises(PromptError, match=message):
+            tok.inspect(prompt, syntax=syntax, **{name: value})
+        assert (tok.tokenize_with_weights(prompt, syntax=syntax, **{name: default})
+                == tok.tokenize_with_weights(prompt, syntax=syntax))
+
+
+def test_a1111_backtrack_default_is_the_registered_one():
+    from textenc.dialects import REFINEMENTS
+    from textenc.dialects.a1111.chunks import DEFAULT_BACKTRACK
+
+    assert DEFAULT_BACKTRACK == REFINEMENTS["comma_padding_backtrack"][1] == 20  # A1111's shared.opts default

@@ -205,5 +205,5 @@ def test_advanced_encode_syntax(pack, valid):  # noqa: F811
     assert not torch.equal(comfy_weights[0][0], a1111[0][0])
     (comfy,) = run(pack, "CLIPTextEncodeAdvancedTextenc", **{**base, "text": text})
     assert torch.equal(comfy[0][0], run(pack, "CLIPTextEncode", clip=clip, text=text)[0][0][0])
-    with pytest.raises(PromptError, match="square_brackets refine syntax comfy only"):
+    with pytest.raises(PromptError, match="square_brackets=True refines syntax=.comfy. only; syntax=.a1111."):
         run(pack, "CLIPTextEncodeAdvancedTextenc", **{**base, "syntax": "a1111", "square_brackets": True})

@@ -48,7 +48,7 @@ from typing import Any, Iterable, Sequence
 
 from textenc.clip_backend import build_backend, fix_surrogates, is_clip_pipeline
 # The dialect modules are loaded here, up front, so that tokenizing never imports a module mid-call.
-from textenc.dialects import a1111, comfy, compel, dialect_options, get_dialect  # noqa: F401
+from textenc.dialects import a1111, comfy, compel, check_refinements, dialect_options, get_dialect  # noqa: F401
 from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
 from textenc.errors import PromptError, PromptWarning
 from textenc.inspect_report import InspectReport, TokenReport, UnitReport
@@ -69,9 +69,11 @@ _CHUNK_CHARS = 1 << 16  # text tokenized per step while counting towards max_win
 
 def _checked_dialect(kwargs: dict):
     """The dialect of ``kwargs.pop("syntax")``, after refusing another dialect's option
-    (e.g. ``truncate_long_prompts=False`` without ``syntax="compel"``)."""
+    or refinement (e.g. ``truncate_long_prompts=False`` without ``syntax="compel"``,
+    ``square_brackets=True`` with ``syntax="a1111"``)."""
     syntax = kwargs.pop("syntax", None)
     dialect_options(syntax, kwargs)
+    check_refinements(syntax, kwargs)
     return get_dialect(syntax)
 
 

@@ -25,6 +25,9 @@ A dialect's own options (:data:`DIALECT_OPTIONS`, e.g. compel's
 meaning and default; with another syntax :func:`dialect_options` accepts the
 default (it changes nothing) and refuses any other value with a
 :class:`~textenc.errors.PromptError` naming the option and the syntax.
+Per-call refinements of one dialect (:data:`REFINEMENTS`, e.g. comfy's
+``square_brackets`` or a1111's ``comma_padding_backtrack``) follow the same
+rule (:func:`check_refinements`), so no entry point silently ignores one.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from ..errors import PromptError
 if TYPE_CHECKING:  # pragma: no cover
     from ..tokenizer import InspectReport, SDTokenizer
 
-__all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "DIALECT_OPTIONS", "get_dialect", "default_weight_mode",
-           "check_syntax", "dialect_options", "prompt_schedules"]
+__all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "DIALECT_OPTIONS", "REFINEMENTS", "get_dialect",
+           "default_weight_mode", "check_syntax", "dialect_options", "check_refinements", "prompt_schedules"]
 
 DEFAULT_SYNTAX = "comfy"
 
@@ -69,6 +72,17 @@ SYNTAXES = tuple(_DEFAULT_WEIGHT_MODES)
 #: ``truncate_long_prompts``: compel's ``Compel(truncate_long_prompts=...)``; True keeps
 #: one 77-token chunk, False chunks the whole prompt (:mod:`.compel_tokens`).
 DIALECT_OPTIONS: dict[str, tuple[str, Any]] = {"truncate_long_prompts": ("compel", True)}
+
+#: Per-call keywords that refine one dialect's reading: name -> (its syntax, default).
+#: Unlike :data:`DIALECT_OPTIONS` they are not filled in when left out (comfy's three
+#: fall back to the tokenizer's own settings). ``comma_padding_backtrack``'s default is
+#: A1111's 20 (:data:`textenc.dialects.a1111.chunks.DEFAULT_BACKTRACK`).
+REFINEMENTS: dict[str, tuple[str, Any]] = {
+    "weight_convention": ("comfy", "comfy"),
+    "square_brackets": ("comfy", False),
+    "break_keyword": ("comfy", False),
+    "comma_padding_backtrack": ("a1111", 20),
+}
 
 
 def _load(name: str) -> Dialect:
@@ -105,6 +119,29 @@ def dialect_options(syntax: str | None, given: Mapping[str, Any]) -> dict[str, A
                               f"has no such option: leave it out (or at its default {default!r}) or use "
                               f"syntax={owner!r}")
     return resolved
+
+
+def check_refinements(syntax: str | None, given: Mapping[str, Any]) -> None:
+    """Refuse a :data:`REFINEMENTS` keyword of ``given`` that belongs to another syntax
+    and is not at its default (at its default it changes nothing, so it is accepted).
+
+    >>> check_refinements("a1111", {"square_brackets": False, "comma_padding_backtrack": 0})
+    >>> check_refinements("comfy", {"comma_padding_backtrack": 0})
+    Traceback (most recent call last):
+    ...
+    textenc.errors.PromptError: comma_padding_backtrack=0 refines syntax='a1111' only; syntax='comfy' has its own rules: leave it out (or at its default 20) or use syntax='a1111'
+
+    Raises:
+        PromptError: naming each such keyword, its syntax and ``syntax``.
+    """
+    syntax = check_syntax(syntax or DEFAULT_SYNTAX)
+    for name, (owner, default) in REFINEMENTS.items():
+        if name not in given or owner == syntax:
+            continue
+        value = given[name]
+        if type(value) is not type(default) or value != default:
+            raise PromptError(f"{name}={value!r} refines syntax={owner!r} only; syntax={syntax!r} has its own "
+                              f"rules: leave it out (or at its default {default!r}) or use syntax={owner!r}")
 
 
 def get_dialect(syntax: str | None) -> Dialect:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ...embeddings import EXTENSIONS, EmbeddingResult
 from ...errors import EmbeddingWarning, PromptError
+from .. import REFINEMENTS
 from .attention import is_break, parse_attention
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,8 +39,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Chunk", "Move", "Chunking", "tokenize_line", "DEFAULT_BACKTRACK"]
 
-#: A1111's ``comma_padding_backtrack`` default.
-DEFAULT_BACKTRACK = 20
+#: A1111's ``comma_padding_backtrack`` default (20), registered with the dialects'
+#: refinements so other syntaxes refuse any other value.
+DEFAULT_BACKTRACK = REFINEMENTS["comma_padding_backtrack"][1]
 
 
 @dataclass
