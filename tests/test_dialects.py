@@ -47,8 +47,17 @@ _REFINED = [
     ("weight_convention", "a1111", "a ((cat:1.5)) on a mat"),
     ("square_brackets", True, "a [cat] on a mat"),
     ("break_keyword", True, "a cat BREAK on a mat"),
+    ("strict_weights", True, "a (cat:1e0) on a mat"),
     ("comma_padding_backtrack", 0, " ".join(["dog"] * 64) + ", " + " ".join(["bird"] * 30)),
 ]
+
+
+def _read(tok, prompt, **kwargs):
+    """The windows, or the refusal's message (strict_weights refuses rather than rereads)."""
+    try:
+        return tok.tokenize_with_weights(prompt, **kwargs)
+    except PromptError as exc:
+        return str(exc)
 
 
 @pytest.mark.parametrize("name,value,prompt", _REFINED, ids=[r[0] for r in _REFINED])
@@ -61,8 +70,8 @@ def test_a_refinement_is_refused_by_the_syntaxes_it_does_not_refine(name, value,
 
     tok = SDTokenizer()
     owner, default = REFINEMENTS[name]
-    assert (tok.tokenize_with_weights(prompt, syntax=owner, **{name: value})
-            != tok.tokenize_with_weights(prompt, syntax=owner)), "the refinement must matter to its own syntax"
+    assert _read(tok, prompt, syntax=owner, **{name: value}) != _read(tok, prompt, syntax=owner), \
+        "the refinement must matter to its own syntax"
     for syntax in SYNTAXES:
         if syntax == owner:
             continue
@@ -80,3 +89,64 @@ def test_a1111_backtrack_default_is_the_registered_one():
     from textenc.dialects.a1111.chunks import DEFAULT_BACKTRACK
 
     assert DEFAULT_BACKTRACK == REFINEMENTS["comma_padding_backtrack"][1] == 20  # A1111's shared.opts default
+
+
+# The tokenizer's limits hold under every syntax (a1111 and compel ignored them before).
+# A prompt weighting "cat" by 1000 in each dialect's own grammar (A1111's and ComfyUI's
+# "(x:w)", compel's "(x)w"), and the keywords that make a prompt longer than one window.
+_HEAVY = {"comfy": "a (cat:1000) on a mat", "a1111": "a (cat:1000) on a mat", "compel": "a (cat)1000 on a mat"}
+_LONG_OK = {"compel": {"truncate_long_prompts": False}}
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_max_weight_and_warn_weight_above_hold_for_every_syntax(syntax):
+    import warnings
+
+    from textenc.errors import PromptWarning
+    from textenc.tokenizer import SDTokenizer
+
+    tok = SDTokenizer()
+    text = _HEAVY[syntax]
+    windows = tok.tokenize_with_weights(text, syntax=syntax, max_weight=1000.0, warn_weight_above=None)
+    assert max(w for _, w in windows[0]) == pytest.approx(1000.0), "the dialect must read the weight"
+    with pytest.raises(PromptError, match=r"max_weight=999"):
+        tok.tokenize_with_weights(text, syntax=syntax, max_weight=999.0)
+    with pytest.raises(PromptError, match=r"max_weight=999"):
+        tok.inspect(text, syntax=syntax, max_weight=999.0)
+    with pytest.warns(PromptWarning, match=r"weights above 100"):
+        tok.tokenize_with_weights(text, syntax=syntax)  # the default warn_weight_above
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok.tokenize_with_weights(text, syntax=syntax, warn_weight_above=None)
+        tok.tokenize_with_weights(text.replace("1000", "2"), syntax=syntax)
+    limited = SDTokenizer(max_weight=999.0)  # set on the tokenizer, not per call
+    with pytest.raises(PromptError, match=r"max_weight=999"):
+        limited.tokenize_with_weights(text, syntax=syntax)
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_max_windows_holds_for_every_syntax(syntax):
+    from textenc.tokenizer import SDTokenizer
+
+    tok = SDTokenizer()
+    text = " ".join(["cat"] * 200)  # 200 tokens: 3 windows of 75 in every dialect
+    extra = _LONG_OK.get(syntax, {})
+    assert len(tok.tokenize_with_weights(text, syntax=syntax, max_windows=3, **extra)) == 3
+    with pytest.raises(PromptError, match=r"max_windows=2\b"):
+        tok.tokenize_with_weights(text, syntax=syntax, max_windows=2, **extra)
+    with pytest.raises(PromptError, match=r"max_windows=2\b"):
+        SDTokenizer(max_windows=2).tokenize_with_weights(text, syntax=syntax, **extra)
+    with pytest.raises(PromptError, match=r"max_windows=2\b"):
+        tok.inspect(text, syntax=syntax, max_windows=2, **extra)
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_max_prompt_chars_holds_for_every_syntax(syntax):
+    from textenc.tokenizer import SDTokenizer
+
+    tok = SDTokenizer(max_prompt_chars=100)
+    assert tok.tokenize_with_weights("a" * 100, syntax=syntax)
+    with pytest.raises(PromptError, match=r"101 characters, more than max_prompt_chars=100"):
+        tok.tokenize_with_weights("a" * 101, syntax=syntax)
+    with pytest.raises(PromptError, match=r"101 characters, more than max_prompt_chars=100"):
+        tok.inspect("a" * 101, syntax=syntax)

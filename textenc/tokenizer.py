@@ -48,6 +48,7 @@ from typing import Any, Iterable, Sequence
 
 from textenc.clip_backend import build_backend, fix_surrogates, is_clip_pipeline
 # The dialect modules are loaded here, up front, so that tokenizing never imports a module mid-call.
+from textenc.dialect_limits import check_prompt_size, check_windows
 from textenc.dialects import a1111, comfy, compel, check_refinements, dialect_options, get_dialect  # noqa: F401
 from textenc.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
 from textenc.errors import PromptError, PromptWarning
@@ -187,6 +188,10 @@ class SDTokenizer:
         self._cache.put_many(fresh)
         return [ids if ids is not None else fresh[t] for t, ids in zip(texts, out)]
 
+    def _max_windows(self, kwargs: dict) -> int | None:
+        """The call's ``max_windows``, else the tokenizer's."""
+        return check_max_windows(kwargs["max_windows"]) if "max_windows" in kwargs else self.max_windows
+
     def _parse_options(self, kwargs: dict) -> ParseOptions:
         """Instance parse options, overridden per call (never mutated) by ``kwargs``."""
         overrides = {k: kwargs[k] for k in _PER_CALL_PARSE_OPTIONS if k in kwargs}
@@ -267,7 +272,7 @@ class SDTokenizer:
         min_length = options.get(f"{self.embedding_key}_min_length", self.min_length)
         min_length = kwargs.get("min_length", min_length)
         min_padding = options.get(f"{self.embedding_key}_min_padding", self.min_padding)
-        max_windows = check_max_windows(kwargs["max_windows"]) if "max_windows" in kwargs else self.max_windows
+        max_windows = self._max_windows(kwargs)
         found: list[EmbeddingResult] = []
         parse_options = self._parse_options(kwargs)
         segments = self._segments(text, bool(kwargs.get("disable_weights", False)), parse_options)
@@ -294,7 +299,13 @@ class SDTokenizer:
                 than its default, or what the dialect refuses.
         """
         dialect = _checked_dialect(kwargs)
-        return dialect.tokenize_with_weights(self, text, return_word_ids, **kwargs)
+        if dialect.applies_limits:
+            return dialect.tokenize_with_weights(self, text, return_word_ids, **kwargs)
+        options = self._parse_options(kwargs)
+        check_prompt_size(text, options, dialect.name)
+        windows = dialect.tokenize_with_weights(self, text, return_word_ids, **kwargs)
+        check_windows(self, windows, options, self._max_windows(kwargs), dialect.name)
+        return windows
 
     def tokenize_comfy(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
         """ComfyUI's windows of ``(token, weight)`` or ``(token, weight, word_id)``.
@@ -347,7 +358,15 @@ class SDTokenizer:
         ``syntax=`` picks the prompt dialect, as in :meth:`tokenize_with_weights`.
         """
         dialect = _checked_dialect(kwargs)
-        return dialect.inspect(self, text, **kwargs)
+        if dialect.applies_limits:
+            return dialect.inspect(self, text, **kwargs)
+        options = self._parse_options(kwargs)
+        check_prompt_size(text, options, dialect.name)
+        report = dialect.inspect(self, text, **kwargs)
+        pairs = [[(t.token if t.token is not None else t.text, t.weight) for t in window]
+                 for window in report.windows]
+        check_windows(self, pairs, options, self._max_windows(kwargs), dialect.name)
+        return report
 
     def inspect_comfy(self, text: str, **kwargs: Any) -> InspectReport:
         """ComfyUI's reading of ``text`` as an :class:`InspectReport`."""

@@ -53,6 +53,10 @@ class Dialect(Protocol):
     name: str
     #: the ``weight_mode`` an encode uses when the caller names none.
     default_weight_mode: str
+    #: True when the dialect applies the tokenizer's limits (``max_prompt_chars``,
+    #: ``max_windows``, ``max_weight``, ``warn_weight_above``) itself while parsing;
+    #: else the tokenizer checks its input and windows (:mod:`textenc.dialect_limits`).
+    applies_limits: bool
 
     def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
@@ -75,12 +79,14 @@ DIALECT_OPTIONS: dict[str, tuple[str, Any]] = {"truncate_long_prompts": ("compel
 
 #: Per-call keywords that refine one dialect's reading: name -> (its syntax, default).
 #: Unlike :data:`DIALECT_OPTIONS` they are not filled in when left out (comfy's three
-#: fall back to the tokenizer's own settings). ``comma_padding_backtrack``'s default is
+#: fall back to the tokenizer's own settings; ``strict_weights`` is about the number
+#: literals of ComfyUI's grammar). ``comma_padding_backtrack``'s default is
 #: A1111's 20 (:data:`textenc.dialects.a1111.chunks.DEFAULT_BACKTRACK`).
 REFINEMENTS: dict[str, tuple[str, Any]] = {
     "weight_convention": ("comfy", "comfy"),
     "square_brackets": ("comfy", False),
     "break_keyword": ("comfy", False),
+    "strict_weights": ("comfy", False),
     "comma_padding_backtrack": ("a1111", 20),
 }
 

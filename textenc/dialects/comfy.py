@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class ComfyDialect:
     name = "comfy"
     default_weight_mode = "comfy"
+    applies_limits = True
 
     def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:

@@ -52,6 +52,7 @@ def _truncate(kwargs: Mapping[str, Any]) -> bool:
 class CompelDialect:
     name = "compel"
     default_weight_mode = "compel"
+    applies_limits = False
 
     def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:

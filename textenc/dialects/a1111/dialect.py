@@ -81,6 +81,7 @@ class A1111Dialect:
 
     name = "a1111"
     default_weight_mode = "a1111"
+    applies_limits = False
 
     def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
