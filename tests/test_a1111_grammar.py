@@ -171,3 +171,50 @@ def test_huge_prompts_are_linear_or_refused():
         parse_attention("(a " * 10_000)  # 10 000 unclosed brackets, each over the rest
     with pytest.raises(PromptError, match="brackets"):
         parse_attention("(a " * 50_000 + ")" * 50_000)
+
+
+# ---- deep and unclosed brackets --------------------------------------------------
+# Facts, from running A1111's schedule grammar (lark 1.3, Earley, a recursive tree
+# transformer as A1111's AtStep): balanced nesting 200 deep is read; from 250 deep it
+# fails with RecursionError, which A1111 does not catch. Unclosed brackets are stray text
+# (the grammar's top-level ``/[][():]/+``), so edits after them are still read.
+
+
+@pytest.mark.parametrize("depth", [1, 50, 200, 499])
+def test_edits_inside_brackets_nested_as_deep_as_a1111_reads(depth):
+    from textenc.dialects.a1111.schedule import MAX_NESTING
+
+    assert depth + 1 <= MAX_NESTING  # pairs, the edit's own included
+    prompt = "(" * depth + "x [a:b:3] y" + ")" * depth
+    expected = [(3, "(" * depth + "x a y" + ")" * depth), (10, "(" * depth + "x b y" + ")" * depth)]
+    assert prompt_schedule(prompt, 10) == expected
+    alternated = "[" * depth + "[p|q]" + "]" * depth
+    assert prompt_schedule(alternated, 2) == [(1, "[" * depth + "p" + "]" * depth),
+                                              (2, "[" * depth + "q" + "]" * depth)]
+
+
+@pytest.mark.parametrize("depth", [500, 100_000])
+def test_nesting_deeper_than_max_nesting_is_used_as_written_with_a_warning(depth):
+    """No RecursionError (before: raised from 1,000 deep); A1111 fails from 250."""
+    from textenc.errors import PromptWarning
+
+    prompt = "(" * depth + "[a:b:3]" + ")" * depth
+    with pytest.warns(PromptWarning, match=r"nest more than 500 deep"):
+        assert prompt_schedule(prompt, 10) == [(10, prompt)]
+    schedules = [(1.0, [(10, prompt)])]
+    with pytest.warns(PromptWarning):
+        assert prompt_schedules("a1111", prompt, 10) == schedules
+
+
+@pytest.mark.parametrize("stray", ["(" * 100_000, "[" * 100_000, "[a:" * 100_000, "(]" * 50_000,
+                                   "(" * 30, "[a:" * 30, "((a][:b:c " * 20])
+def test_unclosed_brackets_are_text_and_later_edits_are_read(stray):
+    import warnings
+
+    prompt = stray + " [a:b:3] z"
+    expected = [(3, stray + " a z"), (10, stray + " b z")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prompt_schedule(prompt, 10) == expected
+    if len(stray) < 500:  # the recursive oracle reads short ones
+        assert oracle_schedule(prompt, 10) == expected
