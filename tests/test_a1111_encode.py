@@ -14,6 +14,8 @@ import torch
 from a1111_prompts import ALL_PROMPTS
 from a1111_reference import OracleClip, active_entry, oracle_schedule
 from random_weights import randomize_
+from textenc.dialects import SYNTAXES
+from textenc.errors import PromptError
 from textenc.sd import CLIP, conditioning_at_step
 from textenc.sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
 from textenc.tokenizer import DEFAULT_VOCAB
@@ -212,3 +214,20 @@ def test_sdxl_schedule_equals_a1111(hf_tokenizer):
         expected = torch.cat([cond_l[index], cond_g[index]], dim=-1)
         torch.testing.assert_close(cond[0], expected, atol=TOL, rtol=0)
         torch.testing.assert_close(extra["pooled_output"][0], ref_g.first_pooled[index], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_encode_scheduled_refuses_a_too_long_prompt_before_reading_its_schedule(clip, syntax, monkeypatch):
+    """max_prompt_chars holds before the schedule parser sees the text (it read a
+    100M-character prompt first, for minutes, and only then did the tokenizer refuse it)."""
+    import textenc.dialects as dialects
+
+    limited = CLIP(clip.cond_stage_model, SD1Tokenizer(max_prompt_chars=100))
+    read = []
+    real = dialects.prompt_schedules
+    monkeypatch.setattr("textenc.sd.prompt_schedules", lambda *a, **k: read.append(a) or real(*a, **k))
+    with pytest.raises(PromptError, match=r"101 characters, more than max_prompt_chars=100"):
+        limited.encode_scheduled("[a:b:2]" + "x" * 94, steps=4, syntax=syntax)
+    assert read == []
+    assert len(limited.encode_scheduled("[a:b:2]" + "x" * 93, steps=4, syntax=syntax)) >= 1
+    assert len(read) == 1

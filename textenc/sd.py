@@ -15,12 +15,14 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .checkpoint import load_state_dict
+from .dialect_limits import check_prompt_size
 from .dialects import default_weight_mode, get_dialect, prompt_schedules
 from .errors import CheckpointError, TextencError
 from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
 from .sd2_clip import SD2ClipModel, SD2Tokenizer
 from .sdxl_clip import SDXLClipModel, SDXLTokenizer
 from .step_ranges import step_ranges
+from .tokenizer import SDTokenizer
 from .text_encoder_files import (CLIP_TYPES, ROLES, FoundTextEncoder, detect_clip_type,
                                  load_text_encoder_state_dicts, text_config_from_info)
 
@@ -164,6 +166,7 @@ class CLIP:
         """
         opts = _syntax_options(syntax, options)
         dialect = get_dialect(syntax)
+        _check_prompt_chars(self.tokenizer, text, dialect.name)  # before the schedule is read
         tokenize = lambda text: self.tokenize(text, True, syntax=syntax, **tokenize_kwargs)  # noqa: E731
         together = getattr(dialect, "encode_texts", None)
         conditioning: list = []
@@ -181,6 +184,15 @@ class CLIP:
 
     def get_sd(self) -> dict:
         return self.cond_stage_model.state_dict()
+
+
+def _check_prompt_chars(tokenizer: Any, text: str, syntax: str) -> None:
+    """Refuse ``text`` longer than the ``max_prompt_chars`` of any text tokenizer of
+    ``tokenizer`` (an :class:`SDTokenizer` or a wrapper holding some)."""
+    found = [tokenizer] if isinstance(tokenizer, SDTokenizer) else [
+        value for value in vars(tokenizer).values() if isinstance(value, SDTokenizer)]
+    for sd_tokenizer in found:
+        check_prompt_size(text, sd_tokenizer.parse_options, syntax)
 
 
 def _syntax_options(syntax: str | None, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
