@@ -14,7 +14,9 @@ WEIGHT_CONVENTIONS = ["comfy", "a1111"]
 COMFY_REFINEMENTS = {"weight_convention": "comfy", "square_brackets": False, "break_keyword": False}
 
 
-def _text_input(tooltip: str, default: str = "") -> tuple:
+def text_input(tooltip: str, default: str = "") -> tuple:
+    """A multiline prompt input with dynamic prompts, as ComfyUI's text inputs (shared with
+    the vision nodes)."""
     return ("STRING", {"multiline": True, "dynamicPrompts": True, "default": default, "tooltip": tooltip})
 
 
@@ -58,7 +60,7 @@ class CLIPSetLastLayer:
 class CLIPTextEncode:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"text": _text_input("The text to be encoded."), "clip": CLIP_INPUT}}
+        return {"required": {"text": text_input("The text to be encoded."), "clip": CLIP_INPUT}}
 
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text used to guide the diffusion model.",)
@@ -96,8 +98,8 @@ class CLIPTextEncodeSDXL:
             "crop_h": size(0, "Top crop offset the model is told."),
             "target_width": size(1024, "Target image width the model is told."),
             "target_height": size(1024, "Target image height the model is told."),
-            "text_g": _text_input("Prompt for the CLIP-G (OpenCLIP bigG) encoder."),
-            "text_l": _text_input("Prompt for the CLIP-L encoder.")}}
+            "text_g": text_input("Prompt for the CLIP-G (OpenCLIP bigG) encoder."),
+            "text_l": text_input("Prompt for the CLIP-L encoder.")}}
 
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("SDXL conditioning with pooled output and size conditioning.",)
@@ -131,7 +133,7 @@ class CLIPTextEncodeAdvancedTextenc:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text": _text_input("The text to be encoded."),
+            "text": text_input("The text to be encoded."),
             "clip": CLIP_INPUT,
             "token_normalization": (TOKEN_NORMALIZATIONS, {"default": "none",
                                     "tooltip": "Rescale weights per word: mean (average weight 1), length "

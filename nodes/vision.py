@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .text_encode import _text_input
+from .text_encode import text_input
 from .validate import checked
 
 CROP_MODES = {"center": True, "none": False}
@@ -35,7 +35,7 @@ class PhotoMakerEncode:
             "photomaker": ("PHOTOMAKER", {"tooltip": "The PhotoMaker ID encoder."}),
             "image": ("IMAGE", {"tooltip": "Photos of the person; one class-word slot per image."}),
             "clip": ("CLIP", {"tooltip": "The (SDXL) CLIP model used for the prompt."}),
-            "text": _text_input("Prompt with the trigger word 'photomaker' right after the class word, "
+            "text": text_input("Prompt with the trigger word 'photomaker' right after the class word, "
                                 "e.g. 'photo of a man photomaker'.", default="photograph of photomaker")}}
 
     RETURN_TYPES = ("CONDITIONING",)

@@ -35,7 +35,7 @@ from ..errors import DatasetError, DatasetIncompleteError, DatasetWarning
 from ..warn import warn_at_caller
 from .lock import writer_alive, writer_tag
 
-__all__ = ["FORMAT_VERSION", "shard_name", "write_safetensors", "atomic_write", "read_manifest",
+__all__ = ["FORMAT_VERSION", "shard_name", "tensor_bytes", "write_safetensors", "atomic_write", "read_manifest",
            "write_manifest", "file_sha256", "open_shards", "export_diffusers", "export_kohya",
            "clean_temp_files", "temp_path", "TEMP_SUFFIX"]
 
@@ -52,7 +52,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes in the machine's byte order (little-endian on x86 and ARM, as
+    safetensors stores them); a view where the tensor is already contiguous on the CPU."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
 
@@ -64,7 +66,7 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     for name, tensor in tensors.items():
         if tensor.dtype not in _DTYPE_NAMES:
             raise DatasetError(f"cannot store tensor {name!r} of dtype {tensor.dtype}")
-        data = _tensor_bytes(tensor)
+        data = tensor_bytes(tensor)
         header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + data.nbytes]}
         pieces.append(data)

@@ -15,7 +15,7 @@ from ..diffusers_load import load_from_diffusers
 from ..errors import DatasetError
 from ..sd import load_clip
 from .compute import torch_dtype
-from .format import _tensor_bytes
+from .format import tensor_bytes
 
 __all__ = ["resolve_device", "load_model", "model_fingerprint", "cast_for_compute"]
 
@@ -47,7 +47,7 @@ def model_fingerprint(clip) -> str:
     for name in sorted(state):
         tensor = state[name]
         hasher.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
-        hasher.update(_tensor_bytes(tensor))
+        hasher.update(tensor_bytes(tensor))
     return "sha256:" + hasher.hexdigest()
 
 
