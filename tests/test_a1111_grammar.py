@@ -174,9 +174,9 @@ def test_huge_prompts_are_linear_or_refused():
 
 
 # ---- deep and unclosed brackets --------------------------------------------------
-# Facts, from running A1111's schedule grammar (lark 1.3, Earley, a recursive tree
-# transformer as A1111's AtStep): balanced nesting 200 deep is read; from 250 deep it
-# fails with RecursionError, which A1111 does not catch. Unclosed brackets are stray text
+# Facts, from running A1111's schedule grammar (Earley, and a lark Transformer as A1111's
+# AtStep; lark 1.1.2, the version A1111 pins, and 1.3): balanced nesting 240 deep is read;
+# 250 deep fails with RecursionError, which A1111 does not catch. Unclosed brackets are stray text
 # (the grammar's top-level ``/[][():]/+``), so edits after them are still read.
 
 
@@ -195,7 +195,7 @@ def test_edits_inside_brackets_nested_as_deep_as_a1111_reads(depth):
 
 @pytest.mark.parametrize("depth", [500, 100_000])
 def test_nesting_deeper_than_max_nesting_is_used_as_written_with_a_warning(depth):
-    """No RecursionError (before: raised from 1,000 deep); A1111 fails from 250."""
+    """No RecursionError (before: raised from about 1,000 deep); A1111 fails at 250."""
     from textenc.errors import PromptWarning
 
     prompt = "(" * depth + "[a:b:3]" + ")" * depth

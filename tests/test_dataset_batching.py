@@ -48,8 +48,9 @@ def captions(tmp_path_factory) -> tuple[Path, list[str]]:
     return random_captions(tmp_path_factory, ROWS, seed=2)
 
 
+# Each kind at its default and at clip skip 1-3 (the README's claim).
 CASES = [("sd1", None, None), ("sd1", 2, -2), ("sd1", 3, -3), ("sd2", None, None), ("sd2", 1, -1),
-         ("sdxl", None, None), ("sdxl", 2, -2)]
+         ("sd2", 3, -3), ("sdxl", None, None), ("sdxl", 1, -1), ("sdxl", 2, -2), ("sdxl", 3, -3)]
 
 
 @pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
