@@ -172,6 +172,19 @@ def test_text_parity_full_size_clip_l(backend, hf_attention):
     assert max_diff(tail.intermediate,
                     hf.text_model.final_layer_norm(ref.hidden_states[-2])) <= FP32_TOL
     assert max_diff(tail.projected_pooled, ref.text_embeds) <= FP32_TOL
+    # The README's claim: each path equals its counterpart bit for bit, at 1 and 2 threads.
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                full = ours(ids, attention_mask=mask, intermediate_output=-2,
+                            final_layer_norm_intermediate=False, attention_backend=backend)
+            assert torch.equal(full.last_hidden_state, ref.last_hidden_state), threads
+            assert torch.equal(full.intermediate, ref.hidden_states[-2]), threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_legacy_eos_token_id_config_pools_like_transformers(tmp_path):
