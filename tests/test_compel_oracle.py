@@ -168,16 +168,6 @@ def test_clip_wrapper_carries_the_dialect(pipe):
         assert_close(cond, pipe["compel"](prompt), prompt)
 
 
-@pytest.mark.parametrize("prompt, same_as", [('("")0.5 cat', "cat"), ("()", "")])
-def test_where_compel_crashes_textenc_encodes_the_text_left(pipe, prompt, same_as):
-    """A down-weighted fragment with no tokens (compel: TypeError) is ignored; a prompt
-    with no fragments at all (compel: IndexError) is the empty prompt."""
-    with pytest.raises((TypeError, IndexError)), torch.no_grad():
-        pipe["compel"](prompt)
-    with torch.no_grad():
-        assert_close(textenc_cond(pipe, prompt), pipe["compel"](same_as), prompt)
-
-
 def test_embedding_names_are_plain_text(pipe):
     tokens = pipe["textenc_tokenizer"].tokenize_with_weights("embedding:my_style cat", syntax="compel")
     assert [t for t, _ in tokens[0][1:6]] == pipe["tokenizer"]("embedding:my_style cat")["input_ids"][1:6]
