@@ -79,7 +79,7 @@ def _weights(options: list[str], operator: str, count: int) -> tuple[tuple[float
         raise PromptError(f"compel {operator}() has {count} prompt(s) but {len(weights)} weight(s)")
     if operator == ".blend" and normalize and weights and sum(weights) == 0:
         raise PromptError(f"compel .blend{tuple(weights)} weights sum to 0 and cannot be normalized "
-                          "(compel returns NaN); add no_normalize or change a weight")
+                          "(compel returns NaN and infinities); add no_normalize or change a weight")
     return weights or (1.0,) * count, normalize
 
 
