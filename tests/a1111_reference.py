@@ -436,22 +436,27 @@ class OracleClip:
                 best = (name_ids, rows)
         return best
 
+    def piece_items(self, text: str, weight: float) -> list[_Item]:
+        """One attention piece (not a break) as its tokens and embeddings."""
+        items, ids, at = [], self._ids(text), 0
+        while at < len(ids):
+            found = self._embedding_at(ids, at)
+            if found is None:
+                items.append(_Item("token", ids[at], weight))
+                at += 1
+            else:
+                items.append(_Item("vectors", ids[at], weight, found[1]))
+                at += len(found[0])
+        return items
+
     def items(self, prompt: str) -> list[_Item]:
         """The prompt as a flat stream of tokens, embeddings and breaks."""
         stream = []
         for text, weight in oracle_attention(prompt):
             if (text, weight) == BREAK_MARK:
                 stream.append(_Item("break"))
-                continue
-            ids, at = self._ids(text), 0
-            while at < len(ids):
-                found = self._embedding_at(ids, at)
-                if found is None:
-                    stream.append(_Item("token", ids[at], weight))
-                    at += 1
-                else:
-                    stream.append(_Item("vectors", ids[at], weight, found[1]))
-                    at += len(found[0])
+            else:
+                stream += self.piece_items(text, weight)
         return stream
 
     def _seal(self, body: list, weights: list, vectors: list) -> OracleChunk:

@@ -71,12 +71,20 @@ class Move:
 
 @dataclass
 class Chunking:
-    """The chunks of one prompt, where backtracking moved text, and the embeddings met."""
+    """The chunks of one prompt, where backtracking moved text, and the embeddings met.
+
+    ``word_ids`` and ``num_tokens`` run along ``pieces``: the word id the piece's
+    tokens carry in the chunks (text pieces count from 1; a break is 0 and takes
+    no number, as ComfyUI numbers groups around ``BREAK``) and how many prompt
+    tokens the piece put in the chunks (one per embedding vector; 0 for a break).
+    """
 
     pieces: list[list]
     chunks: list[Chunk]
     moves: list[Move]
     embeddings: list[EmbeddingResult]
+    word_ids: list[int]
+    num_tokens: list[int]
 
 
 class _EmbeddingFinder:
@@ -134,6 +142,7 @@ class _Chunker:
         self.moves: list[Move] = []
         self.chunk = Chunk()
         self.last_comma = -1
+        self.added = 0  # prompt tokens appended so far (backtracking moves them, never drops them)
 
     def close(self, reason: str) -> None:
         self.chunk.ended_by = reason
@@ -178,6 +187,7 @@ class _Chunker:
             position += used
 
     def _append(self, tokens: list[int], weight: float, word_id: int) -> None:
+        self.added += len(tokens)
         self.chunk.tokens += tokens
         self.chunk.multipliers += [weight] * len(tokens)
         self.chunk.word_ids += [word_id] * len(tokens)
@@ -204,11 +214,24 @@ def tokenize_line(tokenizer: "SDTokenizer", text: str, *, comma_padding_backtrac
     (comma,) = tokenizer.encode_units([","])[0][:1] or (None,)
     finder = _EmbeddingFinder(tokenizer)
     chunker = _Chunker(tokenizer.max_length - 2, comma, comma_padding_backtrack)
-    for word_id, (piece, tokens) in enumerate(zip(pieces, token_lists), start=1):
-        if is_break(piece) and not disable_weights:
-            chunker.close("BREAK")
-        else:
-            chunker.add_piece(tokens, piece[1], word_id, finder.at)
+    word_ids, counts = _add_pieces(chunker, pieces, token_lists, finder, breaks=not disable_weights)
     if chunker.chunk.tokens or not chunker.chunks:
         chunker.close("end")
-    return Chunking(pieces, chunker.chunks, chunker.moves, finder.found)
+    return Chunking(pieces, chunker.chunks, chunker.moves, finder.found, word_ids, counts)
+
+
+def _add_pieces(chunker: _Chunker, pieces: list[list], token_lists: list[list[int]], finder: _EmbeddingFinder,
+                *, breaks: bool) -> tuple[list[int], list[int]]:
+    """Feed every piece to ``chunker``; returns each piece's word id and prompt token count."""
+    word_ids, counts, word_id = [], [], 0
+    for piece, tokens in zip(pieces, token_lists):
+        before = chunker.added
+        if breaks and is_break(piece):
+            chunker.close("BREAK")
+            word_ids.append(0)
+        else:
+            word_id += 1
+            chunker.add_piece(tokens, piece[1], word_id, finder.at)
+            word_ids.append(word_id)
+        counts.append(chunker.added - before)
+    return word_ids, counts

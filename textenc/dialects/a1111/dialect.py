@@ -53,6 +53,14 @@ def _chunking(tokenizer: "SDTokenizer", text: str, kwargs: dict) -> Chunking:
                          disable_weights=bool(kwargs.get("disable_weights", False)))
 
 
+def _units(chunking: Chunking) -> list[UnitReport]:
+    """One unit per piece, with the word id its tokens carry and its prompt token count; a
+    break as ComfyUI reports one (word 0, weight 1, no tokens), not A1111's -1 marker."""
+    return [UnitReport(0, "break", "BREAK", 1.0, -1, -1, 0) if word_id == 0
+            else UnitReport(word_id, "text", piece[0], piece[1], -1, -1, count)
+            for piece, word_id, count in zip(chunking.pieces, chunking.word_ids, chunking.num_tokens)]
+
+
 @dataclass(frozen=True)
 class ChunkReport:
     """One A1111 chunk: its prompt tokens and why it ended (see ``chunks.Chunk``)."""
@@ -94,13 +102,10 @@ class A1111Dialect:
         chunking = _chunking(tokenizer, text, kwargs)
         windows = [[TokenReport(t if isinstance(t, int) else None, tokenizer.token_text(t), w, i)
                     for t, w, i in window] for window in chunk_windows(tokenizer, chunking)]
-        units = [UnitReport(0 if piece[1] == -1.0 and piece[0] == "BREAK" else index,
-                            "break" if piece[1] == -1.0 and piece[0] == "BREAK" else "text",
-                            piece[0], piece[1], -1, -1, 0) for index, piece in enumerate(chunking.pieces, 1)]
         chunks = [ChunkReport(i, len(c.tokens), c.ended_by) for i, c in enumerate(chunking.chunks)]
         moves = [MoveReport(m.source, len(m.tokens), "".join(tokenizer.token_text(t) for t in m.tokens)
                             .replace("</w>", " ").strip()) for m in chunking.moves]
-        return A1111InspectReport(windows, units, chunking.embeddings, chunks=chunks, moves=moves)
+        return A1111InspectReport(windows, _units(chunking), chunking.embeddings, chunks=chunks, moves=moves)
 
     def prompt_schedules(self, text: str, steps: int, *, split: bool = True) -> list[tuple[float, list]]:
         """``[(weight, [(end_step, text), ...]), ...]``: one schedule per ``AND`` part."""
