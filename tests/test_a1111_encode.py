@@ -231,3 +231,12 @@ def test_encode_scheduled_refuses_a_too_long_prompt_before_reading_its_schedule(
     assert read == []
     assert len(limited.encode_scheduled("[a:b:2]" + "x" * 93, steps=4, syntax=syntax)) >= 1
     assert len(read) == 1
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+@pytest.mark.parametrize("steps", [0, -1, None, "5", True, 2.0])
+def test_encode_scheduled_checks_steps_for_every_syntax(clip, syntax, steps):
+    """Only a1111 checked steps: comfy and compel raised ZeroDivisionError or TypeError,
+    or accepted -1."""
+    with pytest.raises(PromptError, match=r"steps must be a positive int"):
+        clip.encode_scheduled("a cat", steps=steps, syntax=syntax)

@@ -218,3 +218,9 @@ def test_unclosed_brackets_are_text_and_later_edits_are_read(stray):
         assert prompt_schedule(prompt, 10) == expected
     if len(stray) < 500:  # the recursive oracle reads short ones
         assert oracle_schedule(prompt, 10) == expected
+
+
+def test_an_infinite_and_weight_is_refused():
+    with pytest.raises(PromptError, match=r"AND part weight .* not a finite number"):
+        split_and("a AND b:" + "9" * 400)
+    assert split_and("a AND b:" + "9" * 30) == [("a", 1.0), (" b", float("9" * 30))]

@@ -212,3 +212,25 @@ def test_a_prompt_after_model_stays_a_prompt(model, tmp_path, capsys):
     assert main(["encode", "--model", str(model), PROMPTS[0], "--out", str(out)]) == 0
     cond, pooled = _library(model, PROMPTS[0], None)
     torch.testing.assert_close(load_file(out)["cond_0"], cond, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("normalization", ["mean", "length", "length+mean"])
+def test_encode_normalization_matches_the_library(model, tmp_path, capsys, normalization):
+    """--normalization needs word ids; the command tokenized without them and always failed."""
+    out = tmp_path / "out.safetensors"
+    prompt = "a (supercalifragilistic:1.5) fox in the (snow:0.8)"  # a word of several tokens
+    assert main(["encode", prompt, "--model", str(model), "--normalization", normalization,
+                 "--out", str(out)]) == 0
+    clip = load_clip(model)
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt, return_word_ids=True), return_pooled=True,
+                                           options={"normalization": normalization})
+    torch.testing.assert_close(load_file(out)["cond_0"], cond, atol=0, rtol=0)
+    plain = clip.encode_from_tokens(clip.tokenize(prompt))
+    assert not torch.equal(cond, plain)  # the option did something
+
+
+def test_deeply_nested_jsonl_line_is_a_one_line_error(model, tmp_path, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "\n")
+    assert "deep.jsonl:1: JSON nested too deeply" in _single_error(
+        capsys, ["encode", "--prompts-file", str(deep), "--model", str(model), "--out", str(tmp_path / "o.safetensors")])

@@ -150,3 +150,40 @@ def test_max_prompt_chars_holds_for_every_syntax(syntax):
         tok.tokenize_with_weights("a" * 101, syntax=syntax)
     with pytest.raises(PromptError, match=r"101 characters, more than max_prompt_chars=100"):
         tok.inspect("a" * 101, syntax=syntax)
+
+
+# Weights that are not finite: a weight literal of hundreds of digits reads as infinity
+# (A1111 and compel then give NaN conditioning; ComfyUI's syntax refuses it while parsing).
+_INFINITE = {"comfy": "a (cat:" + "9" * 400 + ")", "a1111": "a (cat:" + "9" * 400 + ")",
+             "compel": "a (cat)" + "9" * 400 + ".0 on a mat"}
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_an_infinite_weight_is_refused_by_every_syntax(syntax):
+    from textenc.tokenizer import SDTokenizer
+
+    tok = SDTokenizer()
+    with pytest.raises(PromptError, match=r"finite"):
+        tok.tokenize_with_weights(_INFINITE[syntax], syntax=syntax)
+    with pytest.raises(PromptError, match=r"finite"):
+        tok.inspect(_INFINITE[syntax], syntax=syntax)
+
+
+def test_compel_plus_signs_past_float_range_are_a_prompt_error():
+    from textenc.tokenizer import SDTokenizer
+
+    tok = SDTokenizer()
+    with pytest.raises(PromptError, match=r"8000 '\+' signs at character 1"):
+        tok.tokenize_with_weights("x" + "+" * 8000, syntax="compel")
+    assert tok.tokenize_with_weights("x" + "+" * 20, syntax="compel")[0][1][1] == pytest.approx(1.1 ** 20)
+
+
+@pytest.mark.parametrize("name", ["square_brackets", "break_keyword", "strict_weights"])
+@pytest.mark.parametrize("value", ["yes", None, 1])
+def test_switches_must_be_booleans(name, value):
+    from textenc.tokenizer import SDTokenizer
+
+    with pytest.raises(PromptError, match=rf"{name} must be True or False"):
+        SDTokenizer().tokenize_with_weights("a [b]", **{name: value})
+    with pytest.raises(PromptError, match=rf"{name} must be True or False"):
+        SDTokenizer(**{name: value}).tokenize_with_weights("a [b]")

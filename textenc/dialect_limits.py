@@ -10,6 +10,7 @@ tokenizer or per call holds whichever ``syntax=`` is used.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from textenc.errors import PromptError, PromptWarning
@@ -37,8 +38,9 @@ def check_prompt_size(text: object, options: ParseOptions, syntax: str) -> None:
 
 def check_windows(tokenizer: "SDTokenizer", windows: list[list[tuple]], options: ParseOptions,
                   max_windows: int | None, syntax: str) -> None:
-    """Refuse more than ``max_windows`` windows or a token weighted above ``max_weight``;
-    warn (PromptWarning) of tokens weighted above ``warn_weight_above``.
+    """Refuse more than ``max_windows`` windows, a weight that is not finite or a token
+    weighted above ``max_weight``; warn (PromptWarning) of tokens weighted above
+    ``warn_weight_above``.
 
     Raises:
         PromptError: naming the count or the token, its window and its weight.
@@ -47,6 +49,11 @@ def check_windows(tokenizer: "SDTokenizer", windows: list[list[tuple]], options:
         raise PromptError(f"prompt needs {len(windows)} windows of {tokenizer.max_length} tokens, more than "
                           f"max_windows={max_windows} (syntax={syntax!r}); shorten it, or pass "
                           "max_windows=None (or a larger number) to the tokenizer or to this call")
+    broken = [(index, pair) for index, window in enumerate(windows) for pair in window
+              if not math.isfinite(float(pair[1]))]
+    if broken:
+        raise PromptError(f"{_describe(tokenizer, broken[:1])}: not a finite number (syntax={syntax!r}); "
+                          "a weight written with hundreds of digits reads as infinity")
     heavy = [(index, pair) for index, window in enumerate(windows) for pair in window
              if _magnitude(pair[1]) > min(_limit(options.max_weight), _limit(options.warn_weight_above))]
     if not heavy:

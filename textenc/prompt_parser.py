@@ -132,6 +132,9 @@ class ParseOptions:
             raise PromptError(
                 f"weight_convention must be one of {_CONVENTIONS}, got {self.weight_convention!r}"
             )
+        for name in ("square_brackets", "break_keyword", "strict_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise PromptError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("max_weight", "warn_weight_above"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):

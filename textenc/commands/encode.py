@@ -65,6 +65,9 @@ def _jsonl_prompt(line: str, where: str) -> str:
         value = json.loads(line)
     except ValueError as error:
         raise TextencError(f"{where}: not JSON ({error})") from None
+    except RecursionError:
+        raise TextencError(f"{where}: JSON nested too deeply; a line holds a string or an object "
+                           "with a 'prompt' key") from None
     if isinstance(value, dict):
         value = value.get("prompt", value.get("text"))
     if not isinstance(value, str):
@@ -138,7 +141,8 @@ def run_encode(args: argparse.Namespace) -> int:
     syntax_options = dialect_flag_options(args)
     tensors = {}
     for index, prompt in enumerate(progress(prompts, "encode", "prompt")):
-        tokens = clip.tokenize(prompt, syntax=args.syntax, **syntax_options)
+        # word ids: --normalization groups tokens by word (the weights are the same either way)
+        tokens = clip.tokenize(prompt, return_word_ids=True, syntax=args.syntax, **syntax_options)
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
         tensors[f"cond_{index}"] = cond.detach().contiguous().cpu()
         tensors[f"pooled_{index}"] = pooled.detach().contiguous().cpu()

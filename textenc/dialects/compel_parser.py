@@ -113,7 +113,11 @@ class Parser:
             sign, end = self.s[pos], pos
             while end < self.n and self.s[end] == sign:
                 end += 1
-            return pow(PLUS_BASE if sign == "+" else MINUS_BASE, end - pos), end
+            try:
+                return pow(PLUS_BASE if sign == "+" else MINUS_BASE, end - pos), end
+            except OverflowError:  # a float can't hold it
+                raise PromptError(f"{end - pos} '{sign}' signs at character {pos}: the weight "
+                                  f"{PLUS_BASE if sign == '+' else MINUS_BASE}**{end - pos} overflows") from None
         return self.number(pos) if numbers else None
 
     # -- groups ---------------------------------------------------------------

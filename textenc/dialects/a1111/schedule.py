@@ -28,6 +28,7 @@ grammar, ``get_learned_conditioning_prompt_schedules`` and
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -321,5 +322,9 @@ def split_and(text: str) -> list[tuple[str, float]]:
     for part in _AND.split(text):
         match = _PART_WEIGHT.search(part)
         body, weight = match.groups() if match else (part, None)
-        parts.append((body, float(weight) if weight is not None else 1.0))
+        value = float(weight) if weight is not None else 1.0
+        if not math.isfinite(value):
+            raise PromptError(f"AND part weight {weight[:20]}... ({len(weight)} characters) is not a finite "
+                              "number")
+        parts.append((body, value))
     return parts
