@@ -145,11 +145,10 @@ def facts(monkeypatch):
     """Set what the machine has; the env var starts unset."""
     monkeypatch.delenv(ENV_VAR, raising=False)
 
-    def set_facts(*, xformers: bool, sdpa: bool = True, threads: int = 1, capability: str = "AVX512"):
+    def set_facts(*, xformers: bool, sdpa: bool = True, threads: int = 1):
         monkeypatch.setattr(attention, "_xformers_importable", lambda: xformers)
         monkeypatch.setattr(attention, "_sdpa_present", lambda: sdpa)
         monkeypatch.setattr(attention, "_cpu_threads", lambda: threads)
-        monkeypatch.setattr(attention, "_cpu_capability", lambda: capability)
     return set_facts
 
 
@@ -180,7 +179,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 
 @pytest.mark.parametrize("device, small_input, dtype, tokens, threads, expected", [
-    ("cpu", True, F32, 77, 1, "bmm"),            # CLIP text on an AVX512 CPU
+    ("cpu", True, F32, 77, 1, "bmm"),            # CLIP text on CPU
     ("cpu", True, F32, 77, attention.BMM_MAX_THREADS, "bmm"),
     ("cpu", True, F32, 77, attention.BMM_MAX_THREADS + 1, "sdpa"),  # the flash kernel's parallel loop
     ("cpu", True, F32, attention.BMM_MAX_TOKENS, 1, "bmm"),
@@ -197,22 +196,7 @@ def test_short_fp32_cpu_sequences_choose_bmm(facts, device, small_input, dtype, 
     facts(xformers=True, threads=threads)
     kwargs = {"small_input": small_input, "dtype": dtype, "tokens": tokens}
     assert chosen(device, **kwargs) == expected
-    assert select_backend(device, xformers_available=True, threads=threads, cpu_capability="AVX512",
-                          **kwargs) == expected
-
-
-@pytest.mark.parametrize("capability, expected", [("AVX512", "bmm"), ("AVX2", "sdpa"), ("DEFAULT", "sdpa"),
-                                                  (None, "sdpa")])
-def test_bmm_only_where_it_was_measured_faster(facts, capability, expected):
-    """bmm beat the flash kernel on an AVX512 Xeon and lost to it on an AVX2-only EPYC."""
-    facts(xformers=False, capability=capability)
-    kwargs = {"small_input": True, "dtype": F32, "tokens": 77}
-    assert chosen("cpu", **kwargs) == expected
-    assert select_backend("cpu", cpu_capability=capability, **kwargs) == expected
-
-
-def test_the_cpu_capability_is_torchs():
-    assert attention._cpu_capability() == torch.backends.cpu.get_cpu_capability()
+    assert select_backend(device, xformers_available=True, threads=threads, **kwargs) == expected
 
 
 def test_bmm_gradients_match_basic():

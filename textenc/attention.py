@@ -67,8 +67,8 @@ ENV_VAR = "TEXTENC_ATTENTION"
 #: about ``batch * heads * SPLIT_QUERY_CHUNK * key_tokens`` floats.
 SPLIT_QUERY_CHUNK = 1024
 #: Longest key sequence for which the automatic choice on CPU is ``bmm``. At 77
-#: tokens (CLIP text) it takes 15-30% less time than torch's flash kernel on an
-#: AVX512 Xeon (fp32, batch 1-64, one thread); at 257 (CLIP vision) it is 5-15% slower.
+#: tokens (CLIP text) it takes 20-30% less time than torch's flash kernel
+#: (fp32, batch 1-64, one thread); at 257 (CLIP vision) it is 5-15% slower.
 BMM_MAX_TOKENS = 128
 #: Most torch CPU threads for which the automatic choice is ``bmm``: it runs
 #: one sequence at a time, parallel only across heads. At 1 and 2 threads it
@@ -76,11 +76,6 @@ BMM_MAX_TOKENS = 128
 #: 2.3 vs 2.5 ms); more threads were not measured, and there the flash
 #: kernel's parallel loop over sequences x heads x query blocks stays.
 BMM_MAX_THREADS = 2
-#: torch CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) on which the
-#: automatic choice is ``bmm``. Measured faster there (Intel Xeon, AVX512 + AMX: 15-30%
-#: less time per attention at 1 thread); on an AVX2-only AMD EPYC it took 11-19% more
-#: time than the flash kernel at batch 1-16 (1 thread), so there SDPA stays.
-BMM_CPU_CAPABILITIES = ("AVX512",)
 
 
 class AttentionFunction(Protocol):
@@ -287,12 +282,6 @@ def _cpu_threads() -> int:
     return torch.get_num_threads()
 
 
-def _cpu_capability() -> str:
-    """torch's CPU kernel level: ``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``, ... (the same
-    value the ``ATEN_CPU_CAPABILITY`` environment variable can lower)."""
-    return torch.backends.cpu.get_cpu_capability()
-
-
 def available_backends(device: torch.device | str) -> list[str]:
     """Names of the backends that can run on ``device`` in this environment."""
     device_type = torch.device(device).type
@@ -317,14 +306,12 @@ def select_backend(
     threads: int = 1,
     device_name: str | None = None,
     requested_by: str | None = None,
-    cpu_capability: str | None = None,
 ) -> str:
     """Pure selection rule: the backend name for the given facts.
 
     ``dtype`` and ``tokens`` (the key sequence length), when the caller knows
     them, let short fp32 sequences on CPU take ``bmm`` when torch runs at most
-    :data:`BMM_MAX_THREADS` CPU ``threads`` on a CPU whose ``cpu_capability`` is one of
-    :data:`BMM_CPU_CAPABILITIES` (None, unknown, keeps SDPA). ``device_name`` (``"cuda:1"``) and
+    :data:`BMM_MAX_THREADS` CPU ``threads``. ``device_name`` (``"cuda:1"``) and
     ``requested_by`` (``"backend='x'"``, ``"$TEXTENC_ATTENTION=x"``) only make
     error messages exact.
 
@@ -347,8 +334,7 @@ def select_backend(
     # On CPU in fp32, per-sequence matmuls beat the flash kernel (see
     # BMM_MAX_TOKENS); in bf16 the flash kernel is 1.6x faster than bmm.
     if device_type == "cpu" and small_input and dtype == torch.float32 \
-            and tokens is not None and tokens <= BMM_MAX_TOKENS and threads <= BMM_MAX_THREADS \
-            and cpu_capability in BMM_CPU_CAPABILITIES:
+            and tokens is not None and tokens <= BMM_MAX_TOKENS and threads <= BMM_MAX_THREADS:
         return "bmm"
     if available["sdpa"]:
         return "sdpa"
@@ -390,8 +376,7 @@ def optimized_attention_for_device(
                           override=override, xformers_available=xformers_ok,
                           sdpa_available=_sdpa_present(), dtype=dtype, tokens=tokens,
                           threads=_cpu_threads() if device_type == "cpu" else 1,
-                          device_name=str(torch_device), requested_by=requested_by,
-                          cpu_capability=_cpu_capability() if device_type == "cpu" else None)
+                          device_name=str(torch_device), requested_by=requested_by)
     if backend is None and override is None and device_type == "cuda" and not xformers_ok:
         logger.debug("xformers not importable; using %s on cuda", name)
     return ATTENTION_BACKENDS[name]
