@@ -28,7 +28,7 @@ Compared for every prompt:
   - textenc automatic (``bmm`` for CLIP on CPU), ``TEXTENC_ATTENTION=sdpa`` and
     ``TEXTENC_ATTENTION=basic``.
 
-Exit status 1 when tokens/weights differ (a real bug); encoder output
+Exit status 1 when tokens/weights differ or only textenc raises (a real bug); encoder output
 differences are reported, not failed, since they depend on the attention kernel.
 """
 
@@ -38,12 +38,14 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -262,6 +264,13 @@ def first_difference(a, b, path="") -> str:
     return "" if a == b else f"{path}: comfy {a!r} != textenc {b!r}"
 
 
+def tokenize_or_error(tokenizer, prompt, word_ids):
+    try:
+        return tokenizer.tokenize_with_weights(prompt, word_ids)
+    except Exception as error:  # noqa: BLE001 - recorded and reported per prompt
+        return error
+
+
 def encode_comfy(model, tokens, layer):
     """What ComfyUI's CLIP.encode_from_tokens does around encode_token_weights."""
     model.reset_clip_options()
@@ -317,11 +326,17 @@ def textenc_full_pooled(model, family, tokens, layer):
     encoder = model.clip_g if family == "sdxl" else model.encoder
     windows = tokens["g"] if family == "sdxl" else tokens[model.clip_name]
     opts = encoder.resolve_options({"layer": layer} if layer is not None else None)
-    processed = process_tokens(encoder, [[t for t, *_ in windows[0]]], opts.compute_dtype)
+    # the batch ComfyUI's encode_token_weights runs: every window, plus the empty prompt
+    # when any weight is not 1 (CPU matmuls round differently at other batch sizes)
+    batch = [[t for t, *_ in w] for w in windows]
+    if any(w != 1.0 for window in windows for _, w, *_ in window):
+        special = encoder.special_tokens
+        batch.append([special["start"], special["end"]] + [special["pad"]] * (len(batch[0]) - 2))
+    processed = process_tokens(encoder, batch, opts.compute_dtype)
     with torch.no_grad():
         out = encoder.transformer(None, None, embeds=processed.embeds, num_tokens=processed.num_tokens,
                                   dtype=opts.compute_dtype, return_last_hidden=True)
-    return (out.projected_pooled if opts.return_projected_pooled else out.pooled_output).float()
+    return (out.projected_pooled if opts.return_projected_pooled else out.pooled_output)[0:1].float()
 
 
 def main(argv=None) -> int:
@@ -340,8 +355,11 @@ def main(argv=None) -> int:
     comfy_mods = import_comfy(args.comfyui)
     mm, c_sd1, *_ = comfy_mods
     import textenc
+    # Both sides warn (missing embeddings, weight 8080, ...); the comparison reports what matters.
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
     depth = dict(FULL_DEPTH) if args.layers == 0 else {k: args.layers for k in FULL_DEPTH}
-    prompts = PROMPTS[: args.prompts]
+    prompts = PROMPTS[: max(args.prompts, 1)]
     families = args.families.split(",")
     threads = [int(t) for t in args.threads.split(",")]
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
@@ -354,7 +372,7 @@ def main(argv=None) -> int:
           f"(cpu capability {torch.backends.cpu.get_cpu_capability()}); textenc {textenc.__file__}")
 
     report = {"torch": torch.__version__, "depth": depth, "prompts": len(prompts),
-              "token_mismatches": [], "encode": []}
+              "token_mismatches": [], "token_errors": [], "encode": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = make_weights(c_sd1, tmp, depth, args.seed)
@@ -371,9 +389,14 @@ def main(argv=None) -> int:
                 c_tok, t_tok = c_tok_cls(embedding_directory=emb_dir), t_tok_cls(embedding_directory=emb_dir)
                 for p in prompts:
                     for word_ids in (False, True):
-                        a = c_tok.tokenize_with_weights(p, word_ids)
-                        b = t_tok.tokenize_with_weights(p, word_ids)
+                        a, b = tokenize_or_error(c_tok, p, word_ids), tokenize_or_error(t_tok, p, word_ids)
                         checked += 1
+                        if isinstance(a, Exception) or isinstance(b, Exception):
+                            report["token_errors"].append(
+                                {"family": family, "prompt": p, "embedding_directory": emb_dir,
+                                 "word_ids": word_ids, "comfy": repr(a) if isinstance(a, Exception) else "ok",
+                                 "textenc": repr(b) if isinstance(b, Exception) else "ok"})
+                            continue
                         d = first_difference(plain(a), plain(b))
                         if d:
                             report["token_mismatches"].append(
@@ -381,7 +404,11 @@ def main(argv=None) -> int:
                                  "word_ids": word_ids, "first_difference": d})
                         if emb_dir is None and not word_ids:
                             tokens[(family, p)] = (a, b)
-        print(f"tokens: {checked} comparisons, {len(report['token_mismatches'])} mismatches")
+        print(f"tokens: {checked} comparisons, {len(report['token_mismatches'])} mismatches, "
+              f"{len(report['token_errors'])} raised on one side")
+        for e in report["token_errors"][:10]:
+            print(f"  RAISED {e['family']} {e['prompt']!r} dir={e['embedding_directory'] and 'empty'} "
+                  f"word_ids={e['word_ids']}: comfy {e['comfy']}, textenc {e['textenc']}")
         for m in report["token_mismatches"][:10]:
             print(f"  MISMATCH {m['family']} {m['prompt'][:50]!r} dir={m['embedding_directory'] and 'empty'} "
                   f"word_ids={m['word_ids']}: {m['first_difference'][:200]}")
@@ -446,7 +473,9 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     print(f"done in {report['seconds']}s")
-    return 1 if report["token_mismatches"] else 0
+    # ComfyUI raising where textenc tokenizes is ComfyUI's problem; the reverse is textenc's.
+    textenc_raised = [e for e in report["token_errors"] if e["textenc"] != "ok"]
+    return 1 if report["token_mismatches"] or textenc_raised else 0
 
 
 if __name__ == "__main__":
