@@ -17,7 +17,7 @@ import torch
 from .checkpoint import load_state_dict
 from .dialect_limits import check_prompt_size
 from .dialects import default_weight_mode, get_dialect, prompt_schedules
-from .errors import CheckpointError, PromptError, TextencError
+from .errors import CheckpointError, TextencError
 from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
 from .sd2_clip import SD2ClipModel, SD2Tokenizer
 from .sdxl_clip import SDXLClipModel, SDXLTokenizer
@@ -164,8 +164,6 @@ class CLIP:
         Raises:
             PromptError: a bad syntax, ``steps`` or prompt.
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise PromptError(f"steps must be a positive int, got {steps!r}")
         opts = _syntax_options(syntax, options)
         dialect = get_dialect(syntax)
         _check_prompt_chars(self.tokenizer, text, dialect.name)  # before the schedule is read

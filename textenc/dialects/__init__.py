@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..tokenizer import InspectReport, SDTokenizer
 
 __all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "DIALECT_OPTIONS", "REFINEMENTS", "get_dialect",
-           "default_weight_mode", "check_syntax", "dialect_options", "check_refinements", "prompt_schedules"]
+           "default_weight_mode", "check_syntax", "dialect_options", "check_refinements", "check_steps", "prompt_schedules"]
 
 DEFAULT_SYNTAX = "comfy"
 
@@ -160,13 +160,28 @@ def default_weight_mode(syntax: str | None) -> str:
     return _DEFAULT_WEIGHT_MODES[check_syntax(syntax or DEFAULT_SYNTAX)]
 
 
+def check_steps(steps: object) -> int:
+    """``steps`` if it is a positive int (not a bool), else a PromptError.
+
+    >>> check_steps(20)
+    20
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PromptError(f"steps must be a positive int, got {steps!r}")
+    return steps
+
+
 def prompt_schedules(syntax: str | None, text: str, steps: int, *,
                      split: bool = True) -> list[tuple[float, list[tuple[int, str]]]]:
     """``[(weight, [(end_step, text), ...]), ...]``: the prompt's parts and their schedules.
 
     Dialects without prompt editing or ``AND`` give ``[(1.0, [(steps, text)])]``.
+
+    Raises:
+        PromptError: an unknown syntax, ``steps`` not a positive int, or what the dialect refuses.
     """
     dialect = get_dialect(syntax)
+    check_steps(steps)
     schedules = getattr(dialect, "prompt_schedules", None)
     if schedules is None:
         return [(1.0, [(steps, text)])]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
+from ..dialect_limits import check_prompt_size
 from ..errors import PromptError
 from ..inspect_report import InspectReport, TokenReport, UnitReport
 from .compel_grammar import CompelPrompt, parse_compel
@@ -33,9 +34,7 @@ __all__ = ["DIALECT", "CompelDialect", "CompelTag", "CompelToken", "COMPEL_MIN_W
 
 
 def _parse(tokenizer: "SDTokenizer", text: object) -> CompelPrompt:
-    if isinstance(text, str) and len(text) > tokenizer.parse_options.max_prompt_chars:
-        raise PromptError(f"prompt has {len(text)} characters, more than the limit "
-                          f"{tokenizer.parse_options.max_prompt_chars}")
+    check_prompt_size(text, tokenizer.parse_options, "compel")  # also when called without SDTokenizer
     try:
         return parse_compel(text)  # type: ignore[arg-type]
     except RecursionError:

@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
+from .. import check_steps
 from ...errors import PromptError, PromptWarning
 from ...warn import warn_at_caller
 
@@ -296,8 +297,7 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     >>> prompt_schedule("a [b:c:2] d", 4)
     [(2, 'a b d'), (4, 'a c d')]
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise PromptError(f"steps must be a positive int, got {steps!r}")
+    check_steps(steps)
     try:
         nodes = parse_schedule(text)
     except _Unreadable:
