@@ -557,3 +557,16 @@ class OracleClip:
 
 __all__ = ["oracle_attention", "oracle_schedule", "oracle_and_parts", "active_entry",
            "OracleClip", "OracleChunk", "CHUNK_TOKENS"]
+
+
+def a1111_embedding_folder(folder, seed: int) -> tuple:
+    """``(folder, {name: vectors})``: a textual-inversion folder for the A1111 tests, with
+    ``myemb`` (3 vectors) and ``style two`` (2 vectors, a two-token name), 768 wide."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    vectors = {"myemb": torch.randn(3, 768, generator=generator),
+               "style two": torch.randn(2, 768, generator=generator)}
+    for name, value in vectors.items():
+        save_file({"emb_params": value}, str(folder / f"{name}.safetensors"))
+    return folder, vectors

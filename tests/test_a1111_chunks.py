@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from a1111_prompts import ALL_PROMPTS, clause_prompts, tag_prompts
-from a1111_reference import OracleClip
+from a1111_reference import OracleClip, a1111_embedding_folder
 from textenc.errors import PromptError
 from textenc.sd1_clip import SD1Tokenizer
 from textenc.sdxl_clip import SDXLTokenizer
 from textenc.tokenizer import DEFAULT_VOCAB, InspectReport, SDTokenizer
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +113,7 @@ def test_inspect_reports_chunks_and_moves():
 
 @pytest.fixture()
 def embedding_folder(tmp_path):
-    generator = torch.Generator().manual_seed(5)
-    vectors = {"myemb": torch.randn(3, 768, generator=generator),
-               "style two": torch.randn(2, 768, generator=generator)}  # a two-token name
-    for name, value in vectors.items():
-        save_file({"emb_params": value}, str(tmp_path / f"{name}.safetensors"))
-    return tmp_path, vectors
+    return a1111_embedding_folder(tmp_path, seed=5)
 
 
 def _tokens_and_vectors(window):

@@ -8,16 +8,14 @@ import contextlib
 import json
 
 import pytest
-import torch
 
 from a1111_prompts import ALL_PROMPTS, clause_prompts, long_words_prompt, tag_prompts
-from a1111_reference import BREAK_MARK, OracleClip, oracle_attention
+from a1111_reference import BREAK_MARK, OracleClip, a1111_embedding_folder, oracle_attention
 from textenc.cli import main
 from textenc.errors import EmbeddingWarning
 from textenc.tokenizer import DEFAULT_VOCAB, SDTokenizer
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
 
 BREAK_UNIT = (0, "break", "BREAK", 1.0, 0)  # as the comfy dialect reports a BREAK
 
@@ -93,13 +91,9 @@ def test_disabled_weights_is_one_unit(hf_tokenizer):
 
 @pytest.fixture()
 def embedding_folder(tmp_path):
-    generator = torch.Generator().manual_seed(7)
-    vectors = {"myemb": torch.randn(3, 768, generator=generator),
-               "style two": torch.randn(2, 768, generator=generator)}
-    for name, value in vectors.items():
-        save_file({"emb_params": value}, str(tmp_path / f"{name}.safetensors"))
-    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")  # refused: stays text
-    return tmp_path, vectors
+    folder, vectors = a1111_embedding_folder(tmp_path, seed=7)
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")  # refused: stays text
+    return folder, vectors
 
 
 @pytest.mark.parametrize("prompt", [
