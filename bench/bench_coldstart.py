@@ -47,7 +47,7 @@ def prepare() -> None:
     import transformers
     from safetensors.torch import save_file
 
-    from textenc.tokenizer import DEFAULT_VOCAB
+    from textenc.prompts.tokenizer import DEFAULT_VOCAB
 
     common.OUT_DIR.mkdir(parents=True, exist_ok=True)
     hf = common.hf_text_model("sd1_clip_config").half()

@@ -80,7 +80,7 @@ def _plain_loop(kind: str, models: dict, texts: list[str]) -> None:
     """fp32, batch 64, in input order; outputs cast to fp16 as the engine stores them."""
     import transformers
 
-    from textenc.tokenizer import DEFAULT_VOCAB
+    from textenc.prompts.tokenizer import DEFAULT_VOCAB
 
     tokenizer = transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB)
     with torch.no_grad():

@@ -99,7 +99,7 @@ def _target1(config: str, batches, repeats: int) -> list[dict]:
 @contextlib.contextmanager
 def _without(model, part: str):
     """Temporarily replace attention or the activation by the identity (ablation only)."""
-    from textenc import attention
+    from textenc.nn import attention
     layers = model.text_model.encoder.layers
     saved_backends = dict(attention.ATTENTION_BACKENDS)
     saved_activations = [layer.mlp.activation_ for layer in layers]
@@ -149,7 +149,7 @@ def _gap_breakdown(config: str, batch: int, repeats: int) -> list[dict]:
 
 
 def _target2(config: str, repeats: int) -> list[dict]:
-    from textenc.attention import optimized_attention_for_device
+    from textenc.nn.attention import optimized_attention_for_device
 
     ours = common.ours_text_model(config, _state_dict(config))
     layers = ours.text_model.config.num_hidden_layers
@@ -180,7 +180,7 @@ def _target2(config: str, repeats: int) -> list[dict]:
 
 
 def _target3(config: str, batch: int, repeats: int) -> list[dict]:
-    from textenc import ops
+    from textenc.nn import ops
 
     state_dict = _state_dict(config)
     name = CONFIGS[config]
@@ -243,7 +243,7 @@ def run_gpu(quick: bool = False, device: str = "cuda") -> list[dict]:
     """
     import copy
 
-    from textenc.attention import available_backends
+    from textenc.nn.attention import available_backends
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         return [common.row("8 GPU forward", "CUDA", "-", "-", None, "<= 1.0x", None,

@@ -41,8 +41,8 @@ import common  # noqa: E402
 from comfy_reference import ComfyTokenizer, comfy_encode_token_weights  # noqa: E402
 
 from textenc.errors import PromptError  # noqa: E402
-from textenc.sd1_clip import SDClipModel  # noqa: E402
-from textenc.tokenizer import DEFAULT_VOCAB, SDTokenizer  # noqa: E402
+from textenc.text_encoders.sd1_clip import SDClipModel  # noqa: E402
+from textenc.prompts.tokenizer import DEFAULT_VOCAB, SDTokenizer  # noqa: E402
 
 ONE_WINDOW = "a photo of a red fox sitting in deep snow, golden hour, highly detailed, 35mm"
 WEIGHTED = "a photo of a (red fox:1.3) sitting in (deep snow:0.8), ((golden hour)), highly detailed, 35mm"

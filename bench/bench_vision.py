@@ -29,7 +29,7 @@ def _processor(config):
 
 
 def _case(config_name: str, repeats: int) -> list[dict]:
-    from textenc.clip_vision import ClipVisionModel
+    from textenc.vision.clip_vision import ClipVisionModel
 
     hf = common.hf_vision_model(config_name)
     ours = ClipVisionModel(config_name)

@@ -2,7 +2,7 @@
 
 Full-size CLIP-L (``sd1_clip_config``, 124M parameters) and SDXL's CLIP-G
 (``clip_g``, 695M) state dicts with random values, fp16 and fp32, on one
-torch thread: :func:`textenc.checkpoint.is_finite` (a sum per tensor, the
+torch thread: :func:`textenc.loading.checkpoint.is_finite` (a sum per tensor, the
 default) beside ``torch.isfinite(t).all()`` (the obvious scan), side by side.
 
 Usage: ``python bench/bench_weight_scan.py [--quick]`` (``--quick``: CLIP-L only).
@@ -18,8 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from textenc.checkpoint import is_finite  # noqa: E402
-from textenc.sd1_clip import SDClipModel  # noqa: E402
+from textenc.loading.checkpoint import is_finite  # noqa: E402
+from textenc.text_encoders.sd1_clip import SDClipModel  # noqa: E402
 
 
 def _time(scan, state_dict, rounds: int) -> float:

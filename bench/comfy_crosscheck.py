@@ -183,8 +183,8 @@ def make_weights(comfy_sd1, folder: Path, depth: dict, seed: int) -> dict[str, P
 
 def build_pairs(comfy_mods, files: dict, depth: dict):
     """{family: (comfy_model, comfy_tokenizer, textenc_model, textenc_tokenizer)}."""
-    from textenc import sd1_clip as te_sd1, sd2_clip as te_sd2, sdxl_clip as te_sdxl
-    from textenc.config import load_text_config  # noqa: F401  (config names are bundled)
+    from textenc.text_encoders import sd1_clip as te_sd1, sd2_clip as te_sd2, sdxl_clip as te_sdxl
+    from textenc.nn.config import load_text_config  # noqa: F401  (config names are bundled)
     _, c_sd1, c_sd2, c_sdxl, _ = comfy_mods
     cfg_dir = Path(te_sd1.__file__).parent / "configs"
 
@@ -322,7 +322,7 @@ def textenc_full_pooled(model, family, tokens, layer):
     it only on the pooled rows; this recomputes pooled the way ComfyUI does, to tell
     that shortcut apart from any other difference.
     """
-    from textenc.sd1_encode import process_tokens
+    from textenc.text_encoders.encode import process_tokens
     encoder = model.clip_g if family == "sdxl" else model.encoder
     windows = tokens["g"] if family == "sdxl" else tokens[model.clip_name]
     opts = encoder.resolve_options({"layer": layer} if layer is not None else None)
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"depth {depth}, {len(prompts)} prompts, threads {threads}")
-    from textenc.attention import ATTENTION_BACKENDS, optimized_attention_for_device
+    from textenc.nn.attention import ATTENTION_BACKENDS, optimized_attention_for_device
     auto = optimized_attention_for_device("cpu", small_input=True, dtype=torch.float32, tokens=77)
     auto = next(k for k, v in ATTENTION_BACKENDS.items() if v is auto)
     print(f"ComfyUI attention on CPU by default: "

@@ -162,7 +162,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def hf_text_config(config_name: str):
     import transformers
-    from textenc.config import load_text_config
+    from textenc.nn.config import load_text_config
 
     cfg = dataclasses.asdict(load_text_config(config_name))
     hf_cfg = transformers.CLIPTextConfig(**cfg)
@@ -192,7 +192,7 @@ def _no_init(cls, hf_config):
 def hf_vision_model(config_name: str, *, seed: int = 0):
     """transformers ``CLIPVisionModelWithProjection`` (SDPA), random weights, eval, fp32."""
     import transformers
-    from textenc.config import load_vision_config
+    from textenc.nn.config import load_vision_config
 
     values = dataclasses.asdict(load_vision_config(config_name))
     values = {k: v for k, v in values.items() if k not in ("image_mean", "image_std")}
@@ -222,8 +222,8 @@ def hf_text_state_dict(hf_model) -> dict[str, torch.Tensor]:
 def ours_text_model(config_name: str, state_dict: Mapping[str, torch.Tensor], *,
                     dtype: torch.dtype = torch.float32, cast: bool = False):
     """textenc ``CLIPTextModel`` built on meta and assigned ``state_dict`` (cast to ``dtype``)."""
-    from textenc import ops
-    from textenc.clip_model import CLIPTextModel
+    from textenc.nn import ops
+    from textenc.nn.clip_model import CLIPTextModel
 
     operations = ops.manual_cast if cast else ops.disable_weight_init
     model = CLIPTextModel(config_name, dtype=dtype, device="meta", operations=operations)

@@ -46,7 +46,7 @@ def hf_model(size: str, seed: int):
 def checkpoint_state(parts: Sequence[Part]) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """``(state dict in textenc's layouts, {size: the transformers model})``; part ``i`` is
     seeded ``i``."""
-    from textenc.convert import to_layout
+    from textenc.loading.convert import to_layout
 
     state, models = {}, {}
     for seed, (size, layout, projection) in enumerate(parts):

@@ -1,6 +1,6 @@
 """Loader nodes: CLIP text encoders, CLIP vision, PhotoMaker.
 
-Files are listed and resolved through :mod:`textenc.paths` (ComfyUI's
+Files are listed and resolved through :mod:`textenc.loading.paths` (ComfyUI's
 ``folder_paths`` inside ComfyUI). Nothing is cached here: ComfyUI's executor
 caches node outputs. Library modules are imported inside the functions so that
 importing the node pack stays cheap.
@@ -8,7 +8,7 @@ importing the node pack stays cheap.
 
 from __future__ import annotations
 
-from textenc import paths
+from textenc.loading import paths
 
 from .validate import checked
 
@@ -29,7 +29,7 @@ def _device(name: str) -> str:
 
 
 def _full_path(node: str, input_name: str, kind: str, name: str) -> str:
-    """The file of a model name, via :mod:`textenc.paths`; its errors name the node and input."""
+    """The file of a model name, via :mod:`textenc.loading.paths`; its errors name the node and input."""
     from textenc.errors import CheckpointError
 
     try:
@@ -120,7 +120,7 @@ class CLIPVisionLoader:
 
     @checked
     def load_clip(self, clip_name: str):
-        from textenc import clip_vision
+        from textenc.vision import clip_vision
 
         return (clip_vision.load(_full_path("CLIPVisionLoader", "clip_name", "clip_vision", clip_name)),)
 
@@ -140,7 +140,7 @@ class PhotoMakerLoader:
 
     @checked
     def load_photomaker_model(self, photomaker_model_name: str):
-        from textenc.photomaker import load_photomaker
+        from textenc.vision.photomaker import load_photomaker
 
         path = _full_path("PhotoMakerLoader", "photomaker_model_name", "photomaker", photomaker_model_name)
         return (load_photomaker(path),)

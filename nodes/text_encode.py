@@ -124,7 +124,7 @@ class CLIPTextEncodeSDXL:
 
 
 def _syntaxes() -> list[str]:
-    from textenc.dialects import SYNTAXES
+    from textenc.prompts.dialects import SYNTAXES
 
     return list(SYNTAXES)
 
@@ -171,7 +171,7 @@ class CLIPTextEncodeAdvancedTextenc:
     def encode(self, clip, text: str, token_normalization: str = "none", weight_interpretation: str = "auto",
                weight_convention: str = "comfy", square_brackets: bool = False, break_keyword: bool = False,
                syntax: str = "comfy", truncate_long_prompts: bool = True):
-        from textenc.dialects import DEFAULT_SYNTAX, check_refinements, default_weight_mode, dialect_options
+        from textenc.prompts.dialects import (DEFAULT_SYNTAX, check_refinements, default_weight_mode, dialect_options)
         from textenc.errors import PromptError
 
         refinements = {"weight_convention": weight_convention, "square_brackets": square_brackets,

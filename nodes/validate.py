@@ -76,10 +76,10 @@ def _check_model(value: Any, kind: str) -> str | None:
         from textenc.sd import CLIP as expected
         source = "a CLIP from a textenc loader (CLIPLoader, DualCLIPLoader)"
     elif kind == "CLIP_VISION":
-        from textenc.clip_vision import ClipVisionModel as expected
+        from textenc.vision.clip_vision import ClipVisionModel as expected
         source = "a CLIP_VISION from CLIPVisionLoader"
     else:
-        from textenc.photomaker import PhotoMakerIDEncoder as expected
+        from textenc.vision.photomaker import PhotoMakerIDEncoder as expected
         source = "a PHOTOMAKER from PhotoMakerLoader"
     if value is None:
         return f"input is None: the checkpoint or loader gave no model; connect {source}"
@@ -130,7 +130,7 @@ def _problem(value: Any, kind: Any, options: dict, name: str) -> str | None:
 def check_input(node: str, name: str, value: Any, spec: tuple, *, file_list: bool = False) -> None:
     """Raise the typed error for ``value`` of input ``name`` if it does not fit ``spec``."""
     kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-    if file_list:  # names are resolved (and refused) by textenc.paths, naming the input
+    if file_list:  # names are resolved (and refused) by textenc.loading.paths, naming the input
         kind = "STRING"
     problem = _problem(value, kind, options, name)
     if problem is not None:

@@ -45,6 +45,6 @@ class PhotoMakerEncode:
 
     @checked
     def apply_photomaker(self, photomaker, image, clip, text: str):
-        from textenc.photomaker import encode_photomaker
+        from textenc.vision.photomaker import encode_photomaker
 
         return (encode_photomaker(photomaker, clip, text, image),)

@@ -65,7 +65,7 @@ def tiny_hf_text_model(*, width: int):
 def write_tiny_sd1(folder: Path, *, width: int, diffusers: bool = False) -> Path:
     """:func:`tiny_hf_text_model` saved in SD1 layout as ``folder/tiny_sd1.safetensors``;
     with ``diffusers``, the same weights as a diffusers folder ``folder/diffusers``."""
-    from textenc.convert import to_layout
+    from textenc.loading.convert import to_layout
 
     model = tiny_hf_text_model(width=width)
     state = to_layout(dict(model.state_dict()), "sd1")

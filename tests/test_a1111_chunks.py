@@ -8,9 +8,9 @@ import pytest
 from a1111_prompts import ALL_PROMPTS, clause_prompts, tag_prompts
 from a1111_reference import OracleClip, a1111_embedding_folder
 from textenc.errors import PromptError
-from textenc.sd1_clip import SD1Tokenizer
-from textenc.sdxl_clip import SDXLTokenizer
-from textenc.tokenizer import DEFAULT_VOCAB, InspectReport, SDTokenizer
+from textenc.text_encoders.sd1_clip import SD1Tokenizer
+from textenc.text_encoders.sdxl_clip import SDXLTokenizer
+from textenc.prompts.tokenizer import DEFAULT_VOCAB, InspectReport, SDTokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,11 +14,11 @@ import torch
 from a1111_prompts import ALL_PROMPTS
 from a1111_reference import OracleClip, active_entry, oracle_schedule
 from random_weights import randomize_
-from textenc.dialects import SYNTAXES
+from textenc.prompts.dialects import SYNTAXES
 from textenc.errors import PromptError
 from textenc.sd import CLIP, conditioning_at_step
-from textenc.sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
-from textenc.tokenizer import DEFAULT_VOCAB
+from textenc.text_encoders.sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
+from textenc.prompts.tokenizer import DEFAULT_VOCAB
 
 transformers = pytest.importorskip("transformers")
 
@@ -177,7 +177,7 @@ def test_sdxl_schedule_equals_a1111(hf_tokenizer):
     """SDXL: each encoder chunks and weights on its own (CLIP-L pads with the end token,
     OpenCLIP-G with 0), both at the penultimate layer without the final norm; the cond is
     L beside G and the pooled output G's projected one of the first chunk."""
-    from textenc.sdxl_clip import SDXLClipModel, SDXLTokenizer
+    from textenc.text_encoders.sdxl_clip import SDXLClipModel, SDXLTokenizer
 
     def hf(width, seed):
         torch.manual_seed(seed)
@@ -220,7 +220,7 @@ def test_sdxl_schedule_equals_a1111(hf_tokenizer):
 def test_encode_scheduled_refuses_a_too_long_prompt_before_reading_its_schedule(clip, syntax, monkeypatch):
     """max_prompt_chars holds before the schedule parser sees the text (it read a
     100M-character prompt first, for minutes, and only then did the tokenizer refuse it)."""
-    import textenc.dialects as dialects
+    import textenc.prompts.dialects as dialects
 
     limited = CLIP(clip.cond_stage_model, SD1Tokenizer(max_prompt_chars=100))
     read = []

@@ -9,8 +9,8 @@ import pytest
 
 from a1111_prompts import ALL_PROMPTS
 from a1111_reference import oracle_and_parts, oracle_attention, oracle_schedule
-from textenc.dialects import prompt_schedules
-from textenc.dialects.a1111 import parse_attention, prompt_schedule, split_and
+from textenc.prompts.dialects import prompt_schedules
+from textenc.prompts.dialects.a1111 import parse_attention, prompt_schedule, split_and
 from textenc.errors import PromptError
 
 # ---- attention: A1111's doctests (documented behaviour) ------------------------
@@ -182,7 +182,7 @@ def test_huge_prompts_are_linear_or_refused():
 
 @pytest.mark.parametrize("depth", [1, 50, 200, 499])
 def test_edits_inside_brackets_nested_as_deep_as_a1111_reads(depth):
-    from textenc.dialects.a1111.schedule import MAX_NESTING
+    from textenc.prompts.dialects.a1111.schedule import MAX_NESTING
 
     assert depth + 1 <= MAX_NESTING  # pairs, the edit's own included
     prompt = "(" * depth + "x [a:b:3] y" + ")" * depth

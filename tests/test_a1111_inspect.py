@@ -13,7 +13,7 @@ from a1111_prompts import ALL_PROMPTS, clause_prompts, long_words_prompt, tag_pr
 from a1111_reference import BREAK_MARK, OracleClip, a1111_embedding_folder, oracle_attention
 from textenc.cli import main
 from textenc.errors import EmbeddingWarning
-from textenc.tokenizer import DEFAULT_VOCAB, SDTokenizer
+from textenc.prompts.tokenizer import DEFAULT_VOCAB, SDTokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,7 +4,7 @@ safetensors hands out views into the memory-mapped file at the offsets the file
 stores (here crafted so every tensor starts 4 bytes past a 64-byte boundary),
 and CPU matmul kernels may round such weights differently in the last bit. Every
 loader that assigns file tensors as parameters copies the unaligned ones
-(:func:`textenc.checkpoint.aligned`) and keeps the aligned ones shared with the
+(:func:`textenc.loading.checkpoint.aligned`) and keeps the aligned ones shared with the
 file. Checked for single-file text encoders (``load_clip``), ``load_sd`` and CLIP
 vision, at torch threads 1 and 2; the reference for "the same weights" is a file
 with every tensor 64-byte aligned.
@@ -21,12 +21,12 @@ import torch
 
 from test_clip_vision import TINY, hf_model  # noqa: F401  (fixture)
 from test_sd1_clip import END, START, hf_run, hf_state, make_hf, text_config
-from textenc.checkpoint import ALIGNMENT, aligned, load_state_dict
-from textenc.clip_vision import ClipVisionModel
-from textenc.convert import to_layout
+from textenc.loading.checkpoint import ALIGNMENT, aligned, load_state_dict
+from textenc.vision.clip_vision import ClipVisionModel
+from textenc.loading.convert import to_layout
 from textenc.sd import load_clip
-from textenc.sd1_clip import SDClipModel
-from textenc.tokenizer import DEFAULT_VOCAB
+from textenc.text_encoders.sd1_clip import SDClipModel
+from textenc.prompts.tokenizer import DEFAULT_VOCAB
 
 transformers = pytest.importorskip("transformers")
 
@@ -179,7 +179,7 @@ def test_clip_vision_load_sd_aligns_and_encodes_bit_identically(hf_model, tmp_pa
 def test_checkpoint_doctests():
     import doctest
 
-    from textenc import checkpoint
+    from textenc.loading import checkpoint
 
     result = doctest.testmod(checkpoint)
     assert result.attempted >= 3 and result.failed == 0

@@ -1,4 +1,4 @@
-"""textenc.attention: every backend against the reference, and the selection rules."""
+"""textenc.nn.attention: every backend against the reference, and the selection rules."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import sys
 import pytest
 import torch
 
-from textenc import attention
-from textenc.attention import (
-    ENV_VAR, attention_basic, attention_split, available_backends,
-    optimized_attention_for_device, select_backend,
-)
+from textenc.nn import attention
+from textenc.nn.attention import (ENV_VAR, attention_basic, attention_split, available_backends,
+                                  optimized_attention_for_device, select_backend)
 from textenc.errors import BackendUnavailableError
 
 TOL = 1e-5
@@ -297,16 +295,16 @@ def test_explicit_xformers_on_cuda_when_importable(facts):
 
 
 def test_nothing_probed_at_import():
-    """Importing textenc.attention neither imports xformers nor looks for it."""
+    """Importing textenc.nn.attention neither imports xformers nor looks for it."""
     code = (
         "import importlib.util, sys\n"
         "calls = []\n"
         "real = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda name, *a, **k: (calls.append(name), real(name, *a, **k))[1]\n"
-        "import textenc.attention, textenc.clip_model\n"
+        "import textenc.nn.attention, textenc.nn.clip_model\n"
         "assert 'xformers' not in sys.modules, 'xformers imported'\n"
         "assert 'xformers' not in calls, calls\n"
-        "textenc.attention.optimized_attention_for_device('cpu')\n"
+        "textenc.nn.attention.optimized_attention_for_device('cpu')\n"
         "assert 'xformers' not in sys.modules, 'xformers imported for cpu'\n"
         "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""Tests for textenc.checkpoint: safe loading and typed errors on hostile files."""
+"""Tests for textenc.loading.checkpoint: safe loading and typed errors on hostile files."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textenc.checkpoint import check_finite, load_state_dict, read_safetensors_header
+from textenc.loading.checkpoint import check_finite, load_state_dict, read_safetensors_header
 from textenc.errors import CheckpointError, TextencError
 
 TEXTENC_DIR = Path(__file__).resolve().parent.parent / "textenc"

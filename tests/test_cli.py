@@ -13,12 +13,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from textenc import clip_vision
+from textenc.vision import clip_vision
 from textenc.cli import main, read_prompts
-from textenc.config import load_vision_config
-from textenc.convert import to_layout
+from textenc.nn.config import load_vision_config
+from textenc.loading.convert import to_layout
 from textenc.sd import load_clip
-from textenc.tokenizer import DEFAULT_VOCAB
+from textenc.prompts.tokenizer import DEFAULT_VOCAB
 
 transformers = pytest.importorskip("transformers")
 
@@ -123,7 +123,7 @@ def test_inspect_json_tokens_match_hf(tmp_path, capsys):
 def test_inspect_table_subprocess_without_model_code(tmp_path):
     code = ("import sys; from textenc.cli import main; "
             "status = main(['inspect', 'a (red:1.2) cat BREAK dog', '--syntax', 'a1111']); "
-            "assert 'textenc.clip_model' not in sys.modules and 'textenc.sd' not in sys.modules; "
+            "assert 'textenc.nn.clip_model' not in sys.modules and 'textenc.sd' not in sys.modules; "
             "sys.exit(status)")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textenc.convert import to_layout
+from textenc.loading.convert import to_layout
 
 transformers = pytest.importorskip("transformers")
 

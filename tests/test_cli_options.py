@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from test_sd1_clip import END, hf_run, hf_state, make_hf
 from textenc.cli import build_parser, main
-from textenc.convert import to_layout
+from textenc.loading.convert import to_layout
 from textenc.errors import LayerError
 from textenc.sd import load_clip
-from textenc.tokenizer import DEFAULT_VOCAB
+from textenc.prompts.tokenizer import DEFAULT_VOCAB
 
 transformers = pytest.importorskip("transformers")
 
@@ -258,7 +258,7 @@ def test_help_renders_choices_as_typed_and_explains_clip_skip(capsys):
 
 
 def test_weight_modes_listed_are_the_librarys():
-    from textenc import weighting
+    from textenc.text_encoders import weighting
     from textenc.commands import encode
 
     assert encode.WEIGHT_MODES == weighting.WEIGHT_MODES

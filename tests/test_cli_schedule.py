@@ -13,8 +13,8 @@ import pytest
 from a1111_reference import OracleClip, active_entry, oracle_and_parts, oracle_schedule
 from textenc.cli import main
 from textenc.commands.inspect import SCHEDULED_SYNTAXES
-from textenc.dialects import SYNTAXES, get_dialect
-from textenc.tokenizer import DEFAULT_VOCAB
+from textenc.prompts.dialects import SYNTAXES, get_dialect
+from textenc.prompts.tokenizer import DEFAULT_VOCAB
 
 transformers = pytest.importorskip("transformers")
 

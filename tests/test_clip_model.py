@@ -19,9 +19,9 @@ from random_weights import randomize_
 import transformers
 from transformers.initialization import no_init_weights
 
-from textenc import ops
-from textenc.clip_model import CLIPTextModel, CLIPVisionModelProjection
-from textenc.config import load_text_config, load_vision_config
+from textenc.nn import ops
+from textenc.nn.clip_model import CLIPTextModel, CLIPVisionModelProjection
+from textenc.nn.config import load_text_config, load_vision_config
 from textenc.errors import ConfigError
 
 FP32_TOL = 1e-5

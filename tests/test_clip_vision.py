@@ -7,18 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textenc import clip_vision
-from textenc.clip_model import CLIPVisionModelProjection
-from textenc.clip_vision import (
-    ClipVisionModel,
-    ClipVisionOutput,
-    clip_preprocess,
-    detect_vision_config,
-    find_vision_tower,
-    load_clipvision_from_sd,
-)
-from textenc.config import load_vision_config
-from textenc.convert import to_layout
+from textenc.vision import clip_vision
+from textenc.nn.clip_model import CLIPVisionModelProjection
+from textenc.vision.clip_vision import (ClipVisionModel, ClipVisionOutput, clip_preprocess, detect_vision_config,
+                                        find_vision_tower, load_clipvision_from_sd)
+from textenc.nn.config import load_vision_config
+from textenc.loading.convert import to_layout
 from textenc.errors import CheckpointError, TextencError
 
 transformers = pytest.importorskip("transformers")

@@ -24,13 +24,12 @@ from safetensors.torch import save_file
 from test_prompt_parser import reference as comfy_weights
 from test_vit_h_numbering import PROMPT, sd2_23, vit_h  # noqa: F401  (fixtures)
 from test_vit_h_numbering import _ids as vit_h_ids
-from textenc.embeddings import EmbeddingLoader
-from textenc.errors import (CheckpointError, EmbeddingWarning, EncodeError, LayerError, PromptError,
-                            PromptWarning)
-from textenc.prompt_parser import parse_prompt
+from textenc.loading.embeddings import EmbeddingLoader
+from textenc.errors import (CheckpointError, EmbeddingWarning, EncodeError, LayerError, PromptError, PromptWarning)
+from textenc.prompts.parser import parse_prompt
 from textenc.sd import load_clip
-from textenc.sd1_clip import SDClipModel
-from textenc.tokenizer import SDTokenizer
+from textenc.text_encoders.sd1_clip import SDClipModel
+from textenc.prompts.tokenizer import SDTokenizer
 
 TINY = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 1, "max_position_embeddings": 77, "hidden_act": "quick_gelu",

@@ -24,7 +24,7 @@ from safetensors.torch import save_file  # noqa: E402
 from test_compel_oracle import COMPEL, WIDTH, assert_close, pipe, textenc_cond  # noqa: E402,F401  (pipe: fixture)
 from test_compel_sdxl import max_error, sdxl, textenc_encode  # noqa: E402,F401  (sdxl: fixture)
 from textenc.errors import PromptError  # noqa: E402
-from textenc.tokenizer import SDTokenizer  # noqa: E402
+from textenc.prompts.tokenizer import SDTokenizer  # noqa: E402
 
 
 def textenc_refuses(pipe, prompt: str, match: str) -> None:

@@ -22,11 +22,10 @@ transformers = pytest.importorskip("transformers")
 import compel_prompts  # noqa: E402
 from compel_prompts import ALL, LONG_SENTENCES, LONG_SPAN, PROMPTS  # noqa: E402
 from random_weights import randomize_  # noqa: E402
-from textenc.dialects.compel import (empty_conditioning, parse_compel,  # noqa: E402
-                                     pad_conditioning_tensors_to_same_length)
+from textenc.prompts.dialects.compel import (empty_conditioning, parse_compel, pad_conditioning_tensors_to_same_length)
 from textenc.errors import PromptError  # noqa: E402
 from textenc.sd import load_clip  # noqa: E402
-from textenc.tokenizer import DEFAULT_VOCAB, SDTokenizer  # noqa: E402
+from textenc.prompts.tokenizer import DEFAULT_VOCAB, SDTokenizer  # noqa: E402
 
 TOL = 1e-5
 START, END = 49406, 49407
@@ -199,14 +198,15 @@ def test_inspect_reports_compel_fragments(pipe):
 def test_doctests():
     import doctest
 
-    from textenc.dialects import compel_grammar, compel_parser, compel_tokens, compel_weighting
+    from textenc.prompts.dialects.compel import (grammar as compel_grammar, parser as compel_parser, tokens as compel_tokens)
+    from textenc.text_encoders import compel_weighting
 
     for module in (compel_grammar, compel_parser, compel_tokens, compel_weighting):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
 def test_compel_syntax_defaults_to_compel_weights():
-    from textenc.dialects import default_weight_mode
+    from textenc.prompts.dialects import default_weight_mode
 
     assert default_weight_mode("compel") == "compel"
 

@@ -1,6 +1,6 @@
 """compel's pooled output costs one forward row, and only where the pooled output is used.
 
-compel pools the raw prompt text's window (:func:`textenc.dialects.compel_tokens.pooled_window`),
+compel pools the raw prompt text's window (:func:`textenc.prompts.dialects.compel.tokens.pooled_window`),
 which textenc encodes as one more row of the prompt's forward. SDXL's pooled output is G's
 alone, so its L encoder is asked for none (``need_pooled=False``) and encodes no such row;
 neither does any encoder when ``CLIP.encode_from_tokens`` is asked for cond only. The rows

@@ -41,10 +41,10 @@ import compel_prompts  # noqa: E402
 from compel_prompts import ALL, LONG_SENTENCES, PROMPTS  # noqa: E402
 from random_weights import randomize_  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from textenc.convert import to_layout  # noqa: E402
-from textenc.dialects.compel import empty_conditioning, pad_conditioning_tensors_to_same_length  # noqa: E402
+from textenc.loading.convert import to_layout  # noqa: E402
+from textenc.prompts.dialects.compel import empty_conditioning, pad_conditioning_tensors_to_same_length  # noqa: E402
 from textenc.sd import load_clip  # noqa: E402
-from textenc.tokenizer import DEFAULT_VOCAB  # noqa: E402
+from textenc.prompts.tokenizer import DEFAULT_VOCAB  # noqa: E402
 
 TOL = 1e-5
 COMPEL = {"weight_mode": "compel"}

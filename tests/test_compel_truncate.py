@@ -31,7 +31,7 @@ from test_compel_sdxl import compel_encode, max_error, sdxl, textenc_encode  # n
 from test_diffusers import _build_pipeline  # noqa: E402
 from textenc.cli import main  # noqa: E402
 from textenc.errors import DatasetError, PromptError  # noqa: E402
-from textenc.tokenizer import SDTokenizer  # noqa: E402
+from textenc.prompts.tokenizer import SDTokenizer  # noqa: E402
 
 NEGATIVE = "ugly, (blurry)0.5"
 REFUSED = r"truncate_long_prompts=False is an option of syntax='compel' only; syntax='{}'"

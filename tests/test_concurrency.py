@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textenc.convert import to_layout
+from textenc.loading.convert import to_layout
 from textenc.sd import load_clip
 
 transformers = pytest.importorskip("transformers")

@@ -8,14 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from textenc.conditioning import (
-    conditioning_average,
-    conditioning_combine,
-    conditioning_concat,
-    conditioning_zero_out,
-    unclip_conditioning,
-    validate_conditioning,
-)
+from textenc.conditioning import (conditioning_average, conditioning_combine, conditioning_concat, conditioning_zero_out,
+                                  unclip_conditioning, validate_conditioning)
 from textenc.errors import TextencError
 
 

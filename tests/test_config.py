@@ -1,4 +1,4 @@
-"""textenc.config: bundled configs against published values, and strict loading."""
+"""textenc.nn.config: bundled configs against published values, and strict loading."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import json
 import pytest
 import transformers
 
-from textenc import config as config_module
-from textenc.config import (
-    CLIPTextConfig, CLIPVisionConfig, bundled_config_names, load_text_config, load_vision_config,
-)
+from textenc.nn import config as config_module
+from textenc.nn.config import (CLIPTextConfig, CLIPVisionConfig, bundled_config_names, load_text_config,
+                               load_vision_config)
 from textenc.errors import ConfigError
 
 # Hand-typed from the published model cards / configs: OpenAI CLIP ViT-L/14

@@ -1,4 +1,4 @@
-"""Tests for textenc.convert: every layout round-trips exactly; detection reads shapes."""
+"""Tests for textenc.loading.convert: every layout round-trips exactly; detection reads shapes."""
 
 from __future__ import annotations
 
@@ -8,24 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textenc.checkpoint import load_state_dict
-from textenc.convert import (
-    LAYOUTS,
-    SPLIT_QKV,
-    TEXT,
-    VISION,
-    apply_rules,
-    check_keys,
-    to_layout,
-    tower_rules,
-)
-from textenc.detect import (
-    convert_text_state_dict,
-    convert_vision_state_dict,
-    detect_model_kind,
-    detect_text_encoders,
-    detect_vision,
-)
+from textenc.loading.checkpoint import load_state_dict
+from textenc.loading.convert import (LAYOUTS, SPLIT_QKV, TEXT, VISION, apply_rules, check_keys, to_layout, tower_rules)
+from textenc.loading.detect import (convert_text_state_dict, convert_vision_state_dict, detect_model_kind,
+                                    detect_text_encoders, detect_vision)
 from textenc.errors import CheckpointError
 
 TEXT_LAYOUTS = sorted(name for name, (tower, _, _) in LAYOUTS.items() if tower is TEXT)

@@ -17,7 +17,7 @@ from dataset_fixtures import encoder, random_captions
 from test_sd1_clip import hf_models, hf_state, to_layout  # noqa: F401  (fixture)
 from textenc.dataset import main, open_shards
 from textenc.dataset.cli import configure_parser
-from textenc.dialects import default_weight_mode
+from textenc.prompts.dialects import default_weight_mode
 from textenc.errors import DatasetError, LayerError, PromptError
 from textenc.sd import load_clip
 

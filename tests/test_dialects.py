@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from textenc.dialects import SYNTAXES, check_syntax, default_weight_mode, get_dialect
+from textenc.prompts.dialects import SYNTAXES, check_syntax, default_weight_mode, get_dialect
 from textenc.errors import PromptError
 
 
@@ -25,7 +25,7 @@ def test_unknown_syntax_names_the_choices():
 
 
 def test_listing_the_syntaxes_imports_no_torch():
-    code = "import sys; from textenc.dialects import SYNTAXES, default_weight_mode; " \
+    code = "import sys; from textenc.prompts.dialects import SYNTAXES, default_weight_mode; " \
            "default_weight_mode('a1111'); sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -35,10 +35,10 @@ def test_dialects_package_has_no_import_circle():
     import one way only."""
     from import_graph import import_circles, import_graph
 
-    graph = import_graph("textenc.dialects")
-    assert {"textenc.dialects.compel_parser", "textenc.dialects.compel_grammar"} <= set(graph)
-    assert "textenc.dialects.compel_parser" in graph["textenc.dialects.compel_grammar"]
-    assert import_circles("textenc.dialects") == []
+    graph = import_graph("textenc.prompts.dialects")
+    assert {"textenc.prompts.dialects.compel.parser", "textenc.prompts.dialects.compel.grammar"} <= set(graph)
+    assert "textenc.prompts.dialects.compel.parser" in graph["textenc.prompts.dialects.compel.grammar"]
+    assert import_circles("textenc.prompts.dialects") == []
 
 
 # A per-call refinement of one dialect, at a value that changes that dialect's reading:
@@ -65,8 +65,8 @@ def test_a_refinement_is_refused_by_the_syntaxes_it_does_not_refine(name, value,
     """Each refinement changes its own dialect's windows, and every other syntax refuses it
     (before, they ignored it silently: one option, one meaning). At its default it is
     accepted everywhere and changes nothing."""
-    from textenc.dialects import REFINEMENTS
-    from textenc.tokenizer import SDTokenizer
+    from textenc.prompts.dialects import REFINEMENTS
+    from textenc.prompts.tokenizer import SDTokenizer
 
     tok = SDTokenizer()
     owner, default = REFINEMENTS[name]
@@ -85,8 +85,8 @@ def test_a_refinement_is_refused_by_the_syntaxes_it_does_not_refine(name, value,
 
 
 def test_a1111_backtrack_default_is_the_registered_one():
-    from textenc.dialects import REFINEMENTS
-    from textenc.dialects.a1111.chunks import DEFAULT_BACKTRACK
+    from textenc.prompts.dialects import REFINEMENTS
+    from textenc.prompts.dialects.a1111.chunks import DEFAULT_BACKTRACK
 
     assert DEFAULT_BACKTRACK == REFINEMENTS["comma_padding_backtrack"][1] == 20  # A1111's shared.opts default
 
@@ -103,7 +103,7 @@ def test_max_weight_and_warn_weight_above_hold_for_every_syntax(syntax):
     import warnings
 
     from textenc.errors import PromptWarning
-    from textenc.tokenizer import SDTokenizer
+    from textenc.prompts.tokenizer import SDTokenizer
 
     tok = SDTokenizer()
     text = _HEAVY[syntax]
@@ -126,7 +126,7 @@ def test_max_weight_and_warn_weight_above_hold_for_every_syntax(syntax):
 
 @pytest.mark.parametrize("syntax", SYNTAXES)
 def test_max_windows_holds_for_every_syntax(syntax):
-    from textenc.tokenizer import SDTokenizer
+    from textenc.prompts.tokenizer import SDTokenizer
 
     tok = SDTokenizer()
     text = " ".join(["cat"] * 200)  # 200 tokens: 3 windows of 75 in every dialect
@@ -142,7 +142,7 @@ def test_max_windows_holds_for_every_syntax(syntax):
 
 @pytest.mark.parametrize("syntax", SYNTAXES)
 def test_max_prompt_chars_holds_for_every_syntax(syntax):
-    from textenc.tokenizer import SDTokenizer
+    from textenc.prompts.tokenizer import SDTokenizer
 
     tok = SDTokenizer(max_prompt_chars=100)
     assert tok.tokenize_with_weights("a" * 100, syntax=syntax)
@@ -160,7 +160,7 @@ _INFINITE = {"comfy": "a (cat:" + "9" * 400 + ")", "a1111": "a (cat:" + "9" * 40
 
 @pytest.mark.parametrize("syntax", SYNTAXES)
 def test_an_infinite_weight_is_refused_by_every_syntax(syntax):
-    from textenc.tokenizer import SDTokenizer
+    from textenc.prompts.tokenizer import SDTokenizer
 
     tok = SDTokenizer()
     with pytest.raises(PromptError, match=r"finite"):
@@ -170,7 +170,7 @@ def test_an_infinite_weight_is_refused_by_every_syntax(syntax):
 
 
 def test_compel_plus_signs_past_float_range_are_a_prompt_error():
-    from textenc.tokenizer import SDTokenizer
+    from textenc.prompts.tokenizer import SDTokenizer
 
     tok = SDTokenizer()
     with pytest.raises(PromptError, match=r"8000 '\+' signs at character 1"):
@@ -181,7 +181,7 @@ def test_compel_plus_signs_past_float_range_are_a_prompt_error():
 @pytest.mark.parametrize("name", ["square_brackets", "break_keyword", "strict_weights"])
 @pytest.mark.parametrize("value", ["yes", None, 1])
 def test_switches_must_be_booleans(name, value):
-    from textenc.tokenizer import SDTokenizer
+    from textenc.prompts.tokenizer import SDTokenizer
 
     with pytest.raises(PromptError, match=rf"{name} must be True or False"):
         SDTokenizer().tokenize_with_weights("a [b]", **{name: value})

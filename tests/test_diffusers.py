@@ -30,9 +30,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
 from textenc.diffusers import encode_for_pipeline, load_from_diffusers, to_diffusers  # noqa: E402
-from textenc.errors import (CheckpointError, DiffusersLayoutError, LayerError, PromptError,  # noqa: E402
-                            TextencError)
-from textenc.tokenizer import DEFAULT_VOCAB  # noqa: E402
+from textenc.errors import CheckpointError, DiffusersLayoutError, LayerError, PromptError, TextencError
+from textenc.prompts.tokenizer import DEFAULT_VOCAB  # noqa: E402
 
 ATOL = 1e-5
 SHORT = "a photo of a cat, high quality"

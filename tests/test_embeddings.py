@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textenc.embeddings import EmbeddingLoader, load_embed
+from textenc.loading.embeddings import EmbeddingLoader, load_embed
 from textenc.errors import EmbeddingError, EmbeddingWarning
-from textenc.tokenizer import SDTokenizer
+from textenc.prompts.tokenizer import SDTokenizer
 
 START, END = 49406, 49407
 WIDTH = 768

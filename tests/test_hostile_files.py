@@ -28,12 +28,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textenc.checkpoint import load_state_dict
-from textenc.convert import to_layout
-from textenc.embeddings import EmbeddingLoader
+from textenc.loading.checkpoint import load_state_dict
+from textenc.loading.convert import to_layout
+from textenc.loading.embeddings import EmbeddingLoader
 from textenc.errors import CheckpointError, CheckpointWarning, EncodeError, TextencError
 from textenc.sd import load_clip
-from textenc.sd1_clip import SDClipModel
+from textenc.text_encoders.sd1_clip import SDClipModel
 
 WIDTH = 768
 MB = 1 << 20
@@ -51,7 +51,7 @@ def _run_python(code: str, *args: str) -> str:
 
 _AUDIT_SCRIPT = """
 import json, os, sys, warnings
-from textenc.tokenizer import SDTokenizer
+from textenc.prompts.tokenizer import SDTokenizer
 root, names = sys.argv[1], json.loads(sys.argv[2])
 tok = SDTokenizer(embedding_directory=root)
 seen = []
@@ -121,7 +121,7 @@ def test_malicious_pickle_never_runs_through_public_loaders(tmp_path, suffix):
 
 _RSS_SCRIPT = """
 import json, os, resource, sys
-import torch, textenc.embeddings, textenc.checkpoint, textenc.sd  # imports are not the files' cost
+import torch, textenc.loading.embeddings, textenc.loading.checkpoint, textenc.sd  # imports are not the files' cost
 from textenc.errors import TextencError
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -131,7 +131,7 @@ for kind, path in json.loads(sys.argv[1]):
     try:
         if kind == "embedding":
             folder, name = os.path.split(path)
-            outcome = textenc.embeddings.EmbeddingLoader(folder, 768).lookup(os.path.splitext(name)[0]).status
+            outcome = textenc.loading.embeddings.EmbeddingLoader(folder, 768).lookup(os.path.splitext(name)[0]).status
         else:
             textenc.sd.load_clip(path)
     except TextencError:

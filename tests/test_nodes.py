@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from textenc import clip_vision, paths
-from textenc.config import load_vision_config
-from textenc.convert import to_layout
+from textenc.vision import clip_vision
+from textenc.loading import paths
+from textenc.nn.config import load_vision_config
+from textenc.loading.convert import to_layout
 from textenc.errors import CheckpointError, TextencError
 from textenc.sd import load_clip
-from textenc.tokenizer import SDTokenizer
+from textenc.prompts.tokenizer import SDTokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -279,7 +280,7 @@ def test_sdxl_padding_and_type_check(pack, models_dir):
 
 
 def test_photomaker_encode_calls_the_library(pack, models_dir):
-    from textenc.photomaker import PhotoMakerIDEncoder, encode_photomaker
+    from textenc.vision.photomaker import PhotoMakerIDEncoder, encode_photomaker
 
     (clip,) = run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="sd1")
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from textenc.errors import (CheckpointError, ConditioningError, EncodeError, Ima
 @pytest.fixture()
 def valid(pack, models_dir):  # noqa: F811
     """One valid input set per node, built from the tiny models."""
-    from textenc.photomaker import PhotoMakerIDEncoder
+    from textenc.vision.photomaker import PhotoMakerIDEncoder
 
     (clip,) = run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="sd1")
     (vision,) = run(pack, "CLIPVisionLoader", clip_name="tiny_vision.safetensors")

@@ -38,13 +38,12 @@ open_clip = pytest.importorskip(
 )
 from safetensors.torch import save_file  # noqa: E402
 
-from textenc.checkpoint import load_state_dict  # noqa: E402
-from textenc.clip_vision import ClipVisionModel, find_vision_tower  # noqa: E402
-from textenc.convert import to_layout  # noqa: E402
-from textenc.detect import (  # noqa: E402
-    convert_text_state_dict, convert_vision_state_dict, detect_vision)
+from textenc.loading.checkpoint import load_state_dict  # noqa: E402
+from textenc.vision.clip_vision import ClipVisionModel, find_vision_tower  # noqa: E402
+from textenc.loading.convert import to_layout  # noqa: E402
+from textenc.loading.detect import convert_text_state_dict, convert_vision_state_dict, detect_vision
 from textenc.sd import load_clip  # noqa: E402
-from textenc.sd2_clip import SD2Tokenizer  # noqa: E402
+from textenc.text_encoders.sd2_clip import SD2Tokenizer  # noqa: E402
 
 #: fp32 parity bound of the style guide (STYLE.md, "Tests").
 TOLERANCE = 1e-5

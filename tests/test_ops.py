@@ -1,4 +1,4 @@
-"""textenc.ops: init-free layers and the manual-cast namespace.
+"""textenc.nn.ops: init-free layers and the manual-cast namespace.
 
 References are torch's own layers/functionals on the same tensors.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from textenc import ops
+from textenc.nn import ops
 
 NAMESPACES = [ops.disable_weight_init, ops.manual_cast]
 

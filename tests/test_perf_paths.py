@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from random_weights import randomize_
 
-from textenc import clip_layers, ops
-from textenc.attention import ATTENTION_BACKENDS, optimized_attention_for_device
-from textenc.clip_model import CLIPTextModel, CLIPVisionModelProjection
-from textenc.config import load_text_config, load_vision_config
+from textenc.nn import clip_layers, ops
+from textenc.nn.attention import ATTENTION_BACKENDS, optimized_attention_for_device
+from textenc.nn.clip_model import CLIPTextModel, CLIPVisionModelProjection
+from textenc.nn.config import load_text_config, load_vision_config
 
 TOL = 1e-5
 CPU_BACKENDS = ["sdpa", "bmm", "split", "basic"]

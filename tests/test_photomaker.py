@@ -7,15 +7,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from textenc.clip_vision import clip_preprocess
+from textenc.vision.clip_vision import clip_preprocess
 from textenc.errors import CheckpointError, ConfigError, PromptError
-from textenc.photomaker import (
-    PhotoMakerIDEncoder,
-    apply_trigger,
-    encode_photomaker,
-    load_photomaker,
-    photomaker_state_dict,
-)
+from textenc.vision.photomaker import (PhotoMakerIDEncoder, apply_trigger, encode_photomaker, load_photomaker,
+                                       photomaker_state_dict)
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "image_size": 28, "patch_size": 14,

@@ -1,4 +1,4 @@
-"""Tests of textenc.prompt_parser against hand tables and a reference oracle.
+"""Tests of textenc.prompts.parser against hand tables and a reference oracle.
 
 The oracle below is a plain recursive rewrite of ComfyUI's rules
 (``parse_parentheses`` / ``token_weights`` / ``escape_important``) written
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from textenc.errors import PromptError, PromptWarning
-from textenc.prompt_parser import ParseOptions, parse_prompt
+from textenc.prompts.parser import ParseOptions, parse_prompt
 
 # --- reference oracle (recursive, sentinel-based, like ComfyUI) -------------
 
@@ -273,7 +273,7 @@ def test_nested_groups_match_the_oracle(prompt, a1111):
 def test_doctests():
     import doctest
 
-    from textenc import prompt_brackets, prompt_parser
+    from textenc.prompts import brackets as prompt_brackets, parser as prompt_parser
 
     for module in (prompt_parser, prompt_brackets):
         result = doctest.testmod(module)

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 
 import textenc.errors as errors
 from textenc.errors import EmbeddingWarning, PromptError, PromptWarning, TextencError, TextencWarning
-from textenc.prompt_parser import parse_prompt
-from textenc.tokenizer import SDTokenizer
-from textenc.weighting import apply_weights
+from textenc.prompts.parser import parse_prompt
+from textenc.prompts.tokenizer import SDTokenizer
+from textenc.text_encoders.weighting import apply_weights
 
 TEXTENC = Path(__file__).resolve().parents[1] / "textenc"
 START, END = 49406, 49407

@@ -34,10 +34,10 @@ from random_weights import randomize_
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
-from textenc.convert import to_layout  # noqa: E402
+from textenc.loading.convert import to_layout  # noqa: E402
 from textenc.errors import CheckpointError, PromptError  # noqa: E402
 from textenc.sd import load_clip  # noqa: E402
-from textenc.sd1_clip import SDClipModel  # noqa: E402
+from textenc.text_encoders.sd1_clip import SDClipModel  # noqa: E402
 
 TOL = 1e-5
 START, END = 49406, 49407

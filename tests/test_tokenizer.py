@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from test_prompt_parser import reference
 from textenc.errors import PromptError, PromptWarning
-from textenc.tokenizer import DEFAULT_VOCAB, SDTokenizer
+from textenc.prompts.tokenizer import DEFAULT_VOCAB, SDTokenizer
 
 START, END = 49406, 49407
 
@@ -386,7 +386,7 @@ def test_token_text_is_the_vocabulary_entry(hf, tok):
 def test_doctests():
     import doctest
 
-    from textenc import tokenizer
+    from textenc.prompts import tokenizer
 
     result = doctest.testmod(tokenizer)
     assert result.attempted >= 3 and result.failed == 0
@@ -399,7 +399,7 @@ def test_textenc_has_no_import_circle():
     from import_graph import import_circles, import_graph
 
     graph = import_graph("textenc")
-    assert "textenc.inspect_report" in graph["textenc.dialects.a1111.report"]  # the graph sees imports
-    assert "textenc.dialects.compel" in graph["textenc.tokenizer"] or \
-        "textenc.dialects" in graph["textenc.tokenizer"]
+    assert "textenc.prompts.report" in graph["textenc.prompts.dialects.a1111.report"]  # the graph sees imports
+    assert "textenc.prompts.dialects.compel" in graph["textenc.prompts.tokenizer"] or \
+        "textenc.prompts.dialects" in graph["textenc.prompts.tokenizer"]
     assert import_circles("textenc") == []

@@ -27,12 +27,12 @@ from random_weights import randomize_
 from test_nodes import pack, run  # noqa: F401  (fixture)
 from test_sd1_clip import END, START, hf_run, hf_state
 from textenc.cli import main
-from textenc.convert import to_layout
+from textenc.loading.convert import to_layout
 from textenc.dataset import encode_dataset, open_shards
 from textenc.diffusers import encode_for_pipeline
 from textenc.errors import LayerError
 from textenc.sd import load_clip
-from textenc.tokenizer import DEFAULT_VOCAB
+from textenc.prompts.tokenizer import DEFAULT_VOCAB
 
 transformers = pytest.importorskip("transformers")
 
@@ -210,7 +210,7 @@ def test_clip_set_last_layer_node_uses_comfyui_numbering(vit_h, sd2_23, pack):
 def test_layer_numbering_doctests():
     import doctest
 
-    from textenc import layers
+    from textenc.text_encoders import clip_skip as layers
 
     result = doctest.testmod(layers)
     assert result.attempted >= 6 and result.failed == 0

@@ -21,7 +21,7 @@ import torch
 
 from test_sd1_clip import END, START, close, hf_models, hf_run, sd1_model  # noqa: F401
 from textenc.errors import PromptError
-from textenc.weighting import normalize_weights
+from textenc.text_encoders.weighting import normalize_weights
 
 
 def window(units, *, word_ids: bool = True):

@@ -6,3 +6,7 @@ need them.
 """
 
 __version__ = "0.1.0"
+
+from ._aliases import install as _install_old_paths
+
+_install_old_paths()  # old import paths (textenc.sd1_clip, textenc.tokenizer, ...) keep working

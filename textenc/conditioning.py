@@ -85,7 +85,7 @@ def unclip_conditioning(conditioning: Conditioning, clip_vision_output: Any,
 
     Args:
         conditioning: The CONDITIONING to extend.
-        clip_vision_output: A :class:`textenc.clip_vision.ClipVisionOutput`
+        clip_vision_output: A :class:`textenc.vision.clip_vision.ClipVisionOutput`
             (anything with a tensor ``image_embeds``).
         strength: Weight of the image embedding; 0 returns ``conditioning`` itself.
         noise_augmentation: Noise level in [0, 1] applied by the unCLIP model.

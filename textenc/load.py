@@ -3,7 +3,7 @@
 Every command-line ``--model`` goes through :func:`load_text_model`, so they
 all accept the same things: full SD1/SD2/SDXL checkpoints and standalone
 text-encoder files in any known key layout (:func:`textenc.sd.load_clip`),
-and diffusers model folders (:func:`textenc.diffusers_load.load_from_diffusers`,
+and diffusers model folders (:func:`textenc.diffusers.load.load_from_diffusers`,
 which reads the head count and activation from the folder's ``config.json``).
 """
 
@@ -71,7 +71,7 @@ def load_text_model(model: str | os.PathLike | Sequence[str | os.PathLike], *,
     if len(paths) > 1:
         raise CheckpointError(f"{_shown(folders[0])} is a diffusers model folder, which holds every text "
                               "encoder; pass it alone")
-    from .diffusers_load import load_from_diffusers
+    from .diffusers.load import load_from_diffusers
 
     clip = load_from_diffusers(paths[0], device=device, dtype=dtype, embedding_directory=embedding_directory)
     if clip_type not in (None, "auto") and clip.clip_type != clip_type:

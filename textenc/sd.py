@@ -1,6 +1,6 @@
 """ComfyUI's ``CLIP`` (a tokenizer plus its text-encoder model) and loading it from checkpoint files.
 
-Finding the encoders in the files is :mod:`textenc.text_encoder_files`; this
+Finding the encoders in the files is :mod:`textenc.loading.text_encoders`; this
 module builds the model and wraps it (its names are re-exported here).
 
 >>> # clip = load_clip(["model.safetensors"], embedding_directory="embeddings")
@@ -14,17 +14,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoint import load_state_dict
-from .dialect_limits import check_prompt_size
-from .dialects import default_weight_mode, get_dialect, prompt_schedules
+from .loading.checkpoint import load_state_dict
+from .prompts.limits import check_prompt_size
+from .prompts.dialects import default_weight_mode, get_dialect, prompt_schedules
 from .errors import CheckpointError, TextencError
-from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
-from .sd2_clip import SD2ClipModel, SD2Tokenizer
-from .sdxl_clip import SDXLClipModel, SDXLTokenizer
-from .step_ranges import step_ranges
-from .tokenizer import SDTokenizer
-from .text_encoder_files import (CLIP_TYPES, ROLES, FoundTextEncoder, detect_clip_type,
-                                 load_text_encoder_state_dicts, text_config_from_info)
+from .text_encoders.sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
+from .text_encoders.sd2_clip import SD2ClipModel, SD2Tokenizer
+from .text_encoders.sdxl_clip import SDXLClipModel, SDXLTokenizer
+from .prompts.step_ranges import step_ranges
+from .prompts.tokenizer import SDTokenizer
+from .loading.text_encoders import (CLIP_TYPES, ROLES, FoundTextEncoder, detect_clip_type, load_text_encoder_state_dicts,
+                                    text_config_from_info)
 
 __all__ = ["CLIP", "CLIP_TYPES", "ROLES", "build_clip", "load_clip", "load_text_encoder_state_dicts",
            "text_config_from_info", "detect_clip_type", "conditioning_at_step", "FoundTextEncoder"]
@@ -93,7 +93,7 @@ class CLIP:
         ``syntax="compel"``: compel's chunks instead of one truncated window).
 
         Raises:
-            PromptError: see :meth:`textenc.tokenizer.SDTokenizer.tokenize_with_weights`.
+            PromptError: see :meth:`textenc.prompts.tokenizer.SDTokenizer.tokenize_with_weights`.
         """
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
 
@@ -204,7 +204,7 @@ def _syntax_options(syntax: str | None, options: Mapping[str, Any] | None) -> di
 
 def _timed_entries(schedule: Sequence[tuple[int, str]], encoded: Sequence[tuple], steps: int,
                    weight: float) -> list:
-    """ComfyUI entries of one schedule, over the steps :func:`~textenc.step_ranges.step_ranges` gives."""
+    """ComfyUI entries of one schedule, over the steps :func:`~textenc.prompts.step_ranges.step_ranges` gives."""
     return [[encoded[r.index][0], {"pooled_output": encoded[r.index][1], "start_percent": r.start_percent,
                                    "end_percent": r.end_percent, "strength": weight}]
             for r in step_ranges(schedule, steps)]

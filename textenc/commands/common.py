@@ -30,7 +30,7 @@ import threading
 import warnings
 from typing import Callable, Iterator
 
-from ..dialects import DIALECT_OPTIONS, dialect_options
+from ..prompts.dialects import DIALECT_OPTIONS, dialect_options
 from ..errors import TextencError
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
@@ -137,7 +137,7 @@ TRUNCATE_HELP = ("--syntax compel only: cut a prompt longer than 75 tokens into 
 
 
 def add_dialect_flags(parser: argparse.ArgumentParser) -> None:
-    """Add the dialects' own options (:data:`textenc.dialects.DIALECT_OPTIONS`) to a parser
+    """Add the dialects' own options (:data:`textenc.prompts.dialects.DIALECT_OPTIONS`) to a parser
     that has ``--syntax``; on a :class:`CommandParser`, one given with another syntax is a
     usage error (exit 2)."""
     parser.add_argument(TRUNCATE_FLAG, action="store_true", help=TRUNCATE_HELP)

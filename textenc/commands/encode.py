@@ -15,16 +15,16 @@ import json
 import os
 from typing import Any
 
-from ..dialects import SYNTAXES, default_weight_mode
+from ..prompts.dialects import SYNTAXES, default_weight_mode
 from ..errors import LayerError, TextencError
-from ..layers import layer_from_clip_skip
-from .common import (add_dialect_flags, check_folder, check_out_file, dialect_flag_options, progress, show_path,
-                     write_file_atomically)
+from ..text_encoders.clip_skip import layer_from_clip_skip
+from .common import (add_dialect_flags, check_folder, check_out_file, dialect_flag_options, progress,
+                     show_path, write_file_atomically)
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
 
-# The same tuples as textenc.weighting (tests check), kept here so that parsing
+# The same tuples as textenc.text_encoders.weighting (tests check), kept here so that parsing
 # the command line imports no torch.
 WEIGHT_MODES = ("comfy", "a1111", "a1111_no_norm", "compel", "none")
 NORMALIZATIONS = ("none", "mean", "length", "length+mean")
@@ -179,7 +179,7 @@ def add_encode(sub) -> argparse.ArgumentParser:
     add_dialect_flags(parser)
     pairs = ", ".join(f"{default_weight_mode(name)} for {name}" for name in SYNTAXES)
     add("--weight-mode", choices=WEIGHT_MODES, default=None,
-        help=f"how token weights are applied, see textenc.weighting (default: the one that goes with --syntax: {pairs})")
+        help=f"how token weights are applied, see textenc.text_encoders.weighting (default: the one that goes with --syntax: {pairs})")
     add("--normalization", choices=NORMALIZATIONS, default="none",
         help="rescaling of the weights of each prompt")
     add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none; "

@@ -16,8 +16,8 @@ import argparse
 import json
 from typing import Any
 
-from ..dialects import SYNTAXES, prompt_schedules
-from ..step_ranges import step_ranges
+from ..prompts.dialects import SYNTAXES, prompt_schedules
+from ..prompts.step_ranges import step_ranges
 from .common import add_dialect_flags, check_folder, dialect_flag_options, positive_int
 from .encode import SYNTAX_HELP
 
@@ -33,7 +33,7 @@ TOKENIZERS = {"sd1": (768, True, "clip_l"), "sd2": (1024, False, "clip_h"), "sdx
 
 
 def _bundled_tokenizer(args: argparse.Namespace, embeddings: str | None):
-    from ..tokenizer import SDTokenizer
+    from ..prompts.tokenizer import SDTokenizer
 
     width, pad_with_end, key = TOKENIZERS[args.tokenizer]
     return SDTokenizer(pad_with_end=pad_with_end, embedding_directory=embeddings,

@@ -50,7 +50,7 @@ def run_vision(args: argparse.Namespace) -> int:
             raise TextencError(f"{show_path(path)}: image file does not exist")
     from safetensors.torch import save
 
-    from .. import clip_vision
+    from ..vision import clip_vision
 
     model = clip_vision.load(_check_model_file(args.model))
     tensors = {}

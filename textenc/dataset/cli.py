@@ -20,9 +20,9 @@ from typing import Sequence
 
 from ..commands.common import (CommandParser, add_dialect_flags, describe_error, dialect_flag_options, positive_int,
                                run_command)
-from ..dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
+from ..prompts.dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
 from ..errors import DatasetError, TextencError
-from ..weighting import WEIGHT_MODES
+from ..text_encoders.weighting import WEIGHT_MODES
 from .compute import COMPUTE_DTYPES, DEFAULT_THREADS
 from .driver import KINDS, OUTPUTS, encode_dataset
 from .dry_run import format_plan

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..dialects import check_syntax, default_weight_mode, dialect_options
+from ..prompts.dialects import check_syntax, default_weight_mode, dialect_options
 from ..errors import DatasetError
 from ..sd import CLIP_TYPES
-from ..weighting import WEIGHT_MODES
+from ..text_encoders.weighting import WEIGHT_MODES
 from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
 from .dry_run import dry_run_report
 from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings, layer_for_clip_skip, resolved_layers

@@ -3,7 +3,7 @@
 Captions with the same number of windows are encoded together: their windows
 are stacked into one forward of each ``SDClipModel``, for the last layer and
 for an intermediate one (clip skip, the SD2 and SDXL defaults) alike; weighting
-is then applied per caption exactly as :func:`textenc.sd1_encode.encode_token_weights`
+is then applied per caption exactly as :func:`textenc.text_encoders.encode.encode_token_weights`
 does. Against a direct ``CLIP.encode_from_tokens`` of each caption alone the
 result is bit for bit equal, for the last layer and an intermediate one alike:
 the pooled row of an intermediate layer runs the remaining layers as a
@@ -23,9 +23,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import PromptError
-from ..layers import layer_from_clip_skip
-from ..sd1_encode import empty_encoding, encode_windows, token_weights
-from ..weighting import apply_weights
+from ..text_encoders.clip_skip import layer_from_clip_skip
+from ..text_encoders.encode import empty_encoding, encode_windows, token_weights
+from ..text_encoders.weighting import apply_weights
 from .compute import torch_dtype
 
 __all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES", "layer_for_clip_skip",
@@ -105,7 +105,7 @@ def layer_for_clip_skip(clip, clip_skip: int | None) -> int | None:
     """A1111's clip skip (1 = last layer, 2 = penultimate; ComfyUI's -1/-2 too) → ComfyUI's
     layer index for every encoder of ``clip``, or None where it is the kind's default layer
     (so giving the default explicitly is the same run as leaving it out). Diffusers' 23-layer
-    SD2 counts as ViT-H's 24 layers, as everywhere (:class:`textenc.layers.LayerNumbering`).
+    SD2 counts as ViT-H's 24 layers, as everywhere (:class:`textenc.text_encoders.clip_skip.LayerNumbering`).
 
     Raises:
         LayerError: not an integer, 0, or a layer an encoder does not have (names value and range).
@@ -132,7 +132,7 @@ def resolved_layers(clip, layer: int | None) -> dict[str, int]:
 
 def _has_compel_tags(windows: list) -> bool:
     """Whether compel-syntax tokens carry fragment tags (``.compel``, see
-    :mod:`textenc.dialects.compel_tokens`) that only the direct encode applies."""
+    :mod:`textenc.prompts.dialects.compel.tokens`) that only the direct encode applies."""
     return any(getattr(pair, "compel", None) is not None for window in windows for pair in window)
 
 

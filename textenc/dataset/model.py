@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..diffusers_load import load_from_diffusers
+from ..diffusers.load import load_from_diffusers
 from ..errors import DatasetError
 from ..sd import load_clip
 from .compute import torch_dtype

@@ -1,0 +1,257 @@
+"""Encode prompts for a diffusers Stable Diffusion pipeline, and hand ComfyUI
+conditioning back as the pipeline's keyword arguments.
+
+Part of :mod:`textenc.diffusers` (import from there). The pipeline's CLIP is
+built by :func:`textenc.diffusers.load.load_from_diffusers` once and cached on
+the pipeline object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..conditioning import validate_conditioning
+from ..prompts.dialects import DEFAULT_SYNTAX, default_weight_mode, dialect_options
+from .layers import diffusers_layer, text_encoders
+from .load import KINDS, load_from_diffusers
+from ..errors import DiffusersLayoutError, LayerError, PromptError, TextencError
+from ..sd import CLIP
+from ..text_encoders.encode import empty_encoding
+
+__all__ = ["CACHE_ATTRIBUTE", "encode_for_pipeline", "to_diffusers"]
+
+CACHE_ATTRIBUTE = "_textenc_clip"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    clip: CLIP
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _module_dtype_device(module: Any) -> tuple[torch.dtype, torch.device]:
+    parameter = next(module.parameters())
+    return parameter.dtype, parameter.device
+
+
+def _cached_clip(pipe: Any, embedding_directory: Any) -> CLIP:
+    """The pipeline's CLIP, built once and kept on ``pipe._textenc_clip``.
+
+    The cache is keyed by the text encoder objects (by identity), their dtype and
+    device and the embedding directory; swapping or moving an encoder rebuilds it.
+    """
+    modules = tuple(getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2"))
+    layout = tuple(_module_dtype_device(m) if m is not None else None for m in modules)
+    key = (layout, repr(embedding_directory))
+    cached = getattr(pipe, CACHE_ATTRIBUTE, None)
+    if cached is not None and cached[1] == key and all(a is b for a, b in zip(cached[0], modules)):
+        return cached[2]
+    if modules[0] is None:
+        raise DiffusersLayoutError(f"{type(pipe).__name__} has no text_encoder; textenc needs "
+                                   "the pipeline's CLIP text encoder(s)")
+    dtype, device = layout[0]
+    clip = load_from_diffusers(pipe, dtype=dtype, device=device, embedding_directory=embedding_directory)
+    setattr(pipe, CACHE_ATTRIBUTE, (modules, key, clip))
+    return clip
+
+
+def _target(pipe_or_loaded: Any, embedding_directory: Any, device: Any, dtype: Any) -> _Target:
+    """The CLIP to encode with and the dtype/device the pipeline expects its inputs in."""
+    if isinstance(pipe_or_loaded, CLIP):
+        if embedding_directory is not None:
+            raise TextencError("embedding_directory is for pipeline objects; pass it to "
+                               "load_from_diffusers when loading a folder")
+        model_dtype, model_device = _module_dtype_device(pipe_or_loaded.cond_stage_model)
+        return _Target(pipe_or_loaded, torch.device(device or model_device), dtype or model_dtype)
+    clip = _cached_clip(pipe_or_loaded, embedding_directory)
+    # diffusers casts prompt embeddings to text_encoder_2's dtype (SDXL) or text_encoder's.
+    last = getattr(pipe_or_loaded, "text_encoder_2", None) or pipe_or_loaded.text_encoder
+    last_dtype, last_device = _module_dtype_device(last)
+    pipe_device = getattr(pipe_or_loaded, "_execution_device", None) or last_device
+    return _Target(clip, torch.device(device or pipe_device), dtype or last_dtype)
+
+
+def _prompt_list(prompt: str | Sequence[str], what: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PromptError(f"{what} must be a str or a non-empty list of str, got {prompt!r:.80}")
+    return prompts
+
+
+def _negative_list(negative: str | Sequence[str] | None, batch: int) -> list[str]:
+    negatives = _prompt_list("" if negative is None else negative, "negative_prompt")
+    if len(negatives) == 1:
+        return negatives * batch
+    if len(negatives) != batch:
+        raise PromptError(f"negative_prompt has {len(negatives)} entries but prompt has {batch}; "
+                          "pass one negative (broadcast) or one per prompt")
+    return negatives
+
+
+def _encode_options(clip: CLIP, *, clip_skip: Any, layer: Any, weight_mode: str | None,
+                    syntax: str) -> dict[str, Any]:
+    """Per-call options: the layer (ComfyUI's index, checked) and the weighting."""
+    if clip_skip is not None and layer is not None:
+        raise LayerError(f"clip_skip={clip_skip!r} and layer={layer!r} both given: pass clip_skip "
+                         "(diffusers' numbering) or layer (ComfyUI's), not both")
+    options: dict[str, Any] = {"weight_mode": default_weight_mode(syntax) if weight_mode is None
+                               else weight_mode}
+    if clip_skip is not None:
+        options["layer"] = diffusers_layer(clip, clip_skip)
+    elif layer is not None:
+        options["layer"] = clip.check_layer(layer)
+    elif clip.layer_idx is not None:  # a CLIP given with clip_layer() already set
+        options["layer"] = clip.layer_idx
+    return options
+
+
+def _empty_window(clip: CLIP, options: Mapping[str, Any]) -> torch.Tensor:
+    """One 77-token window of the empty prompt's encoding, (77, width); SDXL: cat(l, g)."""
+    return torch.cat([empty_encoding(p, p.max_length, p.resolve_options(options))[0]
+                      for p in text_encoders(clip)], -1)
+
+
+def _padded(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
+    """(1, 77·w, D) → (1, length, D), appending whole windows of the empty encoding."""
+    missing = (length - cond.shape[1]) // empty.shape[0]
+    return torch.cat([cond] + [empty.unsqueeze(0).to(cond)] * missing, dim=1)
+
+
+def _result(kind: str, positive: tuple, negative: tuple, target: _Target) -> dict[str, torch.Tensor]:
+    """The pipeline's keyword arguments, every tensor in its dtype and on its device."""
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    values = [positive[0], negative[0]]
+    if kind == "sdxl":
+        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        values += [positive[1], negative[1]]
+    return {n: v.to(device=target.device, dtype=target.dtype) for n, v in zip(names, values)}
+
+
+def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
+                        negative_prompt: str | Sequence[str] = "", *, clip_skip: int | None = None,
+                        layer: int | None = None, syntax: str = DEFAULT_SYNTAX,
+                        truncate_long_prompts: bool = True,
+                        weight_mode: str | None = None, zero_negative: bool = False,
+                        embedding_directory: Any = None, device: Any = None,
+                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Encode prompts the ComfyUI way into the keyword arguments of a diffusers pipeline call.
+
+    Args:
+        pipe_or_loaded: a StableDiffusion(XL) pipeline (its CLIP is built once and
+            cached on it as ``_textenc_clip``) or a CLIP from :func:`load_from_diffusers`.
+        prompt: a prompt in ``syntax``, or a list (one batch row each).
+        negative_prompt: one negative (broadcast to the batch) or one per prompt.
+        clip_skip: diffusers' count, the same hidden layer as ``pipe(..., clip_skip=)``:
+            SD1/SD2 ``hidden_states[-(clip_skip + 1)]`` with the final norm, SDXL
+            ``hidden_states[-(clip_skip + 2)]`` without. Applies to the negative too.
+        layer: ComfyUI's ``CLIPSetLastLayer`` index instead (-1 last, -2 penultimate;
+            diffusers' 23-layer SD2 encoder counts as ViT-H's 24, so -2 is its last).
+            Neither: the CLIP's ``clip_layer()`` if set, else the model's ComfyUI
+            default (SD1 -1, SD2 -2, SDXL -2).
+        syntax: prompt dialect, one of :data:`textenc.prompts.dialects.SYNTAXES` (``"comfy"``).
+        truncate_long_prompts: ``syntax="compel"`` only, as compel's: True (default)
+            keeps one 77-token window; False cuts a long prompt into compel's chunks,
+            and the rows are padded as compel's ``pad_conditioning_tensors_to_same_length``
+            pads them. Another syntax refuses False.
+        weight_mode: see :mod:`textenc.text_encoders.weighting`; None: the syntax's own
+            (:func:`textenc.prompts.dialects.default_weight_mode`).
+        zero_negative: an empty negative becomes zeros (embeds and pooled), as
+            diffusers' SDXL ``force_zeros_for_empty_prompt`` does for ``negative_prompt=None``.
+        embedding_directory: textual-inversion folder(s) (pipeline objects only).
+        device / dtype: override the pipeline's (or the CLIP's) device and dtype.
+
+    Returns:
+        ``prompt_embeds`` and ``negative_prompt_embeds`` (B, 77·windows, width),
+        plus ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (B, P)
+        for SDXL. Every row is padded to the longest with whole windows of the
+        empty prompt's encoding.
+
+    Raises:
+        LayerError: clip_skip or layer outside the text encoder's depth (naming the
+        value and the valid range), or both given. PromptError: bad prompt, weight
+        or syntax, or ``truncate_long_prompts=False`` without ``syntax="compel"``.
+        DiffusersLayoutError: not a supported pipeline.
+    """
+    tokenize_kwargs = dialect_options(syntax, {"truncate_long_prompts": truncate_long_prompts})
+    target = _target(pipe_or_loaded, embedding_directory, device, dtype)
+    options = _encode_options(target.clip, clip_skip=clip_skip, layer=layer, weight_mode=weight_mode,
+                              syntax=syntax)
+    clip = target.clip.clone()
+    clip.clip_layer(None)  # the layer travels in options, so the padding windows use it too
+    prompts = _prompt_list(prompt, "prompt")
+    negatives = _negative_list(negative_prompt, len(prompts))
+    tokenize = lambda text: clip.tokenize(text, syntax=syntax, **tokenize_kwargs)  # noqa: E731
+    encode = lambda text: clip.encode_from_tokens(tokenize(text), return_pooled=True, options=options)  # noqa: E731
+    positive = [encode(p) for p in prompts]
+    negative = [None if zero_negative and not n else encode(n) for n in negatives]
+    length = max(cond.shape[1] for cond, _ in positive + [x for x in negative if x is not None])
+    empty = _empty_window(clip, options)
+    cond = torch.cat([_padded(c, length, empty) for c, _ in positive])
+    negative_cond = torch.cat([_padded(x[0], length, empty) if x is not None else torch.zeros_like(cond[:1])
+                               for x in negative])
+    negative_pooled = torch.cat([x[1] if x is not None else torch.zeros_like(p)
+                                 for x, (_, p) in zip(negative, positive)])
+    return _result(clip.clip_type, (cond, torch.cat([p for _, p in positive])),
+                   (negative_cond, negative_pooled), target)
+
+
+# ---- already-encoded conditioning ------------------------------------------------------
+
+def _cond_and_pooled(conditioning: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[[cond, {"pooled_output": p}]]`` or ``(cond, pooled)`` → (cond (B, T, D), pooled or None)."""
+    if isinstance(conditioning, tuple) and len(conditioning) == 2 and isinstance(conditioning[0], torch.Tensor):
+        conditioning = [[conditioning[0], {"pooled_output": conditioning[1]}]]
+    validate_conditioning(conditioning, name=name)
+    if len(conditioning) != 1:
+        raise TextencError(f"{name} has {len(conditioning)} entries; a diffusers pipeline takes one "
+                           "(ComfyUI samples combined conditionings separately): pass one entry")
+    cond, extras = conditioning[0]
+    return cond, extras.get("pooled_output")
+
+
+def _repeat_to(cond: torch.Tensor, length: int) -> torch.Tensor:
+    # Repeating every key k times leaves cross-attention unchanged (ComfyUI's
+    # CONDCrossAttn.concat pads mismatched conds to their LCM the same way).
+    return cond.repeat(1, length // cond.shape[1], 1)
+
+
+def to_diffusers(conditioning: Any, negative: Any = None, *, kind: str) -> dict[str, torch.Tensor]:
+    """Already-encoded conditioning → the pipeline's keyword arguments.
+
+    Args:
+        conditioning / negative: ComfyUI CONDITIONING (``[[cond, {"pooled_output": p}]]``)
+            or a ``(cond, pooled)`` pair; cond (B, T, D). ``negative=None`` leaves
+            the negative to the pipeline. A length mismatch is resolved as ComfyUI
+            does: both are repeated to the least common multiple of their lengths.
+        kind: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (SDXL needs pooled outputs).
+
+    Raises:
+        TextencError: malformed conditioning, several entries, missing pooled output.
+
+    >>> out = to_diffusers((torch.ones(1, 77, 8), None), (torch.zeros(1, 154, 8), None), kind="sd1")
+    >>> [tuple(v.shape) for v in out.values()]
+    [(1, 154, 8), (1, 154, 8)]
+    """
+    if kind not in KINDS:
+        raise TextencError(f"kind {kind!r} is not one of {KINDS}")
+    positive = _cond_and_pooled(conditioning, "conditioning")
+    pairs = [positive] + ([_cond_and_pooled(negative, "negative")] if negative is not None else [])
+    if kind == "sdxl" and any(pooled is None for _, pooled in pairs):
+        raise TextencError("SDXL needs pooled outputs: the conditioning has no 'pooled_output'")
+    length = math.lcm(*(cond.shape[1] for cond, _ in pairs))
+    pairs = [(_repeat_to(cond, length), pooled) for cond, pooled in pairs]
+    result = {"prompt_embeds": pairs[0][0]}
+    if negative is not None:
+        result["negative_prompt_embeds"] = pairs[1][0].expand(pairs[0][0].shape[0], -1, -1) \
+            if pairs[1][0].shape[0] == 1 else pairs[1][0]
+    if kind == "sdxl":
+        result["pooled_prompt_embeds"] = pairs[0][1]
+        if negative is not None:
+            result["negative_pooled_prompt_embeds"] = pairs[1][1].expand(pairs[0][1].shape[0], -1) \
+                if pairs[1][1].shape[0] == 1 else pairs[1][1]
+    return result

@@ -1,0 +1,56 @@
+"""Which hidden layer a diffusers ``clip_skip`` means for a CLIP, in ComfyUI's numbering.
+
+Part of :mod:`textenc.diffusers` (import from there). Two numberings meet here
+(README, "Using textenc with diffusers", "Clip skip"):
+
+* ``clip_skip`` is diffusers' count, relative to the layer the pipeline uses by
+  default: SD1/SD2 ``hidden_states[-(clip_skip + 1)]`` with the final layer norm,
+  SDXL ``hidden_states[-(clip_skip + 2)]`` without it (``encode_prompt`` in
+  diffusers' ``pipeline_stable_diffusion.py`` / ``pipeline_stable_diffusion_xl.py``).
+  It counts the text encoder's own layers.
+* ``layer`` is ComfyUI's ``CLIPSetLastLayer`` index (-1 last, -2 penultimate, ...),
+  which every ``SDClipModel`` checks and maps itself (:class:`textenc.text_encoders.clip_skip.LayerNumbering`):
+  diffusers' 23-layer SD2 folders count as ViT-H's 24 layers there.
+
+>>> DIFFUSERS_DEFAULT_LAYER["sdxl"]
+-2
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import LayerError
+from ..text_encoders.clip_skip import layer_from_clip_skip
+from ..text_encoders.sd2_clip import VIT_H_LAYERS
+
+__all__ = ["DIFFUSERS_DEFAULT_LAYER", "VIT_H_LAYERS", "text_encoders", "diffusers_layer"]
+
+#: The layer each pipeline kind encodes with when ``clip_skip`` is None (diffusers 0.42).
+DIFFUSERS_DEFAULT_LAYER = {"sd1": -1, "sd2": -1, "sdxl": -2}
+
+
+def text_encoders(clip: Any) -> list:
+    """The ``SDClipModel`` parts of a textenc CLIP (SDXL: clip_l and clip_g)."""
+    model = clip.cond_stage_model
+    return [model.clip_l, model.clip_g] if clip.clip_type == "sdxl" else [model.encoder]
+
+
+def diffusers_layer(clip: Any, clip_skip: object) -> int:
+    """ComfyUI's layer index for diffusers' ``clip_skip`` (0 = the pipeline's default layer).
+
+    diffusers counts the layers the text encoder has; the result is in ComfyUI's
+    numbering (on diffusers' 23-layer SD2 encoder, ``clip_skip=0`` is ``-2``).
+
+    Raises:
+        LayerError: negative, not an integer, or deeper than the text encoder.
+    """
+    if isinstance(clip_skip, int) and not isinstance(clip_skip, bool) and clip_skip < 0:
+        raise LayerError(f"clip_skip={clip_skip}: encode_for_pipeline's clip_skip is diffusers' count "
+                         "(0 or more; 1 = the layer before the pipeline's default); for ComfyUI's "
+                         f"CLIPSetLastLayer numbering pass layer={clip_skip}")
+    encoders = text_encoders(clip)
+    index = layer_from_clip_skip(clip_skip, min(encoder.num_layers for encoder in encoders),
+                                 numbering="diffusers", default_layer=DIFFUSERS_DEFAULT_LAYER[clip.clip_type])
+    # negative, so the same for every encoder of an SDXL CLIP (none of which lacks layers)
+    return encoders[0].numbering.numbered_index(index)

@@ -1,0 +1,283 @@
+"""Load the CLIP text encoders of a diffusers Stable Diffusion folder or pipeline object.
+
+Part of :mod:`textenc.diffusers` (import from there). Kind (documented in
+README, "Using textenc with diffusers"): ``StableDiffusionXL*Pipeline`` → SDXL; any other
+``StableDiffusion*Pipeline`` (not SD3) → SD2 when its text encoder's
+``hidden_act`` is ``gelu`` (OpenCLIP ViT-H), else SD1 (OpenAI CLIP-L,
+``quick_gelu``). Padding always follows the pipeline's own tokenizer ``pad_token``.
+
+diffusers is never imported: a pipeline is read through its attributes, no
+transformers model is run, and its weights are shared, not copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..loading.checkpoint import load_state_dict
+from ..nn.config import CLIPTextConfig, load_text_config
+from ..loading.detect import convert_text_state_dict
+from ..errors import ConfigError, DiffusersLayoutError, TextencError
+from ..sd import CLIP, CLIP_TYPES, ROLES, build_clip
+
+__all__ = ["KINDS", "load_from_diffusers", "pipeline_kind"]
+
+KINDS = CLIP_TYPES
+# Weight files in the order diffusers' text encoders are looked up (full precision first).
+WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
+                "pytorch_model.fp16.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# transformers' CLIPTextConfig defaults, used for keys a config.json leaves out
+# (https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/configuration_clip.py).
+HF_CLIP_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+                         "projection_dim": 512, "num_hidden_layers": 12, "num_attention_heads": 8,
+                         "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                         "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 49406,
+                         "eos_token_id": 49407}
+_TEXT_MODEL_TYPES = ("clip_text_model", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encoder:
+    """One text encoder of a pipeline, ready to build: HF-layout weights, config, tokenizer."""
+
+    state_dict: dict
+    config: CLIPTextConfig
+    tokenizer_path: str
+    pad_token: int
+    source: str
+
+
+# ---- kind -----------------------------------------------------------------------
+
+def _family(class_name: Any) -> str:
+    """``"sdxl"`` or ``"sd"`` (SD1/SD2, told apart by the config) from a pipeline class name."""
+    name = str(class_name)
+    if name.startswith("StableDiffusionXL") and name.endswith("Pipeline"):
+        return "sdxl"
+    rest = name[len("StableDiffusion"):]
+    if name.startswith("StableDiffusion") and name.endswith("Pipeline") and not rest[:1].isdigit():
+        return "sd"
+    raise DiffusersLayoutError(f"{name!r} is not a Stable Diffusion 1.x/2.x/XL pipeline; textenc "
+                               "supports StableDiffusion*Pipeline and StableDiffusionXL*Pipeline "
+                               "(StableDiffusion3, Flux, ... have other text encoders)")
+
+
+def pipeline_kind(class_name: str, text_config: CLIPTextConfig | None = None) -> str:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from a pipeline class name and its text config.
+
+    Raises:
+        DiffusersLayoutError: not a Stable Diffusion 1/2/XL pipeline.
+
+    >>> pipeline_kind("StableDiffusionXLInpaintPipeline")
+    'sdxl'
+    """
+    if _family(class_name) == "sdxl":
+        return "sdxl"
+    if text_config is None:
+        raise DiffusersLayoutError(f"{class_name}: the text encoder config is needed to tell SD1 from SD2")
+    return "sd2" if text_config.hidden_act == "gelu" else "sd1"
+
+
+_COMPONENTS = {"sd": [("text_encoder", "tokenizer")],
+               "sdxl": [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]}
+
+
+# ---- folder reading -----------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise DiffusersLayoutError(f"{path}: missing; {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DiffusersLayoutError(f"{path}: not readable JSON ({exc}); re-download the file") from exc
+    if not isinstance(data, dict):
+        raise DiffusersLayoutError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _component(folder: Path, index: Mapping, name: str) -> Path:
+    """The sub-folder of component ``name``, which ``model_index.json`` must list."""
+    entry = index.get(name)
+    if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+        raise DiffusersLayoutError(f"{folder / 'model_index.json'}: no {name!r} component "
+                                   f"({index.get('_class_name')!r} needs one); is this a UNet-only "
+                                   "folder or an SDXL refiner? Pass the full pipeline folder")
+    path = folder / name
+    if not path.is_dir():
+        raise DiffusersLayoutError(f"{path}: missing, but model_index.json lists {name!r}; "
+                                   "the download is incomplete")
+    return path
+
+
+def _shard_files(index_path: Path) -> list[Path]:
+    weight_map = _read_json(index_path, "shard index").get("weight_map")
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    if not names or any(not isinstance(n, str) or not n or Path(n).name != n for n in names):
+        raise DiffusersLayoutError(f"{index_path}: weight_map must name shard files in this folder")
+    return [index_path.parent / n for n in names]
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Weights-only loading of the first weight file found (or of every shard)."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return load_state_dict(folder / name)
+    for name in SHARD_INDEXES:
+        if (folder / name).is_file():
+            merged: dict[str, torch.Tensor] = {}
+            for shard in _shard_files(folder / name):
+                merged.update(load_state_dict(shard))
+            return merged
+    raise DiffusersLayoutError(f"{folder}: no weights; expected one of "
+                               f"{WEIGHT_FILES + SHARD_INDEXES}")
+
+
+def _text_config(hf_config: Mapping[str, Any], *, has_projection: bool, source: str) -> CLIPTextConfig:
+    """textenc's config from a transformers ``CLIPTextConfig`` dict (heads, activation included)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in _TEXT_MODEL_TYPES:
+        raise DiffusersLayoutError(f"{source}: model_type {model_type!r} is not a CLIP text model")
+    data = {key: hf_config.get(key, default) for key, default in HF_CLIP_TEXT_DEFAULTS.items()}
+    if not has_projection:
+        # CLIPTextModel has no projection (SD1, SD2, SDXL's first encoder): the pooled
+        # output is unprojected, whatever projection_dim the config carries (SD2 says 512).
+        data["projection_dim"] = data["hidden_size"]
+    try:
+        return load_text_config(data)
+    except ConfigError as exc:
+        raise DiffusersLayoutError(f"{source}: {exc}") from exc
+
+
+def _pad_token_id(folder: Path) -> int:
+    """The id of the tokenizer's ``pad_token`` (default ``<|endoftext|>``, as CLIPTokenizer)."""
+    pad = "<|endoftext|>"
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            value = _read_json(folder / name, "").get("pad_token")
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                pad = value
+                break
+    path = folder / "vocab.json"
+    if not path.is_file():
+        path = folder / "tokenizer.json"
+    data = _read_json(path, "expected vocab.json + merges.txt or tokenizer.json")
+    try:
+        if path.name == "vocab.json":
+            vocab = data
+        else:
+            vocab = dict((data.get("model") or {}).get("vocab") or {})
+            vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+        pad_id = int(vocab[pad]) if pad in vocab else None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or foreign file
+        raise DiffusersLayoutError(f"{path}: malformed tokenizer file ({type(exc).__name__}: {exc})") from exc
+    if pad_id is None:
+        raise DiffusersLayoutError(f"{folder}: pad_token {pad!r} is not in the vocabulary")
+    return pad_id
+
+
+def _folder_encoder(folder: Path, tokenizer: Path) -> _Encoder:
+    """Read one ``text_encoder*`` folder and its matching ``tokenizer*`` folder."""
+    hf_config = _read_json(folder / "config.json", "the text encoder needs its config.json")
+    raw = _load_weights(folder)
+    converted = convert_text_state_dict(raw, source=str(folder)).state_dict
+    config = _text_config(hf_config, has_projection="text_projection.weight" in converted,
+                          source=str(folder / "config.json"))
+    return _Encoder(converted, config, str(tokenizer), _pad_token_id(tokenizer), str(folder))
+
+
+def _from_folder(folder: Path) -> tuple[str, list[_Encoder]]:
+    index = _read_json(folder / "model_index.json", "not a diffusers pipeline folder "
+                       "(pass the folder holding model_index.json)")
+    encoders = [_folder_encoder(_component(folder, index, encoder_name), _component(folder, index, tokenizer_name))
+                for encoder_name, tokenizer_name in _COMPONENTS[_family(index.get("_class_name"))]]
+    return pipeline_kind(index.get("_class_name"), encoders[0].config), encoders
+
+
+# ---- pipeline objects ------------------------------------------------------------------
+
+def _object_encoder(pipe: Any, encoder_name: str, tokenizer_name: str, tmp: str) -> _Encoder:
+    module, tokenizer = getattr(pipe, encoder_name, None), getattr(pipe, tokenizer_name, None)
+    if module is None or tokenizer is None:
+        raise DiffusersLayoutError(f"{type(pipe).__name__} has no {encoder_name}/{tokenizer_name}; "
+                                   "textenc needs the pipeline's CLIP text encoder(s)")
+    # transformers 5 keeps CLIPTextModel's keys flat (no "text_model."); both layouts convert.
+    converted = convert_text_state_dict(module.state_dict(), source=f"pipe.{encoder_name}").state_dict
+    config = _text_config(module.config.to_dict(), source=f"pipe.{encoder_name}.config",
+                          has_projection="text_projection.weight" in converted)
+    path = os.path.join(tmp, tokenizer_name)
+    tokenizer.save_pretrained(path)  # tokenizer.json; read once, at construction
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _Encoder(converted, config, path, int(pad), f"pipe.{encoder_name}")
+
+
+def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder]]:
+    class_name = type(pipe).__name__
+    encoders = [_object_encoder(pipe, e, t, tmp) for e, t in _COMPONENTS[_family(class_name)]]
+    return pipeline_kind(class_name, encoders[0].config), encoders
+
+
+# ---- building ------------------------------------------------------------------------
+
+def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch.dtype | None,
+           embedding_directory: Any) -> CLIP:
+    by_role = dict(zip(ROLES[kind], encoders))
+    try:
+        clip = build_clip(
+            kind, {role: e.state_dict for role, e in by_role.items()},
+            {role: e.config for role, e in by_role.items()},
+            {role: {"tokenizer_path": e.tokenizer_path, "embedding_size": e.config.hidden_size,
+                    "pad_token": e.pad_token} for role, e in by_role.items()},
+            sources={role: e.source for role, e in by_role.items()},
+            embedding_directory=embedding_directory, device=device, dtype=dtype)
+    except DiffusersLayoutError:
+        raise
+    except TextencError as exc:  # weights that do not fit the folder's config.json
+        raise DiffusersLayoutError(str(exc)) from exc
+    return clip
+
+
+def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", embedding_directory: Any = None) -> CLIP:
+    """Build a textenc :class:`~textenc.sd.CLIP` from a diffusers SD1/SD2/SDXL folder or pipeline.
+
+    Args:
+        path_or_pipeline: a folder with ``model_index.json``, ``text_encoder/``
+            (``config.json`` + ``model.safetensors``, ``model.fp16.safetensors``,
+            ``pytorch_model.bin`` or shards) and ``tokenizer/`` (``vocab.json`` +
+            ``merges.txt``, or ``tokenizer.json``), plus the ``_2`` pair for SDXL;
+            or a loaded pipeline object.
+        dtype: weight storage dtype; None keeps the file's (or the pipeline's).
+        device: where the text encoder lives.
+        embedding_directory: textual-inversion folder(s) for ``embedding:name``.
+
+    Returns:
+        A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"`` or ``"sdxl"``. An SD2 text
+        encoder of 23 layers (ViT-H without its last, as diffusers' SD2 folders
+        ship it) is numbered as ViT-H's 24 layers, as ComfyUI does: its default
+        ``-2`` is the folder's last layer (see :mod:`textenc.text_encoders.sd2_clip`).
+
+    Raises:
+        DiffusersLayoutError: missing ``model_index.json``/component/config,
+            unsupported pipeline class, weights that do not fit the config.
+        CheckpointError: an unreadable or truncated weight file (from the loader).
+    """
+    if isinstance(path_or_pipeline, (str, os.PathLike)):
+        folder = Path(path_or_pipeline)
+        if not folder.is_dir():
+            raise DiffusersLayoutError(f"{folder}: not a folder; pass a diffusers pipeline folder")
+        kind, encoders = _from_folder(folder)
+        return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory)
+    # A pipeline's tokenizers are saved to files for ours to read once, at construction.
+    with tempfile.TemporaryDirectory(prefix="textenc-tokenizer-") as tmp:
+        kind, encoders = _from_pipeline(path_or_pipeline, tmp)
+        return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory)

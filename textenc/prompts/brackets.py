@@ -1,0 +1,165 @@
+"""The bracket tables of one prompt, which :mod:`textenc.prompts.parser` walks.
+
+:class:`BracketTable` removes the escapes (``\\(``, and ``\\[`` with square
+brackets) and keeps where they were, then lists the unescaped brackets, each
+opener's matching closer and the colons, all as sorted positions in the
+cleaned text. :func:`top_level_items` splits the prompt as ComfyUI's
+``parse_parentheses`` (``comfy/sd1_clip.py``) splits it, quirks included.
+
+Brackets are found and matched a *run* at a time (consecutive openers, or
+consecutive closers): a run is one regex match and one ``range``, so a
+100,000-deep ``((...))`` costs a few list operations instead of 200,000
+Python steps, and the work stays linear in the prompt length for any input.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import re
+from typing import Iterator
+
+__all__ = ["BracketTable", "top_level_items"]
+
+# Runs of openers or of closers (square brackets share one nesting counter with round ones).
+_RUNS = {False: re.compile(r"\(+|\)+"), True: re.compile(r"[(\[]+|[)\]]+")}
+_COLON_RUNS = re.compile(r":+")
+
+
+class BracketTable:
+    """A prompt with escapes removed, plus the bracket tables the parser walks.
+
+    Attributes:
+        openers: the opening brackets, ``"("`` or ``"(["``.
+        text: the prompt with ``\\(`` etc. replaced by the bracket alone.
+        escaped: sorted positions (in ``text``) of the escaped brackets.
+        escaped_set: the same positions as a set.
+        runs: the unescaped brackets as ``(start, end)`` runs of one direction (all
+            openers or all closers), in order.
+        brackets: sorted positions of the unescaped brackets.
+        colons: sorted positions of every ``:``.
+        match: opener position -> position of the closer that ends its nesting level.
+
+    >>> table = BracketTable(r"a (b\\)) c", square_brackets=False)
+    >>> table.text, table.escaped, table.brackets, table.match
+    ('a (b)) c', [4], [2, 5], {2: 5})
+    """
+
+    def __init__(self, text: str, *, square_brackets: bool) -> None:
+        self.bracket_chars = "()[]" if square_brackets else "()"
+        self.openers = "([" if square_brackets else "("
+        self.text, self.escaped = _unescape(text, self.bracket_chars)
+        self.escaped_set = set(self.escaped)
+        runs = [m.span() for m in _RUNS[square_brackets].finditer(self.text)]
+        self.runs: list[tuple[int, int]] = _cut_at(runs, self.escaped) if self.escaped else runs
+        self.brackets = list(itertools.chain.from_iterable(itertools.starmap(range, self.runs)))
+        colon_runs = (m.span() for m in _COLON_RUNS.finditer(self.text))
+        self.colons = list(itertools.chain.from_iterable(itertools.starmap(range, colon_runs)))
+        self.match = _match_runs(self.runs, self.text, self.openers)
+
+    def source_offset(self, pos: int) -> int:
+        """Map a cleaned position to its offset in the original prompt."""
+        return pos + bisect.bisect_right(self.escaped, pos)
+
+    def source_start(self, pos: int) -> int:
+        """Like :meth:`source_offset`, but an escaped bracket starts at its backslash."""
+        return pos + bisect.bisect_left(self.escaped, pos)
+
+    @staticmethod
+    def has_any(table: list[int], lo: int, hi: int) -> bool:
+        """Whether a sorted position table has an entry in ``[lo, hi)``."""
+        index = bisect.bisect_left(table, lo)
+        return index < len(table) and table[index] < hi
+
+    def next_opener(self, lo: int, hi: int) -> int:
+        """First unescaped opener in ``[lo, hi)``, or ``hi``."""
+        index = bisect.bisect_left(self.brackets, lo)
+        while index < len(self.brackets) and self.brackets[index] < hi:
+            pos = self.brackets[index]
+            if self.text[pos] in self.openers:
+                return pos
+            index += 1  # only reached for the outer level's stray closers
+        return hi
+
+
+def _unescape(text: str, brackets: str) -> tuple[str, list[int]]:
+    """``text`` without the backslashes of escaped brackets, and where those brackets now are."""
+    escape = re.compile(r"\\([" + re.escape(brackets) + "])")
+    pieces: list[str] = []
+    escaped: list[int] = []
+    last = 0
+    for match in escape.finditer(text):
+        pieces.append(text[last:match.start()])
+        escaped.append(match.start() - len(escaped))
+        pieces.append(match.group(1))
+        last = match.end()
+    pieces.append(text[last:])
+    return "".join(pieces), escaped
+
+
+def _cut_at(runs: list[tuple[int, int]], escaped: list[int]) -> list[tuple[int, int]]:
+    """The runs with the escaped positions taken out (an escaped bracket is text)."""
+    out: list[tuple[int, int]] = []
+    for start, end in runs:
+        index = bisect.bisect_left(escaped, start)
+        while index < len(escaped) and escaped[index] < end:
+            if escaped[index] > start:
+                out.append((start, escaped[index]))
+            start = escaped[index] + 1
+            index += 1
+        if end > start:
+            out.append((start, end))
+    return out
+
+
+def _match_runs(runs: list[tuple[int, int]], text: str, openers: str) -> dict[int, int]:
+    """Stack-match every opener to the closer that ends its nesting level, a run at a time:
+    a run of n closers takes the n innermost open openers; stray closers match nothing."""
+    stack: list[int] = []
+    match: dict[int, int] = {}
+    for start, end in runs:
+        if text[start] in openers:
+            if end - start == 1:  # the common case, kept cheap
+                stack.append(start)
+            else:
+                stack.extend(range(start, end))
+        elif end - start == 1:
+            if stack:
+                match[stack.pop()] = start
+        else:
+            count = min(end - start, len(stack))
+            closed = stack[len(stack) - count:]
+            del stack[len(stack) - count:]
+            match.update(zip(reversed(closed), range(start, start + count)))
+    return match
+
+
+def top_level_items(table: BracketTable) -> Iterator[tuple[int, int]]:
+    """ComfyUI's ``parse_parentheses`` on the whole prompt, as ``(start, end)`` spans, lazily.
+
+    An opener met at nesting level 0 starts an item; the closer that brings the
+    level from 1 to 0 ends it. Stray closers drive the level negative, as in
+    ComfyUI, and openers then start nothing until it is back at zero.
+
+    >>> list(top_level_items(BracketTable("a (b) ) (c", square_brackets=False)))
+    [(0, 2), (2, 5), (5, 10)]
+    """
+    level = 0
+    item_start = 0
+    text, openers = table.text, table.openers
+    for start, end in table.runs:
+        if text[start] in openers:
+            if level <= 0 < level + end - start:  # the run's opener met at level 0
+                pos = start - level
+                if pos > item_start:
+                    yield item_start, pos
+                item_start = pos
+            level += end - start
+        else:
+            if level >= 1 and level - (end - start) <= 0:  # the run's closer taking level 1 to 0
+                pos = start + level - 1
+                yield item_start, pos + 1
+                item_start = pos + 1
+            level -= end - start
+    if item_start < len(text):
+        yield item_start, len(text)

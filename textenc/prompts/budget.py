@@ -1,0 +1,62 @@
+"""Prompt length limit: count tokens while tokenizing and refuse as soon as they cannot fit.
+
+Kept apart from :mod:`textenc.prompts.tokenizer` so the tokenizer stays one concern.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from textenc.errors import PromptError
+
+__all__ = ["TokenBudget", "check_max_windows", "space_chunks"]
+
+
+def check_max_windows(value: Any) -> int | None:
+    """``value`` if it is None or an int >= 1, else PromptError."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise PromptError(f"max_windows must be None or an int >= 1, got {value!r}")
+
+
+def space_chunks(text: str, size: int) -> Iterator[str]:
+    """Consecutive pieces of about ``size`` characters, each cut just after a space (a word
+    longer than ``size`` stays whole)."""
+    start = 0
+    while start < len(text):
+        end = start + size
+        if end < len(text):
+            cut = text.rfind(" ", start, end)
+            if cut < start:
+                cut = text.find(" ", end)
+            end = len(text) if cut < 0 else cut + 1
+        yield text[start:end]
+        start = end
+
+
+class TokenBudget:
+    """Counts a prompt's tokens while it is tokenized and refuses once they cannot fit.
+
+    ``max_windows`` windows hold at most ``max_windows * capacity`` tokens, so
+    passing that count proves the limit is exceeded, whatever the packing.
+    """
+
+    def __init__(self, tokenizer: Any, max_windows: int | None, prompt_chars: int) -> None:
+        self.capacity = tokenizer.window_capacity()
+        self.max_windows = max_windows
+        self.limit = None if max_windows is None else max_windows * self.capacity
+        self.prompt_chars = prompt_chars
+        self.tokens = self.chars = 0
+
+    def add(self, tokens: int, chars: int) -> None:
+        self.tokens += tokens
+        self.chars += chars
+        if self.limit is None or self.tokens <= self.limit:
+            return
+        share = max(self.chars, 1) / max(self.prompt_chars, 1)
+        estimate = int(self.tokens / min(share, 1.0) / self.capacity) + 1
+        raise PromptError(
+            f"prompt needs more than max_windows={self.max_windows} windows of {self.capacity} tokens "
+            f"({self.tokens} tokens in its first {self.chars} of {self.prompt_chars} characters; about "
+            f"{estimate} windows in all); shorten it, or pass max_windows=None (or a larger number) "
+            "to the tokenizer or to this call")

@@ -1,0 +1,330 @@
+"""AUTOMATIC1111's prompt editing, alternation and ``AND``.
+
+The rules (facts from A1111's ``modules/prompt_parser.py``: its schedule
+grammar, ``get_learned_conditioning_prompt_schedules`` and
+``get_multicond_prompt_list``; this is an independent implementation):
+
+* ``[from:to:when]`` is ``from`` up to step ``when`` and ``to`` after it;
+  ``[to:when]`` adds ``to`` after ``when``; ``[from::when]`` removes ``from``
+  after ``when``. ``when`` with a ``.`` is a fraction of the steps
+  (``int(when * steps)``), without one a step count; both are capped at
+  ``steps``. ``[a|b|c]`` takes ``a``, ``b``, ``c``, ``a``... one per step
+  (an empty alternative is empty text). They nest, and inside them ``(x)``,
+  ``(x:w)`` and ``[x]`` are kept as text for the attention grammar.
+* Outside such brackets, unbalanced ``[ ] ( ) :`` are plain text. A bracket
+  group that closes is always read as a group. (A1111's grammar also allows
+  reading a top-level group as stray brackets when stray ``[ ] ( ) :``
+  follow it directly, as in ``[a:b:5]))``; A1111 was observed to pick one
+  reading or the other depending on Python's hash seed, i.e. from one start
+  of A1111 to the next. textenc always takes the group.) A ``|``
+  outside any alternation, or a ``\\`` at the end or before a line break,
+  makes the prompt unreadable to the grammar: it is then used as it is,
+  for every step.
+* The schedule is ``[(end_step, text), ...]``: ``text`` is used at every
+  0-based sampling step ``s`` with ``previous end_step < s <= end_step``.
+* ``AND`` (a whole word) splits a prompt into parts; a part ending in
+  ``:number`` takes that weight (default 1). Each part has its own schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from .. import check_steps
+from ....errors import PromptError, PromptWarning
+from ....warn import warn_at_caller
+
+__all__ = ["prompt_schedule", "split_and", "Scheduled", "Alternate", "MAX_NESTING"]
+
+_NUMBER = re.compile(r"\s*(?P<n>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+_SPECIAL = "\\[]():|"
+#: Deepest nesting of closed bracket pairs read for prompt editing. A1111's own parser
+#: (lark's recursive tree transformer) fails with RecursionError on balanced nesting a
+#: few hundred deep; deeper prompts are used as written, with a PromptWarning.
+MAX_NESTING = 500
+
+Node = Union[str, "Scheduled", "Alternate"]
+
+
+@dataclass
+class Scheduled:
+    """``[before:after:when]``; ``before`` is None for ``[after:when]``."""
+
+    before: list | None
+    after: list
+    when: str
+
+
+@dataclass
+class Alternate:
+    """``[a|b|...]``; an empty alternative is None."""
+
+    options: list
+
+
+class _Unreadable(Exception):
+    """The prompt is outside the schedule grammar (it is then used as written)."""
+
+
+def _plain(text: str, i: int) -> int:
+    """The end of the plain text starting at ``i`` (``i`` when there is none)."""
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            if i + 1 >= len(text) or text[i + 1] == "\n":
+                return i
+            i += 2
+        elif char in _SPECIAL:
+            return i
+        else:
+            i += 1
+    return i
+
+
+def _at(text: str, i: int) -> str:
+    return text[i] if i < len(text) else ""
+
+
+def _closable(text: str) -> set[int]:
+    """Positions of the ``(`` and ``[`` that a ``)`` or ``]`` of their kind closes, pairing
+    brackets as a stack does (escapes skipped as :func:`_plain` skips them).
+
+    Only these can open a construct: inside a construct, complete constructs pair
+    their own brackets, so the bracket that ends it pairs with the one that opens it.
+    """
+    closable, opened, i = set(), [], 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char in "([":
+            opened.append(i)
+        elif char in ")]" and opened:
+            start = opened.pop()
+            if text[start] + char in ("()", "[]"):
+                closable.add(start)
+        i += 1
+    return closable
+
+
+class _TooDeep(Exception):
+    """Bracket constructs nest more than :data:`MAX_NESTING` deep."""
+
+
+class _Parser:
+    """Recursive descent over the schedule grammar, run without Python recursion.
+
+    Each rule is a generator that yields ``("sequence", i)`` or ``("construct", i)``
+    to ask for a sub-result and is sent it back; :meth:`_run` keeps the pending rules
+    on a list and remembers every result by position, so a prompt is read in time
+    about linear in its length, however its brackets nest or fail to close. An opening
+    bracket without a closing one of its kind (:func:`_closable`) is not tried.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.closable = _closable(text)
+        self.memo: dict[str, dict[int, tuple | None]] = {"sequence": {}, "construct": {}}
+
+    def _rule(self, kind: str, i: int):
+        return self._sequence(i) if kind == "sequence" else self._construct(i)
+
+    def _run(self, kind: str, i: int) -> tuple | None:
+        stack = [(kind, i, self._rule(kind, i))]
+        value: tuple | None = None
+        while stack:
+            try:
+                want, at = stack[-1][2].send(value)
+            except StopIteration as done:
+                kind, i, _ = stack.pop()
+                value = self.memo[kind][i] = done.value
+                continue
+            if at in self.memo[want]:
+                value = self.memo[want][at]
+                continue
+            if len(stack) > 2 * MAX_NESTING:  # a sequence and a construct per level
+                raise _TooDeep
+            stack.append((want, at, self._rule(want, at)))
+            value = None
+        return value
+
+    def _group(self, i: int, end: int, nodes: list) -> tuple[list, int]:
+        """A construct's nodes; the source text itself when nothing in it is scheduled."""
+        if all(isinstance(node, str) for node in nodes):
+            return [self.text[i:end]], end
+        return nodes, end
+
+    def _sequence(self, i: int):
+        """A run of plain text and complete bracket constructs, up to what ends it."""
+        text, nodes = self.text, []
+        while i < len(text):
+            end = _plain(text, i)
+            if end > i:
+                nodes.append(text[i:end])
+                i = end
+                continue
+            construct = (yield ("construct", i)) if i in self.closable else None
+            if construct is None:
+                break
+            nodes.extend(construct[0])
+            i = construct[1]
+        return nodes, i
+
+    def _construct(self, i: int):
+        """The bracket construct opening at ``i``, or None when none closes there."""
+        text = self.text
+        inner, j = yield ("sequence", i + 1)
+        follow = _at(text, j)
+        if text[i] == "(":
+            if follow == ")":
+                return self._group(i, j + 1, ["(", *inner, ")"])
+            if follow == ":":
+                weight, k = yield ("sequence", j + 1)
+                if _at(text, k) == ")":
+                    return self._group(i, k + 1, ["(", *inner, ":", *weight, ")"])
+            return None
+        if follow == "]":
+            return self._group(i, j + 1, ["[", *inner, "]"])
+        if follow == "|":
+            options = [inner]
+            while _at(text, j) == "|":
+                option, j = yield ("sequence", j + 1)
+                options.append(option or None)
+            return ([Alternate(options)], j + 1) if _at(text, j) == "]" else None
+        if follow == ":":
+            number = _NUMBER.match(text, j + 1)
+            if number:
+                return [Scheduled(None, inner, number.group("n"))], number.end()
+            after, k = yield ("sequence", j + 1)
+            number = _NUMBER.match(text, k + 1) if _at(text, k) == ":" else None
+            if number:
+                return [Scheduled(inner, after, number.group("n"))], number.end()
+        return None
+
+    def top_items(self) -> list:
+        """Top-level items: text (plain, or a stray ``[ ] ( ) :``) and complete groups.
+
+        Raises:
+            _Unreadable: a ``|`` outside alternation or a ``\\`` at the end or before a line break.
+            _TooDeep: constructs nest more than :data:`MAX_NESTING` deep.
+        """
+        text, items, i = self.text, [], 0
+        while i < len(text):
+            construct = self._run("construct", i) if i in self.closable else None
+            if construct is not None:
+                items.append(_Group(construct[0], text[i:construct[1]]))
+                i = construct[1]
+            elif text[i] in "[]():":
+                items.append(text[i])
+                i += 1
+            else:
+                end = _plain(text, i)
+                if end == i:
+                    raise _Unreadable(text[i])
+                items.append(text[i:end])
+                i = end
+        return items
+
+
+@dataclass
+class _Group:
+    """A complete bracket construct at the top level, and its source text."""
+
+    nodes: list
+    text: str
+
+
+def parse_schedule(text: str) -> list:
+    """The prompt as text and :class:`Scheduled` / :class:`Alternate` nodes.
+
+    Raises:
+        _Unreadable: the prompt is outside the grammar.
+        _TooDeep: its bracket constructs nest more than :data:`MAX_NESTING` deep.
+    """
+    nodes: list = []
+    for item in _Parser(text).top_items():
+        nodes.extend(item.nodes if isinstance(item, _Group) else [item])
+    return nodes
+
+
+def _when(literal: str, steps: int) -> int:
+    value = float(literal)
+    if "." in literal:
+        value *= steps
+    if value != value or abs(value) == float("inf"):
+        raise PromptError(f"prompt editing step {literal!r} is not a usable number")
+    return min(steps, int(value))
+
+
+def _walk(nodes: list | None, steps: int, found: set[int]) -> None:
+    for node in nodes or ():
+        if isinstance(node, Scheduled):
+            node.when = _when(node.when, steps) if isinstance(node.when, str) else node.when
+            if node.when >= 1:
+                found.add(node.when)
+            _walk(node.before, steps, found)
+            _walk(node.after, steps, found)
+        elif isinstance(node, Alternate):
+            found.update(range(1, steps + 1))
+            for option in node.options:
+                _walk(option, steps, found)
+
+
+def _render(nodes: list | None, step: int) -> str:
+    out = []
+    for node in nodes or ():
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, Scheduled):
+            out.append(_render(node.before if step <= node.when else node.after, step))
+        else:
+            out.append(_render(node.options[(step - 1) % len(node.options)], step))
+    return "".join(out)
+
+
+def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+    """``[(end_step, text), ...]`` for ``steps`` sampling steps (A1111's prompt schedule).
+
+    Raises:
+        PromptError: ``steps`` is not a positive int, or a step number overflows.
+
+    >>> prompt_schedule("a [b:c:2] d", 4)
+    [(2, 'a b d'), (4, 'a c d')]
+    """
+    check_steps(steps)
+    try:
+        nodes = parse_schedule(text)
+    except _Unreadable:
+        return [(steps, text)]
+    except _TooDeep:
+        warn_at_caller(f"prompt bracket pairs nest more than {MAX_NESTING} deep: syntax='a1111' reads no "
+                       "prompt editing or alternation in it and uses it as written for every step (A1111's "
+                       "own parser fails with RecursionError on such prompts)", PromptWarning)
+        return [(steps, text)]
+    found = {steps}
+    _walk(nodes, steps, found)
+    return [(step, _render(nodes, step)) for step in sorted(found)]
+
+
+def split_and(text: str) -> list[tuple[str, float]]:
+    """A1111's ``AND`` parts of ``text`` as ``(part, weight)``.
+
+    >>> split_and("a cat AND a dog:0.5")
+    [('a cat', 1.0), (' a dog', 0.5)]
+    """
+    parts = []
+    for part in _AND.split(text):
+        match = _PART_WEIGHT.search(part)
+        body, weight = match.groups() if match else (part, None)
+        value = float(weight) if weight is not None else 1.0
+        if not math.isfinite(value):
+            raise PromptError(f"AND part weight {weight[:20]}... ({len(weight)} characters) is not a finite "
+                              "number")
+        parts.append((body, value))
+    return parts

@@ -1,0 +1,211 @@
+"""compel's token layout: fragments → 77-token chunks, and which positions each
+down-weighted fragment masks.
+
+Facts from compel 2.5.1 (``embeddings_provider.py``), code textenc's:
+
+* every fragment is tokenized on its own and the ids are concatenated;
+* ``truncate_long_prompts=True`` (compel's default) keeps the first
+  ``max_length - 2`` ids: one chunk ``[start, ids, end, pad...]``;
+* ``truncate_long_prompts=False`` cuts chunks of at most ``max_length - 2`` ids,
+  after the last ``.`` that fits, else the last ``, . ; :``, else the last whole
+  word, else at the limit (compel's ``SplitLongTextMode.SENTENCES``);
+* a fragment's masked positions run from its first to its last token; across a
+  chunk edge they include the end/pad/start tokens between, except each chunk's
+  first and last position. When truncation cuts a fragment, its range runs to
+  the final position (the end token), which is then masked too.
+
+Each token is a :class:`CompelToken`: a plain ``(token, weight)`` or
+``(token, weight, word_id)`` tuple (what ComfyUI callers read) that also carries
+``.compel``, a :class:`CompelTag` the ``compel`` weight mode reads. The tag also
+holds the window compel's ``requires_pooled`` encodes for the pooled output: the
+raw prompt text, syntax characters included, cut to ``max_length - 2`` ids
+(``Compel.build_conditioning_tensor`` → ``get_pooled_embeddings([text])``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
+
+from ....errors import PromptError
+from .grammar import CompelPrompt, Member, Part
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...tokenizer import SDTokenizer
+
+__all__ = ["CompelTag", "CompelToken", "compel_windows", "pooled_window", "split_point"]
+
+SENTENCE_END = (".</w>",)
+PHRASE_END = (".</w>", ",</w>", ";</w>", ":</w>")
+
+
+class CompelTag(NamedTuple):
+    """Where a token sits in a compel prompt (read by ``weight_mode="compel"``)."""
+
+    part: int                        # index in the ``.and()`` conjunction
+    part_weight: float               # its ``.and()`` weight
+    member: int                      # index in the part's ``.blend()`` (0 when no blend)
+    blend_weight: Optional[float]    # None when the part is not a blend
+    normalize: bool                  # the blend normalizes its weights
+    fragment: int                    # down-weighted fragment masked here, -1 for none
+    fragment_weight: float           # that fragment's weight (1.0 when none)
+    pooled_window: Optional[tuple[int, ...]] = None  # the raw text's window, pooled as compel does
+
+
+class CompelToken(tuple):
+    """A ComfyUI token tuple with a :class:`CompelTag` in ``.compel``."""
+
+    compel: CompelTag
+
+    def __new__(cls, values: Sequence, tag: CompelTag) -> "CompelToken":
+        token = super().__new__(cls, values)
+        token.compel = tag
+        return token
+
+    def __reduce__(self):
+        return CompelToken, (tuple(self), self.compel)
+
+
+def split_point(token_texts: Sequence[str], limit: int) -> int:
+    """compel's chunk end for ids whose vocabulary texts are ``token_texts``."""
+    if len(token_texts) <= limit:
+        return limit
+    head = token_texts[:limit]
+    for accept in (lambda t: t in SENTENCE_END, lambda t: t in PHRASE_END, lambda t: t.endswith("</w>")):
+        index = next((i for i in range(len(head) - 1, -1, -1) if accept(head[i])), None)
+        if index is not None:
+            return index + 1
+    return limit
+
+
+def _chunk(tokenizer: "SDTokenizer", ids: list[int], weights: list[float], word_ids: list[int],
+           truncate: bool) -> list[list[tuple[int, float, int]]]:
+    """``[start, ids, end, pad...]`` chunks of ``(token, weight, word_id)``."""
+    length = tokenizer.max_length
+    limit = length - 2
+    start, end, pad = tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token
+    chunks, position = [], 0
+    while True:
+        rest = ids[position:]
+        cut = limit if truncate else split_point([tokenizer.inv_vocab.get(i, "") for i in rest], limit)
+        body = list(zip(ids[position:position + cut], weights[position:position + cut],
+                        word_ids[position:position + cut]))
+        chunk = [(start, 1.0, 0)] + body + [(end, 1.0, 0)]
+        chunks.append(chunk + [(pad, 1.0, 0)] * (length - len(chunk)))
+        position += cut
+        if truncate or position >= len(ids):
+            return chunks
+
+
+def fragment_ranges(tokens: Sequence[int], fragment_ids: Sequence[Sequence[int]], specials: set[int],
+                    truncate: bool, length: int) -> list[Optional[tuple[int, int]]]:
+    """compel's ``_get_token_ranges_for_fragments``: (first, last) position per fragment.
+
+    None for a fragment without tokens; the list stops early when truncation
+    left no room for the remaining fragments.
+    """
+    last = len(tokens) - 1
+    ranges: list[Optional[tuple[int, int]]] = []
+    start = 0
+    for index, ids in enumerate(fragment_ids):
+        if not ids:
+            ranges.append(None)
+            continue
+        if truncate and start >= length - 1:
+            break
+        while start < last and tokens[start] != ids[0]:
+            start += 1
+        start = min(start, last)
+        end, matched = start, 0
+        while end < last:
+            if tokens[end] == ids[matched]:
+                matched += 1
+                if matched == len(ids):
+                    break
+                end += 1
+            elif not truncate and tokens[end] in specials:
+                end += 1
+            else:
+                raise PromptError(f"compel fragment {index} does not match its tokens")  # pragma: no cover
+        if end >= last and not truncate:
+            raise PromptError(f"compel fragment {index} runs past the last chunk")  # pragma: no cover
+        ranges.append((start, end))
+        start = end + 1
+    return ranges
+
+
+def _masked_fragments(member: Member, ranges, truncate: bool, length: int, total: int) -> list[int]:
+    """Per position: the index of the down-weighted fragment masking it, or -1."""
+    owner = [-1] * total
+    for index, span in enumerate(ranges):
+        if span is None or member.fragments[index].weight >= 1:
+            continue
+        for position in range(span[0], span[1] + 1):
+            if truncate or position % length not in (0, length - 1):
+                owner[position] = index
+    return owner
+
+
+def _member_windows(tokenizer: "SDTokenizer", member: Member, truncate: bool, first_word_id: int):
+    """Chunks of one member and, per flat position, its masking fragment."""
+    limit = tokenizer.max_length - 2
+    fragment_ids = tokenizer.encode_units([f.text for f in member.fragments])
+    if truncate:
+        fragment_ids = [ids[:limit] for ids in fragment_ids]
+    ids, weights, word_ids = [], [], []
+    for index, (fragment, f_ids) in enumerate(zip(member.fragments, fragment_ids)):
+        ids += f_ids
+        weights += [fragment.weight] * len(f_ids)
+        word_ids += [first_word_id + index] * len(f_ids)
+    chunks = _chunk(tokenizer, ids, weights, word_ids, truncate)
+    flat = [t for chunk in chunks for t, _, _ in chunk]
+    specials = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token}
+    ranges = fragment_ranges(flat, fragment_ids, specials, truncate, tokenizer.max_length)
+    return chunks, _masked_fragments(member, ranges, truncate, tokenizer.max_length, len(flat))
+
+
+def _tag(part_index: int, part: Part, member_index: int, fragment: int, member: Member,
+         pooled: tuple[int, ...]) -> CompelTag:
+    blend = part.blend_weights[member_index] if part.blend_weights is not None else None
+    weight = member.fragments[fragment].weight if fragment >= 0 else 1.0
+    return CompelTag(part_index, part.weight, member_index, blend, part.normalize, fragment, weight, pooled)
+
+
+def pooled_window(tokenizer: "SDTokenizer", text: str) -> tuple[int, ...]:
+    """The window compel pools: ``text`` as written (markup included), tokenized as one
+    string and cut to ``max_length - 2`` ids: ``(start, ids..., end, pad...)``.
+
+    >>> from textenc.prompts.tokenizer import SDTokenizer
+    >>> window = pooled_window(SDTokenizer(), "a (cat)0.5")
+    >>> len(window), window[:2], window.count(49407) == 77 - window.index(49407)
+    (77, (49406, 320), True)
+    """
+    ids = tokenizer.encode_units([text])[0][:tokenizer.max_length - 2]
+    window = [tokenizer.start_token, *ids, tokenizer.end_token]
+    return tuple(window + [tokenizer.pad_token] * (tokenizer.max_length - len(window)))
+
+
+def compel_windows(tokenizer: "SDTokenizer", prompt: CompelPrompt, *, truncate: bool,
+                   return_word_ids: bool, text: str) -> list[list[CompelToken]]:
+    """All chunks of all parts and members, in order, as :class:`CompelToken` windows.
+
+    ``text`` is the prompt as written: its :func:`pooled_window` goes into every tag.
+    """
+    if tokenizer.start_token is None or tokenizer.end_token is None:
+        raise PromptError("syntax='compel' needs a tokenizer with start and end tokens (CLIP)")
+    pooled = pooled_window(tokenizer, text)
+    windows: list[list[CompelToken]] = []
+    word_id = 1
+    for part_index, part in enumerate(prompt.parts):
+        for member_index, member in enumerate(part.members):
+            chunks, owners = _member_windows(tokenizer, member, truncate, word_id)
+            word_id += len(member.fragments)
+            tags = {}
+            for chunk_index, chunk in enumerate(chunks):
+                window = []
+                for column, values in enumerate(chunk):
+                    owner = owners[chunk_index * tokenizer.max_length + column]
+                    if owner not in tags:
+                        tags[owner] = _tag(part_index, part, member_index, owner, member, pooled)
+                    window.append(CompelToken(values if return_word_ids else values[:2], tags[owner]))
+                windows.append(window)
+    return windows

@@ -1,0 +1,61 @@
+"""What ``SDTokenizer.inspect`` reports: windows of tokens, units and embeddings.
+
+These plain records sit below the tokenizer and the dialects, so every
+dialect (``textenc.prompts.dialects``) builds its report without importing the
+tokenizer module, and no import circle runs through them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from textenc.loading.embeddings import EmbeddingResult
+    from textenc.prompts.parser import Segment
+
+__all__ = ["TokenReport", "UnitReport", "InspectReport"]
+
+
+@dataclass(frozen=True)
+class TokenReport:
+    """One token of one window: id (None for an embedding vector), text, weight, word id."""
+
+    token: int | None
+    text: str
+    weight: float
+    word_id: int
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """One group: ``kind`` is "text", "embedding" or "break"."""
+
+    word_id: int
+    kind: str
+    text: str
+    weight: float
+    start: int
+    end: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What :meth:`SDTokenizer.inspect` found: windows, units, embeddings and
+    the segments weighted above ``warn_weight_above`` (``large_weights``)."""
+
+    windows: list[list[TokenReport]]
+    units: list[UnitReport]
+    embeddings: list[EmbeddingResult] = field(default_factory=list)
+    large_weights: list[Segment] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[EmbeddingResult]:
+        """The embeddings the prompt names that were not found."""
+        return [e for e in self.embeddings if e.status == "missing"]
+
+    @property
+    def rejected(self) -> list[EmbeddingResult]:
+        """The embeddings found but refused (unsafe, unreadable or invalid)."""
+        return [e for e in self.embeddings if e.status == "rejected"]

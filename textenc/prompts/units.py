@@ -1,0 +1,108 @@
+"""A prompt's segments cut into units: text pieces, embeddings and ``BREAK`` marks.
+
+This is ComfyUI's ``tokenize_with_weights`` step between parsing and
+tokenizing (``comfy/sd1_clip.py``): each weighted segment is split before
+``" embedding:"``/``"\\nembedding:"`` (the separator is dropped), and every
+piece becomes one :class:`Unit` (one *group*: text tokenized at once, or the
+vectors of one embedding). Embedding names end at the first whitespace; a
+name not found is tried again with commas stripped from both ends, and the
+stripped commas stay in the prompt as text (see :mod:`textenc.prompts.tokenizer`
+for how this differs from ComfyUI). Missing and refused embeddings, and
+``embedding:NAME`` without an embedding directory, give an
+:class:`~textenc.errors.EmbeddingWarning` and the prompt goes on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from textenc.loading.embeddings import NO_DIRECTORY, EmbeddingResult
+from textenc.errors import EmbeddingWarning
+from textenc.warn import warn_at_caller
+
+if TYPE_CHECKING:  # pragma: no cover
+    from textenc.loading.embeddings import EmbeddingLoader
+    from textenc.prompts.parser import Segment
+
+__all__ = ["EMBEDDING_IDENTIFIER", "Unit", "split_units"]
+
+EMBEDDING_IDENTIFIER = "embedding:"
+_PIECE_SPLIT = re.compile(" embedding:|\nembedding:")  # ComfyUI's split, separator dropped
+_NAME_END = re.compile(r"\s")
+
+
+@dataclass
+class Unit:
+    """One group of a prompt.
+
+    Attributes:
+        kind: ``"text"``, ``"embedding"`` or ``"break"``.
+        text: the piece's text (the embedding's name for an embedding).
+        weight: the segment's weight.
+        segment: the parsed segment the unit comes from.
+        tokens: ``(token, weight)`` pairs; filled for embeddings here and for
+            text by the tokenizer (a token is an id or one embedding vector).
+    """
+
+    kind: str
+    text: str
+    weight: float
+    segment: Segment
+    tokens: list = field(default_factory=list)
+
+
+def split_units(segments: list[Segment], embeddings: EmbeddingLoader | None,
+                found: list[EmbeddingResult]) -> list[Unit]:
+    """Cut ``segments`` into units, looking embeddings up in ``embeddings`` (None: no
+    embedding directory) and appending every lookup's result to ``found``.
+
+    Warns:
+        EmbeddingWarning: an embedding is missing or refused, or there is no directory.
+    """
+    units: list[Unit] = []
+    for segment in segments:
+        if segment.is_break:
+            units.append(Unit("break", "BREAK", 1.0, segment))
+            continue
+        split = _PIECE_SPLIT.split(segment.text)
+        pieces = [split[0]] + [EMBEDDING_IDENTIFIER + p for p in split[1:]]
+        for piece in (p for p in pieces if p):
+            if piece.startswith(EMBEDDING_IDENTIFIER):
+                units.extend(_embedding_units(piece, segment, embeddings, found))
+            else:
+                units.append(Unit("text", piece, segment.weight, segment))
+    return units
+
+
+def _embedding_units(piece: str, segment: Segment, embeddings: EmbeddingLoader | None,
+                     found: list[EmbeddingResult]) -> list[Unit]:
+    """An ``embedding:name rest`` piece: the embedding group, then the rest as text."""
+    rest = piece[len(EMBEDDING_IDENTIFIER):].strip("\n")
+    end = _NAME_END.search(rest)
+    name, leftover = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
+    if not name:
+        return [Unit("text", piece, segment.weight, segment)]
+    if embeddings is None:  # ComfyUI reads it as text; say why
+        warn_at_caller(f"embedding:{name} read as text: {NO_DIRECTORY} (pass embedding_directory= "
+                       "to the tokenizer, or --embeddings on the command line)", EmbeddingWarning)
+        return [Unit("text", piece, segment.weight, segment)]
+    leading = ""
+    result = embeddings.lookup(name)
+    stripped = name.strip(",")  # ComfyUI strips commas at both ends, then tries again
+    if result.status != "found" and stripped and stripped != name:
+        leading = name[:len(name) - len(name.lstrip(","))]
+        leftover = name[len(leading) + len(stripped):] + leftover  # the commas stay as text
+        result = embeddings.lookup(stripped)
+    found.append(result)
+    units = [Unit("text", leading, segment.weight, segment)] if leading else []
+    if result.status == "found":
+        rows = result.vectors
+        units.append(Unit("embedding", result.name, segment.weight, segment,
+                          [(rows[i], segment.weight) for i in range(rows.shape[0])]))
+    else:
+        warn_at_caller(f"embedding:{result.name} skipped ({result.status}: {result.reason})", EmbeddingWarning)
+    if leftover.strip():
+        units.append(Unit("text", leftover, segment.weight, segment))
+    return units

@@ -1,0 +1,320 @@
+"""The work behind :class:`textenc.text_encoders.sd1_clip.SDClipModel`: loading, token processing,
+batched encoding and weighting. Kept apart so each function stays small.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+
+from ..loading.checkpoint import aligned, is_finite
+from .compel_weighting import encode_compel
+from ..errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError
+from ..warn import warn_at_caller
+from .weighting import apply_weights, normalize_weights
+
+from .options import ClipOptions
+
+# An ``SDClipModel`` (duck-typed: ``sd1_clip`` imports this module, never the reverse).
+SDClipModel = Any
+
+# Not weights: old HF files store the position ids buffer; it is recomputed.
+IGNORED_KEYS = ("text_model.embeddings.position_ids",)
+PROJECTION_KEY = "text_projection.weight"
+
+
+class ProcessedTokens(NamedTuple):
+    embeds: torch.Tensor          # (W, T, D) input embeddings in the compute dtype
+    attention_mask: torch.Tensor  # (W, T) 1 up to and including the first end token
+    num_tokens: list[int]         # per window: sum of the mask (pooled at num_tokens - 1)
+
+
+# ---- loading ------------------------------------------------------------------
+
+def _shape_report(model: SDClipModel, sd: dict) -> tuple[list, list, list]:
+    expected = {k: tuple(v.shape) for k, v in model.transformer.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    misshaped = sorted((k, expected[k], tuple(sd[k].shape)) for k in set(expected) & set(sd)
+                       if tuple(sd[k].shape) != expected[k])
+    return missing, unexpected, misshaped
+
+
+def check_weight_values(sd: dict, *, require_finite: bool = True) -> None:
+    """Refuse non-floating tensors and (``require_finite``) NaN or infinite values, naming the tensor.
+
+    The finite scan sums each tensor (see :func:`textenc.loading.checkpoint.is_finite`):
+    0.05–0.2 s for CLIP-L and 0.3–1.3 s for SDXL's CLIP-G on one loaded CPU
+    thread (``bench/bench_weight_scan.py``), so it runs by default.
+    """
+    for key, tensor in sd.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"tensor {key!r} has dtype {tensor.dtype}, but text-encoder weights are "
+                                  "floating point; the file is corrupt or not a text encoder")
+        if require_finite and not is_finite(tensor):
+            raise CheckpointError(f"tensor {key!r} holds NaN or infinite values; the file is corrupt or was "
+                                  "saved from a diverged training run; use another copy (require_finite=False "
+                                  "loads it anyway, and every encode will then fail its finite check)")
+
+
+def load_text_state_dict(model: SDClipModel, sd, *, strict: bool = True, require_finite: bool = True):
+    """Assign an HF-layout state dict to ``model.transformer`` (see ``SDClipModel.load_sd``).
+
+    ``strict=False`` tolerates unexpected keys only: a missing key always raises,
+    because init-free layers would otherwise hold garbage. Integer weights are
+    refused, and so (``require_finite``) are NaN or infinite values.
+    """
+    sd = {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
+    width = model.config.hidden_size
+    if PROJECTION_KEY not in sd and model.config.projection_dim == width:
+        # SD1 checkpoints carry no projection; identity keeps pooled = unprojected.
+        dtype = next(iter(sd.values())).dtype if sd else torch.float32
+        sd[PROJECTION_KEY] = torch.eye(width, dtype=dtype)
+    missing, unexpected, misshaped = _shape_report(model, sd)
+    if missing or misshaped or (strict and unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {missing[:8]}")
+        if misshaped:
+            parts.append("wrong shape: " + ", ".join(f"{k} expected {e} got {g}" for k, e, g in misshaped[:8]))
+        if strict and unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {unexpected[:8]}")
+        raise CheckpointError(f"text encoder state dict does not match the "
+                              f"{model.config.num_hidden_layers}-layer, width-{width} config: "
+                              + "; ".join(parts) + ". Check the model type/config, or pass strict=False "
+                              "to ignore unexpected keys.")
+    if unexpected:  # strict=False: ignored, and said so (ComfyUI logs them too)
+        warn_at_caller(f"text encoder state dict: {len(unexpected)} unexpected key(s) ignored "
+                       f"(strict=False): {unexpected[:8]}", CheckpointWarning)
+    sd = {k: v for k, v in sd.items() if k not in unexpected}
+    check_weight_values(sd, require_finite=require_finite)
+    target = model.storage_dtype
+    sd = aligned({k: v.to(device=model.device, dtype=target or v.dtype) for k, v in sd.items()})
+    keys = model.transformer.load_state_dict(sd, strict=True, assign=True)
+    if model.freeze:
+        model.transformer.requires_grad_(False)
+        model.transformer.eval()
+    model.loaded = True
+    model.clear_caches()
+    # torch's (missing_keys, unexpected_keys) named tuple, reporting the keys ignored above.
+    return keys._replace(unexpected_keys=list(unexpected))
+
+
+# ---- token processing -----------------------------------------------------------
+
+def _window_mask(window: Sequence[Any], special: dict) -> list[int]:
+    """ComfyUI's mask: 1 up to and including the first end token (or pad, when the
+    model has no end token, which is then itself masked), 0 after; embeddings 1."""
+    end = special.get("end")
+    compare = end if end is not None else special.get("pad", -1)
+    mask, seen_end = [], False
+    for token in window:
+        if isinstance(token, torch.Tensor):
+            mask.append(1)
+            continue
+        mask.append(0 if seen_end else 1)
+        if not seen_end and int(token) == compare:
+            if end is None:
+                mask[-1] = 0
+            seen_end = True
+    return mask
+
+
+def _drop_wrong_width(window: list, width: int, pad: int) -> list:
+    """Remove embedding vectors of the wrong width, padding at the end (as ComfyUI)."""
+    kept = [t for t in window if not (isinstance(t, torch.Tensor) and t.shape[-1] != width)]
+    if len(kept) < len(window):
+        warn_at_caller(f"{len(window) - len(kept)} embedding vector(s) of the wrong width "
+                       f"(expected {width}) were dropped", EmbeddingWarning)
+    return kept + [pad] * (len(window) - len(kept))
+
+
+def _check_vocabulary(ids: torch.Tensor, vocab_size: int) -> None:
+    """A token id the embedding table does not have is a tokenizer/model mismatch, not an IndexError."""
+    if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise CheckpointError(f"token id {bad} is outside the text encoder's vocabulary of {vocab_size} tokens: "
+                              "the tokenizer and the model do not match (a tiny or mismatched text encoder, or "
+                              "another model's special tokens); use the model's own tokenizer or a checkpoint "
+                              "with the full vocabulary (49408 for CLIP)")
+
+
+def process_tokens(model: SDClipModel, windows: Sequence[Sequence[Any]],
+                   dtype: torch.dtype) -> ProcessedTokens:
+    """Token windows (ints or 1-D tensors) → input embeddings, masks and token counts."""
+    lengths = {len(w) for w in windows}
+    if len(lengths) != 1:
+        raise PromptError(f"token windows must have equal lengths, got {sorted(lengths)}")
+    width = model.config.hidden_size
+    pad = model.special_tokens["pad"]
+    windows = [_drop_wrong_width(list(w), width, pad) for w in windows]
+    device = model.device
+    ids = torch.tensor([[pad if isinstance(t, torch.Tensor) else int(t) for t in w] for w in windows],
+                       dtype=torch.long, device=device)
+    _check_vocabulary(ids, model.config.vocab_size)
+    embeds = model.transformer.get_input_embeddings()(ids, out_dtype=dtype)
+    for row, window in enumerate(windows):
+        for column, token in enumerate(window):
+            if isinstance(token, torch.Tensor):
+                embeds[row, column] = token.to(device=device, dtype=dtype)
+    masks = [_window_mask(w, model.special_tokens) for w in windows]
+    return ProcessedTokens(embeds, torch.tensor(masks, dtype=torch.long, device=device),
+                           [sum(m) for m in masks])
+
+
+# ---- encoding -----------------------------------------------------------------
+
+def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipOptions,
+                     attention_mask: torch.Tensor | None, row_groups: Sequence[int] | None = None):
+    if opts.layer == "all":
+        intermediate = "all"
+    elif opts.layer == "hidden":  # ComfyUI's index → the loaded layers' own (23-layer SD2)
+        intermediate = model.numbering.model_index(opts.layer_idx)
+    else:
+        intermediate = None
+    with torch.no_grad():
+        out = model.transformer(None, attention_mask, embeds=processed.embeds,
+                                num_tokens=processed.num_tokens, intermediate_output=intermediate,
+                                final_layer_norm_intermediate=opts.layer_norm_hidden_state,
+                                dtype=opts.compute_dtype,
+                                return_last_hidden=opts.layer in ("last", "pooled"),
+                                **({} if row_groups is None else {"row_groups": row_groups}))
+    z = out.last_hidden_state if opts.layer in ("last", "pooled") else out.intermediate
+    pooled = out.projected_pooled if opts.return_projected_pooled else out.pooled_output
+    return z.float(), pooled.float()
+
+
+def _likely_cause(model: SDClipModel, windows, opts: ClipOptions) -> str:
+    """Name why an encode was not finite: model weights, an embedding vector, or the compute dtype."""
+    for key, tensor in model.transformer.state_dict().items():
+        if tensor.is_floating_point() and not is_finite(tensor):
+            return (f"the model weights: tensor {key!r} holds NaN or infinite values (it was loaded with "
+                    "require_finite=False); load another copy of the checkpoint")
+    vectors = [t for w in windows for t in w if isinstance(t, torch.Tensor)]
+    largest = max((float(v.float().abs().max()) for v in vectors), default=0.0)
+    if vectors and (largest > 2.0 ** 14 or not all(is_finite(v) for v in vectors)):
+        return (f"an embedding vector (largest |value| {largest:.3g}); embedding files are refused above "
+                "2**14 when loaded by the tokenizer, so this one was built by hand")
+    return (f"the encoder overflowed in compute dtype {opts.compute_dtype} (an embedding vector's largest "
+            f"|value| is {largest:.3g}); encode in torch.float32")
+
+
+def check_finite_output(model: SDClipModel, windows, z: torch.Tensor, pooled: torch.Tensor,
+                        opts: ClipOptions) -> None:
+    """Raise :class:`~textenc.errors.EncodeError` when an encode is not finite, naming the likely cause.
+
+    The check is one sum per output (cheap next to the forward); the cause is
+    only looked for once it failed.
+    """
+    if is_finite(z) and (pooled is None or is_finite(pooled)):
+        return
+    raise EncodeError(f"the text encoder returned NaN or infinite values; likely cause: "
+                      f"{_likely_cause(model, windows, opts)}")
+
+
+def encode_windows(model: SDClipModel, windows, opts: ClipOptions, *,
+                   extra_mask: torch.Tensor | None = None, row_groups: Sequence[int] | None = None):
+    """Encode windows in one forward → ``(z (W, T, D), pooled (W, P)[, extra])``.
+
+    ``row_groups`` (window counts summing to W: the windows of each prompt in a
+    batch of prompts) makes each prompt's pooled output bit-equal to encoding
+    that prompt alone (see :meth:`textenc.nn.clip_model.CLIPTextModel.forward`).
+    """
+    if not model.loaded:
+        raise CheckpointError("the text encoder has no weights yet: call load_sd(state_dict) first")
+    processed = process_tokens(model, windows, opts.compute_dtype)
+    mask = processed.attention_mask if model.enable_attention_masks else None
+    if extra_mask is not None:
+        mask = extra_mask if mask is None else mask * extra_mask
+    z, pooled = _run_transformer(model, processed, opts, mask, row_groups)
+    check_finite_output(model, windows, z, pooled, opts)
+    if model.zero_out_masked:
+        z = z * processed.attention_mask.unsqueeze(-1).to(z.dtype)
+    if model.return_attention_masks:
+        return z, pooled, {"attention_mask": processed.attention_mask}
+    return z, pooled
+
+
+def _token_key(token: Any) -> Any:
+    if isinstance(token, torch.Tensor):
+        return ("embedding", str(token.dtype), token.detach().cpu().numpy().tobytes())
+    return int(token)
+
+
+def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
+    """The empty prompt's ``(z (T, D), pooled (P,))``, cached per options and length."""
+    tokens = model.gen_empty_tokens(model.special_tokens, length)
+    compute = lambda: tuple(x[0] for x in encode_windows(model, [tokens], opts)[:2])  # noqa: E731
+    return model.empty_cache.get_or_compute((opts, length), compute)
+
+
+def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
+    if model.cache_size <= 0 or model.return_attention_masks:
+        return encode_windows(model, windows, opts)
+    key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
+    z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
+    # Copies: the result may be a view the caller mutates; the entry must stay intact.
+    return z.clone(), pooled.clone()
+
+
+def _encode_compel(model: SDClipModel, pairs, weights, word_ids, opts: ClipOptions, need_pooled: bool):
+    """compel's algorithm (see :mod:`textenc.text_encoders.compel_weighting`) on this model."""
+    return encode_compel(
+        pairs, weights, word_ids, special=model.special_tokens, need_pooled=need_pooled,
+        encode=lambda windows, mask: encode_windows(model, windows, opts, extra_mask=mask),
+        empty=lambda length: empty_encoding(model, length, opts)[0])
+
+
+def token_weights(pairs: Sequence[Sequence[tuple]],
+                  normalization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalized (windows, T) float64 weights of ``(token, weight[, word_id])``
+    windows, and their (windows, T) word ids (None when a pair has none).
+
+    Raises:
+        PromptError: a weight that is not a finite number (or a bad normalization).
+    """
+    weights = torch.tensor([[float(p[1]) for p in w] for w in pairs], dtype=torch.float64)
+    word_ids = None
+    if all(len(p) > 2 for w in pairs for p in w):
+        word_ids = torch.tensor([[int(p[2]) for p in w] for w in pairs])
+    weights = normalize_weights(weights, word_ids, normalization)
+    if not torch.isfinite(weights).all():
+        raise PromptError("token weights must be finite numbers")
+    return weights, word_ids
+
+
+def _check_weighted(z: torch.Tensor, weights: torch.Tensor) -> None:
+    """Raise EncodeError when weighting made the conditioning NaN or infinite."""
+    if not is_finite(z):
+        raise EncodeError(f"the weighted conditioning is NaN or infinite: a prompt weight (largest "
+                          f"|weight| {float(weights.abs().max()):.3g}) overflowed float32 when it scaled the "
+                          "encoder output; use smaller weights (ComfyUI would return this NaN/Inf conditioning)")
+
+
+def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptions, *,
+                         need_pooled: bool = True):
+    """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.text_encoders.weighting` for modes).
+
+    ``need_pooled=False`` (the caller discards the pooled output) returns None
+    in its place and skips the work done only for it: compel's raw-text window.
+    """
+    pairs = [list(w) for w in token_weight_pairs]
+    if not pairs:
+        z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
+        # Copies: the cached empty encoding weights every later prompt.
+        return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone() if need_pooled else None)
+    windows = [[p[0] for p in w] for w in pairs]
+    weights, word_ids = token_weights(pairs, opts.normalization)
+    if opts.weight_mode == "compel":
+        result = _encode_compel(model, pairs, weights, word_ids, opts, need_pooled)
+        _check_weighted(result[0], weights)
+        return result
+    out = _encode_maybe_cached(model, windows, opts)
+    z, pooled = out[0], out[1]
+    if opts.weight_mode != "none" and bool((weights != 1.0).any()):
+        z_empty = empty_encoding(model, z.shape[1], opts)[0]
+        z = apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
+    _check_weighted(z, weights)
+    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled else None)
+    return result + (out[2],) if len(out) > 2 else result
