@@ -104,7 +104,7 @@ NOTES = """\
   B16: the smaller GEMMs lose more than the cache gains). The remaining
   10k page faults per B16 forward go away with `MALLOC_TRIM_THRESHOLD_` /
   `MALLOC_MMAP_THRESHOLD_` set before Python starts; that is a process-wide
-  setting, so it is left to the user (README, troubleshooting).
+  setting, so it is left to the user (docs/performance.md, Speed on CPU).
 * Tried and dropped (later): a per-forward pool of reused buffers
   for every (B, T, D) intermediate (LayerNorm via `native_layer_norm.out`,
   q/k/v/out_proj/fc2 via `out=`). torch.profiler showed 10% less self time

@@ -4,7 +4,7 @@ Nothing here is taken from A1111's code, and it shares no code or structure with
 ``textenc/dialects/a1111``: it is a second, independent reading of the same rules
 (A1111's wiki on attention/emphasis, prompt editing, alternating words and BREAK, its
 parser's doctest examples, and the rules written out in the dialect's docstrings and
-the README). Where the product tokenizes with a regular expression, this scans
+docs/prompts.md). Where the product tokenizes with a regular expression, this scans
 character by character and defers the bracket products; where the product parses the
 schedule with functions over ``(text, index)``, this is a cursor-based reader that
 builds a tree; where the product chunks in one loop, this first flattens the prompt

@@ -172,7 +172,8 @@ def test_text_parity_full_size_clip_l(backend, hf_attention):
     assert max_diff(tail.intermediate,
                     hf.text_model.final_layer_norm(ref.hidden_states[-2])) <= FP32_TOL
     assert max_diff(tail.projected_pooled, ref.text_embeds) <= FP32_TOL
-    # The README's claim: each path equals its counterpart bit for bit, at 1 and 2 threads.
+    # docs/python-api.md (Attention backends): each path equals its counterpart bit for bit,
+    # at 1 and 2 threads.
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):

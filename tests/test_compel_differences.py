@@ -1,4 +1,4 @@
-"""One test per bullet of the README's "Differences from compel" list.
+"""One test per bullet of the "Differences from compel" list in docs/prompts.md.
 
 Each test runs the real compel (2.5.1, the test-only oracle) on the input the bullet
 names and asserts compel's behaviour as it is (its output, its parser's exception,

@@ -48,7 +48,7 @@ def captions(tmp_path_factory) -> tuple[Path, list[str]]:
     return random_captions(tmp_path_factory, ROWS, seed=2)
 
 
-# Each kind at its default and at clip skip 1-3 (the README's claim).
+# Each kind at its default and at clip skip 1-3 (the claim in docs/dataset.md).
 CASES = [("sd1", None, None), ("sd1", 2, -2), ("sd1", 3, -3), ("sd2", None, None), ("sd2", 1, -1),
          ("sd2", 3, -3), ("sdxl", None, None), ("sdxl", 1, -1), ("sdxl", 2, -2), ("sdxl", 3, -3)]
 

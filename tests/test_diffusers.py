@@ -449,7 +449,7 @@ def test_to_diffusers_from_comfy_conditioning(loaded):
 
 def test_from_pretrained_pipeline_matches_folder_within_rounding(pipelines, loaded):
     """A from_pretrained pipeline keeps its weights memory-mapped at the file's byte
-    offsets; CPU kernels round those last bits differently (README, "Parity")."""
+    offsets; CPU kernels round those last bits differently (docs/diffusers.md, "Parity")."""
     import diffusers
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(pipelines["sdxl"][1])
     ours = encode_for_pipeline(pipe, SHORT, NEGATIVE)

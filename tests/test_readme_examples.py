@@ -1,9 +1,10 @@
-"""The README's ``textenc inspect`` examples are what the command prints today.
+"""The documentation's ``textenc inspect`` examples are what the command prints today.
 
-Each fenced block of README.md that starts with ``$ textenc inspect`` is run with
+Each fenced block of README.md and docs/*.md (most live in docs/command-line.md)
+that starts with ``$ textenc inspect`` is run with
 ``textenc.cli.main`` in a folder holding ``emb/my_style.safetensors`` (two 768-wide
 vectors, as the example's embedding), and its printed lines (warnings on stderr
-first, as a terminal shows them) must equal the block's. The README's absolute path
+first, as a terminal shows them) must equal the block's. The documented absolute path
 of that file is the one on the machine it was captured on; it is compared as that
 file's path here.
 """
@@ -20,7 +21,8 @@ from safetensors.torch import save_file
 
 from textenc.cli import main
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _BLOCK = re.compile(r"```\n(\$ textenc inspect .*?)```", re.S)
 _EMBEDDING_PATH = re.compile(r"\(/\S*/emb/my_style\.safetensors\)")
 
@@ -28,15 +30,17 @@ _EMBEDDING_PATH = re.compile(r"\(/\S*/emb/my_style\.safetensors\)")
 def _examples() -> list[tuple[str, list[str]]]:
     """``(command, printed lines)`` for each ``$ textenc inspect`` line of those blocks."""
     examples = []
-    for block in _BLOCK.findall(README.read_text("utf-8")):
-        for session in re.split(r"^(?=\$ )", block, flags=re.M):
-            if session:
-                command, *lines = session.splitlines()
-                examples.append((command, lines))
+    for document in DOCUMENTS:
+        for block in _BLOCK.findall(document.read_text("utf-8")):
+            for session in re.split(r"^(?=\$ )", block, flags=re.M):
+                if session:
+                    command, *lines = session.splitlines()
+                    examples.append((command, lines))
     return examples
 
 
 def test_the_readme_has_inspect_examples():
+    """Counted across README.md and docs/*.md, so moving an example between them keeps it."""
     assert len(_examples()) >= 4
 
 

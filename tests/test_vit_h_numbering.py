@@ -10,7 +10,7 @@ point is checked against it: ``clip_layer``, per-call ``options``,
 ``set_clip_options``, ``textenc encode --clip-skip``, ``encode_dataset``,
 ``encode_for_pipeline`` and the ``CLIPSetLastLayer`` node; ``-1`` (the layer the
 file lacks) raises ``LayerError`` everywhere. Also here: a per-call ``"layer"``
-wins over ``clip_layer()`` (README, "Usage").
+wins over ``clip_layer()`` (docs/python-api.md, "ComfyUI's names").
 """
 
 from __future__ import annotations
