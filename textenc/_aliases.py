@@ -6,7 +6,8 @@ textenc's modules moved into ``nn/``, ``prompts/``, ``text_encoders/``, ``loadin
 keeps working: :class:`_OldPathFinder`, installed by ``textenc/__init__.py``, answers an
 import of an old name with the new module itself (``textenc.sd1_clip is
 textenc.text_encoders.sd1_clip``), so classes, ``isinstance`` and monkeypatching agree.
-It is consulted last, only for the names below; textenc's own code imports the new paths
+It is consulted first, and answers only the names below (so that a stale ``__pycache__``
+folder or namespace package left where an old module was cannot shadow the move); textenc's own code imports the new paths
 (``tests/test_import_graph.py`` refuses an old one).
 """
 
@@ -103,6 +104,8 @@ class _OldPathFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Put the finder at the end of ``sys.meta_path`` (once)."""
+    """Put the finder at the front of ``sys.meta_path`` (once): before the path finder,
+    which would otherwise load an old submodule of an old package (``textenc.dialects.compel``)
+    a second time from the new package's folder, or not at all."""
     if not any(isinstance(finder, _OldPathFinder) for finder in sys.meta_path):
-        sys.meta_path.append(_OldPathFinder())
+        sys.meta_path.insert(0, _OldPathFinder())
