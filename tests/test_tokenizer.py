@@ -390,16 +390,3 @@ def test_doctests():
 
     result = doctest.testmod(tokenizer)
     assert result.attempted >= 3 and result.failed == 0
-
-
-def test_textenc_has_no_import_circle():
-    """No textenc module reaches itself through imports, counting those inside
-    functions (a lazy import can hide a circle) but not ``if TYPE_CHECKING:`` ones.
-    The tokenizer, its dialects and the embeddings once had such a hidden circle."""
-    from import_graph import import_circles, import_graph
-
-    graph = import_graph("textenc")
-    assert "textenc.prompts.report" in graph["textenc.prompts.dialects.a1111.report"]  # the graph sees imports
-    assert "textenc.prompts.dialects.compel" in graph["textenc.prompts.tokenizer"] or \
-        "textenc.prompts.dialects" in graph["textenc.prompts.tokenizer"]
-    assert import_circles("textenc") == []
