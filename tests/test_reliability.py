@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import textenc.errors as errors
+from hypothesis_profiles import examples
 from textenc.errors import EmbeddingWarning, PromptError, PromptWarning, TextencError, TextencWarning
 from textenc.prompts.parser import parse_prompt
 from textenc.prompts.tokenizer import SDTokenizer
@@ -269,7 +270,7 @@ _PIECES = st.sampled_from([
 _TOKENIZERS: dict = {}
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(st.lists(_PIECES, max_size=60), st.sampled_from(["comfy", "a1111"]), st.booleans(), st.booleans(),
        st.sampled_from([(77, True), (77, False), (20, True)]))
 def test_tokenizer_properties_with_embeddings_and_options(tmp_path_factory, prompt_pieces, convention, square,
