@@ -178,6 +178,7 @@ def safe_open_all(path) -> dict[str, torch.Tensor]:
 
 # ---- ray ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ray_engine_writes_the_same_bytes(tmp_path, reference, captions, tiny_model):
     with ray_session(150):
         report = _encode(captions[0], tiny_model, tmp_path, engine="ray", workers=2)

@@ -227,6 +227,7 @@ def test_doctests():
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
+@pytest.mark.slow
 def test_one_megabyte_prompt_parses():
     prompt = ("(a:1.2) \\(b\\) (c) d:e, " * 50_000)[:1_000_000]
     segs = parse_prompt(prompt)

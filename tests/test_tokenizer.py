@@ -283,6 +283,7 @@ def test_threads_share_one_tokenizer():
     assert parallel == serial * 2
 
 
+@pytest.mark.slow
 def test_one_megabyte_prompt_within_bounds(tok):
     """The size limits hold; their speed is bench/bench_prompt.py's (never a timed unit test)."""
     prompt = ("masterpiece, (best quality:1.2), a (red fox:1.1) in the ((snowy forest)), 8k " * 20_000)[:1_048_576]
