@@ -2,8 +2,8 @@
 
 Model cases use the full-size CLIP ViT-L/14 text model (``sd1_clip_config``,
 ~123M parameters, random weights, fp32, CPU); the reference
-(:mod:`comfy_reference`) runs on the same ``SDClipModel`` forward, so only the
-prompt machinery differs. Outputs are checked equal to 1e-5 and tokenizer
+(``tests/comfy_reference.py``, also the tests' oracle) runs on the same
+``SDClipModel`` forward, so only the prompt machinery differs. Outputs are checked equal to 1e-5 and tokenizer
 outputs identical before timing. Runs are interleaved A B A B ...
 
 Targets (issue #6, target 4): a one-window weighted prompt ≤ 1.1× an
@@ -36,7 +36,9 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# bench/ first, then tests/ for the ComfyUI reference the tests check textenc against.
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_BENCH, os.path.join(os.path.dirname(_BENCH), "tests")]
 import common  # noqa: E402
 from comfy_reference import ComfyTokenizer, comfy_encode_token_weights  # noqa: E402
 

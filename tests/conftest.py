@@ -1,6 +1,10 @@
 """Shared pytest fixtures: tiny random Hugging Face CLIP models as oracles, and the
 tiny SD1 text encoder file the encode-dataset modules encode with (built by
-:mod:`dataset_fixtures`, which holds their other shared helpers)."""
+:mod:`dataset_fixtures`, which holds their other shared helpers).
+
+Also the Hypothesis profile, chosen with ``HYPOTHESIS_PROFILE`` (:mod:`hypothesis_profiles`:
+``ci``, the default, or ``dev`` for fewer examples), loaded here before any test module.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import hypothesis_profiles
 from dataset_fixtures import write_tiny_sd1
+
+hypothesis_profiles.load()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """What the encode-dataset test modules share: tiny random CLIP text encoders written
 in SD1 layout (and as a diffusers folder), random captions, an ``encode_dataset``
-with a module's defaults, a folder's bytes, and a guarded Ray session.
+with a module's defaults, a folder's bytes, a guarded Ray session, and the
+environment of a subprocess that runs this checkout's textenc.
 
 The pytest fixtures built on these (``tiny_model``, ``one_torch_thread``) are in
 ``conftest.py``; the helpers are plain functions so a module can build a model of
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -21,6 +23,9 @@ from typing import Any, Callable, Iterator, Sequence
 import pytest
 import torch
 from safetensors.torch import save_file
+
+#: The checkout's root, put first on a subprocess's PYTHONPATH by :func:`checkout_env`.
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ("a photo of the cat dog red blue house tree sky sun moon painting portrait old "
          "woman man city night river mountain forest girl boy smiling standing").split()
@@ -99,6 +104,13 @@ def encoder(**defaults: Any) -> Callable[..., Any]:
 
         return encode_dataset(source, model=model, out=out, **{"progress": False, **defaults, **kwargs})
     return encode
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the checkout first on ``PYTHONPATH`` (so a
+    ``python -m textenc.dataset`` subprocess runs this textenc), plus ``extra``."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

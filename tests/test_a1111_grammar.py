@@ -164,6 +164,7 @@ def test_registry_schedules_and_refusals():
         prompt_schedule("[a:b:1e999]", 10)
 
 
+@pytest.mark.slow
 def test_huge_prompts_are_linear_or_refused():
     prompt = ("masterpiece, (best quality:1.2), a (red fox:1.1) in the ((snowy forest)), 8k " * 20_000)[:1_048_576]
     assert len(parse_attention(prompt)) > 10_000

@@ -85,6 +85,7 @@ def test_prompts_files(tmp_path):
     assert read_prompts(str(lines)) == ["a", "b", "c"]
 
 
+@pytest.mark.slow
 def test_encode_subprocess_with_prompts_file(model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
@@ -120,6 +121,7 @@ def test_inspect_json_tokens_match_hf(tmp_path, capsys):
     assert status == {"style": "found", "nothere": "missing"}
 
 
+@pytest.mark.slow
 def test_inspect_table_subprocess_without_model_code(tmp_path):
     code = ("import sys; from textenc.cli import main; "
             "status = main(['inspect', 'a (red:1.2) cat BREAK dog', '--syntax', 'a1111']); "
@@ -154,6 +156,7 @@ def test_vision_matches_the_library(tmp_path, monkeypatch, capsys):
     assert "wrote 1 image embedding(s)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_vision_subprocess_rejects_a_text_encoder(model, tmp_path):
     from PIL import Image
 
@@ -167,6 +170,7 @@ def test_vision_subprocess_rejects_a_text_encoder(model, tmp_path):
 
 # --- encode-dataset ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_encode_dataset_is_wired(tmp_path):
     result = _python_m("encode-dataset", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

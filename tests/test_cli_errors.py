@@ -65,6 +65,7 @@ def _one_line(result: subprocess.CompletedProcess, status: int) -> str:
 
 # --- usage errors: 2 ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("args, prog, words", [
     ((), "textenc", "required: COMMAND"),
@@ -87,6 +88,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, entry, args, prog, words
 
 # --- runtime errors: 1 ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_out_is_checked_before_the_model_loads(tmp_path):
     """The model path does not exist: the error about --out proves it came first."""
     missing = str(tmp_path / "no-model.safetensors")
@@ -103,6 +105,7 @@ def test_out_is_checked_before_the_model_loads(tmp_path):
     assert "--out" in err and "is a folder" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_non_utf8_prompts_file_and_missing_files(model, tmp_path, entry):
     prompts = tmp_path / "prompts.txt"
@@ -120,6 +123,7 @@ def test_non_utf8_prompts_file_and_missing_files(model, tmp_path, entry):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_model_under_a_non_utf8_path_is_a_path_problem(model, tmp_path):
     folder = os.fsencode(tmp_path) + b"/mod\xe8les"
     os.mkdir(folder)
@@ -130,6 +134,7 @@ def test_model_under_a_non_utf8_path_is_a_path_problem(model, tmp_path):
     assert "corrupt" not in err and "rename" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["encode", "inspect"])
 def test_embeddings_must_be_an_existing_folder(model, tmp_path, command):
     args = ["a", "--model", str(model), "--out", str(tmp_path / "o.safetensors")] if command == "encode" else ["a"]
@@ -140,6 +145,7 @@ def test_embeddings_must_be_an_existing_folder(model, tmp_path, command):
     assert "not a folder" in err
 
 
+@pytest.mark.slow
 def test_file_size_limit_names_the_output_and_leaves_nothing(model, tmp_path):
     limit = 4096  # the output (cond 77 x 64 floats) is ~20 KB
 
@@ -154,6 +160,7 @@ def test_file_size_limit_names_the_output_and_leaves_nothing(model, tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_a_file_that_is_no_image(model, tmp_path):
     (tmp_path / "a.png").write_text("not a png")
     err = _one_line(_run("vision", str(tmp_path / "a.png"), "--model", str(model), "--out",
@@ -163,6 +170,7 @@ def test_a_file_that_is_no_image(model, tmp_path):
 
 # --- interruption: 130 / 143 -----------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status, words", [(signal.SIGINT, 130, "interrupted (SIGINT)"),
                                                     (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_interrupted_encode_exits_130_or_143_and_writes_nothing(model, tmp_path, signum, status, words):
@@ -188,6 +196,7 @@ def test_interrupted_encode_exits_130_or_143_and_writes_nothing(model, tmp_path,
     assert os.listdir(out_dir) == []
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_is_no_error_message(tmp_path):
     """``textenc inspect ... --json | head -c 10``: output larger than a pipe buffer, the
     reader closes; exit 1 and nothing on stderr (no BrokenPipeError traceback)."""

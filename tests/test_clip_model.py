@@ -148,6 +148,7 @@ def test_text_parity_reduced(name):
 # transformers' sdpa. Across the pairs the two fp32 results differ by up to
 # ~1.03e-5 at full size (measured; each is ~1.2e-5 from a float64 forward), so
 # a cross comparison would test fp32 rounding, not the model.
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, hf_attention", [("bmm", "eager"), ("sdpa", "sdpa")])
 def test_text_parity_full_size_clip_l(backend, hf_attention):
     """SD1.x's CLIP ViT-L/14 text model at full size (123M params), one batch-2 pass each."""

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_prompt_parser import reference as comfy_weights
+from comfy_reference import prompt_weights as comfy_weights
 from test_vit_h_numbering import PROMPT, sd2_23, vit_h  # noqa: F401  (fixtures)
 from test_vit_h_numbering import _ids as vit_h_ids
 from textenc.loading.embeddings import EmbeddingLoader

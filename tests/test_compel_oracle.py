@@ -139,6 +139,7 @@ def test_comfy_syntax_with_compel_weights_is_compel_on_the_same_weights(pipe):
                 assert_close(ours, pipe["compel"](compel_prompt), comfy_prompt)
 
 
+@pytest.mark.slow
 def test_pooled_equals_compels_requires_pooled(pipe, one_compel_parser):
     """``Compel(..., requires_pooled=True)`` pools the raw prompt text (markup included,
     cut to 77 tokens); so does textenc. Where that compel crashes (a weighted

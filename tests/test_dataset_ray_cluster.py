@@ -26,13 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset_fixtures import folder_bytes
+from dataset_fixtures import ROOT, checkout_env, folder_bytes
+
+pytestmark = pytest.mark.slow  # starts Ray clusters and dataset CLI processes
 
 ray = pytest.importorskip("ray", reason="the ray engine needs the textenc[ray] extra")
 if not Path("/proc/self/environ").exists():
     pytest.skip("finding Ray's processes needs Linux /proc", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 MARK = "TEXTENC_TEST_RAY_SESSION"
 WORDS = "a photo of the cat dog red blue house tree sky sun moon old woman man city night".split()
 
@@ -100,8 +101,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def _env(marker: str, **extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), **{MARK: marker}, RAY_USAGE_STATS_ENABLED="0",
-                OMP_NUM_THREADS="1", **extra)
+    return checkout_env(**{MARK: marker}, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", **extra)
 
 
 def _shards_in_manifest(out: Path) -> int:

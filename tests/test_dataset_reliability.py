@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset_fixtures import encoder, folder_bytes, write_tiny_sd1
+from dataset_fixtures import ROOT, checkout_env, encoder, folder_bytes, write_tiny_sd1
 from textenc.dataset import export_diffusers, export_kohya, open_shards
 from textenc.dataset.format import clean_temp_files, temp_path
 from textenc.dataset.lock import LOCK_NAME, FolderLock, this_host
 from textenc.errors import DatasetError, DatasetIncompleteError, DatasetWarning
 
-ROOT = Path(__file__).resolve().parent.parent
 CAPTIONS = ["a photo of a cat", "a red house", "(a dog:1.2) in the sky", "",
             "an old woman smiling", "a city at night", "a river and a forest"]
 
@@ -59,9 +58,10 @@ def _copy(folder: Path, target: Path) -> Path:
 
 # ---- point 1: resume from a kill at any write point ------------------------------------
 
+@pytest.mark.slow
 def test_a_kill_at_every_write_point_resumes_to_the_same_bytes(tmp_path, captions, tiny_model):
     script = ROOT / "tests" / "dataset_kill_points.py"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = checkout_env(OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, str(script), str(captions), str(tiny_model), str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -246,7 +246,7 @@ with FolderLock(sys.argv[1]):
 
 def test_a_second_run_on_a_held_folder_is_refused_at_once(tmp_path, captions, tiny_model):
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], cwd=ROOT,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+                              env=checkout_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()

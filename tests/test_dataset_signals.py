@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset_fixtures import folder_bytes, random_captions
+from dataset_fixtures import checkout_env, folder_bytes, random_captions
 from textenc.dataset import encode_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS, SHARD_ROWS = 3000, 100
 
 
@@ -45,10 +43,6 @@ def _command(captions: Path, model: Path, out: Path) -> list[str]:
             "--out", str(out), "--shard-rows", str(SHARD_ROWS), "--no-progress"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 def _finished(out: Path) -> int:
     try:
         return len(json.loads((out / "manifest.json").read_text())["shards"])
@@ -56,12 +50,13 @@ def _finished(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,status,words", [(signal.SIGINT, 130, "interrupted (SIGINT); "),
                                                 (signal.SIGTERM, 143, "terminated (SIGTERM); ")])
 def test_interrupt_is_one_line_and_the_rerun_resumes(tmp_path, captions, tiny_model, reference,
                                                     signum, status, words):
     out = tmp_path / "out"
-    process = subprocess.Popen(_command(captions, tiny_model, out), env=_env(), cwd=tmp_path,
+    process = subprocess.Popen(_command(captions, tiny_model, out), env=checkout_env(), cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while _finished(out) < 1 and process.poll() is None and time.monotonic() < deadline:
@@ -81,7 +76,7 @@ def test_interrupt_is_one_line_and_the_rerun_resumes(tmp_path, captions, tiny_mo
     listed = {record["file"]: record["sha256"] for record in manifest["shards"]}
     for path in out.glob("shard-*.safetensors"):  # no partial file under a final name
         assert path.name in listed and hashlib.sha256(path.read_bytes()).hexdigest() in listed[path.name]
-    rerun = subprocess.run(_command(captions, tiny_model, out), env=_env(), cwd=tmp_path,
+    rerun = subprocess.run(_command(captions, tiny_model, out), env=checkout_env(), cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"({done} skipped)" in rerun.stdout

@@ -72,6 +72,7 @@ def test_the_calling_process_threads_do_not_change_the_bytes(tmp_path, local_run
     assert _files(tmp_path) == _files(local_runs[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_local_equals_ray_byte_for_byte_at_equal_threads(tmp_path, ray_session, local_runs,
                                                          captions, tiny_model, threads):

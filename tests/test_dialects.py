@@ -30,17 +30,6 @@ def test_listing_the_syntaxes_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_dialects_package_has_no_import_circle():
-    """compel's modules (parser → grammar → tokens → weighting → dialect) and A1111's
-    import one way only."""
-    from import_graph import import_circles, import_graph
-
-    graph = import_graph("textenc.prompts.dialects")
-    assert {"textenc.prompts.dialects.compel.parser", "textenc.prompts.dialects.compel.grammar"} <= set(graph)
-    assert "textenc.prompts.dialects.compel.parser" in graph["textenc.prompts.dialects.compel.grammar"]
-    assert import_circles("textenc.prompts.dialects") == []
-
-
 # A per-call refinement of one dialect, at a value that changes that dialect's reading:
 # (keyword, value, a prompt whose windows the value changes under its own syntax).
 _REFINED = [

@@ -243,6 +243,7 @@ def _run(pipe, **kwargs):
                     generator=generator, **kwargs).images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 def test_short_prompt_gives_the_pipelines_own_images(pipelines, kind):
     pipe = pipelines[kind][0]
@@ -266,6 +267,7 @@ def _embedding_like(pipe, kind: str, words: str, folder: Path) -> None:
     save_file(tensors, str(folder / "my_style.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 def test_textual_inversion_weighted_long_batched_prompts(pipelines, kind, tmp_path):
     pipe = pipelines[kind][0]
@@ -447,6 +449,7 @@ def test_to_diffusers_from_comfy_conditioning(loaded):
     assert set(only) == {"prompt_embeds"}
 
 
+@pytest.mark.slow
 def test_from_pretrained_pipeline_matches_folder_within_rounding(pipelines, loaded):
     """A from_pretrained pipeline keeps its weights memory-mapped at the file's byte
     offsets; CPU kernels round those last bits differently (docs/diffusers.md, "Parity")."""

@@ -67,6 +67,7 @@ print(json.dumps({"seen": seen, "warnings": [str(w.message) for w in caught]}))
 """
 
 
+@pytest.mark.slow
 def test_hostile_names_open_and_list_nothing_outside_the_root(tmp_path):
     root = tmp_path / "embeddings"
     (root / "sub").mkdir(parents=True)
@@ -187,6 +188,7 @@ def _hostile_files(tmp_path: Path) -> list[tuple[str, Path]]:
     ]
 
 
+@pytest.mark.slow
 def test_hostile_files_are_refused_within_64_mb_of_peak_rss(tmp_path):
     files = _hostile_files(tmp_path)
     assert all(path.stat().st_size < 1 * MB for _, path in files)
@@ -390,6 +392,7 @@ def _clip_l_like(layers=12, width=768):
     return sd
 
 
+@pytest.mark.slow
 def test_known_model_with_missing_layers_is_refused_naming_them():
     assert load_clip(None, state_dicts=[("full", _clip_l_like())]).cond_stage_model.encoder.num_layers == 12
     with pytest.raises(CheckpointError, match=r"short: text encoder 'l' is missing layer\(s\) \[11\] \(CLIP-L has 12 "
@@ -446,6 +449,7 @@ def test_non_finite_output_names_the_embedding_or_the_weight(sd1_checkpoint):
         clip.encode_from_tokens({"l": [window]})
 
 
+@pytest.mark.slow
 def test_a_23_layer_vit_h_loads_and_matches_comfyui_penultimate():
     """diffusers' SD2 text_encoder stores 23 of ViT-H's 24 layers; ComfyUI loads it into its
     24-layer model and encodes with the penultimate layer, so textenc accepts it by default."""

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds and installs the wheel with pip
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,8 +1,8 @@
 """Tests of textenc.prompts.parser against hand tables and a reference oracle.
 
-The oracle below is a plain recursive rewrite of ComfyUI's rules
-(``parse_parentheses`` / ``token_weights`` / ``escape_important``) written
-from their description, used on generated prompts small enough to recurse.
+The oracle is :mod:`comfy_reference`'s plain recursive restatement of ComfyUI's rules
+(``parse_parentheses`` / ``token_weights`` / ``escape_important``), used on generated
+prompts small enough to recurse.
 """
 
 from __future__ import annotations
@@ -14,63 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from comfy_reference import prompt_weights as reference
+from hypothesis_profiles import examples
 from textenc.errors import PromptError, PromptWarning
 from textenc.prompts.parser import ParseOptions, parse_prompt
-
-# --- reference oracle (recursive, sentinel-based, like ComfyUI) -------------
-
-_ESC_CLOSE, _ESC_OPEN = "\x00\x01", "\x00\x02"
-
-
-def ref_split(text: str) -> list[str]:
-    items, current, level = [], "", 0
-    for char in text:
-        if char == "(":
-            if level == 0:
-                if current:
-                    items.append(current)
-                current = "("
-            else:
-                current += char
-            level += 1
-        elif char == ")":
-            level -= 1
-            if level == 0:
-                items.append(current + ")")
-                current = ""
-            else:
-                current += char
-        else:
-            current += char
-    if current:
-        items.append(current)
-    return items
-
-
-def ref_weights(text: str, weight: float, a1111: bool = False) -> list[tuple[str, float]]:
-    out = []
-    for item in ref_split(text):
-        if len(item) >= 2 and item[0] == "(" and item[-1] == ")":
-            inner, inner_weight = item[1:-1], weight * 1.1
-            colon = inner.rfind(":")
-            if colon > 0:
-                try:
-                    value = float(inner[colon + 1:])
-                except ValueError:
-                    pass
-                else:
-                    inner_weight = weight * value if a1111 else value
-                    inner = inner[:colon]
-            out += ref_weights(inner, inner_weight, a1111)
-        else:
-            out.append((item, weight))
-    return out
-
-
-def reference(text: str, a1111: bool = False) -> list[tuple[str, float]]:
-    escaped = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
-    return [(t.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "("), w) for t, w in ref_weights(escaped, 1.0, a1111)]
-
 
 def pairs(text: str, **options) -> list[tuple[str, float]]:
     return [(s.text, s.weight) for s in parse_prompt(text, **options)]
@@ -280,6 +227,7 @@ def test_doctests():
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
+@pytest.mark.slow
 def test_one_megabyte_prompt_parses():
     prompt = ("(a:1.2) \\(b\\) (c) d:e, " * 50_000)[:1_000_000]
     segs = parse_prompt(prompt)
@@ -289,7 +237,7 @@ def test_one_megabyte_prompt_parses():
 _ALPHABET = st.sampled_from(list("ab (():)):.1 5\\-+"))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.text(_ALPHABET, max_size=40), st.booleans())
 def test_matches_reference_oracle(prompt, a1111):
     expected = reference(prompt, a1111)
@@ -301,7 +249,7 @@ def test_matches_reference_oracle(prompt, a1111):
         assert pairs(prompt, **options) == expected
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.text(max_size=60), st.booleans(), st.booleans())
 def test_never_crashes_and_weights_are_finite(prompt, square, brk):
     try:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import textenc.errors as errors
+from hypothesis_profiles import examples
 from textenc.errors import EmbeddingWarning, PromptError, PromptWarning, TextencError, TextencWarning
 from textenc.prompts.parser import parse_prompt
 from textenc.prompts.tokenizer import SDTokenizer
@@ -209,6 +210,7 @@ def test_unicode_edge_cases_never_crash(text, unicode_tokenizers):
                 assert windows and all(len(w) == 77 for w in windows)
 
 
+@pytest.mark.slow
 def test_pathological_megabyte_prompts_tokenize_or_are_refused():
     """One long group each (27 s and 84 s while groups were split by slicing); the time
     is bench/bench_prompt.py's to judge, this checks the results."""
@@ -269,7 +271,8 @@ _PIECES = st.sampled_from([
 _TOKENIZERS: dict = {}
 
 
-@settings(max_examples=80, deadline=None)
+@pytest.mark.slow
+@settings(max_examples=examples(80), deadline=None)
 @given(st.lists(_PIECES, max_size=60), st.sampled_from(["comfy", "a1111"]), st.booleans(), st.booleans(),
        st.sampled_from([(77, True), (77, False), (20, True)]))
 def test_tokenizer_properties_with_embeddings_and_options(tmp_path_factory, prompt_pieces, convention, square,

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import re
 import warnings
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_prompt_parser import reference
+from comfy_reference import ComfyTokenizer
+from hypothesis_profiles import examples
 from textenc.errors import PromptError, PromptWarning
 from textenc.prompts.tokenizer import DEFAULT_VOCAB, SDTokenizer
 
@@ -241,53 +241,22 @@ def test_errors_are_typed(tok):
         SDTokenizer(max_prompt_chars=5).tokenize_with_weights("abcdef")
 
 
-def comfy_reference(hf, prompt, max_length=77):
-    """ComfyUI's tokenize_with_weights (no embeddings), written from its rules."""
-    groups = []
-    for segment, weight in reference(prompt):
-        split = re.split(" embedding:|\nembedding:", segment)
-        pieces = [p for p in [split[0]] + ["embedding:" + s for s in split[1:]] if p]
-        groups += [[(t, weight) for t in ids(hf, p)] for p in pieces]
-    batch = [(START, 1.0, 0)]
-    batches = [batch]
-    for i, group in enumerate(groups):
-        large = len(group) >= 8
-        while group:
-            if len(group) + len(batch) > max_length - 1:
-                remaining = max_length - len(batch) - 1
-                if large:
-                    batch.extend((t, w, i + 1) for t, w in group[:remaining])
-                    batch.append((END, 1.0, 0))
-                    group = group[remaining:]
-                else:
-                    batch.append((END, 1.0, 0))
-                    batch.extend([(END, 1.0, 0)] * remaining)
-                batch = [(START, 1.0, 0)]
-                batches.append(batch)
-            else:
-                batch.extend((t, w, i + 1) for t, w in group)
-                group = []
-    batch.append((END, 1.0, 0))
-    batch.extend([(END, 1.0, 0)] * (max_length - len(batch)))
-    return batches
-
-
 _WORDS = st.sampled_from(["a", "cat", "red", "(", ")", ":", "1.2", "0.5", " ", ",", "\\(", "\\)", "embedding:",
                           "\n", "masterpiece", "日本", "🙂", "x y z w v u t s r",
                           "1e1", "2E-1", "1_0", "1.5e0", "\u0661.\u0665"])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(_WORDS, max_size=40))
 def test_matches_comfy_reference(hf, tok, words):
     prompt = "".join(words)
-    expected = comfy_reference(hf, prompt)
+    expected = ComfyTokenizer(hf).tokenize_with_weights(prompt, return_word_ids=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # large weights; "embedding:" read as text without a folder
         assert tok.tokenize_with_weights(prompt, return_word_ids=True) == expected
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.text(max_size=200))
 def test_properties_on_arbitrary_text(tok, prompt):
     try:
@@ -314,6 +283,7 @@ def test_threads_share_one_tokenizer():
     assert parallel == serial * 2
 
 
+@pytest.mark.slow
 def test_one_megabyte_prompt_within_bounds(tok):
     """The size limits hold; their speed is bench/bench_prompt.py's (never a timed unit test)."""
     prompt = ("masterpiece, (best quality:1.2), a (red fox:1.1) in the ((snowy forest)), 8k " * 20_000)[:1_048_576]
@@ -323,7 +293,7 @@ def test_one_megabyte_prompt_within_bounds(tok):
         tok.tokenize_with_weights(prompt + "x", max_windows=None)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60))
 def test_word_cached_encoding_matches_transformers(hf, tok, text):
     """Units are encoded word by word with a cache; the result must equal HF on the whole text."""
@@ -390,16 +360,3 @@ def test_doctests():
 
     result = doctest.testmod(tokenizer)
     assert result.attempted >= 3 and result.failed == 0
-
-
-def test_textenc_has_no_import_circle():
-    """No textenc module reaches itself through imports, counting those inside
-    functions (a lazy import can hide a circle) but not ``if TYPE_CHECKING:`` ones.
-    The tokenizer, its dialects and the embeddings once had such a hidden circle."""
-    from import_graph import import_circles, import_graph
-
-    graph = import_graph("textenc")
-    assert "textenc.prompts.report" in graph["textenc.prompts.dialects.a1111.report"]  # the graph sees imports
-    assert "textenc.prompts.dialects.compel" in graph["textenc.prompts.tokenizer"] or \
-        "textenc.prompts.dialects" in graph["textenc.prompts.tokenizer"]
-    assert import_circles("textenc") == []

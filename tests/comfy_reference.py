@@ -1,16 +1,17 @@
-"""A straightforward ComfyUI-style prompt pipeline, FOR COMPARISON ONLY.
+"""ComfyUI's prompt rules, restated plainly: the oracle of the tests and the baseline of
+``bench/bench_prompt.py``. FOR COMPARISON ONLY.
 
-Written from ComfyUI's published ``comfy/sd1_clip.py`` (``token_weights``,
-``escape_important``, ``SDTokenizer.tokenize_with_weights``,
-``ClipTokenWeightEncoder.encode_token_weights``) to measure what textenc's
-prompt machinery saves. It keeps ComfyUI's structure on purpose:
+Written from ComfyUI's published ``comfy/sd1_clip.py`` (``parse_parentheses``,
+``token_weights``, ``escape_important``, ``SDTokenizer.tokenize_with_weights``,
+``ClipTokenWeightEncoder.encode_token_weights``), never imported from it, keeping its
+structure on purpose (recursion, a sentinel for escaped brackets, one
+``transformers.CLIPTokenizer`` call per unit of text, the empty prompt in the same batch
+on every weighted call, tokens weighted one at a time in a Python loop), so the bench
+measures what textenc's prompt machinery saves. Embeddings and ``BREAK`` are not
+handled; the model forward under :func:`comfy_encode_token_weights` is the caller's.
 
-* tokenizing calls ``transformers.CLIPTokenizer`` once per unit of text;
-* encoding puts the empty prompt in the same batch on every weighted call,
-  and weights tokens one at a time in a Python loop.
-
-The model forward underneath is textenc's own (``SDClipModel.forward``), so
-only the prompt machinery differs. Embeddings and ``BREAK`` are not handled.
+Tests import it by name (``tests/`` is on ``sys.path`` under pytest); the bench puts
+``tests/`` on its path.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import re
 import torch
 
 EMBEDDING_IDENTIFIER = "embedding:"
+_ESCAPED_CLOSE, _ESCAPED_OPEN = "\0\1", "\0\2"  # ComfyUI's sentinels for "\)" and "\("
 
 
 def parse_parentheses(string: str) -> list[str]:
+    """``string`` cut into top-level ``(...)`` groups and the text between them."""
     result, current, nesting = [], "", 0
     for char in string:
         if char == "(":
@@ -47,7 +50,10 @@ def parse_parentheses(string: str) -> list[str]:
     return result
 
 
-def token_weights(string: str, current_weight: float) -> list[tuple[str, float]]:
+def token_weights(string: str, current_weight: float, a1111: bool = False) -> list[tuple[str, float]]:
+    """(text, weight) pieces of an escaped ``string``: ``(x)`` is 1.1x its surroundings,
+    ``(x:w)`` weight ``w`` (``float()``'s reading); with ``a1111``, ``w`` times its
+    surroundings (A1111's convention)."""
     out = []
     for x in parse_parentheses(string):
         weight = current_weight
@@ -57,22 +63,29 @@ def token_weights(string: str, current_weight: float) -> list[tuple[str, float]]
             weight *= 1.1
             if colon > 0:
                 try:
-                    weight = float(x[colon + 1:])
-                    x = x[:colon]
+                    value = float(x[colon + 1:])
                 except ValueError:
                     pass
-            out += token_weights(x, weight)
+                else:
+                    weight = current_weight * value if a1111 else value
+                    x = x[:colon]
+            out += token_weights(x, weight, a1111)
         else:
             out += [(x, current_weight)]
     return out
 
 
 def escape_important(text: str) -> str:
-    return text.replace("\\)", "\0\1").replace("\\(", "\0\2")
+    return text.replace("\\)", _ESCAPED_CLOSE).replace("\\(", _ESCAPED_OPEN)
 
 
 def unescape_important(text: str) -> str:
-    return text.replace("\0\1", ")").replace("\0\2", "(")
+    return text.replace(_ESCAPED_CLOSE, ")").replace(_ESCAPED_OPEN, "(")
+
+
+def prompt_weights(text: str, a1111: bool = False) -> list[tuple[str, float]]:
+    """ComfyUI's reading of a whole prompt: (text, weight) pieces, escapes undone."""
+    return [(unescape_important(t), w) for t, w in token_weights(escape_important(text), 1.0, a1111)]
 
 
 class ComfyTokenizer:
