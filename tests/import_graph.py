@@ -1,8 +1,9 @@
 """Test helper: the import graph of a textenc package, read from its sources, and the
 modules that import themselves around a loop.
 
-Imports inside functions count (a lazy import cannot hide a circle); imports under
-``if TYPE_CHECKING:`` do not (they never run). ``from pkg import mod`` counts as an
+Every import counts: those inside functions (a lazy import cannot hide a circle) and
+those under ``if TYPE_CHECKING:`` (a type-only import is still a dependency, and a
+circle through one is a circle in the design). ``from pkg import mod`` counts as an
 import of ``pkg.mod`` when that is a module of the package.
 """
 
@@ -14,15 +15,12 @@ from pathlib import Path
 
 
 def _imports(tree: ast.Module) -> list[ast.stmt]:
-    """Every import statement of a module, nested ones included, but those under
-    ``if TYPE_CHECKING:``."""
+    """Every import statement of a module, nested ones and ``if TYPE_CHECKING:`` ones included."""
     found, pending = [], list(tree.body)
     while pending:
         node = pending.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
-        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
-            pending.extend(node.orelse)
         else:
             pending.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
     return found

@@ -394,7 +394,7 @@ def test_doctests():
 
 def test_textenc_has_no_import_circle():
     """No textenc module reaches itself through imports, counting those inside
-    functions (a lazy import can hide a circle) but not ``if TYPE_CHECKING:`` ones.
+    functions (a lazy import can hide a circle) and ``if TYPE_CHECKING:`` ones.
     The tokenizer, its dialects and the embeddings once had such a hidden circle."""
     from import_graph import import_circles, import_graph
 

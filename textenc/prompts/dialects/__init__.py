@@ -32,14 +32,16 @@ rule (:func:`check_refinements`), so no entry point silently ignores one.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-import importlib
-
 from ...errors import PromptError
+from ..report import InspectReport
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..tokenizer import InspectReport, SDTokenizer
+    # Typing only, and one way (vocabulary imports no dialect): importing it loads torch
+    # (through the embedding loader), and listing the syntaxes must not.
+    from ..vocabulary import Vocabulary
 
 __all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "DIALECT_OPTIONS", "REFINEMENTS", "get_dialect",
            "default_weight_mode", "check_syntax", "dialect_options", "check_refinements", "check_steps", "prompt_schedules"]
@@ -48,7 +50,12 @@ DEFAULT_SYNTAX = "comfy"
 
 
 class Dialect(Protocol):
-    """What a prompt dialect provides to the tokenizer."""
+    """What a prompt dialect provides to the tokenizer.
+
+    A dialect reads the tokenizer only through
+    :class:`~textenc.prompts.vocabulary.Vocabulary` (vocabulary, window shape,
+    embeddings, limits), which ``SDTokenizer`` passes as itself.
+    """
 
     name: str
     #: the ``weight_mode`` an encode uses when the caller names none.
@@ -58,11 +65,11 @@ class Dialect(Protocol):
     #: else the tokenizer checks its input and windows (:mod:`textenc.prompts.limits`).
     applies_limits: bool
 
-    def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
+    def tokenize_with_weights(self, vocabulary: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
         """Windows of ``(token, weight[, word_id])``, as ``SDTokenizer.tokenize_with_weights``."""
 
-    def inspect(self, tokenizer: "SDTokenizer", text: str, **kwargs: Any) -> "InspectReport":
+    def inspect(self, vocabulary: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
         """The windows and units of ``text``, for ``textenc inspect``."""
 
 

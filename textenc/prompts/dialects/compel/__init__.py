@@ -15,7 +15,7 @@ option (:data:`textenc.prompts.dialects.DIALECT_OPTIONS`); other syntaxes refuse
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -25,15 +25,13 @@ from ...report import InspectReport, TokenReport, UnitReport
 from .grammar import CompelPrompt, parse_compel
 from .tokens import CompelTag, CompelToken, compel_windows
 from ....text_encoders.compel_weighting import (COMPEL_MIN_WEIGHT, encode_compel, lerp_weight, pad_conditioning_tensors_to_same_length)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ...tokenizer import SDTokenizer
+from ...vocabulary import Vocabulary
 
 __all__ = ["DIALECT", "CompelDialect", "CompelTag", "CompelToken", "COMPEL_MIN_WEIGHT", "parse_compel",
            "encode_compel", "lerp_weight", "pad_conditioning_tensors_to_same_length", "empty_conditioning"]
 
 
-def _parse(tokenizer: "SDTokenizer", text: object) -> CompelPrompt:
+def _parse(tokenizer: Vocabulary, text: object) -> CompelPrompt:
     check_prompt_size(text, tokenizer.parse_options, "compel")  # also when called without SDTokenizer
     try:
         return parse_compel(text)  # type: ignore[arg-type]
@@ -53,7 +51,7 @@ class CompelDialect:
     default_weight_mode = "compel"
     applies_limits = False
 
-    def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
+    def tokenize_with_weights(self, tokenizer: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
         """Chunks of :class:`CompelToken` (plain ``(token, weight[, word_id])`` tuples
         that carry a ``.compel`` tag for the ``compel`` weight mode)."""
@@ -61,7 +59,7 @@ class CompelDialect:
         return compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=return_word_ids,
                               text=text)
 
-    def inspect(self, tokenizer: "SDTokenizer", text: str, **kwargs: Any) -> "InspectReport":
+    def inspect(self, tokenizer: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
         """Chunks and fragments (units); a unit's ``start``/``end`` are -1 (not tracked)."""
         prompt = _parse(tokenizer, text)
         windows = compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text)
