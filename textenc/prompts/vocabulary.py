@@ -5,7 +5,8 @@ with its own grammar and chunking; what it needs from the tokenizer is this
 class's public interface, and nothing else:
 
 * the vocabulary: :meth:`Vocabulary.encode_units` (text → ids, without start
-  and end tokens, cached) and :meth:`Vocabulary.token_text` (id → text);
+  and end tokens, cached), :meth:`Vocabulary.token_text` and ``inv_vocab``
+  (id → text);
 * the window shape: ``max_length``, ``min_length``, ``min_padding``,
   ``max_word_length``, ``pad_to_max_length``, the special tokens
   ``start_token`` / ``end_token`` / ``pad_token`` and

@@ -176,6 +176,7 @@ class ComfyDialect:
     name = "comfy"
     default_weight_mode = "comfy"
     applies_limits = True
+    schedule_encoding = None  # no prompt editing: one text per prompt
 
     def tokenize_with_weights(self, tokenizer: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:

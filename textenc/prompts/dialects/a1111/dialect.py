@@ -9,7 +9,6 @@ from ....errors import PromptError
 from ...report import InspectReport, TokenReport, UnitReport
 from ...vocabulary import Vocabulary
 from .chunks import DEFAULT_BACKTRACK, Chunk, Chunking, tokenize_line
-from .encode import encode_texts
 from .report import A1111InspectReport
 from .schedule import prompt_schedule, split_and
 
@@ -87,6 +86,9 @@ class A1111Dialect:
     name = "a1111"
     default_weight_mode = "a1111"
     applies_limits = False
+    #: the texts of one schedule are encoded in one batch, as A1111 does
+    #: (:func:`textenc.text_encoders.schedules.encode_a1111_schedule`).
+    schedule_encoding = "a1111"
 
     def tokenize_with_weights(self, tokenizer: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
@@ -108,10 +110,6 @@ class A1111Dialect:
         """``[(weight, [(end_step, text), ...]), ...]``: one schedule per ``AND`` part."""
         parts = split_and(text) if split else [(text, 1.0)]
         return [(weight, prompt_schedule(part, steps)) for part, weight in parts]
-
-    def encode_texts(self, model: Any, tokenize: Any, texts: list[str], options: dict) -> list[tuple]:
-        """Encode the texts of one schedule together, as A1111 does (see :mod:`.encode`)."""
-        return encode_texts(model, tokenize, texts, options)
 
 
 DIALECT = A1111Dialect()
