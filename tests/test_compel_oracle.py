@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 import compel_prompts  # noqa: E402
 from compel_prompts import ALL, LONG_SENTENCES, LONG_SPAN, PROMPTS  # noqa: E402
 from random_weights import randomize_  # noqa: E402
-from textenc.prompts.dialects.compel import (empty_conditioning, parse_compel, pad_conditioning_tensors_to_same_length)
+from textenc.prompts.dialects.compel import parse_compel
+from textenc.text_encoders.weighting.compel import empty_conditioning, pad_conditioning_tensors_to_same_length
 from textenc.errors import PromptError  # noqa: E402
 from textenc.sd import load_clip  # noqa: E402
 from textenc.prompts.tokenizer import DEFAULT_VOCAB, SDTokenizer  # noqa: E402
@@ -200,7 +201,7 @@ def test_doctests():
     import doctest
 
     from textenc.prompts.dialects.compel import (grammar as compel_grammar, parser as compel_parser, tokens as compel_tokens)
-    from textenc.text_encoders import compel_weighting
+    from textenc.text_encoders.weighting import compel as compel_weighting
 
     for module in (compel_grammar, compel_parser, compel_tokens, compel_weighting):
         assert doctest.testmod(module).failed == 0, module.__name__

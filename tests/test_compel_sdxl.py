@@ -42,7 +42,7 @@ from compel_prompts import ALL, LONG_SENTENCES, PROMPTS  # noqa: E402
 from random_weights import randomize_  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from textenc.loading.convert import to_layout  # noqa: E402
-from textenc.prompts.dialects.compel import empty_conditioning, pad_conditioning_tensors_to_same_length  # noqa: E402
+from textenc.text_encoders.weighting.compel import empty_conditioning, pad_conditioning_tensors_to_same_length  # noqa: E402
 from textenc.sd import load_clip  # noqa: E402
 from textenc.prompts.tokenizer import DEFAULT_VOCAB  # noqa: E402
 

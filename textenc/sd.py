@@ -21,6 +21,7 @@ from .errors import CheckpointError, TextencError
 from .text_encoders.sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
 from .text_encoders.sd2_clip import SD2ClipModel, SD2Tokenizer
 from .text_encoders.sdxl_clip import SDXLClipModel, SDXLTokenizer
+from .text_encoders.schedules import schedule_encoder
 from .prompts.step_ranges import step_ranges
 from .prompts.tokenizer import SDTokenizer
 from .loading.text_encoders import (CLIP_TYPES, ROLES, FoundTextEncoder, detect_clip_type, load_text_encoder_state_dicts,
@@ -168,7 +169,7 @@ class CLIP:
         dialect = get_dialect(syntax)
         _check_prompt_chars(self.tokenizer, text, dialect.name)  # before the schedule is read
         tokenize = lambda text: self.tokenize(text, True, syntax=syntax, **tokenize_kwargs)  # noqa: E731
-        together = getattr(dialect, "encode_texts", None)
+        together = schedule_encoder(dialect.schedule_encoding)
         conditioning: list = []
         for weight, schedule in prompt_schedules(syntax, text, steps, split=split_and):
             texts = [t for _, t in schedule]

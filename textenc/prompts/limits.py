@@ -11,14 +11,12 @@ tokenizer or per call holds whichever ``syntax=`` is used.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from textenc.errors import PromptError, PromptWarning
 from textenc.prompts.parser import ParseOptions
+from textenc.prompts.vocabulary import Vocabulary
 from textenc.warn import warn_at_caller
-
-if TYPE_CHECKING:  # pragma: no cover
-    from textenc.prompts.tokenizer import SDTokenizer
 
 __all__ = ["check_prompt_size", "check_windows"]
 
@@ -36,7 +34,7 @@ def check_prompt_size(text: object, options: ParseOptions, syntax: str) -> None:
                           f"{options.max_prompt_chars} (syntax={syntax!r}); shorten it or raise the limit")
 
 
-def check_windows(tokenizer: "SDTokenizer", windows: list[list[tuple]], options: ParseOptions,
+def check_windows(tokenizer: Vocabulary, windows: list[list[tuple]], options: ParseOptions,
                   max_windows: int | None, syntax: str) -> None:
     """Refuse more than ``max_windows`` windows, a weight that is not finite or a token
     weighted above ``max_weight``; warn (PromptWarning) of tokens weighted above
@@ -80,6 +78,6 @@ def _magnitude(weight: Any) -> float:
     return abs(float(weight))
 
 
-def _describe(tokenizer: "SDTokenizer", pairs: list[tuple[int, tuple]]) -> str:
+def _describe(tokenizer: Vocabulary, pairs: list[tuple[int, tuple]]) -> str:
     return ", ".join(f"token {tokenizer.token_text(pair[0])!r} in window {index} has weight {float(pair[1]):.4g}"
                      for index, pair in pairs)

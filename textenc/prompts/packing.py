@@ -11,16 +11,15 @@ closes the current window unless it is empty (closed lazily, so a trailing
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # pragma: no cover
-    from textenc.prompts.units import Unit
+from textenc.prompts.units import Unit
 
 __all__ = ["WindowLayout", "pack_windows"]
 
 
 class WindowLayout(Protocol):
-    """The window shape a tokenizer defines (``SDTokenizer`` provides it)."""
+    """The window shape a tokenizer defines (:class:`~textenc.prompts.vocabulary.Vocabulary` provides it)."""
 
     max_length: int
     max_word_length: int

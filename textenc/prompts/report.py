@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from textenc.prompts.parser import Segment
+
 if TYPE_CHECKING:  # pragma: no cover
+    # Typing only, and one way (loading imports no prompt module): importing it loads
+    # torch, and the dialect registry, which lists the syntaxes cheaply, imports this module.
     from textenc.loading.embeddings import EmbeddingResult
-    from textenc.prompts.parser import Segment
 
 __all__ = ["TokenReport", "UnitReport", "InspectReport"]
 

@@ -6,7 +6,7 @@ tokenizing (``comfy/sd1_clip.py``): each weighted segment is split before
 piece becomes one :class:`Unit` (one *group*: text tokenized at once, or the
 vectors of one embedding). Embedding names end at the first whitespace; a
 name not found is tried again with commas stripped from both ends, and the
-stripped commas stay in the prompt as text (see :mod:`textenc.prompts.tokenizer`
+stripped commas stay in the prompt as text (see :mod:`textenc.prompts.dialects.comfy`
 for how this differs from ComfyUI). Missing and refused embeddings, and
 ``embedding:NAME`` without an embedding directory, give an
 :class:`~textenc.errors.EmbeddingWarning` and the prompt goes on.
@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from textenc.loading.embeddings import NO_DIRECTORY, EmbeddingResult
 from textenc.errors import EmbeddingWarning
+from textenc.loading.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
+from textenc.prompts.parser import Segment
 from textenc.warn import warn_at_caller
-
-if TYPE_CHECKING:  # pragma: no cover
-    from textenc.loading.embeddings import EmbeddingLoader
-    from textenc.prompts.parser import Segment
 
 __all__ = ["EMBEDDING_IDENTIFIER", "Unit", "split_units"]
 

@@ -1,5 +1,6 @@
-"""The work behind :class:`textenc.text_encoders.sd1_clip.SDClipModel`: loading, token processing,
-batched encoding and weighting. Kept apart so each function stays small.
+"""The work behind :class:`textenc.text_encoders.sd1_clip.SDClipModel`: loading, token processing
+and batched encoding; the weight maths is :mod:`textenc.text_encoders.weighting`'s, one
+module per ``weight_mode``. Kept apart so each function stays small.
 """
 
 from __future__ import annotations
@@ -8,13 +9,12 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from ..loading.checkpoint import aligned, is_finite
-from .compel_weighting import encode_compel
 from ..errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError
+from ..loading.checkpoint import aligned, is_finite
 from ..warn import warn_at_caller
-from .weighting import apply_weights, normalize_weights
-
 from .options import ClipOptions
+# token_weights is re-exported: callers outside (the dataset encoder) read it here.
+from .weighting import EncoderCalls, get_weight_mode, token_weights  # noqa: F401
 
 # An ``SDClipModel`` (duck-typed: ``sd1_clip`` imports this module, never the reverse).
 SDClipModel = Any
@@ -258,30 +258,13 @@ def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     return z.clone(), pooled.clone()
 
 
-def _encode_compel(model: SDClipModel, pairs, weights, word_ids, opts: ClipOptions, need_pooled: bool):
-    """compel's algorithm (see :mod:`textenc.text_encoders.compel_weighting`) on this model."""
-    return encode_compel(
-        pairs, weights, word_ids, special=model.special_tokens, need_pooled=need_pooled,
+def encoder_calls(model: SDClipModel, opts: ClipOptions) -> EncoderCalls:
+    """The forwards a weight mode may run on ``model`` with ``opts``."""
+    return EncoderCalls(
         encode=lambda windows, mask: encode_windows(model, windows, opts, extra_mask=mask),
-        empty=lambda length: empty_encoding(model, length, opts)[0])
-
-
-def token_weights(pairs: Sequence[Sequence[tuple]],
-                  normalization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Normalized (windows, T) float64 weights of ``(token, weight[, word_id])``
-    windows, and their (windows, T) word ids (None when a pair has none).
-
-    Raises:
-        PromptError: a weight that is not a finite number (or a bad normalization).
-    """
-    weights = torch.tensor([[float(p[1]) for p in w] for w in pairs], dtype=torch.float64)
-    word_ids = None
-    if all(len(p) > 2 for w in pairs for p in w):
-        word_ids = torch.tensor([[int(p[2]) for p in w] for w in pairs])
-    weights = normalize_weights(weights, word_ids, normalization)
-    if not torch.isfinite(weights).all():
-        raise PromptError("token weights must be finite numbers")
-    return weights, word_ids
+        encode_cached=lambda windows: _encode_maybe_cached(model, windows, opts),
+        empty=lambda length: empty_encoding(model, length, opts)[0],
+        special_tokens=model.special_tokens)
 
 
 def _check_weighted(z: torch.Tensor, weights: torch.Tensor) -> None:
@@ -304,17 +287,8 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
         z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
         # Copies: the cached empty encoding weights every later prompt.
         return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone() if need_pooled else None)
-    windows = [[p[0] for p in w] for w in pairs]
     weights, word_ids = token_weights(pairs, opts.normalization)
-    if opts.weight_mode == "compel":
-        result = _encode_compel(model, pairs, weights, word_ids, opts, need_pooled)
-        _check_weighted(result[0], weights)
-        return result
-    out = _encode_maybe_cached(model, windows, opts)
-    z, pooled = out[0], out[1]
-    if opts.weight_mode != "none" and bool((weights != 1.0).any()):
-        z_empty = empty_encoding(model, z.shape[1], opts)[0]
-        z = apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
-    _check_weighted(z, weights)
-    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled else None)
-    return result + (out[2],) if len(out) > 2 else result
+    mode = get_weight_mode(opts.weight_mode)
+    result = mode.encode(pairs, weights, word_ids, encoder_calls(model, opts), need_pooled=need_pooled)
+    _check_weighted(result[0], weights)
+    return result

@@ -12,13 +12,15 @@ dialect adds a module and one line in :data:`_REGISTRY`, never an
 Every entry point (``SDTokenizer.tokenize_with_weights(text, syntax=...)``,
 ``CLIP.tokenize``, ``textenc encode/inspect --syntax``, ``encode-dataset``,
 ``encode_for_pipeline`` and the advanced encode node) takes the same names.
-Each dialect also names the ``weight_mode`` used when the caller gives none.
+Each dialect also names the ``weight_mode`` used when the caller gives none, and
+the ``schedule_encoding`` that encodes the texts of one prompt schedule (None:
+each on its own; a name is looked up by :mod:`textenc.text_encoders.schedules`,
+so this package never imports model code).
 
 Optional (A1111): ``prompt_schedules(text, steps, split=True)`` returns the
 ``AND`` parts with their prompt-editing schedules, ``[(weight, [(end_step,
-text), ...]), ...]``, and ``encode_texts(model, tokenize, texts, options)``
-encodes the texts of one schedule together; :func:`prompt_schedules` gives
-every dialect's schedule (one part, one text for dialects without editing).
+text), ...]), ...]``; :func:`prompt_schedules` gives every dialect's schedule
+(one part, one text for dialects without editing).
 
 A dialect's own options (:data:`DIALECT_OPTIONS`, e.g. compel's
 ``truncate_long_prompts``) are taken by every entry point with the same name,
@@ -32,14 +34,16 @@ rule (:func:`check_refinements`), so no entry point silently ignores one.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-import importlib
-
 from ...errors import PromptError
+from ..report import InspectReport
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..tokenizer import InspectReport, SDTokenizer
+    # Typing only, and one way (vocabulary imports no dialect): importing it loads torch
+    # (through the embedding loader), and listing the syntaxes must not.
+    from ..vocabulary import Vocabulary
 
 __all__ = ["Dialect", "SYNTAXES", "DEFAULT_SYNTAX", "DIALECT_OPTIONS", "REFINEMENTS", "get_dialect",
            "default_weight_mode", "check_syntax", "dialect_options", "check_refinements", "check_steps", "prompt_schedules"]
@@ -48,7 +52,12 @@ DEFAULT_SYNTAX = "comfy"
 
 
 class Dialect(Protocol):
-    """What a prompt dialect provides to the tokenizer."""
+    """What a prompt dialect provides to the tokenizer.
+
+    A dialect reads the tokenizer only through
+    :class:`~textenc.prompts.vocabulary.Vocabulary` (vocabulary, window shape,
+    embeddings, limits), which ``SDTokenizer`` passes as itself.
+    """
 
     name: str
     #: the ``weight_mode`` an encode uses when the caller names none.
@@ -57,12 +66,15 @@ class Dialect(Protocol):
     #: ``max_windows``, ``max_weight``, ``warn_weight_above``) itself while parsing;
     #: else the tokenizer checks its input and windows (:mod:`textenc.prompts.limits`).
     applies_limits: bool
+    #: how the texts of one prompt schedule are encoded: None each on its own, else
+    #: the name of a routine of :data:`textenc.text_encoders.schedules.SCHEDULE_ENCODINGS`.
+    schedule_encoding: str | None
 
-    def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
+    def tokenize_with_weights(self, vocabulary: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
         """Windows of ``(token, weight[, word_id])``, as ``SDTokenizer.tokenize_with_weights``."""
 
-    def inspect(self, tokenizer: "SDTokenizer", text: str, **kwargs: Any) -> "InspectReport":
+    def inspect(self, vocabulary: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
         """The windows and units of ``text``, for ``textenc inspect``."""
 
 
@@ -74,7 +86,7 @@ SYNTAXES = tuple(_DEFAULT_WEIGHT_MODES)
 #: Options only one dialect understands: name -> (its syntax, default). Plain data,
 #: so command lines can check them without importing torch.
 #: ``truncate_long_prompts``: compel's ``Compel(truncate_long_prompts=...)``; True keeps
-#: one 77-token chunk, False chunks the whole prompt (:mod:`.compel_tokens`).
+#: one 77-token chunk, False chunks the whole prompt (:mod:`.compel.tokens`).
 DIALECT_OPTIONS: dict[str, tuple[str, Any]] = {"truncate_long_prompts": ("compel", True)}
 
 #: Per-call keywords that refine one dialect's reading: name -> (its syntax, default).

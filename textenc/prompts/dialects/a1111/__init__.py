@@ -4,7 +4,10 @@
   escapes, unbalanced brackets, joining of equal weights, ``BREAK``).
 * :mod:`.chunks`: 75-token chunks, comma backtracking, embeddings, windows.
 * :mod:`.schedule`: prompt editing ``[a:b:when]``, alternation ``[a|b]``, ``AND``.
-* :mod:`.encode`: encoding a schedule with A1111's emphasis over the batch.
+
+Encoding a schedule with A1111's emphasis over the batch is model code:
+:mod:`textenc.text_encoders.schedules` (this dialect's ``schedule_encoding``)
+and :mod:`textenc.text_encoders.weighting.a1111`.
 
 Each module states the rules it follows; they are facts taken from
 AUTOMATIC1111's ``modules/prompt_parser.py`` and ``modules/sd_hijack_clip.py``.

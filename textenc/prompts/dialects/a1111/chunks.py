@@ -27,15 +27,13 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ....loading.embeddings import EXTENSIONS, EmbeddingResult
 from ....errors import EmbeddingWarning, PromptError
 from .. import REFINEMENTS
+from ...vocabulary import Vocabulary
 from .attention import is_break, parse_attention
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ...tokenizer import SDTokenizer
 
 __all__ = ["Chunk", "Move", "Chunking", "tokenize_line", "DEFAULT_BACKTRACK"]
 
@@ -90,7 +88,7 @@ class Chunking:
 class _EmbeddingFinder:
     """A1111's embedding database over the tokenizer's embedding folders."""
 
-    def __init__(self, tokenizer: "SDTokenizer") -> None:
+    def __init__(self, tokenizer: Vocabulary) -> None:
         self.tokenizer = tokenizer
         self.found: list[EmbeddingResult] = []
         self._usable: dict[str, Any] = {}
@@ -193,7 +191,7 @@ class _Chunker:
         self.chunk.word_ids += [word_id] * len(tokens)
 
 
-def tokenize_line(tokenizer: "SDTokenizer", text: str, *, comma_padding_backtrack: int = DEFAULT_BACKTRACK,
+def tokenize_line(tokenizer: Vocabulary, text: str, *, comma_padding_backtrack: int = DEFAULT_BACKTRACK,
                   disable_weights: bool = False) -> Chunking:
     """Split ``text`` into A1111's chunks with ``tokenizer``'s vocabulary and embeddings.
 

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ....errors import PromptError
-from ...report import TokenReport, UnitReport
+from ...report import InspectReport, TokenReport, UnitReport
+from ...vocabulary import Vocabulary
 from .chunks import DEFAULT_BACKTRACK, Chunk, Chunking, tokenize_line
-from .encode import encode_texts
 from .report import A1111InspectReport
 from .schedule import prompt_schedule, split_and
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ...report import InspectReport
-    from ...tokenizer import SDTokenizer
 
 __all__ = ["A1111Dialect", "DIALECT", "chunk_windows"]
 
 _OPTIONS = ("comma_padding_backtrack", "disable_weights")
 
 
-def _window(tokenizer: "SDTokenizer", chunk: Chunk) -> list[tuple]:
+def _window(tokenizer: Vocabulary, chunk: Chunk) -> list[tuple]:
     """``[start, 75 tokens, end]`` as ``(token, weight, word_id)``, padded as A1111 pads."""
     free = tokenizer.max_length - 2 - len(chunk.tokens)
     end = tokenizer.end_token
@@ -36,7 +32,7 @@ def _window(tokenizer: "SDTokenizer", chunk: Chunk) -> list[tuple]:
     return list(zip(tokens, weights, word_ids))
 
 
-def chunk_windows(tokenizer: "SDTokenizer", chunking: Chunking) -> list[list[tuple]]:
+def chunk_windows(tokenizer: Vocabulary, chunking: Chunking) -> list[list[tuple]]:
     """One 77-token window per chunk.
 
     Raises:
@@ -47,7 +43,7 @@ def chunk_windows(tokenizer: "SDTokenizer", chunking: Chunking) -> list[list[tup
     return [_window(tokenizer, chunk) for chunk in chunking.chunks]
 
 
-def _chunking(tokenizer: "SDTokenizer", text: str, kwargs: dict) -> Chunking:
+def _chunking(tokenizer: Vocabulary, text: str, kwargs: dict) -> Chunking:
     return tokenize_line(tokenizer, text,
                          comma_padding_backtrack=kwargs.get("comma_padding_backtrack", DEFAULT_BACKTRACK),
                          disable_weights=bool(kwargs.get("disable_weights", False)))
@@ -90,15 +86,18 @@ class A1111Dialect:
     name = "a1111"
     default_weight_mode = "a1111"
     applies_limits = False
+    #: the texts of one schedule are encoded in one batch, as A1111 does
+    #: (:func:`textenc.text_encoders.schedules.encode_a1111_schedule`).
+    schedule_encoding = "a1111"
 
-    def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
+    def tokenize_with_weights(self, tokenizer: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
         windows = chunk_windows(tokenizer, _chunking(tokenizer, text, kwargs))
         if not return_word_ids:
             return [[(t, w) for t, w, _ in window] for window in windows]
         return windows
 
-    def inspect(self, tokenizer: "SDTokenizer", text: str, **kwargs: Any) -> "InspectReport":
+    def inspect(self, tokenizer: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
         chunking = _chunking(tokenizer, text, kwargs)
         windows = [[TokenReport(t if isinstance(t, int) else None, tokenizer.token_text(t), w, i)
                     for t, w, i in window] for window in chunk_windows(tokenizer, chunking)]
@@ -111,10 +110,6 @@ class A1111Dialect:
         """``[(weight, [(end_step, text), ...]), ...]``: one schedule per ``AND`` part."""
         parts = split_and(text) if split else [(text, 1.0)]
         return [(weight, prompt_schedule(part, steps)) for part, weight in parts]
-
-    def encode_texts(self, model: Any, tokenize: Any, texts: list[str], options: dict) -> list[tuple]:
-        """Encode the texts of one schedule together, as A1111 does (see :mod:`.encode`)."""
-        return encode_texts(model, tokenize, texts, options)
 
 
 DIALECT = A1111Dialect()

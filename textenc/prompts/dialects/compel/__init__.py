@@ -1,39 +1,34 @@
-"""compel's prompt dialect (``syntax="compel"``): grammar, chunking, weighting.
+"""compel's prompt dialect (``syntax="compel"``): grammar and chunking.
 
 ``SDTokenizer.tokenize_with_weights(text, syntax="compel")`` parses ``text`` as
-compel 2.5.1 does (:mod:`.compel_grammar`) and lays its fragments out in chunks
-as compel does (:mod:`.compel_tokens`); ``encode_token_weights(...,
+compel 2.5.1 does (:mod:`.grammar`, :mod:`.parser`) and lays its fragments out in
+chunks as compel does (:mod:`.tokens`); ``encode_token_weights(...,
 options={"weight_mode": "compel"})`` (the default weight mode of this syntax)
-applies compel's algorithm (:mod:`.compel_weighting`).
+applies compel's algorithm (:mod:`textenc.text_encoders.weighting.compel`, which
+also pads a prompt and its negative to one length:
+``pad_conditioning_tensors_to_same_length``, ``empty_conditioning``).
 
 Keyword understood: ``truncate_long_prompts`` (default True, as compel's
 ``Compel(...)``): keep one 77-token chunk; False chunks the whole prompt as compel
-does. Pad a prompt and its negative to one length with
-:func:`pad_conditioning_tensors_to_same_length`. Every entry point takes the
-option (:data:`textenc.prompts.dialects.DIALECT_OPTIONS`); other syntaxes refuse False.
+does. Every entry point takes the option
+(:data:`textenc.prompts.dialects.DIALECT_OPTIONS`); other syntaxes refuse False.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import Any, Mapping
 
-import torch
-
-from ...limits import check_prompt_size
 from ....errors import PromptError
+from ...limits import check_prompt_size
 from ...report import InspectReport, TokenReport, UnitReport
+from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, parse_compel
 from .tokens import CompelTag, CompelToken, compel_windows
-from ....text_encoders.compel_weighting import (COMPEL_MIN_WEIGHT, encode_compel, lerp_weight, pad_conditioning_tensors_to_same_length)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ...tokenizer import SDTokenizer
-
-__all__ = ["DIALECT", "CompelDialect", "CompelTag", "CompelToken", "COMPEL_MIN_WEIGHT", "parse_compel",
-           "encode_compel", "lerp_weight", "pad_conditioning_tensors_to_same_length", "empty_conditioning"]
+__all__ = ["DIALECT", "CompelDialect", "CompelTag", "CompelToken", "parse_compel"]
 
 
-def _parse(tokenizer: "SDTokenizer", text: object) -> CompelPrompt:
+def _parse(tokenizer: Vocabulary, text: object) -> CompelPrompt:
     check_prompt_size(text, tokenizer.parse_options, "compel")  # also when called without SDTokenizer
     try:
         return parse_compel(text)  # type: ignore[arg-type]
@@ -52,8 +47,9 @@ class CompelDialect:
     name = "compel"
     default_weight_mode = "compel"
     applies_limits = False
+    schedule_encoding = None  # no prompt editing: one text per prompt
 
-    def tokenize_with_weights(self, tokenizer: "SDTokenizer", text: str, return_word_ids: bool,
+    def tokenize_with_weights(self, tokenizer: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
         """Chunks of :class:`CompelToken` (plain ``(token, weight[, word_id])`` tuples
         that carry a ``.compel`` tag for the ``compel`` weight mode)."""
@@ -61,7 +57,7 @@ class CompelDialect:
         return compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=return_word_ids,
                               text=text)
 
-    def inspect(self, tokenizer: "SDTokenizer", text: str, **kwargs: Any) -> "InspectReport":
+    def inspect(self, tokenizer: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
         """Chunks and fragments (units); a unit's ``start``/``end`` are -1 (not tracked)."""
         prompt = _parse(tokenizer, text)
         windows = compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text)
@@ -72,23 +68,6 @@ class CompelDialect:
         units = [UnitReport(i + 1, "text", f.text, f.weight, -1, -1, n)
                  for i, (f, n) in enumerate(zip(fragments, counts))]
         return InspectReport(token_windows, units)
-
-
-def empty_conditioning(clip_model: Any, *, options: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
-    """The empty prompt's (1, T, D) encoding (compel's padding block).
-
-    ``clip_model``: an ``SDClipModel``, a ``CLIP`` or its ``cond_stage_model``. For
-    SDXL the block is both encoders' empty encodings side by side, as compel's SDXL
-    wrapper pads each encoder with its own.
-    """
-    model = getattr(clip_model, "cond_stage_model", clip_model)
-    if hasattr(model, "clip_l") and hasattr(model, "clip_g"):
-        tokens: Any = {"l": [], "g": []}
-    elif hasattr(model, "clip_name"):  # a one-encoder wrapper (SD1ClipModel)
-        tokens = {model.clip_name: []}
-    else:
-        tokens = []
-    return model.encode_token_weights(tokens, options=options)[0]
 
 
 DIALECT = CompelDialect()

@@ -3,7 +3,7 @@
 A hand-written reading of the pyparsing grammar of compel 2.5.1
 (``compel/prompt_parser.py``), kept to the same results, quirks included: what
 matches where, how quoted text is unescaped and re-read, which text stays
-literal. :mod:`.compel_grammar` turns the tree into weighted fragments. Facts
+literal. :mod:`.grammar` turns the tree into weighted fragments. Facts
 from compel's source; the code is textenc's.
 """
 

@@ -24,13 +24,11 @@ raw prompt text, syntax characters included, cut to ``max_length - 2`` ids
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from ....errors import PromptError
+from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, Member, Part
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ...tokenizer import SDTokenizer
 
 __all__ = ["CompelTag", "CompelToken", "compel_windows", "pooled_window", "split_point"]
 
@@ -77,7 +75,7 @@ def split_point(token_texts: Sequence[str], limit: int) -> int:
     return limit
 
 
-def _chunk(tokenizer: "SDTokenizer", ids: list[int], weights: list[float], word_ids: list[int],
+def _chunk(tokenizer: Vocabulary, ids: list[int], weights: list[float], word_ids: list[int],
            truncate: bool) -> list[list[tuple[int, float, int]]]:
     """``[start, ids, end, pad...]`` chunks of ``(token, weight, word_id)``."""
     length = tokenizer.max_length
@@ -145,7 +143,7 @@ def _masked_fragments(member: Member, ranges, truncate: bool, length: int, total
     return owner
 
 
-def _member_windows(tokenizer: "SDTokenizer", member: Member, truncate: bool, first_word_id: int):
+def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first_word_id: int):
     """Chunks of one member and, per flat position, its masking fragment."""
     limit = tokenizer.max_length - 2
     fragment_ids = tokenizer.encode_units([f.text for f in member.fragments])
@@ -170,7 +168,7 @@ def _tag(part_index: int, part: Part, member_index: int, fragment: int, member: 
     return CompelTag(part_index, part.weight, member_index, blend, part.normalize, fragment, weight, pooled)
 
 
-def pooled_window(tokenizer: "SDTokenizer", text: str) -> tuple[int, ...]:
+def pooled_window(tokenizer: Vocabulary, text: str) -> tuple[int, ...]:
     """The window compel pools: ``text`` as written (markup included), tokenized as one
     string and cut to ``max_length - 2`` ids: ``(start, ids..., end, pad...)``.
 
@@ -184,7 +182,7 @@ def pooled_window(tokenizer: "SDTokenizer", text: str) -> tuple[int, ...]:
     return tuple(window + [tokenizer.pad_token] * (tokenizer.max_length - len(window)))
 
 
-def compel_windows(tokenizer: "SDTokenizer", prompt: CompelPrompt, *, truncate: bool,
+def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
                    return_word_ids: bool, text: str) -> list[list[CompelToken]]:
     """All chunks of all parts and members, in order, as :class:`CompelToken` windows.
 

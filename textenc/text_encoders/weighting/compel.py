@@ -9,9 +9,9 @@ For one prompt (a *member*), with ``z_empty`` the empty prompt's encoding and
    ``z_empty`` in place.
 2. For each down-weighted fragment ``f`` (weight ``w_f`` < 1; neighbours of equal
    weight were joined into one fragment by the grammar): the same chunks encoded
-   with ``f``'s positions masked out of attention (:mod:`.compel_tokens` says
-   which), weighted exactly as ``base`` (the masked-out encoding carries the
-   weights too).
+   with ``f``'s positions masked out of attention
+   (:mod:`textenc.prompts.dialects.compel.tokens` says which), weighted
+   exactly as ``base`` (the masked-out encoding carries the weights too).
 3. The result is ``Σ t_i·E_i / Σ t_i`` over ``[base, without_f...]`` with
    ``t_base = 1`` and ``t_f = tan((1 - max(w_f, 1e-5))·π/2)``.
 
@@ -24,18 +24,25 @@ syntax) are one member whose fragments are the runs of equal weight.
 The pooled output is the one compel's ``requires_pooled`` returns: the raw
 prompt text (markup included, cut to one window) encoded without weights or
 masks; for untagged windows, the first window's.
+
+:data:`COMPEL` is this weight mode; :func:`empty_conditioning` and
+:func:`pad_conditioning_tensors_to_same_length` pad a prompt and its negative
+to one length, as compel's methods of those names.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..errors import PromptError
+from ...errors import PromptError
+from .comfy import COMFY
+from .mode import EncoderCalls
 
-__all__ = ["COMPEL_MIN_WEIGHT", "lerp_weight", "encode_compel", "pad_conditioning_tensors_to_same_length"]
+__all__ = ["COMPEL", "CompelWeighting", "COMPEL_MIN_WEIGHT", "lerp_weight", "encode_compel",
+           "pad_conditioning_tensors_to_same_length", "empty_conditioning"]
 
 #: compel clamps a down-weight to this before ``tan`` so weight 0 stays finite.
 COMPEL_MIN_WEIGHT = 1e-5
@@ -239,7 +246,7 @@ def pad_conditioning_tensors_to_same_length(conditionings: Sequence[torch.Tensor
     Args:
         conditionings: (B, N_i, D) or (N_i, D) tensors, each N_i a multiple of T.
         empty: the empty prompt's (T, D) or (1, T, D) encoding (e.g. from
-            :func:`textenc.prompts.dialects.compel.empty_conditioning`).
+            :func:`empty_conditioning`).
 
     Returns:
         The tensors, as (B, N, D), in the same order.
@@ -261,3 +268,38 @@ def pad_conditioning_tensors_to_same_length(conditionings: Sequence[torch.Tensor
     longest = max(c.shape[1] for c in conds)
     block = empty.to(conds[0]).unsqueeze(0).expand(first[0], -1, -1)
     return [torch.cat([c] + [block] * ((longest - c.shape[1]) // empty.shape[0]), dim=1) for c in conds]
+
+
+def empty_conditioning(clip_model: Any, *, options: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
+    """The empty prompt's (1, T, D) encoding (compel's padding block).
+
+    ``clip_model``: an ``SDClipModel``, a ``CLIP`` or its ``cond_stage_model``. For
+    SDXL the block is both encoders' empty encodings side by side, as compel's SDXL
+    wrapper pads each encoder with its own.
+    """
+    model = getattr(clip_model, "cond_stage_model", clip_model)
+    if hasattr(model, "clip_l") and hasattr(model, "clip_g"):
+        tokens: Any = {"l": [], "g": []}
+    elif hasattr(model, "clip_name"):  # a one-encoder wrapper (SD1ClipModel)
+        tokens = {model.clip_name: []}
+    else:
+        tokens = []
+    return model.encode_token_weights(tokens, options=options)[0]
+
+
+class CompelWeighting:
+    """``weight_mode="compel"``: :func:`encode_compel` over the encoder's forwards."""
+
+    name = "compel"
+
+    def apply(self, z: torch.Tensor, weights: torch.Tensor, z_empty: Optional[torch.Tensor]) -> torch.Tensor:
+        """compel's first step only: every weight, down-weights included, as ``comfy``."""
+        return COMFY.apply(z, weights, z_empty)
+
+    def encode(self, pairs: Sequence[Sequence], weights: torch.Tensor, word_ids: Optional[torch.Tensor],
+               calls: EncoderCalls, *, need_pooled: bool) -> tuple:
+        return encode_compel(pairs, weights, word_ids, special=calls.special_tokens, need_pooled=need_pooled,
+                             encode=calls.encode, empty=calls.empty)
+
+
+COMPEL = CompelWeighting()
