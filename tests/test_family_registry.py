@@ -12,7 +12,7 @@ import torch
 
 from test_sd1_clip import WIDTH, hf_state, make_hf, text_config
 from textenc.errors import CheckpointError, PromptError
-from textenc.loading.convert import to_layout
+from textenc.loading.convert import TEXT_PREFIXES, to_layout
 from textenc.prompts.tokenizer import SDTokenizer
 from textenc.sd import load_clip
 from textenc.text_encoders.families import Family, Role, families, get_family, register_family, unregister_family
@@ -47,6 +47,9 @@ def test_registry_lists_the_built_in_families_and_their_roles():
     assert [role.diffusers_text_encoder for role in get_family("sdxl").roles] == ["text_encoder", "text_encoder_2"]
     assert get_family("sd2").role("h").released_model == ("ViT-H", 24)
     assert get_family("sd1").role("l").released_model is None
+    for family in families():  # the key layouts of its full checkpoints hold exactly its encoders
+        kinds = {kind for _, kind, layout in TEXT_PREFIXES if layout in family.checkpoint_layouts}
+        assert kinds == set(family.encoder_kinds), family.name
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
@@ -121,3 +124,12 @@ def test_detection_names_every_family_when_none_fits(sd1_file):
     assert detect_clip_type(["l", "g"]) == "sdxl"
     with pytest.raises(CheckpointError, match=r"expected L \(SD1\), H \(SD2\) or L\+G \(SDXL\)"):
         detect_clip_type(["g"])
+
+
+def test_registry_docstring_examples_run():
+    import doctest
+
+    from textenc.text_encoders import families as families_module, registry
+
+    for module in (registry, families_module):
+        assert doctest.testmod(module).failed == 0, module.__name__
