@@ -289,7 +289,7 @@ def encode_textenc(model, tokenizer, tokens, layer, family):
         clip.clip_layer(layer)
     with torch.no_grad():
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    for encoder in clip._encoders():  # per-call results must not hit textenc's caches
+    for encoder in clip.cond_stage_model.encoders.values():  # per-call results must not hit textenc's caches
         encoder.clear_caches()
     return cond, pooled
 

@@ -18,14 +18,12 @@ from .loading.checkpoint import load_state_dict
 from .prompts.limits import check_prompt_size
 from .prompts.dialects import default_weight_mode, get_dialect, prompt_schedules
 from .errors import CheckpointError, TextencError
-from .text_encoders.sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
-from .text_encoders.sd2_clip import SD2ClipModel, SD2Tokenizer
-from .text_encoders.sdxl_clip import SDXLClipModel, SDXLTokenizer
+from .text_encoders.families import CLIP_TYPES, ROLES, Family, families, family_for_encoders, get_family
+from .text_encoders.sd1_clip import SDClipModel
 from .text_encoders.schedules import schedule_encoder
 from .prompts.step_ranges import step_ranges
 from .prompts.tokenizer import SDTokenizer
-from .loading.text_encoders import (CLIP_TYPES, ROLES, FoundTextEncoder, detect_clip_type, load_text_encoder_state_dicts,
-                                    text_config_from_info)
+from .loading.text_encoders import FoundTextEncoder, load_text_encoder_state_dicts, text_config_from_info
 
 __all__ = ["CLIP", "CLIP_TYPES", "ROLES", "build_clip", "load_clip", "load_text_encoder_state_dicts",
            "text_config_from_info", "detect_clip_type", "conditioning_at_step", "FoundTextEncoder"]
@@ -51,8 +49,14 @@ class CLIP:
         other.layer_idx = self.layer_idx
         return other
 
+    @property
+    def family(self) -> Family:
+        """This CLIP's :class:`~textenc.text_encoders.registry.Family` (its ``clip_type``'s entry)."""
+        return get_family(self.clip_type)
+
     def _encoders(self) -> list[SDClipModel]:
-        return [m for m in self.cond_stage_model.modules() if isinstance(m, SDClipModel)]
+        """The text encoders of the model, in role order (the wrapper's ``encoders``)."""
+        return list(getattr(self.cond_stage_model, "encoders", {}).values())
 
     @property
     def num_layers(self) -> int:
@@ -124,6 +128,29 @@ class CLIP:
             return result
         return (cond, pooled) if return_pooled else cond
 
+    def encode_batch(self, tokens: Sequence[Mapping[str, list]], *, options: Mapping[str, Any] | None = None,
+                     errors: str = "raise") -> list:
+        """``(cond [1, 77·windows, width], pooled [1, P])`` of each of ``tokens`` (what :meth:`tokenize`
+        returns), bit for bit as :meth:`encode_from_tokens` (``return_pooled=True``) of each alone,
+        with one forward per text encoder for the prompts of equal window counts
+        (:mod:`textenc.text_encoders.batch`).
+
+        Args:
+            options: as :meth:`encode_from_tokens`, for every prompt.
+            errors: ``"raise"`` the first bad prompt's PromptError, or ``"return"`` the
+                error in that prompt's place.
+
+        Raises:
+            PromptError: (``errors="raise"``) a bad prompt or weight.
+        """
+        return self.cond_stage_model.encode_token_weights_batch(list(tokens), options=self._options(True, options),
+                                                                errors=errors)
+
+    def empty_window(self, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """One window of the empty prompt's encoding, (77, width) (SDXL: L's and G's side by
+        side), as the weighting and the padding of longer prompts use it."""
+        return self.cond_stage_model.empty_window(self._options(True, options))
+
     def encode_from_tokens_scheduled(self, tokens, *, options: Mapping[str, Any] | None = None) -> list:
         """CONDITIONING: ``[[cond, {"pooled_output": pooled}]]``."""
         result = self.encode_from_tokens(tokens, return_pooled=True, return_dict=True, options=options)
@@ -190,8 +217,7 @@ class CLIP:
 def _check_prompt_chars(tokenizer: Any, text: str, syntax: str) -> None:
     """Refuse ``text`` longer than the ``max_prompt_chars`` of any text tokenizer of
     ``tokenizer`` (an :class:`SDTokenizer` or a wrapper holding some)."""
-    found = [tokenizer] if isinstance(tokenizer, SDTokenizer) else [
-        value for value in vars(tokenizer).values() if isinstance(value, SDTokenizer)]
+    found = [tokenizer] if isinstance(tokenizer, SDTokenizer) else list(getattr(tokenizer, "tokenizers", {}).values())
     for sd_tokenizer in found:
         check_prompt_size(text, sd_tokenizer.parse_options, syntax)
 
@@ -228,28 +254,24 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
                sources: Mapping[str, str], embedding_directory=None, device="cpu",
                dtype: torch.dtype | None = None, strict: bool = True, require_finite: bool = True) -> CLIP:
     """Assemble a :class:`CLIP` from per-role HF-layout weights, text configs and tokenizer
-    arguments (roles in :data:`ROLES`: ``l`` for SD1, ``h`` for SD2, ``l`` + ``g`` for SDXL).
+    arguments (the roles of the family ``clip_type``: ``l`` for SD1, ``h`` for SD2, ``l`` + ``g``
+    for SDXL; see :mod:`textenc.text_encoders.families`).
 
     Each text model takes its start/end/pad ids from its tokenizer, so a tokenizer
     with another pad token (``tokenizer_kwargs``) builds the matching empty prompt.
 
     Raises:
+        CheckpointError: an unknown ``clip_type``.
         TextencError: weights that do not fit a config (the loader's own error
             type, its message prefixed with that role's source).
     """
-    if clip_type == "sdxl":
-        model = SDXLClipModel(device=device, dtype=dtype, l_config=configs["l"], g_config=configs["g"])
-        tokenizer = SDXLTokenizer(embedding_directory=embedding_directory,
-                                  l_kwargs=tokenizer_kwargs["l"], g_kwargs=tokenizer_kwargs["g"])
-        parts = {"l": (model.clip_l, tokenizer.clip_l), "g": (model.clip_g, tokenizer.clip_g)}
-    else:
-        model_class, tokenizer_class = ((SD1ClipModel, SD1Tokenizer) if clip_type == "sd1"
-                                        else (SD2ClipModel, SD2Tokenizer))
-        (role,) = ROLES[clip_type]
-        model = model_class(device=device, dtype=dtype, textmodel_json_config=configs[role])
-        tokenizer = tokenizer_class(embedding_directory=embedding_directory, **tokenizer_kwargs[role])
-        parts = {role: (model.encoder, tokenizer.tokenizer)}
-    for role, (encoder, encoder_tokenizer) in parts.items():
+    family = get_family(clip_type)
+    roles = family.role_names
+    model = family.model_class.for_roles({role: configs[role] for role in roles}, device=device, dtype=dtype)
+    tokenizer = family.tokenizer_class.for_roles({role: tokenizer_kwargs[role] for role in roles},
+                                                 embedding_directory=embedding_directory)
+    for role in roles:
+        encoder, encoder_tokenizer = model.encoders[role], tokenizer.tokenizers[role]
         encoder.special_tokens = {"start": encoder_tokenizer.start_token, "end": encoder_tokenizer.end_token,
                                   "pad": encoder_tokenizer.pad_token}
         try:
@@ -259,19 +281,36 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
     return CLIP(model, tokenizer, clip_type=clip_type)
 
 
-def _build(clip_type: str, encoders: Mapping[str, FoundTextEncoder], *, embedding_directory, device,
+def _build(family: Family, encoders: Mapping[str, FoundTextEncoder], *, embedding_directory, device,
            dtype, tokenizer_kwargs: Mapping[str, Any], text_configs: Mapping[str, Any],
            strict: bool, require_finite: bool) -> CLIP:
-    pads = {"l": 49407, "h": 0, "g": 0}  # the pad_token_id of each role's config read from shapes
-    roles = ROLES[clip_type]
-    configs = {role: text_configs[role] if role in text_configs else
-               text_config_from_info(encoders[role].info, role=role, pad_token_id=pads[role]) for role in roles}
-    kwargs = {role: {"embedding_size": encoders[role].info.hidden_size, **tokenizer_kwargs.get(role, {})}
-              for role in roles}
-    return build_clip(clip_type, {role: encoders[role].state_dict for role in roles}, configs, kwargs,
-                      sources={role: encoders[role].source for role in roles},
+    found = {role.name: encoders[role.encoder] for role in family.roles}
+    # A config read from shapes takes the role's activation and pad token (shapes cannot tell them).
+    configs = {role.name: text_configs[role.name] if role.name in text_configs else
+               text_config_from_info(found[role.name].info, hidden_act=role.activation,
+                                     pad_token_id=role.pad_token) for role in family.roles}
+    kwargs = {role: {"embedding_size": found[role].info.hidden_size, **tokenizer_kwargs.get(role, {})}
+              for role in found}
+    return build_clip(family.name, {role: found[role].state_dict for role in found}, configs, kwargs,
+                      sources={role: found[role].source for role in found},
                       embedding_directory=embedding_directory, device=device, dtype=dtype,
                       strict=strict, require_finite=require_finite)
+
+
+def detect_clip_type(names: Sequence[str]) -> str:
+    """The registered family whose roles take exactly the detected encoders ``names``:
+    ``"sd1"`` for L alone, ``"sd2"`` for H alone, ``"sdxl"`` for L + G.
+
+    Raises:
+        CheckpointError: no family does.
+    """
+    return family_for_encoders(names).name
+
+
+def _released_depths() -> dict[str, int]:
+    """Encoder kind → the released depth a file one layer short of is numbered as (ViT-H: 24)."""
+    return {role.encoder: role.released_model[1] for family in families() for role in family.roles
+            if role.released_model is not None}
 
 
 def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embedding_directory=None,
@@ -286,7 +325,8 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
     Args:
         ckpt_paths: one path or several (SDXL: clip_l and clip_g files).
         embedding_directory: textual-inversion folder(s).
-        clip_type: ``"sd1"``, ``"sd2"``, ``"sdxl"`` or None/``"auto"`` to detect.
+        clip_type: a registered family (``"sd1"``, ``"sd2"``, ``"sdxl"``) or None/``"auto"``
+            to detect it from the encoders found.
         dtype: storage dtype; None keeps the file's (memory-mapped, no copy, except
             tensors stored at offsets that are not 64-byte aligned).
         state_dicts: already-loaded ``(source, state_dict)`` pairs instead of paths.
@@ -308,19 +348,17 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
         CheckpointError: unreadable file, no or unexpected text encoders, bad or
             missing keys or layers, integer or non-finite weights.
     """
-    if clip_type in (None, "auto"):
-        clip_type = None
-    elif clip_type not in CLIP_TYPES:
-        raise CheckpointError(f"clip_type {clip_type!r} is not one of {CLIP_TYPES} or 'auto'")
+    family = None if clip_type in (None, "auto") else get_family(clip_type)
     if state_dicts is None:
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
         state_dicts = [(str(p), load_state_dict(p)) for p in paths]
-    encoders = load_text_encoder_state_dicts(state_dicts, clip_type=clip_type, strict=strict,
-                                             allow_missing_layers=allow_missing_layers)
-    detected = detect_clip_type(list(encoders))
-    if clip_type is not None and clip_type != detected:
+    encoders = load_text_encoder_state_dicts(state_dicts, roles=family.encoder_kinds if family else None,
+                                             strict=strict, allow_missing_layers=allow_missing_layers,
+                                             released_depths=_released_depths())
+    detected = family_for_encoders(list(encoders))
+    if family is not None and set(family.encoder_kinds) != set(encoders):
         raise CheckpointError(f"clip_type {clip_type!r} was asked for, but the file(s) hold "
-                              f"{sorted(encoders)} text encoders ({detected})")
-    return _build(detected, encoders, embedding_directory=embedding_directory, device=device,
+                              f"{sorted(encoders)} text encoders ({detected.name})")
+    return _build(family or detected, encoders, embedding_directory=embedding_directory, device=device,
                   dtype=dtype, tokenizer_kwargs=tokenizer_kwargs or {},
                   text_configs=text_configs or {}, strict=strict, require_finite=require_finite)

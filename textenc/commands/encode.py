@@ -86,19 +86,16 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 
 # --- options ----------------------------------------------------------------------
 
-#: ComfyUI's default layer per model type: SD1 the last, SD2 and SDXL the penultimate.
-COMFY_DEFAULT_LAYER = {"sd1": -1, "sd2": -2, "sdxl": -2}
-
-
 def resolve_layer(clip, clip_skip: int | None) -> int:
-    """ComfyUI's layer for ``--clip-skip`` (A1111 numbering) or, when None, the model type's
-    default. The CLIP's own numbering checks it (diffusers' 23-layer SD2 counts as ViT-H's 24).
+    """ComfyUI's layer for ``--clip-skip`` (A1111 numbering) or, when None, the model family's
+    default (``clip.family.comfy_default_layer``: SD1 the last, SD2 and SDXL the penultimate).
+    The CLIP's own numbering checks it (diffusers' 23-layer SD2 counts as ViT-H's 24).
 
     Raises:
         LayerError: 0, beyond the model's depth, or ViT-H's last layer on a 23-layer SD2.
     """
     if clip_skip is None:
-        return COMFY_DEFAULT_LAYER[clip.clip_type]
+        return clip.family.comfy_default_layer
     layer = layer_from_clip_skip(clip_skip, clip.numbered_layers, numbering="a1111")
     try:
         return clip.check_layer(layer)

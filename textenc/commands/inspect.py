@@ -45,10 +45,10 @@ def _model_tokenizer(args: argparse.Namespace, embeddings: str | None):
     the default) or bigG's (``--tokenizer sdxl-g``)."""
     from ..load import load_text_model
 
-    tokenizer = load_text_model(args.model, embedding_directory=embeddings).tokenizer
-    if hasattr(tokenizer, "clip_g"):
-        return tokenizer.clip_l if args.tokenizer == "sd1" else tokenizer.clip_g
-    return tokenizer.tokenizer
+    tokenizers = load_text_model(args.model, embedding_directory=embeddings).tokenizer.tokenizers
+    if len(tokenizers) == 1:
+        return next(iter(tokenizers.values()))
+    return tokenizers["l"] if args.tokenizer == "sd1" else tokenizers["g"]
 
 
 def run_inspect(args: argparse.Namespace) -> int:

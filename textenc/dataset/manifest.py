@@ -39,10 +39,8 @@ class Run:
 
 
 def _widths(clip, empty_cond: torch.Tensor) -> dict[str, int]:
-    model = clip.cond_stage_model
-    if clip.clip_type == "sdxl":
-        return {"l": model.clip_l.config.hidden_size, "g": model.clip_g.config.hidden_size}
-    return {model.clip_name: empty_cond.shape[-1]}
+    """Each text encoder's width, by role (their conds sit side by side in that order)."""
+    return {role: encoder.config.hidden_size for role, encoder in clip.cond_stage_model.encoders.items()}
 
 
 def base_manifest(rows: CaptionRows, clip, fingerprint: str | None, options: dict, jobs, empty) -> dict:

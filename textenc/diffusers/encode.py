@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..conditioning import validate_conditioning
 from ..prompts.dialects import DEFAULT_SYNTAX, default_weight_mode, dialect_options
-from .layers import diffusers_layer, text_encoders
-from .load import KINDS, load_from_diffusers
+from .layers import diffusers_layer
+from .load import KINDS, diffusers_encoder_names, load_from_diffusers
 from ..errors import DiffusersLayoutError, LayerError, PromptError, TextencError
 from ..sd import CLIP
-from ..text_encoders.encode import empty_encoding
+from ..text_encoders.families import get_family
 
 __all__ = ["CACHE_ATTRIBUTE", "encode_for_pipeline", "to_diffusers"]
 
@@ -45,7 +45,7 @@ def _cached_clip(pipe: Any, embedding_directory: Any) -> CLIP:
     The cache is keyed by the text encoder objects (by identity), their dtype and
     device and the embedding directory; swapping or moving an encoder rebuilds it.
     """
-    modules = tuple(getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2"))
+    modules = tuple(getattr(pipe, name, None) for name in diffusers_encoder_names())
     layout = tuple(_module_dtype_device(m) if m is not None else None for m in modules)
     key = (layout, repr(embedding_directory))
     cached = getattr(pipe, CACHE_ATTRIBUTE, None)
@@ -110,12 +110,6 @@ def _encode_options(clip: CLIP, *, clip_skip: Any, layer: Any, weight_mode: str 
     return options
 
 
-def _empty_window(clip: CLIP, options: Mapping[str, Any]) -> torch.Tensor:
-    """One 77-token window of the empty prompt's encoding, (77, width); SDXL: cat(l, g)."""
-    return torch.cat([empty_encoding(p, p.max_length, p.resolve_options(options))[0]
-                      for p in text_encoders(clip)], -1)
-
-
 def _padded(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
     """(1, 77·w, D) → (1, length, D), appending whole windows of the empty encoding."""
     missing = (length - cond.shape[1]) // empty.shape[0]
@@ -126,7 +120,7 @@ def _result(kind: str, positive: tuple, negative: tuple, target: _Target) -> dic
     """The pipeline's keyword arguments, every tensor in its dtype and on its device."""
     names = ["prompt_embeds", "negative_prompt_embeds"]
     values = [positive[0], negative[0]]
-    if kind == "sdxl":
+    if get_family(kind).diffusers_pooled:
         names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
         values += [positive[1], negative[1]]
     return {n: v.to(device=target.device, dtype=target.dtype) for n, v in zip(names, values)}
@@ -190,7 +184,7 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
     positive = [encode(p) for p in prompts]
     negative = [None if zero_negative and not n else encode(n) for n in negatives]
     length = max(cond.shape[1] for cond, _ in positive + [x for x in negative if x is not None])
-    empty = _empty_window(clip, options)
+    empty = clip.empty_window(options)
     cond = torch.cat([_padded(c, length, empty) for c, _ in positive])
     negative_cond = torch.cat([_padded(x[0], length, empty) if x is not None else torch.zeros_like(cond[:1])
                                for x in negative])
@@ -241,15 +235,17 @@ def to_diffusers(conditioning: Any, negative: Any = None, *, kind: str) -> dict[
         raise TextencError(f"kind {kind!r} is not one of {KINDS}")
     positive = _cond_and_pooled(conditioning, "conditioning")
     pairs = [positive] + ([_cond_and_pooled(negative, "negative")] if negative is not None else [])
-    if kind == "sdxl" and any(pooled is None for _, pooled in pairs):
-        raise TextencError("SDXL needs pooled outputs: the conditioning has no 'pooled_output'")
+    family = get_family(kind)
+    takes_pooled = family.diffusers_pooled
+    if takes_pooled and any(pooled is None for _, pooled in pairs):
+        raise TextencError(f"{family.label} needs pooled outputs: the conditioning has no 'pooled_output'")
     length = math.lcm(*(cond.shape[1] for cond, _ in pairs))
     pairs = [(_repeat_to(cond, length), pooled) for cond, pooled in pairs]
     result = {"prompt_embeds": pairs[0][0]}
     if negative is not None:
         result["negative_prompt_embeds"] = pairs[1][0].expand(pairs[0][0].shape[0], -1, -1) \
             if pairs[1][0].shape[0] == 1 else pairs[1][0]
-    if kind == "sdxl":
+    if takes_pooled:
         result["pooled_prompt_embeds"] = pairs[0][1]
         if negative is not None:
             result["negative_pooled_prompt_embeds"] = pairs[1][1].expand(pairs[0][1].shape[0], -1) \

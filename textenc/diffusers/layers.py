@@ -12,8 +12,8 @@ Part of :mod:`textenc.diffusers` (import from there). Two numberings meet here
   which every ``SDClipModel`` checks and maps itself (:class:`textenc.text_encoders.clip_skip.LayerNumbering`):
   diffusers' 23-layer SD2 folders count as ViT-H's 24 layers there.
 
->>> DIFFUSERS_DEFAULT_LAYER["sdxl"]
--2
+The layer each pipeline kind encodes with when ``clip_skip`` is None is its
+family's ``diffusers_default_layer`` (:mod:`textenc.text_encoders.families`).
 """
 
 from __future__ import annotations
@@ -24,16 +24,7 @@ from ..errors import LayerError
 from ..text_encoders.clip_skip import layer_from_clip_skip
 from ..text_encoders.sd2_clip import VIT_H_LAYERS
 
-__all__ = ["DIFFUSERS_DEFAULT_LAYER", "VIT_H_LAYERS", "text_encoders", "diffusers_layer"]
-
-#: The layer each pipeline kind encodes with when ``clip_skip`` is None (diffusers 0.42).
-DIFFUSERS_DEFAULT_LAYER = {"sd1": -1, "sd2": -1, "sdxl": -2}
-
-
-def text_encoders(clip: Any) -> list:
-    """The ``SDClipModel`` parts of a textenc CLIP (SDXL: clip_l and clip_g)."""
-    model = clip.cond_stage_model
-    return [model.clip_l, model.clip_g] if clip.clip_type == "sdxl" else [model.encoder]
+__all__ = ["VIT_H_LAYERS", "diffusers_layer"]
 
 
 def diffusers_layer(clip: Any, clip_skip: object) -> int:
@@ -49,8 +40,8 @@ def diffusers_layer(clip: Any, clip_skip: object) -> int:
         raise LayerError(f"clip_skip={clip_skip}: encode_for_pipeline's clip_skip is diffusers' count "
                          "(0 or more; 1 = the layer before the pipeline's default); for ComfyUI's "
                          f"CLIPSetLastLayer numbering pass layer={clip_skip}")
-    encoders = text_encoders(clip)
+    encoders = list(clip.cond_stage_model.encoders.values())
     index = layer_from_clip_skip(clip_skip, min(encoder.num_layers for encoder in encoders),
-                                 numbering="diffusers", default_layer=DIFFUSERS_DEFAULT_LAYER[clip.clip_type])
+                                 numbering="diffusers", default_layer=clip.family.diffusers_default_layer)
     # negative, so the same for every encoder of an SDXL CLIP (none of which lacks layers)
     return encoders[0].numbering.numbered_index(index)

@@ -25,9 +25,10 @@ from ..loading.checkpoint import load_state_dict
 from ..nn.config import CLIPTextConfig, load_text_config
 from ..loading.detect import convert_text_state_dict
 from ..errors import ConfigError, DiffusersLayoutError, TextencError
-from ..sd import CLIP, CLIP_TYPES, ROLES, build_clip
+from ..sd import CLIP, CLIP_TYPES, build_clip
+from ..text_encoders.families import Family, families, get_family
 
-__all__ = ["KINDS", "load_from_diffusers", "pipeline_kind"]
+__all__ = ["KINDS", "load_from_diffusers", "pipeline_kind", "diffusers_encoder_names"]
 
 KINDS = CLIP_TYPES
 # Weight files in the order diffusers' text encoders are looked up (full precision first).
@@ -57,21 +58,26 @@ class _Encoder:
 
 # ---- kind -----------------------------------------------------------------------
 
-def _family(class_name: Any) -> str:
-    """``"sdxl"`` or ``"sd"`` (SD1/SD2, told apart by the config) from a pipeline class name."""
+def _pipeline_families(class_name: Any) -> list[Family]:
+    """The families whose ``<pipeline_prefix>*Pipeline`` names ``class_name`` (the longest
+    prefix wins; SD1 and SD2 share theirs and are told apart by the text config)."""
     name = str(class_name)
-    if name.startswith("StableDiffusionXL") and name.endswith("Pipeline"):
-        return "sdxl"
-    rest = name[len("StableDiffusion"):]
-    if name.startswith("StableDiffusion") and name.endswith("Pipeline") and not rest[:1].isdigit():
-        return "sd"
-    raise DiffusersLayoutError(f"{name!r} is not a Stable Diffusion 1.x/2.x/XL pipeline; textenc "
-                               "supports StableDiffusion*Pipeline and StableDiffusionXL*Pipeline "
-                               "(StableDiffusion3, Flux, ... have other text encoders)")
+    matches = [f for f in families() if f.pipeline_prefix and name.startswith(f.pipeline_prefix)
+               and name.endswith("Pipeline") and not name[len(f.pipeline_prefix):][:1].isdigit()]
+    longest = max((len(f.pipeline_prefix) for f in matches), default=0)
+    found = [f for f in matches if len(f.pipeline_prefix) == longest]
+    if not found:
+        raise DiffusersLayoutError(f"{name!r} is not a Stable Diffusion 1.x/2.x/XL pipeline; textenc "
+                                   "supports StableDiffusion*Pipeline and StableDiffusionXL*Pipeline "
+                                   "(StableDiffusion3, Flux, ... have other text encoders)")
+    return found
 
 
 def pipeline_kind(class_name: str, text_config: CLIPTextConfig | None = None) -> str:
     """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from a pipeline class name and its text config.
+
+    Families that share a pipeline prefix are told apart by their first role's
+    activation (SD2's ViT-H: ``gelu``; otherwise the first registered, SD1).
 
     Raises:
         DiffusersLayoutError: not a Stable Diffusion 1/2/XL pipeline.
@@ -79,15 +85,26 @@ def pipeline_kind(class_name: str, text_config: CLIPTextConfig | None = None) ->
     >>> pipeline_kind("StableDiffusionXLInpaintPipeline")
     'sdxl'
     """
-    if _family(class_name) == "sdxl":
-        return "sdxl"
+    found = _pipeline_families(class_name)
+    if len(found) == 1:
+        return found[0].name
     if text_config is None:
-        raise DiffusersLayoutError(f"{class_name}: the text encoder config is needed to tell SD1 from SD2")
-    return "sd2" if text_config.hidden_act == "gelu" else "sd1"
+        raise DiffusersLayoutError(f"{class_name}: the text encoder config is needed to tell "
+                                   + " from ".join(f.label for f in found))
+    return next((f.name for f in found if f.roles[0].activation == text_config.hidden_act), found[0].name)
 
 
-_COMPONENTS = {"sd": [("text_encoder", "tokenizer")],
-               "sdxl": [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]}
+def _components(class_name: Any) -> list[tuple[str, str]]:
+    """``(text encoder, tokenizer)`` attribute names of the pipeline's roles, in role order."""
+    return [(role.diffusers_text_encoder, role.diffusers_tokenizer)
+            for role in _pipeline_families(class_name)[0].roles]
+
+
+def diffusers_encoder_names() -> tuple[str, ...]:
+    """Every pipeline attribute a registered family's text encoder sits in (``text_encoder``,
+    ``text_encoder_2``), in order."""
+    names = [role.diffusers_text_encoder for family in families() for role in family.roles]
+    return tuple(dict.fromkeys(names))
 
 
 # ---- folder reading -----------------------------------------------------------------
@@ -199,7 +216,7 @@ def _from_folder(folder: Path) -> tuple[str, list[_Encoder]]:
     index = _read_json(folder / "model_index.json", "not a diffusers pipeline folder "
                        "(pass the folder holding model_index.json)")
     encoders = [_folder_encoder(_component(folder, index, encoder_name), _component(folder, index, tokenizer_name))
-                for encoder_name, tokenizer_name in _COMPONENTS[_family(index.get("_class_name"))]]
+                for encoder_name, tokenizer_name in _components(index.get("_class_name"))]
     return pipeline_kind(index.get("_class_name"), encoders[0].config), encoders
 
 
@@ -222,7 +239,7 @@ def _object_encoder(pipe: Any, encoder_name: str, tokenizer_name: str, tmp: str)
 
 def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder]]:
     class_name = type(pipe).__name__
-    encoders = [_object_encoder(pipe, e, t, tmp) for e, t in _COMPONENTS[_family(class_name)]]
+    encoders = [_object_encoder(pipe, e, t, tmp) for e, t in _components(class_name)]
     return pipeline_kind(class_name, encoders[0].config), encoders
 
 
@@ -230,7 +247,7 @@ def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder]]:
 
 def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch.dtype | None,
            embedding_directory: Any) -> CLIP:
-    by_role = dict(zip(ROLES[kind], encoders))
+    by_role = dict(zip(get_family(kind).role_names, encoders))
     try:
         clip = build_clip(
             kind, {role: e.state_dict for role, e in by_role.items()},

@@ -2,10 +2,11 @@
 
 :func:`load_text_encoder_state_dicts` reads ``(source, state_dict)`` pairs: each
 encoder found (:func:`textenc.loading.detect.detect_text_encoders`) is converted to the
-HF layout, checked for missing layers and stray keys, and given its role
-(:data:`ROLES`: ``l`` for SD1, ``h`` for SD2, ``l`` + ``g`` for SDXL).
-:func:`text_config_from_info` gives the text config its shapes imply.
-:mod:`textenc.sd` builds a ``CLIP`` from the result (:func:`textenc.sd.load_clip`).
+HF layout, checked for missing layers and stray keys, and keyed by the encoder kind it is
+(``l``, ``h``, ``g``). :func:`text_config_from_info` gives the text config its shapes imply.
+Which family the encoders make, and its facts, are the family registry's
+(:mod:`textenc.text_encoders.families`); :func:`textenc.sd.load_clip` passes them in
+and builds a ``CLIP`` from the result.
 """
 
 from __future__ import annotations
@@ -13,49 +14,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from .detect import KNOWN_TEXT_DEPTHS, TextEncoderInfo, convert_text_state_dict, detect_text_encoders
+from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
 from ..errors import CheckpointError, CheckpointWarning
 from ..warn import warn_at_caller
 
-__all__ = ["CLIP_TYPES", "ROLES", "FoundTextEncoder", "load_text_encoder_state_dicts",
-           "text_config_from_info", "detect_clip_type"]
-
-CLIP_TYPES = ("sd1", "sd2", "sdxl")
-#: The text-encoder roles of each model type, in the order they are built.
-ROLES = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g")}
-# Shapes cannot tell the activation: OpenAI's CLIP-L uses quick_gelu, OpenCLIP's
-# ViT-H and bigG use exact gelu (their published configs).
-DEFAULT_ACTIVATION = {"l": "quick_gelu", "h": "gelu", "g": "gelu"}
+__all__ = ["FoundTextEncoder", "load_text_encoder_state_dicts", "text_config_from_info"]
 
 
-def text_config_from_info(info: TextEncoderInfo, *, role: str | None = None,
-                          hidden_act: str | None = None, pad_token_id: int = 49407) -> dict[str, Any]:
+def text_config_from_info(info: TextEncoderInfo, *, hidden_act: str = "quick_gelu",
+                          pad_token_id: int = 49407) -> dict[str, Any]:
     """A text config dict built from the shapes a checkpoint actually has.
 
     Shapes cannot tell the head count of a non-standard width (it is read as
-    width / 64, CLIP's head size) nor the activation (taken from the role:
-    quick_gelu for L, gelu for H and G); pass ``text_configs`` to
+    width / 64, CLIP's head size) nor the activation and pad token (the family's
+    role gives them: quick_gelu for L, gelu for H and G); pass ``text_configs`` to
     :func:`~textenc.sd.load_clip` for such models.
     """
     return {"vocab_size": info.vocab_size, "hidden_size": info.hidden_size,
             "intermediate_size": info.intermediate_size, "num_hidden_layers": info.num_layers,
             "num_attention_heads": info.num_heads, "max_position_embeddings": info.max_positions,
-            "hidden_act": hidden_act or DEFAULT_ACTIVATION.get(role or info.name, "quick_gelu"),
-            "layer_norm_eps": 1e-5, "projection_dim": info.projection_dim or info.hidden_size,
+            "hidden_act": hidden_act, "layer_norm_eps": 1e-5,
+            "projection_dim": info.projection_dim or info.hidden_size,
             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": pad_token_id}
-
-
-def detect_clip_type(names: Sequence[str]) -> str:
-    """``"sd1"`` for L alone, ``"sd2"`` for H alone, ``"sdxl"`` for L + G."""
-    found = set(names)
-    if found == {"l"}:
-        return "sd1"
-    if found == {"h"}:
-        return "sd2"
-    if found == {"l", "g"}:
-        return "sdxl"
-    raise CheckpointError(f"cannot tell the model type from text encoders {sorted(found)}: "
-                          "expected L (SD1), H (SD2) or L+G (SDXL); pass clip_type explicitly")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,27 +51,27 @@ class FoundTextEncoder:
     source: str
 
 
-def _role(info: TextEncoderInfo, clip_type: str | None, taken: Mapping[str, Any]) -> str:
+def _role(info: TextEncoderInfo, roles: Sequence[str] | None, taken: Mapping[str, Any]) -> str:
     if info.name in ("l", "h", "g"):
         return info.name
     # Non-standard widths (tiny test models, custom finetunes). Every known prefix
     # names its encoder (convert.TEXT_PREFIXES), so these are standalone files:
-    # the requested type, or the order of the files for SDXL (L first), decides.
-    if clip_type == "sd2":
-        return "h"
-    if clip_type == "sdxl" and "l" in taken:
-        return "g"
-    return "l"
+    # the requested family's roles, in the order of the files (SDXL: L first), decide.
+    if not roles:
+        return "l"
+    return next((role for role in roles if role not in taken), roles[-1])
 
 
-def _check_layers(source: str, info: TextEncoderInfo, allow_missing_layers: bool) -> TextEncoderInfo:
+def _check_layers(source: str, info: TextEncoderInfo, allow_missing_layers: bool,
+                  released_depths: Mapping[str, int]) -> TextEncoderInfo:
     """Refuse missing layers; with ``allow_missing_layers``, a known model truncated at the end
     becomes a shallower model (a gap is always refused)."""
     missing = list(info.missing_layers)
     if not missing:
         return info
     truncated = missing == list(range(missing[0], info.num_layers)) and missing[0] > 0
-    if info.name == "h" and missing == [KNOWN_TEXT_DEPTHS["h"] - 1]:
+    released = released_depths.get(info.name)
+    if released is not None and missing == [released - 1]:
         # diffusers' SD2 text encoder: ViT-H without the last layer, which SD2 never uses.
         # ComfyUI loads it too; SD2ClipHModel numbers it as ViT-H (its default -2 is this file's last).
         return dataclasses.replace(info, num_layers=missing[0], missing_layers=())
@@ -117,9 +97,18 @@ def _stray_keys(source: str, info: TextEncoderInfo, unmatched: Sequence[str], st
 
 
 def load_text_encoder_state_dicts(state_dicts: Sequence[tuple[str, Mapping]], *,
-                                  clip_type: str | None = None, strict: bool = False,
-                                  allow_missing_layers: bool = False) -> dict[str, FoundTextEncoder]:
-    """Find every text encoder in the given ``(source, state_dict)`` pairs, keyed by role.
+                                  roles: Sequence[str] | None = None, strict: bool = False,
+                                  allow_missing_layers: bool = False,
+                                  released_depths: Mapping[str, int] | None = None) -> dict[str, FoundTextEncoder]:
+    """Find every text encoder in the given ``(source, state_dict)`` pairs, keyed by encoder kind.
+
+    Args:
+        roles: the encoder kinds the requested family takes, in order (SDXL ``("l", "g")``):
+            encoders of non-standard width take the first one not yet found, file by
+            file; None: ``"l"``.
+        released_depths: kind → the released model's depth, for kinds whose files may
+            lack that model's last layer and load anyway (``{"h": 24}``: diffusers'
+            23-layer SD2 ViT-H, numbered as the full model).
 
     Raises:
         CheckpointError: no encoder, two of one role, missing layers (see
@@ -136,10 +125,10 @@ def load_text_encoder_state_dicts(state_dicts: Sequence[tuple[str, Mapping]], *,
             raise CheckpointError(f"{source}: no CLIP text encoder found")
         for info in infos:
             result = convert_text_state_dict(sd, encoder=info.name, source=source)
-            info = _check_layers(source, info, allow_missing_layers)
+            info = _check_layers(source, info, allow_missing_layers, released_depths or {})
             _stray_keys(source, info, result.unmatched, strict)
             converted = {k: v for k, v in result.state_dict.items() if k not in set(info.stray_keys)}
-            role = _role(info, clip_type, found)
+            role = _role(info, roles, found)
             if role in found:
                 raise CheckpointError(f"{source}: a second {role!r} text encoder "
                                       f"(first from {found[role].source})")

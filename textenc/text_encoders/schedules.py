@@ -35,9 +35,7 @@ ScheduleEncoder = Callable[[Any, Callable[[str], dict], Sequence[str], Mapping[s
 
 def model_encoders(model: Any) -> dict[str, Any]:
     """The ``SDClipModel`` of each token key (``{"l": ...}``, or ``{"l", "g"}`` for SDXL)."""
-    if hasattr(model, "clip_l") and hasattr(model, "clip_g"):
-        return {"l": model.clip_l, "g": model.clip_g}
-    return {model.clip_name: model.encoder}
+    return dict(model.encoders)  # the family wrapper holds its encoders by role
 
 
 def _empty_window(encoder: Any) -> list[tuple]:

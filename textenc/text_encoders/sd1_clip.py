@@ -29,6 +29,8 @@ from ..lru import LRUCache
 from ..prompts.tokenizer import SDTokenizer
 from .options import ClipOptions
 from . import encode as sd1_encode
+from .batch import FamilyEncodeMixin
+from .registry import Family, Role, register_family
 
 __all__ = ["SDClipModel", "SD1ClipModel", "SD1Tokenizer", "SDTokenizer", "ClipOptions",
            "ClipTokenWeightEncoder", "gen_empty_tokens"]
@@ -207,8 +209,12 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         self.encode_cache.clear()
 
 
-class SD1ClipModel(torch.nn.Module):
-    """Holds one named encoder (``clip_l`` by default), keyed as ComfyUI's wrappers."""
+class SD1ClipModel(FamilyEncodeMixin, torch.nn.Module):
+    """Holds one named encoder (``clip_l`` by default), keyed as ComfyUI's wrappers.
+
+    :attr:`encoders` maps its role (``clip_name``) to the encoder; the batched
+    encode and the empty window come from :class:`~textenc.text_encoders.batch.FamilyEncodeMixin`.
+    """
 
     def __init__(self, device="cpu", dtype=None, model_options: Mapping | None = None,
                  clip_name: str = "l", clip_model=SDClipModel, name: str | None = None,
@@ -222,9 +228,20 @@ class SD1ClipModel(torch.nn.Module):
         setattr(self, self.clip, clip_model(device=device, dtype=dtype, **kwargs))
         self.dtypes = {dtype} if dtype is not None else set()
 
+    @classmethod
+    def for_roles(cls, configs: Mapping[str, Any], *, device="cpu", dtype=None) -> "SD1ClipModel":
+        """The wrapper of one role, from ``{role: text config}`` (what :func:`textenc.sd.build_clip` passes)."""
+        ((role, config),) = configs.items()
+        return cls(device=device, dtype=dtype, textmodel_json_config=config, clip_name=role)
+
     @property
     def encoder(self) -> SDClipModel:
         return getattr(self, self.clip)
+
+    @property
+    def encoders(self) -> dict[str, SDClipModel]:
+        """``{role: encoder}`` (one role)."""
+        return {self.clip_name: self.encoder}
 
     def set_clip_options(self, options) -> None:
         self.encoder.set_clip_options(options)
@@ -255,9 +272,20 @@ class SD1Tokenizer:
         setattr(self, self.clip, tokenizer(embedding_directory=embedding_directory,
                                            tokenizer_data=dict(tokenizer_data or {}), **kwargs))
 
+    @classmethod
+    def for_roles(cls, arguments: Mapping[str, Mapping[str, Any]], *, embedding_directory=None) -> "SD1Tokenizer":
+        """The wrapper of one role, from ``{role: tokenizer arguments}``."""
+        ((role, kwargs),) = arguments.items()
+        return cls(embedding_directory=embedding_directory, clip_name=role, **kwargs)
+
     @property
     def tokenizer(self) -> SDTokenizer:
         return getattr(self, self.clip)
+
+    @property
+    def tokenizers(self) -> dict[str, SDTokenizer]:
+        """``{role: tokenizer}`` (one role)."""
+        return {self.clip_name: self.tokenizer}
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         return {self.clip_name: self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)}
@@ -267,3 +295,10 @@ class SD1Tokenizer:
 
     def state_dict(self) -> dict:
         return self.tokenizer.state_dict()
+
+
+#: SD1: OpenAI's CLIP ViT-L/14, its last layer (ComfyUI's and diffusers' default).
+SD1 = register_family(Family(
+    "sd1", "SD1", roles=(Role("l", SDClipModel, SDTokenizer),),
+    model_class=SD1ClipModel, tokenizer_class=SD1Tokenizer, comfy_default_layer=-1,
+    diffusers_default_layer=-1, pipeline_prefix="StableDiffusion", checkpoint_layouts=("sd1",)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .sd1_clip import SD1ClipModel, SD1Tokenizer, SDClipModel
+from .registry import Family, Role, register_family
 from ..prompts.tokenizer import SDTokenizer
 
 __all__ = ["SD2ClipHModel", "SD2ClipHTokenizer", "SD2Tokenizer", "SD2ClipModel", "VIT_H_LAYERS"]
@@ -52,12 +53,21 @@ class SD2ClipHTokenizer(SDTokenizer):
 
 
 class SD2Tokenizer(SD1Tokenizer):
-    def __init__(self, embedding_directory=None, tokenizer_data=None, **kwargs) -> None:
+    def __init__(self, embedding_directory=None, tokenizer_data=None, clip_name: str = "h", **kwargs) -> None:
         super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data,
-                         clip_name="h", tokenizer=SD2ClipHTokenizer, **kwargs)
+                         clip_name=clip_name, tokenizer=SD2ClipHTokenizer, **kwargs)
 
 
 class SD2ClipModel(SD1ClipModel):
-    def __init__(self, device="cpu", dtype=None, model_options: Mapping | None = None, **kwargs) -> None:
-        super().__init__(device=device, dtype=dtype, model_options=model_options, clip_name="h",
+    def __init__(self, device="cpu", dtype=None, model_options: Mapping | None = None, clip_name: str = "h",
+                 **kwargs) -> None:
+        super().__init__(device=device, dtype=dtype, model_options=model_options, clip_name=clip_name,
                          clip_model=SD2ClipHModel, **kwargs)
+
+
+#: SD2: OpenCLIP ViT-H/14 (exact gelu, pads with token 0), its penultimate layer in ComfyUI;
+#: diffusers' pipelines use the last layer of their 23-layer file, the same layer (-2 here).
+SD2 = register_family(Family(
+    "sd2", "SD2", roles=(Role("h", SD2ClipHModel, SD2ClipHTokenizer, activation="gelu", pad_token=0),),
+    model_class=SD2ClipModel, tokenizer_class=SD2Tokenizer, comfy_default_layer=-2,
+    diffusers_default_layer=-1, pipeline_prefix="StableDiffusion", checkpoint_layouts=("sd2",)))

@@ -16,7 +16,9 @@ import torch
 
 from ..errors import CheckpointError, PromptError
 from .sd1_clip import SDClipModel
+from .batch import FamilyEncodeMixin
 from .encode import empty_encoding
+from .registry import Family, Role, register_family
 from .sd2_clip import SD2_SPECIAL_TOKENS
 from ..prompts.tokenizer import SDTokenizer
 
@@ -57,6 +59,16 @@ class SDXLTokenizer:
         self.clip_g = SDXLClipGTokenizer(embedding_directory=embedding_directory,
                                          tokenizer_data=tokenizer_data, **dict(g_kwargs or {}))
 
+    @classmethod
+    def for_roles(cls, arguments: Mapping[str, Mapping[str, Any]], *, embedding_directory=None) -> "SDXLTokenizer":
+        """Both tokenizers, from ``{"l": arguments, "g": arguments}``."""
+        return cls(embedding_directory=embedding_directory, l_kwargs=arguments["l"], g_kwargs=arguments["g"])
+
+    @property
+    def tokenizers(self) -> dict[str, SDTokenizer]:
+        """``{"l": clip_l, "g": clip_g}``."""
+        return {"l": self.clip_l, "g": self.clip_g}
+
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         return {"g": self.clip_g.tokenize_with_weights(text, return_word_ids, **kwargs),
                 "l": self.clip_l.tokenize_with_weights(text, return_word_ids, **kwargs)}
@@ -78,8 +90,10 @@ def _pad_windows(model: SDClipModel, cond: torch.Tensor, windows: int, options) 
     return torch.cat([cond] + [z_empty.unsqueeze(0)] * (windows - have), dim=1)
 
 
-class SDXLClipModel(torch.nn.Module):
+class SDXLClipModel(FamilyEncodeMixin, torch.nn.Module):
     """Both SDXL text encoders; ``encode_token_weights`` → ``(cond [1, T, 2048], pooled [1, 1280])``."""
+
+    pooled_role = "g"
 
     def __init__(self, device="cpu", dtype=None, model_options: Mapping | None = None, *,
                  l_config=None, g_config=None, **kwargs) -> None:
@@ -88,6 +102,16 @@ class SDXLClipModel(torch.nn.Module):
                                   layer_norm_hidden_state=False, textmodel_json_config=l_config, **kwargs)
         self.clip_g = SDXLClipG(device=device, dtype=dtype, textmodel_json_config=g_config, **kwargs)
         self.dtypes = {dtype} if dtype is not None else set()
+
+    @classmethod
+    def for_roles(cls, configs: Mapping[str, Any], *, device="cpu", dtype=None) -> "SDXLClipModel":
+        """Both encoders, from ``{"l": text config, "g": text config}``."""
+        return cls(device=device, dtype=dtype, l_config=configs["l"], g_config=configs["g"])
+
+    @property
+    def encoders(self) -> dict[str, SDClipModel]:
+        """``{"l": clip_l, "g": clip_g}``, in the order their conds are concatenated."""
+        return {"l": self.clip_l, "g": self.clip_g}
 
     def set_clip_options(self, options) -> None:
         self.clip_l.set_clip_options(options)
@@ -122,3 +146,15 @@ class SDXLClipModel(torch.nn.Module):
         width = sd[key].shape[1]
         target = self.clip_l if width == self.clip_l.config.hidden_size else self.clip_g
         return target.load_sd(sd, strict=strict, require_finite=require_finite)
+
+
+#: SDXL: CLIP ViT-L and OpenCLIP ViT-bigG side by side, both at their penultimate layer
+#: without the final norm; the pipeline takes bigG's pooled output too.
+SDXL = register_family(Family(
+    "sdxl", "SDXL",
+    roles=(Role("l", SDClipModel, SDTokenizer),
+           Role("g", SDXLClipG, SDXLClipGTokenizer, activation="gelu", pad_token=0,
+                diffusers_text_encoder="text_encoder_2", diffusers_tokenizer="tokenizer_2")),
+    model_class=SDXLClipModel, tokenizer_class=SDXLTokenizer, comfy_default_layer=-2,
+    diffusers_default_layer=-2, pipeline_prefix="StableDiffusionXL", diffusers_pooled=True,
+    checkpoint_layouts=("sdxl",)))

@@ -278,12 +278,8 @@ def empty_conditioning(clip_model: Any, *, options: Optional[Mapping[str, Any]] 
     wrapper pads each encoder with its own.
     """
     model = getattr(clip_model, "cond_stage_model", clip_model)
-    if hasattr(model, "clip_l") and hasattr(model, "clip_g"):
-        tokens: Any = {"l": [], "g": []}
-    elif hasattr(model, "clip_name"):  # a one-encoder wrapper (SD1ClipModel)
-        tokens = {model.clip_name: []}
-    else:
-        tokens = []
+    # a family wrapper holds its encoders by role; a bare SDClipModel takes windows
+    tokens: Any = {role: [] for role in model.encoders} if hasattr(model, "encoders") else []
     return model.encode_token_weights(tokens, options=options)[0]
 
 
