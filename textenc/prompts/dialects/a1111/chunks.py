@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from ....loading.embeddings import EXTENSIONS, EmbeddingResult
 from ....errors import EmbeddingWarning, PromptError
-from .. import REFINEMENTS
+from ..options import REFINEMENTS
 from ...vocabulary import Vocabulary
 from .attention import is_break, parse_attention
 

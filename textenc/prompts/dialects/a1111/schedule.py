@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from .. import check_steps
+from ..options import check_steps
 from ....errors import PromptError, PromptWarning
 from ....warn import warn_at_caller
 
