@@ -51,6 +51,7 @@ _IGNORED_T5_KEYS = frozenset({
     "decoder_start_token_id", "dropout_rate", "eos_token_id", "pad_token_id", "is_encoder_decoder",
     "num_decoder_layers", "output_past", "tie_word_embeddings", "use_cache", "n_positions",
     "classifier_dropout", "tokenizer_class", "scalable_attention", "is_decoder", "bos_token_id",
+    "scale_decoder_outputs",
     "task_specific_params", "gradient_checkpointing",
 })
 _BLOCK_KEY = re.compile(r"^encoder\.block\.(\d+)\.")
