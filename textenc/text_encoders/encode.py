@@ -182,7 +182,7 @@ def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipO
                                 **({} if row_groups is None else {"row_groups": row_groups}))
     z = out.last_hidden_state if opts.layer in ("last", "pooled") else out.intermediate
     pooled = out.projected_pooled if opts.return_projected_pooled else out.pooled_output
-    return z.float(), pooled.float()
+    return z.float(), (None if pooled is None else pooled.float())  # T5 has no pooled output
 
 
 def _likely_cause(model: SDClipModel, windows, opts: ClipOptions) -> str:
@@ -245,7 +245,8 @@ def _token_key(token: Any) -> Any:
 def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
     """The empty prompt's ``(z (T, D), pooled (P,))``, cached per options and length."""
     tokens = model.gen_empty_tokens(model.special_tokens, length)
-    compute = lambda: tuple(x[0] for x in encode_windows(model, [tokens], opts)[:2])  # noqa: E731
+    compute = lambda: tuple(None if x is None else x[0]  # noqa: E731
+                            for x in encode_windows(model, [tokens], opts)[:2])
     return model.empty_cache.get_or_compute((opts, length), compute)
 
 
@@ -255,7 +256,7 @@ def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
     z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
-    return z.clone(), pooled.clone()
+    return z.clone(), (None if pooled is None else pooled.clone())
 
 
 def _encode_compel(model: SDClipModel, pairs, weights, word_ids, opts: ClipOptions, need_pooled: bool):
@@ -303,7 +304,8 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
     if not pairs:
         z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
         # Copies: the cached empty encoding weights every later prompt.
-        return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone() if need_pooled else None)
+        return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone()
+                                              if need_pooled and pooled_empty is not None else None)
     windows = [[p[0] for p in w] for w in pairs]
     weights, word_ids = token_weights(pairs, opts.normalization)
     if opts.weight_mode == "compel":
@@ -316,5 +318,5 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
         z_empty = empty_encoding(model, z.shape[1], opts)[0]
         z = apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
     _check_weighted(z, weights)
-    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled else None)
+    result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled and pooled is not None else None)
     return result + (out[2],) if len(out) > 2 else result
