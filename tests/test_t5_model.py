@@ -260,3 +260,13 @@ def _attention(q, k, v, heads, mask, *, backend):
     from textenc.nn.attention import ATTENTION_BACKENDS
 
     return ATTENTION_BACKENDS[backend](q, k, v, heads, mask)
+
+
+def test_doctests():
+    import doctest
+
+    from textenc.nn import t5, t5_config
+
+    for module in (t5, t5_config):
+        result = doctest.testmod(module)
+        assert result.attempted and not result.failed, module.__name__

@@ -189,3 +189,12 @@ def test_umt5_without_tokenizer_is_a_checkpoint_error():
 def test_bad_spiece_model_is_a_checkpoint_error(bad):
     with pytest.raises(CheckpointError, match="spiece_model"):
         SentencePieceTokenizer(bad)
+
+
+def test_doctests():
+    import doctest
+
+    from textenc.text_encoders import t5
+
+    result = doctest.testmod(t5)
+    assert result.attempted and not result.failed
