@@ -270,3 +270,22 @@ def test_doctests():
     for module in (t5, t5_config):
         result = doctest.testmod(module)
         assert result.attempted and not result.failed, module.__name__
+
+
+def test_cpu_fp32_takes_bmm_at_every_length(monkeypatch):
+    """bmm (ComfyUI's CPU attention_basic bit for bit) past CLIP's 128-token limit; overrides still win."""
+    from textenc.nn.t5 import _backend_choice
+
+    monkeypatch.delenv("TEXTENC_ATTENTION", raising=False)
+    x = torch.zeros(1, 512, 8)
+    assert _backend_choice(None, x) == "bmm"
+    assert _backend_choice(None, x.bfloat16()) is None
+    assert _backend_choice("sdpa", x) == "sdpa"
+    monkeypatch.setenv("TEXTENC_ATTENTION", "split")
+    assert _backend_choice(None, x) is None  # the environment variable decides
+    monkeypatch.setenv("TEXTENC_ATTENTION", "auto")
+    assert _backend_choice(None, x) == "bmm"
+    ids, mask = inputs(LONG, masked=True)
+    with torch.no_grad():
+        auto = ours("t5")(ids, mask).last_hidden_state
+        assert torch.equal(auto, ours("t5")(ids, mask, attention_backend="bmm").last_hidden_state)

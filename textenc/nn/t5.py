@@ -30,13 +30,14 @@ Shapes in comments: B batch, T tokens, D d_model, H heads, F d_ff.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
-from .attention import optimized_attention_for_device
+from .attention import ENV_VAR, optimized_attention_for_device
 from .clip_layers import IntermediateSpec, resolve_layer_index
 from .t5_config import T5Config, load_t5_config
 
@@ -215,6 +216,19 @@ class T5Block(torch.nn.Module):
         return self.layer[1](self.layer[0](x, bias, attention))
 
 
+def _backend_choice(requested: str | None, x: torch.Tensor) -> str | None:
+    """The attention backend T5 asks for: ``requested``, else ``$TEXTENC_ATTENTION``, else, in fp32
+    on CPU, ``bmm`` at every length (CLIP gets it up to 128 tokens only).
+
+    ``bmm`` gives ComfyUI's CPU default (``attention_basic``) bit for bit here,
+    and attention is about 1% of T5-XXL's work (the 4096 x 10240 feed-forward
+    dominates), so the flash kernel's speed at 256-512 tokens would not show.
+    """
+    if requested is not None or os.environ.get(ENV_VAR, "").strip().lower() not in ("", "auto"):
+        return requested
+    return "bmm" if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
 class T5Stack(torch.nn.Module):
     """The encoder blocks and the final RMS norm (HF ``encoder.*``)."""
 
@@ -238,7 +252,8 @@ class T5Stack(torch.nn.Module):
         """``x`` (B, T, D) → ``(last_hidden_state, intermediate)``; see :meth:`T5.forward`."""
         mask = None if attention_mask is None else attention_mask_bias(attention_mask.to(x.device), x.dtype)
         attention = optimized_attention_for_device(x.device, mask=True, small_input=True,
-                                                   backend=attention_backend, dtype=x.dtype, tokens=x.shape[1])
+                                                   backend=_backend_choice(attention_backend, x),
+                                                   dtype=x.dtype, tokens=x.shape[1])
         index = resolve_layer_index(intermediate_output, len(self.block))
         stop = len(self.block) if return_last_hidden or not isinstance(index, int) else index + 1
         collected: list[torch.Tensor] = []
