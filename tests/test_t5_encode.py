@@ -128,3 +128,14 @@ def test_released_config_by_default_and_shape_errors():
     assert UMT5XXlModel(device="meta").config.vocab_size == 256384
     with pytest.raises(CheckpointError, match="does not match"):
         T5XXLModel(textmodel_json_config={**TINY, "vocab_size": VOCAB, "num_layers": 2}).load_sd(weights("t5"))
+
+
+@pytest.mark.parametrize("mode", ["a1111", "a1111_no_norm", "compel", "none"])
+def test_other_weight_modes_run_without_pooled(mode, tokenizer):
+    tokens = tokenizer.tokenize_with_weights(PROMPT, return_word_ids=True)
+    model = T5XXLModel.from_state_dict(weights("t5"))
+    cond, pooled = model.encode_token_weights(tokens, options={"weight_mode": mode})
+    assert cond.shape == (1, 24, TINY["d_model"]) and pooled is None
+    if mode == "none":
+        unweighted = [[(t, 1.0) for t, _, _ in tokens[0]]]
+        assert torch.equal(cond, model.encode_token_weights(unweighted)[0])

@@ -92,6 +92,12 @@ class _T5ClipModel(SDClipModel):
         model.load_sd(weights, strict=strict, require_finite=require_finite)
         return model
 
+    def encode_token_weights(self, token_weight_pairs, *, options: Mapping[str, Any] | None = None,
+                             need_pooled: bool = True):
+        """``(cond [1, T, D], None)``: see :meth:`SDClipModel.encode_token_weights`. T5 has no pooled
+        output, so the work only pooled needs (compel's raw-text window) is always skipped."""
+        return super().encode_token_weights(token_weight_pairs, options=options, need_pooled=False)
+
     def load_sd(self, sd: Mapping[str, torch.Tensor], *, strict: bool = True, require_finite: bool = True):
         """Load HF-layout T5 weights (``shared.weight``, ``encoder.*``); see :meth:`SDClipModel.load_sd`.
 
