@@ -34,8 +34,12 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+#: T5 encoders (textenc.nn.t5_config; their shapes are checked in tests/test_t5_config.py).
+PUBLISHED_T5 = ("t5_xxl", "umt5_xxl")
+
+
 def test_bundled_names():
-    assert bundled_config_names() == sorted([*PUBLISHED_TEXT, *PUBLISHED_VISION])
+    assert bundled_config_names() == sorted([*PUBLISHED_TEXT, *PUBLISHED_VISION, *PUBLISHED_T5])
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_TEXT))

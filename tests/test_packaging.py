@@ -68,6 +68,7 @@ def test_wheel_holds_textenc_and_textenc_nodes_only(wheel):
     expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "textenc").rglob("*.py")}
     expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "textenc").glob("configs/*.json")}
     expected |= {"textenc/vocab/vocab.json", "textenc/vocab/merges.txt"}
+    expected |= {"textenc/vocab/t5/tokenizer.json", "textenc/vocab/t5/README.md"}
     assert expected - set(names) == set(), "files missing from the wheel (a subpackage not in pyproject?)"
 
 

@@ -182,7 +182,7 @@ def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipO
                                 **({} if row_groups is None else {"row_groups": row_groups}))
     z = out.last_hidden_state if opts.layer in ("last", "pooled") else out.intermediate
     pooled = out.projected_pooled if opts.return_projected_pooled else out.pooled_output
-    return z.float(), pooled.float()
+    return z.float(), (None if pooled is None else pooled.float())  # T5 has no pooled output
 
 
 def _likely_cause(model: SDClipModel, windows, opts: ClipOptions) -> str:
@@ -245,7 +245,8 @@ def _token_key(token: Any) -> Any:
 def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
     """The empty prompt's ``(z (T, D), pooled (P,))``, cached per options and length."""
     tokens = model.gen_empty_tokens(model.special_tokens, length)
-    compute = lambda: tuple(x[0] for x in encode_windows(model, [tokens], opts)[:2])  # noqa: E731
+    compute = lambda: tuple(None if x is None else x[0]  # noqa: E731
+                            for x in encode_windows(model, [tokens], opts)[:2])
     return model.empty_cache.get_or_compute((opts, length), compute)
 
 
@@ -255,7 +256,7 @@ def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
     z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
-    return z.clone(), pooled.clone()
+    return z.clone(), (None if pooled is None else pooled.clone())
 
 
 def encoder_calls(model: SDClipModel, opts: ClipOptions) -> EncoderCalls:
@@ -286,7 +287,8 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
     if not pairs:
         z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
         # Copies: the cached empty encoding weights every later prompt.
-        return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone() if need_pooled else None)
+        return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone()
+                                              if need_pooled and pooled_empty is not None else None)
     weights, word_ids = token_weights(pairs, opts.normalization)
     mode = get_weight_mode(opts.weight_mode)
     result = mode.encode(pairs, weights, word_ids, encoder_calls(model, opts), need_pooled=need_pooled)

@@ -114,7 +114,9 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         super().__init__()
         if layer not in LAYERS:
             raise PromptError(f"layer {layer!r} is not one of {LAYERS}")
-        config = load_text_config(textmodel_json_config or "sd1_clip_config")
+        # A model class with a config of its own (T5) says how to read it.
+        load_config = getattr(model_class, "load_config", load_text_config)
+        config = load_config(textmodel_json_config or "sd1_clip_config")
         self.config = config
         self.max_length = max_length
         self.special_tokens = dict(special_tokens or SD1_SPECIAL_TOKENS)

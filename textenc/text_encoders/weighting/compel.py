@@ -219,6 +219,8 @@ def _encode_with_pooled(encode: Encode, windows: list[list], raw: Optional[Seque
     """
     extra = [list(raw)] if raw is not None and list(raw) != windows[0] else []
     z, pooled = encode(windows + extra, None)[:2]
+    if pooled is None:  # an encoder without a pooled output (T5)
+        return z[:len(windows)], None
     return z[:len(windows)], pooled[-1] if extra else pooled[0]
 
 

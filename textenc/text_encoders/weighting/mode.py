@@ -72,5 +72,5 @@ class PerWindowWeighting:
         z, pooled = out[0], out[1]
         if self.uses_weights and bool((weights != 1.0).any()):
             z = self.apply(z, weights.to(z.device), calls.empty(z.shape[1]))
-        result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled else None)
+        result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled and pooled is not None else None)
         return result + (out[2],) if len(out) > 2 else result
