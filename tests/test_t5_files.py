@@ -202,3 +202,13 @@ def test_gguf_names_follow_gguf_tables():
 
 def test_tiny_config_is_what_the_fixtures_use():
     assert TINY["d_model"] % 256 == 0 and TINY["d_ff"] % 256 == 0
+
+
+def test_module_doctests():
+    import doctest
+
+    from textenc.loading import gguf_files, t5_files
+    from textenc.nn import packed
+    for module in (packed, t5_files, gguf_files):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
