@@ -212,3 +212,12 @@ def test_module_doctests():
     for module in (packed, t5_files, gguf_files):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_for_compute_aligns_only_weights_used_uncast(tmp_path):
+    sd = comfy_state_dict(dtype=torch.float16)
+    sd["encoder.final_layer_norm.weight"] = sd["encoder.final_layer_norm.weight"].float()
+    checkpoint = load_t5_file(save_safetensors(tmp_path / "t5.safetensors", sd))
+    ready = checkpoint.for_compute(torch.float32)
+    assert ready["encoder.final_layer_norm.weight"].data_ptr() % 64 == 0
+    assert all(ready[k] is v for k, v in checkpoint.state_dict.items() if v.dtype == torch.float16)

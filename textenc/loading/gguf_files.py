@@ -76,14 +76,38 @@ class GGUFWeight(PackedWeight):
         self.raw, self.qtype = raw, qtype
 
     def _decode_rows(self, rows, dtype):
+        raw = self.raw[rows if isinstance(rows, slice) else rows.cpu().numpy()]
+        if self.qtype.name == "Q8_0":
+            values = _q8_0_blocks(raw, dtype=torch.float32).reshape(raw.shape[0], self.shape[1])
+            return values.to(dtype)
         from gguf.quants import dequantize
-        index = rows if isinstance(rows, slice) else rows.cpu().numpy()
-        values = dequantize(self.raw[index], self.qtype)
-        return torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+        return torch.from_numpy(np.ascontiguousarray(dequantize(raw, self.qtype))).to(dtype)
+
+    def is_finite(self, *, rows_per_chunk: int = 1024) -> bool:
+        if self.qtype.name == "Q8_0":
+            # int8 values times a finite fp16 scale cannot overflow fp32: the scales decide.
+            return bool(torch.isfinite(_q8_0_blocks(self.raw, scales_only=True)).all())
+        return super().is_finite(rows_per_chunk=rows_per_chunk)
 
     @property
     def stored_bytes(self) -> int:
         return int(self.raw.nbytes)
+
+
+#: Bytes of one Q8_0 block: an fp16 scale, then 32 int8 values (ggml ``block_q8_0``).
+_Q8_0_BLOCK = 34
+
+
+def _q8_0_blocks(raw: np.ndarray, *, dtype: torch.dtype = torch.float32,
+                 scales_only: bool = False) -> torch.Tensor:
+    """Q8_0 decoded in torch, as ``gguf.quants.Q8_0.dequantize_blocks`` computes it in numpy
+    (fp16 scale and int8 values both widened to float32, one multiply), ~2x faster.
+    Returns ``(blocks, 32)``, or the ``(blocks, 1)`` float16 scales."""
+    blocks = torch.from_numpy(np.ascontiguousarray(raw)).reshape(-1, _Q8_0_BLOCK)
+    scales = blocks[:, :2].contiguous().view(torch.float16)
+    if scales_only:
+        return scales
+    return blocks[:, 2:].view(torch.int8).to(dtype).mul_(scales.to(dtype))
 
 
 def read_gguf_t5(path: str | Path) -> dict[str, torch.Tensor]:

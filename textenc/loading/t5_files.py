@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from textenc.errors import CheckpointError
-from textenc.loading.checkpoint import is_finite, load_state_dict, read_safetensors_metadata
+from textenc.loading.checkpoint import aligned, is_finite, load_state_dict, read_safetensors_metadata
 from textenc.loading.gguf_files import read_gguf_t5
 from textenc.loading.quantized import is_quantized, unpack_quantized
 from textenc.loading.t5_folders import check_folder_config, read_t5_folder
@@ -96,6 +96,18 @@ class T5Checkpoint:
     source: str
     spiece_model: bytes | None = None
     ignored: tuple[str, ...] = field(default=())
+
+    def for_compute(self, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """:attr:`state_dict` ready for ``load_state_dict(..., assign=True)``.
+
+        Weights already in ``compute_dtype`` are used as they are, so they are made
+        64-byte aligned (:func:`~textenc.loading.checkpoint.aligned`: CPU kernels round
+        differently on unaligned views). All others stay memory-mapped: their per-call
+        cast or decode is a fresh, aligned tensor, and aligning them would copy the model.
+        """
+        used_as_is = {k: v for k, v in self.state_dict.items()
+                      if v.dtype == compute_dtype and not isinstance(v, PackedWeight)}
+        return {**self.state_dict, **aligned(used_as_is)}
 
 
 _ATTENTION = ("q", "k", "v", "o")
@@ -259,9 +271,26 @@ def _check_values(sd: Mapping[str, torch.Tensor], source: str, require_finite: b
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: T5 weight {key!r} has dtype {tensor.dtype}; weights are floating "
                                   "point; the file is corrupt or not a text encoder")
-        if require_finite and not (tensor.is_finite() if isinstance(tensor, PackedWeight) else is_finite(tensor)):
+        if require_finite and not _finite(tensor):
             raise CheckpointError(f"{source}: T5 weight {key!r} holds NaN or infinite values; the file is "
                                   "corrupt; use another copy (require_finite=False loads it anyway)")
+
+
+#: Exponent-and-mantissa bits that are all ones in a float8 NaN (e4m3fn) or inf/NaN (e5m2).
+_FLOAT8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def _finite(tensor: torch.Tensor, rows_per_chunk: int = 1024) -> bool:
+    """Finite check without a float copy of the weight: packed weights decode a chunk at a
+    time; float8 bit patterns are checked directly (``is_finite`` would widen to fp32)."""
+    if isinstance(tensor, PackedWeight):
+        return tensor.is_finite(rows_per_chunk=rows_per_chunk)
+    mask = _FLOAT8_NONFINITE.get(tensor.dtype)
+    if mask is None:
+        return is_finite(tensor)
+    bits = tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1).view(torch.uint8)
+    return not any(bool(((bits[i:i + rows_per_chunk] & mask) == mask).any())
+                   for i in range(0, bits.shape[0], rows_per_chunk))
 
 
 def _spiece_bytes(tensor: torch.Tensor | None, source: str) -> bytes | None:

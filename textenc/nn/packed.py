@@ -123,6 +123,11 @@ class ScaledFloat8Weight(PackedWeight):
     def stored_bytes(self) -> int:
         return self.raw.numel() * self.raw.element_size()
 
+    def is_finite(self, *, rows_per_chunk: int = 1024) -> bool:
+        if not bool(torch.isfinite(self.scale.float())):
+            return False
+        return super().is_finite(rows_per_chunk=rows_per_chunk)
+
 
 def decode_weight(weight: torch.Tensor | None, dtype: torch.dtype,
                   device: torch.device | str | None = None) -> torch.Tensor | None:
