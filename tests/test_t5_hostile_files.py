@@ -148,6 +148,15 @@ def test_bad_quantisation_metadata(tmp_path, change, match):
         load_t5_file(save_safetensors(tmp_path / "q.safetensors", file))
 
 
+def test_scaled_embedding_is_refused(tmp_path):
+    file, _ = scaled_fp8(comfy_state_dict(), legacy=False)
+    file["shared.weight"] = file["shared.weight"].to(torch.float8_e4m3fn)
+    file["shared.weight_scale"] = torch.tensor(0.5)
+    file["shared.comfy_quant"] = comfy_quant_tensor({"format": "float8_e4m3fn"})
+    with pytest.raises(CheckpointError, match="only Linear"):
+        load_t5_file(save_safetensors(tmp_path / "q.safetensors", file))
+
+
 def test_bad_header_quantization_metadata(tmp_path):
     file, _ = scaled_fp8(comfy_state_dict(), legacy=False)
     for key in [k for k in file if k.endswith(".comfy_quant")]:

@@ -31,7 +31,7 @@ from textenc.loading.checkpoint import aligned, is_finite, load_state_dict, read
 from textenc.loading.gguf_files import read_gguf_t5
 from textenc.loading.quantized import is_quantized, unpack_quantized
 from textenc.loading.t5_folders import check_folder_config, read_t5_folder
-from textenc.nn.packed import PackedWeight
+from textenc.nn.packed import PackedWeight, ScaledFloat8Weight
 
 __all__ = ["T5Shapes", "T5Checkpoint", "KNOWN_CONFIGS", "load_t5_file", "t5_checkpoint",
            "detect_t5_shapes", "t5_layout_keys"]
@@ -113,6 +113,7 @@ class T5Checkpoint:
 _ATTENTION = ("q", "k", "v", "o")
 _FFN = ("wi_0", "wi_1", "wo")
 _FINAL_NORM = "encoder.final_layer_norm.weight"
+_LINEAR_WEIGHTS = tuple(f".{name}.weight" for name in _ATTENTION + _FFN)
 _BLOCK_KEY = re.compile(r"encoder\.block\.(\d+)\.")
 #: A full T5ForConditionalGeneration (or a GGUF of one) also holds these; they are not the encoder.
 _NOT_ENCODER = ("decoder.", "lm_head.", "encoder.embed_tokens.")
@@ -160,6 +161,11 @@ def t5_checkpoint(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str,
         ours["shared.weight"] = ours["encoder.embed_tokens.weight"]
     ignored += tuple(prefix + k for k in ours if k.startswith(_NOT_ENCODER))
     ours = {k: v for k, v in ours.items() if not k.startswith(_NOT_ENCODER)}
+    scaled = [k for k, v in ours.items() if isinstance(v, ScaledFloat8Weight) and not k.endswith(_LINEAR_WEIGHTS)]
+    if scaled:
+        # ComfyUI's quantised ops are Linear only: it would load these raw, ignoring the scale.
+        raise CheckpointError(f"{source}: {scaled[:4]} carry a float8 scale, but only Linear weights are "
+                              "quantised in ComfyUI's format (it would read them unscaled); the file is malformed")
     shapes = detect_t5_shapes(ours, source=source)
     _check_layout(ours, shapes, source)
     _check_values(ours, source, require_finite)
