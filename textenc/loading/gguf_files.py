@@ -53,7 +53,11 @@ def gguf_to_hf_name(name: str) -> str:
 
     >>> gguf_to_hf_name("enc.blk.3.ffn_up.weight")
     'encoder.block.3.layer.1.DenseReluDense.wi_1.weight'
+    >>> gguf_to_hf_name("dec.blk.0.attn_q.weight")  # a full T5's decoder: set aside by the loader
+    'decoder.blk.0.attn_q.weight'
     """
+    if name.startswith("dec."):
+        return "decoder." + name[len("dec."):]
     if (match := _BLOCK.match(name)) and match.group(2) in BLOCK_NAMES:
         return f"encoder.block.{match.group(1)}.{BLOCK_NAMES[match.group(2)]}.{match.group(3)}"
     stem, _, leaf = name.rpartition(".")
