@@ -243,3 +243,10 @@ def test_pickle_with_code_is_never_run(tmp_path):
     with pytest.raises(CheckpointError):
         load_t5_file(folder)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_gguf_without_the_gguf_package_says_how_to_install(tmp_path, good_gguf, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    with pytest.raises(CheckpointError, match=r"textenc\[gguf\]"):
+        load_t5_file(good_gguf)
