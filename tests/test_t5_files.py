@@ -221,3 +221,23 @@ def test_for_compute_aligns_only_weights_used_uncast(tmp_path):
     ready = checkpoint.for_compute(torch.float32)
     assert ready["encoder.final_layer_norm.weight"].data_ptr() % 64 == 0
     assert all(ready[k] is v for k, v in checkpoint.state_dict.items() if v.dtype == torch.float16)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoding_is_the_same_at_1_and_2_threads(tmp_path, threads):
+    sd = comfy_state_dict()
+    reference = write_gguf(tmp_path / "q8.gguf", sd, Q.Q8_0, embed_qtype=Q.Q8_0)
+    file, packed = scaled_fp8(sd)
+    scaled = load_t5_file(save_safetensors(tmp_path / "s.safetensors", file))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q8 = load_t5_file(tmp_path / "q8.gguf")
+        for key, expected in reference.items():
+            value = q8.state_dict[key]
+            decoded = value.decode() if isinstance(value, PackedWeight) else value.float()
+            assert np.array_equal(decoded.numpy(), expected), key
+        for key, (raw, scale) in packed.items():
+            assert torch.equal(scaled.state_dict[key].decode(), raw.float() * scale)
+    finally:
+        torch.set_num_threads(before)
