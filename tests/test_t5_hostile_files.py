@@ -131,6 +131,13 @@ def test_nan_weights_are_refused(tmp_path, where):
         assert load_t5_file(path, require_finite=False).shapes.num_layers == 2
 
 
+def test_scale_that_overflows_float32_is_refused(tmp_path):
+    file, _ = scaled_fp8(comfy_state_dict())
+    file["encoder.block.1.layer.0.SelfAttention.v.scale_weight"] = torch.tensor(3e38)
+    with pytest.raises(CheckpointError, match="SelfAttention.v"):
+        load_t5_file(save_safetensors(tmp_path / "big.safetensors", file))
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda f: f.__setitem__("encoder.block.0.layer.0.SelfAttention.q.comfy_quant",
                              torch.tensor(list(b"{not json"), dtype=torch.uint8)), "not JSON"),

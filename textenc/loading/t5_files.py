@@ -31,7 +31,7 @@ from textenc.loading.checkpoint import aligned, is_finite, load_state_dict, read
 from textenc.loading.gguf_files import read_gguf_t5
 from textenc.loading.quantized import is_quantized, unpack_quantized
 from textenc.loading.t5_folders import check_folder_config, read_t5_folder
-from textenc.nn.packed import PackedWeight, ScaledFloat8Weight
+from textenc.nn.packed import PackedWeight, ScaledFloat8Weight, float8_is_finite
 
 __all__ = ["T5Shapes", "T5Checkpoint", "KNOWN_CONFIGS", "load_t5_file", "t5_checkpoint",
            "detect_t5_shapes", "t5_layout_keys"]
@@ -282,21 +282,14 @@ def _check_values(sd: Mapping[str, torch.Tensor], source: str, require_finite: b
                                   "corrupt; use another copy (require_finite=False loads it anyway)")
 
 
-#: Exponent-and-mantissa bits that are all ones in a float8 NaN (e4m3fn) or inf/NaN (e5m2).
-_FLOAT8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
-
-
 def _finite(tensor: torch.Tensor, rows_per_chunk: int = 1024) -> bool:
     """Finite check without a float copy of the weight: packed weights decode a chunk at a
     time; float8 bit patterns are checked directly (``is_finite`` would widen to fp32)."""
     if isinstance(tensor, PackedWeight):
         return tensor.is_finite(rows_per_chunk=rows_per_chunk)
-    mask = _FLOAT8_NONFINITE.get(tensor.dtype)
-    if mask is None:
-        return is_finite(tensor)
-    bits = tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1).view(torch.uint8)
-    return not any(bool(((bits[i:i + rows_per_chunk] & mask) == mask).any())
-                   for i in range(0, bits.shape[0], rows_per_chunk))
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return float8_is_finite(tensor, rows_per_chunk=rows_per_chunk)
+    return is_finite(tensor)
 
 
 def _spiece_bytes(tensor: torch.Tensor | None, source: str) -> bytes | None:

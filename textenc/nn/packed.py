@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
-__all__ = ["PackedWeight", "ScaledFloat8Weight", "decode_weight"]
+__all__ = ["PackedWeight", "ScaledFloat8Weight", "decode_weight", "float8_is_finite"]
 
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -124,9 +124,29 @@ class ScaledFloat8Weight(PackedWeight):
         return self.raw.numel() * self.raw.element_size()
 
     def is_finite(self, *, rows_per_chunk: int = 1024) -> bool:
-        if not bool(torch.isfinite(self.scale.float())):
+        scale = self.scale.float()
+        if not bool(torch.isfinite(scale)) or not float8_is_finite(self.raw, rows_per_chunk=rows_per_chunk):
             return False
+        if bool(torch.isfinite(scale.abs() * torch.finfo(self.raw.dtype).max)):
+            return True  # no finite float8 value times this scale can overflow float32
         return super().is_finite(rows_per_chunk=rows_per_chunk)
+
+
+#: Exponent-and-mantissa bits that are all ones in a float8 NaN (e4m3fn) or inf/NaN (e5m2).
+_FLOAT8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def float8_is_finite(tensor: torch.Tensor, *, rows_per_chunk: int = 1024) -> bool:
+    """Whether a float8 tensor holds no NaN or infinity, read from its bit patterns a chunk
+    of rows at a time (no float32 copy of the weight).
+
+    >>> float8_is_finite(torch.tensor([1.0, 448.0]).to(torch.float8_e4m3fn))
+    True
+    """
+    mask = _FLOAT8_NONFINITE[tensor.dtype]
+    bits = tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1).view(torch.uint8)
+    return not any(bool(((bits[i:i + rows_per_chunk] & mask) == mask).any())
+                   for i in range(0, bits.shape[0], rows_per_chunk))
 
 
 def decode_weight(weight: torch.Tensor | None, dtype: torch.dtype,
