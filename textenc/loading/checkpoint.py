@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
+from textenc.nn.packed import PackedWeight
 from textenc.loading.torch_pickle import MAX_NESTING, MIN_TORCH_VERSION, load_torch_state_dict
 from textenc.errors import CheckpointError, TextencError
 
@@ -40,6 +41,7 @@ __all__ = [
     "SafetensorsEntry",
     "load_state_dict",
     "read_safetensors_header",
+    "read_safetensors_metadata",
     "check_finite",
     "is_finite",
     "ALIGNMENT",
@@ -207,8 +209,8 @@ def aligned(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     >>> [t.data_ptr() % ALIGNMENT for t in aligned({"view": base[1:], "whole": base}).values()]
     [0, 0]
     """
-    return {key: value if value.data_ptr() % ALIGNMENT == 0 else value.clone()
-            for key, value in state_dict.items()}
+    return {key: value if isinstance(value, PackedWeight) or value.data_ptr() % ALIGNMENT == 0
+            else value.clone() for key, value in state_dict.items()}
 
 
 def _check_regular_file(path: str | os.PathLike[str]) -> Path:
@@ -257,6 +259,31 @@ def read_safetensors_header(
         CheckpointError: On any of the problems above.
     """
     file = _check_regular_file(path)
+    header, data_size = _read_header(file)
+    entries = _header_entries(file, header)
+    _check_spans(file, entries, data_size=data_size)
+    return entries
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors header (``{}`` when it has none).
+
+    ComfyUI keeps per-layer quantisation formats there (``_quantization_metadata``).
+
+    Raises:
+        CheckpointError: The header is malformed (see :func:`read_safetensors_header`),
+            or ``__metadata__`` is not an object of strings.
+    """
+    file = _check_regular_file(path)
+    metadata = _read_header(file)[0].get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file}: safetensors __metadata__ must map names to strings; "
+                              "the file is malformed, re-save it.")
+    return metadata
+
+
+def _read_header(file: Path) -> tuple[dict[str, object], int]:
+    """The parsed header JSON and the number of data bytes after it."""
     file_size = file.stat().st_size
     try:
         with open(file, "rb") as handle:
@@ -271,10 +298,7 @@ def read_safetensors_header(
             raw = handle.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{file}: cannot be read ({exc}).") from exc
-    header = _parse_header_json(file, raw)
-    entries = _header_entries(file, header)
-    _check_spans(file, entries, data_size=file_size - 8 - header_len)
-    return entries
+    return _parse_header_json(file, raw), file_size - 8 - header_len
 
 
 def _truncated(file: Path, detail: str) -> CheckpointError:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from textenc.nn.packed import PackedWeight
+
 __all__ = [
     "CastWeightBiasMixin",
     "disable_weight_init",
@@ -86,7 +88,9 @@ class CastWeightBiasMixin:
     def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weight = getattr(self, "weight", None)
         bias = getattr(self, "bias", None)
-        if self.cast_weights:
+        if self.cast_weights or isinstance(weight, PackedWeight):
+            # A packed weight (scaled fp8, GGUF) is decoded to the compute dtype here,
+            # per call, and never kept: memory stays at the file's size.
             dtype = self._cast_target(input)
             weight = self._cast(weight, dtype, input.device)
             bias = self._cast(bias, dtype, input.device)
@@ -97,6 +101,8 @@ class CastWeightBiasMixin:
         self.__dict__.pop("_cast_cache", None)
 
     def _cast(self, tensor: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor | None:
+        if isinstance(tensor, PackedWeight):
+            return tensor.decode(dtype, device)
         if not self.cache_casts or tensor is None or (tensor.dtype == dtype and tensor.device == device):
             return cast_to(tensor, dtype=dtype, device=device)
         # Keyed by storage address and shape, checked against the version
