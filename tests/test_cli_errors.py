@@ -69,7 +69,7 @@ def _one_line(result: subprocess.CompletedProcess, status: int) -> str:
 @pytest.mark.parametrize("args, prog, words", [
     ((), "textenc", "required: COMMAND"),
     (("frobnicate",), "textenc", "invalid choice: 'frobnicate'"),
-    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--bogus"), "textenc",
+    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--bogus"), "textenc encode",
      "unrecognized arguments: --bogus"),
     (("encode", "a", "--model", "m.safetensors"), "textenc encode", "required: --out"),
     (("encode", "a", "--model", "m", "--out", "o.safetensors", "--clip-skip", "two"), "textenc encode",
@@ -78,6 +78,20 @@ def _one_line(result: subprocess.CompletedProcess, status: int) -> str:
     (("vision", "a.png", "--model", "m", "--out", "o.safetensors", "--crop", "x"), "textenc vision",
      "invalid choice: 'x'"),
     (("encode-dataset", "in.txt", "--bogus"), "textenc encode-dataset", "required: --model, --out"),
+    # the sub-command's own parser answers, with the closest option or choice (issue 28)
+    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--clipskip", "2"), "textenc encode",
+     "unrecognized arguments: --clipskip 2 (did you mean --clip-skip?)"),
+    (("encode", "--clipskip=2", "a", "--model", "m", "--out", "o.safetensors", "--bogus"), "textenc encode",
+     "unrecognized arguments: --clipskip=2 --bogus (did you mean --clip-skip for --clipskip?)"),
+    (("encode", "a", "--modle", "m", "--out", "o.safetensors"), "textenc encode",
+     "required: --model; unrecognized arguments: --modle (did you mean --model?)"),
+    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--syntax", "compl"), "textenc encode",
+     "invalid choice: 'compl' (choose from 'comfy', 'a1111', 'compel'; did you mean 'compel'?)"),
+    (("encode", "--model", "m", "--out", "o.safetensors"), "textenc encode", "no prompts"),
+    (("inspect", "a", "--tokeniser", "sd2"), "textenc inspect", "(did you mean --tokenizer?)"),
+    (("encdoe", "a"), "textenc", "did you mean 'encode'?"),
+    (("encode-dataset", "in.txt", "--model", "m", "--out", "o", "--shard-rws", "2"), "textenc encode-dataset",
+     "unrecognized arguments: --shard-rws 2 (did you mean --shard-rows?)"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, entry, args, prog, words):
     err = _one_line(_run(*args, entry=entry, cwd=tmp_path), 2)

@@ -189,6 +189,8 @@ BAD_ARGUMENTS = [
     ["in.txt", "--model", "m", "--out", "o", "--syntax", "bogus"],
     ["in.txt", "--model", "m", "--out", "o", "--clip-skip", "two"],
     ["in.txt", "--model", "m", "--out", "o", "--bogus"],
+    ["in.txt", "--model", "m", "--out", "o", "--shard-rws", "2"],
+    ["in.txt", "--modle", "m", "--out", "o"],
 ]
 USAGE_LINE = re.compile(r"(?P<prog>[^:]+): error: (?P<message>.+); see '(?P=prog) --help'\n")
 
@@ -216,8 +218,10 @@ def test_both_entry_points_give_the_same_usage_error(capsys, argv):
     line, other_line = USAGE_LINE.fullmatch(err), USAGE_LINE.fullmatch(other_err)
     assert line and other_line, (err, other_err)
     assert line["message"] == other_line["message"]
-    # An unknown option is reported by the outer ``textenc`` parser, as for every command.
-    assert line["prog"] == ("textenc" if "--bogus" in argv else "textenc encode-dataset")
+    # An unknown option is reported by the sub-command's own parser, with the closest option.
+    assert line["prog"] == "textenc encode-dataset"
+    if "--shard-rws" in argv or "--modle" in argv:
+        assert "(did you mean --shard-rows?)" in err or "(did you mean --model?)" in err
     assert other_line["prog"] == "python -m textenc.dataset"
 
 

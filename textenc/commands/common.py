@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import os
 import signal
@@ -34,7 +35,7 @@ from ..prompts.dialects import DIALECT_OPTIONS, dialect_options
 from ..errors import TextencError
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
-           "HelpFormatter", "Terminated", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
+           "HelpFormatter", "Terminated", "did_you_mean", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
            "describe_error", "one_line", "show_path",
            "check_out_file", "check_folder", "write_file_atomically", "progress"]
 
@@ -99,6 +100,7 @@ class CommandParser(argparse.ArgumentParser):
         self._checks.append(check)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._typed = list(sys.argv[1:] if args is None else args)
         namespace, extras = super().parse_known_args(args, namespace)
         for check in self._checks:
             problem = check(namespace)
@@ -106,9 +108,83 @@ class CommandParser(argparse.ArgumentParser):
                 self.error(problem)
         return namespace, extras
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but arguments nobody knows are a usage error of the sub-command
+        that was chosen (its usage line, "did you mean" for a mistyped option)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._chosen_parser(namespace)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{parser._option_hints(extras)}")
+        return namespace
+
+    def _chosen_parser(self, namespace: argparse.Namespace) -> "CommandParser":
+        """The innermost sub-command parser ``namespace`` was parsed with (else this one)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(namespace, action.dest, None) or "")
+                if isinstance(chosen, CommandParser):
+                    return chosen._chosen_parser(namespace)
+        return self
+
+    def _visible_options(self) -> list[str]:
+        return [option for action in self._actions if action.help is not argparse.SUPPRESS
+                for option in action.option_strings]
+
+    def _is_unknown_option(self, word: str) -> bool:
+        if not word.startswith("-") or word == "-" or word == "--" or _is_number(word):
+            return False
+        name = word.split("=", 1)[0]
+        return not any(option == name or (self.allow_abbrev and name.startswith("--") and option.startswith(name))
+                       for option in self._option_string_actions)
+
+    def _option_hints(self, words: list[str]) -> str:
+        """`` (did you mean --clip-skip?)`` for the unknown options among ``words``, or ''."""
+        names = [word.split("=", 1)[0] for word in words if self._is_unknown_option(word)]
+        hints = []
+        for name in names:
+            match = did_you_mean(name, self._visible_options())
+            if match:
+                hints.append(f"{match} for {name}" if len(names) > 1 else match)
+        return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        """argparse's check of ``choices``, plus the closest choice to what was typed."""
+        if action.choices is None or value in action.choices:
+            return
+        choices = ", ".join(repr(choice) for choice in action.choices)
+        match = did_you_mean(str(value), [str(choice) for choice in action.choices])
+        hint = f"; did you mean {match!r}?" if match else ""
+        raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices}{hint})")
+
     def error(self, message: str):  # type: ignore[override]
-        """Print ``PROG: error: MESSAGE; see 'PROG --help'`` and exit with status 2."""
+        """Print ``PROG: error: MESSAGE; see 'PROG --help'`` and exit with status 2.
+
+        A missing required option names the unknown options typed instead (``--modle x``:
+        "did you mean --model?")."""
+        if message.startswith("the following arguments are required"):
+            unknown = [word for word in getattr(self, "_typed", ()) if self._is_unknown_option(word)]
+            if unknown:
+                message += f"; unrecognized arguments: {' '.join(unknown)}{self._option_hints(unknown)}"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}; see '{self.prog} --help'\n")
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str | None:
+    """The candidate closest to ``word`` (difflib), or None when none is close.
+
+    >>> did_you_mean("--clipskip", ["--clip-skip", "--model"])
+    '--clip-skip'
+    """
+    bare = {candidate.lstrip("-"): candidate for candidate in candidates}  # "--" alone makes options alike
+    matches = difflib.get_close_matches(word.lstrip("-"), list(bare), n=1, cutoff=0.6)
+    return bare[matches[0]] if matches else None
 
 
 def positive_int(text: str) -> int:

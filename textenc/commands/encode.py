@@ -185,5 +185,11 @@ def add_encode(sub) -> argparse.ArgumentParser:
     add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none; "
         "each embedding:name is then skipped with a warning)")
     add("--out", required=True, metavar="FILE", help="output .safetensors file; its folder must exist (required)")
+    parser.add_check(_check_prompts)
     parser.set_defaults(run=run_encode)
     return parser
+
+
+def _check_prompts(args: argparse.Namespace) -> str | None:
+    """No prompt argument and no --prompts-file is a usage error (exit 2)."""
+    return None if args.prompts or args.prompts_file else "no prompts: give them as arguments or with --prompts-file"
