@@ -237,3 +237,41 @@ def test_parsing_the_command_line_imports_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# --- embedding:name that cannot be used, one vocabulary (issue 28) -----------------------
+
+def test_a_missing_embedding_warns_or_ends_the_command(model, tmp_path):
+    (tmp_path / "emb").mkdir()
+    args = ["embedding:nope a cat", "--model", str(model)]
+    result = _run("encode", *args, "--out", str(tmp_path / "a.safetensors"), cwd=tmp_path)
+    assert result.returncode == 0 and b"textenc: warning: embedding:nope read as text" in result.stderr
+    for extra, words in (((), "embedding:nope read as text: no embedding directory was given"),
+                         (("--embeddings", str(tmp_path / "emb")), "embedding:nope skipped (missing: no embedding")):
+        out = tmp_path / "b.safetensors"
+        err = _one_line(_run("encode", *args, *extra, "--on-missing-embedding", "error", "--out", str(out),
+                             cwd=tmp_path), 1)
+        assert err.startswith(f"textenc: error: {words}") and "--on-missing-embedding error" in err, err
+        assert not out.exists()
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a cat\nembedding:nope a dog\n")
+    err = _one_line(_run("encode-dataset", str(captions), "--model", str(model), "--out", str(tmp_path / "ds"),
+                         "--embeddings", str(tmp_path / "emb"), "--on-missing-embedding", "error", cwd=tmp_path), 1)
+    assert err.startswith("textenc: error: embedding:nope skipped (missing"), err
+
+
+def test_encode_and_encode_dataset_share_option_names(model, tmp_path):
+    """--clip-type in both, --kind (encode-dataset's old name) in both as a hidden alias;
+    --embeddings and --normalization in both."""
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a cat\na (dog:1.2)\n")
+    for option in ("--clip-type", "--kind"):
+        assert _run("encode", "a cat", "--model", str(model), option, "sd1", "--normalization", "mean",
+                    "--out", str(tmp_path / f"{option}.safetensors"), cwd=tmp_path).returncode == 0
+        result = _run("encode-dataset", str(captions), "--model", str(model), option, "sd1", "--normalization",
+                      "mean", "--embeddings", str(tmp_path), "--out", str(tmp_path / option), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    for command in ("encode", "encode-dataset"):
+        text = " ".join(_run(command, "--help", cwd=tmp_path).stdout.decode().split())
+        assert "--clip-type" in text and "--kind" not in text and "--on-missing-embedding" in text
+        assert "encoded as plain text" in text

@@ -33,9 +33,11 @@ from typing import Callable, Iterator
 
 from ..prompts.dialects import DIALECT_OPTIONS, dialect_options
 from ..errors import TextencError
+from ..warn import ON_MISSING_EMBEDDING
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
-           "HelpFormatter", "Terminated", "did_you_mean", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
+           "HelpFormatter", "Terminated", "did_you_mean", "add_embedding_options", "EMBEDDINGS_HELP",
+           "ON_MISSING_HELP", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
            "describe_error", "one_line", "show_path",
            "check_out_file", "check_folder", "write_file_atomically", "progress"]
 
@@ -200,6 +202,24 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+# --- embeddings -------------------------------------------------------------------
+
+EMBEDDINGS_HELP = ("textual-inversion folder for embedding:name (default: none: each embedding:name is then "
+                   "encoded as plain text, as ComfyUI does, with a warning; a name missing from the folder is "
+                   "left out of the prompt, with a warning)")
+ON_MISSING_HELP = ("warn: an embedding:name that cannot be used (no --embeddings folder, not in it, or refused) "
+                   "is a warning and the prompt goes on as --embeddings says; error: it ends the command with "
+                   "exit status 1 (default: %(default)s)")
+
+
+def add_embedding_options(parser: argparse.ArgumentParser) -> None:
+    """``--embeddings DIR`` and ``--on-missing-embedding warn|error`` (applied by :func:`run_command`
+    through ``args.on_missing_embedding``)."""
+    parser.add_argument("--embeddings", metavar="DIR", default=None, help=EMBEDDINGS_HELP)
+    parser.add_argument("--on-missing-embedding", choices=ON_MISSING_EMBEDDING, default="warn",
+                        help=ON_MISSING_HELP)
 
 
 # --- a dialect's own options -------------------------------------------------------

@@ -18,8 +18,8 @@ from typing import Any
 from ..prompts.dialects import SYNTAXES, default_weight_mode
 from ..errors import LayerError, TextencError
 from ..text_encoders.clip_skip import layer_from_clip_skip
-from .common import (add_dialect_flags, check_folder, check_out_file, dialect_flag_options, progress,
-                     show_path, write_file_atomically)
+from .common import (add_dialect_flags, add_embedding_options, check_folder, check_out_file, dialect_flag_options,
+                     progress, show_path, write_file_atomically)
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
@@ -174,6 +174,8 @@ def add_encode(sub) -> argparse.ArgumentParser:
              "diffusers model folder (required)")
     add("--clip-type", choices=CLIP_TYPES, default="auto",
         help="model type; auto detects it from the weights")
+    add("--kind", dest="clip_type", choices=CLIP_TYPES, default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS)  # encode-dataset's old name of --clip-type, kept for one release
     add("--clip-skip", type=int, default=None, metavar="N", help=CLIP_SKIP_HELP)
     add("--syntax", choices=SYNTAXES, default="comfy", help=SYNTAX_HELP)
     add_dialect_flags(parser)
@@ -182,8 +184,7 @@ def add_encode(sub) -> argparse.ArgumentParser:
         help=f"how token weights are applied, see textenc.text_encoders.weighting (default: the one that goes with --syntax: {pairs})")
     add("--normalization", choices=NORMALIZATIONS, default="none",
         help="rescaling of the weights of each prompt")
-    add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none; "
-        "each embedding:name is then skipped with a warning)")
+    add_embedding_options(parser)
     add("--out", required=True, metavar="FILE", help="output .safetensors file; its folder must exist (required)")
     parser.add_check(_check_prompts)
     parser.set_defaults(run=run_encode)
@@ -192,4 +193,6 @@ def add_encode(sub) -> argparse.ArgumentParser:
 
 def _check_prompts(args: argparse.Namespace) -> str | None:
     """No prompt argument and no --prompts-file is a usage error (exit 2)."""
-    return None if args.prompts or args.prompts_file else "no prompts: give them as arguments or with --prompts-file"
+    if args.prompts or args.prompts_file:
+        return None
+    return "no prompts: give them as arguments or with --prompts-file"

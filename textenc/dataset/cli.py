@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..commands.common import (CommandParser, add_dialect_flags, describe_error, dialect_flag_options, positive_int,
-                               run_command)
+from ..commands.common import (CommandParser, add_dialect_flags, add_embedding_options, check_folder, describe_error,
+                               dialect_flag_options, positive_int, run_command)
 from ..prompts.dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
 from ..errors import DatasetError, TextencError
-from ..text_encoders.weighting import WEIGHT_MODES
+from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES
 from .compute import COMPUTE_DTYPES, DEFAULT_THREADS
 from .driver import KINDS, OUTPUTS, encode_dataset
 from .dry_run import format_plan
@@ -49,7 +49,11 @@ def _syntax_weight_modes() -> str:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--kind", choices=KINDS, default=None, help="model kind (default: detected from the file)")
+    add("--clip-type", choices=("auto", *KINDS), default="auto",
+        help="model type, as textenc encode --clip-type; auto detects it from the weights "
+             "(default: %(default)s)")
+    add("--kind", dest="clip_type", choices=("auto", *KINDS), default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS)  # the old name of --clip-type, kept for one release
     add("--clip-skip", type=_clip_skip, default=None, metavar="N",
         help="A1111/civitai clip skip: 1 = the last layer, 2 = the penultimate, up to the model's "
              "depth; ComfyUI's -1/-2 mean the same (default: the kind's own layer: last for SD1, "
@@ -59,6 +63,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     add_dialect_flags(parser)
     add("--weight-mode", choices=WEIGHT_MODES, default=None,
         help=f"how prompt weights apply (default: the syntax's own: {_syntax_weight_modes()})")
+    add("--normalization", choices=NORMALIZATIONS, default="none",
+        help="rescaling of the weights of each caption, as textenc encode --normalization "
+             "(recorded; default: %(default)s)")
+    add_embedding_options(parser)  # the folder is recorded with a sha256 of its embedding files
     add("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32",
         help="dtype the model runs in: bf16 needs a CPU with bf16 units (AVX512-BF16/AMX) "
              "or CUDA, fp16 CUDA; auto picks bf16 where it is fast, else fp32 "
@@ -147,8 +155,9 @@ def _progress_phrase(out: str) -> str:
 def _encode(args: argparse.Namespace):
     return encode_dataset(
         args.input, model=args.model, out=args.out, column=args.column, id_column=args.id_column,
-        kind=args.kind, clip_skip=args.clip_skip, syntax=args.syntax, **dialect_flag_options(args),
-        weight_mode=args.weight_mode,
+        clip_type=args.clip_type, clip_skip=args.clip_skip, syntax=args.syntax, **dialect_flag_options(args),
+        weight_mode=args.weight_mode, normalization=args.normalization, embeddings=args.embeddings,
+        on_missing_embedding=args.on_missing_embedding,
         outputs=args.outputs, dtype=args.dtype, shard_rows=args.shard_rows,
         batch_size=args.batch_size, engine=args.engine, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, ray_address=args.ray_address,
@@ -170,6 +179,8 @@ def run_encode_dataset(args: argparse.Namespace) -> int:
         KeyboardInterrupt: SIGINT or SIGTERM, re-raised with how many shards are
             finished and that running the same command again resumes.
     """
+    if args.embeddings is not None:
+        check_folder(args.embeddings, "--embeddings")
     try:
         report = _encode(args)
     except KeyboardInterrupt as interrupt:
