@@ -87,8 +87,9 @@ def _add_output_options(add) -> None:
     add("--max-windows", type=positive_int, default=64,
         help="reject captions needing more 77-token windows (default: %(default)s)")
     add("--no-dedup", action="store_true",
-        help="encode every row even when its caption repeats one earlier in its shard "
-             "(default: off: a repeat is encoded once and written for each row)")
+        help="encode every row even when its caption repeats an earlier one "
+             "(default: off: a repeat anywhere in the run is encoded once and written for each row; "
+             "the bytes are the same)")
     add("--overwrite", action="store_true",
         help="replace an output folder encoded with other options, model or input (default: off)")
     add("--limit", type=positive_int, default=None, help="encode only the first N rows (default: all)")

@@ -32,7 +32,7 @@ from .inputs import read_captions
 from .lock import FolderLock
 from .manifest import Run, base_manifest, finish_manifest, prepare_folder, shard_totals
 from .model import cast_for_compute, embeddings_fingerprint, load_model, model_fingerprint, resolve_device
-from .pipeline import ShardContext, ShardJob, plan_shards
+from .pipeline import ReusePlan, ShardContext, ShardJob, plan_shards, reuse_plan, reused_across_shards
 from .report import DatasetReport
 
 __all__ = ["encode_dataset", "KINDS", "OUTPUTS"]
@@ -172,8 +172,9 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             ``compute`` and a resume with other values is refused;
             ``compute_dtype`` (``fp32``, ``bf16`` on a CPU with bf16 units or
             CUDA, ``fp16`` on CUDA, ``auto``) is the dtype the model runs in
-            (recorded the same way); ``dedup`` encodes a caption repeated within a
-            shard once and writes it for each row (the report counts them as reused);
+            (recorded the same way); ``dedup`` encodes a caption repeated anywhere in
+            the run once and writes it for each row, the same bytes as encoding each row
+            (the report counts them as reused; with the ray engine, within a shard only);
             ``on_shard_written(index)`` is called after each shard is recorded.
 
     Returns:
@@ -249,16 +250,20 @@ def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetRep
         write_manifest(run.out, run.manifest)
         todo = [job for job in run.jobs if job.index not in records]
         skipped = len(run.jobs) - len(todo)
+        # local: a caption is reused across the shards of this run; ray: each actor within its shard
+        plan = reuse_plan(run.rows, todo, run.context, r.dtype) if r.engine == "local" else ReusePlan({}, {}, {})
         if r.engine == "local":
             timings = run_local(run, todo, records, batch_size=r.batch_size, progress=r.progress,
-                                on_shard_written=r.on_shard_written)
+                                on_shard_written=r.on_shard_written, plan=plan)
         else:
             timings = run_ray(run, todo, records, batch_size=r.batch_size, workers=r.workers,
                               num_gpus_per_worker=r.num_gpus_per_worker, ray_address=r.ray_address,
                               model=os.fspath(r.model), device=r.device, threads=r.threads,
                               on_shard_written=r.on_shard_written,
                               on_missing_embedding=r.on_missing_embedding)
-    return _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
+    report = _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
+    report.reused += reused_across_shards(plan, todo, records)
+    return report
 
 
 def _report(run: Run, records: dict, *, todo: Sequence[ShardJob], skipped: int, timings: dict,
