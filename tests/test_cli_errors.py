@@ -275,3 +275,47 @@ def test_encode_and_encode_dataset_share_option_names(model, tmp_path):
         text = " ".join(_run(command, "--help", cwd=tmp_path).stdout.decode().split())
         assert "--clip-type" in text and "--kind" not in text and "--on-missing-embedding" in text
         assert "encoded as plain text" in text
+
+
+# --- output hygiene (issue 28) -----------------------------------------------------------
+
+def test_progress_bars_only_on_a_terminal_or_when_asked(model, tmp_path):
+    args = ["encode", "a cat", "a dog", "--model", str(model)]
+    quiet = _run(*args, "--out", str(tmp_path / "a.safetensors"), cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == b""  # stderr is a pipe here: no bar
+    asked = _run(*args, "--progress", "--out", str(tmp_path / "b.safetensors"), cwd=tmp_path)
+    assert asked.returncode == 0 and b"encode: 100%" in asked.stderr
+
+
+def test_messages_name_the_command_line_option(model, tmp_path):
+    prompt = "a photo of (http://example.com:8080)"  # the colon reads as a weight of 8080
+    result = _run("encode", prompt, "--model", str(model), "--out", str(tmp_path / "a.safetensors"), cwd=tmp_path)
+    err = result.stderr.decode()
+    assert result.returncode == 0 and "pass --max-weight W to refuse them" in err and "max_weight" not in err
+    err = _one_line(_run("encode", prompt, "--model", str(model), "--max-weight", "100",
+                         "--out", str(tmp_path / "b.safetensors"), cwd=tmp_path), 1)
+    assert "exceeds --max-weight 100" in err and "max_weight" not in err, err
+
+
+def test_pillow_is_the_vision_extra():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["vision"] == ["pillow"]
+    assert "textenc[vision]" in (ROOT / "docs" / "command-line.md").read_text()
+
+
+def test_ray_logs_only_when_verbose():
+    """--verbose sets textenc's logger to INFO; Ray is started at that level, else at ERROR."""
+    import logging
+
+    from textenc.dataset.engines import ray as ray_engine
+
+    logger = logging.getLogger("textenc")
+    before = logger.level
+    assert ray_engine._ray_log_level() == logging.ERROR
+    try:
+        logger.setLevel(logging.INFO)
+        assert ray_engine._ray_log_level() == logging.INFO
+    finally:
+        logger.setLevel(before)

@@ -24,6 +24,7 @@ import contextlib
 import difflib
 import errno
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from ..warn import ON_MISSING_EMBEDDING
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
            "HelpFormatter", "Terminated", "did_you_mean", "add_embedding_options", "EMBEDDINGS_HELP",
-           "ON_MISSING_HELP", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
+           "ON_MISSING_HELP", "add_progress_flag", "command_line_words", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
            "describe_error", "one_line", "show_path",
            "check_out_file", "check_folder", "write_file_atomically", "progress"]
 
@@ -323,9 +324,26 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: Python parameters that library messages name, as the command line spells them.
+_COMMAND_LINE_SPELLINGS = ((re.compile(r"\bpass max_weight= "), "pass --max-weight W "),
+                           (re.compile(r"\bmax_weight=(?=\d)"), "--max-weight "),
+                           (re.compile(r"\braise max_weight\b"), "raise --max-weight"))
+
+
+def command_line_words(text: str) -> str:
+    """``text`` with the Python parameters it names written as the command-line options.
+
+    >>> command_line_words("weight 500; pass max_weight= to refuse them")
+    'weight 500; pass --max-weight W to refuse them'
+    """
+    for pattern, spelling in _COMMAND_LINE_SPELLINGS:
+        text = pattern.sub(spelling, text)
+    return text
+
+
 def _warning_printer(prog: str):
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"{prog}: warning: {one_line(message)}", file=sys.stderr)
+        print(f"{prog}: warning: {command_line_words(one_line(message))}", file=sys.stderr)
     return show
 
 
@@ -353,7 +371,7 @@ def run_command(run: Callable[[], int], *, prog: str) -> int:
             _silence_stdout()
             return EXIT_ERROR
         except (TextencError, OSError, UnicodeError) as error:
-            print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
+            print(f"{prog}: error: {command_line_words(describe_error(error))}", file=sys.stderr)
             return EXIT_ERROR
 
 
@@ -365,9 +383,20 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
-def progress(items: list, description: str, unit: str = "item"):
-    """``items`` wrapped in a tqdm bar on stderr when there are several and tqdm is installed."""
-    if len(items) < 2:
+PROGRESS_HELP = "show a progress bar even when stderr is not a terminal (default: off: a bar only on a terminal)"
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    """``--progress``: a bar even when stderr is not a terminal (a log file, a pipe)."""
+    parser.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
+
+
+def progress(items: list, description: str, unit: str = "item", *, enabled: bool | None = None):
+    """``items`` wrapped in a tqdm bar on stderr when there are several and tqdm is installed:
+    ``enabled`` True always, None (default) only when stderr is a terminal, False never."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if len(items) < 2 or not enabled:
         return items
     try:
         from tqdm import tqdm

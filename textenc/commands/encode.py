@@ -18,7 +18,7 @@ from typing import Any
 from ..prompts.dialects import SYNTAXES, default_weight_mode
 from ..errors import LayerError, TextencError
 from ..text_encoders.clip_skip import layer_from_clip_skip
-from .common import (add_dialect_flags, add_embedding_options, check_folder, check_out_file, dialect_flag_options,
+from .common import (add_dialect_flags, add_embedding_options, add_progress_flag, check_folder, check_out_file, dialect_flag_options,
                      progress, show_path, write_file_atomically)
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
@@ -140,9 +140,10 @@ def run_encode(args: argparse.Namespace) -> int:
     options, recorded_options = resolve_options(args, clip)
     syntax_options = dialect_flag_options(args)
     tensors = {}
-    for index, prompt in enumerate(progress(prompts, "encode", "prompt")):
+    limits = {} if args.max_weight is None else {"max_weight": args.max_weight}
+    for index, prompt in enumerate(progress(prompts, "encode", "prompt", enabled=args.progress or None)):
         # word ids: --normalization groups tokens by word (the weights are the same either way)
-        tokens = clip.tokenize(prompt, return_word_ids=True, syntax=args.syntax, **syntax_options)
+        tokens = clip.tokenize(prompt, return_word_ids=True, syntax=args.syntax, **syntax_options, **limits)
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
         tensors[f"cond_{index}"] = cond.detach().contiguous().cpu()
         tensors[f"pooled_{index}"] = pooled.detach().contiguous().cpu()
@@ -185,6 +186,10 @@ def add_encode(sub) -> argparse.ArgumentParser:
     add("--normalization", choices=NORMALIZATIONS, default="none",
         help="rescaling of the weights of each prompt")
     add_embedding_options(parser)
+    add("--max-weight", type=float, default=None, metavar="W",
+        help="refuse a prompt with a token weighted above W (comfy and a1111 syntax) (default: none: weights "
+             "above 100 are a warning)")
+    add_progress_flag(parser)
     add("--out", required=True, metavar="FILE", help="output .safetensors file; its folder must exist (required)")
     parser.add_check(_check_prompts)
     parser.set_defaults(run=run_encode)

@@ -16,9 +16,10 @@ that running the same command again resumes.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Sequence
 
-from ..commands.common import (CommandParser, add_dialect_flags, add_embedding_options, check_folder, describe_error,
+from ..commands.common import (PROGRESS_HELP, CommandParser, add_dialect_flags, add_embedding_options, check_folder, describe_error,
                                dialect_flag_options, positive_int, run_command)
 from ..prompts.dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
 from ..errors import DatasetError, TextencError
@@ -108,6 +109,8 @@ def _add_engine_options(add) -> None:
     add("--ray-address", default=None, help="join this Ray cluster (default: start one locally)")
     add("--dry-run", action="store_true", help="print the plan, encode nothing (default: off)")
     add("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
+    add("--progress", action="store_true", help=PROGRESS_HELP)
+    add("--verbose", action="store_true", help="also print Ray's own INFO and WARNING lines (default: off)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -165,7 +168,7 @@ def _encode(args: argparse.Namespace):
         overwrite=args.overwrite, limit=args.limit, dry_run=args.dry_run, device=args.device,
         max_chars=args.max_chars, max_windows=args.max_windows, threads=args.threads,
         compute_dtype=args.compute_dtype, dedup=not args.no_dedup,
-        progress=False if args.no_progress else None)
+        progress=False if args.no_progress else True if args.progress else None)
 
 
 def run_encode_dataset(args: argparse.Namespace) -> int:
@@ -182,6 +185,8 @@ def run_encode_dataset(args: argparse.Namespace) -> int:
     """
     if args.embeddings is not None:
         check_folder(args.embeddings, "--embeddings")
+    if args.verbose:  # Ray's own INFO and WARNING lines too (see textenc.dataset.engines.ray)
+        logging.getLogger("textenc").setLevel(logging.INFO)
     try:
         report = _encode(args)
     except KeyboardInterrupt as interrupt:

@@ -20,6 +20,7 @@ it started is shut down; if the driver is killed outright, the watchdog of
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -91,7 +92,7 @@ class ShardWorker:
 
 def _join(ray, address: str) -> None:
     try:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=_ray_log_level())
     except ConnectionError as exc:  # Ray's message runs to many lines; its first says what failed
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DatasetError(
@@ -100,6 +101,12 @@ def _join(ray, address: str) -> None:
             "authentication (Ray 2.60's ray start turns it on when ~/.ray/auth_token exists), "
             "run with RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or "
             "~/.ray/auth_token)") from exc
+
+
+def _ray_log_level() -> int:
+    """Ray's own INFO and WARNING lines only when textenc's logger is at INFO (``--verbose``,
+    or a program that configured logging so); errors always."""
+    return logging.INFO if logging.getLogger("textenc").isEnabledFor(logging.INFO) else logging.ERROR
 
 
 def _init(ray, address: str | None) -> tuple[bool, RayReaper | None]:
@@ -113,7 +120,7 @@ def _init(ray, address: str | None) -> tuple[bool, RayReaper | None]:
     reaper = RayReaper()
     try:
         with reaper.marking():  # the processes Ray starts now are the reaper's to stop
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=_ray_log_level())
     except BaseException:
         reaper.close()
         raise
