@@ -38,8 +38,8 @@ from ..warn import ON_MISSING_EMBEDDING
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
            "HelpFormatter", "Terminated", "did_you_mean", "add_embedding_options", "EMBEDDINGS_HELP",
-           "ON_MISSING_HELP", "add_progress_flag", "command_line_words", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
-           "describe_error", "one_line", "show_path",
+           "ON_MISSING_HELP", "add_progress_flag", "command_line_words", "run_command", "positive_int",
+           "add_dialect_flags", "dialect_flag_options", "describe_error", "one_line", "show_path",
            "check_out_file", "check_folder", "write_file_atomically", "progress"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2

@@ -18,8 +18,8 @@ from typing import Any
 from ..prompts.dialects import SYNTAXES, default_weight_mode
 from ..errors import LayerError, TextencError
 from ..text_encoders.clip_skip import layer_from_clip_skip
-from .common import (add_dialect_flags, add_embedding_options, add_progress_flag, check_folder, check_out_file, dialect_flag_options,
-                     progress, show_path, write_file_atomically)
+from .common import (add_dialect_flags, add_embedding_options, add_progress_flag, check_folder, check_out_file,
+                     dialect_flag_options, progress, show_path, write_file_atomically)
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]

@@ -16,7 +16,8 @@ def _read_image(path: str):
     try:
         from PIL import Image
     except ImportError:
-        raise TextencError("textenc vision needs Pillow: pip install 'textenc[vision]' (or pip install pillow)") from None
+        raise TextencError("textenc vision needs Pillow: pip install 'textenc[vision]' "
+                           "(or pip install pillow)") from None
     import numpy as np
     import torch
 

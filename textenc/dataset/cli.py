@@ -19,8 +19,8 @@ import argparse
 import logging
 from typing import Sequence
 
-from ..commands.common import (PROGRESS_HELP, CommandParser, add_dialect_flags, add_embedding_options, check_folder, describe_error,
-                               dialect_flag_options, positive_int, run_command)
+from ..commands.common import (PROGRESS_HELP, CommandParser, add_dialect_flags, add_embedding_options, check_folder,
+                               describe_error, dialect_flag_options, positive_int, run_command)
 from ..prompts.dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
 from ..errors import DatasetError, TextencError
 from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES

@@ -165,7 +165,8 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             folder for ``embedding:name`` (recorded with a sha256 over its embedding files);
             ``on_missing_embedding`` is ``"warn"`` (an EmbeddingWarning, and the caption is
             encoded on: the name as text without a folder, skipped when missing from it) or
-            ``"error"`` (an EmbeddingError ends the run). ``dtype`` is the stored dtype; ``max_chars``/``max_windows`` reject over-long captions;
+            ``"error"`` (an EmbeddingError ends the run). ``dtype`` is the stored dtype;
+            ``max_chars``/``max_windows`` reject over-long captions;
             ``threads`` is torch's thread count in every encoding process
             (this one for the local engine, each Ray actor): the bytes depend
             on it, so it is recorded with the batch size in the manifest's
