@@ -12,14 +12,16 @@ naming the input; CONDITIONING outputs finite).
 
 from .conditioning import (ConditioningAverage, ConditioningCombine, ConditioningConcat,
                            ConditioningZeroOut, unCLIPConditioning)
-from .loaders import CLIPLoader, CLIPVisionLoader, DualCLIPLoader, PhotoMakerLoader
+from .loaders import CheckpointCLIPLoaderTextenc, CLIPLoader, CLIPVisionLoader, DualCLIPLoader, PhotoMakerLoader
 from .text_encode import (CLIPSetLastLayer, CLIPTextEncode, CLIPTextEncodeAdvancedTextenc,
                           CLIPTextEncodeSDXL)
 from .vision import CLIPVisionEncode, PhotoMakerEncode
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 
+# (class, display name); the pack's own nodes end with "Textenc".
 _NODES = [
+    (CheckpointCLIPLoaderTextenc, "Load Checkpoint CLIP (textenc)"),
     (CLIPLoader, "Load CLIP"),
     (DualCLIPLoader, "DualCLIPLoader"),
     (CLIPSetLastLayer, "CLIP Set Last Layer"),
@@ -33,12 +35,22 @@ _NODES = [
     (PhotoMakerEncode, "PhotoMakerEncode"),
     (ConditioningConcat, "Conditioning (Concat)"),
     (ConditioningCombine, "Conditioning (Combine)"),
-    (ConditioningAverage, "Conditioning (Average)"),
+    (ConditioningAverage, "ConditioningAverage"),
     (ConditioningZeroOut, "ConditioningZeroOut"),
 ]
 
+#: Display names stock ComfyUI gives its own nodes of these names (nodes.py's
+#: NODE_DISPLAY_NAME_MAPPINGS; its "ConditioningAverage " key has a trailing space, so that
+#: node shows as "ConditioningAverage"). ComfyUI merges every pack's display names into its
+#: own, so the pack names a built-in node only as ComfyUI does, never otherwise.
+COMFYUI_DISPLAY_NAMES = {"CLIPLoader": "Load CLIP", "CLIPSetLastLayer": "CLIP Set Last Layer",
+                         "CLIPTextEncode": "CLIP Text Encode (Prompt)", "CLIPVisionLoader": "Load CLIP Vision",
+                         "CLIPVisionEncode": "CLIP Vision Encode", "ConditioningCombine": "Conditioning (Combine)",
+                         "ConditioningConcat": "Conditioning (Concat)"}
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in _NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: display for cls, display in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: display for cls, display in _NODES
+                              if cls.__name__.endswith("Textenc") or cls.__name__ in COMFYUI_DISPLAY_NAMES}
 
 # Stock ComfyUI skips a custom node whose name is already a built-in one, so
 # under exact names only the advanced node would appear there. Prefixed aliases

@@ -106,6 +106,33 @@ class DualCLIPLoader:
         return (_load_clip("DualCLIPLoader", names, DUAL_CLIP_LOADER_TYPES[type], device),)
 
 
+class CheckpointCLIPLoaderTextenc:
+    """ComfyUI's "Load Checkpoint", text encoders only: the CLIP of a full SD checkpoint."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": _file_input("checkpoints", "Full SD1, SD2 or SDXL checkpoint in "
+                                                                    "models/checkpoints.")},
+                "optional": _device_input()}
+
+    FILE_INPUTS = ("ckpt_name",)
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("The checkpoint's CLIP text encoder(s) with their tokenizers.",)
+    FUNCTION = "load_checkpoint"
+    CATEGORY = "loaders"
+    DESCRIPTION = ("Loads only the text encoders of a checkpoint in models/checkpoints (the UNet and VAE are "
+                   "not loaded; a .safetensors file's other weights are never read), detecting SD1, SD2 or "
+                   "SDXL. Use ComfyUI's Load Checkpoint for the MODEL and VAE.")
+
+    @checked
+    def load_checkpoint(self, ckpt_name: str, device: str = "default"):
+        from textenc.sd import load_clip
+
+        path = _full_path("CheckpointCLIPLoaderTextenc", "ckpt_name", "checkpoints", ckpt_name)
+        embeddings = paths.embedding_directories() or None
+        return (load_clip([path], embedding_directory=embeddings, device=_device(device)),)
+
+
 class CLIPVisionLoader:
     @classmethod
     def INPUT_TYPES(cls):

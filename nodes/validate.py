@@ -74,7 +74,8 @@ def _check_model(value: Any, kind: str) -> str | None:
     """What is wrong with a CLIP / CLIP_VISION / PHOTOMAKER input, or None."""
     if kind == "CLIP":
         from textenc.sd import CLIP as expected
-        source = "a CLIP from a textenc loader (CLIPLoader, DualCLIPLoader)"
+        source = ('a CLIP from a textenc loader ("Load CLIP (textenc)", "DualCLIPLoader (textenc)" or '
+                  '"Load Checkpoint CLIP (textenc)")')
     elif kind == "CLIP_VISION":
         from textenc.vision.clip_vision import ClipVisionModel as expected
         source = "a CLIP_VISION from CLIPVisionLoader"
@@ -84,7 +85,11 @@ def _check_model(value: Any, kind: str) -> str | None:
     if value is None:
         return f"input is None: the checkpoint or loader gave no model; connect {source}"
     if not isinstance(value, expected):
-        return f"must be {source}, got {type(value).__module__}.{type(value).__name__}"
+        got = f"{type(value).__module__}.{type(value).__name__}"
+        if kind == "CLIP" and got.startswith("comfy."):  # ComfyUI's own loader made it
+            return (f"must be {source}, got ComfyUI's own CLIP ({got}): load the model with one of those "
+                    "textenc loaders, or encode this CLIP with ComfyUI's own CLIP Text Encode")
+        return f"must be {source}, got {got}"
     return None
 
 

@@ -196,7 +196,8 @@ def test_bad_inputs_give_one_line_errors(model, tmp_path, capsys):
                                                       "--out", out])
     assert "extension" in _single_error(capsys, ["encode", "a", "--model", str(text), "--out", out])
     assert "no CLIP text encoder" in _single_error(capsys, ["encode", "a", "--model", str(other), "--out", out])
-    assert "no prompts" in _single_error(capsys, ["encode", "--model", str(model), "--out", out])
+    assert main(["encode", "--model", str(model), "--out", out]) == 2  # a usage error
+    assert "textenc encode: error: no prompts" in capsys.readouterr().err
     assert "folder" in _single_error(capsys, ["encode", "a", "--model", str(model),
                                               "--out", str(tmp_path / "no" / "o.safetensors")])
     bad = tmp_path / "bad.jsonl"

@@ -70,7 +70,7 @@ def _one_line(result: subprocess.CompletedProcess, status: int) -> str:
 @pytest.mark.parametrize("args, prog, words", [
     ((), "textenc", "required: COMMAND"),
     (("frobnicate",), "textenc", "invalid choice: 'frobnicate'"),
-    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--bogus"), "textenc",
+    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--bogus"), "textenc encode",
      "unrecognized arguments: --bogus"),
     (("encode", "a", "--model", "m.safetensors"), "textenc encode", "required: --out"),
     (("encode", "a", "--model", "m", "--out", "o.safetensors", "--clip-skip", "two"), "textenc encode",
@@ -79,6 +79,20 @@ def _one_line(result: subprocess.CompletedProcess, status: int) -> str:
     (("vision", "a.png", "--model", "m", "--out", "o.safetensors", "--crop", "x"), "textenc vision",
      "invalid choice: 'x'"),
     (("encode-dataset", "in.txt", "--bogus"), "textenc encode-dataset", "required: --model, --out"),
+    # the sub-command's own parser answers, with the closest option or choice (issue 28)
+    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--clipskip", "2"), "textenc encode",
+     "unrecognized arguments: --clipskip 2 (did you mean --clip-skip?)"),
+    (("encode", "--clipskip=2", "a", "--model", "m", "--out", "o.safetensors", "--bogus"), "textenc encode",
+     "unrecognized arguments: --clipskip=2 --bogus (did you mean --clip-skip for --clipskip?)"),
+    (("encode", "a", "--modle", "m", "--out", "o.safetensors"), "textenc encode",
+     "required: --model; unrecognized arguments: --modle (did you mean --model?)"),
+    (("encode", "a", "--model", "m", "--out", "o.safetensors", "--syntax", "compl"), "textenc encode",
+     "invalid choice: 'compl' (choose from 'comfy', 'a1111', 'compel'; did you mean 'compel'?)"),
+    (("encode", "--model", "m", "--out", "o.safetensors"), "textenc encode", "no prompts"),
+    (("inspect", "a", "--tokeniser", "sd2"), "textenc inspect", "(did you mean --tokenizer?)"),
+    (("encdoe", "a"), "textenc", "did you mean 'encode'?"),
+    (("encode-dataset", "in.txt", "--model", "m", "--out", "o", "--shard-rws", "2"), "textenc encode-dataset",
+     "unrecognized arguments: --shard-rws 2 (did you mean --shard-rows?)"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, entry, args, prog, words):
     err = _one_line(_run(*args, entry=entry, cwd=tmp_path), 2)
@@ -232,3 +246,85 @@ def test_parsing_the_command_line_imports_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# --- embedding:name that cannot be used, one vocabulary (issue 28) -----------------------
+
+def test_a_missing_embedding_warns_or_ends_the_command(model, tmp_path):
+    (tmp_path / "emb").mkdir()
+    args = ["embedding:nope a cat", "--model", str(model)]
+    result = _run("encode", *args, "--out", str(tmp_path / "a.safetensors"), cwd=tmp_path)
+    assert result.returncode == 0 and b"textenc: warning: embedding:nope read as text" in result.stderr
+    for extra, words in (((), "embedding:nope read as text: no embedding directory was given"),
+                         (("--embeddings", str(tmp_path / "emb")), "embedding:nope skipped (missing: no embedding")):
+        out = tmp_path / "b.safetensors"
+        err = _one_line(_run("encode", *args, *extra, "--on-missing-embedding", "error", "--out", str(out),
+                             cwd=tmp_path), 1)
+        assert err.startswith(f"textenc: error: {words}") and "--on-missing-embedding error" in err, err
+        assert not out.exists()
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a cat\nembedding:nope a dog\n")
+    err = _one_line(_run("encode-dataset", str(captions), "--model", str(model), "--out", str(tmp_path / "ds"),
+                         "--embeddings", str(tmp_path / "emb"), "--on-missing-embedding", "error", cwd=tmp_path), 1)
+    assert err.startswith("textenc: error: embedding:nope skipped (missing"), err
+
+
+def test_encode_and_encode_dataset_share_option_names(model, tmp_path):
+    """--clip-type in both, --kind (encode-dataset's old name) in both as a hidden alias;
+    --embeddings and --normalization in both."""
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a cat\na (dog:1.2)\n")
+    for option in ("--clip-type", "--kind"):
+        assert _run("encode", "a cat", "--model", str(model), option, "sd1", "--normalization", "mean",
+                    "--out", str(tmp_path / f"{option}.safetensors"), cwd=tmp_path).returncode == 0
+        result = _run("encode-dataset", str(captions), "--model", str(model), option, "sd1", "--normalization",
+                      "mean", "--embeddings", str(tmp_path), "--out", str(tmp_path / option), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    for command in ("encode", "encode-dataset"):
+        text = " ".join(_run(command, "--help", cwd=tmp_path).stdout.decode().split())
+        assert "--clip-type" in text and "--kind" not in text and "--on-missing-embedding" in text
+        assert "encoded as plain text" in text
+
+
+# --- output hygiene (issue 28) -----------------------------------------------------------
+
+def test_progress_bars_only_on_a_terminal_or_when_asked(model, tmp_path):
+    args = ["encode", "a cat", "a dog", "--model", str(model)]
+    quiet = _run(*args, "--out", str(tmp_path / "a.safetensors"), cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == b""  # stderr is a pipe here: no bar
+    asked = _run(*args, "--progress", "--out", str(tmp_path / "b.safetensors"), cwd=tmp_path)
+    assert asked.returncode == 0 and b"encode: 100%" in asked.stderr
+
+
+def test_messages_name_the_command_line_option(model, tmp_path):
+    prompt = "a photo of (http://example.com:8080)"  # the colon reads as a weight of 8080
+    result = _run("encode", prompt, "--model", str(model), "--out", str(tmp_path / "a.safetensors"), cwd=tmp_path)
+    err = result.stderr.decode()
+    assert result.returncode == 0 and "pass --max-weight W to refuse them" in err and "max_weight" not in err
+    err = _one_line(_run("encode", prompt, "--model", str(model), "--max-weight", "100",
+                         "--out", str(tmp_path / "b.safetensors"), cwd=tmp_path), 1)
+    assert "exceeds --max-weight 100" in err and "max_weight" not in err, err
+
+
+def test_pillow_is_the_vision_extra():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["vision"] == ["pillow"]
+    assert "textenc[vision]" in (ROOT / "docs" / "command-line.md").read_text()
+
+
+def test_ray_logs_only_when_verbose():
+    """--verbose sets textenc's logger to INFO; Ray is started at that level, else at ERROR."""
+    import logging
+
+    from textenc.dataset.engines import ray as ray_engine
+
+    logger = logging.getLogger("textenc")
+    before = logger.level
+    assert ray_engine._ray_log_level() == logging.ERROR
+    try:
+        logger.setLevel(logging.INFO)
+        assert ray_engine._ray_log_level() == logging.INFO
+    finally:
+        logger.setLevel(before)

@@ -237,8 +237,20 @@ def test_jsonl_bad_lines_and_missing_column(tmp_path, tiny_model):
     rows, rejected = _all_rows_once(out, 5)
     assert rows == [0, 4] and len(rejected) == 3
     assert [caption_id for caption_id, _, _ in open_shards(out)] == ["k0", "k4"]
-    with pytest.raises(DatasetError, match="caption"):
+    with pytest.raises(DatasetError, match=r"no line has the column 'caption_text'; columns are "
+                                           r"\['text', 'key', 'caption'\] \(choose one with --column\)"):
         _run(path, tiny_model, tmp_path / "out2", column="caption_text")
+    with pytest.raises(DatasetError, match=r"no line has the column 'id'; columns are \['text', 'key', "
+                                           r"'caption'\] \(choose one with --id-column\)"):
+        _run(path, tiny_model, tmp_path / "out2", id_column="id")
+
+
+def test_column_options_with_an_input_that_has_no_columns(tmp_path, tiny_model):
+    path = tmp_path / "c.txt"
+    path.write_text("a cat\n")
+    for options in ({"column": "caption"}, {"id_column": "key"}):
+        with pytest.raises(DatasetError, match="a txt input has no columns .* for parquet and jsonl"):
+            _run(path, tiny_model, tmp_path / "out", **options)
 
 
 def test_empty_and_missing_inputs_are_typed_errors(tmp_path, tiny_model):
@@ -267,7 +279,7 @@ def test_parquet_string_ids_and_missing_column(tmp_path, tiny_model, clip):
     assert [caption_id for caption_id, _, _ in got] == [f"img/{p}_{i}" for p in range(2) for i in range(5)]
     direct = clip.encode_from_tokens(clip.tokenize("a photo 1 4"), return_pooled=True)
     assert torch.equal(got[-1][1], direct[0][0]) and torch.equal(got[-1][2], direct[1][0])
-    with pytest.raises(DatasetError, match="no column 'text'"):
+    with pytest.raises(DatasetError, match=r"no column 'text'; columns are \['caption', 'key'\]"):
         _run(folder, tiny_model, tmp_path / "out2")
 
 

@@ -1,14 +1,17 @@
-"""A caption repeated within a shard is encoded once and written for each of its rows."""
+"""A caption repeated anywhere in a run (within a shard or in another one) is encoded once
+and written for each of its rows; the bytes are those of encoding every row."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from dataset_fixtures import folder_bytes
 from textenc.dataset import encode_dataset, open_shards
 from textenc.sd import load_clip
 
@@ -27,11 +30,13 @@ def texts() -> list[str]:
     return texts
 
 
-def _expected_reused(texts: list[str], max_chars: int) -> int:
-    """Rows whose caption occurred earlier in the same shard, not rejected."""
+def _expected_reused(texts: list[str], max_chars: int, *, across_shards: bool) -> int:
+    """Rows whose caption occurred earlier (in the same shard, or anywhere before), not rejected."""
     count = 0
+    seen = set()
     for start in range(0, len(texts), SHARD_ROWS):
-        seen = set()
+        if not across_shards:
+            seen = set()
         for text in texts[start:start + SHARD_ROWS]:
             if text in seen and len(text) <= max_chars:
                 count += 1
@@ -48,12 +53,14 @@ def _encode(tmp_path, texts, name, **kwargs):
 
 def test_repeats_are_encoded_once_and_written_for_each_row(tmp_path, tiny_model, texts):
     report = _encode(tmp_path, texts, "dedup", model=tiny_model)
-    expected = _expected_reused(texts, 600)
-    assert expected > 30 and report.reused == expected
+    expected = _expected_reused(texts, 600, across_shards=True)
+    within = _expected_reused(texts, 600, across_shards=False)
+    assert within > 30 and expected > within and report.reused == expected
     assert f"{expected} reused" in report.summary()
+    # The manifest counts repeats within each shard: the same whichever shards one run encoded.
     manifest = json.loads((tmp_path / "dedup" / "manifest.json").read_text())
-    assert manifest["totals"]["reused"] == expected
-    assert sum(s["reused"] for s in manifest["shards"]) == expected
+    assert manifest["totals"]["reused"] == within
+    assert sum(s["reused"] for s in manifest["shards"]) == within
     # The row mapping: every row holds its own caption's encoding, in input order.
     clip = load_clip(str(tiny_model))
     seen = []
@@ -78,3 +85,45 @@ def test_without_dedup_the_same_tensors(tmp_path, tiny_model, texts):
             assert a.keys() == b.keys()
             for key in a.keys():
                 assert torch.equal(a.get_tensor(key), b.get_tensor(key)), (name, key)
+
+
+@pytest.mark.parametrize("reuse_bytes", [None, 1])
+def test_repeats_in_other_shards_are_reused_with_the_same_bytes(tmp_path, tiny_model, monkeypatch, reuse_bytes):
+    """Every row after the first shard repeats a caption of an earlier shard (one of them
+    rejected, too long); at REUSE_BYTES=1 only one encoding is kept past its shard."""
+    import textenc.dataset.pipeline as pipeline
+
+    if reuse_bytes is not None:
+        monkeypatch.setattr(pipeline, "REUSE_BYTES", reuse_bytes)
+    base = ["a cat", "a (red:1.2) house at night", "x " * 90, "long " * 200, "a dog"] * 8  # 40 rows
+    texts = base + base[::-1] + base[3:] + base[:3]
+    report = _encode(tmp_path, texts, "dedup", model=tiny_model)
+    plain = _encode(tmp_path, texts, "plain", model=tiny_model, dedup=False)
+    for name in (f"shard-{index:05d}.safetensors" for index in range(3)):  # the metadata records dedup
+        with safe_open(str(tmp_path / "dedup" / name), "pt") as a, safe_open(str(tmp_path / "plain" / name), "pt") as b:
+            assert a.keys() == b.keys()
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), (name, key)
+    assert report.rejected == plain.rejected and len(report.rejected) == 24  # every "long " row
+    within = _expected_reused(texts, 600, across_shards=False)
+    if reuse_bytes is None:
+        assert report.reused == 96 - 4  # every kept row but the first of each caption
+    else:
+        assert within < report.reused < 96 - 4
+    # A resumed run writes the same folder, manifest included (it counts repeats per shard).
+    fresh = folder_bytes(tmp_path / "dedup")
+    for index in (1, 2):
+        (tmp_path / "dedup" / f"shard-{index:05d}.safetensors").unlink()
+    resumed = _encode(tmp_path, texts, "dedup", model=tiny_model)
+    assert resumed.shards_written == 2 and folder_bytes(tmp_path / "dedup") == fresh
+
+
+def test_a_finished_rerun_says_so_and_small_runs_show_a_rate(tmp_path, tiny_model):
+    texts = ["a cat", "a dog"] * 5
+    first = _encode(tmp_path, texts, "out", model=tiny_model)
+    assert re.search(r"wrote 1 of 1 shards \(0 skipped\), [0-9.]+ MB; [0-9.]+ captions/s$", first.summary())
+    rate = first.summary().rsplit("; ", 1)[1].split()[0]
+    assert float(rate) > 0, first.summary()  # three digits, not "0"
+    again = _encode(tmp_path, texts, "out", model=tiny_model)
+    assert "already complete: all 1 shards were written by an earlier run, nothing to encode" in again.summary()
+    assert "captions/s" not in again.summary() and "wrote 0" not in again.summary()

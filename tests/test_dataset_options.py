@@ -18,7 +18,7 @@ from test_sd1_clip import hf_models, hf_state, to_layout  # noqa: F401  (fixture
 from textenc.dataset import main, open_shards
 from textenc.dataset.cli import configure_parser
 from textenc.prompts.dialects import default_weight_mode
-from textenc.errors import DatasetError, LayerError, PromptError
+from textenc.errors import DatasetError, EmbeddingWarning, LayerError, PromptError
 from textenc.sd import load_clip
 
 
@@ -133,7 +133,7 @@ def test_options_given_with_their_default_are_the_same_options(tmp_path, caption
                 "--outputs", "cond,pooled", "--max-chars", "16384", "--max-windows", "64"]
     capsys.readouterr()
     assert main(args + explicit) == 0
-    assert "wrote 0 of 2 shards (2 skipped)" in capsys.readouterr().out
+    assert "already complete: all 2 shards were written by an earlier run" in capsys.readouterr().out
 
 
 # ---- what a refused re-run says ----------------------------------------------------------
@@ -164,6 +164,9 @@ def test_a_refused_rerun_names_each_change(tmp_path, captions, tiny_model):
 def test_every_option_has_help_that_shows_its_default():
     parser = configure_parser(argparse.ArgumentParser())
     for action in parser._actions:
+        if action.help == argparse.SUPPRESS:  # an old spelling kept as a hidden alias (--kind)
+            assert action.option_strings == ["--kind"]
+            continue
         if action.dest in ("help", "input", "model", "out"):
             assert action.help
             continue
@@ -189,6 +192,8 @@ BAD_ARGUMENTS = [
     ["in.txt", "--model", "m", "--out", "o", "--syntax", "bogus"],
     ["in.txt", "--model", "m", "--out", "o", "--clip-skip", "two"],
     ["in.txt", "--model", "m", "--out", "o", "--bogus"],
+    ["in.txt", "--model", "m", "--out", "o", "--shard-rws", "2"],
+    ["in.txt", "--modle", "m", "--out", "o"],
 ]
 USAGE_LINE = re.compile(r"(?P<prog>[^:]+): error: (?P<message>.+); see '(?P=prog) --help'\n")
 
@@ -216,8 +221,10 @@ def test_both_entry_points_give_the_same_usage_error(capsys, argv):
     line, other_line = USAGE_LINE.fullmatch(err), USAGE_LINE.fullmatch(other_err)
     assert line and other_line, (err, other_err)
     assert line["message"] == other_line["message"]
-    # An unknown option is reported by the outer ``textenc`` parser, as for every command.
-    assert line["prog"] == ("textenc" if "--bogus" in argv else "textenc encode-dataset")
+    # An unknown option is reported by the sub-command's own parser, with the closest option.
+    assert line["prog"] == "textenc encode-dataset"
+    if "--shard-rws" in argv or "--modle" in argv:
+        assert "(did you mean --shard-rows?)" in err or "(did you mean --model?)" in err
     assert other_line["prog"] == "python -m textenc.dataset"
 
 
@@ -276,3 +283,73 @@ def test_a_disk_fault_after_some_shards_says_how_to_resume(monkeypatch, tmp_path
     assert err.count("\n") == 1 and err.startswith("python -m textenc.dataset: error: ")
     assert f"{out / 'shard-00002.safetensors'}: the disk is full: free some space or write elsewhere; " \
            "2 of 2 shards are finished: run the same command again to resume" in err
+
+
+# ---- one vocabulary with textenc encode: --clip-type, --normalization, --embeddings (issue 28) ------
+
+STYLE_CAPTIONS = ["embedding:style a cat", "a (red:1.3) house by the (river:0.8)", "a cat",
+                  "embedding:style a cat"]
+
+
+@pytest.fixture()
+def styled(tmp_path) -> tuple[Path, Path]:
+    """``(captions file, embedding folder holding style.safetensors, 2 vectors of width 128)``."""
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(1)
+    save_file({"emb_params": torch.randn(2, 128, generator=generator) * 0.1}, str(folder / "style.safetensors"))
+    path = tmp_path / "styled.txt"
+    path.write_text("\n".join(STYLE_CAPTIONS) + "\n", encoding="utf-8")
+    return path, folder
+
+
+def test_embeddings_and_normalization_encode_as_the_library_does(tmp_path, styled, tiny_model):
+    path, folder = styled
+    _encode(path, tiny_model, tmp_path / "out", embeddings=folder, normalization="mean", shard_rows=2)
+    options = _manifest(tmp_path / "out")["options"]
+    assert options["normalization"] == "mean" and options["embeddings"]["folder"] == str(folder)
+    assert options["embeddings"]["sha256"].startswith("sha256:")
+    clip, plain = load_clip(str(tiny_model), embedding_directory=str(folder)), load_clip(str(tiny_model))
+    for row, cond, pooled in open_shards(tmp_path / "out"):
+        tokens = clip.tokenize(STYLE_CAPTIONS[row], return_word_ids=True)
+        direct = clip.encode_from_tokens(tokens, return_pooled=True, options={"normalization": "mean"})
+        assert torch.equal(cond, direct[0][0]) and torch.equal(pooled, direct[1][0])
+    first = next(iter(open_shards(tmp_path / "out")))[1]
+    with pytest.warns(EmbeddingWarning, match="read as text"):
+        as_text = plain.encode_from_tokens(plain.tokenize(STYLE_CAPTIONS[0]))[0]
+    assert not torch.equal(first, as_text[0])  # the embedding was used
+    # Another embedding under the same name is another encoding: the re-run says so.
+    save_file({"emb_params": torch.zeros(1, 128)}, str(folder / "style.safetensors"))
+    with pytest.raises(DatasetError, match="different options: embeddings"):
+        _encode(path, tiny_model, tmp_path / "out", embeddings=folder, normalization="mean", shard_rows=2)
+
+
+def test_clip_type_and_its_old_name_kind_are_one_option(tmp_path, captions, tiny_model, capsys):
+    argv = [str(captions[0]), "--model", str(tiny_model), "--limit", "5", "--no-progress", "--dtype", "fp32"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--clip-type", "sd1"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b"), "--kind", "sd1"]) == 0
+    assert _manifest(tmp_path / "a")["options"] == _manifest(tmp_path / "b")["options"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "c"), "--clip-type", "sd2"]) == 1  # an SD1 model
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(DatasetError, match="kind is the old name of clip_type"):
+        _encode(captions[0], tiny_model, tmp_path / "d", clip_type="sd1", kind="sd2")
+    _encode(captions[0], tiny_model, tmp_path / "e", kind="sd1", limit=5)  # the Python keyword too
+    help_text = configure_parser(argparse.ArgumentParser()).format_help()
+    assert "--clip-type" in help_text and "--kind" not in help_text and "--on-missing-embedding" in help_text
+
+
+def test_a_missing_embedding_warns_or_is_an_error(tmp_path, styled, tiny_model):
+    from textenc.errors import EmbeddingError
+
+    path, folder = styled
+    with pytest.warns(EmbeddingWarning, match="embedding:style read as text"):
+        _encode(path, tiny_model, tmp_path / "warn")  # no folder: ComfyUI's text, with a warning
+    with pytest.raises(EmbeddingError, match="embedding:style read as text.*on_missing_embedding='error'"):
+        _encode(path, tiny_model, tmp_path / "none", on_missing_embedding="error")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EmbeddingError, match="embedding:style skipped \\(missing"):
+        _encode(path, tiny_model, tmp_path / "other", embeddings=tmp_path / "empty", on_missing_embedding="error")
+    with pytest.raises(DatasetError, match="on_missing_embedding 'fatal'"):
+        _encode(path, tiny_model, tmp_path / "bad", on_missing_embedding="fatal")
+    _encode(path, tiny_model, tmp_path / "ok", embeddings=folder, on_missing_embedding="error")

@@ -61,6 +61,9 @@ def hf_vision():
 def models(tmp_path_factory, hf_text, hf_vision) -> Path:
     root = tmp_path_factory.mktemp("models")
     save_sd(to_layout(hf_text.state_dict(), "sd1"), root / "text_encoders" / "tiny_sd1.safetensors")
+    # A full checkpoint: the text encoder under its SD1 prefix, beside a UNet weight.
+    full = {**to_layout(hf_text.state_dict(), "sd1"), "model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4)}
+    save_sd(full, root / "checkpoints" / "tiny_full.safetensors")
     save_sd(hf_vision.state_dict(), root / "clip_vision" / "tiny_vision.safetensors")
     (root / "embeddings").mkdir()
     return root
@@ -105,7 +108,15 @@ def run(pack, name, **inputs):
 EXPECTED = {"CLIPLoader", "DualCLIPLoader", "CLIPSetLastLayer", "CLIPTextEncode", "CLIPTextEncodeSDXL",
             "CLIPTextEncodeAdvancedTextenc", "CLIPVisionLoader", "CLIPVisionEncode", "unCLIPConditioning",
             "PhotoMakerLoader", "PhotoMakerEncode", "ConditioningConcat", "ConditioningCombine",
-            "ConditioningAverage", "ConditioningZeroOut"}
+            "ConditioningAverage", "ConditioningZeroOut", "CheckpointCLIPLoaderTextenc"}
+
+# Stock ComfyUI's display names of its nodes among these (nodes.py's NODE_DISPLAY_NAME_MAPPINGS,
+# read from ComfyUI's source; its key "ConditioningAverage " has a trailing space, so that node
+# shows its class name).
+COMFYUI_DISPLAY_NAMES = {"CLIPLoader": "Load CLIP", "CLIPSetLastLayer": "CLIP Set Last Layer",
+                         "CLIPTextEncode": "CLIP Text Encode (Prompt)", "CLIPVisionLoader": "Load CLIP Vision",
+                         "CLIPVisionEncode": "CLIP Vision Encode", "ConditioningCombine": "Conditioning (Combine)",
+                         "ConditioningConcat": "Conditioning (Concat)"}
 
 
 def _check_input(node_name: str, input_name: str, spec) -> None:
@@ -130,7 +141,8 @@ def _check_input(node_name: str, input_name: str, spec) -> None:
 def test_pack_contract(pack, models_dir):
     aliases = {pack.ALIAS_PREFIX + n for n in EXPECTED if not n.endswith("Textenc")}
     assert set(pack.NODE_CLASS_MAPPINGS) == EXPECTED | aliases
-    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == EXPECTED | aliases
+    own = {name for name in EXPECTED if name.endswith("Textenc")}
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == own | set(COMFYUI_DISPLAY_NAMES) | aliases
     for alias in aliases:  # an alias is the same class under a name stock ComfyUI won't shadow
         assert pack.NODE_CLASS_MAPPINGS[alias] is pack.NODE_CLASS_MAPPINGS[alias[len(pack.ALIAS_PREFIX):]]
     for name, cls in pack.NODE_CLASS_MAPPINGS.items():
@@ -150,7 +162,43 @@ def test_pack_contract(pack, models_dir):
         assert set(inputs) <= set(parameters), f"{name}.{cls.FUNCTION} misses inputs"
         assert isinstance(cls.CATEGORY, str) and cls.CATEGORY, name
         assert isinstance(cls.DESCRIPTION, str) and cls.DESCRIPTION, name
-        assert isinstance(pack.NODE_DISPLAY_NAME_MAPPINGS[name], str), name
+        assert isinstance(pack.NODE_DISPLAY_NAME_MAPPINGS.get(name, name), str), name
+
+
+def test_no_built_in_display_name_changes(pack):
+    """ComfyUI merges a pack's display names into its own: a built-in node's name is given
+    only as ComfyUI gives it (ConditioningAverage keeps its class name), the aliases say textenc."""
+    for name, display in pack.NODE_DISPLAY_NAME_MAPPINGS.items():
+        if name in EXPECTED and not name.endswith("Textenc"):
+            assert display == COMFYUI_DISPLAY_NAMES[name], name
+        else:
+            assert display.endswith("(textenc)") or "textenc" in display, name
+    assert "ConditioningAverage" not in pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["TextencConditioningAverage"] == "ConditioningAverage (textenc)"
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["TextencCLIPLoader"] == "Load CLIP (textenc)"
+
+
+def test_checkpoint_loader_loads_the_text_encoder_of_a_full_checkpoint(pack, models_dir):
+    listed = pack.NODE_CLASS_MAPPINGS["CheckpointCLIPLoaderTextenc"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    assert listed == ["tiny_full.safetensors"]
+    (from_checkpoint,) = run(pack, "CheckpointCLIPLoaderTextenc", ckpt_name="tiny_full.safetensors")
+    (from_file,) = run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="sd1")
+    (a,) = run(pack, "CLIPTextEncode", clip=from_checkpoint, text=PROMPT)
+    (b,) = run(pack, "CLIPTextEncode", clip=from_file, text=PROMPT)
+    assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1]["pooled_output"], b[0][1]["pooled_output"])
+    with pytest.raises(CheckpointError, match="CheckpointCLIPLoaderTextenc: ckpt_name"):
+        run(pack, "CheckpointCLIPLoaderTextenc", ckpt_name="../text_encoders/tiny_sd1.safetensors")
+
+
+def test_a_comfyui_clip_is_refused_naming_the_textenc_loaders(pack, models_dir):
+    comfy_clip = type("CLIP", (), {"__module__": "comfy.sd"})()  # what ComfyUI's own loaders return
+    with pytest.raises(CheckpointError) as error:
+        run(pack, "TextencCLIPTextEncode", clip=comfy_clip, text="a cat")
+    message = str(error.value)
+    assert "got ComfyUI's own CLIP (comfy.sd.CLIP)" in message
+    assert '"Load CLIP (textenc)"' in message and '"Load Checkpoint CLIP (textenc)"' in message
+    for display in ("Load CLIP (textenc)", "DualCLIPLoader (textenc)", "Load Checkpoint CLIP (textenc)"):
+        assert display in pack.NODE_DISPLAY_NAME_MAPPINGS.values()  # the names it gives exist
 
 
 def test_comfyui_inputs_and_defaults(pack, models_dir):

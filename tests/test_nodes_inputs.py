@@ -34,6 +34,7 @@ def valid(pack, models_dir):  # noqa: F811
     sizes = dict(width=1024, height=1024, crop_w=0, crop_h=0, target_width=1024, target_height=1024)
     return {
         "CLIPLoader": dict(clip_name="tiny_sd1.safetensors", type="sd1", device="cpu"),
+        "CheckpointCLIPLoaderTextenc": dict(ckpt_name="tiny_full.safetensors", device="cpu"),
         "DualCLIPLoader": dict(clip_name1="tiny_sd1.safetensors", clip_name2="tiny_sd1.safetensors",
                                type="sdxl", device="cpu"),
         "CLIPSetLastLayer": dict(clip=clip, stop_at_clip_layer=-1),
@@ -66,6 +67,12 @@ CASES = [
     ("CLIPLoader", "clip_name", "../tiny_sd1.safetensors", CheckpointError, "CLIPLoader: clip_name .*climbs out"),
     ("CLIPLoader", "type", "flux", CheckpointError, "CLIPLoader: type 'flux' is not one of"),
     ("CLIPLoader", "device", "gpu", TextencError, "CLIPLoader: device 'gpu' is not one of"),
+    ("CheckpointCLIPLoaderTextenc", "ckpt_name", 5, CheckpointError,
+     "CheckpointCLIPLoaderTextenc: ckpt_name must be a string"),
+    ("CheckpointCLIPLoaderTextenc", "ckpt_name", "../checkpoints/x.safetensors", CheckpointError,
+     "CheckpointCLIPLoaderTextenc: ckpt_name .*climbs out"),
+    ("CheckpointCLIPLoaderTextenc", "device", "gpu", TextencError,
+     "CheckpointCLIPLoaderTextenc: device 'gpu' is not one of"),
     ("DualCLIPLoader", "clip_name1", None, CheckpointError, "clip_name1 must be a string"),
     ("DualCLIPLoader", "clip_name2", "/etc/passwd", CheckpointError, "clip_name2 .*relative"),
     ("DualCLIPLoader", "type", "sd1", CheckpointError, "DualCLIPLoader: type 'sd1'"),

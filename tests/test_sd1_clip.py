@@ -448,8 +448,9 @@ def test_strict_false_tolerates_unexpected_keys_only(hf_models):
 def test_unknown_options_raise_prompt_error(hf_models):
     model = sd1_model(hf_models)
     windows = _weighted_windows(1)
-    with pytest.raises(PromptError, match="unknown clip option"):
+    with pytest.raises(PromptError, match="unknown clip option") as error:
         model.encode_token_weights(windows, options={"layr": -2})
+    assert "the options are compute_dtype, layer, layer_norm_hidden_state" in str(error.value)  # the fix
     with pytest.raises(PromptError, match="weight_mode"):
         model.encode_token_weights(windows, options={"weight_mode": "A1111"})
     with pytest.raises(PromptError, match="normalization"):

@@ -19,6 +19,7 @@ from .commands.common import CommandParser, run_command
 from .commands.encode import add_encode, read_prompts
 from .commands.inspect import add_inspect
 from .commands.vision import add_vision
+from .warn import missing_embedding_policy
 
 __all__ = ["main", "build_parser", "read_prompts"]
 
@@ -57,4 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
     except SystemExit as done:  # --help, --version (0) or a usage error (2), already printed
         return done.code if isinstance(done.code, int) else 2
-    return run_command(lambda: args.run(args), prog="textenc")
+    return run_command(lambda: _run(args), prog="textenc")
+
+
+def _run(args: argparse.Namespace) -> int:
+    with missing_embedding_policy(getattr(args, "on_missing_embedding", "warn")):
+        return args.run(args)

@@ -7,11 +7,19 @@ whose file is not inside the ``textenc`` package is the one reported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
+from typing import Iterator
 
-__all__ = ["warn_at_caller"]
+from .errors import EmbeddingError, EmbeddingWarning
+
+__all__ = ["warn_at_caller", "ON_MISSING_EMBEDDING", "missing_embedding_policy"]
+
+#: What an ``embedding:name`` that cannot be used does: ``warn`` (an EmbeddingWarning, and the
+#: prompt goes on) or ``error`` (an EmbeddingError ends the call).
+ON_MISSING_EMBEDDING = ("warn", "error")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -36,3 +44,35 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+@contextlib.contextmanager
+def missing_embedding_policy(mode: str) -> Iterator[None]:
+    """Inside, ``mode="error"`` turns every :class:`~textenc.errors.EmbeddingWarning` (an
+    ``embedding:name`` missing from the folder, refused, or given without a folder) into an
+    :class:`~textenc.errors.EmbeddingError` naming the option (in Python and on the command
+    line); ``"warn"`` changes nothing.
+
+    Warning filters are the process's, so this covers threads started inside (a dataset's
+    tokenizer thread) but not other processes.
+
+    >>> with missing_embedding_policy("error"):
+    ...     warnings.warn("embedding:x skipped", EmbeddingWarning)
+    Traceback (most recent call last):
+    textenc.errors.EmbeddingError: embedding:x skipped (an error as asked: on_missing_embedding='error', --on-missing-embedding error)
+
+    Raises:
+        ValueError: a mode not in :data:`ON_MISSING_EMBEDDING`.
+    """
+    if mode not in ON_MISSING_EMBEDDING:
+        raise ValueError(f"on_missing_embedding {mode!r} is not one of {ON_MISSING_EMBEDDING}")
+    if mode == "warn":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbeddingWarning)
+        try:
+            yield
+        except EmbeddingWarning as warning:
+            raise EmbeddingError(f"{warning} (an error as asked: on_missing_embedding='error', "
+                                 "--on-missing-embedding error)") from None

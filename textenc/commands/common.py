@@ -1,5 +1,6 @@
-"""What every textenc command line shares: its parser class, its exit statuses,
-how a fault becomes one line, and checks of ``--out``/``--embeddings``.
+"""What every textenc command line shares: its parser class (:mod:`.parser`, re-exported
+here), its exit statuses, how a fault becomes one line, shared options and checks of
+``--out``/``--embeddings``.
 
 Used by ``textenc`` / ``python -m textenc`` (:mod:`textenc.cli`) and meant for
 ``python -m textenc.dataset`` as well, so that every command answers alike:
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -32,19 +34,18 @@ from typing import Callable, Iterator
 
 from ..prompts.dialects import DIALECT_OPTIONS, dialect_options
 from ..errors import TextencError
+from ..warn import ON_MISSING_EMBEDDING
+from .parser import (EXIT_USAGE, CommandParser, HelpFormatter, did_you_mean, one_line,  # noqa: F401 (re-exported)
+                     positive_int)
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "CommandParser",
-           "HelpFormatter", "Terminated", "run_command", "positive_int", "add_dialect_flags", "dialect_flag_options",
-           "describe_error", "one_line", "show_path",
+           "HelpFormatter", "Terminated", "did_you_mean", "add_embedding_options", "EMBEDDINGS_HELP",
+           "ON_MISSING_HELP", "add_progress_flag", "command_line_words", "run_command", "positive_int",
+           "add_dialect_flags", "dialect_flag_options", "describe_error", "one_line", "show_path",
            "check_out_file", "check_folder", "write_file_atomically", "progress"]
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR = 0, 1
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: the shell's convention
-
-
-def one_line(message: object) -> str:
-    """``message`` with every run of whitespace (newlines included) made one space."""
-    return " ".join(str(message).split())
 
 
 def show_path(path: str | os.PathLike) -> str:
@@ -52,78 +53,22 @@ def show_path(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-# --- parser -----------------------------------------------------------------------
+# --- embeddings -------------------------------------------------------------------
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows every option's default and writes choices as typed, ``{a|b|c}``.
-
-    A comma inside a choice (``cond,pooled``) stays readable because choices
-    are separated by ``|``. An option whose help already says ``default`` is
-    left alone; a flag (``store_true``) shows ``(default: off)``; an option
-    whose default is None must say in its help what happens without it.
-    """
-
-    def _metavar_formatter(self, action: argparse.Action, default_metavar: str):
-        if action.metavar is None and action.choices is not None and action.option_strings:
-            text = "{" + "|".join(str(choice) for choice in action.choices) + "}"
-            return lambda size: (text,) * size
-        return super()._metavar_formatter(action, default_metavar)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        if not action.option_strings or "default" in help_text or action.default is argparse.SUPPRESS:
-            return help_text
-        if isinstance(action, argparse._StoreTrueAction):
-            return f"{help_text} (default: off)"
-        if action.default is not None:
-            return f"{help_text} (default: %(default)s)"
-        return help_text
+EMBEDDINGS_HELP = ("textual-inversion folder for embedding:name (default: none: each embedding:name is then "
+                   "encoded as plain text, as ComfyUI does, with a warning; a name missing from the folder is "
+                   "left out of the prompt, with a warning)")
+ON_MISSING_HELP = ("warn: an embedding:name that cannot be used (no --embeddings folder, not in it, or refused) "
+                   "is a warning and the prompt goes on as --embeddings says; error: it ends the command with "
+                   "exit status 1 (default: %(default)s)")
 
 
-class CommandParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` with textenc's help layout and one-line usage errors.
-
-    Sub-command parsers made with ``add_subparsers().add_parser`` are of the
-    same class, so every sub-command behaves alike.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-        self._checks: list[Callable[[argparse.Namespace], str | None]] = []
-
-    def add_check(self, check: Callable[[argparse.Namespace], str | None]) -> None:
-        """After parsing, ``check(namespace)`` returns None or the problem of a combination
-        of options (``--steps`` with a syntax that has no schedules); a problem is a
-        usage error of this parser (one line, status 2), before anything runs."""
-        self._checks.append(check)
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        namespace, extras = super().parse_known_args(args, namespace)
-        for check in self._checks:
-            problem = check(namespace)
-            if problem:
-                self.error(problem)
-        return namespace, extras
-
-    def error(self, message: str):  # type: ignore[override]
-        """Print ``PROG: error: MESSAGE; see 'PROG --help'`` and exit with status 2."""
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}; see '{self.prog} --help'\n")
-
-
-def positive_int(text: str) -> int:
-    """An argparse ``type``: a whole number of at least 1 (a bad one is a usage error).
-
-    >>> positive_int("3")
-    3
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def add_embedding_options(parser: argparse.ArgumentParser) -> None:
+    """``--embeddings DIR`` and ``--on-missing-embedding warn|error`` (``textenc``'s main applies
+    ``args.on_missing_embedding`` with :func:`textenc.warn.missing_embedding_policy`)."""
+    parser.add_argument("--embeddings", metavar="DIR", default=None, help=EMBEDDINGS_HELP)
+    parser.add_argument("--on-missing-embedding", choices=ON_MISSING_EMBEDDING, default="warn",
+                        help=ON_MISSING_HELP)
 
 
 # --- a dialect's own options -------------------------------------------------------
@@ -227,9 +172,26 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: Python parameters that library messages name, as the command line spells them.
+_COMMAND_LINE_SPELLINGS = ((re.compile(r"\bpass max_weight= "), "pass --max-weight W "),
+                           (re.compile(r"\bmax_weight=(?=\d)"), "--max-weight "),
+                           (re.compile(r"\braise max_weight\b"), "raise --max-weight"))
+
+
+def command_line_words(text: str) -> str:
+    """``text`` with the Python parameters it names written as the command-line options.
+
+    >>> command_line_words("weight 500; pass max_weight= to refuse them")
+    'weight 500; pass --max-weight W to refuse them'
+    """
+    for pattern, spelling in _COMMAND_LINE_SPELLINGS:
+        text = pattern.sub(spelling, text)
+    return text
+
+
 def _warning_printer(prog: str):
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"{prog}: warning: {one_line(message)}", file=sys.stderr)
+        print(f"{prog}: warning: {command_line_words(one_line(message))}", file=sys.stderr)
     return show
 
 
@@ -257,7 +219,7 @@ def run_command(run: Callable[[], int], *, prog: str) -> int:
             _silence_stdout()
             return EXIT_ERROR
         except (TextencError, OSError, UnicodeError) as error:
-            print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
+            print(f"{prog}: error: {command_line_words(describe_error(error))}", file=sys.stderr)
             return EXIT_ERROR
 
 
@@ -269,9 +231,20 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
-def progress(items: list, description: str, unit: str = "item"):
-    """``items`` wrapped in a tqdm bar on stderr when there are several and tqdm is installed."""
-    if len(items) < 2:
+PROGRESS_HELP = "show a progress bar even when stderr is not a terminal (default: off: a bar only on a terminal)"
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    """``--progress``: a bar even when stderr is not a terminal (a log file, a pipe)."""
+    parser.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
+
+
+def progress(items: list, description: str, unit: str = "item", *, enabled: bool | None = None):
+    """``items`` wrapped in a tqdm bar on stderr when there are several and tqdm is installed:
+    ``enabled`` True always, None (default) only when stderr is a terminal, False never."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if len(items) < 2 or not enabled:
         return items
     try:
         from tqdm import tqdm

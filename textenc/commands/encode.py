@@ -18,8 +18,8 @@ from typing import Any
 from ..prompts.dialects import SYNTAXES, default_weight_mode
 from ..errors import LayerError, TextencError
 from ..text_encoders.clip_skip import layer_from_clip_skip
-from .common import (add_dialect_flags, check_folder, check_out_file, dialect_flag_options, progress,
-                     show_path, write_file_atomically)
+from .common import (add_dialect_flags, add_embedding_options, add_progress_flag, check_folder, check_out_file,
+                     dialect_flag_options, progress, show_path, write_file_atomically)
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
@@ -137,9 +137,10 @@ def run_encode(args: argparse.Namespace) -> int:
     options, recorded_options = resolve_options(args, clip)
     syntax_options = dialect_flag_options(args)
     tensors = {}
-    for index, prompt in enumerate(progress(prompts, "encode", "prompt")):
+    limits = {} if args.max_weight is None else {"max_weight": args.max_weight}
+    for index, prompt in enumerate(progress(prompts, "encode", "prompt", enabled=args.progress or None)):
         # word ids: --normalization groups tokens by word (the weights are the same either way)
-        tokens = clip.tokenize(prompt, return_word_ids=True, syntax=args.syntax, **syntax_options)
+        tokens = clip.tokenize(prompt, return_word_ids=True, syntax=args.syntax, **syntax_options, **limits)
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
         tensors[f"cond_{index}"] = cond.detach().contiguous().cpu()
         tensors[f"pooled_{index}"] = pooled.detach().contiguous().cpu()
@@ -171,6 +172,8 @@ def add_encode(sub) -> argparse.ArgumentParser:
              "diffusers model folder (required)")
     add("--clip-type", choices=CLIP_TYPES, default="auto",
         help="model type; auto detects it from the weights")
+    add("--kind", dest="clip_type", choices=CLIP_TYPES, default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS)  # encode-dataset's old name of --clip-type, kept for one release
     add("--clip-skip", type=int, default=None, metavar="N", help=CLIP_SKIP_HELP)
     add("--syntax", choices=SYNTAXES, default="comfy", help=SYNTAX_HELP)
     add_dialect_flags(parser)
@@ -179,8 +182,19 @@ def add_encode(sub) -> argparse.ArgumentParser:
         help=f"how token weights are applied, see textenc.text_encoders.weighting (default: the one that goes with --syntax: {pairs})")
     add("--normalization", choices=NORMALIZATIONS, default="none",
         help="rescaling of the weights of each prompt")
-    add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none; "
-        "each embedding:name is then skipped with a warning)")
+    add_embedding_options(parser)
+    add("--max-weight", type=float, default=None, metavar="W",
+        help="refuse a prompt with a token weighted above W (comfy and a1111 syntax) (default: none: weights "
+             "above 100 are a warning)")
+    add_progress_flag(parser)
     add("--out", required=True, metavar="FILE", help="output .safetensors file; its folder must exist (required)")
+    parser.add_check(_check_prompts)
     parser.set_defaults(run=run_encode)
     return parser
+
+
+def _check_prompts(args: argparse.Namespace) -> str | None:
+    """No prompt argument and no --prompts-file is a usage error (exit 2)."""
+    if args.prompts or args.prompts_file:
+        return None
+    return "no prompts: give them as arguments or with --prompts-file"

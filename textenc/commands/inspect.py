@@ -177,8 +177,9 @@ def add_inspect(sub) -> argparse.ArgumentParser:
     add("--model", action="append", metavar="PATH",
         help="read the tokenizer and embedding width from this checkpoint file or diffusers model "
              "folder, as textenc encode --model (default: none: the bundled --tokenizer)")
-    add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none; "
-        "each embedding:name is then reported missing)")
+    add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none: each "
+        "embedding:name is then read as plain text, as ComfyUI does, with a warning; one missing from the "
+        "folder is left out, with a warning and an embeddings: line saying why)")
     add("--steps", type=positive_int, default=None, metavar="N",
         help="sampling steps, as steps= of CLIP.encode_scheduled: print the prompt's schedule instead "
              "(A1111 prompt editing [a:b:when], alternation [a|b] and AND parts): for each part and each "

@@ -7,7 +7,7 @@ import json
 import os
 
 from ..errors import CheckpointError, TextencError
-from .common import check_out_file, progress, show_path, write_file_atomically
+from .common import add_progress_flag, check_out_file, progress, show_path, write_file_atomically
 
 __all__ = ["add_vision", "run_vision"]
 
@@ -16,7 +16,8 @@ def _read_image(path: str):
     try:
         from PIL import Image
     except ImportError:
-        raise TextencError("textenc vision needs Pillow: pip install pillow") from None
+        raise TextencError("textenc vision needs Pillow: pip install 'textenc[vision]' "
+                           "(or pip install pillow)") from None
     import numpy as np
     import torch
 
@@ -54,7 +55,7 @@ def run_vision(args: argparse.Namespace) -> int:
 
     model = clip_vision.load(_check_model_file(args.model))
     tensors = {}
-    for index, path in enumerate(progress(list(args.images), "vision", "image")):
+    for index, path in enumerate(progress(list(args.images), "vision", "image", enabled=args.progress or None)):
         out = model.encode_image(_read_image(path), crop=args.crop == "center")
         tensors[f"image_embeds_{index}"] = out.image_embeds.detach().contiguous().cpu()
         if args.hidden_states:
@@ -80,6 +81,7 @@ def add_vision(sub) -> argparse.ArgumentParser:
     add("--crop", choices=("center", "none"), default="center",
         help="center: resize the short side, then crop the middle square; none: stretch the whole image to the square")
     add("--hidden-states", action="store_true", help="also save penultimate_hidden_states_{i}")
+    add_progress_flag(parser)
     add("--out", required=True, metavar="FILE", help="output .safetensors file; its folder must exist (required)")
     parser.set_defaults(run=run_vision)
     return parser

@@ -16,13 +16,14 @@ that running the same command again resumes.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Sequence
 
-from ..commands.common import (CommandParser, add_dialect_flags, describe_error, dialect_flag_options, positive_int,
-                               run_command)
+from ..commands.common import (PROGRESS_HELP, CommandParser, add_dialect_flags, add_embedding_options, check_folder,
+                               describe_error, dialect_flag_options, positive_int, run_command)
 from ..prompts.dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
 from ..errors import DatasetError, TextencError
-from ..text_encoders.weighting import WEIGHT_MODES
+from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES
 from .compute import COMPUTE_DTYPES, DEFAULT_THREADS
 from .driver import KINDS, OUTPUTS, encode_dataset
 from .dry_run import format_plan
@@ -49,7 +50,11 @@ def _syntax_weight_modes() -> str:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--kind", choices=KINDS, default=None, help="model kind (default: detected from the file)")
+    add("--clip-type", choices=("auto", *KINDS), default="auto",
+        help="model type, as textenc encode --clip-type; auto detects it from the weights "
+             "(default: %(default)s)")
+    add("--kind", dest="clip_type", choices=("auto", *KINDS), default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS)  # the old name of --clip-type, kept for one release
     add("--clip-skip", type=_clip_skip, default=None, metavar="N",
         help="A1111/civitai clip skip: 1 = the last layer, 2 = the penultimate, up to the model's "
              "depth; ComfyUI's -1/-2 mean the same (default: the kind's own layer: last for SD1, "
@@ -59,6 +64,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     add_dialect_flags(parser)
     add("--weight-mode", choices=WEIGHT_MODES, default=None,
         help=f"how prompt weights apply (default: the syntax's own: {_syntax_weight_modes()})")
+    add("--normalization", choices=NORMALIZATIONS, default="none",
+        help="rescaling of the weights of each caption, as textenc encode --normalization "
+             "(recorded; default: %(default)s)")
+    add_embedding_options(parser)  # the folder is recorded with a sha256 of its embedding files
     add("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32",
         help="dtype the model runs in: bf16 needs a CPU with bf16 units (AVX512-BF16/AMX) "
              "or CUDA, fp16 CUDA; auto picks bf16 where it is fast, else fp32 "
@@ -79,8 +88,9 @@ def _add_output_options(add) -> None:
     add("--max-windows", type=positive_int, default=64,
         help="reject captions needing more 77-token windows (default: %(default)s)")
     add("--no-dedup", action="store_true",
-        help="encode every row even when its caption repeats one earlier in its shard "
-             "(default: off: a repeat is encoded once and written for each row)")
+        help="encode every row even when its caption repeats an earlier one "
+             "(default: off: a repeat anywhere in the run is encoded once and written for each row; "
+             "the bytes are the same)")
     add("--overwrite", action="store_true",
         help="replace an output folder encoded with other options, model or input (default: off)")
     add("--limit", type=positive_int, default=None, help="encode only the first N rows (default: all)")
@@ -99,6 +109,8 @@ def _add_engine_options(add) -> None:
     add("--ray-address", default=None, help="join this Ray cluster (default: start one locally)")
     add("--dry-run", action="store_true", help="print the plan, encode nothing (default: off)")
     add("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
+    add("--progress", action="store_true", help=PROGRESS_HELP)
+    add("--verbose", action="store_true", help="also print Ray's own INFO and WARNING lines (default: off)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -147,15 +159,16 @@ def _progress_phrase(out: str) -> str:
 def _encode(args: argparse.Namespace):
     return encode_dataset(
         args.input, model=args.model, out=args.out, column=args.column, id_column=args.id_column,
-        kind=args.kind, clip_skip=args.clip_skip, syntax=args.syntax, **dialect_flag_options(args),
-        weight_mode=args.weight_mode,
+        clip_type=args.clip_type, clip_skip=args.clip_skip, syntax=args.syntax, **dialect_flag_options(args),
+        weight_mode=args.weight_mode, normalization=args.normalization, embeddings=args.embeddings,
+        on_missing_embedding=args.on_missing_embedding,
         outputs=args.outputs, dtype=args.dtype, shard_rows=args.shard_rows,
         batch_size=args.batch_size, engine=args.engine, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, ray_address=args.ray_address,
         overwrite=args.overwrite, limit=args.limit, dry_run=args.dry_run, device=args.device,
         max_chars=args.max_chars, max_windows=args.max_windows, threads=args.threads,
         compute_dtype=args.compute_dtype, dedup=not args.no_dedup,
-        progress=False if args.no_progress else None)
+        progress=False if args.no_progress else True if args.progress else None)
 
 
 def run_encode_dataset(args: argparse.Namespace) -> int:
@@ -170,6 +183,10 @@ def run_encode_dataset(args: argparse.Namespace) -> int:
         KeyboardInterrupt: SIGINT or SIGTERM, re-raised with how many shards are
             finished and that running the same command again resumes.
     """
+    if args.embeddings is not None:
+        check_folder(args.embeddings, "--embeddings")
+    if args.verbose:  # Ray's own INFO and WARNING lines too (see textenc.dataset.engines.ray)
+        logging.getLogger("textenc").setLevel(logging.INFO)
     try:
         report = _encode(args)
     except KeyboardInterrupt as interrupt:

@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..commands.common import check_folder
 from ..prompts.dialects import check_syntax, default_weight_mode, dialect_options
 from ..errors import DatasetError
 from ..sd import CLIP_TYPES
-from ..text_encoders.weighting import WEIGHT_MODES
+from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES
+from ..warn import ON_MISSING_EMBEDDING, missing_embedding_policy
 from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
 from .dry_run import dry_run_report
 from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings, layer_for_clip_skip, resolved_layers
@@ -29,8 +31,8 @@ from .format import FORMAT_VERSION, write_manifest, write_safetensors
 from .inputs import read_captions
 from .lock import FolderLock
 from .manifest import Run, base_manifest, finish_manifest, prepare_folder, shard_totals
-from .model import cast_for_compute, load_model, model_fingerprint, resolve_device
-from .pipeline import ShardContext, ShardJob, plan_shards
+from .model import cast_for_compute, embeddings_fingerprint, load_model, model_fingerprint, resolve_device
+from .pipeline import ReusePlan, ShardContext, ShardJob, plan_shards, reuse_plan, reused_across_shards
 from .report import DatasetReport
 
 __all__ = ["encode_dataset", "KINDS", "OUTPUTS"]
@@ -48,11 +50,15 @@ class Request:
     out: str | os.PathLike
     column: str
     id_column: str | None
+    clip_type: str | None
     kind: str | None
     clip_skip: int | None
     syntax: str
     truncate_long_prompts: bool
     weight_mode: str | None
+    normalization: str
+    embeddings: str | os.PathLike | None
+    on_missing_embedding: str
     outputs: str
     dtype: str
     shard_rows: int
@@ -76,9 +82,14 @@ class Request:
 
 def _check_request(request: Request) -> None:
     r = request
-    checks = [(r.kind is None or r.kind in KINDS, f"kind {r.kind!r} is not one of {KINDS}"),
+    checks = [(r.clip_type in (None, "auto", *KINDS), f"clip_type {r.clip_type!r} is not one of {KINDS}"),
+              (r.kind in (None, "auto", *KINDS), f"kind {r.kind!r} is not one of {KINDS}"),
               (r.weight_mode is None or r.weight_mode in WEIGHT_MODES,
                f"weight_mode {r.weight_mode!r} is not one of {WEIGHT_MODES}"),
+              (r.normalization in NORMALIZATIONS,
+               f"normalization {r.normalization!r} is not one of {NORMALIZATIONS}"),
+              (r.on_missing_embedding in ON_MISSING_EMBEDDING,
+               f"on_missing_embedding {r.on_missing_embedding!r} is not one of {ON_MISSING_EMBEDDING}"),
               (r.outputs in OUTPUTS, f"outputs {r.outputs!r} is not one of {OUTPUTS}"),
               (r.dtype in OUTPUT_DTYPES, f"dtype {r.dtype!r} is not one of {tuple(OUTPUT_DTYPES)}"),
               (min(r.shard_rows, r.batch_size, r.workers, r.threads) >= 1,
@@ -94,6 +105,24 @@ def _check_request(request: Request) -> None:
     dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
 
 
+def _resolve_request(request: Request) -> Request:
+    """``clip_type`` from ``clip_type`` or its old name ``kind`` ("auto" is None), and the
+    embedding folder checked and made absolute.
+
+    Raises:
+        DatasetError: ``clip_type`` and ``kind`` that disagree; a missing embedding folder.
+    """
+    clip_type = None if request.clip_type == "auto" else request.clip_type
+    kind = None if request.kind == "auto" else request.kind
+    if clip_type is not None and kind is not None and clip_type != kind:
+        raise DatasetError(f"clip_type {clip_type!r} and kind {kind!r} disagree; kind is the old name "
+                           "of clip_type: give clip_type only")
+    embeddings = request.embeddings
+    if embeddings is not None:
+        embeddings = os.path.abspath(check_folder(embeddings, "embeddings"))
+    return dataclasses.replace(request, clip_type=clip_type or kind, kind=None, embeddings=embeddings)
+
+
 def _write_empty(run: Run, empty) -> None:
     tensors = {"cond": empty[0], "pooled": empty[1]}
     metadata = {"format": FORMAT_VERSION, "model_fingerprint": run.context.fingerprint,
@@ -103,9 +132,10 @@ def _write_empty(run: Run, empty) -> None:
 
 
 def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: str | os.PathLike,
-                   column: str = "text", id_column: str | None = None, kind: str | None = None,
+                   column: str = "text", id_column: str | None = None, clip_type: str | None = None,
                    clip_skip: int | None = None, syntax: str = "comfy", truncate_long_prompts: bool = True,
-                   weight_mode: str | None = None,
+                   weight_mode: str | None = None, normalization: str = "none",
+                   embeddings: str | os.PathLike | None = None, on_missing_embedding: str = "warn",
                    outputs: str = "cond,pooled", dtype: str = "fp16", shard_rows: int = 10000,
                    batch_size: int = 64, engine: str = "local", workers: int = 1,
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
@@ -113,7 +143,8 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                    device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
                    threads: int = DEFAULT_THREADS, compute_dtype: str = "fp32", dedup: bool = True,
                    progress: bool | None = None,
-                   on_shard_written: Callable[[int], None] | None = None) -> DatasetReport:
+                   on_shard_written: Callable[[int], None] | None = None,
+                   kind: str | None = None) -> DatasetReport:
     """Encode every caption of ``input`` with the CLIP text encoder(s) of ``model`` into ``out``.
 
     Args:
@@ -127,15 +158,24 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             ``truncate_long_prompts`` is compel's (True: one 77-token window;
             False: compel's chunks), recorded for ``compel`` (null for the other
             syntaxes, which refuse False); ``weight_mode`` None is the syntax's
-            own. ``dtype`` is the stored dtype; ``max_chars``/``max_windows`` reject over-long captions;
+            own. ``clip_type`` is the model type (``sd1``, ``sd2``, ``sdxl``; None or
+            ``"auto"``: detected), as ``textenc encode --clip-type``; ``kind`` is its old
+            name, kept for one release. ``normalization`` rescales each caption's weights
+            as ``textenc encode --normalization``; ``embeddings`` is the textual-inversion
+            folder for ``embedding:name`` (recorded with a sha256 over its embedding files);
+            ``on_missing_embedding`` is ``"warn"`` (an EmbeddingWarning, and the caption is
+            encoded on: the name as text without a folder, skipped when missing from it) or
+            ``"error"`` (an EmbeddingError ends the run). ``dtype`` is the stored dtype;
+            ``max_chars``/``max_windows`` reject over-long captions;
             ``threads`` is torch's thread count in every encoding process
             (this one for the local engine, each Ray actor): the bytes depend
             on it, so it is recorded with the batch size in the manifest's
             ``compute`` and a resume with other values is refused;
             ``compute_dtype`` (``fp32``, ``bf16`` on a CPU with bf16 units or
             CUDA, ``fp16`` on CUDA, ``auto``) is the dtype the model runs in
-            (recorded the same way); ``dedup`` encodes a caption repeated within a
-            shard once and writes it for each row (the report counts them as reused);
+            (recorded the same way); ``dedup`` encodes a caption repeated anywhere in
+            the run once and writes it for each row, the same bytes as encoding each row
+            (the report counts them as reused; with the ray engine, within a shard only);
             ``on_shard_written(index)`` is called after each shard is recorded.
 
     Returns:
@@ -145,13 +185,15 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
         DatasetError: bad input or options, or ``out`` holds another encoding
             (different options, model or input) and ``overwrite`` is False.
         LayerError: ``clip_skip`` outside the model's depth.
+        EmbeddingError: ``on_missing_embedding="error"`` and an embedding that cannot be used.
         PromptError: an unknown ``syntax``; ``truncate_long_prompts=False`` with
             another syntax than ``compel``.
     """
     started = time.perf_counter()
     request = Request(**{name: value for name, value in locals().items() if name != "started"})
     _check_request(request)
-    with torch_threads(threads):
+    request = _resolve_request(request)
+    with torch_threads(threads), missing_embedding_policy(request.on_missing_embedding):
         run, empty = _plan(request)
         if dry_run:
             return dry_run_report(run, started=started)
@@ -165,6 +207,7 @@ def _options(request: Request, clip, settings: EncodeSettings) -> dict:
                "id_column": request.id_column, "shard_rows": request.shard_rows,
                "limit": request.limit, "dedup": request.dedup}
     options["layer"] = resolved_layers(clip, settings.layer)
+    options["embeddings"] = embeddings_fingerprint(settings.embeddings)
     del options["compute_dtype"]  # a compute setting: manifest["compute"]["dtype"]
     return options
 
@@ -174,13 +217,14 @@ def _plan(request: Request) -> tuple[Run, tuple]:
     r = request
     rows = read_captions(r.input, column=r.column, id_column=r.id_column, limit=r.limit)
     compute_dtype = resolve_compute_dtype(r.compute_dtype, resolve_device(r.device))
-    clip = load_model(r.model, kind=r.kind, device=resolve_device(r.device))
+    clip = load_model(r.model, kind=r.clip_type, device=resolve_device(r.device), embeddings=r.embeddings)
     own = dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
     settings = EncodeSettings(layer=layer_for_clip_skip(clip, r.clip_skip), syntax=r.syntax,
                               truncate_long_prompts=own.get("truncate_long_prompts"),
                               weight_mode=r.weight_mode or default_weight_mode(r.syntax),
                               outputs=r.outputs, dtype=r.dtype, compute_dtype=compute_dtype,
-                              max_chars=r.max_chars, max_windows=r.max_windows)
+                              max_chars=r.max_chars, max_windows=r.max_windows,
+                              normalization=r.normalization, embeddings=r.embeddings)
     options = _options(r, clip, settings)
     # The dry run writes nothing, so it skips the sha256 over every weight.
     fingerprint = None if r.dry_run else model_fingerprint(clip)
@@ -207,15 +251,20 @@ def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetRep
         write_manifest(run.out, run.manifest)
         todo = [job for job in run.jobs if job.index not in records]
         skipped = len(run.jobs) - len(todo)
+        # local: a caption is reused across the shards of this run; ray: each actor within its shard
+        plan = reuse_plan(run.rows, todo, run.context, r.dtype) if r.engine == "local" else ReusePlan({}, {}, {})
         if r.engine == "local":
             timings = run_local(run, todo, records, batch_size=r.batch_size, progress=r.progress,
-                                on_shard_written=r.on_shard_written)
+                                on_shard_written=r.on_shard_written, plan=plan)
         else:
             timings = run_ray(run, todo, records, batch_size=r.batch_size, workers=r.workers,
                               num_gpus_per_worker=r.num_gpus_per_worker, ray_address=r.ray_address,
                               model=os.fspath(r.model), device=r.device, threads=r.threads,
-                              on_shard_written=r.on_shard_written)
-    return _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
+                              on_shard_written=r.on_shard_written,
+                              on_missing_embedding=r.on_missing_embedding)
+    report = _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
+    report.reused += reused_across_shards(plan, todo, records)
+    return report
 
 
 def _report(run: Run, records: dict, *, todo: Sequence[ShardJob], skipped: int, timings: dict,

@@ -38,6 +38,8 @@ class EncodeSettings:
     compute_dtype: str = "fp32"
     max_chars: int = 16384
     max_windows: int = 64
+    normalization: str = "none"  # textenc's --normalization; word ids are tokenized only for another value
+    embeddings: str | None = None  # textual-inversion folder (absolute) for embedding:name
 
     def clip_options(self) -> dict[str, Any]:
         """The ``options`` of ``CLIP.encode_from_tokens`` for these settings."""
@@ -45,6 +47,8 @@ class EncodeSettings:
                                    "compute_dtype": torch_dtype(self.compute_dtype)}
         if self.layer is not None:
             options["layer"] = self.layer
+        if self.normalization != "none":
+            options["normalization"] = self.normalization
         return options
 
     def tokenize_kwargs(self) -> dict[str, Any]:
@@ -52,6 +56,8 @@ class EncodeSettings:
         kwargs: dict[str, Any] = {"syntax": self.syntax}
         if self.truncate_long_prompts is not None:
             kwargs["truncate_long_prompts"] = self.truncate_long_prompts
+        if self.normalization != "none":
+            kwargs["return_word_ids"] = True  # normalization groups tokens by word
         return kwargs
 
     @property

@@ -164,9 +164,13 @@ def _append(rows: CaptionRows, row_id: Any, value: Any) -> None:
         rows.rejected[index] = reason
 
 
+#: How many distinct keys of a JSONL file a missing-column error lists.
+_KEYS_SHOWN = 20
+
+
 def _read_jsonl(path: str, column: str, id_column: str | None) -> CaptionRows:
     rows = CaptionRows([], [], {})
-    seen_column = False
+    seen_column, seen_id, keys = False, id_column is None, {}
     with open(path, "rb") as handle:
         for raw in handle:
             if not raw.strip():
@@ -180,6 +184,9 @@ def _read_jsonl(path: str, column: str, id_column: str | None) -> CaptionRows:
                     reason = f"invalid JSON: {exc.msg}"
             if record is not None and not isinstance(record, dict):
                 record, reason = None, "line is not a JSON object"
+            if record is not None and len(keys) < _KEYS_SHOWN:
+                keys.update(dict.fromkeys(list(record)[:_KEYS_SHOWN]))
+            seen_id = seen_id or (record is not None and id_column in record)
             if record is not None and column not in record:
                 record, reason = None, f"no {column!r} key"
             seen_column = seen_column or record is not None
@@ -188,8 +195,10 @@ def _read_jsonl(path: str, column: str, id_column: str | None) -> CaptionRows:
             if reason is not None:
                 rows.texts[-1] = None
                 rows.rejected[len(rows.ids) - 1] = reason
-    if rows.ids and not seen_column:
-        raise DatasetError(f"{path}: no line has the column {column!r} (choose one with --column)")
+    for name, seen, option in ((column, seen_column, "--column"), (id_column, seen_id, "--id-column")):
+        if rows.ids and not seen:
+            raise DatasetError(f"{path}: no line has the column {name!r}; columns are {list(keys)[:_KEYS_SHOWN]} "
+                               f"(choose one with {option})")
     return rows
 
 
@@ -277,6 +286,10 @@ def read_captions(path: str | os.PathLike, *, column: str = "text", id_column: s
         rows = _read_parquet(source, column, id_column)
     elif kind == "jsonl":
         rows = _read_jsonl(source, column, id_column)
+    elif column != "text" or id_column is not None:
+        raise DatasetError(f"{source}: a {kind} input has no columns (one caption per "
+                           f"{'line' if kind == 'txt' else 'file'}); --column and --id-column are for parquet "
+                           "and jsonl input")
     elif kind == "txt":
         rows = _read_txt(source)
     else:

@@ -13,11 +13,12 @@ import torch
 
 from ..diffusers.load import load_from_diffusers
 from ..errors import DatasetError
+from ..loading.embeddings import EXTENSIONS as EMBEDDING_EXTENSIONS
 from ..sd import load_clip
 from .compute import torch_dtype
 from .format import tensor_bytes
 
-__all__ = ["resolve_device", "load_model", "model_fingerprint", "cast_for_compute"]
+__all__ = ["resolve_device", "load_model", "model_fingerprint", "embeddings_fingerprint", "cast_for_compute"]
 
 
 def resolve_device(device: str | None) -> str:
@@ -27,17 +28,18 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_model(model: str | os.PathLike, *, kind: str | None, device: str):
-    """A :class:`textenc.sd.CLIP` from a checkpoint file or a diffusers model folder."""
+def load_model(model: str | os.PathLike, *, kind: str | None, device: str, embeddings: str | None = None):
+    """A :class:`textenc.sd.CLIP` from a checkpoint file or a diffusers model folder; ``kind`` is
+    the asked-for clip type (None: detected), ``embeddings`` the textual-inversion folder."""
     path = os.fspath(model)
     if not os.path.exists(path):
         raise DatasetError(f"--model {path}: no such file or folder")
     if os.path.isdir(path):
-        clip = load_from_diffusers(path, device=device)
+        clip = load_from_diffusers(path, device=device, embedding_directory=embeddings)
         if kind is not None and clip.clip_type != kind:
-            raise DatasetError(f"--kind {kind} was asked for, but {path} is a {clip.clip_type} model")
+            raise DatasetError(f"--clip-type {kind} was asked for, but {path} is a {clip.clip_type} model")
         return clip
-    return load_clip(path, clip_type=kind, device=device)
+    return load_clip(path, embedding_directory=embeddings, clip_type=kind, device=device)
 
 
 def model_fingerprint(clip) -> str:
@@ -49,6 +51,31 @@ def model_fingerprint(clip) -> str:
         hasher.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
         hasher.update(tensor_bytes(tensor))
     return "sha256:" + hasher.hexdigest()
+
+
+def embeddings_fingerprint(folder: str | None) -> dict | None:
+    """The manifest's record of a textual-inversion folder: its path and a sha256 over the
+    relative name and bytes of every embedding file in it (so a changed, added or removed
+    embedding is a different encoding); None without a folder. Links leaving the folder
+    are skipped, as the embedding loader skips them."""
+    if folder is None:
+        return None
+    root = os.path.realpath(folder)
+    hasher = hashlib.sha256()
+    for base, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(base, name)
+            inside = os.path.commonpath([root, os.path.realpath(path)]) == root
+            if inside and name.lower().endswith(EMBEDDING_EXTENSIONS) and os.path.isfile(path):
+                hasher.update(os.path.relpath(path, root).encode("utf-8", "surrogateescape") + b"\0")
+                hasher.update(hashlib.sha256(_read(path)).digest())
+    return {"folder": folder, "sha256": "sha256:" + hasher.hexdigest()}
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def cast_for_compute(clip, compute_dtype: str) -> None:

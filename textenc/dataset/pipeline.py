@@ -20,11 +20,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .encode import CaptionEncoder, Tokenized
+from .encode import OUTPUT_DTYPES, CaptionEncoder, Tokenized
 from .format import FORMAT_VERSION, shard_name, write_safetensors
 from .inputs import CaptionRows
 
-__all__ = ["ShardJob", "ShardContext", "plan_shards", "run_shards", "shard_record_histogram"]
+__all__ = ["ShardJob", "ShardContext", "ReusePlan", "plan_shards", "plan_reuse", "reuse_plan",
+           "reused_across_shards", "run_shards", "shard_record_histogram", "REUSE_BYTES"]
 
 _QUEUE_BATCHES = 8
 
@@ -48,7 +49,7 @@ class ShardContext:
     pooled_width: int
     int_ids: bool
     window_length: int = 77
-    dedup: bool = True  # encode a caption repeated within a shard once
+    dedup: bool = True  # encode a caption repeated in the run once (see plan_reuse)
 
 
 def plan_shards(num_rows: int, shard_rows: int) -> list[ShardJob]:
@@ -75,24 +76,57 @@ def _put(out: queue.Queue, item: tuple, stop: threading.Event) -> bool:
     return False
 
 
-def _repeat_of(rows: CaptionRows, row: int, first_of: dict[str, int] | None) -> int | None:
-    """The shard's first row with the same caption as ``row`` (None: ``row`` is the first).
-    Options are the run's, so equal captions encode equally."""
-    text = rows.texts[row]
-    if first_of is None or text is None or row in rows.rejected:
-        return None
-    first = first_of.setdefault(text, row)
-    return None if first == row else first
+#: About how many bytes of encodings a run keeps for captions that repeat in a later shard
+#: (counted as one window each); past it, a caption first seen in an earlier shard is encoded again.
+REUSE_BYTES = 256 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ReusePlan:
+    """Which rows reuse an earlier row's encoding, over every shard of one :func:`run_shards` call."""
+
+    repeats: dict[int, int]  # row -> the earlier row with the same caption
+    last_use: dict[int, int]  # a row read by a later shard -> the last shard index that reads it
+    expires: dict[int, list[int]]  # shard index -> the rows of last_use it is the last to read
+
+
+def plan_reuse(rows: CaptionRows, jobs: Sequence[ShardJob], *, dedup: bool, keep_rows: int) -> ReusePlan:
+    """Every row whose caption an earlier row of ``jobs`` has (in order, across shards), and how
+    long each earlier row's encoding is kept. Options are the run's and a caption encodes to the
+    same bits in any batch, so reuse never changes a shard's bytes. At most ``keep_rows`` rows
+    are kept past their own shard; a repeat beyond that is encoded again in its shard."""
+    if not dedup:
+        return ReusePlan({}, {}, {})
+    first_of: dict[str, tuple[int, int]] = {}  # caption -> (row, shard index)
+    repeats: dict[int, int] = {}
+    last_use: dict[int, int] = {}
+    for job in jobs:
+        for row in range(job.start, job.stop):
+            text = rows.texts[row]
+            if text is None or row in rows.rejected:
+                continue
+            first, shard = first_of.setdefault(text, (row, job.index))
+            if first == row:
+                continue
+            if shard == job.index or first in last_use or len(last_use) < keep_rows:
+                repeats[row] = first
+                if shard != job.index:
+                    last_use[first] = job.index
+            else:
+                first_of[text] = (row, job.index)  # kept rows are used up: this shard encodes it again
+    expires: dict[int, list[int]] = {}
+    for row, index in last_use.items():
+        expires.setdefault(index, []).append(row)
+    return ReusePlan(repeats, last_use, expires)
 
 
 def _tokenize_job(encoder: CaptionEncoder, rows: CaptionRows, job: ShardJob, batch_size: int,
-                  out: queue.Queue, stop: threading.Event, dedup: bool) -> bool:
+                  out: queue.Queue, stop: threading.Event, plan: ReusePlan) -> bool:
     groups: dict[tuple, list[Tokenized]] = {}
     rejected: dict[int, str] = {}
     repeats: dict[int, int] = {}
-    first_of: dict[str, int] | None = {} if dedup else None
     for row in range(job.start, job.stop):
-        first = _repeat_of(rows, row, first_of)
+        first = plan.repeats.get(row)
         if first is not None:
             repeats[row] = first
             continue
@@ -113,10 +147,10 @@ def _tokenize_job(encoder: CaptionEncoder, rows: CaptionRows, job: ShardJob, bat
 
 
 def _produce(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJob], batch_size: int,
-             out: queue.Queue, stop: threading.Event, dedup: bool) -> None:
+             out: queue.Queue, stop: threading.Event, plan: ReusePlan) -> None:
     try:
         for job in jobs:
-            if not _tokenize_job(encoder, rows, job, batch_size, out, stop, dedup):
+            if not _tokenize_job(encoder, rows, job, batch_size, out, stop, plan):
                 return
         _put(out, ("done",), stop)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, re-raised there
@@ -156,7 +190,8 @@ def write_shard(folder: str, job: ShardJob, rows: CaptionRows, results: dict[int
                 rejected: dict[int, str], context: ShardContext, encoder: CaptionEncoder,
                 repeats: dict[int, int] | None = None) -> dict:
     """Write one shard atomically → its manifest record. ``repeats`` maps a row to the
-    earlier row of the shard with the same caption, whose encoding it reuses."""
+    earlier row (of this shard or, kept in ``results``, an earlier one) with the same caption,
+    whose encoding (or reason for rejection) it reuses."""
     start = time.perf_counter()
     kept, reasons, repeats = [], dict(rejected), repeats or {}
     for row in range(job.start, job.stop):
@@ -178,22 +213,24 @@ def write_shard(folder: str, job: ShardJob, rows: CaptionRows, results: dict[int
     return {"index": job.index, "file": shard_name(job.index), "row_start": job.start,
             "row_stop": job.stop, "rows": len(kept), "windows": int(offsets[-1]),
             "sha256": sha256, "bytes": size,
-            "reused": sum(1 for row in repeats if row not in reasons),
+            "reused": _repeats_within(job, rows, repeats, reasons),
             "windows_histogram": {str(k): histogram[k] for k in sorted(histogram)},
             "rejected": [{"row": r, "id": rows.ids[r], "reason": reasons[r]} for r in sorted(reasons)]}
 
 
 def run_shards(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJob], *,
                folder: str, context: ShardContext, batch_size: int,
-               on_batch: Callable[[int], None] | None = None) -> Iterator[dict]:
+               on_batch: Callable[[int], None] | None = None, plan: ReusePlan | None = None) -> Iterator[dict]:
     """Encode and write ``jobs`` in order, yielding each shard's manifest record.
 
-    With ``context.dedup``, a caption repeated within a shard is encoded once and written
-    for each of its rows (per shard, so a shard's bytes never depend on others)."""
+    With ``context.dedup``, a caption repeated anywhere in ``jobs`` is encoded once and written
+    for each of its rows (``plan``, by default :func:`reuse_plan` of ``jobs``; the bytes are those
+    of encoding every row). A record's ``reused`` counts the repeats within its shard only, so the
+    manifest is the same whichever shards one run (or engine) encoded together."""
     out: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
     stop = threading.Event()
-    producer = threading.Thread(target=_produce, args=(encoder, rows, jobs, batch_size, out, stop,
-                                                     context.dedup),
+    plan = reuse_plan(rows, jobs, context, encoder.settings.dtype) if plan is None else plan
+    producer = threading.Thread(target=_produce, args=(encoder, rows, jobs, batch_size, out, stop, plan),
                                 name="textenc-tokenize", daemon=True)
     producer.start()
     results: dict[int, Any] = {}
@@ -213,9 +250,51 @@ def run_shards(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJ
             record = write_shard(folder, job, rows, results, rejected, context, encoder, repeats)
             if on_batch is not None and repeats:
                 on_batch(len(repeats))
-            for row in range(job.start, job.stop):
-                results.pop(row, None)
+            _forget(results, job, rejected, plan)
             yield record
     finally:
         stop.set()
         producer.join()
+
+
+def reuse_plan(rows: CaptionRows, jobs: Sequence[ShardJob], context: ShardContext, dtype: str) -> ReusePlan:
+    """:func:`plan_reuse` for a run's ``context`` and stored ``dtype``, keeping about
+    :data:`REUSE_BYTES` (one window per caption) past their shards."""
+    width = context.window_length * context.cond_width + context.pooled_width
+    itemsize = torch.empty(0, dtype=OUTPUT_DTYPES[dtype]).element_size()
+    return plan_reuse(rows, jobs, dedup=context.dedup, keep_rows=max(1, REUSE_BYTES // (width * itemsize)))
+
+
+def _repeats_within(job: ShardJob, rows: CaptionRows, repeats: dict[int, int], reasons: dict[int, str]) -> int:
+    """Reused rows whose caption an earlier row of the same shard has: a shard record's count,
+    the same whichever shards one run (or engine) encoded together."""
+    seen, count = set(), 0
+    for row in range(job.start, job.stop):
+        text = rows.texts[row]
+        count += row in repeats and row not in reasons and text in seen
+        seen.add(text)
+    return count
+
+
+def reused_across_shards(plan: ReusePlan, jobs: Sequence[ShardJob], records: dict[int, dict]) -> int:
+    """Rows of ``jobs`` written from an earlier shard's encoding, beyond the records' own
+    counts of repeats within a shard (rejected rows not counted)."""
+    count = 0
+    for job in jobs:
+        record = records[job.index]
+        rejected = {entry["row"] for entry in record["rejected"]}
+        reused = sum(1 for row in range(job.start, job.stop) if row in plan.repeats and row not in rejected)
+        count += reused - record["reused"]
+    return count
+
+
+def _forget(results: dict[int, Any], job: ShardJob, rejected: dict[int, str], plan: ReusePlan) -> None:
+    """Drop the encodings no later shard reads; keep a later-read row's rejection as its result."""
+    for row in range(job.start, job.stop):
+        if plan.last_use.get(row, -1) > job.index:
+            if row in rejected:
+                results[row] = rejected[row]
+        else:
+            results.pop(row, None)
+    for row in plan.expires.get(job.index, ()):
+        results.pop(row, None)

@@ -48,6 +48,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "clip_vision": ("clip_vision",),
     "embeddings": ("embeddings",),
     "photomaker": ("photomaker",),
+    "checkpoints": ("checkpoints",),
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 

@@ -55,10 +55,11 @@ class ClipOptions:
         for key in ("weight_mode", "normalization", "compute_dtype", "layer_norm_hidden_state"):
             if key in options:
                 changes[key] = options[key]
-        unknown = set(options) - {"layer", "projected_pooled", "weight_mode", "normalization",
-                                  "compute_dtype", "layer_norm_hidden_state"}
+        known = ("compute_dtype", "layer", "layer_norm_hidden_state", "normalization", "projected_pooled",
+                 "weight_mode")
+        unknown = set(options) - set(known)
         if unknown:
-            raise PromptError(f"unknown clip option(s) {sorted(unknown)}")
+            raise PromptError(f"unknown clip option(s) {sorted(unknown)}; the options are {', '.join(known)}")
         result = dataclasses.replace(self, **changes)
         check_mode(result.weight_mode, result.normalization)
         return result

@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..encode import CaptionEncoder
 from ..manifest import Run, record_shard
-from ..pipeline import ShardJob, run_shards
+from ..pipeline import ReusePlan, ShardJob, run_shards
 
 __all__ = ["run_local"]
 
@@ -28,13 +28,14 @@ def _progress(total: int, enabled: bool | None):
 
 def run_local(run: Run, todo: list[ShardJob], records: dict, *, batch_size: int,
               progress: bool | None,
-              on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
-    """Encode ``todo`` in this process, updating ``records`` and the manifest as shards finish."""
+              on_shard_written: Callable[[int], None] | None, plan: ReusePlan | None = None) -> dict[str, float]:
+    """Encode ``todo`` in this process, updating ``records`` and the manifest as shards finish;
+    ``plan`` says which rows reuse another's encoding (default: :func:`reuse_plan` of ``todo``)."""
     encoder = CaptionEncoder(run.clip, run.settings)
     bar = _progress(sum(j.stop - j.start for j in todo), progress)
     try:
         for record in run_shards(encoder, run.rows, todo, folder=str(run.out), context=run.context,
-                                 batch_size=batch_size, on_batch=bar.update if bar else None):
+                                 batch_size=batch_size, on_batch=bar.update if bar else None, plan=plan):
             record_shard(run, records, record, on_shard_written)
     finally:
         if bar is not None:

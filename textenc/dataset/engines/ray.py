@@ -20,12 +20,14 @@ it started is shut down; if the driver is killed outright, the watchdog of
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ...errors import DatasetError
+from ...errors import DatasetError, TextencError
+from ...warn import missing_embedding_policy
 from ..encode import CaptionEncoder, EncodeSettings
 from ..inputs import CaptionRows
 from ..manifest import record_shard
@@ -68,9 +70,11 @@ class ShardWorker:
     """One actor: a loaded model that encodes and writes whole shards."""
 
     def __init__(self, *, model: str, kind: str, device: str | None, settings: EncodeSettings,
-                 context: ShardContext, folder: str, batch_size: int, threads: int) -> None:
+                 context: ShardContext, folder: str, batch_size: int, threads: int,
+                 on_missing_embedding: str = "warn") -> None:
         torch.set_num_threads(threads)
-        clip = load_model(model, kind=kind, device=resolve_device(device))
+        clip = load_model(model, kind=kind, device=resolve_device(device), embeddings=settings.embeddings)
+        self.on_missing_embedding = on_missing_embedding
         if model_fingerprint(clip) != context.fingerprint:
             raise DatasetError(f"{model} changed while the dataset was being encoded")
         cast_for_compute(clip, settings.compute_dtype)
@@ -80,14 +84,15 @@ class ShardWorker:
     def encode(self, job: ShardJob, rows: CaptionRows) -> tuple[dict, dict[str, float]]:
         """Encode and write one shard → ``(manifest record, seconds spent per stage)``."""
         self.encoder.seconds = dict.fromkeys(self.encoder.seconds, 0.0)
-        records = list(run_shards(self.encoder, rows, [job], folder=self.folder,
-                                  context=self.context, batch_size=self.batch_size))
+        with missing_embedding_policy(self.on_missing_embedding):  # the driver's filter is not in this process
+            records = list(run_shards(self.encoder, rows, [job], folder=self.folder,
+                                      context=self.context, batch_size=self.batch_size))
         return records[0], dict(self.encoder.seconds)
 
 
 def _join(ray, address: str) -> None:
     try:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=_ray_log_level())
     except ConnectionError as exc:  # Ray's message runs to many lines; its first says what failed
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DatasetError(
@@ -96,6 +101,12 @@ def _join(ray, address: str) -> None:
             "authentication (Ray 2.60's ray start turns it on when ~/.ray/auth_token exists), "
             "run with RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or "
             "~/.ray/auth_token)") from exc
+
+
+def _ray_log_level() -> int:
+    """Ray's own INFO and WARNING lines only when textenc's logger is at INFO (``--verbose``,
+    or a program that configured logging so); errors always."""
+    return logging.INFO if logging.getLogger("textenc").isEnabledFor(logging.INFO) else logging.ERROR
 
 
 def _init(ray, address: str | None) -> tuple[bool, RayReaper | None]:
@@ -109,7 +120,7 @@ def _init(ray, address: str | None) -> tuple[bool, RayReaper | None]:
     reaper = RayReaper()
     try:
         with reaper.marking():  # the processes Ray starts now are the reaper's to stop
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=_ray_log_level())
     except BaseException:
         reaper.close()
         raise
@@ -126,6 +137,9 @@ def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
         try:
             record, spent = ray.get(ref)
         except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, TextencError):  # a fault of the input, said as the local engine says it
+                raise type(cause)(f"shard {job.index}: {cause}") from None
             raise DatasetError(f"ray worker failed on shard {job.index}: {exc}") from exc
         for key, value in spent.items():
             seconds[key] = seconds.get(key, 0.0) + value
@@ -151,8 +165,8 @@ def _stop(ray, actors: list, *, started_here: bool, reaper: RayReaper | None) ->
 
 def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: int, workers: int,
             num_gpus_per_worker: float, ray_address: str | None, model: str, device: str | None,
-            threads: int,
-            on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
+            threads: int, on_shard_written: Callable[[int], None] | None,
+            on_missing_embedding: str = "warn") -> dict[str, float]:
     """Encode ``todo`` over Ray actors, updating ``records`` and the manifest as shards finish.
 
     However it ends (done, an error, Ctrl-C, SIGTERM), the actors are killed and a
@@ -172,7 +186,7 @@ def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: in
             actors.append(actor_class.remote(
                 model=model, kind=run.clip.clip_type, device=device, settings=run.settings,
                 context=run.context, folder=str(run.out), batch_size=batch_size,
-                threads=threads))
+                threads=threads, on_missing_embedding=on_missing_embedding))
         return _dispatch(ray, run, todo, records, list(actors), on_shard_written)
     finally:
         _stop(ray, actors, started_here=started_here, reaper=reaper)
