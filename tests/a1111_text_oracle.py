@@ -31,6 +31,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -81,7 +82,30 @@ CASES = [
     "\u201cmasterpiece\u201d, \uff42\uff45\uff53\uff54 quality, \ufb01ne details\u2026",
     "portrait of a woman, caf\u00e9 &amp; bar, \u00a0soft light, \u201ccinematic\u201d",
     "1girl, \u732b\u8033, \U0001f431, l\u2019amour, \u00c3\u00a9t\u00c3\u00a9",
+    # pieces of PROMPTS below, as A1111's attention parser cuts them
+    ", \uff46\uff55\uff4c\uff4c body, ", " \ufb01sh &amp; chips", ", \u00a0soft light",
 ]
+
+# Prompts with A1111 syntax whose pieces are all in CASES (tests/test_a1111_text.py).
+PROMPTS = [
+    "(\u201ccat\u201d:1.2), \uff46\uff55\uff4c\uff4c body, [\u732b]",
+    "(\u2018cat\u2019) \ufb01sh &amp; chips",
+    "\u201ccat\u201d BREAK \u00c3\u00a9 BREAK ((\U0001f431)), \u00a0soft light",
+]
+
+# Random mixes of the pieces above: seeded, so the file is the same on every run.
+_ALPHABET = ["a", "b", "cat", "Dog", " ", "  ", ",", ".", "'s", "1", "\t", "\n", "&", "<", ">", "|", "!",
+             "\u201c", "\u201d", "\u2019", "\uff02", "\uff43\uff41\uff54", "\uff11", "\ufb01", "\ufb02",
+             "\u0301", "\u0308", "&amp;", "&lt;", "&gt;", "&#39;", "&quot;", "&nbsp;", "\x07", "\x00", "\x1b[1m",
+             "\x7f", "\x85", "\x93", "\u200b", "\ufeff", "\u00ad", "\u00a0", "\u3000", "\u2009", "\u732b",
+             "\u306d", "\uace0", "\U0001f431", "\U0001f44d\U0001f3fd", "\u200d", "\u00e9", "\u00c5", "\u00df",
+             "\u0130", "\u03a3", "\u00c3\u00a9", "\u00e2\u20ac\u2122", "\u00c3", "\u00a9", "\u2026", "\u2014",
+             "<|endoftext|>", "<end_of_text>"]
+
+
+def _random_cases(count: int, seed: int = 27) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_ALPHABET) for _ in range(rng.randint(1, 12))) for _ in range(count)]
 
 
 def _hf_tokenizer():
@@ -123,16 +147,17 @@ def _ids(encode, text: str):
 
 def main() -> None:
     hf, open_clip = _hf_tokenizer(), _open_clip_tokenizer()
+    texts = CASES + _random_cases(200)
     cases = [{"text": text,
               "clip_l": _ids(lambda t: hf([t], truncation=False, add_special_tokens=False)["input_ids"][0], text),
-              "open_clip": _ids(open_clip.encode, text)} for text in CASES]
+              "open_clip": _ids(open_clip.encode, text)} for text in texts]
     versions = {name: importlib.metadata.version(name)
                 for name in ("transformers", "open-clip-torch", "ftfy", "regex", "tokenizers")}
     data = {"generator": "tests/a1111_text_oracle.py", "python": sys.version.split()[0], "versions": versions,
-            "cases": cases}
-    with open(OUTPUT, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-        handle.write("\n")
+            "prompts": PROMPTS, "cases": cases}
+    header = json.dumps({key: value for key, value in data.items() if key != "cases"})[:-1]
+    with open(OUTPUT, "w", encoding="utf-8") as handle:  # one case a line
+        handle.write(header + ', "cases": [\n' + ",\n".join(json.dumps(case) for case in cases) + "\n]}\n")
     print(f"{len(cases)} cases -> {OUTPUT}")
 
 

@@ -50,8 +50,8 @@ def test_the_expectations_come_from_a1111s_tokenizers():
     assert EXPECTED["generator"] == "tests/a1111_text_oracle.py"
     assert EXPECTED["versions"]["transformers"] == "4.30.2"
     assert EXPECTED["versions"]["open-clip-torch"] == "2.20.0"
-    assert len(CASES) == len(EXPECTED["cases"]) >= 130
-    assert len(ONE_PIECE) >= 100
+    assert len(CASES) == len(EXPECTED["cases"]) >= 340
+    assert len(ONE_PIECE) >= 300
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -84,6 +84,29 @@ def test_syntax_a1111_windows_hold_a1111s_ids(case, models):
         (window,) = windows
         assert _prompt_tokens(window, len(expected)) == expected
         assert window[1 + len(expected)][0] == 49407  # the end token follows
+
+
+_BY_TEXT = {case["text"]: case for case in CASES}
+# EXPECTED["prompts"] cut into chunks of (piece, weight) by A1111's rules (written out by
+# hand: brackets multiply, BREAK and the white space around it close a chunk).
+PROMPT_CHUNKS = [
+    [[("\u201ccat\u201d", 1.2), (", \uff46\uff55\uff4c\uff4c body, ", 1.0), ("\u732b", 1 / 1.1)]],
+    [[("\u2018cat\u2019", 1.1), (" \ufb01sh &amp; chips", 1.0)]],
+    [[("\u201ccat\u201d", 1.0)], [("\u00c3\u00a9", 1.0)], [("", 1.0), ("\U0001f431", 1.21), (", \u00a0soft light", 1.0)]],
+]
+
+
+@pytest.mark.parametrize("prompt, chunks", list(zip(EXPECTED["prompts"], PROMPT_CHUNKS)))
+def test_prompts_with_syntax_tokenize_their_pieces_as_a1111(prompt, chunks, models):
+    sd1, sd2, _ = models
+    for windows, key in ((sd1.tokenize_with_weights(prompt, syntax="a1111")["l"], "clip_l"),
+                         (sd2.tokenize_with_weights(prompt, syntax="a1111")["h"], "open_clip")):
+        assert len(windows) == len(chunks)
+        for window, chunk in zip(windows, chunks):
+            tokens = [t for piece, _ in chunk for t in _BY_TEXT[piece][key]]
+            weights = [w for piece, w in chunk for _ in _BY_TEXT[piece][key]]
+            assert _prompt_tokens(window, len(tokens)) == tokens
+            assert [w for _, w, *_ in window[1:1 + len(tokens)]] == pytest.approx(weights)
 
 
 def test_textual_inversion_names_are_cleaned_like_the_prompt(tmp_path):

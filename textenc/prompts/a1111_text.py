@@ -27,13 +27,10 @@ from __future__ import annotations
 import functools
 import html
 import re
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import ftfy
 import regex
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .tokenizer import SDTokenizer
 
 __all__ = ["clean_text", "split_words", "encode_a1111", "uses_open_clip"]
 
@@ -51,7 +48,15 @@ _PLAIN = re.compile(r"[\t\n\x20-\x25\x27-\x3b\x3d-\x7e]*")
 _CACHED_CHARS = 1024  # ftfy costs ~0.2 ms a piece: short pieces (schedules repeat them) are remembered
 
 
-def uses_open_clip(tokenizer: "SDTokenizer") -> bool:
+class _Tokenizer(Protocol):
+    """What this module needs of :class:`~textenc.prompts.tokenizer.SDTokenizer` (no import: no circle)."""
+
+    pad_with_end: bool
+
+    def encode_units(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+
+def uses_open_clip(tokenizer: _Tokenizer) -> bool:
     """Whether A1111 reads this tokenizer's model with open_clip (SD2, SDXL-G: padded with 0)."""
     return not getattr(tokenizer, "pad_with_end", True)
 
@@ -95,7 +100,7 @@ def _words(text: str, open_clip: bool) -> Sequence[str]:
     return _cached_words(text, open_clip) if len(text) <= _CACHED_CHARS else split_words(text, open_clip=open_clip)
 
 
-def encode_a1111(tokenizer: "SDTokenizer", texts: Sequence[str]) -> list[list[int]]:
+def encode_a1111(tokenizer: _Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text as A1111's tokenizer gives them (no start/end tokens).
 
     Plain ASCII goes straight to ``tokenizer.encode_units``; other text is cleaned and
