@@ -156,3 +156,10 @@ def test_syntax_comfy_keeps_comfyuis_tokenizer(case, hf_current, clip_l):
     expected = hf_current([text], add_special_tokens=False)["input_ids"][0]
     (window,) = clip_l.tokenize_with_weights(text)
     assert _prompt_tokens(window, len(expected)) == expected
+
+
+def test_surrogates(clip_l):
+    """ftfy joins a surrogate pair, as in A1111; a lone surrogate (A1111 raises
+    UnicodeEncodeError) becomes U+FFFD instead of failing."""
+    assert encode_a1111(clip_l, ["\ud83d\udc31"]) == [_BY_TEXT["\U0001f431"]["clip_l"]]
+    assert encode_a1111(clip_l, ["a\ud800b"]) == encode_a1111(clip_l, ["a\ufffdb"])
