@@ -20,6 +20,10 @@ their ``tokenization_clip.py`` / ``tokenizer.py``; an independent implementation
 
 ComfyUI's tokenizer (``syntax="comfy"``) does none of this: it is transformers'
 current ``CLIPTokenizer``, which never calls ftfy.
+
+Checked against those tokenizers themselves by ``tests/test_a1111_text.py``. A lone
+surrogate becomes U+FFFD (A1111 raises). Characters newer than Python's Unicode
+database may be split or lower-cased differently, as they are between Python versions.
 """
 
 from __future__ import annotations
