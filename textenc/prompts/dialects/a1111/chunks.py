@@ -4,7 +4,9 @@ The rules (facts from A1111's ``modules/sd_hijack_clip.py`` ``tokenize_line``
 and ``process_tokens``; this is an independent implementation):
 
 * Every piece of :func:`~.attention.parse_attention` is tokenized on its own
-  (without start/end tokens); pieces of equal weight were already joined.
+  (without start/end tokens), after A1111's tokenizer's text clean-up
+  (:mod:`textenc.prompts.a1111_text`: ftfy, white space, lower case); pieces of
+  equal weight were already joined.
 * Tokens fill chunks of exactly 75. When a chunk is full and the next token
   is not a comma, and a comma lies at most ``comma_padding_backtrack`` tokens
   (default 20; 0 disables) from the chunk's end, the tokens after that comma
@@ -32,6 +34,7 @@ from typing import Any, Callable
 from ....loading.embeddings import EXTENSIONS, EmbeddingResult
 from ....errors import EmbeddingWarning, PromptError
 from ..options import REFINEMENTS
+from ...a1111_text import encode_a1111
 from ...vocabulary import Vocabulary
 from .attention import is_break, parse_attention
 
@@ -94,7 +97,7 @@ class _EmbeddingFinder:
         self._usable: dict[str, Any] = {}
         self._by_first: dict[int, list[tuple[list[int], str]]] = {}
         names = self._names()
-        for name, ids in zip(names, tokenizer.encode_units(names) if names else []):
+        for name, ids in zip(names, encode_a1111(tokenizer, names) if names else []):
             if ids:
                 self._by_first.setdefault(ids[0], []).append((ids, name))
         for candidates in self._by_first.values():
@@ -208,7 +211,7 @@ def tokenize_line(tokenizer: Vocabulary, text: str, *, comma_padding_backtrack: 
             or not 0 <= comma_padding_backtrack <= 74:
         raise PromptError(f"comma_padding_backtrack must be an int from 0 to 74, got {comma_padding_backtrack!r}")
     pieces = [[text, 1.0]] if disable_weights else parse_attention(text)
-    token_lists = tokenizer.encode_units([piece[0] for piece in pieces])
+    token_lists = encode_a1111(tokenizer, [piece[0] for piece in pieces])  # A1111's ftfy clean-up first
     (comma,) = tokenizer.encode_units([","])[0][:1] or (None,)
     finder = _EmbeddingFinder(tokenizer)
     chunker = _Chunker(tokenizer.max_length - 2, comma, comma_padding_backtrack)

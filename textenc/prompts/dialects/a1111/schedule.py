@@ -14,9 +14,10 @@ grammar, ``get_learned_conditioning_prompt_schedules`` and
 * Outside such brackets, unbalanced ``[ ] ( ) :`` are plain text. A bracket
   group that closes is always read as a group. (A1111's grammar also allows
   reading a top-level group as stray brackets when stray ``[ ] ( ) :``
-  follow it directly, as in ``[a:b:5]))``; A1111 was observed to pick one
-  reading or the other depending on Python's hash seed, i.e. from one start
-  of A1111 to the next. textenc always takes the group.) A ``|``
+  follow it directly, as in ``[a:b:5]))``; on lark 1.1.2, which A1111 pins,
+  it was observed to pick one reading or the other depending on Python's hash
+  seed, i.e. from one start of A1111 to the next; on lark 1.3.1 the choice is
+  fixed, ``[a:b:5]))`` being text. textenc always takes the group.) A ``|``
   outside any alternation, or a ``\\`` at the end or before a line break,
   makes the prompt unreadable to the grammar: it is then used as it is,
   for every step.
