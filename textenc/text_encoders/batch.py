@@ -23,7 +23,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 
 from ..errors import PromptError
-from .encode import _check_weighted, empty_encoding, encode_windows, token_weights
+from .encode import check_weighted, empty_encoding, encode_windows, token_weights
 from .weighting import apply_weights
 
 __all__ = ["Encoded", "FamilyEncodeMixin", "encode_batch", "ERRORS"]
@@ -54,7 +54,7 @@ def _weighted(encoder: Any, windows: list, z: torch.Tensor, opts: Any) -> torch.
     if opts.weight_mode != "none" and bool((weights != 1.0).any()):
         z_empty = empty_encoding(encoder, z.shape[1], opts)[0]
         z = apply_weights(z, weights.to(z.device), z_empty, opts.weight_mode)
-    _check_weighted(z, weights)
+    check_weighted(z, weights)
     return z
 
 

@@ -268,7 +268,7 @@ def encoder_calls(model: SDClipModel, opts: ClipOptions) -> EncoderCalls:
         special_tokens=model.special_tokens)
 
 
-def _check_weighted(z: torch.Tensor, weights: torch.Tensor) -> None:
+def check_weighted(z: torch.Tensor, weights: torch.Tensor) -> None:
     """Raise EncodeError when weighting made the conditioning NaN or infinite."""
     if not is_finite(z):
         raise EncodeError(f"the weighted conditioning is NaN or infinite: a prompt weight (largest "
@@ -292,5 +292,5 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
     weights, word_ids = token_weights(pairs, opts.normalization)
     mode = get_weight_mode(opts.weight_mode)
     result = mode.encode(pairs, weights, word_ids, encoder_calls(model, opts), need_pooled=need_pooled)
-    _check_weighted(result[0], weights)
+    check_weighted(result[0], weights)
     return result
