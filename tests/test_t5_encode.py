@@ -139,3 +139,22 @@ def test_other_weight_modes_run_without_pooled(mode, tokenizer):
     if mode == "none":
         unweighted = [[(t, 1.0) for t, _, _ in tokens[0]]]
         assert torch.equal(cond, model.encode_token_weights(unweighted)[0])
+
+
+def test_fp16_file_weights_are_not_copied_at_load(tmp_path, tokenizer):
+    """A memory-mapped fp16 file encoded at fp32 is cast per call, not copied at load:
+    every weight the model holds is the file's own tensor (a full-size T5-XXL fp16 file
+    is 9 GB; aligning or casting it at load would hold a second copy). The encoding is
+    the same as from weights copied into fresh memory."""
+    from safetensors.torch import load_file, save_file
+
+    sd = {k: v.to(torch.float16) for k, v in weights("t5").items()}
+    save_file(sd, str(tmp_path / "t5_fp16.safetensors"))
+    mapped = load_file(str(tmp_path / "t5_fp16.safetensors"))
+    model = T5XXLModel.from_state_dict(mapped)
+    held = dict(model.transformer.state_dict(keep_vars=True))
+    shared = [k for k, v in mapped.items() if k in held and held[k].data_ptr() == v.data_ptr()]
+    assert len(shared) == len(held) and held, f"{len(held) - len(shared)} of {len(held)} weights were copied"
+    copied = T5XXLModel.from_state_dict({k: v.clone() for k, v in mapped.items()})
+    tokens = tokenizer.tokenize_with_weights("a (red:1.2) fox")
+    assert torch.equal(model.encode_token_weights(tokens)[0], copied.encode_token_weights(tokens)[0])

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError
 from ..loading.checkpoint import aligned, is_finite
+from ..nn.packed import PackedWeight
 from ..warn import warn_at_caller
 from .options import ClipOptions
 # token_weights is re-exported: callers outside (the dataset encoder) read it here.
@@ -58,6 +59,23 @@ def check_weight_values(sd: dict, *, require_finite: bool = True) -> None:
                                   "loads it anyway, and every encode will then fail its finite check)")
 
 
+def _placed(model: SDClipModel, sd: dict) -> dict:
+    """``sd`` on the model's device in its storage dtype, packed weights (fp8 scaled, GGUF:
+    :class:`~textenc.nn.packed.PackedWeight`) left as they are.
+
+    Only the weights a forward uses as they are (already in the compute dtype) are made
+    64-byte aligned (:func:`textenc.loading.checkpoint.aligned`), so that bits do not
+    depend on the file's layout; a weight in another dtype is cast (or decoded) per call
+    into a fresh, aligned tensor, and aligning it here would copy the whole file into
+    memory (a T5-XXL fp16 file: 9 GB).
+    """
+    target, compute = model.storage_dtype, model.options_default.compute_dtype
+    placed = {k: v if isinstance(v, PackedWeight) else v.to(device=model.device, dtype=target or v.dtype)
+              for k, v in sd.items()}
+    used_as_is = {k: v for k, v in placed.items() if v.dtype == compute and not isinstance(v, PackedWeight)}
+    return {**placed, **aligned(used_as_is)}
+
+
 def load_text_state_dict(model: SDClipModel, sd, *, strict: bool = True, require_finite: bool = True):
     """Assign an HF-layout state dict to ``model.transformer`` (see ``SDClipModel.load_sd``).
 
@@ -89,8 +107,7 @@ def load_text_state_dict(model: SDClipModel, sd, *, strict: bool = True, require
                        f"(strict=False): {unexpected[:8]}", CheckpointWarning)
     sd = {k: v for k, v in sd.items() if k not in unexpected}
     check_weight_values(sd, require_finite=require_finite)
-    target = model.storage_dtype
-    sd = aligned({k: v.to(device=model.device, dtype=target or v.dtype) for k, v in sd.items()})
+    sd = _placed(model, sd)
     keys = model.transformer.load_state_dict(sd, strict=True, assign=True)
     if model.freeze:
         model.transformer.requires_grad_(False)
