@@ -101,6 +101,8 @@ def test_library_raises_only_typed_errors():
         ("clip_model.py", "ValueError"),  # num_tokens missing: a programming error
         ("cli.py", "ArgumentTypeError"),  # argparse's own protocol
         ("common.py", "ArgumentTypeError"),  # argparse's own protocol (shared option types)
+        ("parser.py", "ArgumentTypeError"),  # argparse's own protocol (the commands' parser class)
+        ("parser.py", "ArgumentError"),  # argparse's own protocol: a usage error with its "did you mean"
         ("common.py", "OSError"),  # commands: a failed write re-raised naming the output path
         ("common.py", "Terminated"),  # commands: SIGTERM raised like KeyboardInterrupt, exit 143
     }

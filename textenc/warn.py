@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Iterator
 
-from .errors import EmbeddingError, EmbeddingWarning
+from .errors import ConfigError, EmbeddingError, EmbeddingWarning
 
 __all__ = ["warn_at_caller", "ON_MISSING_EMBEDDING", "missing_embedding_policy"]
 
@@ -65,7 +65,7 @@ def missing_embedding_policy(mode: str) -> Iterator[None]:
         ValueError: a mode not in :data:`ON_MISSING_EMBEDDING`.
     """
     if mode not in ON_MISSING_EMBEDDING:
-        raise ValueError(f"on_missing_embedding {mode!r} is not one of {ON_MISSING_EMBEDDING}")
+        raise ConfigError(f"on_missing_embedding {mode!r} is not one of {ON_MISSING_EMBEDDING}")
     if mode == "warn":
         yield
         return

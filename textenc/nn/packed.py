@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
+from ..errors import CheckpointError
+
 __all__ = ["PackedWeight", "ScaledFloat8Weight", "decode_weight", "float8_is_finite"]
 
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -111,9 +113,9 @@ class ScaledFloat8Weight(PackedWeight):
 
     def __init__(self, raw: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
         if raw.dtype not in _FLOAT8:
-            raise TypeError(f"raw must be float8_e4m3fn or float8_e5m2, got {raw.dtype}")
+            raise CheckpointError(f"raw must be float8_e4m3fn or float8_e5m2, got {raw.dtype}")
         if scale.numel() != 1:
-            raise TypeError(f"scale must hold one value, got shape {tuple(scale.shape)}")
+            raise CheckpointError(f"scale must hold one value, got shape {tuple(scale.shape)}")
         self.raw, self.scale = raw, scale.reshape(())
 
     def _decode_rows(self, rows, dtype):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 __all__ = ["Role", "Family", "register_family", "unregister_family", "get_family", "families",
            "family_names", "family_for_encoders"]
@@ -119,12 +119,12 @@ class Family:
         """The role called ``name``.
 
         Raises:
-            KeyError: the family has no such role.
+            ConfigError: the family has no such role.
         """
         for role in self.roles:
             if role.name == name:
                 return role
-        raise KeyError(f"{self.label} has no role {name!r}; its roles are {self.role_names}")
+        raise ConfigError(f"{self.label} has no role {name!r}; its roles are {self.role_names}")
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -134,12 +134,12 @@ def register_family(family: Family) -> Family:
     """Add ``family`` (a family module calls this once, at import).
 
     Raises:
-        ValueError: a family of that name is registered already, or two roles share a name.
+        ConfigError: a family of that name is registered already, or two roles share a name.
     """
     if family.name in _FAMILIES:
-        raise ValueError(f"text-encoder family {family.name!r} is registered already")
+        raise ConfigError(f"text-encoder family {family.name!r} is registered already")
     if len(set(family.role_names)) != len(family.roles) or not family.roles:
-        raise ValueError(f"family {family.name!r}: roles must be one or more distinct names, "
+        raise ConfigError(f"family {family.name!r}: roles must be one or more distinct names, "
                          f"got {family.role_names}")
     _FAMILIES[family.name] = family
     return family
