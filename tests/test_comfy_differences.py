@@ -26,7 +26,8 @@ from comfy_reference import prompt_weights as comfy_weights
 from test_vit_h_numbering import PROMPT, sd2_23, vit_h  # noqa: F401  (fixtures)
 from test_vit_h_numbering import _ids as vit_h_ids
 from textenc.loading.embeddings import EmbeddingLoader
-from textenc.errors import (CheckpointError, EmbeddingWarning, EncodeError, LayerError, PromptError, PromptWarning)
+from textenc.errors import (CheckpointError, ConfigError, EmbeddingWarning, EncodeError, LayerError, PromptError,
+                            PromptWarning)
 from textenc.prompts.parser import parse_prompt
 from textenc.sd import load_clip
 from textenc.text_encoders.sd1_clip import SDClipModel
@@ -218,6 +219,31 @@ def test_token_id_beyond_the_vocabulary(tiny_weights):
         model.encode_token_weights([[(49406, 1.0), (49407, 1.0)]])
     with pytest.raises(IndexError):
         torch.nn.Embedding(1000, 4)(torch.tensor([49406]))
+
+
+def test_malformed_hand_built_tokens(tiny_weights):
+    # textenc: PromptError naming the window and position; ComfyUI: torch's errors (its
+    # process_tokens builds torch.LongTensor of the ids, then the embedding and position lookups run).
+    model = SDClipModel(textmodel_json_config=TINY)
+    model.load_sd(tiny_weights)
+    window = [(49406, 1.0)] + [(49407, 1.0)] * 76
+    for bad, untyped in ((-1, IndexError), (2 ** 63, (OverflowError, RuntimeError, ValueError))):
+        with pytest.raises(PromptError, match="window 0, position 1"):
+            model.encode_token_weights([window[:1] + [(bad, 1.0)] + window[2:]])
+        with pytest.raises(untyped):
+            torch.nn.Embedding(10, 4)(torch.LongTensor([[bad]]))
+    with pytest.raises(PromptError, match="hold 154 tokens"):
+        model.encode_token_weights([window * 2])
+    with pytest.raises(RuntimeError):  # ComfyUI: positions (1, 77) cannot broadcast over 154 tokens
+        torch.zeros(1, 154, 4) + torch.zeros(1, 77, 4)
+
+
+def test_window_too_short_to_pack():
+    # textenc: ConfigError naming the minimum; ComfyUI's packing moves a group shorter than
+    # max_word_length (8) to a fresh window whenever it does not fit, so a 7-token group in a
+    # window of 8 (start + 6 + end) never fits and moves forever.
+    with pytest.raises(ConfigError, match="at least 9"):
+        SDTokenizer(max_length=8)
 
 
 def test_large_weights_warn_but_encode_as_comfyui():
