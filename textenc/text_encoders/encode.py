@@ -135,8 +135,8 @@ def _check_vocabulary(ids: torch.Tensor, vocab_size: int) -> None:
     """A token id the embedding table does not have is a tokenizer/model mismatch, not an IndexError."""
     if ids.numel() and int(ids.max()) >= vocab_size:
         window, position = (int(i) for i in (ids >= vocab_size).nonzero()[0])
-        raise CheckpointError(f"token id {int(ids[window, position])} (window {window}, position {position}) is "
-                              f"outside the text encoder's vocabulary of {vocab_size} tokens: the tokenizer and "
+        raise CheckpointError(f"token id {int(ids[window, position])} is outside the text encoder's vocabulary "
+                              f"of {vocab_size} tokens (window {window}, position {position}): the tokenizer and "
                               "the model do not match (a tiny or mismatched text encoder, or another model's "
                               "special tokens); use the model's own tokenizer or a checkpoint with the full "
                               "vocabulary (49408 for CLIP)")
