@@ -7,8 +7,10 @@ Written from ComfyUI's published ``comfy/sd1_clip.py`` (``parse_parentheses``,
 structure on purpose (recursion, a sentinel for escaped brackets, one
 ``transformers.CLIPTokenizer`` call per unit of text, the empty prompt in the same batch
 on every weighted call, tokens weighted one at a time in a Python loop), so the bench
-measures what textenc's prompt machinery saves. Embeddings and ``BREAK`` are not
-handled; the model forward under :func:`comfy_encode_token_weights` is the caller's.
+measures what textenc's prompt machinery saves. Embeddings are read as
+``_try_get_embedding`` reads them, from a ``{name: tensor}`` mapping standing in for
+the folder (``load_embed``'s file reading is not restated); ``BREAK`` is not handled;
+the model forward under :func:`comfy_encode_token_weights` is the caller's.
 
 Tests import it by name (``tests/`` is on ``sys.path`` under pytest); the bench puts
 ``tests/`` on its path.
@@ -91,8 +93,10 @@ def prompt_weights(text: str, a1111: bool = False) -> list[tuple[str, float]]:
 class ComfyTokenizer:
     """ComfyUI's ``SDTokenizer.tokenize_with_weights`` over an HF ``CLIPTokenizer``."""
 
-    def __init__(self, hf_tokenizer, *, max_length: int = 77, pad_with_end: bool = True) -> None:
+    def __init__(self, hf_tokenizer, *, max_length: int = 77, pad_with_end: bool = True,
+                 embeddings: dict[str, torch.Tensor] | None = None) -> None:
         self.tokenizer = hf_tokenizer
+        self.embeddings = embeddings  # None: no embedding directory
         empty = hf_tokenizer("")["input_ids"]
         self.start_token, self.end_token = empty[0], empty[1]
         self.pad_token = self.end_token if pad_with_end else 0
@@ -105,6 +109,13 @@ class ComfyTokenizer:
             pieces = re.split(f" {EMBEDDING_IDENTIFIER}|\n{EMBEDDING_IDENTIFIER}", unescape_important(segment))
             pieces = [pieces[0]] + [EMBEDDING_IDENTIFIER + p for p in pieces[1:]]
             for word in (p for p in pieces if p != ""):
+                if word.startswith(EMBEDDING_IDENTIFIER) and self.embeddings is not None:
+                    embed, word = self._try_get_embedding(word[len(EMBEDDING_IDENTIFIER):].strip("\n"))
+                    if embed is not None:
+                        rows = [embed] if embed.ndim == 1 else [embed[x] for x in range(embed.shape[0])]
+                        groups.append([(row, weight) for row in rows])  # zero rows: an empty group
+                    if word == "":
+                        continue
                 groups.append([(t, weight) for t in self.tokenizer(word)["input_ids"][1:-1]])
         windows = [[(self.start_token, 1.0, 0)]]
         batch = windows[0]
@@ -130,6 +141,17 @@ class ComfyTokenizer:
         if not return_word_ids:
             return [[(t, w) for t, w, _ in window] for window in windows]
         return windows
+
+    def _try_get_embedding(self, name_and_rest: str) -> tuple[torch.Tensor | None, str]:
+        """(the embedding or None, the text left after its name); IndexError on a blank name."""
+        words = name_and_rest.split()
+        name, leftover = words[0], " ".join(words[1:])
+        embed = self.embeddings.get(name)
+        if embed is None:
+            stripped = name.strip(",")
+            if len(stripped) < len(name):
+                return self.embeddings.get(stripped), f"{name[len(stripped):]} {leftover}"
+        return embed, leftover
 
 
 def comfy_encode_token_weights(model, token_weight_pairs) -> tuple[torch.Tensor, torch.Tensor]:

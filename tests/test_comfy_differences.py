@@ -21,15 +21,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from comfy_reference import ComfyTokenizer
 from comfy_reference import prompt_weights as comfy_weights
 from test_vit_h_numbering import PROMPT, sd2_23, vit_h  # noqa: F401  (fixtures)
 from test_vit_h_numbering import _ids as vit_h_ids
 from textenc.loading.embeddings import EmbeddingLoader
-from textenc.errors import (CheckpointError, EmbeddingWarning, EncodeError, LayerError, PromptError, PromptWarning)
+from textenc.errors import (CheckpointError, ConfigError, EmbeddingWarning, EncodeError, LayerError, PromptError,
+                            PromptWarning)
 from textenc.prompts.parser import parse_prompt
 from textenc.sd import load_clip
 from textenc.text_encoders.sd1_clip import SDClipModel
-from textenc.prompts.tokenizer import SDTokenizer
+from textenc.prompts.tokenizer import DEFAULT_VOCAB, SDTokenizer
 
 TINY = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 1, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
@@ -42,6 +44,12 @@ def tiny_weights() -> dict[str, torch.Tensor]:
     model = SDClipModel(textmodel_json_config=TINY)
     generator = torch.Generator().manual_seed(0)
     return {k: torch.randn(v.shape, generator=generator) * 0.02 for k, v in model.transformer.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def hf_clip_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB)
 
 
 def _comfy_try_get_embedding(name_and_rest: str, exists) -> tuple[str | None, str]:
@@ -101,16 +109,18 @@ def test_escaped_parenthesis_sentinels():
     assert comfy_text == "x)y"
 
 
-def test_embedding_followed_by_a_space(tmp_path):
-    # textenc: "embedding: cat" is plain text; ComfyUI takes the next word as the name (and drops it
-    # when no such file exists).
+def test_blank_embedding_name(tmp_path, hf_clip_tokenizer):
+    # textenc: "embedding:" with no word after it is plain text; ComfyUI's _try_get_embedding takes
+    # split()[0] of nothing and raises IndexError (with an embedding folder).
     save_file({"emb_params": torch.ones(1, 768)}, tmp_path / "cat.safetensors")
     tok, plain = SDTokenizer(embedding_directory=str(tmp_path)), SDTokenizer()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", EmbeddingWarning)
-        assert tok.tokenize_with_weights("a embedding: cat") == plain.tokenize_with_weights("a embedding: cat")
-    loaded, leftover = _comfy_try_get_embedding(" cat", lambda n: n == "cat")
-    assert (loaded, leftover) == ("cat", "")
+    comfy = ComfyTokenizer(hf_clip_tokenizer, embeddings={"cat": torch.ones(1, 768)})
+    for prompt in ("a embedding:", "a embedding:  ", "embedding:\n"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", EmbeddingWarning)
+            assert tok.tokenize_with_weights(prompt) == plain.tokenize_with_weights(prompt)
+        with pytest.raises(IndexError):
+            comfy.tokenize_with_weights(prompt)
 
 
 def test_path_escaping_names(tmp_path):
@@ -209,6 +219,31 @@ def test_token_id_beyond_the_vocabulary(tiny_weights):
         model.encode_token_weights([[(49406, 1.0), (49407, 1.0)]])
     with pytest.raises(IndexError):
         torch.nn.Embedding(1000, 4)(torch.tensor([49406]))
+
+
+def test_malformed_hand_built_tokens(tiny_weights):
+    # textenc: PromptError naming the window and position; ComfyUI: torch's errors (its
+    # process_tokens builds torch.LongTensor of the ids, then the embedding and position lookups run).
+    model = SDClipModel(textmodel_json_config=TINY)
+    model.load_sd(tiny_weights)
+    window = [(49406, 1.0)] + [(49407, 1.0)] * 76
+    for bad, untyped in ((-1, IndexError), (2 ** 63, (OverflowError, RuntimeError, ValueError))):
+        with pytest.raises(PromptError, match="window 0, position 1"):
+            model.encode_token_weights([window[:1] + [(bad, 1.0)] + window[2:]])
+        with pytest.raises(untyped):
+            torch.nn.Embedding(10, 4)(torch.LongTensor([[bad]]))
+    with pytest.raises(PromptError, match="hold 154 tokens"):
+        model.encode_token_weights([window * 2])
+    with pytest.raises(RuntimeError):  # ComfyUI: positions (1, 77) cannot broadcast over 154 tokens
+        torch.zeros(1, 154, 4) + torch.zeros(1, 77, 4)
+
+
+def test_window_too_short_to_pack():
+    # textenc: ConfigError naming the minimum; ComfyUI's packing moves a group shorter than
+    # max_word_length (8) to a fresh window whenever it does not fit, so a 7-token group in a
+    # window of 8 (start + 6 + end) never fits and moves forever.
+    with pytest.raises(ConfigError, match="at least 9"):
+        SDTokenizer(max_length=8)
 
 
 def test_large_weights_warn_but_encode_as_comfyui():

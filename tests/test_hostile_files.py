@@ -431,7 +431,8 @@ def test_token_ids_beyond_the_vocabulary_are_a_typed_error(sd1_checkpoint):
     generator = torch.Generator().manual_seed(0)
     model.load_sd({k: torch.randn(v.shape, generator=generator) * 0.02
                    for k, v in model.transformer.state_dict().items()})
-    with pytest.raises(CheckpointError, match=r"token id 49407 is outside the text encoder's vocabulary of 1000"):
+    with pytest.raises(CheckpointError, match=r"token id 49406 is outside the text encoder's vocabulary of 1000 "
+                                                r"tokens \(window 0, position 0\)"):
         model.encode_token_weights([[(49406, 1.0), (320, 1.0), (49407, 1.0)]])
 
 

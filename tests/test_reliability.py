@@ -231,17 +231,14 @@ def embedding_folder(tmp_path):
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("prompt", ["fox embedding:", "embedding:", "a embedding: cat", "a embedding:  cat",
-                                    "a\nembedding: cat"])
-def test_empty_embedding_name_never_swallows_or_crashes(embedding_folder, prompt):
+@pytest.mark.parametrize("prompt", ["fox embedding:", "embedding:", "a embedding:  ", "a embedding:\n", "(embedding: )"])
+def test_blank_embedding_name_never_crashes(embedding_folder, prompt):
+    # ComfyUI raises IndexError here; textenc reads the piece as text (tests/test_comfy_differences.py).
     tok, plain = SDTokenizer(embedding_directory=embedding_folder), SDTokenizer()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", EmbeddingWarning)  # an empty name is text, not a lookup
+        warnings.simplefilter("error", EmbeddingWarning)  # a blank name is text, not a lookup
         windows = tok.tokenize_with_weights(prompt)
     assert windows == plain.tokenize_with_weights(prompt)  # same as with no embedding folder
-    if "cat" in prompt:
-        cat = plain.encode_units(["cat"])[0][0]
-        assert cat in [t for t, _ in windows[0]]
 
 
 def test_embedding_then_text_keeps_the_following_word(embedding_folder):

@@ -196,6 +196,8 @@ def _as_rows(value: Any, width: int) -> torch.Tensor:
         raise _Rejected(f"expected floating point values, found {value.dtype}")
     if value.ndim > 2 or value.ndim == 0:
         raise _Rejected(f"expected a 1-D or 2-D tensor, found shape {tuple(value.shape)}")
+    if value.ndim == 2 and value.shape[0] == 0:  # no vectors: ComfyUI's empty group, whatever the width
+        return value.new_zeros((0, width))
     rows = value.reshape(1, -1) if value.ndim == 1 else value
     if rows.numel() == 0:
         raise _Rejected("the tensor is empty")
@@ -207,6 +209,8 @@ def _as_rows(value: Any, width: int) -> torch.Tensor:
 
 
 def _check_magnitude(rows: torch.Tensor, max_abs: float) -> torch.Tensor:
+    if rows.numel() == 0:
+        return rows
     largest = float(rows.abs().max())
     if largest > max_abs:
         raise _Rejected(f"holds a value of magnitude {largest:.3g}, above the {max_abs:g} limit that keeps the "

@@ -21,8 +21,9 @@ cases it is: no embedding directory was given, the directory does not exist,
 or there is no such name in it (with the closest names, by :mod:`difflib`);
 ``rejected`` with a reason: unsafe name or symlink, unreadable/corrupt file
 (the OS, zip, pickle or safetensors error is quoted with the path), no tensor,
-non-floating dtype, rank above 2, empty, non-finite values, values beyond
-:data:`MAX_ABS_VALUE`, or width != ``embedding_size``.
+non-floating dtype, rank above 2, empty (but a 2-D tensor with no rows is
+``found`` with no vectors, as in ComfyUI, where it still uses a word id),
+non-finite values, values beyond :data:`MAX_ABS_VALUE`, or width != ``embedding_size``.
 The tokenizer turns ``missing`` and ``rejected`` into an
 :class:`~textenc.errors.EmbeddingWarning` and goes on with the prompt.
 """

@@ -4,9 +4,10 @@ This is ComfyUI's ``tokenize_with_weights`` step between parsing and
 tokenizing (``comfy/sd1_clip.py``): each weighted segment is split before
 ``" embedding:"``/``"\\nembedding:"`` (the separator is dropped), and every
 piece becomes one :class:`Unit` (one *group*: text tokenized at once, or the
-vectors of one embedding). Embedding names end at the first whitespace; a
-name not found is tried again with commas stripped from both ends, and the
-stripped commas stay in the prompt as text (see :mod:`textenc.prompts.dialects.comfy`
+vectors of one embedding, which may have none). The embedding name is the first
+word after the colon (whitespace before it is skipped, as ComfyUI's
+``split()[0]``); a name not found is tried again with commas stripped from
+both ends, and the stripped commas stay in the prompt as text (see :mod:`textenc.prompts.dialects.comfy`
 for how this differs from ComfyUI). Missing and refused embeddings, and
 ``embedding:NAME`` without an embedding directory, give an
 :class:`~textenc.errors.EmbeddingWarning` and the prompt goes on.
@@ -75,10 +76,10 @@ def split_units(segments: list[Segment], embeddings: EmbeddingLoader | None,
 def _embedding_units(piece: str, segment: Segment, embeddings: EmbeddingLoader | None,
                      found: list[EmbeddingResult]) -> list[Unit]:
     """An ``embedding:name rest`` piece: the embedding group, then the rest as text."""
-    rest = piece[len(EMBEDDING_IDENTIFIER):].strip("\n")
+    rest = piece[len(EMBEDDING_IDENTIFIER):].lstrip()  # ComfyUI's name is rest.split()[0]
     end = _NAME_END.search(rest)
     name, leftover = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
-    if not name:
+    if not name:  # ComfyUI raises IndexError here; the piece stays text
         return [Unit("text", piece, segment.weight, segment)]
     if embeddings is None:  # ComfyUI reads it as text; say why
         warn_at_caller(f"embedding:{name} read as text: {NO_DIRECTORY} (pass embedding_directory= "

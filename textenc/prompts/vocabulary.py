@@ -27,6 +27,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+from textenc.errors import ConfigError
 from textenc.loading.embeddings import NO_DIRECTORY, EmbeddingLoader, EmbeddingResult
 from textenc.lru import LRUCache
 from textenc.prompts.budget import check_max_windows
@@ -69,11 +70,12 @@ class Vocabulary:
         self.pad_to_max_length = pad_to_max_length
         self.pad_with_end = pad_with_end
         self._setup_special_tokens(has_start_token, has_end_token, pad_token, end_token)
+        self.max_word_length = 8
+        self._check_max_length()
         self.inv_vocab = {v: k for k, v in self._vocab().items()}
         self.embedding_directory = embedding_directory
         self.embedding_size = embedding_size
         self.embedding_key = embedding_key
-        self.max_word_length = 8
         self.embedding_identifier = EMBEDDING_IDENTIFIER
         self.parse_options = ParseOptions(weight_convention, square_brackets, break_keyword, max_weight,
                                           max_prompt_chars, strict_weights, warn_weight_above)
@@ -94,6 +96,19 @@ class Vocabulary:
         if end is None and has_end:
             self.end_token = empty[self.tokens_start]
         self.pad_token = pad if pad is not None else (self.end_token if self.pad_with_end else 0)
+
+    def minimum_max_length(self) -> int:
+        """The shortest window that packing can fill: a group shorter than ``max_word_length``
+        moves whole to the next window, so an empty window must hold ``max_word_length - 1``
+        tokens besides the start and end tokens (a shorter one would move it forever)."""
+        return self.max_word_length - 1 + (self.start_token is not None) + (self.end_token is not None)
+
+    def _check_max_length(self) -> None:
+        length, minimum = self.max_length, self.minimum_max_length()
+        if isinstance(length, bool) or not isinstance(length, int) or length < minimum:
+            raise ConfigError(f"max_length must be an int of at least {minimum} ({self.max_word_length - 1} "
+                              "tokens for the longest group packing never splits, plus the window's start and "
+                              f"end tokens), got {length!r}")
 
     def _vocab(self) -> dict[str, int]:
         return self._hf.get_vocab() if self._hf is not None else self._backend.get_vocab(with_added_tokens=True)

@@ -23,7 +23,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 
 from ..errors import PromptError
-from .encode import check_weighted, empty_encoding, encode_windows, token_weights
+from .encode import check_weighted, empty_encoding, encode_windows, pair_weights
 from .weighting import apply_weights
 
 __all__ = ["Encoded", "FamilyEncodeMixin", "encode_batch", "ERRORS"]
@@ -48,7 +48,7 @@ def _has_compel_tags(windows: Sequence[Sequence[Any]]) -> bool:
 def _weighted(encoder: Any, windows: list, z: torch.Tensor, opts: Any) -> torch.Tensor | None:
     """``z`` (W, T, D) of one prompt weighted as ``encode_token_weights`` weighs it; None:
     the prompt needs the direct call. Raises PromptError for a bad weight."""
-    weights, _ = token_weights(windows, opts.normalization)
+    weights, _ = pair_weights(windows, opts.normalization)
     if opts.weight_mode == "compel" and (bool((weights < 1.0).any()) or _has_compel_tags(windows)):
         return None  # down-weights, .blend() and .and() need compel's extra encodes
     if opts.weight_mode != "none" and bool((weights != 1.0).any()):

@@ -5,11 +5,12 @@ module per ``weight_mode``. Kept apart so each function stays small.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from ..errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError
+from ..errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError, TextencError
 from ..loading.checkpoint import aligned, is_finite
 from ..nn.packed import PackedWeight
 from ..warn import warn_at_caller
@@ -149,20 +150,66 @@ def _drop_wrong_width(window: list, width: int, pad: int) -> list:
 
 def _check_vocabulary(ids: torch.Tensor, vocab_size: int) -> None:
     """A token id the embedding table does not have is a tokenizer/model mismatch, not an IndexError."""
-    if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
-        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
-        raise CheckpointError(f"token id {bad} is outside the text encoder's vocabulary of {vocab_size} tokens: "
-                              "the tokenizer and the model do not match (a tiny or mismatched text encoder, or "
-                              "another model's special tokens); use the model's own tokenizer or a checkpoint "
-                              "with the full vocabulary (49408 for CLIP)")
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        window, position = (int(i) for i in (ids >= vocab_size).nonzero()[0])
+        raise CheckpointError(f"token id {int(ids[window, position])} is outside the text encoder's vocabulary "
+                              f"of {vocab_size} tokens (window {window}, position {position}): the tokenizer and "
+                              "the model do not match (a tiny or mismatched text encoder, or another model's "
+                              "special tokens); use the model's own tokenizer or a checkpoint with the full "
+                              "vocabulary (49408 for CLIP)")
+
+
+_ID_LIMIT = 2 ** 63  # ids are stored as int64
+
+
+def _check_token(token: Any, window: int, position: int) -> None:
+    """Refuse a token that is neither an int id in ``[0, 2**63)`` nor a 1-D embedding vector."""
+    where = f"token window {window}, position {position}"
+    if isinstance(token, torch.Tensor):
+        if token.ndim != 1:
+            raise PromptError(f"{where}: an embedding vector must be a 1-D tensor, got shape {tuple(token.shape)}")
+    elif not isinstance(token, numbers.Integral):
+        raise PromptError(f"{where}: a token must be an int id or an embedding vector, got "
+                          f"{type(token).__name__} {token!r:.40}")
+    elif not 0 <= int(token) < _ID_LIMIT:
+        raise PromptError(f"{where}: token id {int(token)} is not a vocabulary index (ids are 0 or more, "
+                          "and below 2**63)")
+
+
+def check_windows(windows: Sequence[Sequence[Any]], max_positions: int) -> None:
+    """Refuse hand-built token windows the encoder cannot take, naming the window and position.
+
+    Windows must hold 1 to ``max_positions`` tokens, all the same length; each token an
+    int id or a 1-D embedding vector. A window of plain ints is checked in one pass.
+
+    Raises:
+        PromptError: naming the window (and the position) at fault.
+    """
+    if not windows:
+        raise PromptError("there are no token windows to encode")
+    length = len(windows[0])
+    for index, window in enumerate(windows):
+        if len(window) != length:
+            raise PromptError(f"token windows must have equal lengths: window {index} has {len(window)} "
+                              f"tokens, window 0 has {length}")
+        if set(map(type, window)) == {int} and min(window) >= 0 and max(window) < _ID_LIMIT:
+            continue  # the common case: plain int ids
+        for position, token in enumerate(window):
+            _check_token(token, index, position)
+    if not 0 < length <= max_positions:
+        raise PromptError(f"token windows hold {length} tokens, but the text encoder takes 1 to {max_positions} "
+                          "(its position count); tokenize with the model's own tokenizer")
 
 
 def process_tokens(model: SDClipModel, windows: Sequence[Sequence[Any]],
                    dtype: torch.dtype) -> ProcessedTokens:
-    """Token windows (ints or 1-D tensors) → input embeddings, masks and token counts."""
-    lengths = {len(w) for w in windows}
-    if len(lengths) != 1:
-        raise PromptError(f"token windows must have equal lengths, got {sorted(lengths)}")
+    """Token windows (ints or 1-D tensors) → input embeddings, masks and token counts.
+
+    Raises:
+        PromptError: a malformed window (see :func:`check_windows`).
+        CheckpointError: a token id beyond the model's vocabulary.
+    """
+    check_windows(windows, model.config.max_position_embeddings)
     width = model.config.hidden_size
     pad = model.special_tokens["pad"]
     windows = [_drop_wrong_width(list(w), width, pad) for w in windows]
@@ -270,6 +317,7 @@ def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
 def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     if model.cache_size <= 0 or model.return_attention_masks:
         return encode_windows(model, windows, opts)
+    check_windows(windows, model.config.max_position_embeddings)  # before the key reads the tokens
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
     z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
@@ -293,6 +341,35 @@ def check_weighted(z: torch.Tensor, weights: torch.Tensor) -> None:
                           "encoder output; use smaller weights (ComfyUI would return this NaN/Inf conditioning)")
 
 
+def _bad_pair(pairs: Sequence[Sequence[Any]]) -> str | None:
+    """What is wrong with the first malformed window or pair, or None."""
+    for index, window in enumerate(pairs):
+        if len(window) != len(pairs[0]):
+            return (f"token windows must have equal lengths: window {index} has {len(window)} tokens, "
+                    f"window 0 has {len(pairs[0])}")
+        for position, pair in enumerate(window):
+            where = f"token window {index}, position {position}"
+            if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
+                return f"{where}: expected (token, weight) or (token, weight, word_id), got {pair!r:.60}"
+            if not isinstance(pair[1], numbers.Real):
+                return f"{where}: the weight must be a number, got {pair[1]!r:.40}"
+            if len(pair) == 3 and not isinstance(pair[2], numbers.Integral):
+                return f"{where}: the word id must be an int, got {pair[2]!r:.40}"
+    return None
+
+
+def pair_weights(pairs: Sequence[Sequence[Any]], normalization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`~textenc.text_encoders.weighting.token_weights` of hand-built windows, refusing
+    malformed ones with a :class:`~textenc.errors.PromptError` naming the window and position
+    (looked for only once the conversion failed: no cost for valid windows)."""
+    try:
+        return token_weights(pairs, normalization)
+    except TextencError:
+        raise
+    except (TypeError, ValueError, IndexError) as error:
+        raise PromptError(_bad_pair(pairs) or f"malformed token windows: {error}") from None
+
+
 def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptions, *,
                          need_pooled: bool = True):
     """ComfyUI's ``encode_token_weights`` (see :mod:`textenc.text_encoders.weighting` for modes).
@@ -300,13 +377,17 @@ def encode_token_weights(model: SDClipModel, token_weight_pairs, opts: ClipOptio
     ``need_pooled=False`` (the caller discards the pooled output) returns None
     in its place and skips the work done only for it: compel's raw-text window.
     """
-    pairs = [list(w) for w in token_weight_pairs]
+    try:
+        pairs = [list(w) for w in token_weight_pairs]
+    except TypeError:
+        raise PromptError(f"token windows must be lists of (token, weight) pairs, got "
+                          f"{token_weight_pairs!r:.80}") from None
     if not pairs:
         z_empty, pooled_empty = empty_encoding(model, model.max_length, opts)
         # Copies: the cached empty encoding weights every later prompt.
         return z_empty.unsqueeze(0).clone(), (pooled_empty.unsqueeze(0).clone()
                                               if need_pooled and pooled_empty is not None else None)
-    weights, word_ids = token_weights(pairs, opts.normalization)
+    weights, word_ids = pair_weights(pairs, opts.normalization)
     mode = get_weight_mode(opts.weight_mode)
     result = mode.encode(pairs, weights, word_ids, encoder_calls(model, opts), need_pooled=need_pooled)
     check_weighted(result[0], weights)

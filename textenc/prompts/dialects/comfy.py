@@ -27,9 +27,9 @@ Differences from ComfyUI, all deliberate:
   again with commas stripped from both ends (as ComfyUI), and the stripped
   commas stay in the prompt as text, where they were (ComfyUI re-inserts the
   name's last characters instead of leading commas). Text after the name is
-  tokenized normally. ``embedding:`` with nothing (or a space) after the
-  colon is plain text, so it never swallows the next word (ComfyUI loads the
-  next word as the name). Missing, unsafe or invalid embeddings, and
+  tokenized normally. ``embedding:`` with no word after it (at the end of the
+  prompt, or before only whitespace) is plain text (ComfyUI raises
+  ``IndexError`` with an embedding folder). Missing, unsafe or invalid embeddings, and
   ``embedding:NAME`` with no embedding directory, emit
   :class:`~textenc.errors.EmbeddingWarning` attributed to the caller's line,
   and the prompt goes on.
