@@ -47,7 +47,11 @@ _ITEM = re.compile(r"""
   | (?P<text>[^\\()\[\]:]+)
   | (?P<colon>:)
 """, re.VERBOSE)
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
+# A1111 splits text at r"\s*\bBREAK\b\s*"; that pattern retried at every character of a
+# white space run is quadratic, so the keyword is found alone and the space around it
+# is taken by hand (:func:`_split_breaks`).
+_BREAK = re.compile(r"\bBREAK\b")
+_SPACES = re.compile(r"\s*")
 
 
 def is_break(piece: list) -> bool:
@@ -63,8 +67,21 @@ def _number(literal: str, text: str) -> float:
                           "write it like (word:1.2)") from None
 
 
+def _split_breaks(text: str) -> list[str]:
+    """``re.split(r"\\s*\\bBREAK\\b\\s*", text)`` in time linear in ``len(text)``."""
+    parts, done = [], 0
+    for match in _BREAK.finditer(text):
+        start = match.start()
+        while start > done and text[start - 1].isspace():  # str.isspace is re's \s for str
+            start -= 1
+        parts.append(text[done:start])
+        done = _SPACES.match(text, match.end()).end()
+    parts.append(text[done:])
+    return parts
+
+
 def _add_text(pieces: list[list], text: str) -> None:
-    for index, part in enumerate(_BREAK.split(text)):
+    for index, part in enumerate(_split_breaks(text)):
         if index:
             pieces.append(["BREAK", BREAK_WEIGHT])
         pieces.append([part, 1.0])
