@@ -134,6 +134,12 @@ class _EmbeddingFinder:
         return None, 0
 
 
+def _too_many_chunks(max_chunks: int, length: int) -> None:
+    raise PromptError(f"prompt needs more than {max_chunks} windows of {length + 2} tokens, more than "
+                      f"max_windows={max_chunks} (syntax='a1111'); shorten it, or pass max_windows=None "
+                      "(or a larger number) to the tokenizer or to this call")
+
+
 class _Chunker:
     """The state of A1111's ``tokenize_line`` loop."""
 
@@ -149,10 +155,7 @@ class _Chunker:
     def close(self, reason: str) -> None:
         if self.max_chunks is not None and len(self.chunks) >= self.max_chunks:
             # refused here, before the rest of the prompt is chunked (one window per chunk)
-            raise PromptError(f"prompt needs more than {self.max_chunks} windows of {self.length + 2} "
-                              f"tokens, more than max_windows={self.max_chunks} (syntax='a1111'); shorten "
-                              "it, or pass max_windows=None (or a larger number) to the tokenizer or to "
-                              "this call")
+            _too_many_chunks(self.max_chunks, self.length)
         self.chunk.ended_by = reason
         self.chunks.append(self.chunk)
         self.chunk, self.last_comma = Chunk(), -1
@@ -219,6 +222,8 @@ def tokenize_line(tokenizer: Vocabulary, text: str, *, comma_padding_backtrack: 
             or not 0 <= comma_padding_backtrack <= 74:
         raise PromptError(f"comma_padding_backtrack must be an int from 0 to 74, got {comma_padding_backtrack!r}")
     pieces = [[text, 1.0]] if disable_weights else parse_attention(text)
+    if max_chunks is not None and not disable_weights and sum(map(is_break, pieces)) > max_chunks:
+        _too_many_chunks(max_chunks, tokenizer.max_length - 2)  # each break closes one chunk
     token_lists = encode_a1111(tokenizer, [piece[0] for piece in pieces])  # A1111's ftfy clean-up first
     (comma,) = tokenizer.encode_units([","])[0][:1] or (None,)
     finder = _EmbeddingFinder(tokenizer)
