@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,6 +49,9 @@ __all__ = ["EmbeddingResult", "EmbeddingLoader", "load_embed", "EXTENSIONS", "MA
 
 EXTENSIONS = (".safetensors", ".pt", ".bin")
 NO_DIRECTORY = "no embedding directory was given"
+#: Missing names an :class:`EmbeddingLoader` remembers (a few hundred bytes each).
+MISSES_KEPT = 4096
+_SETTLE_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,22 @@ def _folders(root: str) -> list[str]:
         subdirs.sort()
         found.extend(os.path.join(current, d) for d in subdirs)
     return found
+
+
+def _stamp(path: str) -> int | None:
+    """``path``'s mtime in ns, None when it cannot be read."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _settled(state: tuple) -> bool:
+    """Whether no folder changed in the last second: a change within a file system's
+    time granularity (up to 2 s on FAT, a few ms on ext4) may leave its mtime as it
+    was, so misses are remembered only for folders older than that (as git does)."""
+    recent = time.time_ns() - _SETTLE_NS
+    return all(stamp is not None and stamp < recent for _root, stamps in state for stamp in stamps)
 
 
 def locate(name: str, directories: Sequence[str]) -> tuple[str | None, str]:
@@ -164,6 +184,14 @@ class EmbeddingLoader:
         max_file_bytes: limit for pickle files and declared zip contents.
         max_abs_value: largest accepted magnitude (default :data:`MAX_ABS_VALUE`).
         cache_size: number of files kept (keyed by path, size and mtime).
+
+    Names found missing (or refused by name) are remembered too, up to
+    :data:`MISSES_KEPT`, while the folders stay as they were: every lookup stats
+    each folder once (its mtime changes when a file or subfolder is added, removed
+    or renamed in it) and forgets the misses when one changed (misses in a folder
+    changed in the last 2 s are not remembered: its mtime may not show a change
+    made within the file system's time granularity). Without this each
+    miss walked the folders and ranked every name by similarity again (~0.7 ms).
     """
 
     def __init__(self, directories: str | os.PathLike | Sequence[str | os.PathLike] | None, embedding_size: int, *,
@@ -180,14 +208,36 @@ class EmbeddingLoader:
         self.max_abs_value = max_abs_value
         self.cache_size = cache_size
         self._cache = LRUCache(cache_size)  # (realpath, size, mtime, width, key) -> tensor or reason
+        self._misses = LRUCache(MISSES_KEPT)  # (folder state, name) -> EmbeddingResult
+        self._walked: dict[str, list[str]] = {}  # root -> its folders at the last walk
+        self._stamps: dict[str, tuple] = {}  # root -> those folders' mtimes then
+
+    def _folder_state(self) -> tuple:
+        """Each root's folders' mtimes (None: unreadable); re-walked when one changed."""
+        state = []
+        for directory in self.directories:
+            root = os.path.realpath(directory)
+            folders = self._walked.get(root)
+            stamps = tuple(map(_stamp, folders)) if folders else None
+            if stamps is None or stamps != self._stamps.get(root):
+                folders = self._walked[root] = _folders(root) if os.path.isdir(root) else [root]
+                stamps = self._stamps[root] = tuple(map(_stamp, folders))
+            state.append((root, stamps))
+        return tuple(state)
 
     def lookup(self, name: str) -> EmbeddingResult:
         """Find, read and validate ``name``; never raises for a bad file."""
+        miss_key = (self._folder_state(), name)
+        miss = self._misses.get(miss_key)
+        if miss is not None:
+            return miss
         path, reason = locate(name, self.directories)
-        if path is None and reason:
-            return EmbeddingResult(name, "rejected", reason=reason)
         if path is None:
-            return EmbeddingResult(name, "missing", reason=missing_reason(name, self.directories))
+            miss = EmbeddingResult(name, "rejected", reason=reason) if reason else \
+                EmbeddingResult(name, "missing", reason=missing_reason(name, self.directories))
+            if _settled(miss_key[0]):
+                self._misses.put(miss_key, miss)
+            return miss
         try:
             stat = os.stat(path)
         except OSError as error:

@@ -47,7 +47,11 @@ _ITEM = re.compile(r"""
   | (?P<text>[^\\()\[\]:]+)
   | (?P<colon>:)
 """, re.VERBOSE)
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
+# A1111 splits text at r"\s*\bBREAK\b\s*"; that pattern retried at every character of a
+# white space run is quadratic, so the keyword is found alone and the space around it
+# is taken by hand (:func:`_split_breaks`).
+_BREAK = re.compile(r"\bBREAK\b")
+_SPACES = re.compile(r"\s*")
 
 
 def is_break(piece: list) -> bool:
@@ -63,29 +67,82 @@ def _number(literal: str, text: str) -> float:
                           "write it like (word:1.2)") from None
 
 
-def _add_text(pieces: list[list], text: str) -> None:
-    for index, part in enumerate(_BREAK.split(text)):
-        if index:
-            pieces.append(["BREAK", BREAK_WEIGHT])
-        pieces.append([part, 1.0])
+def _split_breaks(text: str) -> list[str]:
+    """``re.split(r"\\s*\\bBREAK\\b\\s*", text)`` in time linear in ``len(text)``."""
+    parts, done = [], 0
+    for match in _BREAK.finditer(text):
+        start = match.start()
+        while start > done and text[start - 1].isspace():  # str.isspace is re's \s for str
+            start -= 1
+        parts.append(text[done:start])
+        done = _SPACES.match(text, match.end()).end()
+    parts.append(text[done:])
+    return parts
 
 
-def _multiply(pieces: list[list], start: int, factor: float, budget: list[int]) -> None:
-    budget[0] -= len(pieces) - start
-    if budget[0] < 0:
-        raise PromptError(f"prompt has too many nested or unclosed brackets (more than "
-                          f"{MAX_BRACKET_WORK} bracket products); close or remove some")
-    for piece in pieces[start:]:
-        piece[1] *= factor
+class _Pieces:
+    """The ``[text, weight]`` pieces read so far, and the text since the last bracket.
+
+    With ``join``, text items in a row (plain text, escapes, stray closing brackets)
+    are kept in ``pending`` and become one piece when a bracket or a break comes:
+    A1111 makes a piece of each and joins equal neighbours afterwards, and these end
+    with equal weights, unless the weight is NaN (NaN equals nothing, so A1111 keeps
+    those pieces apart; :func:`parse_attention` then reads the prompt again without
+    ``join``).
+    """
+
+    def __init__(self, *, join: bool) -> None:
+        self.pieces: list[list] = []
+        self.pending: list[str] = []
+        self.join = join
+        self.budget = MAX_BRACKET_WORK
+
+    def flush(self) -> None:
+        if self.pending:
+            self.pieces.append(["".join(self.pending), 1.0])
+            self.pending = []
+
+    def add_text(self, text: str) -> None:
+        if "BREAK" not in text:  # the common case, without a regex search per item
+            self.pending.append(text)
+        else:
+            for index, part in enumerate(_split_breaks(text)):
+                if index:
+                    self.flush()
+                    self.pieces.append(["BREAK", BREAK_WEIGHT])
+                self.pending.append(part)
+        if not self.join:
+            self.flush()
+
+    def open(self) -> int:
+        """Where a bracket opened now starts (the index of its first piece)."""
+        self.flush()
+        return len(self.pieces)
+
+    def multiply(self, start: int, factor: float) -> None:
+        self.flush()
+        self.budget -= len(self.pieces) - start
+        if self.budget < 0:
+            raise PromptError(f"prompt has too many nested or unclosed brackets (more than "
+                              f"{MAX_BRACKET_WORK} bracket products); close or remove some")
+        for piece in self.pieces[start:]:
+            piece[1] *= factor
 
 
 def _merge_equal_neighbours(pieces: list[list]) -> list[list]:
-    merged = [pieces[0]]
-    for piece in pieces[1:]:
-        if piece[1] == merged[-1][1]:
-            merged[-1][0] += piece[0]
-        else:
-            merged.append(piece)
+    """Join runs of equal weight; each run's texts are joined once (``+=`` on a list
+    item copies the growing string every time: a million stray ``)`` took minutes)."""
+    merged: list[list] = []
+    texts: list[str] = []
+    for piece in pieces:
+        if merged and piece[1] == merged[-1][1]:
+            texts.append(piece[0])
+            continue
+        if merged:
+            merged[-1][0] = "".join(texts)
+        merged.append(piece)
+        texts = [piece[0]]
+    merged[-1][0] = "".join(texts)
     return merged
 
 
@@ -103,27 +160,35 @@ def parse_attention(text: str) -> list[list]:
     >>> parse_attention("(unnecessary)(parens)")
     [['unnecessaryparens', 1.1]]
     """
-    pieces: list[list] = []
-    opened = {"(": [], "[": []}
-    budget = [MAX_BRACKET_WORK]
+    pieces = _read(text, join=True)
+    if any(weight != weight for _, weight in pieces):  # NaN: A1111's pieces stay apart
+        pieces = _read(text, join=False)
+    return _merge_equal_neighbours(pieces) if pieces else [["", 1.0]]
+
+
+def _read(text: str, *, join: bool) -> list[list]:
+    """The pieces of ``text`` before equal neighbours are joined."""
+    reader = _Pieces(join=join)
+    opened: dict[str, list[int]] = {"(": [], "[": []}
     for match in _ITEM.finditer(text):
         kind = match.lastgroup
         if kind == "escape":
-            pieces.append([match.group()[1], 1.0])
+            reader.add_text(match.group()[1])
         elif kind == "backslash":
-            pieces.append(["", 1.0])
+            reader.add_text("")
         elif kind == "open":
-            opened[match.group()].append(len(pieces))
+            opened[match.group()].append(reader.open())
         elif kind == "weight" and opened["("]:
-            _multiply(pieces, opened["("].pop(), _number(match.group("weight"), text), budget)
+            reader.multiply(opened["("].pop(), _number(match.group("weight"), text))
         elif kind == "close" and match.group() == ")" and opened["("]:
-            _multiply(pieces, opened["("].pop(), ROUND, budget)
+            reader.multiply(opened["("].pop(), ROUND)
         elif kind == "close" and match.group() == "]" and opened["["]:
-            _multiply(pieces, opened["["].pop(), SQUARE, budget)
+            reader.multiply(opened["["].pop(), SQUARE)
         else:
-            _add_text(pieces, match.group())
+            reader.add_text(match.group())
     for start in opened["("]:
-        _multiply(pieces, start, ROUND, budget)
+        reader.multiply(start, ROUND)
     for start in opened["["]:
-        _multiply(pieces, start, SQUARE, budget)
-    return _merge_equal_neighbours(pieces) if pieces else [["", 1.0]]
+        reader.multiply(start, SQUARE)
+    reader.flush()
+    return reader.pieces

@@ -134,11 +134,18 @@ class _EmbeddingFinder:
         return None, 0
 
 
+def _too_many_chunks(max_chunks: int, length: int) -> None:
+    raise PromptError(f"prompt needs more than {max_chunks} windows of {length + 2} tokens, more than "
+                      f"max_windows={max_chunks} (syntax='a1111'); shorten it, or pass max_windows=None "
+                      "(or a larger number) to the tokenizer or to this call")
+
+
 class _Chunker:
     """The state of A1111's ``tokenize_line`` loop."""
 
-    def __init__(self, length: int, comma: int, backtrack: int) -> None:
+    def __init__(self, length: int, comma: int, backtrack: int, max_chunks: int | None = None) -> None:
         self.length, self.comma, self.backtrack = length, comma, backtrack
+        self.max_chunks = max_chunks
         self.chunks: list[Chunk] = []
         self.moves: list[Move] = []
         self.chunk = Chunk()
@@ -146,6 +153,9 @@ class _Chunker:
         self.added = 0  # prompt tokens appended so far (backtracking moves them, never drops them)
 
     def close(self, reason: str) -> None:
+        if self.max_chunks is not None and len(self.chunks) >= self.max_chunks:
+            # refused here, before the rest of the prompt is chunked (one window per chunk)
+            _too_many_chunks(self.max_chunks, self.length)
         self.chunk.ended_by = reason
         self.chunks.append(self.chunk)
         self.chunk, self.last_comma = Chunk(), -1
@@ -195,15 +205,16 @@ class _Chunker:
 
 
 def tokenize_line(tokenizer: Vocabulary, text: str, *, comma_padding_backtrack: int = DEFAULT_BACKTRACK,
-                  disable_weights: bool = False) -> Chunking:
+                  disable_weights: bool = False, max_chunks: int | None = None) -> Chunking:
     """Split ``text`` into A1111's chunks with ``tokenizer``'s vocabulary and embeddings.
 
     ``disable_weights`` reads the prompt as plain text (A1111's emphasis
-    setting "None"): no brackets, no weights, no ``BREAK``.
+    setting "None"): no brackets, no weights, no ``BREAK``. ``max_chunks`` (None:
+    no limit) refuses the prompt as soon as one chunk more would be made.
 
     Raises:
-        PromptError: a bad weight, a bad backtrack distance, or an embedding
-            longer than a chunk.
+        PromptError: a bad weight, a bad backtrack distance, an embedding
+            longer than a chunk, or more than ``max_chunks`` chunks.
     """
     if not isinstance(text, str):
         raise PromptError(f"a prompt must be a str, got {type(text).__name__}")
@@ -211,10 +222,12 @@ def tokenize_line(tokenizer: Vocabulary, text: str, *, comma_padding_backtrack: 
             or not 0 <= comma_padding_backtrack <= 74:
         raise PromptError(f"comma_padding_backtrack must be an int from 0 to 74, got {comma_padding_backtrack!r}")
     pieces = [[text, 1.0]] if disable_weights else parse_attention(text)
+    if max_chunks is not None and not disable_weights and sum(map(is_break, pieces)) > max_chunks:
+        _too_many_chunks(max_chunks, tokenizer.max_length - 2)  # each break closes one chunk
     token_lists = encode_a1111(tokenizer, [piece[0] for piece in pieces])  # A1111's ftfy clean-up first
     (comma,) = tokenizer.encode_units([","])[0][:1] or (None,)
     finder = _EmbeddingFinder(tokenizer)
-    chunker = _Chunker(tokenizer.max_length - 2, comma, comma_padding_backtrack)
+    chunker = _Chunker(tokenizer.max_length - 2, comma, comma_padding_backtrack, max_chunks)
     word_ids, counts = _add_pieces(chunker, pieces, token_lists, finder, breaks=not disable_weights)
     if chunker.chunk.tokens or not chunker.chunks:
         chunker.close("end")

@@ -46,7 +46,8 @@ def chunk_windows(tokenizer: Vocabulary, chunking: Chunking) -> list[list[tuple]
 def _chunking(tokenizer: Vocabulary, text: str, kwargs: dict) -> Chunking:
     return tokenize_line(tokenizer, text,
                          comma_padding_backtrack=kwargs.get("comma_padding_backtrack", DEFAULT_BACKTRACK),
-                         disable_weights=bool(kwargs.get("disable_weights", False)))
+                         disable_weights=bool(kwargs.get("disable_weights", False)),
+                         max_chunks=tokenizer.max_windows_for(kwargs))  # one window per chunk
 
 
 def _units(chunking: Chunking) -> list[UnitReport]:

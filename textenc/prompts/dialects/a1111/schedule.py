@@ -38,16 +38,29 @@ from ..options import check_steps
 from ....errors import PromptError, PromptWarning
 from ....warn import warn_at_caller
 
-__all__ = ["prompt_schedule", "split_and", "Scheduled", "Alternate", "MAX_NESTING"]
+__all__ = ["prompt_schedule", "split_and", "Scheduled", "Alternate", "MAX_NESTING", "MAX_SCHEDULE_TEXTS",
+           "MAX_SCHEDULE_CHARS"]
 
 _NUMBER = re.compile(r"\s*(?P<n>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
 _AND = re.compile(r"\bAND\b")
-_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+# A1111 reads a part's weight with r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$",
+# quadratic on long white space runs; :func:`_part_weight` gives the same groups linearly.
+_PART_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
 _SPECIAL = "\\[]():|"
 #: Deepest nesting of closed bracket pairs read for prompt editing. A1111's own parser
 #: (lark's recursive tree transformer) fails with RecursionError on balanced nesting a
 #: few hundred deep; deeper prompts are used as written, with a PromptWarning.
 MAX_NESTING = 500
+
+#: Most texts one schedule may have (one per step at which the prompt changes; an
+#: alternation changes it at every step). Each text becomes a conditioning, at least a
+#: 77-token window (236 KB for SD1, more for SDXL), so 1,000 bounds a schedule's
+#: conditionings to a few hundred MB per window, far above real use (A1111's UI offers
+#: at most 150 steps); ``steps=3_000_000`` with ``[a|b]`` would otherwise ask for
+#: millions of texts. Refused with a PromptError before any text is made.
+MAX_SCHEDULE_TEXTS = 1_000
+#: Most characters a schedule's texts may hold together (texts x prompt length; 64 Mi).
+MAX_SCHEDULE_CHARS = 1 << 26
 
 Node = Union[str, "Scheduled", "Alternate"]
 
@@ -263,18 +276,30 @@ def _when(literal: str, steps: int) -> int:
     return min(steps, int(value))
 
 
-def _walk(nodes: list | None, steps: int, found: set[int]) -> None:
+def _walk(nodes: list | None, steps: int, found: set[int]) -> bool:
+    """Add the steps at which a ``[from:to:when]`` changes the text to ``found``;
+    True when an alternation changes it at every step (those are not added)."""
+    alternates = False
     for node in nodes or ():
         if isinstance(node, Scheduled):
             node.when = _when(node.when, steps) if isinstance(node.when, str) else node.when
             if node.when >= 1:
                 found.add(node.when)
-            _walk(node.before, steps, found)
-            _walk(node.after, steps, found)
+            alternates |= _walk(node.before, steps, found)
+            alternates |= _walk(node.after, steps, found)
         elif isinstance(node, Alternate):
-            found.update(range(1, steps + 1))
+            alternates = True
             for option in node.options:
                 _walk(option, steps, found)
+    return alternates
+
+
+def _check_size(texts: int, text: str) -> None:
+    if texts > MAX_SCHEDULE_TEXTS or texts * len(text) > MAX_SCHEDULE_CHARS:
+        raise PromptError(f"prompt schedule needs {texts} texts of up to {len(text)} characters, more than "
+                          f"MAX_SCHEDULE_TEXTS={MAX_SCHEDULE_TEXTS} texts or MAX_SCHEDULE_CHARS="
+                          f"{MAX_SCHEDULE_CHARS} characters (syntax='a1111'); use fewer steps, prompt edits "
+                          "or alternations, or a shorter prompt")
 
 
 def _render(nodes: list | None, step: int) -> str:
@@ -293,7 +318,8 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     """``[(end_step, text), ...]`` for ``steps`` sampling steps (A1111's prompt schedule).
 
     Raises:
-        PromptError: ``steps`` is not a positive int, or a step number overflows.
+        PromptError: ``steps`` is not a positive int, a step number overflows, or the
+            schedule would exceed :data:`MAX_SCHEDULE_TEXTS` texts or :data:`MAX_SCHEDULE_CHARS`.
 
     >>> prompt_schedule("a [b:c:2] d", 4)
     [(2, 'a b d'), (4, 'a c d')]
@@ -309,8 +335,25 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
                        "own parser fails with RecursionError on such prompts)", PromptWarning)
         return [(steps, text)]
     found = {steps}
-    _walk(nodes, steps, found)
+    if _walk(nodes, steps, found):
+        found = range(1, steps + 1)  # counted before it is made
+    _check_size(len(found), text)
     return [(step, _render(nodes, step)) for step in sorted(found)]
+
+
+def _part_weight(part: str) -> tuple[str, str | None]:
+    """A1111's weight pattern on one ``AND`` part: ``(body, number or None)``.
+
+    The lazy body stops at the first place the rest is ``\\s*:\\s*NUMBER\\s*`` or only
+    white space; a number can only follow the part's last colon (str.strip and
+    str.isspace are re's ``\\s`` for str).
+    """
+    colon = part.rfind(":")
+    if colon != -1:
+        number = part[colon + 1:].strip()
+        if _PART_NUMBER.fullmatch(number):
+            return part[:colon].rstrip(), number
+    return part.rstrip(), None
 
 
 def split_and(text: str) -> list[tuple[str, float]]:
@@ -321,8 +364,7 @@ def split_and(text: str) -> list[tuple[str, float]]:
     """
     parts = []
     for part in _AND.split(text):
-        match = _PART_WEIGHT.search(part)
-        body, weight = match.groups() if match else (part, None)
+        body, weight = _part_weight(part)
         value = float(weight) if weight is not None else 1.0
         if not math.isfinite(value):
             raise PromptError(f"AND part weight {weight[:20]}... ({len(weight)} characters) is not a finite "
