@@ -196,8 +196,10 @@ def test_interrupted_encode_exits_130_or_143_and_writes_nothing(model, tmp_path,
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "textenc", "encode", "--prompts-file", str(prompts),
-                                    "--model", str(model), "--out", str(out_dir / "o.safetensors")],
+                                    "--model", str(model), "--out", str(out_dir / "o.safetensors"), "--progress"],
                                    cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        # --progress: the bar ("encode: 0%|...") shows encoding has begun; without it a fast
+        # machine finished all 20,000 prompts before the 120 s wait ran out (exit 0).
         deadline = time.monotonic() + 120
         while b"encode:" not in log.read_bytes() and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.2)

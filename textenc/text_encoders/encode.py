@@ -176,11 +176,12 @@ def _check_token(token: Any, window: int, position: int) -> None:
                           "and below 2**63)")
 
 
-def check_windows(windows: Sequence[Sequence[Any]], max_positions: int) -> None:
+def check_windows(windows: Sequence[Sequence[Any]], max_positions: int | None) -> None:
     """Refuse hand-built token windows the encoder cannot take, naming the window and position.
 
-    Windows must hold 1 to ``max_positions`` tokens, all the same length; each token an
-    int id or a 1-D embedding vector. A window of plain ints is checked in one pass.
+    Windows must hold 1 to ``max_positions`` tokens (any number when None: T5's relative
+    positions have no table to run past), all the same length; each token an int id or a
+    1-D embedding vector. A window of plain ints is checked in one pass.
 
     Raises:
         PromptError: naming the window (and the position) at fault.
@@ -196,9 +197,10 @@ def check_windows(windows: Sequence[Sequence[Any]], max_positions: int) -> None:
             continue  # the common case: plain int ids
         for position, token in enumerate(window):
             _check_token(token, index, position)
-    if not 0 < length <= max_positions:
-        raise PromptError(f"token windows hold {length} tokens, but the text encoder takes 1 to {max_positions} "
-                          "(its position count); tokenize with the model's own tokenizer")
+    if length == 0 or (max_positions is not None and length > max_positions):
+        limit = "at least 1" if max_positions is None else f"1 to {max_positions} (its position count)"
+        raise PromptError(f"token windows hold {length} tokens, but the text encoder takes {limit}; "
+                          "tokenize with the model's own tokenizer")
 
 
 def process_tokens(model: SDClipModel, windows: Sequence[Sequence[Any]],
@@ -209,7 +211,7 @@ def process_tokens(model: SDClipModel, windows: Sequence[Sequence[Any]],
         PromptError: a malformed window (see :func:`check_windows`).
         CheckpointError: a token id beyond the model's vocabulary.
     """
-    check_windows(windows, model.config.max_position_embeddings)
+    check_windows(windows, getattr(model.config, "max_position_embeddings", None))
     width = model.config.hidden_size
     pad = model.special_tokens["pad"]
     windows = [_drop_wrong_width(list(w), width, pad) for w in windows]
@@ -317,7 +319,7 @@ def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
 def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
     if model.cache_size <= 0 or model.return_attention_masks:
         return encode_windows(model, windows, opts)
-    check_windows(windows, model.config.max_position_embeddings)  # before the key reads the tokens
+    check_windows(windows, getattr(model.config, "max_position_embeddings", None))  # before the key reads the tokens
     key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
     z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
