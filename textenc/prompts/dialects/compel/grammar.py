@@ -97,13 +97,35 @@ def _member(nodes: Nodes) -> Optional[Member]:
     """Flatten and join neighbours of equal weight; None when nothing is left."""
     flat: list[Fragment] = []
     _flatten(nodes, 1.0, flat)
-    fused: list[Fragment] = []
+    runs: list[list[Fragment]] = []
     for fragment in flat:
-        if fused and fused[-1].weight == fragment.weight:
-            fused[-1] = Fragment(unescape(fused[-1].text + " " + fragment.text), fused[-1].weight)
+        if runs and runs[-1][0].weight == fragment.weight:
+            runs[-1].append(fragment)
         else:
-            fused.append(fragment)
+            runs.append([fragment])
+    fused = [Fragment(_fused_text(run), run[0].weight) for run in runs]
     return Member(tuple(fused)) if fused else None
+
+
+_ESCAPING = re.compile(r'(?<!\\)(\\+)(?=[()"])')
+
+
+def _unescaped(text: str, times: int) -> str:
+    """``unescape`` applied ``times`` times: each application takes one backslash off
+    every run of backslashes before ``(``, ``)`` or ``"``."""
+    if not times or "\\" not in text:
+        return text
+    return _ESCAPING.sub(lambda m: m.group(1)[:max(0, len(m.group(1)) - times)], text)
+
+
+def _fused_text(run: list[Fragment]) -> str:
+    """compel joins the run's texts one by one, unescaping the whole text at each
+    join: ``unescape(unescape(a + " " + b) + " " + c)``. No escape spans the joining
+    space, so each text is unescaped once per join from its own on (the first as
+    the second); computed so, the run is joined once instead of once per fragment."""
+    count = len(run)
+    return " ".join(_unescaped(fragment.text, count - max(index, 1))
+                    for index, fragment in enumerate(run))
 
 
 def _explicit_conjunction(parser: Parser) -> Optional[CompelPrompt]:
