@@ -18,8 +18,8 @@ Rows:
   same weights and input shapes, nothing else (limit 1.15x);
 * with ``--comfyui``: textenc from an fp16 safetensors file (``load_t5_file``, weights kept
   fp16 and cast per Linear) vs ComfyUI's own ``SDClipModel(model_class=comfy.text_encoders.t5.T5)``
-  loading the same file as ComfyUI does on a CPU (fp32 weights; ``text_encoder_dtype`` is fp32
-  there), both ``encode_token_weights``;
+  loading the same file as ComfyUI does on a CPU (``text_encoder_dtype`` is fp16 there: weights kept
+  fp16, cast per Linear, fp32 activations), both ``encode_token_weights``;
 * ``(a:1.2) fox`` vs ``a fox`` through textenc (the empty encoding is cached per length), and
   through ComfyUI for reference;
 * bf16 compute only where the CPU has bf16 units (``avx512_bf16`` / ``amx_bf16``).
