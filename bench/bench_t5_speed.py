@@ -189,9 +189,12 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp", help="where the fp16 file is written")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--skip-fp32", action="store_true")
+    parser.add_argument("--cases", default=",".join(LENGTHS), help="of " + ", ".join(LENGTHS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    for case in set(LENGTHS) - set(args.cases.split(",")):
+        del LENGTHS[case]
     info = machine()
     print(json.dumps(info), flush=True)
     if not has_bf16_cpu():
