@@ -1,0 +1,214 @@
+"""T5-XXL encode speed on CPU, side by side in one process (issue 25, point 5).
+
+    python bench/bench_t5_speed.py [--layers 2] [--repeats 3] [--threads 2]
+        [--comfyui /path/to/ComfyUI --deps /extra/site-packages] [--dir /tmp] [--json out.json]
+
+The model has the released T5 v1.1 XXL's full-size blocks (d_model 4096, d_ff 10240, 64 heads
+of 64, vocab 32128) but only ``--layers`` of its 24: a full fp32 T5-XXL is 19 GB and this
+bench holds two models at once, so it measures the per-block cost (the embedding and final
+norm are the same in both). Inputs: Flux's 256-token and SD3's 77-token padded prompts.
+Every row times its candidates interleaved (``common.interleaved``: one warm-up round, then
+``--repeats`` rounds, medians compared).
+
+Rows:
+
+* textenc ``T5XXLModel.encode_token_weights`` vs transformers' ``T5EncoderModel`` (SDPA)
+  on the same fp32 tensors (shared, not copied), fp32 compute;
+* the same textenc call vs the linear-layers floor: ``torch.nn.functional.linear`` on the
+  same weights and input shapes, nothing else (limit 1.15x);
+* with ``--comfyui``: textenc from an fp16 safetensors file (``load_t5_file``, weights kept
+  fp16 and cast per Linear) vs ComfyUI's own ``SDClipModel(model_class=comfy.text_encoders.t5.T5)``
+  loading the same file as ComfyUI does on a CPU (``text_encoder_dtype`` is fp16 there: weights kept
+  fp16, cast per Linear, fp32 activations), both ``encode_token_weights``;
+* ``(a:1.2) fox`` vs ``a fox`` through textenc (the empty encoding is cached per length), and
+  through ComfyUI for reference;
+* bf16 compute only where the CPU has bf16 units (``avx512_bf16`` / ``amx_bf16``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_t5_memory  # noqa: E402
+from common import has_bf16_cpu, interleaved, machine, ratio_row  # noqa: E402
+
+from textenc.loading.t5_files import KNOWN_CONFIGS, load_t5_file, t5_layout_keys  # noqa: E402
+from textenc.text_encoders.t5 import T5XXLModel, T5XXLTokenizer  # noqa: E402
+
+LENGTHS = {"flux-256": 256, "sd3-77": 77}
+PROMPT = "a red fox sitting in the snow at dusk, highly detailed photograph"
+
+
+def random_weights(layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 HF-layout weights of a ``layers``-deep T5-XXL (fan-in scaled Linears, norms near 1)."""
+    shapes = dataclasses.replace(KNOWN_CONFIGS["t5-v1_1-xxl"], num_layers=layers)
+    bench_t5_memory.XXL = shapes
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in t5_layout_keys(shapes):
+        shape = bench_t5_memory._shape(key)
+        value = torch.randn(shape, generator=generator)
+        if key.endswith("layer_norm.weight"):
+            value = value.mul_(0.1).add_(1.0)
+        elif len(shape) == 2 and key != "shared.weight" and "relative_attention_bias" not in key:
+            value = value.mul_(shape[1] ** -0.5)
+        out[key] = value
+    return out
+
+
+def hf_model(weights: dict[str, torch.Tensor], layers: int):
+    import transformers
+    s = KNOWN_CONFIGS["t5-v1_1-xxl"]
+    config = transformers.T5Config(d_model=s.d_model, d_kv=s.d_kv, d_ff=s.d_ff, num_layers=layers,
+                                   num_heads=s.num_heads, vocab_size=s.vocab_size, feed_forward_proj="gated-gelu",
+                                   tie_word_embeddings=False, dropout_rate=0.0)
+    with torch.device("meta"):
+        model = transformers.T5EncoderModel._from_config(config, attn_implementation="sdpa")
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.encoder.embed_tokens = model.shared
+    return model.eval()
+
+
+def linear_floor(weights: dict[str, torch.Tensor], tokens: int):
+    """The GEMMs alone: every Linear's ``F.linear`` on an input of the right shape."""
+    mats = [w for k, w in weights.items() if k.endswith(bench_t5_memory.LINEAR)]
+    inputs = {n: torch.randn(1, tokens, n) for n in {w.shape[1] for w in mats}}
+
+    def run():
+        for w in mats:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+    return run
+
+
+def tokens_for(tokenizer: T5XXLTokenizer, prompt: str):
+    return tokenizer.tokenize_with_weights(prompt)
+
+
+def encoder(model, tokens):
+    return lambda: model.encode_token_weights(tokens)
+
+
+def fp32_rows(args, rows: list) -> None:
+    weights = random_weights(args.layers)
+    ours = T5XXLModel.from_state_dict(weights)
+    hf = hf_model(weights, args.layers)
+    with torch.inference_mode():
+        for case, length in LENGTHS.items():
+            tokens = tokens_for(T5XXLTokenizer(min_length=length), PROMPT)
+            ids = torch.tensor([[t for t, _ in tokens[0]]])
+            a, b = ours.encode_token_weights(tokens)[0], hf(input_ids=ids).last_hidden_state
+            drift = float((a - b).abs().max() / b.abs().max())
+            stats = interleaved({"ours": encoder(ours, tokens), "hf": lambda: hf(input_ids=ids),
+                                 "floor": linear_floor(weights, ids.shape[1])}, repeats=args.repeats)
+            label = f"{case}, {args.layers}/24 full-size blocks, fp32"
+            rows.append(ratio_row("T5 vs transformers T5EncoderModel (sdpa)", label, stats["ours"], stats["hf"],
+                                  1.0, ref_label="hf", higher_is_better=True, note=f"max rel diff {drift:.1e}"))
+            rows.append(ratio_row("T5 vs linear-layers floor", label, stats["ours"], stats["floor"], 1.15,
+                                  ref_label="F.linear"))
+            weighted = interleaved({"weighted": encoder(ours, tokens_for(T5XXLTokenizer(min_length=length),
+                                                                          "(a:1.2) fox")),
+                                    "plain": encoder(ours, tokens_for(T5XXLTokenizer(min_length=length), "a fox"))},
+                                   repeats=args.repeats)
+            rows.append(ratio_row("T5 weighted vs unweighted prompt", label, weighted["weighted"], weighted["plain"],
+                                  1.05, ref_label="plain", note="empty encoding cached per length"))
+            for row in rows[-3:]:
+                print(json.dumps(row), flush=True)
+    del ours, hf, weights
+    gc.collect()
+
+
+def comfy_rows(args, rows: list) -> None:
+    sys.path.insert(0, str(Path(args.comfyui).resolve()))
+    if args.deps:
+        sys.path.append(args.deps)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management as mm
+    import comfy.sd1_clip
+    import comfy.text_encoders.t5
+    import comfy.utils
+
+    bench_t5_memory.XXL = dataclasses.replace(KNOWN_CONFIGS["t5-v1_1-xxl"], num_layers=args.layers)
+    path = Path(args.dir) / f"t5bench-{args.layers}-layer-t5xxl_fp16.safetensors"
+    if not path.exists():
+        bench_t5_memory._write_safetensors(path, fp8=False)
+    try:
+        ours = T5XXLModel.from_state_dict(load_t5_file(path).state_dict)
+        config = Path(args.dir) / "t5bench-config.json"
+        s = KNOWN_CONFIGS["t5-v1_1-xxl"]
+        config.write_text(json.dumps({"d_ff": s.d_ff, "d_kv": s.d_kv, "d_model": s.d_model, "num_heads": s.num_heads,
+                                      "num_layers": args.layers, "vocab_size": s.vocab_size, "model_type": "t5",
+                                      "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True}))
+        dtype = mm.text_encoder_dtype(torch.device("cpu"))
+        theirs = comfy.sd1_clip.SDClipModel(device="cpu", textmodel_json_config=str(config), dtype=dtype,
+                                            special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                                            enable_attention_masks=False, zero_out_masked=False, model_options={})
+        theirs.load_sd(comfy.utils.load_torch_file(str(path)))
+        with torch.inference_mode():
+            for case, length in LENGTHS.items():
+                tokenizer = T5XXLTokenizer(min_length=length)
+                tokens = tokens_for(tokenizer, PROMPT)
+                a, b = ours.encode_token_weights(tokens)[0], theirs.encode_token_weights(tokens)[0]
+                same = torch.equal(a, b)
+                label = f"{case}, {args.layers}/24 full-size blocks, fp16 file, fp32 compute"
+                stats = interleaved({"ours": encoder(ours, tokens), "comfy": encoder(theirs, tokens)},
+                                    repeats=args.repeats)
+                rows.append(ratio_row("T5 vs ComfyUI T5 (same fp16 file)", label, stats["ours"], stats["comfy"], 1.2,
+                                      ref_label="comfy", higher_is_better=True,
+                                      note=f"ComfyUI weights {str(dtype).replace('torch.', '')}; outputs equal: {same}"))
+                weighted, plain = tokens_for(tokenizer, "(a:1.2) fox"), tokens_for(tokenizer, "a fox")
+                stats = interleaved({"w": encoder(theirs, weighted), "p": encoder(theirs, plain)}, repeats=args.repeats)
+                rows.append(ratio_row("ComfyUI weighted vs unweighted (reference)", label, stats["w"], stats["p"],
+                                      99, ref_label="plain", note="ComfyUI re-encodes the empty prompt"))
+                for row in rows[-2:]:
+                    print(json.dumps(row), flush=True)
+    finally:
+        if not args.keep:
+            path.unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--comfyui", help="a ComfyUI source tree: adds the ComfyUI rows")
+    parser.add_argument("--deps", help="an extra folder for ComfyUI's imports")
+    parser.add_argument("--dir", default="/tmp", help="where the fp16 file is written")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--skip-fp32", action="store_true")
+    parser.add_argument("--cases", default=",".join(LENGTHS), help="of " + ", ".join(LENGTHS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for case in set(LENGTHS) - set(args.cases.split(",")):
+        del LENGTHS[case]
+    info = machine()
+    print(json.dumps(info), flush=True)
+    if not has_bf16_cpu():
+        print("bf16 compute: not measured (no avx512_bf16 / amx_bf16 on this CPU)", flush=True)
+    rows: list = []
+    if not args.skip_fp32:
+        fp32_rows(args, rows)
+    if args.comfyui:
+        comfy_rows(args, rows)
+    info["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(json.dumps({"end": info["loadavg_end"]}))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
