@@ -47,8 +47,17 @@ class LRUCache:
 
     def get_many(self, keys: Iterable[Hashable]) -> list[Any]:
         """Look several keys up under one lock acquisition (None for a miss)."""
-        with self._lock:
-            return [self._get_locked(key, None) for key in keys]
+        found: list[Any] = []
+        with self._lock:  # _get_locked, inline: the tokenizer looks up every word of a prompt
+            get, move_to_end = self._data.get, self._data.move_to_end
+            for key in keys:
+                value = get(key, _MISSING)
+                if value is _MISSING:
+                    found.append(None)
+                else:
+                    move_to_end(key)
+                    found.append(value)
+        return found
 
     def put(self, key: Hashable, value: Any) -> None:
         self.put_many({key: value})

@@ -48,6 +48,16 @@ class TokenBudget:
         self.prompt_chars = prompt_chars
         self.tokens = self.chars = 0
 
+    def add_many(self, counts: list[tuple[int, int]]) -> None:
+        """:meth:`add` for each ``(tokens, chars)`` in turn (one check when all of them fit)."""
+        tokens = sum(t for t, _ in counts)
+        if self.limit is None or self.tokens + tokens <= self.limit:
+            self.tokens += tokens
+            self.chars += sum(c for _, c in counts)
+            return
+        for tokens, chars in counts:  # refused on the way: the same message as one add at a time
+            self.add(tokens, chars)
+
     def add(self, tokens: int, chars: int) -> None:
         self.tokens += tokens
         self.chars += chars

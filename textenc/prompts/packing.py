@@ -58,6 +58,9 @@ def pack_windows(units: list[Unit], layout: WindowLayout, *, min_length: int | N
 def _place(layout: WindowLayout, windows: list[list], window: list, group: list, word_id: int) -> list:
     """Add one group's tokens; returns the window that is open afterwards."""
     has_end = 1 if layout.end_token is not None else 0
+    if len(group) + len(window) <= layout.max_length - has_end:  # most groups: it fits as it is
+        window.extend([(t, w, word_id) for t, w in group])
+        return window
     is_large = len(group) >= layout.max_word_length
     position = 0  # an index, not ``group = group[remaining:]``: slicing was quadratic
     while position < len(group):

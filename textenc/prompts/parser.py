@@ -165,25 +165,30 @@ def _colon_weight(src: BracketTable, options: ParseOptions, lo: int, hi: int) ->
     Raises PromptError for a value that is not finite in float32, and (with
     ``strict_weights``) for literals float() accepts that are not plain decimals.
     """
-    index = bisect.bisect_left(src.colons, hi) - 1
-    if index < 0 or src.colons[index] <= lo:  # ComfyUI requires ``xx > 0``
+    colons = src.colons
+    index = bisect.bisect_left(colons, hi) - 1
+    if index < 0 or colons[index] <= lo:  # ComfyUI requires ``xx > 0``
         return None
-    colon = src.colons[index]
-    if src.has_any(src.brackets, colon + 1, hi) or src.has_any(src.escaped, colon + 1, hi):
+    colon = colons[index]
+    if src.has_any(src.brackets, colon + 1, hi) or (src.escaped and src.has_any(src.escaped, colon + 1, hi)):
         return None  # a bracket (escaped or not) is never part of a number
     literal = src.text[colon + 1:hi]
     try:
         value = float(literal)  # ComfyUI: ``float(x[xx+1:])``; what it rejects is text
     except ValueError:
         return None
-    where = f"weight {literal.strip()!r} of {src.text[lo:min(colon, lo + 40)]!r} at character {src.source_offset(colon + 1)}"
     if options.strict_weights and not WEIGHT_LITERAL.fullmatch(literal):
-        raise PromptError(f"{where} is not a plain decimal number (strict_weights=True refuses "
-                          "exponents, underscores and non-ASCII digits); write e.g. '(word:1.2)'")
-    if not finite_in_float32(value):
-        raise PromptError(f"{where} is not a finite float32 number (it would make the conditioning "
-                          "NaN or infinite); write a finite weight, e.g. '(word:1.2)'")
+        raise PromptError(f"{_weight_at(src, lo, colon, literal)} is not a plain decimal number (strict_weights=True "
+                          "refuses exponents, underscores and non-ASCII digits); write e.g. '(word:1.2)'")
+    if not abs(value) < _FLOAT32_OVERFLOW:  # finite_in_float32, inline: this runs per weight
+        raise PromptError(f"{_weight_at(src, lo, colon, literal)} is not a finite float32 number (it would make "
+                          "the conditioning NaN or infinite); write a finite weight, e.g. '(word:1.2)'")
     return value, colon
+
+
+def _weight_at(src: BracketTable, lo: int, colon: int, literal: str) -> str:
+    """``weight '1e99' of 'red fox' at character 9``, for an error message."""
+    return f"weight {literal.strip()!r} of {src.text[lo:min(colon, lo + 40)]!r} at character {src.source_offset(colon + 1)}"
 
 
 class _Emitter:
@@ -193,8 +198,14 @@ class _Emitter:
         self.src = src
         self.options = options
         self.segments: list[Segment] = []
+        # Read once: text() runs for every segment.
+        self._limit = _FLOAT32_OVERFLOW if options.max_weight is None else min(options.max_weight, _FLOAT32_OVERFLOW)
+        self._plain = not options.break_keyword and not src.escaped  # no BREAK to split, offsets as they are
 
     def text(self, lo: int, hi: int, weight: float) -> None:
+        if abs(weight) < self._limit and self._plain:  # the common case, checked and appended in one go
+            self.segments.append(Segment(self.src.text[lo:hi], weight, lo, hi))
+            return
         src = self.src
         if not finite_in_float32(weight):
             raise PromptError(f"{self._where(lo, hi, weight)} is not a finite float32 number (too many nested "
@@ -261,7 +272,10 @@ def _open_group(src: BracketTable, out: _Emitter, stack: list, lo: int, hi: int,
             value, content_end = parsed
             inner_weight = value if out.options.weight_convention == "comfy" else weight * value
     if content_end > lo + 1:
-        stack.append([lo + 1, content_end, inner_weight])
+        if src.next_opener(lo + 1, content_end) == content_end:  # nothing nested: one text run
+            out.text(lo + 1, content_end, inner_weight)  # (what the walk would do with the frame next)
+        else:
+            stack.append([lo + 1, content_end, inner_weight])
 
 
 def _skip_wrappers(src: BracketTable, lo: int, hi: int, weight: float,
@@ -345,10 +359,14 @@ def iter_segments(text: str, options: ParseOptions) -> Iterator[Segment]:
         )
     src = BracketTable(text, square_brackets=options.square_brackets)
     out = _Emitter(src, options)
+    cleaned, openers, segments = src.text, src.openers, out.segments
     for lo, hi in top_level_items(src):
-        _walk_group(src, out, lo, hi, 1.0)
-        yield from out.segments
-        out.segments.clear()
+        if cleaned[lo] in openers:
+            _walk_group(src, out, lo, hi, 1.0)
+        else:  # a text item (what _walk_group would find, in one step)
+            out.text(lo, hi, 1.0)
+        yield from segments
+        segments.clear()
 
 
 def large_weights(segments: list[Segment], options: ParseOptions) -> list[Segment]:

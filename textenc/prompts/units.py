@@ -63,6 +63,10 @@ def split_units(segments: list[Segment], embeddings: EmbeddingLoader | None,
         if segment.is_break:
             units.append(Unit("break", "BREAK", 1.0, segment))
             continue
+        if EMBEDDING_IDENTIFIER not in segment.text:  # most segments: one text piece (or none)
+            if segment.text:
+                units.append(Unit("text", segment.text, segment.weight, segment))
+            continue
         split = _PIECE_SPLIT.split(segment.text)
         pieces = [split[0]] + [EMBEDDING_IDENTIFIER + p for p in split[1:]]
         for piece in (p for p in pieces if p):

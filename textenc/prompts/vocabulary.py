@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from itertools import chain
 from typing import Any, Mapping, Sequence
 
 from textenc.errors import ConfigError
@@ -141,13 +142,18 @@ class Vocabulary:
         """
         if not self._splits_at_spaces:
             return self._encode_cached(list(texts), special=True)
-        words = [[w for w in text.split(" ") if w] for text in texts]
-        flat = [w for unit in words for w in unit]
-        table = dict(zip(flat, self._encode_cached(flat, special=False)))
-        return [[t for w in unit for t in table[w]] for unit in words]
+        words = [text.split(" ") for text in texts]  # empty words (double spaces) have no tokens
+        unique = dict.fromkeys(chain.from_iterable(words))  # each word looked up once
+        unique.pop("", None)
+        table = dict(zip(unique, self._encode_cached(list(unique), special=False)))
+        table[""] = []
+        ids_of = table.__getitem__
+        return [list(chain.from_iterable(map(ids_of, unit))) for unit in words]
 
     def _encode_cached(self, texts: list[str], *, special: bool) -> list[list[int]]:
         out = self._cache.get_many(texts)
+        if None not in out:  # all cached (ids are lists, never None)
+            return out
         missing = sorted({t for t, ids in zip(texts, out) if ids is None})
         if special:
             stop = -1 if self.tokenizer_adds_end_token else None

@@ -108,8 +108,9 @@ def _fill_tokens(tokenizer: Vocabulary, units: list[Unit], budget: TokenBudget) 
     budget.add(sum(len(u.tokens) for u in units if u.kind == "embedding"), 0)
     batch: list[Unit] = []
     batch_chars = 0
+    splits_at_spaces = tokenizer.splits_at_spaces
     for unit in (u for u in units if u.kind == "text"):
-        if tokenizer.splits_at_spaces and len(unit.text) > _CHUNK_CHARS:
+        if splits_at_spaces and len(unit.text) > _CHUNK_CHARS:
             _fill_batch(tokenizer, batch, budget)
             batch, batch_chars = [], 0
             unit.tokens = _tokens_of_long_unit(tokenizer, unit, budget)
@@ -124,9 +125,11 @@ def _fill_tokens(tokenizer: Vocabulary, units: list[Unit], budget: TokenBudget) 
 
 
 def _fill_batch(tokenizer: Vocabulary, batch: list[Unit], budget: TokenBudget) -> None:
-    for unit, ids in zip(batch, tokenizer.encode_units([u.text for u in batch])):
-        unit.tokens = [(t, unit.weight) for t in ids]
-        budget.add(len(ids), len(unit.text))
+    all_ids = tokenizer.encode_units([u.text for u in batch])
+    for unit, ids in zip(batch, all_ids):
+        weight = unit.weight
+        unit.tokens = [(t, weight) for t in ids]
+    budget.add_many([(len(ids), len(unit.text)) for unit, ids in zip(batch, all_ids)])
 
 
 def _tokens_of_long_unit(tokenizer: Vocabulary, unit: Unit, budget: TokenBudget) -> list[tuple]:
