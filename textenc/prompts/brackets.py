@@ -26,7 +26,10 @@ __all__ = ["BracketTable", "top_level_items"]
 # to, which an alternation alone does not (3x faster on prompts of a few brackets).
 _RUNS = {False: re.compile(r"(?=[()])(?:\(+|\)+)"), True: re.compile(r"(?=[()\[\]])(?:[(\[]+|[)\]]+)")}
 _COLON_RUNS = re.compile(r":+")
-_FEW_COLONS = 64  # up to this many, colons are found one str.find at a time (faster than a regex)
+# Up to this many brackets or colons, they are found one str.find at a time, faster than a
+# regex; past it, a regex finds a run of them in one step (a long run costs one match).
+_FEW_BRACKETS = 256
+_FEW_COLONS = 64
 # An escaped bracket (``\\(``) by bracket set: round only, or round and square.
 _ESCAPES = {"()": re.compile(r"\\([()])"), "()[]": re.compile(r"\\([()\[\]])")}
 
@@ -55,9 +58,13 @@ class BracketTable:
         self.openers = "([" if square_brackets else "("
         self.text, self.escaped = _unescape(text, self.bracket_chars)
         self.escaped_set = set(self.escaped)
-        runs = [m.span() for m in _RUNS[square_brackets].finditer(self.text)]
-        self.runs: list[tuple[int, int]] = _cut_at(runs, self.escaped) if self.escaped else runs
-        self.brackets = list(itertools.chain.from_iterable(itertools.starmap(range, self.runs)))
+        if sum(map(self.text.count, self.bracket_chars)) > _FEW_BRACKETS:
+            runs = [m.span() for m in _RUNS[square_brackets].finditer(self.text)]
+            self.runs: list[tuple[int, int]] = _cut_at(runs, self.escaped) if self.escaped else runs
+            self.brackets = list(itertools.chain.from_iterable(itertools.starmap(range, self.runs)))
+        else:
+            self.brackets = _find_all(self.text, self.bracket_chars, self.escaped_set)
+            self.runs = _runs_of(self.brackets, self.text, self.openers)
         self.colons = _colons(self.text)
         self.match = _match_runs(self.runs, self.text, self.openers)
 
@@ -84,6 +91,35 @@ class BracketTable:
                 return pos
             index += 1  # only reached for the outer level's stray closers
         return hi
+
+
+def _find_all(text: str, chars: str, skip: set[int]) -> list[int]:
+    """Sorted positions of every character of ``chars`` in ``text``, less those in ``skip``."""
+    positions: list[int] = []
+    find = text.find
+    for char in chars:
+        position = find(char)
+        while position >= 0:
+            positions.append(position)
+            position = find(char, position + 1)
+    positions.sort()
+    return [p for p in positions if p not in skip] if skip else positions
+
+
+def _runs_of(brackets: list[int], text: str, openers: str) -> list[tuple[int, int]]:
+    """The brackets as ``(start, end)`` runs of adjacent brackets of one direction."""
+    runs: list[tuple[int, int]] = []
+    run_start, run_end, run_opens = -1, -1, False
+    for position in brackets:
+        opens = text[position] in openers
+        if position != run_end or opens != run_opens:
+            if run_end > run_start:
+                runs.append((run_start, run_end))
+            run_start, run_opens = position, opens
+        run_end = position + 1
+    if run_end > run_start:
+        runs.append((run_start, run_end))
+    return runs
 
 
 def _colons(text: str) -> list[int]:

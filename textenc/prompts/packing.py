@@ -30,15 +30,16 @@ class WindowLayout(Protocol):
 
 
 def pack_windows(units: list[Unit], layout: WindowLayout, *, min_length: int | None = None,
-                 min_padding: int | None = None) -> list[list[tuple]]:
-    """Windows of ``(token, weight, word_id)`` for the tokenized ``units``.
+                 min_padding: int | None = None, word_ids: bool = True) -> list[list[tuple]]:
+    """Windows of ``(token, weight, word_id)`` for the tokenized ``units``, or of
+    ``(token, weight)`` with ``word_ids=False`` (the units' own pairs, not copied).
 
     ``min_padding`` pad tokens are added to the last window, which is then
     padded to ``max_length`` (with ``pad_to_max_length``) and to ``min_length``.
     """
+    shape = _Shape(layout, word_ids)
     windows: list[list] = []
-    window = _new_window(layout, windows)
-    has_end = 1 if layout.end_token is not None else 0
+    window = shape.new_window(windows)
     empty_length = len(window)
     word_id, pending_break = 0, False
     for unit in units:
@@ -46,54 +47,71 @@ def pack_windows(units: list[Unit], layout: WindowLayout, *, min_length: int | N
             pending_break = pending_break or len(window) > empty_length
             continue
         if pending_break:
-            _close_window(layout, window, layout.max_length - len(window) - has_end)
-            window, pending_break = _new_window(layout, windows), False
+            shape.close_window(window, layout.max_length - len(window) - shape.has_end)
+            window, pending_break = shape.new_window(windows), False
         word_id += 1
-        window = _place(layout, windows, window, unit.tokens, word_id)
-    _close_window(layout, window, 0)
-    _pad_last(layout, window, min_length, min_padding)
+        group = unit.tokens
+        if len(group) + len(window) <= shape.room:  # most groups: it fits as it is
+            window.extend([(t, w, word_id) for t, w in group] if word_ids else group)
+        else:
+            window = _place(shape, windows, window, group, word_id)
+    shape.close_window(window, 0)
+    _pad_last(layout, shape.pad, window, min_length, min_padding)
     return windows
 
 
-def _place(layout: WindowLayout, windows: list[list], window: list, group: list, word_id: int) -> list:
-    """Add one group's tokens; returns the window that is open afterwards."""
-    has_end = 1 if layout.end_token is not None else 0
-    if len(group) + len(window) <= layout.max_length - has_end:  # most groups: it fits as it is
-        window.extend([(t, w, word_id) for t, w in group])
+class _Shape:
+    """A layout's window entries (start, end, pad) as pairs or as triples with word id 0."""
+
+    def __init__(self, layout: WindowLayout, word_ids: bool) -> None:
+        def entry(token: Any) -> tuple:
+            return (token, 1.0, 0) if word_ids else (token, 1.0)
+
+        self.layout, self.word_ids = layout, word_ids
+        self.start = entry(layout.start_token) if layout.start_token is not None else None
+        self.end = entry(layout.end_token) if layout.end_token is not None else None
+        self.pad = entry(layout.pad_token)
+        self.has_end = 1 if self.end is not None else 0
+        self.room = layout.max_length - self.has_end  # a window's tokens before its end token
+
+    def new_window(self, windows: list[list]) -> list:
+        window = [self.start] if self.start is not None else []
+        windows.append(window)
         return window
-    is_large = len(group) >= layout.max_word_length
+
+    def close_window(self, window: list, remaining: int) -> None:
+        if self.end is not None:
+            window.append(self.end)
+        if self.layout.pad_to_max_length:
+            window.extend([self.pad] * remaining)
+
+
+def _place(shape: _Shape, windows: list[list], window: list, group: list, word_id: int) -> list:
+    """Add one group's tokens, splitting or moving it; returns the window that is open afterwards."""
+    is_large = len(group) >= shape.layout.max_word_length
     position = 0  # an index, not ``group = group[remaining:]``: slicing was quadratic
     while position < len(group):
-        if len(group) - position + len(window) > layout.max_length - has_end:
-            remaining = layout.max_length - len(window) - has_end
+        if len(group) - position + len(window) > shape.room:
+            remaining = shape.room - len(window)
             if is_large:
-                window.extend((t, w, word_id) for t, w in group[position:position + remaining])
+                window.extend(_entries(group[position:position + remaining], word_id, shape.word_ids))
                 position += remaining
-                _close_window(layout, window, 0)
+                shape.close_window(window, 0)
             else:
-                _close_window(layout, window, remaining)
-            window = _new_window(layout, windows)
+                shape.close_window(window, remaining)
+            window = shape.new_window(windows)
         else:
-            window.extend((t, w, word_id) for t, w in group[position:])
+            window.extend(_entries(group[position:], word_id, shape.word_ids))
             position = len(group)
     return window
 
 
-def _new_window(layout: WindowLayout, windows: list[list]) -> list:
-    window = [(layout.start_token, 1.0, 0)] if layout.start_token is not None else []
-    windows.append(window)
-    return window
+def _entries(pairs: list[tuple], word_id: int, word_ids: bool) -> list[tuple]:
+    return [(t, w, word_id) for t, w in pairs] if word_ids else pairs
 
 
-def _close_window(layout: WindowLayout, window: list, remaining: int) -> None:
-    if layout.end_token is not None:
-        window.append((layout.end_token, 1.0, 0))
-    if layout.pad_to_max_length:
-        window.extend([(layout.pad_token, 1.0, 0)] * remaining)
-
-
-def _pad_last(layout: WindowLayout, window: list, min_length: int | None, min_padding: int | None) -> None:
-    pad = (layout.pad_token, 1.0, 0)
+def _pad_last(layout: WindowLayout, pad: tuple, window: list, min_length: int | None,
+              min_padding: int | None) -> None:
     if min_padding is not None:
         window.extend([pad] * min_padding)
     if layout.pad_to_max_length and len(window) < layout.max_length:

@@ -198,15 +198,19 @@ class _Emitter:
         self.src = src
         self.options = options
         self.segments: list[Segment] = []
-        # Read once: text() runs for every segment.
+        # Read once: text() runs for every segment. Below _limit a weight passes every check.
         self._limit = _FLOAT32_OVERFLOW if options.max_weight is None else min(options.max_weight, _FLOAT32_OVERFLOW)
-        self._plain = not options.break_keyword and not src.escaped  # no BREAK to split, offsets as they are
 
     def text(self, lo: int, hi: int, weight: float) -> None:
-        if abs(weight) < self._limit and self._plain:  # the common case, checked and appended in one go
-            self.segments.append(Segment(self.src.text[lo:hi], weight, lo, hi))
-            return
-        src = self.src
+        if not abs(weight) < self._limit:
+            self._check(lo, hi, weight)
+        if self.options.break_keyword:
+            self._split_breaks(lo, hi, weight)
+        else:
+            self._append(lo, hi, weight)
+
+    def _check(self, lo: int, hi: int, weight: float) -> None:
+        """Refuse a weight that is not finite in float32 or is above ``max_weight``."""
         if not finite_in_float32(weight):
             raise PromptError(f"{self._where(lo, hi, weight)} is not a finite float32 number (too many nested "
                               "parentheses or weights multiplied past 3.4e38); use fewer parentheses or smaller weights")
@@ -214,9 +218,9 @@ class _Emitter:
         if limit is not None and not abs(weight) <= limit:
             raise PromptError(f"{self._where(lo, hi, weight)} exceeds max_weight={limit}; "
                               "use fewer nested parentheses or a smaller explicit weight")
-        if not self.options.break_keyword:
-            self._append(lo, hi, weight)
-            return
+
+    def _split_breaks(self, lo: int, hi: int, weight: float) -> None:
+        src = self.src
         for match in _BREAK.finditer(src.text, lo, hi):
             if match.start() > lo:
                 self._append(lo, match.start(), weight)
@@ -231,8 +235,12 @@ class _Emitter:
 
     def _append(self, lo: int, hi: int, weight: float) -> None:
         src = self.src
-        start, end = src.source_start(lo), src.source_offset(hi - 1) + 1
-        self.segments.append(Segment(src.text[lo:hi], weight, start, end))
+        escaped = src.escaped
+        if escaped:  # source_start(lo) and source_offset(hi - 1) + 1, inline
+            self.segments.append(Segment(src.text[lo:hi], weight, lo + bisect.bisect_left(escaped, lo),
+                                         hi + bisect.bisect_left(escaped, hi)))
+        else:
+            self.segments.append(Segment(src.text[lo:hi], weight, lo, hi))
 
 
 def _walk_group(src: BracketTable, out: _Emitter, lo: int, hi: int, weight: float) -> None:

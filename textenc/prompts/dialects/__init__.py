@@ -76,9 +76,15 @@ class Dialect(Protocol):
         """The windows and units of ``text``, for ``textenc inspect``."""
 
 
+_LOADED: dict[str, Dialect] = {}  # name -> dialect, once imported (get_dialect runs per prompt)
+
+
 def _load(name: str) -> Dialect:
     """The ``DIALECT`` of ``textenc.prompts.dialects.<name>`` (the tokenizer imports them all)."""
-    return importlib.import_module(f"{__name__}.{name}").DIALECT
+    dialect = _LOADED.get(name)
+    if dialect is None:
+        dialect = _LOADED[name] = importlib.import_module(f"{__name__}.{name}").DIALECT
+    return dialect
 
 
 def get_dialect(syntax: str | None) -> Dialect:

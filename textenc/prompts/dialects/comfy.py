@@ -142,8 +142,9 @@ def _tokens_of_long_unit(tokenizer: Vocabulary, unit: Unit, budget: TokenBudget)
     return tokens
 
 
-def read_prompt(tokenizer: Vocabulary, text: str, call_options: dict) -> ComfyReading:
-    """``text`` read as ComfyUI reads it, with ``vocabulary``'s tokens, embeddings and limits.
+def read_prompt(tokenizer: Vocabulary, text: str, call_options: dict, *, word_ids: bool = True) -> ComfyReading:
+    """``text`` read as ComfyUI reads it, with ``vocabulary``'s tokens, embeddings and limits;
+    windows of ``(token, weight, word_id)``, or of ``(token, weight)`` with ``word_ids=False``.
 
     ``call_options`` understood: ``min_length``, ``tokenizer_options``,
     ``disable_weights`` (as ComfyUI), ``max_windows`` and the per-call parse options
@@ -165,7 +166,7 @@ def read_prompt(tokenizer: Vocabulary, text: str, call_options: dict) -> ComfyRe
     heavy = large_weights(seen, parse_options)
     if heavy:
         warn_at_caller(describe_large_weights(heavy, parse_options), PromptWarning)
-    windows = pack_windows(units, tokenizer, min_length=min_length, min_padding=min_padding)
+    windows = pack_windows(units, tokenizer, min_length=min_length, min_padding=min_padding, word_ids=word_ids)
     if max_windows is not None and len(windows) > max_windows:
         raise PromptError(f"prompt needs {len(windows)} windows of {tokenizer.max_length} tokens, more than "
                           f"max_windows={max_windows}; shorten it, or pass max_windows=None (or a larger "
@@ -188,10 +189,7 @@ class ComfyDialect:
         Tokens are ints, or 1-D tensors (one embedding vector each); ``kwargs`` as
         :func:`read_prompt`'s ``call_options``.
         """
-        windows = read_prompt(tokenizer, text, kwargs).windows
-        if not return_word_ids:
-            return [[(t, w) for t, w, _ in window] for window in windows]
-        return windows
+        return read_prompt(tokenizer, text, kwargs, word_ids=bool(return_word_ids)).windows
 
     def inspect(self, tokenizer: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
         """ComfyUI's reading of ``text`` as an :class:`~textenc.prompts.report.InspectReport`."""
