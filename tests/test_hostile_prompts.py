@@ -91,3 +91,28 @@ def test_embedding_misses_are_remembered_until_the_folder_changes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert loader.lookup("cat").status == "missing"
+
+
+def test_long_spaceless_unit_is_cut_after_digits_without_changing_tokens():
+    """A unit past 64K characters with no space is tokenized in pieces cut after an ASCII
+    digit; the tokens are transformers' CLIPTokenizer's for the whole text (the oracle)."""
+    transformers = pytest.importorskip("transformers")
+    from textenc.prompts.budget import space_chunks
+    from textenc.prompts.vocabulary import DEFAULT_VOCAB
+
+    hf = transformers.CLIPTokenizer.from_pretrained(DEFAULT_VOCAB)
+    text = "".join(f"[a{i}:b:{i}]\u00e9\u0301{i % 7}\u0301Σ1x" for i in range(9000))  # ~150K characters
+    pieces = list(space_chunks(text, 1 << 16))
+    assert len(pieces) > 1 and "".join(pieces) == text
+    specials = (hf.bos_token_id, hf.eos_token_id)  # window starts, ends and padding
+    windows = SDTokenizer().tokenize_with_weights(text, max_windows=None)
+    assert [t for window in windows for t, _ in window if t not in specials] == hf(text)["input_ids"][1:-1]
+
+
+def test_long_spaceless_prompt_is_refused_a_piece_at_a_time():
+    """``[aK:b:K]`` x n (1 MB, no space) is refused after its first pieces are tokenized."""
+    text = "".join(f"[a{i}:b:{i}]" for i in range(120_000))[:1 << 20]
+    with pytest.raises(PromptError, match=r"in its first (\d+) of") as caught:
+        SDTokenizer().tokenize_with_weights(text)
+    first = int(re.search(r"in its first (\d+) of", str(caught.value)).group(1))
+    assert first < len(text) // 4

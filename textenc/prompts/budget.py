@@ -5,11 +5,14 @@ Kept apart from :mod:`textenc.prompts.tokenizer` so the tokenizer stays one conc
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 from textenc.errors import PromptError
 
 __all__ = ["TokenBudget", "check_max_windows", "space_chunks"]
+
+_DIGIT_THEN_ASCII = re.compile(r"[0-9](?=[\x00-\x7f])")
 
 
 def check_max_windows(value: Any) -> int | None:
@@ -20,18 +23,35 @@ def check_max_windows(value: Any) -> int | None:
 
 
 def space_chunks(text: str, size: int) -> Iterator[str]:
-    """Consecutive pieces of about ``size`` characters, each cut just after a space (a word
-    longer than ``size`` stays whole)."""
+    """Consecutive pieces of about ``size`` characters, each cut just after a space or, in a
+    window without one, just after an ASCII digit followed by an ASCII character (a word with
+    neither stays whole).
+
+    Both cuts leave CLIP's tokens as they are: its normaliser and split regex never join
+    text across a space, a digit is always a piece of its own, and an ASCII character is
+    never composed (NFC) with what precedes it. So a long prompt without spaces
+    (``"[a1:b:1][a2:b:2]..."``) is still tokenized, and refused, a piece at a time.
+    """
     start = 0
     while start < len(text):
         end = start + size
         if end < len(text):
             cut = text.rfind(" ", start, end)
             if cut < start:
+                cut = _last_digit_cut(text, start, end)
+            if cut < start:
                 cut = text.find(" ", end)
             end = len(text) if cut < 0 else cut + 1
         yield text[start:end]
         start = end
+
+
+def _last_digit_cut(text: str, start: int, end: int) -> int:
+    """The last ASCII digit in ``text[start:end]`` followed by an ASCII character there, or -1."""
+    cut = -1
+    for match in _DIGIT_THEN_ASCII.finditer(text, start, end):
+        cut = match.start()
+    return cut
 
 
 class TokenBudget:
