@@ -154,8 +154,10 @@ def _print(title: str, stats: dict[str, common.Stats], base: str, speedup: bool)
         ratio = (s.median / stats[base].median) if speedup else (stats[base].median / s.median)
         paired = [(a / b) if speedup else (b / a) for a, b in zip(s.samples, stats[base].samples)]
         what = f"{name} / {base}" if speedup else f"{base} / {name}"
-        print(f"  {what}: {ratio:.2f}x (paired per round: {min(paired):.2f} / "
-              f"{statistics.median(paired):.2f} / {max(paired):.2f})")
+        cpu_ratio = (statistics.median(s.cpu) / statistics.median(stats[base].cpu) if speedup
+                     else statistics.median(stats[base].cpu) / statistics.median(s.cpu))
+        print(f"  {what}: {ratio:.2f}x wall (paired per round: {min(paired):.2f} / "
+              f"{statistics.median(paired):.2f} / {max(paired):.2f}); {cpu_ratio:.2f}x cpu")
 
 
 def main(argv: list[str] | None = None) -> None:
