@@ -24,8 +24,17 @@ ON_MISSING_EMBEDDING = ("warn", "error")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+_INSIDE: dict[str, bool] = {}  # absolute code file name -> inside the package (asked per warning)
+_INSIDE_KEPT = 4096
+
+
 def _inside_package(filename: str) -> bool:
-    return os.path.abspath(filename).startswith(_PACKAGE_DIR)
+    inside = _INSIDE.get(filename)
+    if inside is None:
+        inside = os.path.abspath(filename).startswith(_PACKAGE_DIR)
+        if os.path.isabs(filename) and len(_INSIDE) < _INSIDE_KEPT:  # a relative name depends on the cwd
+            _INSIDE[filename] = inside
+    return inside
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:

@@ -212,8 +212,9 @@ class EmbeddingLoader:
         self._walked: dict[str, list[str]] = {}  # root -> its folders at the last walk
         self._stamps: dict[str, tuple] = {}  # root -> those folders' mtimes then
 
-    def _folder_state(self) -> tuple:
-        """Each root's folders' mtimes (None: unreadable); re-walked when one changed."""
+    def folder_state(self) -> tuple:
+        """Each root's folders' mtimes (None: unreadable); re-walked when one changed.
+        :meth:`lookup` keys its remembered misses by it."""
         state = []
         for directory in self.directories:
             root = os.path.realpath(directory)
@@ -225,9 +226,13 @@ class EmbeddingLoader:
             state.append((root, stamps))
         return tuple(state)
 
-    def lookup(self, name: str) -> EmbeddingResult:
-        """Find, read and validate ``name``; never raises for a bad file."""
-        miss_key = (self._folder_state(), name)
+    def lookup(self, name: str, *, folder_state: tuple | None = None) -> EmbeddingResult:
+        """Find, read and validate ``name``; never raises for a bad file.
+
+        ``folder_state``: :meth:`folder_state` taken once for several lookups (a prompt's),
+        instead of once per lookup (a realpath and a stat per folder each time).
+        """
+        miss_key = (folder_state if folder_state is not None else self.folder_state(), name)
         miss = self._misses.get(miss_key)
         if miss is not None:
             return miss

@@ -59,6 +59,7 @@ def split_units(segments: list[Segment], embeddings: EmbeddingLoader | None,
         EmbeddingWarning: an embedding is missing or refused, or there is no directory.
     """
     units: list[Unit] = []
+    state: list[tuple] = []  # the embedding folders' state, taken at the first embedding:name
     for segment in segments:
         if segment.is_break:
             units.append(Unit("break", "BREAK", 1.0, segment))
@@ -71,15 +72,16 @@ def split_units(segments: list[Segment], embeddings: EmbeddingLoader | None,
         pieces = [split[0]] + [EMBEDDING_IDENTIFIER + p for p in split[1:]]
         for piece in (p for p in pieces if p):
             if piece.startswith(EMBEDDING_IDENTIFIER):
-                units.extend(_embedding_units(piece, segment, embeddings, found))
+                units.extend(_embedding_units(piece, segment, embeddings, found, state))
             else:
                 units.append(Unit("text", piece, segment.weight, segment))
     return units
 
 
 def _embedding_units(piece: str, segment: Segment, embeddings: EmbeddingLoader | None,
-                     found: list[EmbeddingResult]) -> list[Unit]:
-    """An ``embedding:name rest`` piece: the embedding group, then the rest as text."""
+                     found: list[EmbeddingResult], state: list[tuple]) -> list[Unit]:
+    """An ``embedding:name rest`` piece: the embedding group, then the rest as text.
+    ``state`` holds the folders' state once the first lookup has taken it."""
     rest = piece[len(EMBEDDING_IDENTIFIER):].lstrip()  # ComfyUI's name is rest.split()[0]
     end = _NAME_END.search(rest)
     name, leftover = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
@@ -90,12 +92,14 @@ def _embedding_units(piece: str, segment: Segment, embeddings: EmbeddingLoader |
                        "to the tokenizer, or --embeddings on the command line)", EmbeddingWarning)
         return [Unit("text", piece, segment.weight, segment)]
     leading = ""
-    result = embeddings.lookup(name)
+    if not state:
+        state.append(embeddings.folder_state())
+    result = embeddings.lookup(name, folder_state=state[0])
     stripped = name.strip(",")  # ComfyUI strips commas at both ends, then tries again
     if result.status != "found" and stripped and stripped != name:
         leading = name[:len(name) - len(name.lstrip(","))]
         leftover = name[len(leading) + len(stripped):] + leftover  # the commas stay as text
-        result = embeddings.lookup(stripped)
+        result = embeddings.lookup(stripped, folder_state=state[0])
     found.append(result)
     units = [Unit("text", leading, segment.weight, segment)] if leading else []
     if result.status == "found":
