@@ -175,7 +175,8 @@ def _sigterm_raises() -> Iterator[None]:
 #: Python parameters that library messages name, as the command line spells them.
 _COMMAND_LINE_SPELLINGS = ((re.compile(r"\bpass max_weight= "), "pass --max-weight W "),
                            (re.compile(r"\bmax_weight=(?=\d)"), "--max-weight "),
-                           (re.compile(r"\braise max_weight\b"), "raise --max-weight"))
+                           (re.compile(r"\braise max_weight\b"), "raise --max-weight"),
+                           (re.compile(r"\bpass truncate_long_prompts=False\b"), f"pass {TRUNCATE_FLAG}"))
 
 
 def command_line_words(text: str) -> str:
@@ -183,6 +184,8 @@ def command_line_words(text: str) -> str:
 
     >>> command_line_words("weight 500; pass max_weight= to refuse them")
     'weight 500; pass --max-weight W to refuse them'
+    >>> command_line_words("pass truncate_long_prompts=False to keep them all")
+    'pass --no-truncate-long-prompts to keep them all'
     """
     for pattern, spelling in _COMMAND_LINE_SPELLINGS:
         text = pattern.sub(spelling, text)
