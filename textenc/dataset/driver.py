@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..commands.common import check_folder
+from ..commands.common import check_folder, check_out_folder
 from ..prompts.dialects import check_syntax, default_weight_mode, dialect_options
 from ..errors import DatasetError
 from ..sd import CLIP_TYPES
+from ..text_encoders.clip_skip import check_clip_skip
 from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES
 from ..warn import ON_MISSING_EMBEDDING, missing_embedding_policy
 from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
@@ -102,6 +103,12 @@ def _check_request(request: Request) -> None:
         if not ok:
             raise DatasetError(message)
     check_syntax(r.syntax)
+    # what needs no weights is checked before they load (issue 28); the model path is
+    # checked by load_model before it reads anything, after the input file
+    if r.clip_skip is not None:
+        check_clip_skip(r.clip_skip)
+    if not r.dry_run:
+        check_out_folder(r.out)
     dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
 
 
