@@ -232,8 +232,9 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
 def truncation_message(dropped: int, total: int, limit: int, prompts: int) -> str:
     """What :func:`compel_layout` warns of when truncation drops tokens.
 
-    >>> truncation_message(25, 100, 75, 1)
-    "syntax='compel' dropped 25 of the prompt's 100 tokens: compel's truncate_long_prompts=True (the default) keeps the first 75; pass truncate_long_prompts=False to keep them all"
+    >>> message = truncation_message(25, 100, 75, 1)
+    >>> message.startswith("syntax='compel' dropped 25 of the prompt's 100 tokens"), message[-49:]
+    (True, 'pass truncate_long_prompts=False to keep them all')
     """
     each = " of each .and()/.blend() prompt" if prompts > 1 else ""
     return (f"syntax='compel' dropped {dropped} of the prompt's {total} tokens: compel's "
