@@ -137,3 +137,23 @@ def test_encode_command_line_warns(tmp_path, tiny_model, parser, hf_tokenizer):
         f"textenc: warning: syntax='compel' dropped {total - kept} of the prompt's {total} tokens: compel's "
         "truncate_long_prompts=True (the default) keeps the first 75; pass --no-truncate-long-prompts to keep "
         "them all"]
+
+
+def test_a_dataset_warns_once_then_counts(tmp_path, tiny_model, parser, hf_tokenizer, capsys):
+    """One line per caption would flood a dataset's log: the first caption's warning,
+    then one line counting the others."""
+    from textenc.dataset.cli import main as dataset_main
+
+    captions = [" ".join(["word"] * size) for size in (80, 90, 100, 90, 20)]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+    kept, total = compel_counts(parser, hf_tokenizer, captions[0])
+    status = dataset_main([str(tmp_path / "captions.txt"), "--model", str(tiny_model), "--out",
+                           str(tmp_path / "out"), "--syntax", "compel", "--no-progress"])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 0
+    assert err == [
+        f"python -m textenc.dataset: warning: syntax='compel' dropped {total - kept} of the prompt's {total} "
+        "tokens: compel's truncate_long_prompts=True (the default) keeps the first 75; pass "
+        "--no-truncate-long-prompts to keep them all",
+        "python -m textenc.dataset: warning: syntax='compel' dropped tokens of 2 more caption(s) as well "
+        "(compel's truncate_long_prompts=True keeps one window); pass --no-truncate-long-prompts to keep them all"]

@@ -32,7 +32,10 @@ from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, Member, Part
 
 __all__ = ["CompelTag", "CompelToken", "CompelLayout", "compel_layout", "compel_windows", "truncation_message",
-           "pooled_window", "split_point"]
+           "TRUNCATION_WARNING", "pooled_window", "split_point"]
+
+#: How :func:`truncation_message` starts (for code that groups these warnings).
+TRUNCATION_WARNING = "syntax='compel' dropped "
 
 SENTENCE_END = (".</w>",)
 PHRASE_END = (".</w>", ",</w>", ";</w>", ":</w>")
@@ -237,7 +240,7 @@ def truncation_message(dropped: int, total: int, limit: int, prompts: int) -> st
     (True, 'pass truncate_long_prompts=False to keep them all')
     """
     each = " of each .and()/.blend() prompt" if prompts > 1 else ""
-    return (f"syntax='compel' dropped {dropped} of the prompt's {total} tokens: compel's "
+    return (f"{TRUNCATION_WARNING}{dropped} of the prompt's {total} tokens: compel's "
             f"truncate_long_prompts=True (the default) keeps the first {limit}{each}; "
             "pass truncate_long_prompts=False to keep them all")
 
