@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from ..prompts.report import InspectReport, TokenReport, UnitReport
+
 __all__ = ["FULL_HELP", "SHOWN_WINDOWS", "SHOWN_UNITS", "SHOWN_CHARS", "LONG_TEXT", "is_long", "dropped_lines",
            "format_summary"]
 
@@ -35,18 +37,18 @@ FULL_HELP = (f"print every window, token and unit of a long prompt (default: a p
              f"{SHOWN_UNITS} units with their text cut to {SHOWN_CHARS} "
              "characters; --json always prints everything)")
 
-WindowLines = Callable[[int, Sequence], list]
+WindowLines = Callable[[int, Sequence[TokenReport]], list[str]]
 
 
-def is_long(report) -> bool:
+def is_long(report: InspectReport) -> bool:
     """Whether ``report`` (an ``InspectReport``) is summarised unless ``--full`` is given."""
     return (len(report.windows) > SHOWN_WINDOWS or len(report.units) > 2 * SHOWN_UNITS
             or any(len(unit.text) > LONG_TEXT for unit in report.units))
 
 
-def dropped_lines(report) -> list[str]:
+def dropped_lines(report: InspectReport) -> list[str]:
     """The ``truncated:`` line when the dialect left prompt tokens out (compel's default)."""
-    dropped = getattr(report, "dropped_tokens", 0)
+    dropped = report.dropped_tokens
     if not dropped:
         return []
     kept = sum(1 for window in report.windows for token in window if token.word_id != 0)
@@ -55,7 +57,7 @@ def dropped_lines(report) -> list[str]:
             f"the default, keeps the first {limit} of each prompt); --no-truncate-long-prompts keeps them all"]
 
 
-def _unit_line(unit) -> str:
+def _unit_line(unit: UnitReport) -> str:
     text = repr(unit.text[:SHOWN_CHARS])
     if len(unit.text) > SHOWN_CHARS:
         text += f" ... ({len(unit.text)} characters)"
@@ -63,7 +65,7 @@ def _unit_line(unit) -> str:
             f"{unit.num_tokens:>3} token(s)  {text}")
 
 
-def _counts(report) -> str:
+def _counts(report: InspectReport) -> str:
     tokens = sum(1 for window in report.windows for token in window if token.word_id != 0)
     chunks = getattr(report, "chunks", ())
     extra = f", {len(chunks)} chunk(s)" if chunks else ""
@@ -71,7 +73,7 @@ def _counts(report) -> str:
             f"unit(s){extra}; a summary (--full prints every one)")
 
 
-def _unit_lines(units: Sequence) -> list[str]:
+def _unit_lines(units: Sequence[UnitReport]) -> list[str]:
     if len(units) <= 2 * SHOWN_UNITS:
         return ["units:", *map(_unit_line, units)]
     hidden = len(units) - 2 * SHOWN_UNITS
@@ -79,7 +81,7 @@ def _unit_lines(units: Sequence) -> list[str]:
             *map(_unit_line, units[-SHOWN_UNITS:])]
 
 
-def format_summary(report, window_lines: WindowLines) -> str:
+def format_summary(report: InspectReport, window_lines: WindowLines) -> str:
     """A long ``InspectReport`` as ``textenc inspect`` prints it without ``--full``.
 
     ``window_lines(index, window)`` prints one window as the full table does.
