@@ -179,7 +179,8 @@ def test_a_file_that_is_no_image(model, tmp_path):
     (tmp_path / "a.png").write_text("not a png")
     err = _one_line(_run("vision", str(tmp_path / "a.png"), "--model", str(model), "--out",
                          str(tmp_path / "v.safetensors"), cwd=tmp_path), 1)
-    assert "not a CLIP vision model" in err  # the model is checked first; both are one line
+    # the image is checked before the model loads (issue 28); a text encoder as --model comes after
+    assert "a.png: not an image Pillow can read" in err
 
 
 # --- interruption: 130 / 143 -----------------------------------------------------------

@@ -84,7 +84,7 @@ def test_cli_clip_skip_out_of_range_is_one_line_exit_1(tmp_path, captions, tiny_
                  "--clip-skip", "13", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err
-    assert "clip_skip 13" in err and "2-layer" in err and "up to 2" in err
+    assert "--clip-skip 13" in err and "2-layer" in err and "up to 2" in err
 
 
 # ---- syntax and weight mode ----------------------------------------------------------------

@@ -15,33 +15,10 @@ from typing import Sequence
 import torch
 
 from .errors import CheckpointError
+from .loading.model_path import check_model_path, shown_path as _shown
 from .sd import CLIP, load_clip
 
 __all__ = ["load_text_model", "check_model_path"]
-
-
-def _shown(path: str) -> str:
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def check_model_path(path: str | os.PathLike) -> str:
-    """``path`` as a string if it exists and can be opened by name, else a CheckpointError.
-
-    A name holding bytes that are not UTF-8 (possible on Linux) cannot be opened by
-    safetensors; it is reported as a path problem, not as a damaged file.
-    """
-    text = os.fspath(path)
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
-    if not os.path.exists(text):
-        raise CheckpointError(f"{_shown(text)}: does not exist; check the path")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CheckpointError(f"{_shown(text)}: the path is not valid UTF-8 (shown with \\x escapes), "
-                              "which safetensors cannot open; rename the file or the folder holding it"
-                              ) from None
-    return text
 
 
 def load_text_model(model: str | os.PathLike | Sequence[str | os.PathLike], *,

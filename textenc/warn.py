@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import ConfigError, EmbeddingError, EmbeddingWarning
 
-__all__ = ["warn_at_caller", "ON_MISSING_EMBEDDING", "missing_embedding_policy"]
+__all__ = ["warn_at_caller", "ON_MISSING_EMBEDDING", "missing_embedding_policy", "first_of_kind"]
 
 #: What an ``embedding:name`` that cannot be used does: ``warn`` (an EmbeddingWarning, and the
 #: prompt goes on) or ``error`` (an EmbeddingError ends the call).
@@ -85,3 +86,42 @@ def missing_embedding_policy(mode: str) -> Iterator[None]:
         except EmbeddingWarning as warning:
             raise EmbeddingError(f"{warning} (an error as asked: on_missing_embedding='error', "
                                  "--on-missing-embedding error)") from None
+
+
+@contextlib.contextmanager
+def first_of_kind(category: type[Warning], prefix: str, summary: Callable[[int], str]) -> Iterator[None]:
+    """Inside, the first warning of ``category`` whose text starts with ``prefix`` is shown
+    as usual and the later ones are only counted; on leaving, when there were any, one
+    more warning ``summary(count)`` says how many. For a run over many inputs (a
+    caption dataset) that would otherwise print one line per input.
+
+    Warning filters are the process's, as for :func:`missing_embedding_policy`.
+
+    >>> import sys
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("always")
+    ...     warnings.showwarning = lambda message, *rest, **kw: print(message)
+    ...     with first_of_kind(UserWarning, "lost", lambda n: f"{n} more lost"):
+    ...         for size in (3, 4, 5):
+    ...             warnings.warn(f"lost {size}", UserWarning)
+    lost 3
+    2 more lost
+    """
+    count = 0
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.filterwarnings("always", message=re.escape(prefix), category=category)
+
+        def show(message, warning_category, *args, **kwargs) -> None:
+            nonlocal count
+            if issubclass(warning_category, category) and str(message).startswith(prefix):
+                count += 1
+                if count > 1:
+                    return
+            shown(message, warning_category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+    if count > 1:
+        warn_at_caller(summary(count - 1), category)
+

@@ -42,7 +42,7 @@ __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM",
            "HelpFormatter", "Terminated", "did_you_mean", "add_embedding_options", "EMBEDDINGS_HELP",
            "ON_MISSING_HELP", "add_progress_flag", "command_line_words", "run_command", "positive_int",
            "add_dialect_flags", "dialect_flag_options", "describe_error", "one_line", "show_path",
-           "check_out_file", "check_folder", "write_file_atomically", "progress"]
+           "check_out_file", "check_out_folder", "check_folder", "write_file_atomically", "progress"]
 
 EXIT_OK, EXIT_ERROR = 0, 1
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: the shell's convention
@@ -175,7 +175,9 @@ def _sigterm_raises() -> Iterator[None]:
 #: Python parameters that library messages name, as the command line spells them.
 _COMMAND_LINE_SPELLINGS = ((re.compile(r"\bpass max_weight= "), "pass --max-weight W "),
                            (re.compile(r"\bmax_weight=(?=\d)"), "--max-weight "),
-                           (re.compile(r"\braise max_weight\b"), "raise --max-weight"))
+                           (re.compile(r"\braise max_weight\b"), "raise --max-weight"),
+                           (re.compile(r"\bpass truncate_long_prompts=False\b"), f"pass {TRUNCATE_FLAG}"),
+                           (re.compile(r"\bclip_skip (?=-?\d)"), "--clip-skip "))
 
 
 def command_line_words(text: str) -> str:
@@ -183,6 +185,8 @@ def command_line_words(text: str) -> str:
 
     >>> command_line_words("weight 500; pass max_weight= to refuse them")
     'weight 500; pass --max-weight W to refuse them'
+    >>> command_line_words("pass truncate_long_prompts=False to keep them all")
+    'pass --no-truncate-long-prompts to keep them all'
     """
     for pattern, spelling in _COMMAND_LINE_SPELLINGS:
         text = pattern.sub(spelling, text)
@@ -295,6 +299,34 @@ def check_out_file(path: str | os.PathLike, *, suffix: str, option: str = "--out
                            f"({error.strerror}); choose a writable location") from None
     os.close(handle)
     os.unlink(probe)
+    return text
+
+
+def check_out_folder(path: str | os.PathLike, *, option: str = "--out") -> str:
+    """Check that ``path`` is, or can become, a folder to write in, before any work is done.
+
+    An existing ``path`` must be a folder that accepts a new file; a missing one must
+    have, above it, an existing folder that accepts a new subfolder (it is created
+    later, with its parents). Both are probed by creating and removing a temporary
+    entry, so read-only mounts and permissions are caught even when running as root.
+
+    Raises:
+        TextencError: naming ``option``, the path and the fix.
+    """
+    text = os.fspath(path)
+    shown = show_path(text)
+    folder = os.path.abspath(text)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        where = "" if folder == os.path.abspath(text) else f" (its parent {show_path(folder)} is a file)"
+        raise TextencError(f"{option} {shown}: not a folder{where}; give a folder path")
+    try:
+        probe = tempfile.mkdtemp(dir=folder, prefix=".textenc-", suffix=".probe")
+    except OSError as error:
+        raise TextencError(f"{option} {shown}: cannot write in folder {show_path(folder)} "
+                           f"({error.strerror}); choose a writable location") from None
+    os.rmdir(probe)
     return text
 
 

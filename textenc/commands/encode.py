@@ -20,6 +20,7 @@ from ..errors import LayerError, TextencError
 from ..text_encoders.clip_skip import layer_from_clip_skip
 from .common import (add_dialect_flags, add_embedding_options, add_progress_flag, check_folder, check_out_file,
                      dialect_flag_options, progress, show_path, write_file_atomically)
+from .early_checks import check_clip_skip_option, check_model_paths, check_prompt_limits
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
@@ -129,15 +130,18 @@ def run_encode(args: argparse.Namespace) -> int:
     prompts = _gather_prompts(args)
     check_out_file(args.out, suffix=".safetensors")
     embeddings = None if args.embeddings is None else check_folder(args.embeddings, "--embeddings")
+    models = check_model_paths(args.model)
+    check_clip_skip_option(args.clip_skip)
+    syntax_options = dialect_flag_options(args)
+    limits = {} if args.max_weight is None else {"max_weight": args.max_weight}
+    check_prompt_limits(prompts, syntax=args.syntax, syntax_options=syntax_options, limits=limits)
     from safetensors.torch import save
 
     from ..load import load_text_model
 
-    clip = load_text_model(args.model, clip_type=args.clip_type, embedding_directory=embeddings)
+    clip = load_text_model(models, clip_type=args.clip_type, embedding_directory=embeddings)
     options, recorded_options = resolve_options(args, clip)
-    syntax_options = dialect_flag_options(args)
     tensors = {}
-    limits = {} if args.max_weight is None else {"max_weight": args.max_weight}
     for index, prompt in enumerate(progress(prompts, "encode", "prompt", enabled=args.progress or None)):
         # word ids: --normalization groups tokens by word (the weights are the same either way)
         tokens = clip.tokenize(prompt, return_word_ids=True, syntax=args.syntax, **syntax_options, **limits)

@@ -20,6 +20,7 @@ from ..prompts.dialects import SYNTAXES, prompt_schedules
 from ..prompts.step_ranges import step_ranges
 from .common import add_dialect_flags, check_folder, dialect_flag_options, positive_int
 from .encode import SYNTAX_HELP
+from .inspect_summary import FULL_HELP, dropped_lines, format_summary, is_long
 
 __all__ = ["add_inspect", "run_inspect", "format_report", "report_dict", "format_schedule", "schedule_dict",
            "TOKENIZERS", "SCHEDULED_SYNTAXES"]
@@ -61,7 +62,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(schedule_dict(schedule), indent=1) if args.json else format_schedule(schedule))
         return 0
     report = tokenizer.inspect(args.prompt, syntax=args.syntax, **dialect_flag_options(args))
-    print(json.dumps(report_dict(report), indent=1) if args.json else format_report(report))
+    if args.json:
+        print(json.dumps(report_dict(report), indent=1))
+    else:
+        print(format_report(report) if args.full or not is_long(report) else format_summary(report, _window_lines))
     return 0
 
 
@@ -117,6 +121,7 @@ def report_dict(report) -> dict[str, Any]:
         "embeddings": [{"name": e.name, "status": e.status, "path": e.path, "reason": e.reason,
                         "vectors": None if e.vectors is None else int(e.vectors.shape[0])}
                        for e in report.embeddings],
+        "dropped_tokens": report.dropped_tokens,
         **({"chunks": [vars(c) for c in report.chunks], "moves": [vars(m) for m in report.moves]}
            if hasattr(report, "chunks") else {}),
     }
@@ -155,6 +160,7 @@ def format_report(report) -> str:
         lines.append(f"  word {unit.word_id:>3}  {unit.kind:<9}  weight {unit.weight:<7.4g}  "
                      f"{unit.num_tokens:>3} token(s)  {unit.text!r}")
     lines += _chunk_lines(report)
+    lines += dropped_lines(report)
     if report.embeddings:
         lines.append("embeddings:")
         for entry in report.embeddings:
@@ -187,6 +193,7 @@ def add_inspect(sub) -> argparse.ArgumentParser:
              f"its chunks; needs --syntax {'|'.join(SCHEDULED_SYNTAXES)} (default: none: the prompt's "
              "windows and units)")
     add("--json", action="store_true", help="print JSON instead of a table")
+    add("--full", action="store_true", help=FULL_HELP)
     parser.add_check(_check_steps)
     parser.set_defaults(run=run_inspect)
     return parser

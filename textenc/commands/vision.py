@@ -7,32 +7,51 @@ import json
 import os
 
 from ..errors import CheckpointError, TextencError
+from ..loading.model_path import check_model_path
 from .common import add_progress_flag, check_out_file, progress, show_path, write_file_atomically
 
 __all__ = ["add_vision", "run_vision"]
 
 
-def _read_image(path: str):
+def _pillow():
     try:
         from PIL import Image
     except ImportError:
         raise TextencError("textenc vision needs Pillow: pip install 'textenc[vision]' "
                            "(or pip install pillow)") from None
+    return Image
+
+
+def _not_an_image(path: str, error: Exception) -> TextencError:
+    return TextencError(f"{show_path(path)}: not an image Pillow can read ({error.__class__.__name__}); "
+                        "give a PNG, JPEG, WebP, ... file")
+
+
+def _check_image(path: str) -> None:
+    """Refuse a missing file or one Pillow cannot identify, before the model loads
+    (``verify`` reads the header and, for PNG, the checksums; it decodes no pixels)."""
+    if not os.path.isfile(path):
+        raise TextencError(f"{show_path(path)}: image file does not exist")
+    try:
+        with _pillow().open(path) as image:
+            image.verify()
+    except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
+        raise _not_an_image(path, error) from None
+
+
+def _read_image(path: str):
     import numpy as np
     import torch
 
     try:
-        with Image.open(path) as image:
+        with _pillow().open(path) as image:
             pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except (OSError, ValueError) as error:  # Pillow's UnidentifiedImageError is an OSError
-        raise TextencError(f"{show_path(path)}: not an image Pillow can read ({error.__class__.__name__}); "
-                           "give a PNG, JPEG, WebP, ... file") from None
+        raise _not_an_image(path, error) from None
     return torch.from_numpy(pixels)[None]  # (1, H, W, 3) in 0..1, ComfyUI's IMAGE
 
 
 def _check_model_file(path: str) -> str:
-    from ..load import check_model_path
-
     path = check_model_path(path)
     if os.path.isdir(path):
         inside = [name for name in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(
@@ -46,14 +65,14 @@ def _check_model_file(path: str) -> str:
 def run_vision(args: argparse.Namespace) -> int:
     """Encode the images; every input is checked before the model loads."""
     check_out_file(args.out, suffix=".safetensors")
+    model_file = _check_model_file(args.model)
     for path in args.images:
-        if not os.path.isfile(path):
-            raise TextencError(f"{show_path(path)}: image file does not exist")
+        _check_image(path)
     from safetensors.torch import save
 
     from ..vision import clip_vision
 
-    model = clip_vision.load(_check_model_file(args.model))
+    model = clip_vision.load(model_file)
     tensors = {}
     for index, path in enumerate(progress(list(args.images), "vision", "image", enabled=args.progress or None)):
         out = model.encode_image(_read_image(path), crop=args.crop == "center")

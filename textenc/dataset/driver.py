@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..commands.common import check_folder
+from ..commands.common import check_folder, check_out_folder
 from ..prompts.dialects import check_syntax, default_weight_mode, dialect_options
-from ..errors import DatasetError
+from ..prompts.dialects.compel.tokens import TRUNCATION_WARNING
+from ..errors import DatasetError, PromptWarning
 from ..sd import CLIP_TYPES
+from ..text_encoders.clip_skip import check_clip_skip
 from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES
-from ..warn import ON_MISSING_EMBEDDING, missing_embedding_policy
+from ..warn import ON_MISSING_EMBEDDING, first_of_kind, missing_embedding_policy
 from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
 from .dry_run import dry_run_report
 from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings, layer_for_clip_skip, resolved_layers
@@ -102,6 +104,12 @@ def _check_request(request: Request) -> None:
         if not ok:
             raise DatasetError(message)
     check_syntax(r.syntax)
+    # what needs no weights is checked before they load (issue 28); the model path is
+    # checked by load_model before it reads anything, after the input file
+    if r.clip_skip is not None:
+        check_clip_skip(r.clip_skip)
+    if not r.dry_run:
+        check_out_folder(r.out)
     dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
 
 
@@ -193,11 +201,18 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
     request = Request(**{name: value for name, value in locals().items() if name != "started"})
     _check_request(request)
     request = _resolve_request(request)
-    with torch_threads(threads), missing_embedding_policy(request.on_missing_embedding):
+    with (torch_threads(threads), missing_embedding_policy(request.on_missing_embedding),
+          first_of_kind(PromptWarning, TRUNCATION_WARNING, _more_truncated)):
         run, empty = _plan(request)
         if dry_run:
             return dry_run_report(run, started=started)
         return _execute(request, run, empty, started=started)
+
+
+def _more_truncated(count: int) -> str:
+    """One line for the captions compel's truncation cut after the first (which warned itself)."""
+    return (f"{TRUNCATION_WARNING}tokens of {count} more caption(s) as well (compel's truncate_long_prompts=True "
+            "keeps one window); pass truncate_long_prompts=False to keep them all")
 
 
 def _options(request: Request, clip, settings: EncodeSettings) -> dict:

@@ -46,12 +46,15 @@ class UnitReport:
 @dataclass(frozen=True)
 class InspectReport:
     """What :meth:`SDTokenizer.inspect` found: windows, units, embeddings and
-    the segments weighted above ``warn_weight_above`` (``large_weights``)."""
+    the segments weighted above ``warn_weight_above`` (``large_weights``), and the
+    prompt tokens a truncating dialect left out (``dropped_tokens``, compel's
+    ``truncate_long_prompts=True``)."""
 
     windows: list[list[TokenReport]]
     units: list[UnitReport]
     embeddings: list[EmbeddingResult] = field(default_factory=list)
     large_weights: list[Segment] = field(default_factory=list)
+    dropped_tokens: int = 0
 
     @property
     def missing(self) -> list[EmbeddingResult]:

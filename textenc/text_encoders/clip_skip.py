@@ -39,7 +39,7 @@ import dataclasses
 
 from ..errors import LayerError
 
-__all__ = ["NUMBERINGS", "LayerNumbering", "check_layer", "layer_from_clip_skip"]
+__all__ = ["NUMBERINGS", "LayerNumbering", "check_clip_skip", "check_layer", "layer_from_clip_skip"]
 
 NUMBERINGS = ("comfy", "a1111", "diffusers")
 
@@ -67,6 +67,23 @@ def check_layer(layer: object, num_layers: int) -> int:
                          f"valid layers are -{num_layers}..-1 (from the end) or 0..{num_layers - 1} "
                          "(from the start)")
     return index
+
+
+def check_clip_skip(clip_skip: object) -> int:
+    """The checks of an A1111 clip-skip count that need no model (its depth is checked
+    once loaded): a whole number, not 0. Entry points call it before loading weights.
+
+    >>> check_clip_skip(2), check_clip_skip(-2)
+    (2, -2)
+
+    Raises:
+        LayerError: not an integer, or 0.
+    """
+    count = _as_int(clip_skip, "clip_skip")
+    if count == 0:
+        raise LayerError("clip_skip 0 does not exist: 1 is the last layer, 2 the penultimate, and so on up to "
+                         "the model's depth (or ComfyUI's -1, -2, ...)")
+    return count
 
 
 def layer_from_clip_skip(clip_skip: object, num_layers: int, *, numbering: str = "a1111",

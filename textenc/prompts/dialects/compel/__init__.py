@@ -23,7 +23,7 @@ from ...limits import check_prompt_size
 from ...report import InspectReport, TokenReport, UnitReport
 from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, parse_compel
-from .tokens import CompelTag, CompelToken, compel_windows
+from .tokens import CompelTag, CompelToken, compel_layout, compel_windows
 
 __all__ = ["DIALECT", "CompelDialect", "CompelTag", "CompelToken", "parse_compel"]
 
@@ -58,16 +58,18 @@ class CompelDialect:
                               text=text)
 
     def inspect(self, tokenizer: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
-        """Chunks and fragments (units); a unit's ``start``/``end`` are -1 (not tracked)."""
+        """Chunks and fragments (units); a unit's ``start``/``end`` are -1 (not tracked);
+        ``dropped_tokens``: the tokens truncation left out (their units count only those kept)."""
         prompt = _parse(tokenizer, text)
-        windows = compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text)
+        layout = compel_layout(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text)
+        windows = layout.windows
         token_windows = [[TokenReport(t, tokenizer.inv_vocab.get(t, "<unknown>"), w, i) for t, w, i in window]
                          for window in windows]
         fragments = [f for part in prompt.parts for member in part.members for f in member.fragments]
         counts = [sum(1 for w in windows for t in w if t[2] == i + 1) for i in range(len(fragments))]
         units = [UnitReport(i + 1, "text", f.text, f.weight, -1, -1, n)
                  for i, (f, n) in enumerate(zip(fragments, counts))]
-        return InspectReport(token_windows, units)
+        return InspectReport(token_windows, units, dropped_tokens=layout.dropped)
 
 
 DIALECT = CompelDialect()

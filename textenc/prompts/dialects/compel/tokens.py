@@ -26,11 +26,16 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
-from ....errors import PromptError
+from ....errors import PromptError, PromptWarning
+from ....warn import warn_at_caller
 from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, Member, Part
 
-__all__ = ["CompelTag", "CompelToken", "compel_windows", "pooled_window", "split_point"]
+__all__ = ["CompelTag", "CompelToken", "CompelLayout", "compel_layout", "compel_windows", "truncation_message",
+           "TRUNCATION_WARNING", "pooled_window", "split_point"]
+
+#: How :func:`truncation_message` starts (for code that groups these warnings).
+TRUNCATION_WARNING = "syntax='compel' dropped "
 
 SENTENCE_END = (".</w>",)
 PHRASE_END = (".</w>", ",</w>", ";</w>", ":</w>")
@@ -144,9 +149,11 @@ def _masked_fragments(member: Member, ranges, truncate: bool, length: int, total
 
 
 def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first_word_id: int):
-    """Chunks of one member and, per flat position, its masking fragment."""
+    """Chunks of one member, per flat position its masking fragment, and how many of
+    its tokens truncation dropped (each fragment cut to the limit, then their sum)."""
     limit = tokenizer.max_length - 2
     fragment_ids = tokenizer.encode_units([f.text for f in member.fragments])
+    total = sum(len(ids) for ids in fragment_ids)
     if truncate:
         fragment_ids = [ids[:limit] for ids in fragment_ids]
     ids, weights, word_ids = [], [], []
@@ -158,7 +165,8 @@ def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first
     flat = [t for chunk in chunks for t, _, _ in chunk]
     specials = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token}
     ranges = fragment_ranges(flat, fragment_ids, specials, truncate, tokenizer.max_length)
-    return chunks, _masked_fragments(member, ranges, truncate, tokenizer.max_length, len(flat))
+    dropped = total - min(len(ids), limit) if truncate else 0
+    return chunks, _masked_fragments(member, ranges, truncate, tokenizer.max_length, len(flat)), dropped
 
 
 def _tag(part_index: int, part: Part, member_index: int, fragment: int, member: Member,
@@ -182,21 +190,34 @@ def pooled_window(tokenizer: Vocabulary, text: str) -> tuple[int, ...]:
     return tuple(window + [tokenizer.pad_token] * (tokenizer.max_length - len(window)))
 
 
-def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
-                   return_word_ids: bool, text: str) -> list[list[CompelToken]]:
+class CompelLayout(NamedTuple):
+    """A compel prompt's windows and what ``truncate_long_prompts=True`` dropped."""
+
+    windows: list[list[CompelToken]]
+    dropped: int   # prompt tokens left out by truncation (0 without it)
+    total: int     # prompt tokens before truncation, over every part and member
+
+
+def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
+                  return_word_ids: bool, text: str) -> CompelLayout:
     """All chunks of all parts and members, in order, as :class:`CompelToken` windows.
 
     ``text`` is the prompt as written: its :func:`pooled_window` goes into every tag.
+    When truncation drops tokens (compel keeps the first ``max_length - 2`` of each
+    prompt, and says nothing), a :class:`~textenc.errors.PromptWarning` names how many
+    and the option that keeps them.
     """
     if tokenizer.start_token is None or tokenizer.end_token is None:
         raise PromptError("syntax='compel' needs a tokenizer with start and end tokens (CLIP)")
     pooled = pooled_window(tokenizer, text)
     windows: list[list[CompelToken]] = []
-    word_id = 1
+    word_id, dropped, total = 1, 0, 0
     for part_index, part in enumerate(prompt.parts):
         for member_index, member in enumerate(part.members):
-            chunks, owners = _member_windows(tokenizer, member, truncate, word_id)
+            chunks, owners, member_dropped = _member_windows(tokenizer, member, truncate, word_id)
             word_id += len(member.fragments)
+            dropped += member_dropped
+            total += sum(1 for chunk in chunks for _, _, word in chunk if word) + member_dropped
             tags = {}
             for chunk_index, chunk in enumerate(chunks):
                 window = []
@@ -206,4 +227,25 @@ def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: boo
                         tags[owner] = _tag(part_index, part, member_index, owner, member, pooled)
                     window.append(CompelToken(values if return_word_ids else values[:2], tags[owner]))
                 windows.append(window)
-    return windows
+    if dropped:
+        warn_at_caller(truncation_message(dropped, total, tokenizer.max_length - 2, len(windows)), PromptWarning)
+    return CompelLayout(windows, dropped, total)
+
+
+def truncation_message(dropped: int, total: int, limit: int, prompts: int) -> str:
+    """What :func:`compel_layout` warns of when truncation drops tokens.
+
+    >>> message = truncation_message(25, 100, 75, 1)
+    >>> message.startswith("syntax='compel' dropped 25 of the prompt's 100 tokens"), message[-49:]
+    (True, 'pass truncate_long_prompts=False to keep them all')
+    """
+    each = " of each .and()/.blend() prompt" if prompts > 1 else ""
+    return (f"{TRUNCATION_WARNING}{dropped} of the prompt's {total} tokens: compel's "
+            f"truncate_long_prompts=True (the default) keeps the first {limit}{each}; "
+            "pass truncate_long_prompts=False to keep them all")
+
+
+def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
+                   return_word_ids: bool, text: str) -> list[list[CompelToken]]:
+    """:func:`compel_layout`'s windows."""
+    return compel_layout(tokenizer, prompt, truncate=truncate, return_word_ids=return_word_ids, text=text).windows

@@ -1,0 +1,58 @@
+"""Checks a command runs before it loads model weights, so a mistake that needs no
+model (a missing file, ``--clip-skip 0``, a weight above ``--max-weight``) is
+reported in a moment instead of after a load of several seconds.
+
+The model-path and clip-skip checks import no torch. The prompt check reads every
+prompt with the bundled CLIP tokenizer: the weights, the size limits and the
+dialect's grammar do not depend on the model's own vocabulary; the number of
+windows does, so ``max_windows`` is left to the real reading. Warnings of this first
+reading are dropped: the real one gives them again, once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..loading.model_path import check_model_path
+from ..text_encoders.clip_skip import check_clip_skip
+
+__all__ = ["check_model_paths", "check_clip_skip_option", "check_prompt_limits"]
+
+
+def check_model_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Each ``--model`` path as a string, after :func:`~textenc.loading.model_path.check_model_path`.
+
+    Raises:
+        CheckpointError: a path that does not exist or is not valid UTF-8.
+    """
+    return [check_model_path(path) for path in paths]
+
+
+def check_clip_skip_option(clip_skip: int | None) -> None:
+    """``--clip-skip`` as far as it can be checked without the model (not 0).
+
+    Raises:
+        LayerError: 0 (the depth is checked once the model is loaded).
+    """
+    if clip_skip is not None:
+        check_clip_skip(clip_skip)
+
+
+def check_prompt_limits(prompts: Sequence[str], *, syntax: str, syntax_options: Mapping[str, Any],
+                        limits: Mapping[str, Any]) -> None:
+    """Read every prompt as ``syntax`` with the bundled tokenizer, with ``limits``
+    (``max_weight=``, ...), to refuse a bad prompt before the model loads.
+
+    Raises:
+        PromptError: what the reading with the model's tokenizer would raise for the
+            weights, the grammar or the prompt's size.
+    """
+    from ..prompts.tokenizer import SDTokenizer  # imports torch: after the checks that need none
+
+    tokenizer = SDTokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for prompt in prompts:
+            tokenizer.tokenize_with_weights(prompt, syntax=syntax, max_windows=None, **syntax_options, **limits)
