@@ -90,6 +90,9 @@ class TinyFamily:
         self.paths = {
             "l": self._save("clip_l.safetensors", weights(self.clip_l)),
             "g": self._save("clip_g.safetensors", weights(self.clip_g)),
+            # ComfyUI's own saved layout names the role (a non-standard width alone cannot)
+            "g_named": self._save("clip_g_named.safetensors",
+                                  {f"clip_g.transformer.{k}": v for k, v in weights(self.clip_g).items()}),
             "t5": self._save("t5xxl_fp32.safetensors", weights(self.t5)),
             "umt5": self._save("umt5_xxl.safetensors", {**weights(self.umt5), "spiece_model": spiece}),
             "umt5_bare": self._save("umt5_xxl_no_tokenizer.safetensors", weights(self.umt5)),
