@@ -137,7 +137,7 @@ def test_sd3_nothing_loaded_is_zeros(sd3):
 def test_return_dict_and_encode(sd3, flux, wan):
     tokens = sd3.tokenize("a cat")
     result = sd3.encode_from_tokens(tokens, return_dict=True)
-    assert set(result) == {"cond", "pooled_output"} and result["pooled_output"].shape == (1, 64 + 144)
+    assert set(result) == {"cond", "pooled_output"} and result["pooled_output"].shape == (1, 64 + 128)
     assert torch.equal(sd3.encode("a cat"), result["cond"])
     assert flux.encode_from_tokens(flux.tokenize("a cat"), return_dict=True)["pooled_output"].shape == (1, 64)
     assert wan.encode_from_tokens(wan.tokenize("a cat"), return_dict=True)["pooled_output"] is None
