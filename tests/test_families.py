@@ -211,3 +211,25 @@ def test_a_layer_one_part_lacks_is_a_layer_error(sd3):
     clip = sd3.clone()
     with pytest.raises(LayerError):
         clip.clip_layer(-4)  # the tiny CLIP parts have 3 layers (ComfyUI would use their last)
+
+
+def test_registry_entries_match_the_wrappers(sd3, flux, wan):
+    """Each loaded wrapper holds its roles' encoders under the entry's attribute names and
+    classes; the T5 roles carry the family's minimum length and diffusers' component names."""
+    from textenc.text_encoders.families import get_family
+    for clip in (sd3, flux, wan):
+        family = clip.family
+        assert list(clip.cond_stage_model.encoders) == list(family.role_names)
+        assert list(clip.tokenizer.tokenizers) == list(family.role_names)
+        for role in family.roles:
+            encoder = clip.cond_stage_model.encoders[role.name]
+            assert getattr(clip.cond_stage_model, role.attribute) is encoder and type(encoder) is role.model_class
+            assert isinstance(clip.tokenizer.tokenizers[role.name], role.tokenizer_class)
+            if role.is_t5:
+                assert clip.tokenizer.tokenizers[role.name].min_length == role.min_length
+    assert [r.min_length for r in get_family("sd3").roles] == [None, None, 77]
+    assert [r.diffusers_text_encoder for r in get_family("sd3").roles] == ["text_encoder", "text_encoder_2",
+                                                                           "text_encoder_3"]
+    assert [r.diffusers_text_encoder for r in get_family("flux").roles] == ["text_encoder", "text_encoder_2"]
+    assert get_family("wan").role("umt5xxl").min_length == 512 and not get_family("wan").diffusers_pooled
+    assert get_family("sd3").partial and not get_family("flux").partial
