@@ -14,16 +14,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .loading.checkpoint import load_state_dict
 from .prompts.limits import check_prompt_size
 from .prompts.dialects import default_weight_mode, get_dialect, prompt_schedules
 from .errors import CheckpointError, TextencError
 from .text_encoders.families import CLIP_TYPES, ROLES, Family, families, family_for_encoders, get_family
+from .text_encoders.selection import check_family, detect_family, role_config, tokenizer_arguments
 from .text_encoders.sd1_clip import SDClipModel
 from .text_encoders.schedules import schedule_encoder
 from .prompts.step_ranges import step_ranges
 from .prompts.tokenizer import SDTokenizer
-from .loading.text_encoders import FoundTextEncoder, load_text_encoder_state_dicts, text_config_from_info
+from .loading.text_encoders import (FoundTextEncoder, load_text_encoder_files, load_text_encoder_state_dicts,
+                                    text_config_from_info)
 
 __all__ = ["CLIP", "CLIP_TYPES", "ROLES", "build_clip", "load_clip", "load_text_encoder_state_dicts",
            "text_config_from_info", "detect_clip_type", "conditioning_at_step", "FoundTextEncoder"]
@@ -148,7 +149,8 @@ class CLIP:
 
     def empty_window(self, options: Mapping[str, Any] | None = None) -> torch.Tensor:
         """One window of the empty prompt's encoding, (77, width) (SDXL: L's and G's side by
-        side), as the weighting and the padding of longer prompts use it."""
+        side), as the weighting and the padding of longer prompts use it. SD3, Flux and Wan:
+        the family's whole empty-prompt cond (SD3 (154, 4096), Flux (256, 4096), Wan (512, 4096))."""
         return self.cond_stage_model.empty_window(self._options(True, options))
 
     def encode_from_tokens_scheduled(self, tokens, *, options: Mapping[str, Any] | None = None) -> list:
@@ -255,7 +257,9 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
                dtype: torch.dtype | None = None, strict: bool = True, require_finite: bool = True) -> CLIP:
     """Assemble a :class:`CLIP` from per-role HF-layout weights, text configs and tokenizer
     arguments (the roles of the family ``clip_type``: ``l`` for SD1, ``h`` for SD2, ``l`` + ``g``
-    for SDXL; see :mod:`textenc.text_encoders.families`).
+    for SDXL, ``l`` + ``g`` + ``t5xxl`` for SD3, ...; see :mod:`textenc.text_encoders.families`).
+    A family that may be loaded in part (SD3) builds the roles ``weights`` has; its
+    tokenizer always has every role.
 
     Each text model takes its start/end/pad ids from its tokenizer, so a tokenizer
     with another pad token (``tokenizer_kwargs``) builds the matching empty prompt.
@@ -266,11 +270,11 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
             type, its message prefixed with that role's source).
     """
     family = get_family(clip_type)
-    roles = family.role_names
-    model = family.model_class.for_roles({role: configs[role] for role in roles}, device=device, dtype=dtype)
-    tokenizer = family.tokenizer_class.for_roles({role: tokenizer_kwargs[role] for role in roles},
+    present = [role for role in family.role_names if role in weights]
+    model = family.model_class.for_roles({role: configs[role] for role in present}, device=device, dtype=dtype)
+    tokenizer = family.tokenizer_class.for_roles({role: tokenizer_kwargs.get(role, {}) for role in family.role_names},
                                                  embedding_directory=embedding_directory)
-    for role in roles:
+    for role in present:
         encoder, encoder_tokenizer = model.encoders[role], tokenizer.tokenizers[role]
         encoder.special_tokens = {"start": encoder_tokenizer.start_token, "end": encoder_tokenizer.end_token,
                                   "pad": encoder_tokenizer.pad_token}
@@ -284,13 +288,11 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
 def _build(family: Family, encoders: Mapping[str, FoundTextEncoder], *, embedding_directory, device,
            dtype, tokenizer_kwargs: Mapping[str, Any], text_configs: Mapping[str, Any],
            strict: bool, require_finite: bool) -> CLIP:
-    found = {role.name: encoders[role.encoder] for role in family.roles}
-    # A config read from shapes takes the role's activation and pad token (shapes cannot tell them).
-    configs = {role.name: text_configs[role.name] if role.name in text_configs else
-               text_config_from_info(found[role.name].info, hidden_act=role.activation,
-                                     pad_token_id=role.pad_token) for role in family.roles}
-    kwargs = {role: {"embedding_size": found[role].info.hidden_size, **tokenizer_kwargs.get(role, {})}
-              for role in found}
+    found = {role.name: encoders[role.encoder] for role in family.roles if role.encoder in encoders}
+    configs = {role.name: role_config(role, found[role.name], text_configs) for role in family.roles
+               if role.name in found}
+    kwargs = {role.name: tokenizer_arguments(role, found.get(role.name), tokenizer_kwargs.get(role.name, {}))
+              for role in family.roles}
     return build_clip(family.name, {role: found[role].state_dict for role in found}, configs, kwargs,
                       sources={role: found[role].source for role in found},
                       embedding_directory=embedding_directory, device=device, dtype=dtype,
@@ -319,14 +321,19 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
               tokenizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
               text_configs: Mapping[str, Any] | None = None, strict: bool = False,
               require_finite: bool = True, allow_missing_layers: bool = False) -> CLIP:
-    """Load text encoders from checkpoint files (full SD1/SD2/SDXL checkpoints or
-    standalone clip_l / clip_g / ViT-H files, any known key layout) into a :class:`CLIP`.
+    """Load text encoders from checkpoint files (full SD1/SD2/SDXL/SD3 checkpoints,
+    standalone clip_l / clip_g / ViT-H files in any known key layout, T5-XXL and UMT5-XXL
+    files in every format of docs/t5.md: safetensors, fp8, scaled fp8, GGUF, diffusers
+    folders) into a :class:`CLIP`.
 
     Args:
-        ckpt_paths: one path or several (SDXL: clip_l and clip_g files).
+        ckpt_paths: one path or several (SDXL: clip_l and clip_g files; SD3: clip_l,
+            clip_g and t5xxl; Flux: clip_l and t5xxl).
         embedding_directory: textual-inversion folder(s).
-        clip_type: a registered family (``"sd1"``, ``"sd2"``, ``"sdxl"``) or None/``"auto"``
-            to detect it from the encoders found.
+        clip_type: a registered family (``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``,
+            ``"flux"``, ``"wan"``) or None/``"auto"`` to detect it from the keys
+            (:func:`textenc.text_encoders.selection.detect_family`). SD3 takes any
+            subset of its encoders, as ComfyUI.
         dtype: storage dtype; None keeps the file's (memory-mapped, no copy, except
             tensors stored at offsets that are not 64-byte aligned).
         state_dicts: already-loaded ``(source, state_dict)`` pairs instead of paths.
@@ -345,20 +352,20 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
             refusing it. A gap in the layer numbers is always refused.
 
     Raises:
-        CheckpointError: unreadable file, no or unexpected text encoders, bad or
-            missing keys or layers, integer or non-finite weights.
+        CheckpointError: unreadable file, no or unexpected text encoders (a T5 file where
+            CLIP-L is expected, UMT5 for Flux, ...), a UMT5 file without its tokenizer
+            and none given, bad or missing keys or layers, integer or non-finite weights.
     """
     family = None if clip_type in (None, "auto") else get_family(clip_type)
+    options = dict(roles=family.encoder_kinds if family else None, strict=strict,
+                   allow_missing_layers=allow_missing_layers, released_depths=_released_depths(),
+                   require_finite=require_finite)
     if state_dicts is None:
         paths = [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else list(ckpt_paths)
-        state_dicts = [(str(p), load_state_dict(p)) for p in paths]
-    encoders = load_text_encoder_state_dicts(state_dicts, roles=family.encoder_kinds if family else None,
-                                             strict=strict, allow_missing_layers=allow_missing_layers,
-                                             released_depths=_released_depths())
-    detected = family_for_encoders(list(encoders))
-    if family is not None and set(family.encoder_kinds) != set(encoders):
-        raise CheckpointError(f"clip_type {clip_type!r} was asked for, but the file(s) hold "
-                              f"{sorted(encoders)} text encoders ({detected.name})")
-    return _build(family or detected, encoders, embedding_directory=embedding_directory, device=device,
+        encoders = load_text_encoder_files(paths, **options)
+    else:
+        encoders = load_text_encoder_state_dicts(state_dicts, **options)
+    family = check_family(family, encoders, clip_type) if family is not None else detect_family(encoders)
+    return _build(family, encoders, embedding_directory=embedding_directory, device=device,
                   dtype=dtype, tokenizer_kwargs=tokenizer_kwargs or {},
                   text_configs=text_configs or {}, strict=strict, require_finite=require_finite)
