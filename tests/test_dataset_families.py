@@ -193,3 +193,13 @@ def test_ray_engine_writes_the_local_bytes_for_flux(family, captions, encoded, t
     with ray_session(240):
         _encode(captions, _model(family, "flux"), tmp_path / "ray", clip_type="flux", engine="ray", workers=2)
     assert folder_bytes(tmp_path / "ray") == folder_bytes(encoded["flux"])
+
+
+def test_command_line_takes_several_model_files(family, captions, encoded, tmp_path, capsys):
+    from textenc.dataset import main
+    out = tmp_path / "cli"
+    code = main([str(captions), "--model", str(family.paths["l"]), "--model", str(family.paths["t5"]),
+                 "--clip-type", "flux", "--out", str(out), "--dtype", "fp32", "--shard-rows", "3",
+                 "--batch-size", "2", "--no-progress"])
+    assert code == 0 and "7" in capsys.readouterr().out
+    assert folder_bytes(out) == folder_bytes(encoded["flux"])

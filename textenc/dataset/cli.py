@@ -164,7 +164,8 @@ def _progress_phrase(out: str) -> str:
 
 def _encode(args: argparse.Namespace):
     return encode_dataset(
-        args.input, model=args.model[0] if len(args.model) == 1 else args.model, out=args.out, column=args.column, id_column=args.id_column,
+        args.input, model=args.model[0] if len(args.model) == 1 else args.model, out=args.out,
+        column=args.column, id_column=args.id_column,
         clip_type=args.clip_type, clip_skip=args.clip_skip, syntax=args.syntax, **dialect_flag_options(args),
         weight_mode=args.weight_mode, normalization=args.normalization, embeddings=args.embeddings,
         on_missing_embedding=args.on_missing_embedding,

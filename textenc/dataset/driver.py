@@ -137,7 +137,8 @@ def _write_empty(run: Run, empty) -> None:
     run.manifest["empty"] = {"file": "empty.safetensors", "sha256": sha256}
 
 
-def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
+def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Sequence[str | os.PathLike],
+                   out: str | os.PathLike,
                    column: str = "text", id_column: str | None = None, clip_type: str | None = None,
                    clip_skip: int | None = None, syntax: str = "comfy", truncate_long_prompts: bool = True,
                    weight_mode: str | None = None, normalization: str = "none",
@@ -147,11 +148,13 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Seque
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
                    overwrite: bool = False, limit: int | None = None, dry_run: bool = False,
                    device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
-                   t5_min_length: int | None = None, threads: int = DEFAULT_THREADS, compute_dtype: str = "fp32", dedup: bool = True,
+                   t5_min_length: int | None = None, threads: int = DEFAULT_THREADS,
+                   compute_dtype: str = "fp32", dedup: bool = True,
                    progress: bool | None = None,
                    on_shard_written: Callable[[int], None] | None = None,
                    kind: str | None = None) -> DatasetReport:
-    """Encode every caption of ``input`` with the CLIP text encoder(s) of ``model`` into ``out``.
+    """Encode every caption of ``input`` with the text encoder(s) of ``model`` into ``out``
+    (SD1, SD2, SDXL, SD3, Flux, Wan; see docs/dataset.md).
 
     Args:
         input: parquet file/folder/glob, ``.jsonl``, ``.txt`` or kohya caption folder.
@@ -165,7 +168,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Seque
             ``truncate_long_prompts`` is compel's (True: one 77-token window;
             False: compel's chunks), recorded for ``compel`` (null for the other
             syntaxes, which refuse False); ``weight_mode`` None is the syntax's
-            own. ``clip_type`` is the model type (``sd1``, ``sd2``, ``sdxl``; None or
+            own. ``clip_type`` is the model type (``sd1``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``wan``; None or
             ``"auto"``: detected), as ``textenc encode --clip-type``; ``kind`` is its old
             name, kept for one release. ``normalization`` rescales each caption's weights
             as ``textenc encode --normalization``; ``embeddings`` is the textual-inversion

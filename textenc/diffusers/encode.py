@@ -143,7 +143,8 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
                         embedding_directory: Any = None, device: Any = None,
                         dtype: torch.dtype | None = None,
                         max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Encode prompts the ComfyUI way into the keyword arguments of a diffusers pipeline call.
+    """Encode prompts the ComfyUI way into the keyword arguments of a diffusers pipeline call
+    (``StableDiffusion*``, ``StableDiffusionXL*``, ``StableDiffusion3*``, ``Flux*``, ``Wan*``).
 
     Args:
         pipe_or_loaded: a StableDiffusion(XL) pipeline (its CLIP is built once and
@@ -168,16 +169,20 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
             diffusers' SDXL ``force_zeros_for_empty_prompt`` does for ``negative_prompt=None``.
         embedding_directory: textual-inversion folder(s) (pipeline objects only).
         device / dtype: override the pipeline's (or the CLIP's) device and dtype.
+        max_sequence_length: SD3, Flux, Wan: pad T5 to at least this many tokens before
+            encoding, as the pipeline's own ``max_sequence_length`` (SD3 256, Flux 512, Wan
+            512) pads it; None: ComfyUI's minimum (77, 256, 512). Never truncates.
 
     Returns:
         ``prompt_embeds`` and ``negative_prompt_embeds`` (B, 77·windows, width),
         plus ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (B, P)
-        for SDXL. Every row is padded to the longest with whole windows of the
-        empty prompt's encoding.
+        for SDXL, SD3 and Flux. SD1/SD2/SDXL rows are padded to the longest with whole
+        windows of the empty prompt's encoding; SD3/Flux/Wan rows as
+        :mod:`textenc.diffusers.sequences` says.
 
     Raises:
         LayerError: clip_skip or layer outside the text encoder's depth (naming the
-        value and the valid range), or both given. PromptError: bad prompt, weight
+        value and the valid range), or both given; clip_skip for SD3, Flux or Wan. PromptError: bad prompt, weight
         or syntax, or ``truncate_long_prompts=False`` without ``syntax="compel"``.
         DiffusersLayoutError: not a supported pipeline.
     """

@@ -1,10 +1,12 @@
-"""Load the CLIP text encoders of a diffusers Stable Diffusion folder or pipeline object.
+"""Load the text encoders of a diffusers folder or pipeline object (SD1/SD2/SDXL, SD3, Flux, Wan).
 
 Part of :mod:`textenc.diffusers` (import from there). Kind (documented in
 README, "Using textenc with diffusers"): ``StableDiffusionXL*Pipeline`` → SDXL; any other
 ``StableDiffusion*Pipeline`` (not SD3) → SD2 when its text encoder's
 ``hidden_act`` is ``gelu`` (OpenCLIP ViT-H), else SD1 (OpenAI CLIP-L,
 ``quick_gelu``). Padding always follows the pipeline's own tokenizer ``pad_token``.
+``StableDiffusion3*``, ``Flux*`` and ``Wan*`` pipelines are the ``sd3``, ``flux`` and ``wan``
+families; their T5 / UMT5 encoders are read by :mod:`textenc.diffusers.t5`.
 
 diffusers is never imported: a pipeline is read through its attributes, no
 transformers model is run, and its weights are shared, not copied.
@@ -306,7 +308,9 @@ def _build(kind: str, encoders: Sequence[_Encoder | None], *, device: Any, dtype
 
 def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", embedding_directory: Any = None) -> CLIP:
-    """Build a textenc :class:`~textenc.sd.CLIP` from a diffusers SD1/SD2/SDXL folder or pipeline.
+    """Build a textenc :class:`~textenc.sd.CLIP` from a diffusers folder or pipeline (SD1/SD2/SDXL,
+    SD3 with ``text_encoder_3`` (T5; any encoder may be missing), Flux (``text_encoder_2``: T5),
+    Wan (``text_encoder``: UMT5, its ``tokenizer/spiece.model``)).
 
     Args:
         path_or_pipeline: a folder with ``model_index.json``, ``text_encoder/``
@@ -319,7 +323,7 @@ def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: tor
         embedding_directory: textual-inversion folder(s) for ``embedding:name``.
 
     Returns:
-        A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"`` or ``"sdxl"``. An SD2 text
+        A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or ``"wan"``. An SD2 text
         encoder of 23 layers (ViT-H without its last, as diffusers' SD2 folders
         ship it) is numbered as ViT-H's 24 layers, as ComfyUI does: its default
         ``-2`` is the folder's last layer (see :mod:`textenc.text_encoders.sd2_clip`).
