@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from dataset_fixtures import encoder, folder_bytes, ray_session
-from family_fixtures import T5_WIDTH, TinyFamily  # L 64, G 128 (projected 144), T5 192
+from family_fixtures import G_WIDTH, L_WIDTH, T5_WIDTH, TinyFamily
 from textenc.dataset import export_diffusers, export_kohya, open_captions, open_shards
 from textenc.errors import DatasetError
 from textenc.sd import load_clip
@@ -121,7 +121,7 @@ def test_resume_rebuilds_a_missing_shard_byte_identical(family, captions, encode
 
 
 def test_diffusers_export(encoded, tmp_path):
-    for kind, pooled_width in (("flux", 64), ("sd3", 64 + 144), ("wan", None)):
+    for kind, pooled_width in (("flux", L_WIDTH), ("sd3", L_WIDTH + G_WIDTH), ("wan", None)):
         assert export_diffusers(encoded[kind], tmp_path / kind, attention_mask=True) == len(CAPTIONS)
         with safe_open(str(tmp_path / kind / "0.safetensors"), "pt") as handle:
             names = set(handle.keys())
@@ -140,10 +140,10 @@ def test_diffusers_export(encoded, tmp_path):
 def _kohya_expected(kind: str, t5_length: int, clip_rows: int) -> dict[str, tuple[tuple, np.dtype]]:
     """What sd-scripts' np.savez writes per caption (shape, dtype), from its source."""
     if kind == "flux":
-        return {"l_pooled": ((64,), np.float32), "t5_out": ((t5_length, T5_WIDTH), np.float32),
+        return {"l_pooled": ((L_WIDTH,), np.float32), "t5_out": ((t5_length, T5_WIDTH), np.float32),
                 "txt_ids": ((t5_length, 3), np.float32), "t5_attn_mask": ((t5_length,), np.int64),
                 "apply_t5_attn_mask": ((), np.bool_)}
-    return {"lg_out": ((clip_rows, 64 + 128), np.float32), "lg_pooled": ((64 + 144,), np.float32),
+    return {"lg_out": ((clip_rows, L_WIDTH + G_WIDTH), np.float32), "lg_pooled": ((L_WIDTH + G_WIDTH,), np.float32),
             "t5_out": ((t5_length, T5_WIDTH), np.float32), "clip_l_attn_mask": ((clip_rows,), np.int64),
             "clip_g_attn_mask": ((clip_rows,), np.int64), "t5_attn_mask": ((t5_length,), np.int64),
             "apply_lg_attn_mask": ((), np.bool_), "apply_t5_attn_mask": ((), np.bool_)}
@@ -169,7 +169,7 @@ def test_kohya_export_has_sd_scripts_keys_shapes_and_dtypes(kind, suffix, family
         if kind == "flux":
             assert np.array_equal(arrays["l_pooled"], pooled[0].numpy()) and not arrays["txt_ids"].any()
         else:
-            assert np.array_equal(arrays["lg_out"], cond[0, :77, :192].numpy())
+            assert np.array_equal(arrays["lg_out"], cond[0, :77, :L_WIDTH + G_WIDTH].numpy())
             assert np.array_equal(arrays["lg_pooled"], pooled[0].numpy())
             # CLIP's mask: <start> a photo of a cat <end> = 7 ones
             assert row or arrays["clip_l_attn_mask"].tolist() == [1] * 7 + [0] * 70
