@@ -203,3 +203,9 @@ def test_command_line_takes_several_model_files(family, captions, encoded, tmp_p
                  "--batch-size", "2", "--no-progress"])
     assert code == 0 and "7" in capsys.readouterr().out
     assert folder_bytes(out) == folder_bytes(encoded["flux"])
+
+
+def test_max_windows_counts_t5_tokens_in_77s(family, captions, tmp_path):
+    report = _encode(captions, _model(family, "wan"), tmp_path / "out", clip_type="wan", max_windows=3)
+    assert [entry["row"] for entry in report.rejected] == [4]  # 1201 UMT5 tokens (the tiny vocabulary)
+    assert report.rejected[0]["reason"] == "caption needs 16 windows, more than max_windows=3"  # ceil(1201 / 77)

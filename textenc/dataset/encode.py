@@ -17,7 +17,7 @@ import torch
 
 from ..errors import PromptError
 from ..text_encoders.clip_skip import layer_from_clip_skip
-from ..text_encoders.sequences import with_min_length
+from ..text_encoders.sequences import real_length, with_min_length
 from .compute import torch_dtype
 from .layout import Layout, Row, layout_for
 
@@ -161,11 +161,20 @@ class CaptionEncoder:
             return Tokenized(row, None, reason=f"PromptError: {exc}")
         finally:
             self.seconds["tokenize"] += time.perf_counter() - start
-        windows = max(len(w) for w in tokens.values())
+        windows = self._windows(tokens)
         if windows > self.settings.max_windows:
             return Tokenized(row, None, reason=f"caption needs {windows} windows, more than "
                                                f"max_windows={self.settings.max_windows}")
         return Tokenized(row, tokens, windows)
+
+    def _windows(self, tokens: Mapping[str, list]) -> int:
+        """The caption's 77-token windows: CLIP's, and a T5 sequence's real tokens counted in
+        77s (so ``max_windows`` bounds T5's attention too, which grows with its square)."""
+        t5 = self.layout.t5_role
+        counts = [len(w) for role, w in tokens.items() if role != t5]
+        if t5 is not None and t5 in tokens:
+            counts.append(-(-real_length(tokens[t5][0]) // self.layout.window_length))
+        return max(counts, default=0)
 
     # ---- encoding ------------------------------------------------------------
     def encode_batch(self, items: Sequence[Tokenized]) -> dict[int, Any]:
