@@ -175,3 +175,37 @@ def test_clip_set_last_layer_reaches_every_part(sd3, flux, tiny, comfy_tokens):
     tokens = comfy_tokens["flux"](prompt)
     assert_close(cond, ref.t5_part(tiny.t5, tokens["t5xxl"], masked=False, layer=-2))
     assert_close(pooled, ref.flux(tokens, clip_l=tiny.clip_l, t5=tiny.t5)[1])
+
+
+def test_textual_inversion_reaches_the_clip_parts(tiny, tmp_path):
+    """An embedding file's ``clip_l`` / ``clip_g`` vectors go to SD3's CLIP parts, as SDXL's."""
+    from safetensors.torch import save_file
+    vectors = {"clip_l": torch.randn(2, 64), "clip_g": torch.randn(2, 128)}
+    (tmp_path / "emb").mkdir()
+    save_file(vectors, str(tmp_path / "emb" / "style.safetensors"))
+    clip = load_clip([tiny.paths["l"], tiny.paths["g"], tiny.paths["t5"]], clip_type="sd3",
+                     embedding_directory=str(tmp_path / "emb"))
+    from textenc.errors import EmbeddingWarning
+    with pytest.warns(EmbeddingWarning, match="4096"):  # the file has no 4096-wide t5xxl vectors
+        tokens = clip.tokenize("embedding:style cat")
+    for role in ("l", "g"):
+        rows = [t for t, _ in tokens[role][0] if isinstance(t, torch.Tensor)]
+        assert len(rows) == 2 and all(torch.equal(r, v) for r, v in zip(rows, vectors[f"clip_{role}"])), role
+    cond = clip.encode_from_tokens(tokens)
+    assert torch.isfinite(cond).all() and not torch.equal(cond, clip.encode_from_tokens(clip.tokenize("cat")))
+
+
+def test_clip_wider_than_t5_is_an_encode_error(tiny, sd3):
+    """ComfyUI would crop G's 768-column left padding (no L) to a narrower T5 by negative
+    padding; textenc refuses (no released set is like this)."""
+    from textenc.errors import EncodeError
+    clip = load_clip([tiny.paths["g_named"], tiny.paths["t5"]], clip_type="sd3")
+    with pytest.raises(EncodeError, match="do not fit T5's width 192"):
+        clip.encode_from_tokens(clip.tokenize("a cat"))
+
+
+def test_a_layer_one_part_lacks_is_a_layer_error(sd3):
+    from textenc.errors import LayerError
+    clip = sd3.clone()
+    with pytest.raises(LayerError):
+        clip.clip_layer(-4)  # the tiny CLIP parts have 3 layers (ComfyUI would use their last)
