@@ -69,7 +69,7 @@ def _plain(clip, t5, texts: list[str]) -> None:
         for start in range(0, len(texts), 64):
             batch = texts[start:start + 64]
             ids = clip_tok(batch, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            clip.text_model(input_ids=ids).pooler_output.half()
+            clip(input_ids=ids).pooler_output.half()
             ids = t5_tok(batch, padding="max_length", max_length=256, truncation=True, return_tensors="pt").input_ids
             t5(ids)[0].half()
 
