@@ -209,3 +209,31 @@ def test_max_windows_counts_t5_tokens_in_77s(family, captions, tmp_path):
     report = _encode(captions, _model(family, "wan"), tmp_path / "out", clip_type="wan", max_windows=3)
     assert [entry["row"] for entry in report.rejected] == [4]  # 1201 UMT5 tokens (the tiny vocabulary)
     assert report.rejected[0]["reason"] == "caption needs 16 windows, more than max_windows=3"  # ceil(1201 / 77)
+
+
+def test_sd3_clip_rows_are_stored_without_comfyuis_zero_columns(family, captions, tmp_path):
+    """With T5 wider than L ‖ G (as the released 768 + 1280 < 4096), only L ‖ G is stored."""
+    import transformers
+    from family_fixtures import T5_SHAPE, T5_VOCAB_SIZE, weights
+    from random_weights import randomize_
+    from safetensors.torch import save_file
+
+    wide = transformers.T5EncoderModel._from_config(
+        transformers.T5Config(vocab_size=T5_VOCAB_SIZE, **{**T5_SHAPE, "d_model": 256}), attn_implementation="sdpa")
+    randomize_(wide, 9)
+    save_file(weights(wide.eval()), str(tmp_path / "t5_wide.safetensors"))
+    model = [str(family.paths["l"]), str(family.paths["g"]), str(tmp_path / "t5_wide.safetensors")]
+    _encode(captions, model, tmp_path / "out", clip_type="sd3", limit=2)
+    with safe_open(str(tmp_path / "out" / "shard-00000.safetensors"), "pt") as handle:
+        assert handle.get_slice("cond").get_shape() == [2 * 77, L_WIDTH + G_WIDTH]
+        assert handle.get_slice("t5").get_shape() == [2 * 77, 256]
+    clip = load_clip(model, clip_type="sd3")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for caption_id, cond, _ in open_shards(tmp_path / "out"):
+            want = clip.encode_from_tokens(clip.tokenize(CAPTIONS[caption_id]))[0]
+            assert want.shape[-1] == 256 and not want[:77, L_WIDTH + G_WIDTH:].any()
+            assert torch.equal(cond, want)
+    finally:
+        torch.set_num_threads(previous)
