@@ -18,6 +18,8 @@ sentencepiece = pytest.importorskip("sentencepiece")
 
 PROMPTS = ["a photo of a cat", "a (red:1.3) cat on a (mat:0.7), (\\(photo\\))", "", "((big dog)) </s> typed",
            "(long:1.2) " + "word " * 90]
+#: The encodes (each a forward of ours and of transformers'): weighted + escapes, empty, two windows.
+ENCODED = [PROMPTS[1], PROMPTS[2], PROMPTS[4]]
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -76,7 +78,7 @@ def test_typed_end_token_ends_t5_but_is_text_for_wan(sd3, wan):
     assert umt5.count(1) == 1 and umt5.index(1) == umt5.index(0) - 1
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", ENCODED)
 def test_sd3_cond_and_pooled(prompt, sd3, tiny, comfy_tokens):
     tokens = comfy_tokens["sd3"](prompt)
     cond, pooled = sd3.encode_from_tokens(sd3.tokenize(prompt), return_pooled=True)
@@ -86,7 +88,7 @@ def test_sd3_cond_and_pooled(prompt, sd3, tiny, comfy_tokens):
     assert cond.shape[1] == 77 * len(tokens["l"]) + len(tokens["t5xxl"][0])
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", ENCODED)
 def test_flux_cond_and_pooled(prompt, flux, tiny, comfy_tokens):
     tokens = comfy_tokens["flux"](prompt)
     cond, pooled = flux.encode_from_tokens(flux.tokenize(prompt), return_pooled=True)
@@ -96,7 +98,7 @@ def test_flux_cond_and_pooled(prompt, flux, tiny, comfy_tokens):
     assert cond.shape[1] == max(256, len(tokens["t5xxl"][0]))
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", ENCODED)
 def test_wan_cond_masked_and_zeroed(prompt, wan, tiny, comfy_tokens):
     tokens = comfy_tokens["wan"](prompt)
     cond, pooled = wan.encode_from_tokens(wan.tokenize(prompt), return_pooled=True)
@@ -146,7 +148,7 @@ def test_return_dict_and_encode(sd3, flux, wan):
 @pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
 def test_encode_batch_equals_each_alone(family, request):
     clip = request.getfixturevalue(family)
-    tokens = [clip.tokenize(p) for p in PROMPTS]
+    tokens = [clip.tokenize(p) for p in ENCODED]
     for (cond, pooled), prompt in zip(clip.encode_batch(tokens), tokens):
         alone = clip.encode_from_tokens(prompt, return_pooled=True)
         assert torch.equal(cond, alone[0])
@@ -209,3 +211,25 @@ def test_a_layer_one_part_lacks_is_a_layer_error(sd3):
     clip = sd3.clone()
     with pytest.raises(LayerError):
         clip.clip_layer(-4)  # the tiny CLIP parts have 3 layers (ComfyUI would use their last)
+
+
+def test_registry_entries_match_the_wrappers(sd3, flux, wan):
+    """Each loaded wrapper holds its roles' encoders under the entry's attribute names and
+    classes; the T5 roles carry the family's minimum length and diffusers' component names."""
+    from textenc.text_encoders.families import get_family
+    for clip in (sd3, flux, wan):
+        family = clip.family
+        assert list(clip.cond_stage_model.encoders) == list(family.role_names)
+        assert list(clip.tokenizer.tokenizers) == list(family.role_names)
+        for role in family.roles:
+            encoder = clip.cond_stage_model.encoders[role.name]
+            assert getattr(clip.cond_stage_model, role.attribute) is encoder and type(encoder) is role.model_class
+            assert isinstance(clip.tokenizer.tokenizers[role.name], role.tokenizer_class)
+            if role.is_t5:
+                assert clip.tokenizer.tokenizers[role.name].min_length == role.min_length
+    assert [r.min_length for r in get_family("sd3").roles] == [None, None, 77]
+    assert [r.diffusers_text_encoder for r in get_family("sd3").roles] == ["text_encoder", "text_encoder_2",
+                                                                           "text_encoder_3"]
+    assert [r.diffusers_text_encoder for r in get_family("flux").roles] == ["text_encoder", "text_encoder_2"]
+    assert get_family("wan").role("umt5xxl").min_length == 512 and not get_family("wan").diffusers_pooled
+    assert get_family("sd3").partial and not get_family("flux").partial

@@ -149,7 +149,8 @@ class CLIP:
 
     def empty_window(self, options: Mapping[str, Any] | None = None) -> torch.Tensor:
         """One window of the empty prompt's encoding, (77, width) (SDXL: L's and G's side by
-        side), as the weighting and the padding of longer prompts use it."""
+        side), as the weighting and the padding of longer prompts use it. SD3, Flux and Wan:
+        the family's whole empty-prompt cond (SD3 (154, 4096), Flux (256, 4096), Wan (512, 4096))."""
         return self.cond_stage_model.empty_window(self._options(True, options))
 
     def encode_from_tokens_scheduled(self, tokens, *, options: Mapping[str, Any] | None = None) -> list:
