@@ -87,6 +87,10 @@ def _add_output_options(add) -> None:
         help="reject captions with more characters (default: %(default)s)")
     add("--max-windows", type=positive_int, default=64,
         help="reject captions needing more 77-token windows (default: %(default)s)")
+    add("--t5-min-length", type=positive_int, default=None, metavar="N",
+        help="SD3, Flux, Wan: pad T5 to at least N tokens, as a trainer's fixed length (kohya's "
+             "t5xxl_max_token_length) wants; changes the T5 rows (recorded; default: the family's "
+             "minimum: SD3 77, Flux 256, Wan 512)")
     add("--no-dedup", action="store_true",
         help="encode every row even when its caption repeats an earlier one "
              "(default: off: a repeat anywhere in the run is encoded once and written for each row; "
@@ -118,7 +122,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add = parser.add_argument
     add("input", help="parquet file/folder/glob, .jsonl, .txt (one caption per line) "
                       "or a folder of kohya .txt caption files")
-    add("--model", required=True, help="checkpoint file or diffusers model folder (required)")
+    add("--model", required=True, action="append",
+        help="checkpoint file or diffusers model folder; repeat it for several text-encoder files "
+             "(Flux: --model clip_l.safetensors --model t5xxl_fp16.safetensors) (required)")
     add("--out", required=True,
         help="output folder (shard-*.safetensors, empty.safetensors, manifest.json) (required)")
     add("--column", default="text", help="caption column (parquet, jsonl; default: %(default)s)")
@@ -158,7 +164,8 @@ def _progress_phrase(out: str) -> str:
 
 def _encode(args: argparse.Namespace):
     return encode_dataset(
-        args.input, model=args.model, out=args.out, column=args.column, id_column=args.id_column,
+        args.input, model=args.model[0] if len(args.model) == 1 else args.model, out=args.out,
+        column=args.column, id_column=args.id_column,
         clip_type=args.clip_type, clip_skip=args.clip_skip, syntax=args.syntax, **dialect_flag_options(args),
         weight_mode=args.weight_mode, normalization=args.normalization, embeddings=args.embeddings,
         on_missing_embedding=args.on_missing_embedding,
@@ -166,7 +173,8 @@ def _encode(args: argparse.Namespace):
         batch_size=args.batch_size, engine=args.engine, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, ray_address=args.ray_address,
         overwrite=args.overwrite, limit=args.limit, dry_run=args.dry_run, device=args.device,
-        max_chars=args.max_chars, max_windows=args.max_windows, threads=args.threads,
+        max_chars=args.max_chars, max_windows=args.max_windows, t5_min_length=args.t5_min_length,
+        threads=args.threads,
         compute_dtype=args.compute_dtype, dedup=not args.no_dedup,
         progress=False if args.no_progress else True if args.progress else None)
 

@@ -23,6 +23,7 @@ from ..prompts.dialects.compel.tokens import TRUNCATION_WARNING
 from ..errors import DatasetError, PromptWarning
 from ..sd import CLIP_TYPES
 from ..text_encoders.clip_skip import check_clip_skip
+from ..text_encoders.sequences import sequence_length
 from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES
 from ..warn import ON_MISSING_EMBEDDING, first_of_kind, missing_embedding_policy
 from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
@@ -48,7 +49,7 @@ class Request:
     """The arguments of one :func:`encode_dataset` call."""
 
     input: str | os.PathLike
-    model: str | os.PathLike
+    model: str | os.PathLike | Sequence[str | os.PathLike]
     out: str | os.PathLike
     column: str
     id_column: str | None
@@ -75,6 +76,7 @@ class Request:
     device: str | None
     max_chars: int
     max_windows: int
+    t5_min_length: int | None
     threads: int
     compute_dtype: str
     dedup: bool
@@ -99,7 +101,9 @@ def _check_request(request: Request) -> None:
               (r.engine in ENGINES, f"engine {r.engine!r} is not one of {ENGINES}"),
               (isinstance(r.truncate_long_prompts, bool),
                f"truncate_long_prompts must be True or False, got {r.truncate_long_prompts!r}"),
-              (r.limit is None or r.limit >= 1, f"limit must be >= 1, got {r.limit}")]
+              (r.limit is None or r.limit >= 1, f"limit must be >= 1, got {r.limit}"),
+              (r.t5_min_length is None or (isinstance(r.t5_min_length, int) and r.t5_min_length >= 1),
+               f"t5_min_length must be None or at least 1, got {r.t5_min_length!r}")]
     for ok, message in checks:
         if not ok:
             raise DatasetError(message)
@@ -132,14 +136,17 @@ def _resolve_request(request: Request) -> Request:
 
 
 def _write_empty(run: Run, empty) -> None:
-    tensors = {"cond": empty[0], "pooled": empty[1]}
+    tensors = {"cond": empty[0]}
+    if empty[1] is not None:
+        tensors["pooled"] = empty[1]
     metadata = {"format": FORMAT_VERSION, "model_fingerprint": run.context.fingerprint,
                 "options": run.context.options_json}
     sha256, _ = write_safetensors(run.out / "empty.safetensors", tensors, metadata)
     run.manifest["empty"] = {"file": "empty.safetensors", "sha256": sha256}
 
 
-def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: str | os.PathLike,
+def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Sequence[str | os.PathLike],
+                   out: str | os.PathLike,
                    column: str = "text", id_column: str | None = None, clip_type: str | None = None,
                    clip_skip: int | None = None, syntax: str = "comfy", truncate_long_prompts: bool = True,
                    weight_mode: str | None = None, normalization: str = "none",
@@ -149,15 +156,18 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
                    num_gpus_per_worker: float = 0, ray_address: str | None = None,
                    overwrite: bool = False, limit: int | None = None, dry_run: bool = False,
                    device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
-                   threads: int = DEFAULT_THREADS, compute_dtype: str = "fp32", dedup: bool = True,
+                   t5_min_length: int | None = None, threads: int = DEFAULT_THREADS,
+                   compute_dtype: str = "fp32", dedup: bool = True,
                    progress: bool | None = None,
                    on_shard_written: Callable[[int], None] | None = None,
                    kind: str | None = None) -> DatasetReport:
-    """Encode every caption of ``input`` with the CLIP text encoder(s) of ``model`` into ``out``.
+    """Encode every caption of ``input`` with the text encoder(s) of ``model`` into ``out``
+    (SD1, SD2, SDXL, SD3, Flux, Wan; see docs/dataset.md).
 
     Args:
         input: parquet file/folder/glob, ``.jsonl``, ``.txt`` or kohya caption folder.
-        model: checkpoint file or diffusers model folder.
+        model: checkpoint file, several text-encoder files (a list: Flux's clip_l and
+            t5xxl, SD3's clip_l, clip_g and t5xxl) or a diffusers model folder.
         out: output folder (created). Options mirror ``textenc encode-dataset``:
             ``clip_skip`` counts as A1111 does (1 = last layer, 2 = penultimate;
             ComfyUI's -1/-2 are accepted too), None keeps the kind's default
@@ -166,7 +176,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             ``truncate_long_prompts`` is compel's (True: one 77-token window;
             False: compel's chunks), recorded for ``compel`` (null for the other
             syntaxes, which refuse False); ``weight_mode`` None is the syntax's
-            own. ``clip_type`` is the model type (``sd1``, ``sd2``, ``sdxl``; None or
+            own. ``clip_type`` is the model type (``sd1``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``wan``; None or
             ``"auto"``: detected), as ``textenc encode --clip-type``; ``kind`` is its old
             name, kept for one release. ``normalization`` rescales each caption's weights
             as ``textenc encode --normalization``; ``embeddings`` is the textual-inversion
@@ -175,6 +185,10 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike, out: s
             encoded on: the name as text without a folder, skipped when missing from it) or
             ``"error"`` (an EmbeddingError ends the run). ``dtype`` is the stored dtype;
             ``max_chars``/``max_windows`` reject over-long captions;
+            ``t5_min_length`` pads T5 (SD3, Flux, Wan) to at least that many tokens instead of
+            the family's minimum (SD3 77, Flux 256, Wan 512), as a trainer's fixed length
+            (kohya's ``t5xxl_max_token_length``) wants; it changes every T5 row where T5 runs
+            unmasked (SD3, Flux), so it is recorded with the options;
             ``threads`` is torch's thread count in every encoding process
             (this one for the local engine, each Ray actor): the bytes depend
             on it, so it is recorded with the batch size in the manifest's
@@ -227,6 +241,20 @@ def _options(request: Request, clip, settings: EncodeSettings) -> dict:
     return options
 
 
+def _model_paths(model) -> str | list[str]:
+    """``model`` as the Ray actors are handed it: one path, or a list of file paths."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    return [os.fspath(path) for path in model]
+
+
+def _check_outputs(request: Request, layout) -> None:
+    """``outputs="pooled"`` needs a pooled output (Wan has none)."""
+    if request.outputs == "pooled" and not layout.pooled_width:
+        raise DatasetError("outputs='pooled': this model has no pooled output (Wan's UMT5 gives the "
+                           "cond only); use outputs='cond,pooled'")
+
+
 def _plan(request: Request) -> tuple[Run, tuple]:
     """Read the rows, load the model, build the manifest → ``(run, empty encoding)``."""
     r = request
@@ -239,18 +267,22 @@ def _plan(request: Request) -> tuple[Run, tuple]:
                               weight_mode=r.weight_mode or default_weight_mode(r.syntax),
                               outputs=r.outputs, dtype=r.dtype, compute_dtype=compute_dtype,
                               max_chars=r.max_chars, max_windows=r.max_windows,
+                              t5_min_length=r.t5_min_length,
                               normalization=r.normalization, embeddings=r.embeddings)
     options = _options(r, clip, settings)
     # The dry run writes nothing, so it skips the sha256 over every weight.
     fingerprint = None if r.dry_run else model_fingerprint(clip)
     cast_for_compute(clip, compute_dtype)
     jobs = plan_shards(len(rows), r.shard_rows)
-    empty = CaptionEncoder(clip, settings).encode_empty()
-    manifest = base_manifest(rows, clip, fingerprint, options, jobs, empty)
+    encoder = CaptionEncoder(clip, settings)
+    layout, empty = encoder.layout, encoder.encode_empty()
+    _check_outputs(r, layout)
+    manifest = base_manifest(rows, clip, fingerprint, options, jobs, layout)
     manifest["compute"] = {"dtype": compute_dtype, "threads": r.threads, "batch_size": r.batch_size}
-    context = ShardContext(fingerprint, json.dumps(options, sort_keys=True), manifest["cond_width"],
-                           manifest["pooled_width"], all(isinstance(i, int) for i in rows.ids),
-                           manifest["window_length"], r.dedup)
+    t5_rows = sequence_length(encoder.empty_tokens[layout.t5_role]) if layout.t5_width else 0
+    context = ShardContext(fingerprint, json.dumps(options, sort_keys=True), layout.cond_width,
+                           layout.pooled_width, all(isinstance(i, int) for i in rows.ids),
+                           layout.window_length, r.dedup, layout.t5_width, t5_rows)
     return Run(rows, clip, settings, manifest, jobs, context, Path(r.out)), empty
 
 
@@ -274,7 +306,7 @@ def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetRep
         else:
             timings = run_ray(run, todo, records, batch_size=r.batch_size, workers=r.workers,
                               num_gpus_per_worker=r.num_gpus_per_worker, ray_address=r.ray_address,
-                              model=os.fspath(r.model), device=r.device, threads=r.threads,
+                              model=_model_paths(r.model), device=r.device, threads=r.threads,
                               on_shard_written=r.on_shard_written,
                               on_missing_embedding=r.on_missing_embedding)
     report = _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from ..text_encoders.sequences import sequence_length
 from .encode import OUTPUT_DTYPES, CaptionEncoder
 from .format import shard_name
 from .pipeline import shard_record_histogram
@@ -19,17 +20,19 @@ _HEADER_BYTES = 1024  # safetensors header and metadata, per shard (an estimate)
 
 def _shard_plan(encoder: CaptionEncoder, run: Any, job) -> dict:
     histogram: Counter = Counter()
-    rejected = []
+    rejected, t5_rows = [], 0
+    layout = encoder.layout
     for row in range(job.start, job.stop):
         item = encoder.tokenize(row, run.rows.texts[row], run.rows.rejected.get(row))
         if item.reason is not None:
             rejected.append({"row": row, "id": run.rows.ids[row], "reason": item.reason})
         else:
             histogram[item.windows] += 1
+            t5_rows += sequence_length(item.tokens[layout.t5_role]) if layout.t5_width else 0
     captions = sum(histogram.values())
     windows = sum(k * v for k, v in histogram.items())
     item_bytes = OUTPUT_DTYPES[run.settings.dtype].itemsize
-    cond = windows * run.context.window_length * run.context.cond_width * item_bytes
+    cond = (windows * run.context.window_length * run.context.cond_width + t5_rows * layout.t5_width) * item_bytes
     size = (_HEADER_BYTES + captions * (16 + run.context.pooled_width * item_bytes)
             + 8 * (captions + 1) + (cond if run.settings.want_cond else 0))
     return {"index": job.index, "file": shard_name(job.index),

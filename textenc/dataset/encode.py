@@ -17,9 +17,11 @@ import torch
 
 from ..errors import PromptError
 from ..text_encoders.clip_skip import layer_from_clip_skip
+from ..text_encoders.sequences import real_length, with_min_length
 from .compute import torch_dtype
+from .layout import Layout, Row, layout_for
 
-__all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "OUTPUT_DTYPES", "layer_for_clip_skip",
+__all__ = ["EncodeSettings", "Tokenized", "CaptionEncoder", "Row", "OUTPUT_DTYPES", "layer_for_clip_skip",
            "resolved_layers"]
 
 OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -40,6 +42,7 @@ class EncodeSettings:
     max_windows: int = 64
     normalization: str = "none"  # textenc's --normalization; word ids are tokenized only for another value
     embeddings: str | None = None  # textual-inversion folder (absolute) for embedding:name
+    t5_min_length: int | None = None  # pad T5 to at least this many tokens; None: the family's minimum
 
     def clip_options(self) -> dict[str, Any]:
         """The ``options`` of ``CLIP.encode_from_tokens`` for these settings."""
@@ -132,8 +135,16 @@ class CaptionEncoder:
         self.settings = settings
         self.out_dtype = OUTPUT_DTYPES[settings.dtype]
         self.options = settings.clip_options()
-        self.window_length = next(iter(clip.cond_stage_model.encoders.values())).max_length
         self.seconds = {"tokenize": 0.0, "forward": 0.0, "write": 0.0}
+        self.empty_tokens = self._tokens("")
+        cond, pooled = clip.encode_from_tokens(self.empty_tokens, return_pooled=True, options=self.options)
+        self.empty = (cond[0], None if pooled is None else pooled[0])
+        self.layout: Layout = layout_for(clip, self.empty[0], self.empty[1], self.empty_tokens)
+
+    def _tokens(self, text: str) -> dict:
+        """``clip.tokenize(text)`` with the settings' syntax, T5 padded to ``t5_min_length``."""
+        tokens = self.clip.tokenize(text, **self.settings.tokenize_kwargs())
+        return with_min_length(self.clip.family, tokens, self.settings.t5_min_length)
 
     # ---- tokenizing ----------------------------------------------------------
     def tokenize(self, row: int, text: str | None, reason: str | None = None) -> Tokenized:
@@ -145,20 +156,29 @@ class CaptionEncoder:
                                                f"max_chars={self.settings.max_chars}")
         start = time.perf_counter()
         try:
-            tokens = self.clip.tokenize(text, **self.settings.tokenize_kwargs())
+            tokens = self._tokens(text)
         except PromptError as exc:
             return Tokenized(row, None, reason=f"PromptError: {exc}")
         finally:
             self.seconds["tokenize"] += time.perf_counter() - start
-        windows = max(len(w) for w in tokens.values())
+        windows = self._windows(tokens)
         if windows > self.settings.max_windows:
             return Tokenized(row, None, reason=f"caption needs {windows} windows, more than "
                                                f"max_windows={self.settings.max_windows}")
         return Tokenized(row, tokens, windows)
 
+    def _windows(self, tokens: Mapping[str, list]) -> int:
+        """The caption's 77-token windows: CLIP's, and a T5 sequence's real tokens counted in
+        77s (so ``max_windows`` bounds T5's attention too, which grows with its square)."""
+        t5 = self.layout.t5_role
+        counts = [len(w) for role, w in tokens.items() if role != t5]
+        if t5 is not None and t5 in tokens:
+            counts.append(-(-real_length(tokens[t5][0]) // self.layout.window_length))
+        return max(counts, default=0)
+
     # ---- encoding ------------------------------------------------------------
     def encode_batch(self, items: Sequence[Tokenized]) -> dict[int, Any]:
-        """Encode captions sharing a window count → ``{row: (cond [T, D] or None, pooled [P], windows)}``,
+        """Encode captions sharing a window count → ``{row: Row}`` (:class:`~textenc.dataset.layout.Row`),
         or ``{row: reason}`` (a str) for a caption that failed to encode."""
         start = time.perf_counter()
         try:
@@ -166,18 +186,15 @@ class CaptionEncoder:
         finally:
             self.seconds["forward"] += time.perf_counter() - start
 
-    def _finish(self, cond: torch.Tensor, pooled: torch.Tensor):
-        """``(cond [T, D] in the output dtype or None, pooled [P], windows)``."""
-        cond_out = cond.to(self.out_dtype) if self.settings.want_cond else None
-        return cond_out, pooled.to(self.out_dtype), cond.shape[0] // self.window_length
-
     def _batched(self, items: Sequence[Tokenized]) -> dict[int, Any]:
         encoded = self.clip.encode_batch([item.tokens for item in items], options=self.options, errors="return")
         return {item.row: f"PromptError: {result}" if isinstance(result, PromptError)
-                else self._finish(result[0][0], result[1][0]) for item, result in zip(items, encoded)}
+                else self.layout.row(result[0][0], None if result[1] is None else result[1][0], item.tokens,
+                                     self.out_dtype, want_cond=self.settings.want_cond)
+                for item, result in zip(items, encoded)}
 
-    def encode_empty(self):
-        """The empty caption's ``(cond [77, D], pooled [P])`` (for caption dropout)."""
-        tokens = self.clip.tokenize("", **self.settings.tokenize_kwargs())
-        cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True, options=self.options)
-        return cond[0].to(self.out_dtype), pooled[0].to(self.out_dtype)
+    def encode_empty(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The empty caption's ComfyUI ``(cond [T, D], pooled [P] or None)`` in the stored dtype
+        (for caption dropout)."""
+        cond, pooled = self.empty
+        return cond.to(self.out_dtype), None if pooled is None else pooled.to(self.out_dtype)

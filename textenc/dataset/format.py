@@ -1,4 +1,5 @@
-"""The on-disk format of an encoded caption dataset: shards, manifest, reader, exporters.
+"""The on-disk format of an encoded caption dataset: shards, manifest, reader
+(the exporters are in :mod:`textenc.dataset.export`).
 
 A dataset folder holds ``shard-00000.safetensors`` ... ``empty.safetensors`` and
 ``manifest.json``. Every shard has the tensors
@@ -9,7 +10,17 @@ A dataset folder holds ``shard-00000.safetensors`` ... ``empty.safetensors`` and
 * ``window_offsets`` int64 [rows+1]: caption r is
   ``cond[offsets[r]*77 : offsets[r+1]*77]``;
 * ``cond`` [total_windows·77, width] (absent with ``outputs="pooled"``);
-* ``pooled`` [rows, pooled_width];
+* ``pooled`` [rows, pooled_width] (absent for Wan, which has none);
+
+and, for a family with a T5 role (SD3, Flux, Wan; the manifest's ``layout``, see
+:mod:`textenc.dataset.layout`): ``cond`` holds only the CLIP rows (SD3's, at width 2048;
+absent for Flux and Wan), and
+
+* ``t5_offsets`` int64 [rows+1]: caption r's T5 rows are ``t5[t5_offsets[r]:t5_offsets[r+1]]``;
+* ``t5`` [total T5 rows, t5_width]: each caption at its own length (the family's minimum
+  or longer), not padded to a common one;
+* ``t5_tokens`` int64 [rows]: real T5 tokens through ``</s>``;
+* ``clip_tokens`` int64 [rows]: real tokens of the first CLIP window (SD3, Flux);
 
 and string metadata: ``format``, ``model_fingerprint``, ``options`` (JSON),
 ``shard``, ``row_start``, ``row_stop``, ``ids`` (JSON, string ids only).
@@ -27,7 +38,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
 
@@ -36,7 +47,7 @@ from ..warn import warn_at_caller
 from .lock import writer_alive, writer_tag
 
 __all__ = ["FORMAT_VERSION", "shard_name", "tensor_bytes", "write_safetensors", "atomic_write", "read_manifest",
-           "write_manifest", "file_sha256", "open_shards", "export_diffusers", "export_kohya",
+           "write_manifest", "file_sha256", "open_shards", "open_captions", "Caption",
            "clean_temp_files", "temp_path", "TEMP_SUFFIX"]
 
 FORMAT_VERSION = "textenc-dataset/1"
@@ -222,23 +233,32 @@ def _check_shard_rows(path: Path, shard: Mapping[str, Any], manifest: Mapping[st
                            "encoding?); re-run encode-dataset to rebuild it")
 
 
-def _read_shard(path: Path) -> tuple[dict, list, list, torch.Tensor | None, torch.Tensor, list]:
-    """``(metadata, offsets, rows, cond or None, pooled, ids)`` of one shard file."""
+class Caption(NamedTuple):
+    """One stored caption as :func:`open_captions` reads it."""
+
+    id: Any
+    cond: torch.Tensor | None  # ComfyUI's cond (T, width); None with outputs="pooled"
+    pooled: torch.Tensor | None  # (pooled_width,); None: the family has none (Wan)
+    clip: torch.Tensor | None = None  # T5 families: the stored CLIP rows (77·windows, cond_width)
+    t5: torch.Tensor | None = None  # T5 families: the T5 rows (T, t5_width)
+    t5_tokens: int = 0  # real T5 tokens, through </s>
+    clip_tokens: int = 0  # real tokens of the first CLIP window (start, text, end)
+
+
+def _read_shard(path: Path) -> tuple[dict, dict[str, torch.Tensor], list]:
+    """``(metadata, tensors by name, ids)`` of one shard file."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            names = set(handle.keys())
-            offsets = handle.get_tensor("window_offsets").tolist()
-            rows = handle.get_tensor("rows").tolist()
-            pooled = handle.get_tensor("pooled")
-            cond = handle.get_tensor("cond") if "cond" in names else None
-            ids = _shard_ids(handle, handle.get_tensor("ids"))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            ids = _shard_ids(handle, tensors["ids"])
             metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:  # a damaged or foreign file
+        tensors["window_offsets"], tensors["rows"]  # noqa: B018 - every shard has them
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as exc:  # a damaged or foreign file
         raise DatasetError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
                            "re-run encode-dataset") from exc
-    return metadata, offsets, rows, cond, pooled, ids
+    return metadata, tensors, ids
 
 
 def _check_complete(folder: str | os.PathLike, manifest: Mapping[str, Any], *, allow_incomplete: bool) -> None:
@@ -261,8 +281,12 @@ def _check_complete(folder: str | os.PathLike, manifest: Mapping[str, Any], *, a
 
 
 def open_shards(folder: str | os.PathLike, *, verify: bool = True, allow_incomplete: bool = False
-                ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor]]:
-    """Yield ``(id, cond [windows·77, width] or None, pooled [pooled_width])`` per caption.
+                ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor | None]]:
+    """Yield ``(id, cond [T, width] or None, pooled [pooled_width] or None)`` per caption.
+
+    ``cond`` is ComfyUI's: SD1/SD2/SDXL ``77·windows`` rows; SD3 its CLIP rows (zero-padded
+    to T5's width again) then its T5 rows; Flux and Wan their T5 rows. ``pooled`` is None
+    for Wan. :func:`open_captions` gives the stored parts and token counts too.
 
     Captions come in input-row order (shards in order). A folder whose run has
     not finished (the manifest is not ``complete``: the run was interrupted,
@@ -285,6 +309,13 @@ def open_shards(folder: str | os.PathLike, *, verify: bool = True, allow_incompl
             the bytes the manifest records, or holds other rows (the message
             names the shard file).
     """
+    captions = open_captions(folder, verify=verify, allow_incomplete=allow_incomplete)
+    return ((caption.id, caption.cond, caption.pooled) for caption in captions)
+
+
+def open_captions(folder: str | os.PathLike, *, verify: bool = True, allow_incomplete: bool = False
+                  ) -> Iterator[Caption]:
+    """Each stored caption as a :class:`Caption`; checks and raises as :func:`open_shards`."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise DatasetError(f"{folder}: no manifest.json; is this a textenc encode-dataset output?")
@@ -292,75 +323,41 @@ def open_shards(folder: str | os.PathLike, *, verify: bool = True, allow_incompl
     return _read_rows(Path(folder), manifest, verify=verify)
 
 
-def _read_rows(folder: Path, manifest: Mapping[str, Any], *, verify: bool
-               ) -> Iterator[tuple[Any, torch.Tensor | None, torch.Tensor]]:
+def _pad_clip(clip: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    if clip is None or not clip.shape[0]:
+        return None
+    return torch.nn.functional.pad(clip, (0, width - clip.shape[1]))
+
+
+def _caption(row_id: Any, row: int, tensors: Mapping[str, torch.Tensor], layout: Mapping[str, Any] | None,
+             length: int) -> Caption:
+    offsets = tensors["window_offsets"]
+    cond = tensors.get("cond")
+    clip = None if cond is None else cond[offsets[row] * length:offsets[row + 1] * length]
+    pooled = tensors["pooled"][row] if "pooled" in tensors else None
+    if layout is None:
+        return Caption(row_id, clip, pooled)
+    t5 = None
+    if "t5" in tensors:
+        t5_offsets = tensors["t5_offsets"]
+        t5 = tensors["t5"][t5_offsets[row]:t5_offsets[row + 1]]
+    parts = [part for part in (_pad_clip(clip, int(layout["full_width"])), t5) if part is not None]
+    joined = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+    t5_tokens = int(tensors["t5_tokens"][row]) if "t5_tokens" in tensors else 0
+    clip_tokens = int(tensors["clip_tokens"][row]) if "clip_tokens" in tensors else 0
+    return Caption(row_id, joined, pooled, clip, t5, t5_tokens, clip_tokens)
+
+
+def _read_rows(folder: Path, manifest: Mapping[str, Any], *, verify: bool) -> Iterator[Caption]:
     length = int(manifest.get("window_length", 77))
+    layout = manifest.get("layout")
     for shard in manifest["shards"]:
         path = folder / shard["file"]
         if not path.exists():
             raise DatasetError(f"{path}: listed in the manifest but missing; re-run encode-dataset")
         if verify:
             _verify_sha256(path, shard)
-        metadata, offsets, rows, cond, pooled, ids = _read_shard(path)
-        _check_shard_rows(path, shard, manifest, metadata, rows, ids)
+        metadata, tensors, ids = _read_shard(path)
+        _check_shard_rows(path, shard, manifest, metadata, tensors["rows"].tolist(), ids)
         for row, row_id in enumerate(ids):
-            part = None if cond is None else cond[offsets[row] * length:offsets[row + 1] * length]
-            yield row_id, part, pooled[row]
-
-
-def _safe_stem(row_id: Any) -> str:
-    stem = str(row_id)
-    if stem.startswith("/") or ".." in Path(stem).parts:
-        raise DatasetError(f"id {row_id!r} cannot be used as a file name")
-    return stem
-
-
-def export_diffusers(folder: str | os.PathLike, out: str | os.PathLike, *, allow_incomplete: bool = False) -> int:
-    """Write ``{out}/{id}.safetensors`` with ``prompt_embeds`` [1, T, D] and
-    ``pooled_prompt_embeds`` [1, P] per caption (diffusers pipeline argument names).
-
-    Reads through :func:`open_shards`: an unfinished folder is refused unless
-    ``allow_incomplete=True`` (then it warns). Returns the number of files written.
-    """
-    count = 0
-    for row_id, cond, pooled in open_shards(folder, allow_incomplete=allow_incomplete):
-        if cond is None:
-            raise DatasetError(f"{folder}: encoded with outputs=pooled; diffusers export needs cond")
-        target = Path(out) / f"{_safe_stem(row_id)}.safetensors"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors(target, {"prompt_embeds": cond.unsqueeze(0),
-                                   "pooled_prompt_embeds": pooled.unsqueeze(0)}, {})
-        count += 1
-    return count
-
-
-def export_kohya(folder: str | os.PathLike, out: str | os.PathLike, *, allow_incomplete: bool = False) -> int:
-    """Write kohya sd-scripts style ``{out}/{id}_te_outputs.npz`` per caption.
-
-    Reads through :func:`open_shards`: an unfinished folder is refused unless
-    ``allow_incomplete=True`` (then it warns). Returns the number of files written.
-
-    SDXL (as sd-scripts' ``TextEncoderOutputsCachingStrategy``): ``hidden_state1``
-    (CLIP-L, [T, 768]), ``hidden_state2`` (bigG, [T, 1280]) and ``pool2`` ([1280]);
-    SD1/SD2: ``hidden_state`` [T, D] and ``pool`` [P]. Arrays are float32.
-    """
-    import numpy as np
-
-    manifest = read_manifest(folder) or {}
-    split = manifest.get("widths", {}).get("l") if manifest.get("kind") == "sdxl" else None
-    count = 0
-    for row_id, cond, pooled in open_shards(folder, allow_incomplete=allow_incomplete):
-        target = Path(out) / f"{_safe_stem(row_id)}_te_outputs.npz"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if split is not None:
-            arrays = {"pool2": pooled.float().numpy()}
-            if cond is not None:
-                arrays.update(hidden_state1=cond[:, :split].float().numpy(),
-                              hidden_state2=cond[:, split:].float().numpy())
-        else:
-            arrays = {"pool": pooled.float().numpy()}
-            if cond is not None:
-                arrays["hidden_state"] = cond.float().numpy()
-        np.savez(target, **arrays)
-        count += 1
-    return count
+            yield _caption(row_id, row, tensors, layout, length)

@@ -17,6 +17,7 @@ from ..errors import DatasetError
 from .encode import EncodeSettings
 from .format import FORMAT_VERSION, clean_temp_files, file_sha256, read_manifest, shard_name, write_manifest
 from .inputs import CaptionRows
+from .layout import Layout
 from .pipeline import ShardContext, ShardJob, shard_record_histogram
 
 __all__ = ["Run", "base_manifest", "prepare_folder", "shard_totals", "finish_manifest",
@@ -38,19 +39,23 @@ class Run:
     out: Path
 
 
-def _widths(clip, empty_cond: torch.Tensor) -> dict[str, int]:
-    """Each text encoder's width, by role (their conds sit side by side in that order)."""
-    return {role: encoder.config.hidden_size for role, encoder in clip.cond_stage_model.encoders.items()}
+def _widths(clip) -> dict[str, int]:
+    """Each text encoder's width, by role (CLIP's ``hidden_size``, T5's ``d_model``)."""
+    return {role: getattr(encoder.config, "hidden_size", None) or encoder.config.d_model
+            for role, encoder in clip.cond_stage_model.encoders.items()}
 
 
-def base_manifest(rows: CaptionRows, clip, fingerprint: str | None, options: dict, jobs, empty) -> dict:
+def base_manifest(rows: CaptionRows, clip, fingerprint: str | None, options: dict, jobs, layout: Layout) -> dict:
     """The manifest of a run before any shard is written."""
-    return {"format": FORMAT_VERSION, "model_fingerprint": fingerprint, "options": options,
-            "input": {"rows": len(rows), "sha256": rows.digest()}, "kind": clip.clip_type,
-            "widths": _widths(clip, empty[0]), "cond_width": int(empty[0].shape[-1]),
-            "pooled_width": int(empty[1].shape[-1]), "window_length": int(empty[0].shape[0]),
-            "num_shards": len(jobs), "shards": [], "complete": False,
-            "skipped_inputs": list(rows.skipped)}
+    manifest = {"format": FORMAT_VERSION, "model_fingerprint": fingerprint, "options": options,
+                "input": {"rows": len(rows), "sha256": rows.digest()}, "kind": clip.clip_type,
+                "widths": _widths(clip), "cond_width": layout.cond_width,
+                "pooled_width": layout.pooled_width, "window_length": layout.window_length,
+                "num_shards": len(jobs), "shards": [], "complete": False,
+                "skipped_inputs": list(rows.skipped)}
+    if layout.sequence:
+        manifest["layout"] = layout.manifest()
+    return manifest
 
 
 def _our_files(out: Path) -> list[Path]:

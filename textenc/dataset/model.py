@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Sequence
 
 import torch
 
@@ -28,18 +29,25 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_model(model: str | os.PathLike, *, kind: str | None, device: str, embeddings: str | None = None):
-    """A :class:`textenc.sd.CLIP` from a checkpoint file or a diffusers model folder; ``kind`` is
-    the asked-for clip type (None: detected), ``embeddings`` the textual-inversion folder."""
-    path = os.fspath(model)
-    if not os.path.exists(path):
-        raise DatasetError(f"--model {path}: no such file or folder")
-    if os.path.isdir(path):
-        clip = load_from_diffusers(path, device=device, embedding_directory=embeddings)
+def load_model(model: str | os.PathLike | Sequence[str | os.PathLike], *, kind: str | None, device: str,
+               embeddings: str | None = None):
+    """A :class:`textenc.sd.CLIP` from a checkpoint file, several text-encoder files (Flux:
+    clip_l and t5xxl) or a diffusers model folder; ``kind`` is the asked-for clip type
+    (None: detected), ``embeddings`` the textual-inversion folder."""
+    paths = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else [os.fspath(p) for p in model]
+    for path in paths:
+        if not os.path.exists(path):
+            raise DatasetError(f"--model {path}: no such file or folder")
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        clip = load_from_diffusers(paths[0], device=device, embedding_directory=embeddings)
         if kind is not None and clip.clip_type != kind:
-            raise DatasetError(f"--clip-type {kind} was asked for, but {path} is a {clip.clip_type} model")
+            raise DatasetError(f"--clip-type {kind} was asked for, but {paths[0]} is a {clip.clip_type} model")
         return clip
-    return load_clip(path, embedding_directory=embeddings, clip_type=kind, device=device)
+    if any(os.path.isdir(path) for path in paths):
+        raise DatasetError(f"--model: a diffusers model folder holds every text encoder; pass it alone, "
+                           f"got {paths}")
+    return load_clip(paths if len(paths) > 1 else paths[0], embedding_directory=embeddings, clip_type=kind,
+                     device=device)
 
 
 def model_fingerprint(clip) -> str:

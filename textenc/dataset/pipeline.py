@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .encode import OUTPUT_DTYPES, CaptionEncoder, Tokenized
+from .layout import Row
 from .format import FORMAT_VERSION, shard_name, write_safetensors
 from .inputs import CaptionRows
 
@@ -50,6 +51,8 @@ class ShardContext:
     int_ids: bool
     window_length: int = 77
     dedup: bool = True  # encode a caption repeated in the run once (see plan_reuse)
+    t5_width: int = 0  # T5 families: the width and minimum rows of a caption's T5 part
+    t5_rows: int = 0
 
 
 def plan_shards(num_rows: int, shard_rows: int) -> list[ShardJob]:
@@ -157,22 +160,39 @@ def _produce(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJob
         _put(out, ("error", exc), stop)
 
 
-def _shard_tensors(job: ShardJob, rows: CaptionRows, kept: list[tuple[int, Any]],
+def _offsets(counts: Sequence[int]) -> torch.Tensor:
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    if counts:
+        offsets[1:] = torch.tensor(list(counts), dtype=torch.int64).cumsum(0)
+    return offsets
+
+
+def _stacked(parts: list, width: int, dtype: torch.dtype, *, cat: bool) -> torch.Tensor:
+    if not parts:
+        return torch.zeros(0, width, dtype=dtype)
+    return torch.cat(parts) if cat else torch.stack(parts)
+
+
+def _shard_tensors(job: ShardJob, rows: CaptionRows, kept: list[tuple[int, Row]],
                    context: ShardContext, encoder: CaptionEncoder) -> dict[str, torch.Tensor]:
-    counts = [result[2] for _, result in kept]
-    offsets = torch.zeros(len(kept) + 1, dtype=torch.int64)
-    if kept:
-        offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    """The shard's tensors, in the order they are written (see :mod:`textenc.dataset.format`)."""
+    layout, dtype = encoder.layout, encoder.out_dtype
     tensors = {"ids": torch.tensor([rows.ids[r] if context.int_ids else r for r, _ in kept],
                                    dtype=torch.int64),
                "rows": torch.tensor([r for r, _ in kept], dtype=torch.int64),
-               "window_offsets": offsets}
-    dtype = encoder.out_dtype
-    if encoder.settings.want_cond:
-        tensors["cond"] = (torch.cat([result[0] for _, result in kept]) if kept
-                           else torch.zeros(0, context.cond_width, dtype=dtype))
-    tensors["pooled"] = (torch.stack([result[1] for _, result in kept]) if kept
-                         else torch.zeros(0, context.pooled_width, dtype=dtype))
+               "window_offsets": _offsets([result.windows for _, result in kept])}
+    want_cond = encoder.settings.want_cond
+    if want_cond and layout.cond_width:
+        tensors["cond"] = _stacked([result.cond for _, result in kept], layout.cond_width, dtype, cat=True)
+    if layout.pooled_width:
+        tensors["pooled"] = _stacked([result.pooled for _, result in kept], layout.pooled_width, dtype, cat=False)
+    if layout.sequence and layout.t5_width:
+        tensors["t5_tokens"] = torch.tensor([result.t5_tokens for _, result in kept], dtype=torch.int64)
+        if want_cond:
+            tensors["t5_offsets"] = _offsets([result.t5.shape[0] for _, result in kept])
+            tensors["t5"] = _stacked([result.t5 for _, result in kept], layout.t5_width, dtype, cat=True)
+    if layout.sequence and layout.clip_role:
+        tensors["clip_tokens"] = torch.tensor([result.clip_tokens for _, result in kept], dtype=torch.int64)
     return tensors
 
 
@@ -260,7 +280,8 @@ def run_shards(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJ
 def reuse_plan(rows: CaptionRows, jobs: Sequence[ShardJob], context: ShardContext, dtype: str) -> ReusePlan:
     """:func:`plan_reuse` for a run's ``context`` and stored ``dtype``, keeping about
     :data:`REUSE_BYTES` (one window per caption) past their shards."""
-    width = context.window_length * context.cond_width + context.pooled_width
+    # one window, or the T5 minimum, per caption
+    width = context.window_length * context.cond_width + context.pooled_width + context.t5_rows * context.t5_width
     itemsize = torch.empty(0, dtype=OUTPUT_DTYPES[dtype]).element_size()
     return plan_reuse(rows, jobs, dedup=context.dedup, keep_rows=max(1, REUSE_BYTES // (width * itemsize)))
 

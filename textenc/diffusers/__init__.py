@@ -1,4 +1,4 @@
-"""Stable Diffusion pipelines from diffusers: their text encoders as a textenc ``CLIP``,
+"""diffusers pipelines (SD1/SD2/SDXL, SD3, Flux, Wan): their text encoders as a textenc ``CLIP``,
 and ComfyUI-style conditioning handed back as the pipeline's keyword arguments.
 
 >>> # pipe = StableDiffusionPipeline.from_pretrained("some/sd15-folder")
@@ -9,6 +9,8 @@ Kind (documented in README, "Using textenc with diffusers"): ``StableDiffusionXL
 any other ``StableDiffusion*Pipeline`` (not SD3) → SD2 when its text encoder's
 ``hidden_act`` is ``gelu`` (OpenCLIP ViT-H), else SD1 (OpenAI CLIP-L, ``quick_gelu``).
 Padding always follows the pipeline's own tokenizer ``pad_token``.
+``StableDiffusion3*Pipeline`` → SD3, ``Flux*Pipeline`` → Flux, ``Wan*Pipeline`` → Wan
+(docs/diffusers.md, "SD3, Flux and Wan pipelines").
 
 diffusers is never imported: a pipeline is read through its attributes, no
 transformers model is run, and its weights are shared, not copied.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -21,6 +21,8 @@ from .load import KINDS, diffusers_encoder_names, load_from_diffusers
 from ..errors import DiffusersLayoutError, LayerError, PromptError, TextencError
 from ..sd import CLIP
 from ..text_encoders.families import get_family
+from ..text_encoders.sequences import t5_role
+from .sequences import encode_sequences
 
 __all__ = ["CACHE_ATTRIBUTE", "encode_for_pipeline", "to_diffusers"]
 
@@ -69,8 +71,10 @@ def _target(pipe_or_loaded: Any, embedding_directory: Any, device: Any, dtype: A
         model_dtype, model_device = _module_dtype_device(pipe_or_loaded.cond_stage_model)
         return _Target(pipe_or_loaded, torch.device(device or model_device), dtype or model_dtype)
     clip = _cached_clip(pipe_or_loaded, embedding_directory)
-    # diffusers casts prompt embeddings to text_encoder_2's dtype (SDXL) or text_encoder's.
-    last = getattr(pipe_or_loaded, "text_encoder_2", None) or pipe_or_loaded.text_encoder
+    # diffusers casts prompt embeddings to its last text encoder's dtype: SDXL's text_encoder_2,
+    # SD3's text_encoder_3 (T5), Flux's text_encoder_2 (T5), SD1/SD2/Wan's text_encoder.
+    names = [role.diffusers_text_encoder for role in reversed(clip.family.roles)]
+    last = next(m for m in (getattr(pipe_or_loaded, n, None) for n in names) if m is not None)
     last_dtype, last_device = _module_dtype_device(last)
     pipe_device = getattr(pipe_or_loaded, "_execution_device", None) or last_device
     return _Target(clip, torch.device(device or pipe_device), dtype or last_dtype)
@@ -96,6 +100,10 @@ def _negative_list(negative: str | Sequence[str] | None, batch: int) -> list[str
 def _encode_options(clip: CLIP, *, clip_skip: Any, layer: Any, weight_mode: str | None,
                     syntax: str) -> dict[str, Any]:
     """Per-call options: the layer (ComfyUI's index, checked) and the weighting."""
+    if clip_skip is not None and t5_role(clip.family) is not None:
+        raise LayerError(f"clip_skip={clip_skip!r}: {clip.family.label} pipelines are encoded with ComfyUI's "
+                         "layers, and diffusers' clip_skip (CLIP only) has no ComfyUI counterpart there; "
+                         "pass layer= (ComfyUI's CLIPSetLastLayer, applied to every part as ComfyUI does)")
     if clip_skip is not None and layer is not None:
         raise LayerError(f"clip_skip={clip_skip!r} and layer={layer!r} both given: pass clip_skip "
                          "(diffusers' numbering) or layer (ComfyUI's), not both")
@@ -117,6 +125,7 @@ def _padded(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tenso
 
 
 def _result(kind: str, positive: tuple, negative: tuple, target: _Target) -> dict[str, torch.Tensor]:
+    # (the pooled rows of a family without a pooled output, Wan, are None and not returned)
     """The pipeline's keyword arguments, every tensor in its dtype and on its device."""
     names = ["prompt_embeds", "negative_prompt_embeds"]
     values = [positive[0], negative[0]]
@@ -132,8 +141,10 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
                         truncate_long_prompts: bool = True,
                         weight_mode: str | None = None, zero_negative: bool = False,
                         embedding_directory: Any = None, device: Any = None,
-                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Encode prompts the ComfyUI way into the keyword arguments of a diffusers pipeline call.
+                        dtype: torch.dtype | None = None,
+                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Encode prompts the ComfyUI way into the keyword arguments of a diffusers pipeline call
+    (``StableDiffusion*``, ``StableDiffusionXL*``, ``StableDiffusion3*``, ``Flux*``, ``Wan*``).
 
     Args:
         pipe_or_loaded: a StableDiffusion(XL) pipeline (its CLIP is built once and
@@ -158,16 +169,20 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
             diffusers' SDXL ``force_zeros_for_empty_prompt`` does for ``negative_prompt=None``.
         embedding_directory: textual-inversion folder(s) (pipeline objects only).
         device / dtype: override the pipeline's (or the CLIP's) device and dtype.
+        max_sequence_length: SD3, Flux, Wan: pad T5 to at least this many tokens before
+            encoding, as the pipeline's own ``max_sequence_length`` (SD3 256, Flux 512, Wan
+            512) pads it; None: ComfyUI's minimum (77, 256, 512). Never truncates.
 
     Returns:
         ``prompt_embeds`` and ``negative_prompt_embeds`` (B, 77·windows, width),
         plus ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` (B, P)
-        for SDXL. Every row is padded to the longest with whole windows of the
-        empty prompt's encoding.
+        for SDXL, SD3 and Flux. SD1/SD2/SDXL rows are padded to the longest with whole
+        windows of the empty prompt's encoding; SD3/Flux/Wan rows as
+        :mod:`textenc.diffusers.sequences` says.
 
     Raises:
         LayerError: clip_skip or layer outside the text encoder's depth (naming the
-        value and the valid range), or both given. PromptError: bad prompt, weight
+        value and the valid range), or both given; clip_skip for SD3, Flux or Wan. PromptError: bad prompt, weight
         or syntax, or ``truncate_long_prompts=False`` without ``syntax="compel"``.
         DiffusersLayoutError: not a supported pipeline.
     """
@@ -179,19 +194,42 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
     clip.clip_layer(None)  # the layer travels in options, so the padding windows use it too
     prompts = _prompt_list(prompt, "prompt")
     negatives = _negative_list(negative_prompt, len(prompts))
-    tokenize = lambda text: clip.tokenize(text, syntax=syntax, **tokenize_kwargs)  # noqa: E731
-    encode = lambda text: clip.encode_from_tokens(tokenize(text), return_pooled=True, options=options)  # noqa: E731
-    positive = [encode(p) for p in prompts]
-    negative = [None if zero_negative and not n else encode(n) for n in negatives]
-    length = max(cond.shape[1] for cond, _ in positive + [x for x in negative if x is not None])
+    texts = prompts + [n for n in negatives if n or not zero_negative]
+    tokens = [clip.tokenize(text, syntax=syntax, **tokenize_kwargs) for text in texts]
+    if t5_role(clip.family) is not None:
+        encoded = encode_sequences(clip, tokens, options, max_sequence_length=max_sequence_length)
+    else:
+        if max_sequence_length is not None:
+            raise TextencError(f"max_sequence_length is for T5 pipelines (SD3, Flux, Wan), not {clip.family.label}")
+        encoded = _encode_windows(clip, tokens, options)
+    by_text = iter(encoded)
+    positive = [next(by_text) for _ in prompts]
+    negative = [next(by_text) if n or not zero_negative else None for n in negatives]
+    cond = torch.cat([c for c, _ in positive])
+    negative_cond = torch.cat([x[0] if x is not None else torch.zeros_like(cond[:1]) for x in negative])
+    return _result(clip.clip_type, (cond, _pooled([p for _, p in positive])),
+                   (negative_cond, _pooled([x[1] if x is not None else None for x in negative], positive)),
+                   target)
+
+
+def _encode_windows(clip: CLIP, tokens: Sequence[Mapping[str, list]], options: Mapping[str, Any]) -> list:
+    """SD1/SD2/SDXL: each prompt's ``(cond, pooled)``, conds padded to the longest with whole
+    windows of the empty prompt's encoding."""
+    encoded = [clip.encode_from_tokens(t, return_pooled=True, options=options) for t in tokens]
+    length = max(cond.shape[1] for cond, _ in encoded)
     empty = clip.empty_window(options)
-    cond = torch.cat([_padded(c, length, empty) for c, _ in positive])
-    negative_cond = torch.cat([_padded(x[0], length, empty) if x is not None else torch.zeros_like(cond[:1])
-                               for x in negative])
-    negative_pooled = torch.cat([x[1] if x is not None else torch.zeros_like(p)
-                                 for x, (_, p) in zip(negative, positive)])
-    return _result(clip.clip_type, (cond, torch.cat([p for _, p in positive])),
-                   (negative_cond, negative_pooled), target)
+    return [(_padded(cond, length, empty), pooled) for cond, pooled in encoded]
+
+
+def _pooled(rows: Sequence[torch.Tensor | None], like: Sequence[tuple] | None = None) -> torch.Tensor | None:
+    """Rows of pooled outputs as a batch; a missing row (a zeroed negative) is zeros; None
+    where the family has no pooled output (Wan)."""
+    reference = next((r for r in rows if r is not None), None)
+    if reference is None and like is not None:
+        reference = next((p for _, p in like if p is not None), None)
+    if reference is None:
+        return None
+    return torch.cat([r if r is not None else torch.zeros_like(reference) for r in rows])
 
 
 # ---- already-encoded conditioning ------------------------------------------------------

@@ -1,10 +1,12 @@
-"""Load the CLIP text encoders of a diffusers Stable Diffusion folder or pipeline object.
+"""Load the text encoders of a diffusers folder or pipeline object (SD1/SD2/SDXL, SD3, Flux, Wan).
 
 Part of :mod:`textenc.diffusers` (import from there). Kind (documented in
 README, "Using textenc with diffusers"): ``StableDiffusionXL*Pipeline`` → SDXL; any other
 ``StableDiffusion*Pipeline`` (not SD3) → SD2 when its text encoder's
 ``hidden_act`` is ``gelu`` (OpenCLIP ViT-H), else SD1 (OpenAI CLIP-L,
 ``quick_gelu``). Padding always follows the pipeline's own tokenizer ``pad_token``.
+``StableDiffusion3*``, ``Flux*`` and ``Wan*`` pipelines are the ``sd3``, ``flux`` and ``wan``
+families; their T5 / UMT5 encoders are read by :mod:`textenc.diffusers.t5`.
 
 diffusers is never imported: a pipeline is read through its attributes, no
 transformers model is run, and its weights are shared, not copied.
@@ -23,10 +25,12 @@ import torch
 
 from ..loading.checkpoint import load_state_dict
 from ..nn.config import CLIPTextConfig, load_text_config
+from ..nn.t5_config import T5Config
 from ..loading.detect import convert_text_state_dict
 from ..errors import ConfigError, DiffusersLayoutError, TextencError
 from ..sd import CLIP, CLIP_TYPES, build_clip
 from ..text_encoders.families import Family, families, get_family
+from .t5 import copy_spiece_model, t5_config, t5_tokenizer_arguments
 
 __all__ = ["KINDS", "load_from_diffusers", "pipeline_kind", "diffusers_encoder_names"]
 
@@ -50,10 +54,18 @@ class _Encoder:
     """One text encoder of a pipeline, ready to build: HF-layout weights, config, tokenizer."""
 
     state_dict: dict
-    config: CLIPTextConfig
+    config: CLIPTextConfig | T5Config
     tokenizer_path: str
     pad_token: int
     source: str
+    tokenizer_arguments: Mapping[str, Any] | None = None  # T5 roles: their tokenizer's own arguments
+
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        """The role's tokenizer arguments for :func:`textenc.sd.build_clip`."""
+        if self.tokenizer_arguments is not None:
+            return dict(self.tokenizer_arguments)
+        return {"tokenizer_path": self.tokenizer_path, "embedding_size": self.config.hidden_size,
+                "pad_token": self.pad_token}
 
 
 # ---- kind -----------------------------------------------------------------------
@@ -67,9 +79,9 @@ def _pipeline_families(class_name: Any) -> list[Family]:
     longest = max((len(f.pipeline_prefix) for f in matches), default=0)
     found = [f for f in matches if len(f.pipeline_prefix) == longest]
     if not found:
-        raise DiffusersLayoutError(f"{name!r} is not a Stable Diffusion 1.x/2.x/XL pipeline; textenc "
-                                   "supports StableDiffusion*Pipeline and StableDiffusionXL*Pipeline "
-                                   "(StableDiffusion3, Flux, ... have other text encoders)")
+        supported = ", ".join(f"{f.pipeline_prefix}*Pipeline" for f in families() if f.pipeline_prefix)
+        raise DiffusersLayoutError(f"{name!r} is not a pipeline textenc knows the text encoders of; "
+                                   f"textenc supports {supported}")
     return found
 
 
@@ -94,9 +106,9 @@ def pipeline_kind(class_name: str, text_config: CLIPTextConfig | None = None) ->
     return next((f.name for f in found if f.roles[0].activation == text_config.hidden_act), found[0].name)
 
 
-def _components(class_name: Any) -> list[tuple[str, str]]:
-    """``(text encoder, tokenizer)`` attribute names of the pipeline's roles, in role order."""
-    return [(role.diffusers_text_encoder, role.diffusers_tokenizer)
+def _components(class_name: Any) -> list[tuple[str, str, bool]]:
+    """``(text encoder, tokenizer, is T5)`` attribute names of the pipeline's roles, in role order."""
+    return [(role.diffusers_text_encoder, role.diffusers_tokenizer, role.min_length is not None)
             for role in _pipeline_families(class_name)[0].roles]
 
 
@@ -202,31 +214,61 @@ def _pad_token_id(folder: Path) -> int:
     return pad_id
 
 
-def _folder_encoder(folder: Path, tokenizer: Path) -> _Encoder:
+def _t5_encoder(raw: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any], tokenizer: Path,
+                source: str) -> _Encoder:
+    config = t5_config(hf_config, source=f"{source}/config.json")
+    return _Encoder(dict(raw), config, str(tokenizer), 0, source, t5_tokenizer_arguments(tokenizer, config))
+
+
+def _folder_encoder(folder: Path, tokenizer: Path, is_t5: bool = False) -> _Encoder:
     """Read one ``text_encoder*`` folder and its matching ``tokenizer*`` folder."""
     hf_config = _read_json(folder / "config.json", "the text encoder needs its config.json")
     raw = _load_weights(folder)
+    if is_t5:
+        return _t5_encoder(raw, hf_config, tokenizer, str(folder))
     converted = convert_text_state_dict(raw, source=str(folder)).state_dict
     config = _text_config(hf_config, has_projection="text_projection.weight" in converted,
                           source=str(folder / "config.json"))
     return _Encoder(converted, config, str(tokenizer), _pad_token_id(tokenizer), str(folder))
 
 
-def _from_folder(folder: Path) -> tuple[str, list[_Encoder]]:
+def _listed(index: Mapping, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+def _from_folder(folder: Path) -> tuple[str, list[_Encoder | None]]:
     index = _read_json(folder / "model_index.json", "not a diffusers pipeline folder "
                        "(pass the folder holding model_index.json)")
-    encoders = [_folder_encoder(_component(folder, index, encoder_name), _component(folder, index, tokenizer_name))
-                for encoder_name, tokenizer_name in _components(index.get("_class_name"))]
-    return pipeline_kind(index.get("_class_name"), encoders[0].config), encoders
+    class_name = index.get("_class_name")
+    partial = _pipeline_families(class_name)[0].partial
+    encoders = [None if partial and not _listed(index, encoder_name) else
+                _folder_encoder(_component(folder, index, encoder_name), _component(folder, index, tokenizer_name),
+                                is_t5)
+                for encoder_name, tokenizer_name, is_t5 in _components(class_name)]
+    return _kind(class_name, encoders), encoders
+
+
+def _kind(class_name: Any, encoders: Sequence[_Encoder | None]) -> str:
+    first = next(e for e in encoders if e is not None)
+    return pipeline_kind(class_name, first.config if isinstance(first.config, CLIPTextConfig) else None)
 
 
 # ---- pipeline objects ------------------------------------------------------------------
 
-def _object_encoder(pipe: Any, encoder_name: str, tokenizer_name: str, tmp: str) -> _Encoder:
+def _object_encoder(pipe: Any, encoder_name: str, tokenizer_name: str, tmp: str, is_t5: bool = False
+                    ) -> _Encoder | None:
     module, tokenizer = getattr(pipe, encoder_name, None), getattr(pipe, tokenizer_name, None)
+    if module is None and _pipeline_families(type(pipe).__name__)[0].partial:
+        return None  # SD3 runs without any one of its encoders, as ComfyUI
     if module is None or tokenizer is None:
         raise DiffusersLayoutError(f"{type(pipe).__name__} has no {encoder_name}/{tokenizer_name}; "
-                                   "textenc needs the pipeline's CLIP text encoder(s)")
+                                   "textenc needs the pipeline's text encoder(s)")
+    if is_t5:
+        path = os.path.join(tmp, tokenizer_name)
+        tokenizer.save_pretrained(path)  # tokenizer.json, and spiece.model where it has one
+        copy_spiece_model(tokenizer, Path(path))
+        return _t5_encoder(module.state_dict(), module.config.to_dict(), Path(path), f"pipe.{encoder_name}")
     # transformers 5 keeps CLIPTextModel's keys flat (no "text_model."); both layouts convert.
     converted = convert_text_state_dict(module.state_dict(), source=f"pipe.{encoder_name}").state_dict
     config = _text_config(module.config.to_dict(), source=f"pipe.{encoder_name}.config",
@@ -237,23 +279,24 @@ def _object_encoder(pipe: Any, encoder_name: str, tokenizer_name: str, tmp: str)
     return _Encoder(converted, config, path, int(pad), f"pipe.{encoder_name}")
 
 
-def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder]]:
+def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder | None]]:
     class_name = type(pipe).__name__
-    encoders = [_object_encoder(pipe, e, t, tmp) for e, t in _components(class_name)]
-    return pipeline_kind(class_name, encoders[0].config), encoders
+    encoders = [_object_encoder(pipe, e, t, tmp, is_t5) for e, t, is_t5 in _components(class_name)]
+    if all(e is None for e in encoders):
+        raise DiffusersLayoutError(f"{class_name} has no text encoder at all")
+    return _kind(class_name, encoders), encoders
 
 
 # ---- building ------------------------------------------------------------------------
 
-def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch.dtype | None,
+def _build(kind: str, encoders: Sequence[_Encoder | None], *, device: Any, dtype: torch.dtype | None,
            embedding_directory: Any) -> CLIP:
-    by_role = dict(zip(get_family(kind).role_names, encoders))
+    by_role = {role: e for role, e in zip(get_family(kind).role_names, encoders) if e is not None}
     try:
         clip = build_clip(
             kind, {role: e.state_dict for role, e in by_role.items()},
             {role: e.config for role, e in by_role.items()},
-            {role: {"tokenizer_path": e.tokenizer_path, "embedding_size": e.config.hidden_size,
-                    "pad_token": e.pad_token} for role, e in by_role.items()},
+            {role: e.tokenizer_kwargs() for role, e in by_role.items()},
             sources={role: e.source for role, e in by_role.items()},
             embedding_directory=embedding_directory, device=device, dtype=dtype)
     except DiffusersLayoutError:
@@ -265,7 +308,9 @@ def _build(kind: str, encoders: Sequence[_Encoder], *, device: Any, dtype: torch
 
 def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", embedding_directory: Any = None) -> CLIP:
-    """Build a textenc :class:`~textenc.sd.CLIP` from a diffusers SD1/SD2/SDXL folder or pipeline.
+    """Build a textenc :class:`~textenc.sd.CLIP` from a diffusers folder or pipeline (SD1/SD2/SDXL,
+    SD3 with ``text_encoder_3`` (T5; any encoder may be missing), Flux (``text_encoder_2``: T5),
+    Wan (``text_encoder``: UMT5, its ``tokenizer/spiece.model``)).
 
     Args:
         path_or_pipeline: a folder with ``model_index.json``, ``text_encoder/``
@@ -278,7 +323,7 @@ def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: tor
         embedding_directory: textual-inversion folder(s) for ``embedding:name``.
 
     Returns:
-        A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"`` or ``"sdxl"``. An SD2 text
+        A CLIP with ``clip_type`` ``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or ``"wan"``. An SD2 text
         encoder of 23 layers (ViT-H without its last, as diffusers' SD2 folders
         ship it) is numbered as ViT-H's 24 layers, as ComfyUI does: its default
         ``-2`` is the folder's last layer (see :mod:`textenc.text_encoders.sd2_clip`).
