@@ -146,6 +146,8 @@ TEXT_PREFIXES = (
     ("clip_l.transformer.", "l", "comfy"),  # ComfyUI's own saved CLIP files.
     ("clip_g.transformer.", "g", "comfy"),
     ("clip_h.transformer.", "h", "comfy"),
+    ("text_encoders.clip_l.transformer.", "l", "sd3"),  # single-file SD3 / SD3.5 / Flux checkpoints
+    ("text_encoders.clip_g.transformer.", "g", "sd3"),
     ("", "", "standalone"),
 )
 # Where vision towers live: (prefix, source model).
@@ -171,6 +173,8 @@ LAYOUTS: dict[str, tuple[Tower, str, str]] = {
     "comfy_l": (TEXT, "clip_l.transformer.", "hf"),
     "comfy_g": (TEXT, "clip_g.transformer.", "hf"),
     "comfy_h": (TEXT, "clip_h.transformer.", "hf"),
+    "sd3_l": (TEXT, "text_encoders.clip_l.transformer.", "hf"),
+    "sd3_g": (TEXT, "text_encoders.clip_g.transformer.", "hf"),
     "hf_vision": (VISION, "", "hf"),
     "hf_vision_flat": (VISION, "", "hf_flat"),
     "open_clip_visual": (VISION, "", "open_clip"),

@@ -1,9 +1,11 @@
-"""Find the CLIP text encoders in checkpoint state dicts, one per role, ready to build.
+"""Find the text encoders (CLIP, T5, UMT5) in checkpoint files, one per role, ready to build.
 
-:func:`load_text_encoder_state_dicts` reads ``(source, state_dict)`` pairs: each
+:func:`load_text_encoder_state_dicts` reads ``(source, state_dict)`` pairs: each CLIP
 encoder found (:func:`textenc.loading.detect.detect_text_encoders`) is converted to the
 HF layout, checked for missing layers and stray keys, and keyed by the encoder kind it is
-(``l``, ``h``, ``g``). :func:`text_config_from_info` gives the text config its shapes imply.
+(``l``, ``h``, ``g``); a T5 encoder (:func:`textenc.loading.t5_files.t5_checkpoint`, any
+prefix) is keyed ``t5`` (T5 v1.1) or ``umt5``. :func:`load_text_encoder_files` reads
+paths, T5's GGUF files and diffusers folders included. :func:`text_config_from_info` gives the text config its shapes imply.
 Which family the encoders make, and its facts, are the family registry's
 (:mod:`textenc.text_encoders.families`); :func:`textenc.sd.load_clip` passes them in
 and builds a ``CLIP`` from the result.
@@ -12,13 +14,31 @@ and builds a ``CLIP`` from the result.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
 
+from .checkpoint import load_state_dict, read_safetensors_metadata
 from .detect import TextEncoderInfo, convert_text_state_dict, detect_text_encoders
+from .t5_files import T5Checkpoint, T5Shapes, load_t5_file, t5_checkpoint
 from ..errors import CheckpointError, CheckpointWarning
 from ..warn import warn_at_caller
 
-__all__ = ["FoundTextEncoder", "load_text_encoder_state_dicts", "text_config_from_info"]
+__all__ = ["FoundTextEncoder", "load_text_encoder_state_dicts", "load_text_encoder_files",
+           "text_config_from_info", "T5_KINDS", "describe_kind"]
+
+#: The encoder kinds of T5 files: T5 v1.1 (SD3, Flux) and UMT5 (Wan).
+T5_KINDS = ("t5", "umt5")
+_KIND_NAMES = {"l": "CLIP-L", "h": "CLIP-H (OpenCLIP ViT-H)", "g": "CLIP-G (OpenCLIP ViT-bigG)",
+               "t5": "T5-XXL (T5 v1.1)", "umt5": "UMT5-XXL"}
+_T5_MARKER = "encoder.final_layer_norm.weight"
+#: ``(source, state_dict)``, ``(source, state_dict, safetensors metadata)`` or a T5 file already read.
+Entry = Union[tuple, T5Checkpoint]
+
+
+def describe_kind(kind: str) -> str:
+    """A user-facing name of an encoder kind (``"t5"`` → ``"T5-XXL (T5 v1.1)"``)."""
+    return _KIND_NAMES.get(kind, kind)
 
 
 def text_config_from_info(info: TextEncoderInfo, *, hidden_act: str = "quick_gelu",
@@ -42,13 +62,20 @@ def text_config_from_info(info: TextEncoderInfo, *, hidden_act: str = "quick_gel
 class FoundTextEncoder:
     """One text encoder found in a checkpoint: what :func:`load_text_encoder_state_dicts` returns per role.
 
-    ``info`` is its detection report (shapes, depth), ``state_dict`` its weights in
-    the HF layout (stray keys dropped), ``source`` the file (or name) it came from.
+    ``info`` is its detection report (a CLIP's :class:`TextEncoderInfo`, a T5's
+    :class:`~textenc.loading.t5_files.T5Shapes`), ``state_dict`` its weights in the HF
+    layout (stray keys dropped; T5's quantised ones packed), ``source`` the file (or
+    name) it came from, ``spiece_model`` the SentencePiece model a UMT5 file carries.
     """
 
-    info: TextEncoderInfo
+    info: TextEncoderInfo | T5Shapes
     state_dict: dict
     source: str
+    spiece_model: bytes | None = None
+
+    @property
+    def is_t5(self) -> bool:
+        return isinstance(self.info, T5Shapes)
 
 
 def _role(info: TextEncoderInfo, roles: Sequence[str] | None, taken: Mapping[str, Any]) -> str:
@@ -96,41 +123,102 @@ def _stray_keys(source: str, info: TextEncoderInfo, unmatched: Sequence[str], st
     warn_at_caller(message + "; they were ignored (strict=True refuses such files)", CheckpointWarning)
 
 
-def load_text_encoder_state_dicts(state_dicts: Sequence[tuple[str, Mapping]], *,
+def _has_t5(sd: Mapping) -> bool:
+    return any(k == _T5_MARKER or k.endswith("." + _T5_MARKER) for k in sd)
+
+
+def _clip_encoders(source: str, sd: Mapping, roles: Sequence[str] | None, taken: Mapping[str, Any], *,
+                   strict: bool, allow_missing_layers: bool,
+                   released_depths: Mapping[str, int]) -> list[tuple[str, FoundTextEncoder]]:
+    out: list[tuple[str, FoundTextEncoder]] = []
+    for info in detect_text_encoders(sd):
+        result = convert_text_state_dict(sd, encoder=info.name, source=source)
+        info = _check_layers(source, info, allow_missing_layers, released_depths)
+        _stray_keys(source, info, result.unmatched, strict)
+        converted = {k: v for k, v in result.state_dict.items() if k not in set(info.stray_keys)}
+        role = _role(info, roles, {**taken, **dict(out)})
+        out.append((role, FoundTextEncoder(info, converted, source)))
+    return out
+
+
+def _t5_encoder(checkpoint: T5Checkpoint) -> tuple[str, FoundTextEncoder]:
+    return checkpoint.shapes.kind, FoundTextEncoder(checkpoint.shapes, checkpoint.state_dict, checkpoint.source,
+                                                    checkpoint.spiece_model)
+
+
+def _entry_encoders(entry: Entry, roles, taken, *, strict: bool, allow_missing_layers: bool,
+                    released_depths: Mapping[str, int], require_finite: bool) -> list[tuple[str, FoundTextEncoder]]:
+    """Every encoder of one entry, ``(kind, found)``."""
+    if isinstance(entry, T5Checkpoint):
+        return [_t5_encoder(entry)]
+    source, sd = entry[0], entry[1]
+    metadata = entry[2] if len(entry) > 2 else {}
+    clip_roles = [role for role in roles or () if role not in T5_KINDS] or None
+    found = _clip_encoders(source, sd, clip_roles, taken, strict=strict, allow_missing_layers=allow_missing_layers,
+                           released_depths=released_depths)
+    if _has_t5(sd):
+        found.append(_t5_encoder(t5_checkpoint(sd, metadata, source=source, require_finite=require_finite)))
+    if not found:
+        raise CheckpointError(f"{source}: no CLIP text encoder found, nor a T5 one")
+    return found
+
+
+def load_text_encoder_state_dicts(state_dicts: Sequence[Entry], *,
                                   roles: Sequence[str] | None = None, strict: bool = False,
                                   allow_missing_layers: bool = False,
-                                  released_depths: Mapping[str, int] | None = None) -> dict[str, FoundTextEncoder]:
-    """Find every text encoder in the given ``(source, state_dict)`` pairs, keyed by encoder kind.
+                                  released_depths: Mapping[str, int] | None = None,
+                                  require_finite: bool = True) -> dict[str, FoundTextEncoder]:
+    """Find every text encoder in the given entries, keyed by encoder kind (``l``, ``h``, ``g``,
+    ``t5``, ``umt5``).
 
     Args:
+        state_dicts: ``(source, state_dict)`` pairs, ``(source, state_dict, metadata)``
+            (a safetensors header's metadata: ComfyUI's quantised T5 files need it) or
+            T5 files already read (:class:`~textenc.loading.t5_files.T5Checkpoint`).
         roles: the encoder kinds the requested family takes, in order (SDXL ``("l", "g")``):
-            encoders of non-standard width take the first one not yet found, file by
-            file; None: ``"l"``.
+            CLIP encoders of non-standard width take the first CLIP kind not yet found,
+            file by file; None: ``"l"``.
         released_depths: kind → the released model's depth, for kinds whose files may
             lack that model's last layer and load anyway (``{"h": 24}``: diffusers'
             23-layer SD2 ViT-H, numbered as the full model).
+        require_finite: refuse T5 weights holding NaN or infinite values (CLIP's are
+            checked when the model loads them).
 
     Raises:
-        CheckpointError: no encoder, two of one role, missing layers (see
-            :func:`~textenc.sd.load_clip`), or (``strict``) keys below an encoder's prefix
-            that match no known weight.
+        CheckpointError: no encoder, two of one kind, missing layers (see
+            :func:`~textenc.sd.load_clip`), a bad T5 file (see
+            :func:`~textenc.loading.t5_files.load_t5_file`), or (``strict``) keys below an
+            encoder's prefix that match no known weight.
 
     Warns:
         CheckpointWarning: (not ``strict``) such keys, which are ignored.
     """
     found: dict[str, FoundTextEncoder] = {}
-    for source, sd in state_dicts:
-        infos = detect_text_encoders(sd)
-        if not infos:
-            raise CheckpointError(f"{source}: no CLIP text encoder found")
-        for info in infos:
-            result = convert_text_state_dict(sd, encoder=info.name, source=source)
-            info = _check_layers(source, info, allow_missing_layers, released_depths or {})
-            _stray_keys(source, info, result.unmatched, strict)
-            converted = {k: v for k, v in result.state_dict.items() if k not in set(info.stray_keys)}
-            role = _role(info, roles, found)
-            if role in found:
-                raise CheckpointError(f"{source}: a second {role!r} text encoder "
-                                      f"(first from {found[role].source})")
-            found[role] = FoundTextEncoder(info, converted, source)
+    for entry in state_dicts:
+        for kind, encoder in _entry_encoders(entry, roles, found, strict=strict,
+                                             allow_missing_layers=allow_missing_layers,
+                                             released_depths=released_depths or {}, require_finite=require_finite):
+            if kind in found:
+                raise CheckpointError(f"{encoder.source}: a second {describe_kind(kind)} text encoder "
+                                      f"(first from {found[kind].source}); give each encoder once")
+            found[kind] = encoder
     return found
+
+
+def load_text_encoder_files(paths: Sequence[str | os.PathLike], **kwargs: Any) -> dict[str, FoundTextEncoder]:
+    """:func:`load_text_encoder_state_dicts` of files: safetensors / pickle checkpoints
+    (any text encoders, T5 quantised ones included), T5 ``.gguf`` files and diffusers
+    ``T5EncoderModel`` folders (:func:`~textenc.loading.t5_files.load_t5_file`).
+
+    Raises:
+        CheckpointError: as :func:`load_text_encoder_state_dicts`, or an unreadable file.
+    """
+    entries: list[Entry] = []
+    for path in paths:
+        file = Path(path)
+        if file.is_dir() or file.suffix.lower() == ".gguf":
+            entries.append(load_t5_file(file, require_finite=kwargs.get("require_finite", True)))
+            continue
+        metadata = read_safetensors_metadata(file) if file.suffix.lower() == ".safetensors" else {}
+        entries.append((str(path), load_state_dict(file), metadata))
+    return load_text_encoder_state_dicts(entries, **kwargs)

@@ -26,7 +26,7 @@ from ..errors import PromptError
 from .encode import check_weighted, empty_encoding, encode_windows, pair_weights
 from .weighting import apply_weights
 
-__all__ = ["Encoded", "FamilyEncodeMixin", "encode_batch", "ERRORS"]
+__all__ = ["Encoded", "FamilyEncodeMixin", "PromptByPromptMixin", "encode_batch", "ERRORS"]
 
 #: ``errors=`` of :func:`encode_batch`: raise the first prompt's PromptError, or return it in its place.
 ERRORS = ("raise", "return")
@@ -172,3 +172,34 @@ class FamilyEncodeMixin:
         """One window of the empty prompt's encoding, (T, D): every role's side by side."""
         return torch.cat([empty_encoding(encoder, encoder.max_length, encoder.resolve_options(options))[0]
                           for encoder in self.encoders.values()], -1)
+
+
+class PromptByPromptMixin:
+    """The batched encode and the empty prompt of a family whose roles do not line up
+    window by window (SD3, Flux, Wan: a T5 sequence of its own length beside CLIP's
+    77-token windows): each prompt is encoded on its own, so each result is exactly
+    what ``encode_token_weights`` gives it.
+
+    The wrapper says its empty prompt's tokens per role in :meth:`empty_tokens`.
+    """
+
+    def empty_tokens(self) -> dict[str, list]:
+        """``{role: windows}`` of the empty prompt, as the family's tokenizer gives it."""
+        raise NotImplementedError
+
+    def encode_token_weights_batch(self, prompts: Sequence[Mapping[str, list]], *,
+                                   options: Mapping[str, Any] | None = None, errors: str = "raise") -> list:
+        """Each prompt's :class:`Encoded` from its own ``encode_token_weights`` call; see :func:`encode_batch`."""
+        if errors not in ERRORS:
+            raise PromptError(f"errors={errors!r} is not one of {ERRORS}")
+        results = [_direct(self, prompt, options) for prompt in prompts]
+        if errors == "raise":
+            for result in results:
+                if isinstance(result, PromptError):
+                    raise result
+        return results
+
+    def empty_window(self, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """The empty prompt's cond, (T, D): the family's whole empty encoding (SD3: CLIP's
+        77 rows then T5's 77; Flux: T5's 256; Wan: UMT5's 512)."""
+        return self.encode_token_weights(self.empty_tokens(), options=options, need_pooled=False)[0][0]

@@ -9,12 +9,14 @@ its import below.
 ['sd1', 'sd2', 'sdxl']
 >>> get_family("sdxl").role_names
 ('l', 'g')
+>>> get_family("sd3").role_names, get_family("flux").role_names, get_family("wan").role_names
+(('l', 'g', 't5xxl'), ('l', 't5xxl'), ('umt5xxl',))
 """
 
 from __future__ import annotations
 
 # Each built-in family module registers its entry at import, in this order.
-from . import sd1_clip, sd2_clip, sdxl_clip  # noqa: F401
+from . import sd1_clip, sd2_clip, sdxl_clip, sd3_clip, flux, wan  # noqa: F401
 from .registry import (Family, Role, families, family_for_encoders, family_names, get_family,
                        register_family, unregister_family)
 

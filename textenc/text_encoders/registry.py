@@ -44,6 +44,12 @@ class Role:
         pad_token: the ``pad_token_id`` of such a config.
         diffusers_text_encoder / diffusers_tokenizer: the diffusers pipeline's
             attribute (and folder) of this role's text encoder and tokenizer.
+        attribute_name: the wrappers' attribute and state-dict prefix when it is not
+            ``clip_<name>`` (ComfyUI's ``t5xxl``, ``umt5xxl``).
+        min_length: the family's minimum token count of a T5 role (SD3 77, Flux 256,
+            Wan 512: its prompts are one sequence of at least this length); None for
+            CLIP roles (77-token windows). ``activation`` and ``pad_token`` are CLIP's
+            and mean nothing for a T5 role.
     """
 
     name: str
@@ -54,6 +60,8 @@ class Role:
     pad_token: int = 49407
     diffusers_text_encoder: str = "text_encoder"
     diffusers_tokenizer: str = "tokenizer"
+    attribute_name: str = ""
+    min_length: int | None = None
 
     def __post_init__(self) -> None:
         if not self.encoder:
@@ -61,8 +69,13 @@ class Role:
 
     @property
     def attribute(self) -> str:
-        """The wrappers' attribute and state-dict prefix, as ComfyUI's (``clip_l``)."""
-        return f"clip_{self.name}"
+        """The wrappers' attribute and state-dict prefix, as ComfyUI's (``clip_l``, ``t5xxl``)."""
+        return self.attribute_name or f"clip_{self.name}"
+
+    @property
+    def is_t5(self) -> bool:
+        """Whether this role is a T5 / UMT5 encoder (one sequence, no pooled output)."""
+        return self.min_length is not None
 
     @property
     def released_model(self) -> tuple[str, int] | None:
@@ -93,6 +106,8 @@ class Family:
         diffusers_pooled: the pipeline takes ``pooled_prompt_embeds``.
         checkpoint_layouts: the key layouts of its full checkpoints
             (:data:`textenc.loading.convert.TEXT_PREFIXES`).
+        partial: any non-empty subset of its roles may be loaded (SD3, as ComfyUI:
+            a missing encoder's part of the result is zeros); otherwise all are needed.
     """
 
     name: str
@@ -105,6 +120,7 @@ class Family:
     pipeline_prefix: str | None = None
     diffusers_pooled: bool = False
     checkpoint_layouts: tuple[str, ...] = ()
+    partial: bool = False
 
     @property
     def role_names(self) -> tuple[str, ...]:
