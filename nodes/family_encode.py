@@ -78,10 +78,7 @@ class CLIPTextEncodeFlux:
 
     @checked
     def encode(self, clip, clip_l: str, t5xxl: str, guidance: float):
-        from textenc.conditioning import conditioning_set_values
-
         require_roles("CLIPTextEncodeFlux", clip, ("l", "t5xxl"))
         tokens = dict(clip.tokenize(clip_l))
         tokens["t5xxl"] = clip.tokenize(t5xxl)["t5xxl"]
-        conditioning = clip.encode_from_tokens_scheduled(tokens)
-        return (conditioning_set_values(conditioning, {"guidance": guidance}),)
+        return (clip.encode_from_tokens_scheduled(tokens, add_dict={"guidance": guidance}),)

@@ -27,7 +27,7 @@ def test_entry_points_take_every_family():
     for command in ("encode", "inspect"):
         option = next(a for a in sub[command]._actions if "--clip-type" in a.option_strings)
         assert tuple(option.choices) == ("auto", *families.family_names()), command
-        assert option.help == names.CLIP_TYPE_HELP, command
+        assert option.help.startswith(names.CLIP_TYPE_HELP), command
 
 
 def test_reading_the_names_imports_no_torch():
