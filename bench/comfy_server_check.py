@@ -133,8 +133,8 @@ def install_nodes(comfy: Path) -> None:
 
 # --- the server -------------------------------------------------------------------------
 
-def start_server(comfy: Path, port: int, out: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TEXTENC_ORACLE_OUT": str(out)}
+def start_server(comfy: Path, port: int, out: Path, log: Path, extra_paths: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *extra_paths]), "TEXTENC_ORACLE_OUT": str(out)}
     command = [sys.executable, "main.py", "--cpu", "--fp32-text-enc", "--listen", "127.0.0.1", "--port", str(port),
                "--disable-auto-launch"]
     process = subprocess.Popen(command, cwd=comfy, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -262,6 +262,8 @@ def main() -> int:
     parser.add_argument("--comfyui", required=True, type=Path, help="a ComfyUI source tree (a copy for this check)")
     parser.add_argument("--port", type=int, default=8199, help="the server's port (default: %(default)s)")
     parser.add_argument("--keep", action="store_true", help="leave the tiny configs, models and nodes in place")
+    parser.add_argument("--extra-path", action="append", default=[],
+                        help="a folder put on the server's PYTHONPATH after textenc (e.g. a stand-in package)")
     args = parser.parse_args()
     comfy = args.comfyui.resolve()
     out = comfy / "textenc_oracle_out"
@@ -272,7 +274,7 @@ def main() -> int:
     try:
         write_models(comfy / "models" / "text_encoders")
         install_nodes(comfy)
-        process = start_server(comfy, args.port, out, comfy / "textenc_oracle_server.log")
+        process = start_server(comfy, args.port, out, comfy / "textenc_oracle_server.log", args.extra_path)
         info = get(args.port, "/object_info")
         missing = [n for n in ("TextencTripleCLIPLoader", "TextencCLIPTextEncodeFlux", "TextencCLIPTextEncodeSD3",
                                "TextencFluxGuidance", "OracleSaveConditioning") if n not in info]
