@@ -32,13 +32,14 @@ TRAINING_TEXT = [
 ] * 20
 
 
-def clip_model(kind: str, seed: int):
-    """CLIP-L (``"l"``: quick_gelu, pad 49407, 1 head) or CLIP-G (``"g"``: gelu, pad 0, 2 heads), random."""
+def clip_model(kind: str, seed: int, width: int | None = None):
+    """CLIP-L (``"l"``: quick_gelu, pad 49407, 1 head) or CLIP-G (``"g"``: gelu, pad 0, 2 heads), random;
+    ``width`` (a multiple of 64) overrides the tiny one."""
     import transformers
-    width = L_WIDTH if kind == "l" else G_WIDTH
+    width = width or (L_WIDTH if kind == "l" else G_WIDTH)
     config = transformers.CLIPTextConfig(
         hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3, num_attention_heads=width // 64,
-        vocab_size=49408, max_position_embeddings=77, projection_dim=width + 16,
+        vocab_size=49408, max_position_embeddings=77, projection_dim=width,
         hidden_act="quick_gelu" if kind == "l" else "gelu", bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407 if kind == "l" else 0, layer_norm_eps=1e-5)
     model = transformers.CLIPTextModelWithProjection._from_config(config, attn_implementation="sdpa")
@@ -46,15 +47,15 @@ def clip_model(kind: str, seed: int):
     return model.eval()
 
 
-def t5_model(kind: str, seed: int):
-    """T5 v1.1 (``"t5"``) or UMT5 (``"umt5"``) encoder of the tiny shape, random."""
+def t5_model(kind: str, seed: int, **shape):
+    """T5 v1.1 (``"t5"``) or UMT5 (``"umt5"``) encoder of the tiny shape (``shape`` overrides), random."""
     import transformers
     if kind == "umt5":
         model = transformers.UMT5EncoderModel._from_config(
-            transformers.UMT5Config(vocab_size=UMT5_VOCAB_SIZE, **T5_SHAPE), attn_implementation="sdpa")
+            transformers.UMT5Config(vocab_size=UMT5_VOCAB_SIZE, **{**T5_SHAPE, **shape}), attn_implementation="sdpa")
     else:
         model = transformers.T5EncoderModel._from_config(
-            transformers.T5Config(vocab_size=T5_VOCAB_SIZE, **T5_SHAPE), attn_implementation="sdpa")
+            transformers.T5Config(vocab_size=T5_VOCAB_SIZE, **{**T5_SHAPE, **shape}), attn_implementation="sdpa")
     randomize_(model, seed)
     with torch.no_grad():  # randomize_ leaves the shared embedding fan-in small; make it O(1)
         model.shared.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed + 1))
@@ -90,6 +91,9 @@ class TinyFamily:
         self.paths = {
             "l": self._save("clip_l.safetensors", weights(self.clip_l)),
             "g": self._save("clip_g.safetensors", weights(self.clip_g)),
+            # ComfyUI's own saved layout names the role (a non-standard width alone cannot)
+            "g_named": self._save("clip_g_named.safetensors",
+                                  {f"clip_g.transformer.{k}": v for k, v in weights(self.clip_g).items()}),
             "t5": self._save("t5xxl_fp32.safetensors", weights(self.t5)),
             "umt5": self._save("umt5_xxl.safetensors", {**weights(self.umt5), "spiece_model": spiece}),
             "umt5_bare": self._save("umt5_xxl_no_tokenizer.safetensors", weights(self.umt5)),

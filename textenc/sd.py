@@ -17,14 +17,14 @@ import torch
 from .prompts.limits import check_prompt_size
 from .prompts.dialects import default_weight_mode, get_dialect, prompt_schedules
 from .errors import CheckpointError, TextencError
-from .nn.t5_config import t5_config_from_state_dict
-from .text_encoders.families import CLIP_TYPES, ROLES, Family, Role, families, family_for_encoders, get_family
+from .text_encoders.families import CLIP_TYPES, ROLES, Family, families, family_for_encoders, get_family
+from .text_encoders.selection import check_family, detect_family, role_config, tokenizer_arguments
 from .text_encoders.sd1_clip import SDClipModel
 from .text_encoders.schedules import schedule_encoder
 from .prompts.step_ranges import step_ranges
 from .prompts.tokenizer import SDTokenizer
-from .loading.text_encoders import (FoundTextEncoder, describe_kind, load_text_encoder_files,
-                                    load_text_encoder_state_dicts, text_config_from_info)
+from .loading.text_encoders import (FoundTextEncoder, load_text_encoder_files, load_text_encoder_state_dicts,
+                                    text_config_from_info)
 
 __all__ = ["CLIP", "CLIP_TYPES", "ROLES", "build_clip", "load_clip", "load_text_encoder_state_dicts",
            "text_config_from_info", "detect_clip_type", "conditioning_at_step", "FoundTextEncoder"]
@@ -290,63 +290,18 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
     return CLIP(model, tokenizer, clip_type=clip_type)
 
 
-def _config(role: Role, found: FoundTextEncoder, text_configs: Mapping[str, Any]) -> Any:
-    """The role's text config: the caller's, else read from the weights' shapes (CLIP's with the
-    role's activation and pad token, which shapes cannot tell)."""
-    if role.name in text_configs:
-        return text_configs[role.name]
-    if found.is_t5:
-        return t5_config_from_state_dict(found.state_dict)
-    return text_config_from_info(found.info, hidden_act=role.activation, pad_token_id=role.pad_token)
-
-
-def _tokenizer_arguments(role: Role, found: FoundTextEncoder | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The role's tokenizer arguments: CLIP's embedding width, a UMT5 file's own SentencePiece model."""
-    arguments = dict(given)
-    if found is None:
-        return arguments
-    if not found.is_t5:
-        return {"embedding_size": found.info.hidden_size, **arguments}
-    if found.info.kind == "umt5" and "tokenizer" not in arguments:
-        if found.spiece_model is None:
-            raise CheckpointError(
-                f"{found.source}: this UMT5 text encoder holds no 'spiece_model' (its SentencePiece tokenizer, which "
-                f"Wan's umt5_xxl files carry) and none was given; pass tokenizer_kwargs={{{role.name!r}: "
-                "{'tokenizer': 'path/to/spiece.model'}} or use a file that includes it")
-        arguments["tokenizer"] = found.spiece_model
-    return arguments
-
-
 def _build(family: Family, encoders: Mapping[str, FoundTextEncoder], *, embedding_directory, device,
            dtype, tokenizer_kwargs: Mapping[str, Any], text_configs: Mapping[str, Any],
            strict: bool, require_finite: bool) -> CLIP:
     found = {role.name: encoders[role.encoder] for role in family.roles if role.encoder in encoders}
-    configs = {role.name: _config(role, found[role.name], text_configs) for role in family.roles if role.name in found}
-    kwargs = {role.name: _tokenizer_arguments(role, found.get(role.name), tokenizer_kwargs.get(role.name, {}))
+    configs = {role.name: role_config(role, found[role.name], text_configs) for role in family.roles
+               if role.name in found}
+    kwargs = {role.name: tokenizer_arguments(role, found.get(role.name), tokenizer_kwargs.get(role.name, {}))
               for role in family.roles}
     return build_clip(family.name, {role: found[role].state_dict for role in found}, configs, kwargs,
                       sources={role: found[role].source for role in found},
                       embedding_directory=embedding_directory, device=device, dtype=dtype,
                       strict=strict, require_finite=require_finite)
-
-
-def _check_family(family: Family, encoders: Mapping[str, FoundTextEncoder], clip_type: str) -> None:
-    """Refuse encoders the asked-for family does not take, or (unless it may be partial) lacks."""
-    wanted = family.encoder_kinds
-    named = " + ".join(describe_kind(kind) for kind in wanted)
-    extra = [kind for kind in encoders if kind not in wanted]
-    if extra:
-        held = ", ".join(f"{encoders[kind].source} holds {describe_kind(kind)}" for kind in extra)
-        try:
-            hint = f"; those files make {family_for_encoders(list(encoders)).label}: pass " \
-                   f"clip_type={family_for_encoders(list(encoders)).name!r}"
-        except CheckpointError:
-            hint = ""
-        raise CheckpointError(f"clip_type {clip_type!r} ({family.label}) takes {named}, but {held}{hint}")
-    missing = [kind for kind in wanted if kind not in encoders]
-    if missing and (not family.partial or len(missing) == len(wanted)):
-        raise CheckpointError(f"clip_type {clip_type!r} ({family.label}) needs {named}; "
-                              f"missing {', '.join(describe_kind(kind) for kind in missing)}: give its file too")
 
 
 def detect_clip_type(names: Sequence[str]) -> str:
@@ -409,9 +364,7 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
         encoders = load_text_encoder_files(paths, **options)
     else:
         encoders = load_text_encoder_state_dicts(state_dicts, **options)
-    if family is None:
-        family = family_for_encoders(list(encoders))
-    _check_family(family, encoders, clip_type or family.name)
+    family = check_family(family, encoders, clip_type) if family is not None else detect_family(encoders)
     return _build(family, encoders, embedding_directory=embedding_directory, device=device,
                   dtype=dtype, tokenizer_kwargs=tokenizer_kwargs or {},
                   text_configs=text_configs or {}, strict=strict, require_finite=require_finite)

@@ -19,7 +19,6 @@ where the relative position bias lives (block 0 only, or every block).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from textenc.loading.gguf_files import read_gguf_t5
 from textenc.loading.quantized import is_quantized, unpack_quantized
 from textenc.loading.t5_folders import check_folder_config, read_t5_folder
 from textenc.nn.packed import PackedWeight, ScaledFloat8Weight, float8_is_finite
+from textenc.nn.t5_config import t5_config_from_state_dict
 
 __all__ = ["T5Shapes", "T5Checkpoint", "KNOWN_CONFIGS", "load_t5_file", "t5_checkpoint",
            "detect_t5_shapes", "t5_layout_keys"]
@@ -75,7 +75,6 @@ KNOWN_CONFIGS = {
     "t5-v1_1-xxl": T5Shapes("t5", 4096, 10240, 64, 64, 24, 32128, 32),
     "umt5-xxl": T5Shapes("umt5", 4096, 10240, 64, 64, 24, 256384, 32),
 }
-_UMT5_VOCAB = 256384
 
 
 @dataclass
@@ -114,7 +113,6 @@ _ATTENTION = ("q", "k", "v", "o")
 _FFN = ("wi_0", "wi_1", "wo")
 _FINAL_NORM = "encoder.final_layer_norm.weight"
 _LINEAR_WEIGHTS = tuple(f".{name}.weight" for name in _ATTENTION + _FFN)
-_BLOCK_KEY = re.compile(r"encoder\.block\.(\d+)\.")
 #: A full T5ForConditionalGeneration (or a GGUF of one) also holds these; they are not the encoder.
 _NOT_ENCODER = ("decoder.", "lm_head.", "encoder.embed_tokens.")
 
@@ -187,56 +185,20 @@ def _encoder_prefix(state_dict: Mapping[str, torch.Tensor], source: str) -> str:
 
 
 def detect_t5_shapes(sd: Mapping[str, torch.Tensor], *, source: str) -> T5Shapes:
-    """Read a T5 config from HF-layout weights' shapes; see :class:`T5Shapes`.
+    """Read a T5 config from HF-layout weights' shapes (one reader for all of textenc:
+    :func:`textenc.nn.t5_config.t5_config_from_state_dict`); see :class:`T5Shapes`.
 
     Raises:
         CheckpointError: a weight needed to read a size is missing, the feed-forward is
-            not gated (T5 v1.0's ``wi``), or the position biases sit in a pattern that is
-            neither T5 v1.1 nor UMT5.
+            not gated (T5 v1.0's ``wi``), the blocks are not numbered 0..n-1, or the position
+            biases sit in a pattern that is neither T5 v1.1 nor UMT5.
     """
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in sd:
-            raise CheckpointError(f"{source}: T5 weight {key!r} is missing; the file is truncated or not "
-                                  "a T5 v1.1 / UMT5 encoder")
-        return tuple(sd[key].shape)
-
     if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in sd:
         raise CheckpointError(f"{source}: a T5 v1.0 encoder (feed-forward 'wi', ReLU); textenc runs T5 v1.1 "
                               "and UMT5 (gated-GELU 'wi_0'/'wi_1'), as ComfyUI's Flux/SD3/Wan encoders")
-    vocab_size, d_model = _dims(shape("shared.weight"), 2, "shared.weight", source)
-    inner = shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
-    d_ff = shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0]
-    num_buckets, num_heads = _dims(
-        shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"), 2,
-        "relative_attention_bias", source)
-    if num_heads == 0 or inner % num_heads:
-        raise CheckpointError(f"{source}: attention width {inner} is not a multiple of {num_heads} heads")
-    layers = sorted({int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))})
-    if layers != list(range(len(layers))):
-        raise CheckpointError(f"{source}: encoder blocks {layers[:8]}... are not numbered 0..n-1; "
-                              "the file is truncated or merged badly")
-    kind = _kind(sd, len(layers), vocab_size, source)
-    return T5Shapes(kind, d_model, d_ff, num_heads, inner // num_heads, len(layers), vocab_size, num_buckets)
-
-
-def _dims(shape: tuple[int, ...], rank: int, what: str, source: str) -> tuple[int, ...]:
-    if len(shape) != rank:
-        raise CheckpointError(f"{source}: {what} has shape {shape}; expected {rank} dimensions")
-    return shape
-
-
-def _kind(sd: Mapping[str, torch.Tensor], num_layers: int, vocab_size: int, source: str) -> str:
-    """T5 v1.1 keeps the position bias in block 0 only; UMT5 has one per block."""
-    with_bias = [i for i in range(num_layers)
-                 if f"encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight" in sd]
-    if num_layers == 1:
-        return "umt5" if vocab_size == _UMT5_VOCAB else "t5"
-    if with_bias == [0]:
-        return "t5"
-    if with_bias == list(range(num_layers)):
-        return "umt5"
-    raise CheckpointError(f"{source}: relative position bias in blocks {with_bias} of {num_layers}; T5 v1.1 "
-                          "has it in block 0 only and UMT5 in every block; the file is malformed")
+    config = t5_config_from_state_dict(sd, source=source)
+    return T5Shapes(config.model_type, config.d_model, config.d_ff, config.num_heads, config.d_kv,
+                    config.num_layers, config.vocab_size, config.relative_attention_num_buckets)
 
 
 def t5_layout_keys(shapes: T5Shapes) -> list[str]:

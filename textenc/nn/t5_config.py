@@ -161,43 +161,66 @@ def load_t5_config(spec: str | Path | Mapping[str, Any] | T5Config) -> T5Config:
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str, dims: int) -> tuple[int, ...]:
+def _shape(sd: Mapping[str, torch.Tensor], key: str, dims: int, source: str) -> tuple[int, ...]:
     if key not in sd:
-        raise CheckpointError(f"T5 state dict has no {key!r}: not a T5 encoder in the Hugging Face layout "
-                              "(shared.weight, encoder.block.N.layer...)")
+        raise CheckpointError(f"{source}: T5 weight {key!r} is missing; the file is truncated or not a T5 v1.1 / "
+                              "UMT5 encoder in the Hugging Face layout (shared.weight, encoder.block.N.layer...)")
     shape = tuple(sd[key].shape)
     if len(shape) != dims:
-        raise CheckpointError(f"T5 tensor {key!r} has shape {shape}, expected {dims} dimensions")
+        raise CheckpointError(f"{source}: T5 tensor {key!r} has shape {shape}, expected {dims} dimensions")
     return shape
 
 
-def t5_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> T5Config:
-    """The :class:`T5Config` an HF-layout T5 encoder state dict was built with.
+#: UMT5-XXL's vocabulary: tells a one-block UMT5 from T5 v1.1 (the bias pattern cannot).
+_UMT5_VOCAB = 256384
+
+
+def _model_type(sd: Mapping[str, torch.Tensor], num_layers: int, vocab_size: int, source: str) -> str:
+    """T5 v1.1 keeps the position bias in block 0 only; UMT5 has one per block."""
+    with_bias = [i for i in range(num_layers) if _BIAS_KEY.format(i) in sd]
+    if num_layers == 1:
+        return "umt5" if vocab_size == _UMT5_VOCAB else "t5"
+    if with_bias == [0]:
+        return "t5"
+    if with_bias == list(range(num_layers)):
+        return "umt5"
+    raise CheckpointError(f"{source}: relative position bias in blocks {with_bias} of {num_layers}; T5 v1.1 "
+                          "has it in block 0 only and UMT5 in every block; the file is malformed")
+
+
+def t5_config_from_state_dict(sd: Mapping[str, torch.Tensor], *, source: str = "T5 state dict") -> T5Config:
+    """The :class:`T5Config` an HF-layout T5 encoder state dict was built with: textenc's one
+    reader of T5 shapes (:func:`textenc.loading.t5_files.detect_t5_shapes` reports its result).
 
     Heads come from the width of block 0's ``relative_attention_bias`` (buckets x heads),
-    ``d_kv`` from the q projection, the layer count from the block numbers, and
-    UMT5 from a bias in block 1 (T5 v1.1 has one in block 0 only).
+    ``d_kv`` from the q projection, the layer count from the block numbers (which must run
+    0..n-1), and UMT5 from a bias in every block (T5 v1.1 has one in block 0 only).
 
     Raises:
-        CheckpointError: a key needed to read the shapes is missing or misshaped.
+        CheckpointError: a key needed to read the shapes is missing or misshaped, the blocks
+            are not numbered 0..n-1, or the biases sit in neither model's pattern; the
+            message starts with ``source``.
     """
-    vocab, d_model = _shape(sd, "shared.weight", 2)
-    inner, _ = _shape(sd, "encoder.block.0.layer.0.SelfAttention.q.weight", 2)
-    buckets, heads = _shape(sd, _BIAS_KEY.format(0), 2)
+    vocab, d_model = _shape(sd, "shared.weight", 2, source)
+    inner, _ = _shape(sd, "encoder.block.0.layer.0.SelfAttention.q.weight", 2, source)
+    buckets, heads = _shape(sd, _BIAS_KEY.format(0), 2, source)
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
-    d_ff, _ = _shape(sd, "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight", 2)
-    layers = 1 + max(int(m.group(1)) for m in map(_BLOCK_KEY.match, sd) if m)
-    if inner % heads:
-        raise CheckpointError(f"T5 q projection width {inner} is not divisible by the {heads} heads of "
+    d_ff, _ = _shape(sd, "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight", 2,
+                     source)
+    layers = sorted({int(m.group(1)) for m in map(_BLOCK_KEY.match, sd) if m})
+    if layers != list(range(len(layers))):
+        raise CheckpointError(f"{source}: encoder blocks {layers[:8]}... are not numbered 0..n-1; "
+                              "the file is truncated or merged badly")
+    if heads == 0 or inner % heads:
+        raise CheckpointError(f"{source}: attention width {inner} is not a multiple of the {heads} heads of "
                               "relative_attention_bias")
-    model_type = "umt5" if _BIAS_KEY.format(1) in sd else "t5"
     try:
-        config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
-                          num_heads=heads, model_type=model_type, is_gated_act=gated,
-                          dense_act_fn="gelu_pytorch_tanh" if gated else "relu",
+        config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=len(layers),
+                          num_heads=heads, model_type=_model_type(sd, len(layers), vocab, source),
+                          is_gated_act=gated, dense_act_fn="gelu_pytorch_tanh" if gated else "relu",
                           relative_attention_num_buckets=buckets)
     except ConfigError as exc:
-        raise CheckpointError(f"T5 state dict shapes do not make a valid config: {exc}") from None
+        raise CheckpointError(f"{source}: T5 shapes do not make a valid config: {exc}") from None
     return config
 
 
