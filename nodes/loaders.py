@@ -145,8 +145,9 @@ class CheckpointCLIPLoaderTextenc:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"ckpt_name": _file_input("checkpoints", "Full SD1, SD2 or SDXL checkpoint in "
-                                                                    "models/checkpoints.")},
+        return {"required": {"ckpt_name": _file_input("checkpoints", "Full checkpoint in models/checkpoints "
+                                                                    "(SD1, SD2, SDXL, SD3 with its text "
+                                                                    "encoders, Flux all-in-one).")},
                 "optional": _device_input()}
 
     FILE_INPUTS = ("ckpt_name",)
@@ -155,8 +156,8 @@ class CheckpointCLIPLoaderTextenc:
     FUNCTION = "load_checkpoint"
     CATEGORY = "loaders"
     DESCRIPTION = ("Loads only the text encoders of a checkpoint in models/checkpoints (the UNet and VAE are "
-                   "not loaded; a .safetensors file's other weights are never read), detecting SD1, SD2 or "
-                   "SDXL. Use ComfyUI's Load Checkpoint for the MODEL and VAE.")
+                   "not loaded; a .safetensors file's other weights are never read), detecting the family "
+                   "(SD1, SD2, SDXL, SD3, Flux). Use ComfyUI's Load Checkpoint for the MODEL and VAE.")
 
     @checked
     def load_checkpoint(self, ckpt_name: str, device: str = "default"):

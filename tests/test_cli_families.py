@@ -115,6 +115,7 @@ def test_inspect_tokenizer_picks_one_part(tiny, capsys):
 @pytest.mark.parametrize("arguments,status,words", [
     (("encode", "a", "--model", "{umt5}", "--clip-type", "flux"), 1, "UMT5"),
     (("encode", "a", "--model", "{t5}", "--clip-type", "wan"), 1, "T5"),
+    (("encode", "a", "--model", "{t5}", "--clip-type", "sd1"), 1, "--clip-type sd1 (SD1) takes CLIP-L"),
     (("encode", "a", "--model", "{umt5_bare}"), 1, "spiece_model"),
     (("encode", "a", "--model", "{t5}"), 1, "cannot tell the model type"),
     (("encode", "a", "--model", "{l}", "--clip-type", "mochi"), 2, "invalid choice: 'mochi'"),

@@ -52,6 +52,8 @@ def tiny(tmp_path_factory) -> TinyFamily:
     (root / "clip").mkdir()  # ComfyUI's old folder name, still read
     shutil.copy(family.paths["l"], root / "clip" / "clip_l_old_folder.safetensors")
     (root / "embeddings").mkdir()
+    (root / "checkpoints").mkdir()  # the single-file SD3-style checkpoint (text_encoders.* + a model key)
+    shutil.copy(family.paths["sd3"], root / "checkpoints" / family.paths["sd3"].name)
     family.root = root
     return family
 
@@ -206,6 +208,11 @@ def test_single_file_loaders(pack, models_dir, tiny):  # noqa: F811
     assert conditioning[0][0].shape[1] == 512 and conditioning[0][1]["pooled_output"] is None
     (old,) = run(pack, "CLIPLoader", clip_name="clip_l_old_folder.safetensors", type="stable_diffusion")
     assert old.clip_type == "sd1"
+    (single,) = run(pack, "CheckpointCLIPLoaderTextenc", ckpt_name=name(tiny, "sd3"))
+    library = load_clip([tiny.paths["sd3"]])
+    assert single.clip_type == library.clip_type == "sd3"
+    (conditioning,) = run(pack, "CLIPTextEncode", clip=single, text="a cat")
+    assert torch.equal(conditioning[0][0], library.encode_from_tokens(library.tokenize("a cat")))
 
 
 def test_bad_combinations_are_one_line_typed_errors(pack, models_dir, tiny):  # noqa: F811

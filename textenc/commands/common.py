@@ -175,7 +175,9 @@ def _sigterm_raises() -> Iterator[None]:
 #: Python parameters that library messages name, as the command line spells them.
 _COMMAND_LINE_SPELLINGS = ((re.compile(r"\bpass max_weight= "), "pass --max-weight W "),
                            (re.compile(r"\bmax_weight=(?=\d)"), "--max-weight "),
-                           (re.compile(r"\braise max_weight\b"), "raise --max-weight"))
+                           (re.compile(r"\braise max_weight\b"), "raise --max-weight"),
+                           (re.compile(r"\bclip_type[= ]'([\w.-]+)'"), r"--clip-type \1"),
+                           (re.compile(r"\bpass clip_type explicitly\b"), "pass --clip-type"))
 
 
 def command_line_words(text: str) -> str:
@@ -183,6 +185,8 @@ def command_line_words(text: str) -> str:
 
     >>> command_line_words("weight 500; pass max_weight= to refuse them")
     'weight 500; pass --max-weight W to refuse them'
+    >>> command_line_words("clip_type 'flux' (Flux) takes ...; pass clip_type='wan'")
+    '--clip-type flux (Flux) takes ...; pass --clip-type wan'
     """
     for pattern, spelling in _COMMAND_LINE_SPELLINGS:
         text = pattern.sub(spelling, text)

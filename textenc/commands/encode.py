@@ -124,7 +124,8 @@ def resolve_options(args: argparse.Namespace, clip) -> tuple[dict[str, Any], dic
     """The clip options one ``encode`` passes to ``clip``, and the same options as recorded.
 
     ``layer`` is ComfyUI's index (``--clip-skip`` n is ``-n``, else the model
-    type's default; SD3 records None and passes none, so each part keeps its own); ``weight_mode`` is ``--weight-mode`` or the syntax's.
+    type's default; SD3 records None and passes none, so each part keeps its own);
+    ``weight_mode`` is ``--weight-mode`` or the syntax's.
 
     Raises:
         LayerError: see :func:`resolve_layer`.

@@ -120,7 +120,8 @@ def _print_parts(args: argparse.Namespace, clip_type: str | None, reports: dict,
         return
     sections = []
     for role, report in reports.items():
-        sections.append(_part_header(role, sizes[role]) + "\n" + "\n".join("  " + line for line in as_table(report).splitlines()))
+        body = "\n".join("  " + line for line in as_table(report).splitlines())
+        sections.append(_part_header(role, sizes[role]) + "\n" + body)
     print(f"{clip_type}: {len(reports)} parts ({', '.join(reports)})\n" + "\n".join(sections))
 
 
