@@ -18,6 +18,8 @@ sentencepiece = pytest.importorskip("sentencepiece")
 
 PROMPTS = ["a photo of a cat", "a (red:1.3) cat on a (mat:0.7), (\\(photo\\))", "", "((big dog)) </s> typed",
            "(long:1.2) " + "word " * 90]
+#: The encodes (each a forward of ours and of transformers'): weighted + escapes, empty, two windows.
+ENCODED = [PROMPTS[1], PROMPTS[2], PROMPTS[4]]
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -76,7 +78,7 @@ def test_typed_end_token_ends_t5_but_is_text_for_wan(sd3, wan):
     assert umt5.count(1) == 1 and umt5.index(1) == umt5.index(0) - 1
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", ENCODED)
 def test_sd3_cond_and_pooled(prompt, sd3, tiny, comfy_tokens):
     tokens = comfy_tokens["sd3"](prompt)
     cond, pooled = sd3.encode_from_tokens(sd3.tokenize(prompt), return_pooled=True)
@@ -86,7 +88,7 @@ def test_sd3_cond_and_pooled(prompt, sd3, tiny, comfy_tokens):
     assert cond.shape[1] == 77 * len(tokens["l"]) + len(tokens["t5xxl"][0])
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", ENCODED)
 def test_flux_cond_and_pooled(prompt, flux, tiny, comfy_tokens):
     tokens = comfy_tokens["flux"](prompt)
     cond, pooled = flux.encode_from_tokens(flux.tokenize(prompt), return_pooled=True)
@@ -96,7 +98,7 @@ def test_flux_cond_and_pooled(prompt, flux, tiny, comfy_tokens):
     assert cond.shape[1] == max(256, len(tokens["t5xxl"][0]))
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", ENCODED)
 def test_wan_cond_masked_and_zeroed(prompt, wan, tiny, comfy_tokens):
     tokens = comfy_tokens["wan"](prompt)
     cond, pooled = wan.encode_from_tokens(wan.tokenize(prompt), return_pooled=True)
@@ -146,7 +148,7 @@ def test_return_dict_and_encode(sd3, flux, wan):
 @pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
 def test_encode_batch_equals_each_alone(family, request):
     clip = request.getfixturevalue(family)
-    tokens = [clip.tokenize(p) for p in PROMPTS]
+    tokens = [clip.tokenize(p) for p in ENCODED]
     for (cond, pooled), prompt in zip(clip.encode_batch(tokens), tokens):
         alone = clip.encode_from_tokens(prompt, return_pooled=True)
         assert torch.equal(cond, alone[0])
@@ -175,3 +177,59 @@ def test_clip_set_last_layer_reaches_every_part(sd3, flux, tiny, comfy_tokens):
     tokens = comfy_tokens["flux"](prompt)
     assert_close(cond, ref.t5_part(tiny.t5, tokens["t5xxl"], masked=False, layer=-2))
     assert_close(pooled, ref.flux(tokens, clip_l=tiny.clip_l, t5=tiny.t5)[1])
+
+
+def test_textual_inversion_reaches_the_clip_parts(tiny, tmp_path):
+    """An embedding file's ``clip_l`` / ``clip_g`` vectors go to SD3's CLIP parts, as SDXL's."""
+    from safetensors.torch import save_file
+    vectors = {"clip_l": torch.randn(2, 64), "clip_g": torch.randn(2, 128)}
+    (tmp_path / "emb").mkdir()
+    save_file(vectors, str(tmp_path / "emb" / "style.safetensors"))
+    clip = load_clip([tiny.paths["l"], tiny.paths["g"], tiny.paths["t5"]], clip_type="sd3",
+                     embedding_directory=str(tmp_path / "emb"))
+    from textenc.errors import EmbeddingWarning
+    with pytest.warns(EmbeddingWarning, match="4096"):  # the file has no 4096-wide t5xxl vectors
+        tokens = clip.tokenize("embedding:style cat")
+    for role in ("l", "g"):
+        rows = [t for t, _ in tokens[role][0] if isinstance(t, torch.Tensor)]
+        assert len(rows) == 2 and all(torch.equal(r, v) for r, v in zip(rows, vectors[f"clip_{role}"])), role
+    cond = clip.encode_from_tokens(tokens)
+    assert torch.isfinite(cond).all() and not torch.equal(cond, clip.encode_from_tokens(clip.tokenize("cat")))
+
+
+def test_clip_wider_than_t5_is_an_encode_error(tiny, sd3):
+    """ComfyUI would crop G's 768-column left padding (no L) to a narrower T5 by negative
+    padding; textenc refuses (no released set is like this)."""
+    from textenc.errors import EncodeError
+    clip = load_clip([tiny.paths["g_named"], tiny.paths["t5"]], clip_type="sd3")
+    with pytest.raises(EncodeError, match="do not fit T5's width 192"):
+        clip.encode_from_tokens(clip.tokenize("a cat"))
+
+
+def test_a_layer_one_part_lacks_is_a_layer_error(sd3):
+    from textenc.errors import LayerError
+    clip = sd3.clone()
+    with pytest.raises(LayerError):
+        clip.clip_layer(-4)  # the tiny CLIP parts have 3 layers (ComfyUI would use their last)
+
+
+def test_registry_entries_match_the_wrappers(sd3, flux, wan):
+    """Each loaded wrapper holds its roles' encoders under the entry's attribute names and
+    classes; the T5 roles carry the family's minimum length and diffusers' component names."""
+    from textenc.text_encoders.families import get_family
+    for clip in (sd3, flux, wan):
+        family = clip.family
+        assert list(clip.cond_stage_model.encoders) == list(family.role_names)
+        assert list(clip.tokenizer.tokenizers) == list(family.role_names)
+        for role in family.roles:
+            encoder = clip.cond_stage_model.encoders[role.name]
+            assert getattr(clip.cond_stage_model, role.attribute) is encoder and type(encoder) is role.model_class
+            assert isinstance(clip.tokenizer.tokenizers[role.name], role.tokenizer_class)
+            if role.is_t5:
+                assert clip.tokenizer.tokenizers[role.name].min_length == role.min_length
+    assert [r.min_length for r in get_family("sd3").roles] == [None, None, 77]
+    assert [r.diffusers_text_encoder for r in get_family("sd3").roles] == ["text_encoder", "text_encoder_2",
+                                                                           "text_encoder_3"]
+    assert [r.diffusers_text_encoder for r in get_family("flux").roles] == ["text_encoder", "text_encoder_2"]
+    assert get_family("wan").role("umt5xxl").min_length == 512 and not get_family("wan").diffusers_pooled
+    assert get_family("sd3").partial and not get_family("flux").partial

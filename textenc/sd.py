@@ -149,7 +149,8 @@ class CLIP:
 
     def empty_window(self, options: Mapping[str, Any] | None = None) -> torch.Tensor:
         """One window of the empty prompt's encoding, (77, width) (SDXL: L's and G's side by
-        side), as the weighting and the padding of longer prompts use it."""
+        side), as the weighting and the padding of longer prompts use it. SD3, Flux and Wan:
+        the family's whole empty-prompt cond (SD3 (154, 4096), Flux (256, 4096), Wan (512, 4096))."""
         return self.cond_stage_model.empty_window(self._options(True, options))
 
     def encode_from_tokens_scheduled(self, tokens, unprojected: bool = False, add_dict: Mapping[str, Any] | None = None,
@@ -326,14 +327,19 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
               tokenizer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
               text_configs: Mapping[str, Any] | None = None, strict: bool = False,
               require_finite: bool = True, allow_missing_layers: bool = False) -> CLIP:
-    """Load text encoders from checkpoint files (full SD1/SD2/SDXL checkpoints or
-    standalone clip_l / clip_g / ViT-H files, any known key layout) into a :class:`CLIP`.
+    """Load text encoders from checkpoint files (full SD1/SD2/SDXL/SD3 checkpoints,
+    standalone clip_l / clip_g / ViT-H files in any known key layout, T5-XXL and UMT5-XXL
+    files in every format of docs/t5.md: safetensors, fp8, scaled fp8, GGUF, diffusers
+    folders) into a :class:`CLIP`.
 
     Args:
-        ckpt_paths: one path or several (SDXL: clip_l and clip_g files).
+        ckpt_paths: one path or several (SDXL: clip_l and clip_g files; SD3: clip_l,
+            clip_g and t5xxl; Flux: clip_l and t5xxl).
         embedding_directory: textual-inversion folder(s).
-        clip_type: a registered family (``"sd1"``, ``"sd2"``, ``"sdxl"``) or None/``"auto"``
-            to detect it from the encoders found.
+        clip_type: a registered family (``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``,
+            ``"flux"``, ``"wan"``) or None/``"auto"`` to detect it from the keys
+            (:func:`textenc.text_encoders.selection.detect_family`). SD3 takes any
+            subset of its encoders, as ComfyUI.
         dtype: storage dtype; None keeps the file's (memory-mapped, no copy, except
             tensors stored at offsets that are not 64-byte aligned).
         state_dicts: already-loaded ``(source, state_dict)`` pairs instead of paths.
@@ -352,8 +358,9 @@ def load_clip(ckpt_paths: Sequence[str | os.PathLike] | str | os.PathLike, embed
             refusing it. A gap in the layer numbers is always refused.
 
     Raises:
-        CheckpointError: unreadable file, no or unexpected text encoders, bad or
-            missing keys or layers, integer or non-finite weights.
+        CheckpointError: unreadable file, no or unexpected text encoders (a T5 file where
+            CLIP-L is expected, UMT5 for Flux, ...), a UMT5 file without its tokenizer
+            and none given, bad or missing keys or layers, integer or non-finite weights.
     """
     family = None if clip_type in (None, "auto") else get_family(clip_type)
     options = dict(roles=family.encoder_kinds if family else None, strict=strict,

@@ -1,4 +1,4 @@
-"""The text-encoder families (SD1, SD2, SDXL, ...): one :class:`Family` entry each.
+"""The text-encoder families (SD1, SD2, SDXL, SD3, Flux, Wan): one :class:`Family` entry each.
 
 A family is one module plus one entry here, as ComfyUI's ``ClipTarget`` /
 ``supported_models`` and timm's ``register_model``: the family module

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import EncodeError, PromptError
+from ..errors import CheckpointError, EncodeError, PromptError
 from ..prompts.tokenizer import SDTokenizer
 from .batch import PromptByPromptMixin
 from .registry import Family, Role, register_family
@@ -198,7 +198,7 @@ class SD3ClipModel(PromptByPromptMixin, torch.nn.Module):
         if "text_model.encoder.layers.1.mlp.fc1.weight" in sd and self.clip_l is not None:
             return self.clip_l.load_sd(sd, strict=strict, require_finite=require_finite)
         if self.t5xxl is None:
-            raise PromptError("SD3: these weights are neither CLIP-G, CLIP-L nor T5, or that encoder was not built")
+            raise CheckpointError("SD3: these weights are neither CLIP-G nor CLIP-L, and no T5 encoder was built")
         return self.t5xxl.load_sd(sd, strict=strict, require_finite=require_finite)
 
 
