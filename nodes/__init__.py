@@ -11,8 +11,10 @@ naming the input; CONDITIONING outputs finite).
 """
 
 from .conditioning import (ConditioningAverage, ConditioningCombine, ConditioningConcat,
-                           ConditioningZeroOut, unCLIPConditioning)
-from .loaders import CheckpointCLIPLoaderTextenc, CLIPLoader, CLIPVisionLoader, DualCLIPLoader, PhotoMakerLoader
+                           ConditioningZeroOut, FluxGuidance, unCLIPConditioning)
+from .family_encode import CLIPTextEncodeFlux, CLIPTextEncodeSD3
+from .loaders import (CheckpointCLIPLoaderTextenc, CLIPLoader, CLIPVisionLoader, DualCLIPLoader, PhotoMakerLoader,
+                      TripleCLIPLoader)
 from .text_encode import (CLIPSetLastLayer, CLIPTextEncode, CLIPTextEncodeAdvancedTextenc,
                           CLIPTextEncodeSDXL)
 from .vision import CLIPVisionEncode, PhotoMakerEncode
@@ -24,9 +26,13 @@ _NODES = [
     (CheckpointCLIPLoaderTextenc, "Load Checkpoint CLIP (textenc)"),
     (CLIPLoader, "Load CLIP"),
     (DualCLIPLoader, "DualCLIPLoader"),
+    (TripleCLIPLoader, "TripleCLIPLoader"),
     (CLIPSetLastLayer, "CLIP Set Last Layer"),
     (CLIPTextEncode, "CLIP Text Encode (Prompt)"),
     (CLIPTextEncodeSDXL, "CLIPTextEncodeSDXL"),
+    (CLIPTextEncodeSD3, "CLIPTextEncodeSD3"),
+    (CLIPTextEncodeFlux, "CLIPTextEncodeFlux"),
+    (FluxGuidance, "FluxGuidance"),
     (CLIPTextEncodeAdvancedTextenc, "CLIP Text Encode (Advanced, textenc)"),
     (CLIPVisionLoader, "Load CLIP Vision"),
     (CLIPVisionEncode, "CLIP Vision Encode"),

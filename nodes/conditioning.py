@@ -1,4 +1,4 @@
-"""CONDITIONING nodes: concat, combine, average, zero out, unCLIP (:mod:`textenc.conditioning`)."""
+"""CONDITIONING nodes: concat, combine, average, zero out, unCLIP, Flux guidance (:mod:`textenc.conditioning`)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,23 @@ class unCLIPConditioning:  # noqa: N801 - ComfyUI's node name
         from textenc.conditioning import unclip_conditioning
 
         return (unclip_conditioning(conditioning, clip_vision_output, strength, noise_augmentation),)
+
+
+class FluxGuidance:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "conditioning": _cond("Conditioning to set the guidance of."),
+            "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                                   "tooltip": "Flux's distilled guidance (replaces the one already set)."})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "append"
+    CATEGORY = "advanced/conditioning/flux"
+    DESCRIPTION = "Sets \"guidance\" in every entry of the conditioning, as ComfyUI's FluxGuidance."
+
+    @checked
+    def append(self, conditioning, guidance: float):
+        from textenc.conditioning import conditioning_set_values
+
+        return (conditioning_set_values(conditioning, {"guidance": guidance}),)

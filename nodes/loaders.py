@@ -1,4 +1,4 @@
-"""Loader nodes: CLIP text encoders, CLIP vision, PhotoMaker.
+"""Loader nodes: text encoders (one, two or three files), CLIP vision, PhotoMaker.
 
 Files are listed and resolved through :mod:`textenc.loading.paths` (ComfyUI's
 ``folder_paths`` inside ComfyUI). Nothing is cached here: ComfyUI's executor
@@ -9,13 +9,20 @@ importing the node pack stays cheap.
 from __future__ import annotations
 
 from textenc.loading import paths
+from textenc.text_encoders.names import CLIP_TYPE_HELP, CLIP_TYPES, ROLES, families_with_parts
 
 from .validate import checked
 
-#: ComfyUI's ``CLIPLoader`` type names that mean an SD text encoder, plus ours.
-#: ``stable_diffusion`` is ComfyUI's: CLIP-L (SD1) or CLIP-H (SD2), told apart by the weights.
-CLIP_LOADER_TYPES = {"stable_diffusion": "auto", "auto": "auto", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
-DUAL_CLIP_LOADER_TYPES = {"sdxl": "sdxl"}
+#: ComfyUI's ``CLIPLoader`` names that are not a family name here, and what they mean:
+#: ``stable_diffusion`` is SD1 (CLIP-L) or SD2 (CLIP-H), told apart by the weights.
+COMFY_TYPE_NAMES = {"stable_diffusion": "auto", "auto": "auto"}
+#: ``type`` of CLIPLoader -> clip_type: ComfyUI's names, then every family (the registry's,
+#: via :mod:`textenc.text_encoders.names`, which imports no torch).
+CLIP_LOADER_TYPES = {**COMFY_TYPE_NAMES, **{name: name for name in CLIP_TYPES}}
+#: DualCLIPLoader takes the families of two or more text encoders (sdxl, sd3, flux).
+DUAL_CLIP_LOADER_TYPES = {name: name for name in families_with_parts(2)}
+#: TripleCLIPLoader has no type: three files are the family of three encoders (SD3), as ComfyUI.
+(TRIPLE_CLIP_TYPE,) = families_with_parts(3)
 DEVICES = ["default", "cpu"]
 
 
@@ -51,6 +58,11 @@ def _file_input(folder: str, tooltip: str) -> tuple:
     return (paths.get_filename_list(folder), {"tooltip": tooltip})
 
 
+def _recipes(families) -> str:
+    """``sd3: l + g + t5xxl`` lines: the text encoders each family takes."""
+    return "\n".join(f"{name}: {' + '.join(ROLES[name])}" for name in families)
+
+
 def _device_input() -> dict:
     return {"device": (DEVICES, {"default": "default", "advanced": True,
                                  "tooltip": "Where the text encoder runs: 'default' uses the GPU "
@@ -65,8 +77,7 @@ class CLIPLoader:
                                              "Text encoder file in models/text_encoders (or models/clip)."),
                     "type": (list(CLIP_LOADER_TYPES),
                              {"default": "stable_diffusion",
-                              "tooltip": "stable_diffusion/auto: detect SD1 (CLIP-L) or SD2 (CLIP-H) from the "
-                                         "weights; sd1, sd2, sdxl: require that model type."})},
+                              "tooltip": "stable_diffusion: ComfyUI's name for auto. " + CLIP_TYPE_HELP})},
                 "optional": _device_input()}
 
     FILE_INPUTS = ("clip_name",)
@@ -74,8 +85,9 @@ class CLIPLoader:
     OUTPUT_TOOLTIPS = ("The CLIP text encoder with its tokenizer.",)
     FUNCTION = "load_clip"
     CATEGORY = "advanced/loaders"
-    DESCRIPTION = ("Loads a CLIP text encoder (standalone clip_l / ViT-H file or a full SD checkpoint). "
-                   "Textual inversions are read from the embeddings folder.")
+    DESCRIPTION = ("Loads a text encoder file (clip_l, ViT-H, clip_g, T5-XXL or UMT5-XXL: fp16, bf16, fp8 "
+                   "scaled or GGUF) or a checkpoint's text encoders. Textual inversions are read from the "
+                   "embeddings folder.\n\n[Recipes]\n\n" + _recipes(CLIP_TYPES))
 
     @checked
     def load_clip(self, clip_name: str, type: str = "stable_diffusion", device: str = "default"):
@@ -87,10 +99,9 @@ class DualCLIPLoader:
     def INPUT_TYPES(cls):
         names = paths.get_filename_list("text_encoders")
         return {"required": {
-                    "clip_name1": (names, {"tooltip": "First text encoder file (SDXL: clip_l)."}),
-                    "clip_name2": (names, {"tooltip": "Second text encoder file (SDXL: clip_g)."}),
-                    "type": (list(DUAL_CLIP_LOADER_TYPES), {"default": "sdxl",
-                             "tooltip": "Model type; sdxl needs CLIP-L and CLIP-G in either order."})},
+                    "clip_name1": (names, {"tooltip": "First text encoder file (either order)."}),
+                    "clip_name2": (names, {"tooltip": "Second text encoder file (either order)."}),
+                    "type": (list(DUAL_CLIP_LOADER_TYPES), {"default": "sdxl", "tooltip": CLIP_TYPE_HELP})},
                 "optional": _device_input()}
 
     FILE_INPUTS = ("clip_name1", "clip_name2")
@@ -98,7 +109,8 @@ class DualCLIPLoader:
     OUTPUT_TOOLTIPS = ("The combined CLIP text encoders with their tokenizers.",)
     FUNCTION = "load_clip"
     CATEGORY = "advanced/loaders"
-    DESCRIPTION = "Loads two text encoder files as one CLIP.\n\n[Recipes]\n\nsdxl: clip-l, clip-g"
+    DESCRIPTION = ("Loads two text encoder files as one CLIP, in either order.\n\n[Recipes]\n\n"
+                   + _recipes(DUAL_CLIP_LOADER_TYPES) + "\n(sd3: any two of its three)")
 
     @checked
     def load_clip(self, clip_name1: str, clip_name2: str, type: str = "sdxl", device: str = "default"):
@@ -106,13 +118,36 @@ class DualCLIPLoader:
         return (_load_clip("DualCLIPLoader", names, DUAL_CLIP_LOADER_TYPES[type], device),)
 
 
+class TripleCLIPLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = paths.get_filename_list("text_encoders")
+        return {"required": {f"clip_name{index}": (names, {"tooltip": "A text encoder file (any order)."})
+                             for index in (1, 2, 3)},
+                "optional": _device_input()}
+
+    FILE_INPUTS = ("clip_name1", "clip_name2", "clip_name3")
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("The three text encoders as one CLIP with their tokenizers.",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = ("Loads three text encoder files as one CLIP, in any order.\n\n[Recipes]\n\n"
+                   + _recipes([TRIPLE_CLIP_TYPE]))
+
+    @checked
+    def load_clip(self, clip_name1: str, clip_name2: str, clip_name3: str, device: str = "default"):
+        names = {"clip_name1": clip_name1, "clip_name2": clip_name2, "clip_name3": clip_name3}
+        return (_load_clip("TripleCLIPLoader", names, TRIPLE_CLIP_TYPE, device),)
+
+
 class CheckpointCLIPLoaderTextenc:
     """ComfyUI's "Load Checkpoint", text encoders only: the CLIP of a full SD checkpoint."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"ckpt_name": _file_input("checkpoints", "Full SD1, SD2 or SDXL checkpoint in "
-                                                                    "models/checkpoints.")},
+        return {"required": {"ckpt_name": _file_input("checkpoints", "Full checkpoint in models/checkpoints "
+                                                                    "(SD1, SD2, SDXL, SD3 with its text "
+                                                                    "encoders, Flux all-in-one).")},
                 "optional": _device_input()}
 
     FILE_INPUTS = ("ckpt_name",)
@@ -121,8 +156,8 @@ class CheckpointCLIPLoaderTextenc:
     FUNCTION = "load_checkpoint"
     CATEGORY = "loaders"
     DESCRIPTION = ("Loads only the text encoders of a checkpoint in models/checkpoints (the UNet and VAE are "
-                   "not loaded; a .safetensors file's other weights are never read), detecting SD1, SD2 or "
-                   "SDXL. Use ComfyUI's Load Checkpoint for the MODEL and VAE.")
+                   "not loaded; a .safetensors file's other weights are never read), detecting the family "
+                   "(SD1, SD2, SDXL, SD3, Flux). Use ComfyUI's Load Checkpoint for the MODEL and VAE.")
 
     @checked
     def load_checkpoint(self, ckpt_name: str, device: str = "default"):

@@ -23,6 +23,23 @@ def text_input(tooltip: str, default: str = "") -> tuple:
 CLIP_INPUT = ("CLIP", {"tooltip": "The CLIP model used for encoding the text."})
 
 
+def require_roles(node: str, clip: Any, roles: tuple[str, ...]) -> None:
+    """A node that fills the tokens of ``roles`` itself needs a CLIP of exactly those roles
+    (its family's, from the registry): another CLIP would miss a part or be given tokens
+    it has no encoder for.
+
+    Raises:
+        CheckpointError: naming the node, the roles wanted and the CLIP's family and roles.
+    """
+    from textenc.errors import CheckpointError
+
+    family = clip.family
+    if set(family.role_names) != set(roles):
+        raise CheckpointError(f"{node}: clip must have the text encoders {' + '.join(roles)}, got a "
+                              f"{family.label} CLIP ({' + '.join(family.role_names)}); load one with the "
+                              "matching loader type or use CLIP Text Encode (textenc)")
+
+
 def _check_layer_depth(clip: Any, layer: int) -> None:
     """``layer`` must exist in each of the CLIP's text encoders (SDXL: clip_l and clip_g),
     in ComfyUI's numbering (diffusers' 23-layer SD2 counts as ViT-H's 24 layers)."""
@@ -111,10 +128,7 @@ class CLIPTextEncodeSDXL:
     @checked
     def encode(self, clip, width: int, height: int, crop_w: int, crop_h: int, target_width: int,
                target_height: int, text_g: str, text_l: str):
-        from textenc.errors import CheckpointError
-
-        if clip.clip_type != "sdxl":
-            raise CheckpointError(f"CLIPTextEncodeSDXL: clip must be an SDXL CLIP (l + g), got {clip.clip_type!r}")
+        require_roles("CLIPTextEncodeSDXL", clip, ("l", "g"))
         tokens = {"g": clip.tokenize(text_g)["g"], "l": clip.tokenize(text_l)["l"]}
         tokens = pad_to_same_windows(tokens, clip.tokenize(""))
         conditioning = clip.encode_from_tokens_scheduled(tokens)

@@ -27,7 +27,8 @@ ERROR_BY_INPUT = {"stop_at_clip_layer": "LayerError", "type": "CheckpointError",
                   "noise_augmentation": "ConditioningError", "token_normalization": "PromptError",
                   "weight_interpretation": "PromptError", "weight_convention": "PromptError",
                   "square_brackets": "PromptError", "break_keyword": "PromptError", "syntax": "PromptError",
-                  "truncate_long_prompts": "PromptError"}
+                  "truncate_long_prompts": "PromptError", "empty_padding": "PromptError",
+                  "guidance": "ConditioningError"}
 #: Error class name per input type.
 ERROR_BY_TYPE = {"CLIP": "CheckpointError", "CLIP_VISION": "CheckpointError", "PHOTOMAKER": "CheckpointError",
                  "CONDITIONING": "ConditioningError", "CLIP_VISION_OUTPUT": "ConditioningError",
@@ -74,8 +75,8 @@ def _check_model(value: Any, kind: str) -> str | None:
     """What is wrong with a CLIP / CLIP_VISION / PHOTOMAKER input, or None."""
     if kind == "CLIP":
         from textenc.sd import CLIP as expected
-        source = ('a CLIP from a textenc loader ("Load CLIP (textenc)", "DualCLIPLoader (textenc)" or '
-                  '"Load Checkpoint CLIP (textenc)")')
+        source = ('a CLIP from a textenc loader ("Load CLIP (textenc)", "DualCLIPLoader (textenc)", '
+                  '"TripleCLIPLoader (textenc)" or "Load Checkpoint CLIP (textenc)")')
     elif kind == "CLIP_VISION":
         from textenc.vision.clip_vision import ClipVisionModel as expected
         source = "a CLIP_VISION from CLIPVisionLoader"

@@ -108,7 +108,9 @@ def run(pack, name, **inputs):
 EXPECTED = {"CLIPLoader", "DualCLIPLoader", "CLIPSetLastLayer", "CLIPTextEncode", "CLIPTextEncodeSDXL",
             "CLIPTextEncodeAdvancedTextenc", "CLIPVisionLoader", "CLIPVisionEncode", "unCLIPConditioning",
             "PhotoMakerLoader", "PhotoMakerEncode", "ConditioningConcat", "ConditioningCombine",
-            "ConditioningAverage", "ConditioningZeroOut", "CheckpointCLIPLoaderTextenc"}
+            "ConditioningAverage", "ConditioningZeroOut", "CheckpointCLIPLoaderTextenc",
+            # comfy_extras/nodes_sd3.py and nodes_flux.py (their schemas set no display name)
+            "TripleCLIPLoader", "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance"}
 
 # Stock ComfyUI's display names of its nodes among these (nodes.py's NODE_DISPLAY_NAME_MAPPINGS,
 # read from ComfyUI's source; its key "ConditioningAverage " has a trailing space, so that node
@@ -205,7 +207,11 @@ def test_comfyui_inputs_and_defaults(pack, models_dir):
     required = {name: cls.INPUT_TYPES()["required"] for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
     assert required["CLIPLoader"]["clip_name"][0] == ["tiny_sd1.safetensors"]
     assert "stable_diffusion" in required["CLIPLoader"]["type"][0]
-    assert required["DualCLIPLoader"]["type"][0] == ["sdxl"]
+    # ComfyUI's DualCLIPLoader lists "sdxl", "sd3", "flux" first (nodes.py), its CLIPLoader
+    # "stable_diffusion", ..., "sd3", ..., "wan"; textenc adds its own names to CLIPLoader.
+    assert required["DualCLIPLoader"]["type"][0] == ["sdxl", "sd3", "flux"]
+    assert {"stable_diffusion", "sd3", "wan", "flux", "auto"} <= set(required["CLIPLoader"]["type"][0])
+    assert list(required["TripleCLIPLoader"]) == ["clip_name1", "clip_name2", "clip_name3"]
     assert required["CLIPVisionLoader"]["clip_name"][0] == ["tiny_vision.safetensors"]
     layer = required["CLIPSetLastLayer"]["stop_at_clip_layer"][1]
     assert (layer["default"], layer["min"], layer["max"]) == (-1, -24, -1)
@@ -220,6 +226,20 @@ def test_comfyui_inputs_and_defaults(pack, models_dir):
     assert (unclip["noise_augmentation"][1]["default"], unclip["noise_augmentation"][1]["max"]) == (0.0, 1.0)
     assert required["PhotoMakerEncode"]["text"][1]["default"] == "photograph of photomaker"
     assert list(required["PhotoMakerEncode"]) == ["photomaker", "image", "clip", "text"]
+    # comfy_extras/nodes_sd3.py and nodes_flux.py: sockets, choices, guidance range, categories.
+    assert list(required["CLIPTextEncodeSD3"]) == ["clip", "clip_l", "clip_g", "t5xxl", "empty_padding"]
+    assert required["CLIPTextEncodeSD3"]["empty_padding"][0] == ["none", "empty_prompt"]
+    assert all(required["CLIPTextEncodeSD3"][name][1]["multiline"] for name in ("clip_l", "clip_g", "t5xxl"))
+    assert list(required["CLIPTextEncodeFlux"]) == ["clip", "clip_l", "t5xxl", "guidance"]
+    assert list(required["FluxGuidance"]) == ["conditioning", "guidance"]
+    for name in ("CLIPTextEncodeFlux", "FluxGuidance"):
+        guidance = required[name]["guidance"][1]
+        assert (guidance["default"], guidance["min"], guidance["max"], guidance["step"]) == (3.5, 0.0, 100.0, 0.1)
+    categories = {name: pack.NODE_CLASS_MAPPINGS[name].CATEGORY for name in
+                  ("TripleCLIPLoader", "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance")}
+    assert categories == {"TripleCLIPLoader": "advanced/loaders", "CLIPTextEncodeSD3": "advanced/conditioning",
+                          "CLIPTextEncodeFlux": "advanced/conditioning/flux",
+                          "FluxGuidance": "advanced/conditioning/flux"}
 
 
 def test_import_is_cheap():
@@ -385,7 +405,7 @@ def test_loaders_follow_symlinks_but_refuse_names_that_climb_out(pack, models_di
 def test_wrong_inputs_raise_typed_errors(pack, models_dir):
     with pytest.raises(CheckpointError, match="type"):
         run(pack, "CLIPLoader", clip_name="tiny_sd1.safetensors", type="flux")
-    with pytest.raises(CheckpointError, match=r"DualCLIPLoader: type 'sd1' is not one of \['sdxl'\]"):
+    with pytest.raises(CheckpointError, match=r"DualCLIPLoader: type 'sd1' is not one of \['sdxl', 'sd3', 'flux'\]"):
         run(pack, "DualCLIPLoader", clip_name1="tiny_sd1.safetensors",
             clip_name2="tiny_sd1.safetensors", type="sd1")
     with pytest.raises(CheckpointError, match="sd2"):

@@ -37,6 +37,11 @@ def valid(pack, models_dir):  # noqa: F811
         "CheckpointCLIPLoaderTextenc": dict(ckpt_name="tiny_full.safetensors", device="cpu"),
         "DualCLIPLoader": dict(clip_name1="tiny_sd1.safetensors", clip_name2="tiny_sd1.safetensors",
                                type="sdxl", device="cpu"),
+        "TripleCLIPLoader": dict(clip_name1="tiny_sd1.safetensors", clip_name2="tiny_sd1.safetensors",
+                                 clip_name3="tiny_sd1.safetensors", device="cpu"),
+        "CLIPTextEncodeSD3": dict(clip=clip, clip_l="a", clip_g="b", t5xxl="c", empty_padding="none"),
+        "CLIPTextEncodeFlux": dict(clip=clip, clip_l="a", t5xxl="c", guidance=3.5),
+        "FluxGuidance": dict(conditioning=cond, guidance=3.5),
         "CLIPSetLastLayer": dict(clip=clip, stop_at_clip_layer=-1),
         "CLIPTextEncode": dict(clip=clip, text="a cat"),
         "CLIPTextEncodeSDXL": dict(clip=clip, **sizes, text_g="a", text_l="b"),
@@ -65,7 +70,7 @@ NAN_IMAGE = torch.full((1, 8, 8, 3), math.nan)
 CASES = [
     ("CLIPLoader", "clip_name", 5, CheckpointError, "CLIPLoader: clip_name must be a string"),
     ("CLIPLoader", "clip_name", "../tiny_sd1.safetensors", CheckpointError, "CLIPLoader: clip_name .*climbs out"),
-    ("CLIPLoader", "type", "flux", CheckpointError, "CLIPLoader: type 'flux' is not one of"),
+    ("CLIPLoader", "type", "mochi", CheckpointError, "CLIPLoader: type 'mochi' is not one of"),
     ("CLIPLoader", "device", "gpu", TextencError, "CLIPLoader: device 'gpu' is not one of"),
     ("CheckpointCLIPLoaderTextenc", "ckpt_name", 5, CheckpointError,
      "CheckpointCLIPLoaderTextenc: ckpt_name must be a string"),
@@ -77,6 +82,21 @@ CASES = [
     ("DualCLIPLoader", "clip_name2", "/etc/passwd", CheckpointError, "clip_name2 .*relative"),
     ("DualCLIPLoader", "type", "sd1", CheckpointError, "DualCLIPLoader: type 'sd1'"),
     ("DualCLIPLoader", "device", 3, TextencError, "DualCLIPLoader: device 3 is not one of"),
+    ("TripleCLIPLoader", "clip_name1", None, CheckpointError, "TripleCLIPLoader: clip_name1 must be a string"),
+    ("TripleCLIPLoader", "clip_name2", "../x.safetensors", CheckpointError, "clip_name2 .*climbs out"),
+    ("TripleCLIPLoader", "clip_name3", "/etc/passwd", CheckpointError, "clip_name3 .*relative"),
+    ("TripleCLIPLoader", "device", "gpu", TextencError, "TripleCLIPLoader: device 'gpu' is not one of"),
+    ("CLIPTextEncodeSD3", "clip", "x", CheckpointError, "CLIPTextEncodeSD3: clip must be a CLIP"),
+    ("CLIPTextEncodeSD3", "clip_l", None, PromptError, "CLIPTextEncodeSD3: clip_l must be a string"),
+    ("CLIPTextEncodeSD3", "clip_g", 3, PromptError, "CLIPTextEncodeSD3: clip_g must be a string"),
+    ("CLIPTextEncodeSD3", "t5xxl", b"x", PromptError, "CLIPTextEncodeSD3: t5xxl must be a string"),
+    ("CLIPTextEncodeSD3", "empty_padding", "zeros", PromptError, "empty_padding 'zeros' is not one of"),
+    ("CLIPTextEncodeFlux", "clip", None, CheckpointError, "CLIPTextEncodeFlux: clip input is None"),
+    ("CLIPTextEncodeFlux", "clip_l", None, PromptError, "CLIPTextEncodeFlux: clip_l must be a string"),
+    ("CLIPTextEncodeFlux", "t5xxl", 1, PromptError, "CLIPTextEncodeFlux: t5xxl must be a string"),
+    ("CLIPTextEncodeFlux", "guidance", 101.0, ConditioningError, r"guidance must be in \[0.0, 100.0\]"),
+    ("FluxGuidance", "conditioning", INF_COND, ConditioningError, "FluxGuidance: conditioning entry 0"),
+    ("FluxGuidance", "guidance", math.nan, ConditioningError, "FluxGuidance: guidance must be a finite number"),
     ("CLIPSetLastLayer", "clip", "not a clip", CheckpointError, "clip must be a CLIP from a textenc loader"),
     ("CLIPSetLastLayer", "clip", None, CheckpointError, "CLIPSetLastLayer: clip input is None"),
     ("CLIPSetLastLayer", "stop_at_clip_layer", "x", LayerError, "stop_at_clip_layer must be an integer, got 'x'"),
@@ -170,7 +190,7 @@ def test_every_input_of_every_node_has_a_case(pack):  # noqa: F811
 def test_valid_inputs_still_run(pack, valid):  # noqa: F811
     for name in ("CLIPSetLastLayer", "CLIPTextEncode", "CLIPTextEncodeAdvancedTextenc", "CLIPVisionEncode",
                  "unCLIPConditioning", "ConditioningConcat", "ConditioningCombine", "ConditioningAverage",
-                 "ConditioningZeroOut"):
+                 "ConditioningZeroOut", "FluxGuidance"):
         assert run(pack, name, **valid[name])
     (mixed,) = run(pack, "ConditioningAverage", **{**valid["ConditioningAverage"], "conditioning_to_strength": 1})
     assert torch.isfinite(mixed[0][0]).all()  # ints are valid FLOAT widget values

@@ -1,4 +1,4 @@
-"""ComfyUI CONDITIONING helpers: unCLIP, concat, combine, average, zero out.
+"""ComfyUI CONDITIONING helpers: unCLIP, concat, combine, average, zero out, set values.
 
 A CONDITIONING is a list of ``[cond, extras]`` pairs: ``cond`` is a float
 tensor (batch, tokens, width) and ``extras`` a dict such as
@@ -28,6 +28,7 @@ from .errors import TextencError
 __all__ = [
     "Conditioning",
     "validate_conditioning",
+    "conditioning_set_values",
     "unclip_conditioning",
     "conditioning_concat",
     "conditioning_combine",
@@ -230,3 +231,15 @@ def conditioning_zero_out(conditioning: Conditioning) -> Conditioning:
         out.append([torch.zeros_like(cond), new_extras])
     return out
 
+
+
+def conditioning_set_values(conditioning: Conditioning, values: dict[str, Any]) -> Conditioning:
+    """Every entry with ``values`` set in its extras, replacing what was there (ComfyUI's
+    ``node_helpers.conditioning_set_values``, as ``FluxGuidance`` uses it: ``{"guidance": 3.5}``).
+
+    >>> cond = [[torch.zeros(1, 2, 3), {"guidance": 3.5}]]
+    >>> conditioning_set_values(cond, {"guidance": 2.0})[0][1], cond[0][1]
+    ({'guidance': 2.0}, {'guidance': 3.5})
+    """
+    validate_conditioning(conditioning)
+    return [[cond, {**extras, **values}] for cond, extras in conditioning]

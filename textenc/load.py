@@ -1,8 +1,8 @@
 """One loader for "a model" as users name it: checkpoint files or a diffusers folder.
 
 Every command-line ``--model`` goes through :func:`load_text_model`, so they
-all accept the same things: full SD1/SD2/SDXL checkpoints and standalone
-text-encoder files in any known key layout (:func:`textenc.sd.load_clip`),
+all accept the same things: full checkpoints and standalone text-encoder files
+(CLIP, T5, UMT5) in any known key layout (:func:`textenc.sd.load_clip`),
 and diffusers model folders (:func:`textenc.diffusers.load.load_from_diffusers`,
 which reads the head count and activation from the folder's ``config.json``).
 """
@@ -27,9 +27,12 @@ def load_text_model(model: str | os.PathLike | Sequence[str | os.PathLike], *,
     """A :class:`~textenc.sd.CLIP` from checkpoint file(s) or one diffusers model folder.
 
     Args:
-        model: one path, or several checkpoint files (SDXL: clip_l and clip_g).
-            A folder is read as a diffusers pipeline folder and must come alone.
-        clip_type: ``"sd1"``, ``"sd2"``, ``"sdxl"``; None or ``"auto"`` detects it.
+        model: one path, or several checkpoint files (SDXL: clip_l and clip_g; SD3: any of
+            clip_l, clip_g, t5xxl; Flux: clip_l and t5xxl). A folder is read as a diffusers
+            pipeline folder and must come alone.
+        clip_type: a family (:data:`textenc.text_encoders.names.CLIP_TYPES`: ``"sd1"``, ...,
+            ``"sd3"``, ``"flux"``, ``"wan"``; the meaning of ``--clip-type`` and of the node
+            loaders' ``type``); None or ``"auto"`` detects it.
         embedding_directory: textual-inversion folder for ``embedding:name``.
 
     Raises:

@@ -153,10 +153,16 @@ class CLIP:
         the family's whole empty-prompt cond (SD3 (154, 4096), Flux (256, 4096), Wan (512, 4096))."""
         return self.cond_stage_model.empty_window(self._options(True, options))
 
-    def encode_from_tokens_scheduled(self, tokens, *, options: Mapping[str, Any] | None = None) -> list:
-        """CONDITIONING: ``[[cond, {"pooled_output": pooled}]]``."""
-        result = self.encode_from_tokens(tokens, return_pooled=True, return_dict=True, options=options)
+    def encode_from_tokens_scheduled(self, tokens, unprojected: bool = False, add_dict: Mapping[str, Any] | None = None,
+                                     show_pbar: bool = True, *, options: Mapping[str, Any] | None = None) -> list:
+        """CONDITIONING: ``[[cond, {"pooled_output": pooled, **add_dict}]]``, as ComfyUI's (its
+        nodes call it so: ``CLIPTextEncodeFlux`` passes ``add_dict={"guidance": g}``).
+        ``unprojected`` asks for the pooled output before the projection; ``show_pbar``
+        is accepted for ComfyUI's signature (there is no schedule to show)."""
+        result = self.encode_from_tokens(tokens, return_pooled="unprojected" if unprojected else True,
+                                         return_dict=True, options=options)
         cond = result.pop("cond")
+        result.update(add_dict or {})
         return [[cond, result]]
 
     def encode(self, text: str, *, syntax: str | None = None, options: Mapping[str, Any] | None = None,

@@ -177,7 +177,9 @@ _COMMAND_LINE_SPELLINGS = ((re.compile(r"\bpass max_weight= "), "pass --max-weig
                            (re.compile(r"\bmax_weight=(?=\d)"), "--max-weight "),
                            (re.compile(r"\braise max_weight\b"), "raise --max-weight"),
                            (re.compile(r"\bpass truncate_long_prompts=False\b"), f"pass {TRUNCATE_FLAG}"),
-                           (re.compile(r"\bclip_skip (?=-?\d)"), "--clip-skip "))
+                           (re.compile(r"\bclip_skip (?=-?\d)"), "--clip-skip "),
+                           (re.compile(r"\bclip_type[= ]'([\w.-]+)'"), r"--clip-type \1"),
+                           (re.compile(r"\bpass clip_type explicitly\b"), "pass --clip-type"))
 
 
 def command_line_words(text: str) -> str:
@@ -187,6 +189,8 @@ def command_line_words(text: str) -> str:
     'weight 500; pass --max-weight W to refuse them'
     >>> command_line_words("pass truncate_long_prompts=False to keep them all")
     'pass --no-truncate-long-prompts to keep them all'
+    >>> command_line_words("clip_type 'flux' (Flux) takes ...; pass clip_type='wan'")
+    '--clip-type flux (Flux) takes ...; pass --clip-type wan'
     """
     for pattern, spelling in _COMMAND_LINE_SPELLINGS:
         text = pattern.sub(spelling, text)

@@ -1,5 +1,9 @@
 """``textenc encode``: prompts → ``cond_{i}`` / ``pooled_{i}`` in one safetensors file.
 
+``--model`` is repeated for a family of several files (SDXL: clip_l and clip_g; SD3: any of
+clip_l, clip_g, T5-XXL; Flux: clip_l and T5-XXL); the metadata records every file, the family
+and the text encoders loaded. Wan (UMT5) has no pooled output: its prompts have no ``pooled_{i}``.
+
 Every option is resolved to the value actually used before anything is
 encoded, and that value is what the output's metadata records: the layer
 index (ComfyUI numbering) whether or not ``--clip-skip`` was given, the
@@ -18,23 +22,31 @@ from typing import Any
 from ..prompts.dialects import SYNTAXES, default_weight_mode
 from ..errors import LayerError, TextencError
 from ..text_encoders.clip_skip import layer_from_clip_skip
+from ..text_encoders.names import CLIP_TYPE_HELP
+from ..text_encoders.names import CLIP_TYPES as FAMILIES
 from .common import (add_dialect_flags, add_embedding_options, add_progress_flag, check_folder, check_out_file,
                      dialect_flag_options, progress, show_path, write_file_atomically)
 from .early_checks import check_clip_skip_option, check_model_paths, check_prompt_limits
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
-           "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP"]
+           "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP", "MODEL_HELP", "model_record"]
 
 # The same tuples as textenc.text_encoders.weighting (tests check), kept here so that parsing
 # the command line imports no torch.
 WEIGHT_MODES = ("comfy", "a1111", "a1111_no_norm", "compel", "none")
 NORMALIZATIONS = ("none", "mean", "length", "length+mean")
-CLIP_TYPES = ("auto", "sd1", "sd2", "sdxl")
+#: ``--clip-type`` choices: auto, then every registered family (a table tests check against the
+#: registry, so that parsing imports no torch).
+CLIP_TYPES = ("auto", *FAMILIES)
+MODEL_HELP = ("a checkpoint file in any known layout (.safetensors, .gguf for T5) or a diffusers model "
+              "folder; repeat it for a family of several files: SDXL clip_l and clip_g, SD3 any of clip_l, "
+              "clip_g and t5xxl, Flux clip_l and t5xxl (required)")
 
 CLIP_SKIP_HELP = ("layer to stop at, counted from the end as in A1111 and civitai: 1 = last layer, "
                   "2 = penultimate, up to the model's depth; ComfyUI's -1, -2, ... are accepted and mean "
-                  "the same; 0 or a count beyond the depth is an error (default: the model's own "
-                  "layer: SD1 1, SD2 and SDXL 2)")
+                  "the same, for every text encoder of the model (T5 too, as ComfyUI's CLIPSetLastLayer); "
+                  "0 or a count beyond the depth is an error (default: the model's own layer: SD1, Flux "
+                  "and Wan 1, SD2 and SDXL 2; SD3 each part's own: CLIP 2, T5 1)")
 SYNTAX_HELP = ("prompt grammar: comfy = ComfyUI's; a1111 = AUTOMATIC1111's (its weight convention, "
                "[word] down-weights, BREAK starts a new window); compel = compel's (default: comfy)")
 
@@ -87,16 +99,21 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
 
 # --- options ----------------------------------------------------------------------
 
-def resolve_layer(clip, clip_skip: int | None) -> int:
+def resolve_layer(clip, clip_skip: int | None) -> int | None:
     """ComfyUI's layer for ``--clip-skip`` (A1111 numbering) or, when None, the model family's
-    default (``clip.family.comfy_default_layer``: SD1 the last, SD2 and SDXL the penultimate).
+    default (``clip.family.comfy_default_layer``: SD1, Flux and Wan the last, SD2 and SDXL the
+    penultimate); None when that default is not its T5 part's (always T5's last layer): then
+    each part keeps its own (SD3: CLIP the penultimate, T5 the last, as ComfyUI without
+    CLIPSetLastLayer).
     The CLIP's own numbering checks it (diffusers' 23-layer SD2 counts as ViT-H's 24).
 
     Raises:
         LayerError: 0, beyond the model's depth, or ViT-H's last layer on a 23-layer SD2.
     """
     if clip_skip is None:
-        return clip.family.comfy_default_layer
+        family = clip.family
+        t5_last = all(family.comfy_default_layer == -1 for role in family.roles if role.is_t5)
+        return family.comfy_default_layer if t5_last else None
     layer = layer_from_clip_skip(clip_skip, clip.numbered_layers, numbering="a1111")
     try:
         return clip.check_layer(layer)
@@ -108,15 +125,19 @@ def resolve_options(args: argparse.Namespace, clip) -> tuple[dict[str, Any], dic
     """The clip options one ``encode`` passes to ``clip``, and the same options as recorded.
 
     ``layer`` is ComfyUI's index (``--clip-skip`` n is ``-n``, else the model
-    type's default) in both; ``weight_mode`` is ``--weight-mode`` or the syntax's.
+    type's default; SD3 records None and passes none, so each part keeps its own);
+    ``weight_mode`` is ``--weight-mode`` or the syntax's.
 
     Raises:
         LayerError: see :func:`resolve_layer`.
     """
     weight_mode = args.weight_mode or default_weight_mode(args.syntax)
-    options = {"layer": resolve_layer(clip, args.clip_skip), "weight_mode": weight_mode,
-               "normalization": args.normalization}
-    return options, dict(options)
+    layer = resolve_layer(clip, args.clip_skip)
+    options = {"layer": layer, "weight_mode": weight_mode, "normalization": args.normalization}
+    recorded = dict(options)
+    if layer is None:
+        del options["layer"]
+    return options, recorded
 
 
 def _model_names(models: list[str]) -> list[str]:
@@ -141,29 +162,43 @@ def run_encode(args: argparse.Namespace) -> int:
 
     clip = load_text_model(models, clip_type=args.clip_type, embedding_directory=embeddings)
     options, recorded_options = resolve_options(args, clip)
-    tensors = {}
+    tensors: dict = {}
     for index, prompt in enumerate(progress(prompts, "encode", "prompt", enabled=args.progress or None)):
         # word ids: --normalization groups tokens by word (the weights are the same either way)
         tokens = clip.tokenize(prompt, return_word_ids=True, syntax=args.syntax, **syntax_options, **limits)
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True, options=options)
         tensors[f"cond_{index}"] = cond.detach().contiguous().cpu()
-        tensors[f"pooled_{index}"] = pooled.detach().contiguous().cpu()
-    recorded = {"syntax": args.syntax, **syntax_options, **recorded_options, "clip_type": clip.clip_type,
-                "models": _model_names(args.model)}
+        if pooled is not None:  # Wan (UMT5) has none
+            tensors[f"pooled_{index}"] = pooled.detach().contiguous().cpu()
     metadata = {"format": "textenc.encode/1", "prompts": json.dumps(prompts),
-                "options": json.dumps(recorded)}
+                "options": json.dumps({"syntax": args.syntax, **syntax_options, **recorded_options,
+                                       **model_record(clip, args.model)})}
     write_file_atomically(args.out, save(tensors, metadata=metadata))
-    shapes = f"cond {tuple(tensors['cond_0'].shape)}, pooled {tuple(tensors['pooled_0'].shape)}"
-    print(f"wrote {len(prompts)} prompt(s) to {show_path(args.out)}: {shapes} "
-          f"({clip.clip_type}, layer {recorded_options['layer']})")
+    pooled_shape = tuple(tensors["pooled_0"].shape) if "pooled_0" in tensors else "none"
+    print(f"wrote {len(prompts)} prompt(s) to {show_path(args.out)}: cond {tuple(tensors['cond_0'].shape)}, "
+          f"pooled {pooled_shape} ({clip.clip_type}, layer {_shown_layer(recorded_options['layer'])})")
     return 0
+
+
+def _shown_layer(layer: int | None) -> str:
+    return "each part's own" if layer is None else str(layer)
+
+
+def model_record(clip, models: list[str]) -> dict[str, Any]:
+    """What the metadata says of the model: ``clip_type`` (the family's name), ``family`` (its
+    label), ``parts`` (the text encoders loaded, in role order: SD3 may have a subset) and
+    ``models`` (every file's name, in the order given)."""
+    parts = list(getattr(clip.cond_stage_model, "encoders", {}))
+    return {"clip_type": clip.clip_type, "family": clip.family.label, "parts": parts,
+            "models": _model_names(models)}
 
 
 def add_encode(sub) -> argparse.ArgumentParser:
     """Add ``encode`` to the ``textenc`` sub-parsers; returns its parser."""
     parser = sub.add_parser("encode", help="encode prompts to a safetensors file",
-                            description="Encode prompts with a CLIP text encoder; writes cond_{i} and "
-                                        "pooled_{i} per prompt, with the prompts and the resolved options "
+                            description="Encode prompts with a model's text encoders (SD1, SD2, SDXL, SD3, "
+                                        "Flux, Wan); writes cond_{i} and pooled_{i} per prompt (Wan: no "
+                                        "pooled), with the prompts, the resolved options and the model files "
                                         "as metadata.")
     add = parser.add_argument
     add("prompts", nargs="*", help="prompts, in the grammar chosen by --syntax")
@@ -171,11 +206,8 @@ def add_encode(sub) -> argparse.ArgumentParser:
         "string or {\"prompt\": ...} per line), added after the prompt arguments (default: none)")
     # action="append", not nargs="+": a prompt written after --model FILE must
     # stay a prompt. SDXL from two files: --model clip_l.safetensors --model clip_g.safetensors
-    add("--model", action="append", required=True, metavar="PATH",
-        help="checkpoint file in any known layout (repeat for SDXL's clip_l and clip_g files) or a "
-             "diffusers model folder (required)")
-    add("--clip-type", choices=CLIP_TYPES, default="auto",
-        help="model type; auto detects it from the weights")
+    add("--model", action="append", required=True, metavar="PATH", help=MODEL_HELP)
+    add("--clip-type", choices=CLIP_TYPES, default="auto", help=CLIP_TYPE_HELP)
     add("--kind", dest="clip_type", choices=CLIP_TYPES, default=argparse.SUPPRESS,
         help=argparse.SUPPRESS)  # encode-dataset's old name of --clip-type, kept for one release
     add("--clip-skip", type=int, default=None, metavar="N", help=CLIP_SKIP_HELP)

@@ -1,8 +1,11 @@
 """``textenc inspect``: how a prompt is read (windows, tokens, weights, embeddings).
 
-Needs no model weights: the bundled tokenizer of ``--tokenizer``, or the
-tokenizer of ``--model`` when one is given. The model code (torch layers) is
-imported only for ``--model``. All printing is :func:`format_report`
+Needs no model weights: the bundled tokenizer of ``--tokenizer``, the bundled tokenizers of
+a family (``--clip-type flux``: CLIP-L and T5), or the tokenizers of ``--model`` when one is
+given. A model of several text encoders (SDXL, SD3, Flux) is reported part by part (its
+role, token count, prompt tokens and padding; T5's SentencePiece pieces with their weights)
+unless ``--tokenizer`` picks one. The model code (torch layers) is imported only for
+``--model`` and ``--clip-type``. All printing is :func:`format_report`
 (table) and :func:`report_dict` (``--json``); with ``--steps N`` (A1111
 syntax) it is :func:`format_schedule` and :func:`schedule_dict`: for each
 ``AND`` part and each text of its prompt-editing schedule, the steps it is
@@ -18,12 +21,13 @@ from typing import Any
 
 from ..prompts.dialects import SYNTAXES, prompt_schedules
 from ..prompts.step_ranges import step_ranges
+from ..text_encoders.names import CLIP_TYPE_HELP
 from .common import add_dialect_flags, check_folder, dialect_flag_options, positive_int
-from .encode import SYNTAX_HELP
+from .encode import CLIP_TYPES, SYNTAX_HELP
 from .inspect_summary import FULL_HELP, dropped_lines, format_summary, is_long
 
 __all__ = ["add_inspect", "run_inspect", "format_report", "report_dict", "format_schedule", "schedule_dict",
-           "TOKENIZERS", "SCHEDULED_SYNTAXES"]
+           "part_lengths", "TOKENIZERS", "TOKENIZER_ROLES", "SCHEDULED_SYNTAXES"]
 
 #: The syntaxes whose dialect has prompt schedules (editing, alternation, AND), so
 #: --steps can be checked while parsing, without importing the dialects (tests check).
@@ -31,42 +35,119 @@ SCHEDULED_SYNTAXES = ("a1111",)
 
 #: --tokenizer name → (embedding width, pad with the end token, embedding key).
 TOKENIZERS = {"sd1": (768, True, "clip_l"), "sd2": (1024, False, "clip_h"), "sdxl-g": (1280, False, "clip_g")}
+#: --tokenizer name → the part (role) it picks of a model with several.
+TOKENIZER_ROLES = {"sd1": "l", "sd2": "h", "sdxl-g": "g"}
 
 
 def _bundled_tokenizer(args: argparse.Namespace, embeddings: str | None):
     from ..prompts.tokenizer import SDTokenizer
 
-    width, pad_with_end, key = TOKENIZERS[args.tokenizer]
+    width, pad_with_end, key = TOKENIZERS[args.tokenizer or "sd1"]
     return SDTokenizer(pad_with_end=pad_with_end, embedding_directory=embeddings,
                        embedding_size=width, embedding_key=key)
 
 
-def _model_tokenizer(args: argparse.Namespace, embeddings: str | None):
-    """The tokenizer of ``--model``: its only one, or for SDXL CLIP-L's (``--tokenizer sd1``,
-    the default) or bigG's (``--tokenizer sdxl-g``)."""
-    from ..load import load_text_model
+def _family_tokenizers(args: argparse.Namespace, embeddings: str | None) -> tuple[str | None, dict]:
+    """``(clip_type, {role: tokenizer})`` of ``--model`` (loaded, as ``textenc encode``) or of
+    ``--clip-type``'s family with its bundled vocabularies; ``(None, {})`` for neither.
 
-    tokenizers = load_text_model(args.model, embedding_directory=embeddings).tokenizer.tokenizers
-    if len(tokenizers) == 1:
-        return next(iter(tokenizers.values()))
-    return tokenizers["l"] if args.tokenizer == "sd1" else tokenizers["g"]
+    Raises:
+        CheckpointError: a model that does not load, or a family whose tokenizer comes
+            with its weights (Wan's UMT5) asked for without ``--model``.
+    """
+    clip_type = None if args.clip_type == "auto" else args.clip_type
+    if args.model:
+        from ..load import load_text_model
+
+        clip = load_text_model(args.model, clip_type=clip_type, embedding_directory=embeddings)
+        return clip.clip_type, dict(clip.tokenizer.tokenizers)
+    if clip_type is None:
+        return None, {}
+    from ..errors import CheckpointError
+    from ..text_encoders.families import get_family
+
+    try:
+        tokenizer = get_family(clip_type).tokenizer_class.for_roles({}, embedding_directory=embeddings)
+    except CheckpointError as error:
+        raise CheckpointError(f"--clip-type {clip_type}: {error}; give the model's file with --model") from None
+    return clip_type, dict(tokenizer.tokenizers)
+
+
+def _parts(args: argparse.Namespace, embeddings: str | None) -> tuple[str | None, dict]:
+    """The tokenizers to report, by role: every part, or the one ``--tokenizer`` picks."""
+    clip_type, tokenizers = _family_tokenizers(args, embeddings)
+    if not tokenizers:
+        return None, {TOKENIZER_ROLES[args.tokenizer or "sd1"]: _bundled_tokenizer(args, embeddings)}
+    if args.tokenizer is None or len(tokenizers) == 1:
+        return clip_type, tokenizers
+    role = TOKENIZER_ROLES[args.tokenizer]
+    if role not in tokenizers:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"--tokenizer {args.tokenizer}: this {clip_type} model has no {role!r} part; its "
+                              f"parts are {', '.join(tokenizers)} (leave --tokenizer out to see them all)")
+    return clip_type, {role: tokenizers[role]}
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """Print the report of ``args.prompt`` as a table or JSON."""
+    """Print the report of ``args.prompt`` as a table or JSON, one section per part."""
     embeddings = None if args.embeddings is None else check_folder(args.embeddings, "--embeddings")
-    tokenizer = (_model_tokenizer(args, embeddings) if args.model
-                 else _bundled_tokenizer(args, embeddings))
+    clip_type, parts = _parts(args, embeddings)
     if args.steps is not None:
-        schedule = schedule_report(tokenizer, args.prompt, syntax=args.syntax, steps=args.steps)
-        print(json.dumps(schedule_dict(schedule), indent=1) if args.json else format_schedule(schedule))
+        schedules = {role: schedule_report(tokenizer, args.prompt, syntax=args.syntax, steps=args.steps)
+                     for role, tokenizer in parts.items()}
+        _print_parts(args, clip_type, schedules, schedule_dict, format_schedule, with_lengths=False)
         return 0
-    report = tokenizer.inspect(args.prompt, syntax=args.syntax, **dialect_flag_options(args))
-    if args.json:
-        print(json.dumps(report_dict(report), indent=1))
-    else:
-        print(format_report(report) if args.full or not is_long(report) else format_summary(report, _window_lines))
+    reports = {role: tokenizer.inspect(args.prompt, syntax=args.syntax, **dialect_flag_options(args))
+               for role, tokenizer in parts.items()}
+
+    def as_table(report) -> str:  # long prompts summarised unless --full
+        return format_report(report) if args.full or not is_long(report) else format_summary(report, _window_lines)
+
+    _print_parts(args, clip_type, reports, report_dict, as_table, with_lengths=True,
+                 min_lengths={role: getattr(tokenizer, "min_length", None) for role, tokenizer in parts.items()})
     return 0
+
+
+def _print_parts(args: argparse.Namespace, clip_type: str | None, reports: dict, as_dict, as_table, *,
+                 with_lengths: bool, min_lengths: dict | None = None) -> None:
+    """One part: its report as before. Several: ``{"clip_type", "parts": {role: ...}}`` in JSON,
+    or a ``part ROLE: ...`` header before each table."""
+    if len(reports) == 1:
+        (report,) = reports.values()
+        print(json.dumps(as_dict(report), indent=1) if args.json else as_table(report))
+        return
+    sizes = {role: part_lengths(report, (min_lengths or {}).get(role)) if with_lengths else {}
+             for role, report in reports.items()}
+    if args.json:
+        parts = {role: {**sizes[role], **as_dict(report)} for role, report in reports.items()}
+        print(json.dumps({"clip_type": clip_type, "parts": parts}, indent=1))
+        return
+    sections = []
+    for role, report in reports.items():
+        body = "\n".join("  " + line for line in as_table(report).splitlines())
+        sections.append(_part_header(role, sizes[role]) + "\n" + body)
+    print(f"{clip_type}: {len(reports)} parts ({', '.join(reports)})\n" + "\n".join(sections))
+
+
+def _part_header(role: str, size: dict[str, Any]) -> str:
+    if not size:
+        return f"part {role}"
+    minimum = f" (minimum length {size['min_length']})" if size["min_length"] else ""
+    return (f"part {role}: {size['tokens']} tokens, {size['prompt_tokens']} from the prompt, "
+            f"{size['padding']} padding{minimum}")
+
+
+def part_lengths(report, min_length: int | None) -> dict[str, Any]:
+    """A part's sizes: ``tokens`` (all windows), ``prompt_tokens`` (from the prompt: word id
+    not 0), ``padding`` (after each window's end token) and the tokenizer's ``min_length``."""
+    tokens = sum(len(window) for window in report.windows)
+    prompt_tokens = sum(1 for window in report.windows for token in window if token.word_id != 0)
+    padding = 0
+    for window in report.windows:
+        last = max((i for i, t in enumerate(window) if t.word_id != 0), default=0) + 1  # the end token
+        padding += max(len(window) - last - 1, 0)
+    return {"tokens": tokens, "prompt_tokens": prompt_tokens, "padding": padding, "min_length": min_length}
 
 
 # --- schedules (--steps) ----------------------------------------------------------
@@ -172,17 +253,23 @@ def format_report(report) -> str:
 def add_inspect(sub) -> argparse.ArgumentParser:
     """Add ``inspect`` to the ``textenc`` sub-parsers; returns its parser."""
     parser = sub.add_parser("inspect", help="show how a prompt is tokenized (no model needed)",
-                            description="Show windows, tokens, weights and embeddings of a prompt.")
+                            description="Show windows, tokens, weights and embeddings of a prompt, for each "
+                                        "text encoder of the model (SD3: l, g, t5xxl; Flux: l, t5xxl).")
     add = parser.add_argument
     add("prompt", help="the prompt, in the grammar chosen by --syntax")
     add("--syntax", choices=SYNTAXES, default="comfy", help=SYNTAX_HELP)
     add_dialect_flags(parser)
-    add("--tokenizer", choices=list(TOKENIZERS), default="sd1",
+    add("--tokenizer", choices=list(TOKENIZERS), default=None,
         help="bundled tokenizer: padding and embedding width of sd1 (CLIP-L), sd2 (ViT-H) or sdxl-g "
-             "(bigG); with an SDXL --model, sd1 picks its CLIP-L side and sdxl-g its bigG side")
+             "(bigG); with a model of several parts (--model, --clip-type), the one part to show: sd1 "
+             "its CLIP-L, sdxl-g its bigG (default: sd1 alone; every part of a model)")
     add("--model", action="append", metavar="PATH",
-        help="read the tokenizer and embedding width from this checkpoint file or diffusers model "
-             "folder, as textenc encode --model (default: none: the bundled --tokenizer)")
+        help="read the tokenizers and embedding widths from this checkpoint file or diffusers model "
+             "folder, repeated for a family of several files, as textenc encode --model (default: none: "
+             "the bundled tokenizers)")
+    add("--clip-type", choices=CLIP_TYPES, default="auto",
+        help=CLIP_TYPE_HELP + "; without --model, the family's bundled tokenizers (not wan, whose "
+             "tokenizer is in its file)")
     add("--embeddings", metavar="DIR", help="textual-inversion folder for embedding:name (default: none: each "
         "embedding:name is then read as plain text, as ComfyUI does, with a warning; one missing from the "
         "folder is left out, with a warning and an embeddings: line saying why)")

@@ -7,7 +7,7 @@ none (every list is then empty). Below it, each kind of model has its
 folder(s), named as in ComfyUI::
 
     models/
-      text_encoders/  (or clip/)   CLIP text encoders and full checkpoints
+      text_encoders/  (or clip/)   text encoders (also .gguf) and full checkpoints
       clip_vision/                 CLIP vision towers
       embeddings/                  textual inversions
       photomaker/                  PhotoMaker ID encoders
@@ -35,7 +35,7 @@ from typing import Sequence
 
 from ..errors import CheckpointError
 
-__all__ = ["KINDS", "MODEL_EXTENSIONS", "ENV_VAR", "set_models_dir", "models_dir",
+__all__ = ["KINDS", "MODEL_EXTENSIONS", "EXTRA_EXTENSIONS", "ENV_VAR", "set_models_dir", "models_dir",
            "comfy_folder_paths", "kind_folders", "get_filename_list", "get_full_path",
            "embedding_directories", "is_inside"]
 
@@ -51,6 +51,10 @@ KINDS: dict[str, tuple[str, ...]] = {
     "checkpoints": ("checkpoints",),
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+#: Extensions a kind lists beyond MODEL_EXTENSIONS: GGUF T5 / UMT5 files (the format of
+#: ComfyUI-GGUF's text-encoder loaders) are text encoders. Inside ComfyUI, whose folder lists
+#: leave them out, they are found by walking ComfyUI's folders of that kind.
+EXTRA_EXTENSIONS: dict[str, tuple[str, ...]] = {"text_encoders": (".gguf",), "clip": (".gguf",)}
 
 _explicit_dir: str | None = None
 
@@ -130,15 +134,33 @@ def _walk(folder: str, extensions: Sequence[str]) -> list[str]:
     return names
 
 
-def get_filename_list(kind: str, *, extensions: Sequence[str] = MODEL_EXTENSIONS) -> list[str]:
-    """Sorted model names of ``kind`` (ComfyUI's ``folder_paths.get_filename_list``)."""
+def _extensions(kind: str) -> tuple[str, ...]:
+    return MODEL_EXTENSIONS + EXTRA_EXTENSIONS.get(kind, ())
+
+
+def get_filename_list(kind: str, *, extensions: Sequence[str] | None = None) -> list[str]:
+    """Sorted model names of ``kind`` (ComfyUI's ``folder_paths.get_filename_list``), with
+    the kind's :data:`EXTRA_EXTENSIONS` (``.gguf`` text encoders) unless ``extensions`` is given."""
     comfy = comfy_folder_paths()
     if comfy is not None:
-        return list(comfy.get_filename_list(_comfy_kind(comfy, kind)))
-    names: set[str] = set()
+        comfy_kind = _comfy_kind(comfy, kind)
+        names = set(comfy.get_filename_list(comfy_kind))
+        for folder in _comfy_folders(comfy, comfy_kind) if extensions is None else ():
+            names.update(_walk(folder, EXTRA_EXTENSIONS.get(kind, ())))
+        return sorted(names)
+    names = set()
     for folder in kind_folders(kind):
-        names.update(_walk(folder, extensions))
+        names.update(_walk(folder, _extensions(kind) if extensions is None else extensions))
     return sorted(names)
+
+
+def _comfy_folders(comfy: ModuleType, comfy_kind: str) -> list[str]:
+    """ComfyUI's existing folders of ``comfy_kind`` (real paths), for the extra extensions."""
+    try:
+        folders = comfy.get_folder_paths(comfy_kind)
+    except (KeyError, AttributeError):
+        return []
+    return [os.path.realpath(folder) for folder in folders if os.path.isdir(folder)]
 
 
 def _comfy_kind(comfy: ModuleType, kind: str) -> str:
@@ -162,7 +184,7 @@ def _resolve(kind: str, name: str) -> str:
         raise CheckpointError(f"no {kind} folder: set {ENV_VAR} or call textenc.loading.paths.set_models_dir() "
                               f"to a directory with a {'/'.join(KINDS[kind])} subfolder")
     for folder in folders:
-        if name in _walk(folder, MODEL_EXTENSIONS):  # listed: the file a symlink points to is read
+        if name in _walk(folder, _extensions(kind)):  # listed: the file a symlink points to is read
             return os.path.realpath(os.path.join(folder, name))
     raise CheckpointError(f"{kind} model {name!r} not found in {', '.join(folders)} "
                           "(only model files the folder lists can be loaded)")

@@ -95,7 +95,13 @@ class _T5ClipModel(SDClipModel):
     def encode_token_weights(self, token_weight_pairs, *, options: Mapping[str, Any] | None = None,
                              need_pooled: bool = True):
         """``(cond [1, T, D], None)``: see :meth:`SDClipModel.encode_token_weights`. T5 has no pooled
-        output, so the work only pooled needs (compel's raw-text window) is always skipped."""
+        output, so the work only pooled needs (compel's raw-text window) is always skipped.
+
+        No windows at all (SD3's ``CLIPTextEncodeSD3`` with an empty ``t5xxl`` and
+        ``empty_padding="none"``) encode ``</s>`` alone, one row, as ComfyUI's
+        ``ClipTokenWeightEncoder`` does (``gen_empty_tokens(special_tokens, 0)``)."""
+        if isinstance(token_weight_pairs, (list, tuple)) and len(token_weight_pairs) == 0:
+            token_weight_pairs = [[(self.special_tokens["end"], 1.0)]]
         return super().encode_token_weights(token_weight_pairs, options=options, need_pooled=False)
 
     def load_sd(self, sd: Mapping[str, torch.Tensor], *, strict: bool = True, require_finite: bool = True):
