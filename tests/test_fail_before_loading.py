@@ -85,6 +85,12 @@ def test_encode_checks_every_model_path(no_loading, junk_model, tmp_path, capsys
     assert (status, err) == (1, f"textenc: error: {missing}: does not exist; check the path\n")
 
 
+def test_inspect_checks_every_model_path(no_loading, junk_model, tmp_path, capsys):
+    missing = tmp_path / "t5xxl_fp16.safetensors"
+    status, err = run(capsys, "inspect", "a cat", "--model", str(junk_model), "--model", str(missing))
+    assert (status, err) == (1, f"textenc: error: {missing}: does not exist; check the path\n")
+
+
 def test_vision_refuses_a_text_file_as_image(no_loading, junk_model, tmp_path, capsys):
     pytest.importorskip("PIL")
     text = tmp_path / "cat.png"

@@ -24,6 +24,7 @@ from ..prompts.step_ranges import step_ranges
 from ..text_encoders.names import CLIP_TYPE_HELP
 from .common import add_dialect_flags, check_folder, dialect_flag_options, positive_int
 from .encode import CLIP_TYPES, SYNTAX_HELP
+from .early_checks import check_model_paths
 from .inspect_summary import FULL_HELP, dropped_lines, format_summary, is_long
 
 __all__ = ["add_inspect", "run_inspect", "format_report", "report_dict", "format_schedule", "schedule_dict",
@@ -92,6 +93,8 @@ def _parts(args: argparse.Namespace, embeddings: str | None) -> tuple[str | None
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the report of ``args.prompt`` as a table or JSON, one section per part."""
     embeddings = None if args.embeddings is None else check_folder(args.embeddings, "--embeddings")
+    if args.model:
+        args.model = check_model_paths(args.model)  # a missing file is refused before torch loads
     clip_type, parts = _parts(args, embeddings)
     if args.steps is not None:
         schedules = {role: schedule_report(tokenizer, args.prompt, syntax=args.syntax, steps=args.steps)
