@@ -119,16 +119,24 @@ class CLIPTextModel_(torch.nn.Module):
                 dtype: torch.dtype = torch.float32, *,
                 return_last_hidden: bool = True,
                 attention_backend: str | None = None,
-                row_groups: Sequence[int] | None = None) -> tuple:
+                row_groups: Sequence[int] | None = None,
+                fast_pooled: bool = False) -> tuple:
         """Encode tokens (B, T) or input embeddings (B, T, D).
 
-        Returns ``(last_hidden_state, intermediate, pooled_output)``. With
-        ``return_last_hidden=False`` (and an intermediate layer requested) the
-        layers after the intermediate one run only as far as the pooled token
-        needs, and ``last_hidden_state`` is None; ``row_groups`` (sizes summing
-        to B, e.g. the windows of each caption in a batch) then runs that
-        one-row tail group by group, so each group's pooled output has the bits
-        it has when the group is encoded alone (see :class:`CLIPEncoder`).
+        Returns ``(last_hidden_state, intermediate, pooled_output)``;
+        ``last_hidden_state`` is None with ``return_last_hidden=False``.
+
+        The pooled output is always the last layer's. By default every layer
+        runs on every row, as ComfyUI and transformers run them, so pooled is
+        theirs bit for bit on CPU (a matmul rounds a row differently when it
+        multiplies fewer rows). ``fast_pooled=True`` (with an intermediate
+        layer and ``return_last_hidden=False``) runs the layers after the
+        intermediate one for the pooled row only: one layer of CLIP-L at clip
+        skip 2 costs about a quarter, and pooled differs by fp32 rounding
+        (≤ 2.5e-6). ``row_groups`` (sizes summing to B, e.g. the windows of
+        each caption in a batch) then runs that one-row tail group by group, so
+        each group's pooled output has the bits it has when the group is
+        encoded alone (see :class:`CLIPEncoder`).
         """
         if embeds is not None:
             position = self.embeddings.position_embedding.weight[: embeds.shape[1]]
@@ -142,7 +150,7 @@ class CLIPTextModel_(torch.nn.Module):
         causal = attention_mask is None
         mask = None if causal else _additive_mask(attention_mask, tokens, x.dtype, x.device)
         pool_at = self._pool_positions(input_tokens, num_tokens, batch, tokens, x.device)
-        partial = not return_last_hidden and intermediate_output not in (None, "all")
+        partial = fast_pooled and not return_last_hidden and intermediate_output not in (None, "all")
         x, intermediate = self.encoder(x, mask=mask, intermediate_output=intermediate_output,
                                        tail_rows=pool_at if partial else None,
                                        row_groups=row_groups if partial else None,

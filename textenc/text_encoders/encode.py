@@ -12,6 +12,7 @@ import torch
 
 from ..errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError, TextencError
 from ..loading.checkpoint import aligned, is_finite
+from ..nn.clip_layers import group_spans
 from ..nn.packed import PackedWeight
 from ..warn import warn_at_caller
 from .options import ClipOptions
@@ -232,7 +233,8 @@ def process_tokens(model: SDClipModel, windows: Sequence[Sequence[Any]],
 # ---- encoding -----------------------------------------------------------------
 
 def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipOptions,
-                     attention_mask: torch.Tensor | None, row_groups: Sequence[int] | None = None):
+                     attention_mask: torch.Tensor | None, row_groups: Sequence[int],
+                     empty_alongside: Sequence[bool]):
     if opts.layer == "all":
         intermediate = "all"
     elif opts.layer == "hidden":  # ComfyUI's index → the loaded layers' own (23-layer SD2)
@@ -244,11 +246,32 @@ def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipO
                                 num_tokens=processed.num_tokens, intermediate_output=intermediate,
                                 final_layer_norm_intermediate=opts.layer_norm_hidden_state,
                                 dtype=opts.compute_dtype,
-                                return_last_hidden=opts.layer in ("last", "pooled"),
-                                **({} if row_groups is None else {"row_groups": row_groups}))
+                                return_last_hidden=opts.layer in ("last", "pooled"))
+        pooled = out.pooled_output
+        if opts.return_projected_pooled and pooled is not None:
+            pooled = project_pooled(model.transformer.text_projection, pooled, row_groups, empty_alongside)
     z = out.last_hidden_state if opts.layer in ("last", "pooled") else out.intermediate
-    pooled = out.projected_pooled if opts.return_projected_pooled else out.pooled_output
     return z.float(), (None if pooled is None else pooled.float())  # T5 has no pooled output
+
+
+def project_pooled(projection: torch.nn.Module, pooled: torch.Tensor, row_groups: Sequence[int],
+                   empty_alongside: Sequence[bool]) -> torch.Tensor:
+    """``pooled`` (W, D) projected group by group, each in a batch of the rows ComfyUI projects.
+
+    ComfyUI projects the pooled rows of its whole forward batch at once (``CLIPTextModel.forward``
+    in ``comfy/clip_model.py``): a prompt's windows, plus the empty prompt's window that
+    ``encode_token_weights`` encodes alongside weighted windows. CPU matmul kernels round a
+    row by how many rows they multiply, so each group (``row_groups``: window counts) is
+    projected with a zero row appended where ``empty_alongside`` says ComfyUI had the empty
+    window there; the extra row's values do not change the others', only the kernel's shape.
+    """
+    out = []
+    for (start, stop), extra in zip(group_spans(row_groups, pooled.shape[0]), empty_alongside):
+        rows = pooled[start:stop]
+        if extra:
+            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        out.append(projection(rows)[: stop - start])
+    return torch.cat(out)
 
 
 def _likely_cause(model: SDClipModel, windows, opts: ClipOptions) -> str:
@@ -280,12 +303,16 @@ def check_finite_output(model: SDClipModel, windows, z: torch.Tensor, pooled: to
 
 
 def encode_windows(model: SDClipModel, windows, opts: ClipOptions, *,
-                   extra_mask: torch.Tensor | None = None, row_groups: Sequence[int] | None = None):
+                   extra_mask: torch.Tensor | None = None, row_groups: Sequence[int] | None = None,
+                   empty_alongside: Sequence[bool] | bool = False):
     """Encode windows in one forward → ``(z (W, T, D), pooled (W, P)[, extra])``.
 
-    ``row_groups`` (window counts summing to W: the windows of each prompt in a
-    batch of prompts) makes each prompt's pooled output bit-equal to encoding
-    that prompt alone (see :meth:`textenc.nn.clip_model.CLIPTextModel.forward`).
+    Every layer runs on every row, as ComfyUI runs them, so pooled at an
+    intermediate layer is ComfyUI's bit for bit. ``row_groups`` (window counts
+    summing to W: the windows of each prompt in a batch of prompts) and
+    ``empty_alongside`` (per group, or one value for all: whether ComfyUI would
+    encode the empty prompt in the same batch, as it does for weighted windows)
+    project each prompt's pooled rows as ComfyUI projects them (:func:`project_pooled`).
     """
     if not model.loaded:
         raise CheckpointError("the text encoder has no weights yet: call load_sd(state_dict) first")
@@ -293,7 +320,9 @@ def encode_windows(model: SDClipModel, windows, opts: ClipOptions, *,
     mask = processed.attention_mask if model.enable_attention_masks else None
     if extra_mask is not None:
         mask = extra_mask if mask is None else mask * extra_mask
-    z, pooled = _run_transformer(model, processed, opts, mask, row_groups)
+    groups = [len(windows)] if row_groups is None else list(row_groups)
+    alongside = [empty_alongside] * len(groups) if isinstance(empty_alongside, bool) else list(empty_alongside)
+    z, pooled = _run_transformer(model, processed, opts, mask, groups, alongside)
     check_finite_output(model, windows, z, pooled, opts)
     if model.zero_out_masked:
         z = z * processed.attention_mask.unsqueeze(-1).to(z.dtype)
@@ -316,12 +345,13 @@ def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
     return model.empty_cache.get_or_compute((opts, length), compute)
 
 
-def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
+def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions, empty_alongside: bool = False):
+    encode = lambda: encode_windows(model, windows, opts, empty_alongside=empty_alongside)  # noqa: E731
     if model.cache_size <= 0 or model.return_attention_masks:
-        return encode_windows(model, windows, opts)
+        return encode()
     check_windows(windows, getattr(model.config, "max_position_embeddings", None))  # before the key reads the tokens
-    key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
-    z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
+    key = (opts, empty_alongside, tuple(tuple(_token_key(t) for t in w) for w in windows))
+    z, pooled = model.encode_cache.get_or_compute(key, encode)
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
     return z.clone(), (None if pooled is None else pooled.clone())
 
@@ -330,7 +360,8 @@ def encoder_calls(model: SDClipModel, opts: ClipOptions) -> EncoderCalls:
     """The forwards a weight mode may run on ``model`` with ``opts``."""
     return EncoderCalls(
         encode=lambda windows, mask: encode_windows(model, windows, opts, extra_mask=mask),
-        encode_cached=lambda windows: _encode_maybe_cached(model, windows, opts),
+        encode_cached=lambda windows, empty_alongside=False: _encode_maybe_cached(model, windows, opts,
+                                                                                  empty_alongside),
         empty=lambda length: empty_encoding(model, length, opts)[0],
         special_tokens=model.special_tokens)
 
