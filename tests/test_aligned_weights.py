@@ -7,7 +7,9 @@ loader that assigns file tensors as parameters copies the unaligned ones
 (:func:`textenc.loading.checkpoint.aligned`) and keeps the aligned ones shared with the
 file. Checked for single-file text encoders (``load_clip``), ``load_sd`` and CLIP
 vision, at torch threads 1 and 2; the reference for "the same weights" is a file
-with every tensor 64-byte aligned.
+with every tensor 64-byte aligned. And (issue 27, point 3) one model's weights in
+every layout a user meets (fp32 and fp16 single files, aligned or not, fp32 and fp16
+diffusers folders) encode to the same bits.
 """
 
 from __future__ import annotations
