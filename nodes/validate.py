@@ -27,7 +27,7 @@ ERROR_BY_INPUT = {"stop_at_clip_layer": "LayerError", "type": "CheckpointError",
                   "noise_augmentation": "ConditioningError", "token_normalization": "PromptError",
                   "weight_interpretation": "PromptError", "weight_convention": "PromptError",
                   "square_brackets": "PromptError", "break_keyword": "PromptError", "syntax": "PromptError",
-                  "truncate_long_prompts": "PromptError"}
+                  "truncate_long_prompts": "PromptError", "fast_pooled": "PromptError"}
 #: Error class name per input type.
 ERROR_BY_TYPE = {"CLIP": "CheckpointError", "CLIP_VISION": "CheckpointError", "PHOTOMAKER": "CheckpointError",
                  "CONDITIONING": "ConditioningError", "CLIP_VISION_OUTPUT": "ConditioningError",

@@ -166,3 +166,63 @@ def test_text_encode_node_is_comfyui_bit_for_bit(models, threads):
     ((cond, extra),) = CLIPTextEncode().encode(clip, prompt)[0]
     ref_cond, ref_pooled = comfy_encode("sd2", hf, clip.tokenize(prompt))
     assert torch.equal(cond, ref_cond) and torch.equal(extra["pooled_output"], ref_pooled)
+
+
+# ---- the faster path, an option at every entry point -------------------------------------
+
+def test_fast_pooled_option_is_close_and_cond_unchanged(models, threads):
+    """``fast_pooled`` runs the layers after the intermediate one for the pooled row only:
+    cond is the same bits, pooled within fp32 rounding; a batch still equals each prompt alone."""
+    for family in FAMILIES:
+        clip = models[family]["clip"]
+        tokens = [clip.tokenize(prompt) for prompt in PROMPTS.values()]
+        batched = clip.encode_batch(tokens, options={"fast_pooled": True})
+        for one, (batch_cond, batch_pooled) in zip(tokens, batched):
+            exact = clip.encode_from_tokens(one, return_pooled=True)
+            fast = clip.encode_from_tokens(one, return_pooled=True, options={"fast_pooled": True})
+            assert torch.equal(fast[0], exact[0]), family
+            assert float((fast[1] - exact[1]).abs().max()) <= 1e-5, family
+            assert torch.equal(batch_cond, fast[0]) and torch.equal(batch_pooled, fast[1]), family
+
+
+def test_fast_pooled_is_offered_by_every_entry_point(models, tmp_path):
+    import inspect
+
+    from textenc.cli import build_parser
+    from textenc.dataset import encode_dataset, open_shards
+    from textenc.dataset.cli import build_parser as dataset_parser
+    from textenc.diffusers import encode_for_pipeline
+    from textenc.errors import PromptError
+    from textenc_nodes.text_encode import CLIPTextEncodeAdvancedTextenc
+
+    for parser, argv in ((build_parser(), ["encode", "--help"]), (dataset_parser(), ["--help"])):
+        help_text = _help(parser, argv)
+        assert "--fast-pooled" in help_text and "ComfyUI's" in help_text
+    assert inspect.signature(encode_for_pipeline).parameters["fast_pooled"].default is False
+    assert "fast_pooled" in inspect.getdoc(encode_for_pipeline)
+    node_input = CLIPTextEncodeAdvancedTextenc.INPUT_TYPES()["optional"]["fast_pooled"]
+    assert node_input[0] == "BOOLEAN" and node_input[1]["default"] is False and node_input[1]["tooltip"]
+    clip = models["sd1"]["clip"]
+    with pytest.raises(PromptError, match="fast_pooled must be True or False"):
+        clip.encode_from_tokens(clip.tokenize("a fox"), options={"fast_pooled": "yes"})
+    # the dataset records it, and its pooled is the API's with the option
+    source = tmp_path / "captions.txt"
+    source.write_text(PROMPTS["plain"] + "\n", encoding="utf-8")
+    out = tmp_path / "fast"
+    encode_dataset(source, model=models["sd2"]["path"], out=out, dtype="fp32", fast_pooled=True, progress=False)
+    assert '"fast_pooled": true' in (out / "manifest.json").read_text()
+    ((_, cond, pooled),) = list(open_shards(out))
+    sd2 = models["sd2"]["clip"]
+    expected = sd2.encode_from_tokens(sd2.tokenize(PROMPTS["plain"]), return_pooled=True,
+                                      options={"fast_pooled": True})
+    assert torch.equal(pooled.reshape(expected[1].shape), expected[1])
+
+
+def _help(parser, argv) -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    return buffer.getvalue()

@@ -241,12 +241,14 @@ def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipO
         intermediate = model.numbering.model_index(opts.layer_idx)
     else:
         intermediate = None
+    # fast_pooled: the one-row tail, caption by caption (row_groups) so a batch keeps each alone's bits
+    fast = {"fast_pooled": True, "row_groups": row_groups} if opts.fast_pooled else {}
     with torch.no_grad():
         out = model.transformer(None, attention_mask, embeds=processed.embeds,
                                 num_tokens=processed.num_tokens, intermediate_output=intermediate,
                                 final_layer_norm_intermediate=opts.layer_norm_hidden_state,
                                 dtype=opts.compute_dtype,
-                                return_last_hidden=opts.layer in ("last", "pooled"))
+                                return_last_hidden=opts.layer in ("last", "pooled"), **fast)
         pooled = out.pooled_output
         if opts.return_projected_pooled and pooled is not None:
             pooled = project_pooled(model.transformer.text_projection, pooled, row_groups, empty_alongside)
