@@ -189,9 +189,29 @@ class CLIPTextModel(torch.nn.Module):
         last, intermediate, pooled = self.text_model(*args, row_groups=row_groups, **kwargs)
         if row_groups is None:
             return CLIPTextOutput(last, intermediate, self.text_projection(pooled), pooled)
-        projected = torch.cat([self.text_projection(pooled[start:stop])
-                               for start, stop in group_spans(row_groups, pooled.shape[0])])
+        projected = self.project_pooled(pooled, row_groups, [False] * len(row_groups))
         return CLIPTextOutput(last, intermediate, projected, pooled)
+
+
+    def project_pooled(self, pooled: torch.Tensor, row_groups: Sequence[int],
+                       empty_alongside: Sequence[bool]) -> torch.Tensor:
+        """``pooled`` (W, D) projected group by group, each in a batch of the rows ComfyUI projects.
+
+        ComfyUI projects the pooled rows of its whole forward batch at once
+        (``CLIPTextModel.forward`` in ``comfy/clip_model.py``): a prompt's windows, plus
+        the empty prompt's window that ``encode_token_weights`` encodes alongside
+        weighted windows. CPU matmul kernels round a row by how many rows they
+        multiply, so each group (``row_groups``: window counts) is projected with a
+        zero row appended where ``empty_alongside`` says ComfyUI had the empty window;
+        the extra row's values do not change the others', only the kernel's shape.
+        """
+        out = []
+        for (start, stop), extra in zip(group_spans(row_groups, pooled.shape[0]), empty_alongside):
+            rows = pooled[start:stop]
+            if extra:
+                rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+            out.append(self.text_projection(rows)[: stop - start])
+        return torch.cat(out)
 
 
 class CLIPVisionEmbeddings(torch.nn.Module):

@@ -7,7 +7,7 @@ then applied per prompt exactly as :func:`textenc.text_encoders.encode.encode_to
 applies it. Each prompt's pooled rows are projected in a batch of their own
 (``row_groups``), of the rows ComfyUI projects for that prompt, because matmul
 kernels round a 1-2 row product differently from a larger one
-(:func:`textenc.text_encoders.encode.project_pooled`; ``tests/test_dataset_batching.py``
+(:meth:`textenc.nn.clip_model.CLIPTextModel.project_pooled`; ``tests/test_dataset_batching.py``
 checks it at 1 and 2 threads). A prompt whose weighting needs extra encodes
 (compel's down-weights, ``.blend()``, ``.and()``), whose roles end up with
 different lengths (SDXL pads the shorter side) or which has no windows takes the

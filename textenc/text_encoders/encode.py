@@ -12,7 +12,6 @@ import torch
 
 from ..errors import CheckpointError, CheckpointWarning, EmbeddingWarning, EncodeError, PromptError, TextencError
 from ..loading.checkpoint import aligned, is_finite
-from ..nn.clip_layers import group_spans
 from ..nn.packed import PackedWeight
 from ..warn import warn_at_caller
 from .options import ClipOptions
@@ -251,29 +250,9 @@ def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipO
                                 return_last_hidden=opts.layer in ("last", "pooled"), **fast)
         pooled = out.pooled_output
         if opts.return_projected_pooled and pooled is not None:
-            pooled = project_pooled(model.transformer.text_projection, pooled, row_groups, empty_alongside)
+            pooled = model.transformer.project_pooled(pooled, row_groups, empty_alongside)
     z = out.last_hidden_state if opts.layer in ("last", "pooled") else out.intermediate
     return z.float(), (None if pooled is None else pooled.float())  # T5 has no pooled output
-
-
-def project_pooled(projection: torch.nn.Module, pooled: torch.Tensor, row_groups: Sequence[int],
-                   empty_alongside: Sequence[bool]) -> torch.Tensor:
-    """``pooled`` (W, D) projected group by group, each in a batch of the rows ComfyUI projects.
-
-    ComfyUI projects the pooled rows of its whole forward batch at once (``CLIPTextModel.forward``
-    in ``comfy/clip_model.py``): a prompt's windows, plus the empty prompt's window that
-    ``encode_token_weights`` encodes alongside weighted windows. CPU matmul kernels round a
-    row by how many rows they multiply, so each group (``row_groups``: window counts) is
-    projected with a zero row appended where ``empty_alongside`` says ComfyUI had the empty
-    window there; the extra row's values do not change the others', only the kernel's shape.
-    """
-    out = []
-    for (start, stop), extra in zip(group_spans(row_groups, pooled.shape[0]), empty_alongside):
-        rows = pooled[start:stop]
-        if extra:
-            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-        out.append(projection(rows)[: stop - start])
-    return torch.cat(out)
 
 
 def _likely_cause(model: SDClipModel, windows, opts: ClipOptions) -> str:
@@ -314,7 +293,8 @@ def encode_windows(model: SDClipModel, windows, opts: ClipOptions, *,
     summing to W: the windows of each prompt in a batch of prompts) and
     ``empty_alongside`` (per group, or one value for all: whether ComfyUI would
     encode the empty prompt in the same batch, as it does for weighted windows)
-    project each prompt's pooled rows as ComfyUI projects them (:func:`project_pooled`).
+    project each prompt's pooled rows as ComfyUI projects them
+    (:meth:`textenc.nn.clip_model.CLIPTextModel.project_pooled`).
     """
     if not model.loaded:
         raise CheckpointError("the text encoder has no weights yet: call load_sd(state_dict) first")

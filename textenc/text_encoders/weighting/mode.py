@@ -27,7 +27,7 @@ class EncoderCalls(NamedTuple):
         encode_cached: ``encode_cached(windows, empty_alongside=False)`` → the same without
             a mask, through the encoder's cache of recent encodes; ``empty_alongside``: the
             pooled rows are projected as ComfyUI projects them when it encodes the empty
-            prompt in the same batch (see :func:`textenc.text_encoders.encode.project_pooled`).
+            prompt in the same batch (see :meth:`textenc.nn.clip_model.CLIPTextModel.project_pooled`).
         empty: ``empty(T)`` → the empty prompt's (T, D) encoding (cached).
         special_tokens: the encoder's ``{"start", "end", "pad"}`` ids.
     """
