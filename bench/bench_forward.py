@@ -166,7 +166,7 @@ def _target2(config: str, repeats: int) -> list[dict]:
     pooled_row = torch.tensor([16])
     with torch.inference_mode():
         stats = common.interleaved({
-            "penultimate": lambda: ours(ids, intermediate_output=-2, return_last_hidden=False),
+            "penultimate": lambda: ours(ids, intermediate_output=-2, return_last_hidden=False, fast_pooled=True),
             "full": lambda: ours(ids),
             "layer": lambda: last(hidden, None, attention, causal=True),
             "row": lambda: last(hidden, None, attention, rows=pooled_row, causal=True),

@@ -186,7 +186,7 @@ def build_pairs(comfy_mods, files: dict, depth: dict):
     from textenc.text_encoders import sd1_clip as te_sd1, sd2_clip as te_sd2, sdxl_clip as te_sdxl
     from textenc.nn.config import load_text_config  # noqa: F401  (config names are bundled)
     _, c_sd1, c_sd2, c_sdxl, _ = comfy_mods
-    cfg_dir = Path(te_sd1.__file__).parent / "configs"
+    cfg_dir = Path(te_sd1.__file__).parent.parent / "configs"  # textenc/configs
 
     def te_config(file: str, enc: str) -> dict:
         cfg = json.loads((cfg_dir / file).read_text())

@@ -59,8 +59,10 @@ NOTES = """\
   of building a (T, T) mask when there is no padding mask, so SDPA uses
   `is_causal` (SDPA at B4: 4.3 -> 1.2 ms; forward 0.5-1%).
 * `clip_layers`: the pooled-row-only last layer (clip skip with
-  `return_last_hidden=False`) computes k/v only up to the pooled token
-  (penultimate/full 0.971 -> 0.941 on CLIP-L, 15-word prompt).
+  `return_last_hidden=False, fast_pooled=True`) computes k/v only up to the pooled token
+  (penultimate/full 0.971 -> 0.941 on CLIP-L, 15-word prompt). Since issue 27 the
+  library's encode runs every row instead (ComfyUI's pooled bits); target 2 times
+  the model-level option.
 * `clip_layers`: in-place activation and residual adds when autograd is off
   (no fresh (B, T, 4D) buffers and their page faults): B4 -2.2%, B16 -4.2%.
 * `clip_layers`: quick_gelu in 256 KiB chunks on CPU, so its sigmoid temporary

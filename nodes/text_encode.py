@@ -172,7 +172,12 @@ class CLIPTextEncodeAdvancedTextenc:
             "truncate_long_prompts": ("BOOLEAN", {"default": True,
                                       "tooltip": "Syntax compel only, as compel's option of that name: on "
                                                  "keeps the first 75 tokens (one window); off cuts a longer "
-                                                 "prompt into compel's 77-token chunks."})}}
+                                                 "prompt into compel's 77-token chunks."}),
+            "fast_pooled": ("BOOLEAN", {"default": False,
+                            "tooltip": "At an intermediate layer (clip skip; SD2 and SDXL by default), run "
+                                       "the layers after it for the pooled output's token only: faster, and "
+                                       "the pooled output then differs from ComfyUI's by fp32 rounding "
+                                       "(at most 2.5e-6). Off: ComfyUI's bits."})}}
 
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text.",)
@@ -184,7 +189,7 @@ class CLIPTextEncodeAdvancedTextenc:
     @checked
     def encode(self, clip, text: str, token_normalization: str = "none", weight_interpretation: str = "auto",
                weight_convention: str = "comfy", square_brackets: bool = False, break_keyword: bool = False,
-               syntax: str = "comfy", truncate_long_prompts: bool = True):
+               syntax: str = "comfy", truncate_long_prompts: bool = True, fast_pooled: bool = False):
         from textenc.prompts.dialects import (DEFAULT_SYNTAX, check_refinements, default_weight_mode, dialect_options)
         from textenc.errors import PromptError
 
@@ -202,4 +207,6 @@ class CLIPTextEncodeAdvancedTextenc:
         if weight_interpretation == "auto":
             weight_interpretation = default_weight_mode(syntax)
         options = {"weight_mode": weight_interpretation, "normalization": token_normalization}
+        if fast_pooled:
+            options["fast_pooled"] = True
         return (clip.encode_from_tokens_scheduled(tokens, options=options),)

@@ -28,7 +28,7 @@ ERROR_BY_INPUT = {"stop_at_clip_layer": "LayerError", "type": "CheckpointError",
                   "weight_interpretation": "PromptError", "weight_convention": "PromptError",
                   "square_brackets": "PromptError", "break_keyword": "PromptError", "syntax": "PromptError",
                   "truncate_long_prompts": "PromptError", "empty_padding": "PromptError",
-                  "guidance": "ConditioningError"}
+                  "guidance": "ConditioningError", "fast_pooled": "PromptError"}
 #: Error class name per input type.
 ERROR_BY_TYPE = {"CLIP": "CheckpointError", "CLIP_VISION": "CheckpointError", "PHOTOMAKER": "CheckpointError",
                  "CONDITIONING": "ConditioningError", "CLIP_VISION_OUTPUT": "ConditioningError",

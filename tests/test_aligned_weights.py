@@ -7,7 +7,9 @@ loader that assigns file tensors as parameters copies the unaligned ones
 (:func:`textenc.loading.checkpoint.aligned`) and keeps the aligned ones shared with the
 file. Checked for single-file text encoders (``load_clip``), ``load_sd`` and CLIP
 vision, at torch threads 1 and 2; the reference for "the same weights" is a file
-with every tensor 64-byte aligned.
+with every tensor 64-byte aligned. And (issue 27, point 3) one model's weights in
+every layout a user meets (fp32 and fp16 single files, aligned or not, fp32 and fp16
+diffusers folders) encode to the same bits.
 """
 
 from __future__ import annotations
@@ -183,3 +185,93 @@ def test_checkpoint_doctests():
 
     result = doctest.testmod(checkpoint)
     assert result.attempted >= 3 and result.failed == 0
+
+
+# ---- one model's weights in every layout (issue 27, point 3) ----------------------------
+
+#: layout → (file dtype, byte offset of every tensor past a 64-byte boundary): fp32 and fp16
+#: single files aligned and not (fp16 tensors 2 bytes past, the least a real file can be),
+#: and diffusers folders in both dtypes, their weight files unaligned too.
+LAYOUTS = {
+    "single fp32 aligned": (torch.float32, 0), "single fp32 unaligned": (torch.float32, SHIFT),
+    "single fp16 aligned": (torch.float16, 0), "single fp16 unaligned": (torch.float16, 2),
+    "diffusers fp32": (torch.float32, SHIFT), "diffusers fp16": (torch.float16, 2),
+}
+
+
+def _diffusers_folder(folder: Path, encoders: list, *, offset: int) -> Path:
+    """A minimal SDXL diffusers pipeline folder: model_index.json, text_encoder(_2)/, tokenizer(_2)/.
+
+    ``encoders``: ``(transformers model, its state dict)`` for L and G."""
+    index = {"_class_name": "StableDiffusionXLPipeline"}
+    for suffix, (model, state), pad in zip(("", "_2"), encoders, ("<|endoftext|>", "!")):
+        encoder, tokenizer = folder / f"text_encoder{suffix}", folder / f"tokenizer{suffix}"
+        encoder.mkdir(parents=True)
+        tokenizer.mkdir()
+        architecture = "CLIPTextModelWithProjection" if suffix else "CLIPTextModel"
+        index.update({encoder.name: ["transformers", architecture], tokenizer.name: ["transformers", "CLIPTokenizer"]})
+        config = model.config.to_dict()
+        config.update(architectures=[architecture], model_type="clip_text_model")
+        (encoder / "config.json").write_text(json.dumps(config))
+        write_safetensors(encoder / "model.safetensors", state, offset=offset)
+        for name in ("vocab.json", "merges.txt"):
+            (tokenizer / name).write_bytes((Path(DEFAULT_VOCAB) / name).read_bytes())
+        (tokenizer / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad}))
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _fp16_values(model):
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.half().float())
+    return model
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict:
+    """One SDXL model (weights fp16-representable, so every dtype stores the same values) in
+    each of :data:`LAYOUTS`, loaded. SDXL: G's projection multiplies the pooled row alone
+    (a one-row product), the matmul that rounds unaligned weights differently on CPUs
+    without AVX-512 too."""
+    from textenc.diffusers import load_from_diffusers
+
+    l_model, g_model = _fp16_values(make_hf("quick_gelu", 31)), _fp16_values(make_hf("gelu", 32))
+    folder = tmp_path_factory.mktemp("layouts")
+    weights = [{k: v for k, v in hf_state(model, projection=projection).items() if v.is_floating_point()}
+               for model, projection in ((l_model, False), (g_model, True))]
+    clips = {}
+    for index, (name, (dtype, offset)) in enumerate(LAYOUTS.items()):
+        l_state, g_state = ({k: v.to(dtype) for k, v in w.items()} for w in weights)
+        if name.startswith("diffusers"):
+            path = _diffusers_folder(folder / str(index), [(l_model, l_state), (g_model, g_state)], offset=offset)
+            clips[name] = load_from_diffusers(path)
+        else:
+            path = folder / f"{index}.safetensors"
+            write_safetensors(path, {**to_layout(l_state, "sdxl_l"), **to_layout(g_state, "sdxl_g")}, offset=offset)
+            assert _misalignment(_weights(load_state_dict(path))) == {offset}
+            clips[name] = load_clip(str(path))
+    return clips
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layer", [None, -1])
+def test_every_layout_encodes_the_same_bits(layouts, threads, layer):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outputs = {}
+        for name, clip in layouts.items():
+            assert clip.clip_type == "sdxl", name
+            clip = clip.clone()
+            clip.clip_layer(layer)
+            for prompt in (PROMPT, "a photo of a red fox"):
+                outputs.setdefault(prompt, {})[name] = clip.encode_from_tokens(clip.tokenize(prompt),
+                                                                               return_pooled=True)
+        for prompt, by_layout in outputs.items():
+            cond, pooled = by_layout["single fp32 aligned"]
+            for name, (other_cond, other_pooled) in by_layout.items():
+                assert torch.equal(other_cond, cond), (name, prompt)
+                assert torch.equal(other_pooled, pooled), (name, prompt)
+    finally:
+        torch.set_num_threads(previous)

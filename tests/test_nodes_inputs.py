@@ -125,6 +125,7 @@ CASES = [
     ("CLIPTextEncodeAdvancedTextenc", "square_brackets", "yes", PromptError, "square_brackets must be true"),
     ("CLIPTextEncodeAdvancedTextenc", "break_keyword", 1, PromptError, "break_keyword must be true or false"),
     ("CLIPTextEncodeAdvancedTextenc", "syntax", "bogus", PromptError, "syntax 'bogus' is not one of"),
+    ("CLIPTextEncodeAdvancedTextenc", "fast_pooled", "yes", PromptError, "fast_pooled must be true or false"),
     ("CLIPTextEncodeAdvancedTextenc", "truncate_long_prompts", "no", PromptError,
      "truncate_long_prompts must be true or false"),
     ("CLIPTextEncodeAdvancedTextenc", "truncate_long_prompts", False, PromptError,

@@ -450,7 +450,7 @@ def test_unknown_options_raise_prompt_error(hf_models):
     windows = _weighted_windows(1)
     with pytest.raises(PromptError, match="unknown clip option") as error:
         model.encode_token_weights(windows, options={"layr": -2})
-    assert "the options are compute_dtype, layer, layer_norm_hidden_state" in str(error.value)  # the fix
+    assert "the options are compute_dtype, fast_pooled, layer, layer_norm_hidden_state" in str(error.value)  # the fix
     with pytest.raises(PromptError, match="weight_mode"):
         model.encode_token_weights(windows, options={"weight_mode": "A1111"})
     with pytest.raises(PromptError, match="normalization"):

@@ -147,6 +147,19 @@ def test_per_call_layer_wins_over_clip_layer(vit_h, sd2_23):
     _close(entry[0], _comfy_layer(vit_h, -2))
     assert clip.layer_idx == -3  # the per-call value does not stick
     _close(clip.encode_from_tokens(tokens), _comfy_layer(vit_h, -3))
+    # ComfyUI's order (encode_from_tokens): reset_clip_options(), clip_layer()'s layer, then
+    # the call's own set_clip_options; {"layer": None} there means the last layer (the file's).
+    _close(clip.encode_from_tokens(tokens, options={"layer": None}), _comfy_layer(vit_h, -2))
+    # clip_layer() wins over options set on the model before the call (ComfyUI resets those, then
+    # applies clip_layer()).
+    clip.cond_stage_model.set_clip_options({"layer": -4})
+    try:
+        _close(clip.encode_from_tokens(tokens), _comfy_layer(vit_h, -3))
+    finally:
+        clip.cond_stage_model.reset_clip_options()
+    clip.clip_layer(None)  # back to the model's default
+    _close(clip.encode_from_tokens(tokens, options={"layer": -3}), _comfy_layer(vit_h, -3))
+    _close(clip.encode_from_tokens(tokens), _comfy_layer(vit_h, -2))
 
 
 def _cli(model: Path, out: Path, *options: str) -> tuple[dict, dict]:

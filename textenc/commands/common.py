@@ -239,6 +239,11 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+FAST_POOLED_HELP = ("at an intermediate layer (--clip-skip 2 or more; SD2 and SDXL by default), run the "
+                    "layers after it for the pooled row only: one layer fewer for all but one row (about "
+                    "7-12%% less CPU time for SD1 at clip skip 2, ~3%% for SD2 and SDXL), and pooled "
+                    "differs from ComfyUI's by fp32 rounding (at most 2.5e-6); cond is the same (default: off, ComfyUI's bits)")
+
 PROGRESS_HELP = "show a progress bar even when stderr is not a terminal (default: off: a bar only on a terminal)"
 
 

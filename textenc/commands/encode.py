@@ -24,8 +24,8 @@ from ..errors import LayerError, TextencError
 from ..text_encoders.clip_skip import layer_from_clip_skip
 from ..text_encoders.names import CLIP_TYPE_HELP
 from ..text_encoders.names import CLIP_TYPES as FAMILIES
-from .common import (add_dialect_flags, add_embedding_options, add_progress_flag, check_folder, check_out_file,
-                     dialect_flag_options, progress, show_path, write_file_atomically)
+from .common import (FAST_POOLED_HELP, add_dialect_flags, add_embedding_options, add_progress_flag, check_folder,
+                     check_out_file, dialect_flag_options, progress, show_path, write_file_atomically)
 from .early_checks import check_clip_skip_option, check_model_paths, check_prompt_limits
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
@@ -134,6 +134,8 @@ def resolve_options(args: argparse.Namespace, clip) -> tuple[dict[str, Any], dic
     weight_mode = args.weight_mode or default_weight_mode(args.syntax)
     layer = resolve_layer(clip, args.clip_skip)
     options = {"layer": layer, "weight_mode": weight_mode, "normalization": args.normalization}
+    if args.fast_pooled:
+        options["fast_pooled"] = True
     recorded = dict(options)
     if layer is None:
         del options["layer"]
@@ -218,6 +220,7 @@ def add_encode(sub) -> argparse.ArgumentParser:
         help=f"how token weights are applied, see textenc.text_encoders.weighting (default: the one that goes with --syntax: {pairs})")
     add("--normalization", choices=NORMALIZATIONS, default="none",
         help="rescaling of the weights of each prompt")
+    add("--fast-pooled", action="store_true", help=FAST_POOLED_HELP)
     add_embedding_options(parser)
     add("--max-weight", type=float, default=None, metavar="W",
         help="refuse a prompt with a token weighted above W (comfy and a1111 syntax) (default: none: weights "

@@ -19,7 +19,7 @@ import argparse
 import logging
 from typing import Sequence
 
-from ..commands.common import (PROGRESS_HELP, CommandParser, add_dialect_flags, add_embedding_options, check_folder,
+from ..commands.common import (FAST_POOLED_HELP, PROGRESS_HELP, CommandParser, add_dialect_flags, add_embedding_options, check_folder,
                                describe_error, dialect_flag_options, positive_int, run_command)
 from ..prompts.dialects import DEFAULT_SYNTAX, SYNTAXES, default_weight_mode
 from ..errors import DatasetError, TextencError
@@ -68,6 +68,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="rescaling of the weights of each caption, as textenc encode --normalization "
              "(recorded; default: %(default)s)")
     add_embedding_options(parser)  # the folder is recorded with a sha256 of its embedding files
+    add("--fast-pooled", action="store_true",
+        help=FAST_POOLED_HELP + " (recorded)")
     add("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32",
         help="dtype the model runs in: bf16 needs a CPU with bf16 units (AVX512-BF16/AMX) "
              "or CUDA, fp16 CUDA; auto picks bf16 where it is fast, else fp32 "
@@ -175,7 +177,7 @@ def _encode(args: argparse.Namespace):
         overwrite=args.overwrite, limit=args.limit, dry_run=args.dry_run, device=args.device,
         max_chars=args.max_chars, max_windows=args.max_windows, t5_min_length=args.t5_min_length,
         threads=args.threads,
-        compute_dtype=args.compute_dtype, dedup=not args.no_dedup,
+        compute_dtype=args.compute_dtype, dedup=not args.no_dedup, fast_pooled=args.fast_pooled,
         progress=False if args.no_progress else True if args.progress else None)
 
 

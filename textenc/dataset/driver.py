@@ -80,6 +80,7 @@ class Request:
     threads: int
     compute_dtype: str
     dedup: bool
+    fast_pooled: bool
     progress: bool | None
     on_shard_written: Callable[[int], None] | None
 
@@ -99,6 +100,7 @@ def _check_request(request: Request) -> None:
               (min(r.shard_rows, r.batch_size, r.workers, r.threads) >= 1,
                "shard_rows, batch_size, workers and threads must be at least 1"),
               (r.engine in ENGINES, f"engine {r.engine!r} is not one of {ENGINES}"),
+              (isinstance(r.fast_pooled, bool), f"fast_pooled must be True or False, got {r.fast_pooled!r}"),
               (isinstance(r.truncate_long_prompts, bool),
                f"truncate_long_prompts must be True or False, got {r.truncate_long_prompts!r}"),
               (r.limit is None or r.limit >= 1, f"limit must be >= 1, got {r.limit}"),
@@ -157,7 +159,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Seque
                    overwrite: bool = False, limit: int | None = None, dry_run: bool = False,
                    device: str | None = None, max_chars: int = 16384, max_windows: int = 64,
                    t5_min_length: int | None = None, threads: int = DEFAULT_THREADS,
-                   compute_dtype: str = "fp32", dedup: bool = True,
+                   compute_dtype: str = "fp32", dedup: bool = True, fast_pooled: bool = False,
                    progress: bool | None = None,
                    on_shard_written: Callable[[int], None] | None = None,
                    kind: str | None = None) -> DatasetReport:
@@ -198,6 +200,9 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Seque
             (recorded the same way); ``dedup`` encodes a caption repeated anywhere in
             the run once and writes it for each row, the same bytes as encoding each row
             (the report counts them as reused; with the ray engine, within a shard only);
+            ``fast_pooled`` runs the layers after an intermediate layer (clip skip, SD2 and
+            SDXL) for the pooled row only: faster, pooled then differs from ComfyUI's by
+            fp32 rounding (recorded; see ``textenc encode --fast-pooled``);
             ``on_shard_written(index)`` is called after each shard is recorded.
 
     Returns:
@@ -268,7 +273,8 @@ def _plan(request: Request) -> tuple[Run, tuple]:
                               outputs=r.outputs, dtype=r.dtype, compute_dtype=compute_dtype,
                               max_chars=r.max_chars, max_windows=r.max_windows,
                               t5_min_length=r.t5_min_length,
-                              normalization=r.normalization, embeddings=r.embeddings)
+                              normalization=r.normalization, embeddings=r.embeddings,
+                              fast_pooled=r.fast_pooled)
     options = _options(r, clip, settings)
     # The dry run writes nothing, so it skips the sha256 over every weight.
     fingerprint = None if r.dry_run else model_fingerprint(clip)

@@ -43,6 +43,7 @@ class EncodeSettings:
     normalization: str = "none"  # textenc's --normalization; word ids are tokenized only for another value
     embeddings: str | None = None  # textual-inversion folder (absolute) for embedding:name
     t5_min_length: int | None = None  # pad T5 to at least this many tokens; None: the family's minimum
+    fast_pooled: bool = False  # pooled from the pooled row's tail only (not ComfyUI's bits; see ClipOptions)
 
     def clip_options(self) -> dict[str, Any]:
         """The ``options`` of ``CLIP.encode_from_tokens`` for these settings."""
@@ -52,6 +53,8 @@ class EncodeSettings:
             options["layer"] = self.layer
         if self.normalization != "none":
             options["normalization"] = self.normalization
+        if self.fast_pooled:
+            options["fast_pooled"] = True
         return options
 
     def tokenize_kwargs(self) -> dict[str, Any]:

@@ -141,8 +141,8 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
                         truncate_long_prompts: bool = True,
                         weight_mode: str | None = None, zero_negative: bool = False,
                         embedding_directory: Any = None, device: Any = None,
-                        dtype: torch.dtype | None = None,
-                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+                        dtype: torch.dtype | None = None, max_sequence_length: int | None = None,
+                        fast_pooled: bool = False) -> dict[str, torch.Tensor]:
     """Encode prompts the ComfyUI way into the keyword arguments of a diffusers pipeline call
     (``StableDiffusion*``, ``StableDiffusionXL*``, ``StableDiffusion3*``, ``Flux*``, ``Wan*``).
 
@@ -172,6 +172,9 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
         max_sequence_length: SD3, Flux, Wan: pad T5 to at least this many tokens before
             encoding, as the pipeline's own ``max_sequence_length`` (SD3 256, Flux 512, Wan
             512) pads it; None: ComfyUI's minimum (77, 256, 512). Never truncates.
+        fast_pooled: at an intermediate layer, run the layers after it for the pooled
+            row only: faster, and the pooled output then differs from ComfyUI's by fp32
+            rounding (≤ 2.5e-6); see :class:`textenc.text_encoders.options.ClipOptions`.
 
     Returns:
         ``prompt_embeds`` and ``negative_prompt_embeds`` (B, 77·windows, width),
@@ -190,6 +193,8 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
     target = _target(pipe_or_loaded, embedding_directory, device, dtype)
     options = _encode_options(target.clip, clip_skip=clip_skip, layer=layer, weight_mode=weight_mode,
                               syntax=syntax)
+    if fast_pooled:
+        options["fast_pooled"] = True
     clip = target.clip.clone()
     clip.clip_layer(None)  # the layer travels in options, so the padding windows use it too
     prompts = _prompt_list(prompt, "prompt")

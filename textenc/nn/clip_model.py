@@ -119,16 +119,24 @@ class CLIPTextModel_(torch.nn.Module):
                 dtype: torch.dtype = torch.float32, *,
                 return_last_hidden: bool = True,
                 attention_backend: str | None = None,
-                row_groups: Sequence[int] | None = None) -> tuple:
+                row_groups: Sequence[int] | None = None,
+                fast_pooled: bool = False) -> tuple:
         """Encode tokens (B, T) or input embeddings (B, T, D).
 
-        Returns ``(last_hidden_state, intermediate, pooled_output)``. With
-        ``return_last_hidden=False`` (and an intermediate layer requested) the
-        layers after the intermediate one run only as far as the pooled token
-        needs, and ``last_hidden_state`` is None; ``row_groups`` (sizes summing
-        to B, e.g. the windows of each caption in a batch) then runs that
-        one-row tail group by group, so each group's pooled output has the bits
-        it has when the group is encoded alone (see :class:`CLIPEncoder`).
+        Returns ``(last_hidden_state, intermediate, pooled_output)``;
+        ``last_hidden_state`` is None with ``return_last_hidden=False``.
+
+        The pooled output is always the last layer's. By default every layer
+        runs on every row, as ComfyUI and transformers run them, so pooled is
+        theirs bit for bit on CPU (a matmul rounds a row differently when it
+        multiplies fewer rows). ``fast_pooled=True`` (with an intermediate
+        layer and ``return_last_hidden=False``) runs the layers after the
+        intermediate one for the pooled row only: one layer of CLIP-L at clip
+        skip 2 costs about a quarter, and pooled differs by fp32 rounding
+        (≤ 2.5e-6). ``row_groups`` (sizes summing to B, e.g. the windows of
+        each caption in a batch) then runs that one-row tail group by group, so
+        each group's pooled output has the bits it has when the group is
+        encoded alone (see :class:`CLIPEncoder`).
         """
         if embeds is not None:
             position = self.embeddings.position_embedding.weight[: embeds.shape[1]]
@@ -142,7 +150,7 @@ class CLIPTextModel_(torch.nn.Module):
         causal = attention_mask is None
         mask = None if causal else _additive_mask(attention_mask, tokens, x.dtype, x.device)
         pool_at = self._pool_positions(input_tokens, num_tokens, batch, tokens, x.device)
-        partial = not return_last_hidden and intermediate_output not in (None, "all")
+        partial = fast_pooled and not return_last_hidden and intermediate_output not in (None, "all")
         x, intermediate = self.encoder(x, mask=mask, intermediate_output=intermediate_output,
                                        tail_rows=pool_at if partial else None,
                                        row_groups=row_groups if partial else None,
@@ -181,9 +189,29 @@ class CLIPTextModel(torch.nn.Module):
         last, intermediate, pooled = self.text_model(*args, row_groups=row_groups, **kwargs)
         if row_groups is None:
             return CLIPTextOutput(last, intermediate, self.text_projection(pooled), pooled)
-        projected = torch.cat([self.text_projection(pooled[start:stop])
-                               for start, stop in group_spans(row_groups, pooled.shape[0])])
+        projected = self.project_pooled(pooled, row_groups, [False] * len(row_groups))
         return CLIPTextOutput(last, intermediate, projected, pooled)
+
+
+    def project_pooled(self, pooled: torch.Tensor, row_groups: Sequence[int],
+                       empty_alongside: Sequence[bool]) -> torch.Tensor:
+        """``pooled`` (W, D) projected group by group, each in a batch of the rows ComfyUI projects.
+
+        ComfyUI projects the pooled rows of its whole forward batch at once
+        (``CLIPTextModel.forward`` in ``comfy/clip_model.py``): a prompt's windows, plus
+        the empty prompt's window that ``encode_token_weights`` encodes alongside
+        weighted windows. CPU matmul kernels round a row by how many rows they
+        multiply, so each group (``row_groups``: window counts) is projected with a
+        zero row appended where ``empty_alongside`` says ComfyUI had the empty window;
+        the extra row's values do not change the others', only the kernel's shape.
+        """
+        out = []
+        for (start, stop), extra in zip(group_spans(row_groups, pooled.shape[0]), empty_alongside):
+            rows = pooled[start:stop]
+            if extra:
+                rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+            out.append(self.text_projection(rows)[: stop - start])
+        return torch.cat(out)
 
 
 class CLIPVisionEmbeddings(torch.nn.Module):

@@ -316,13 +316,15 @@ class T5(torch.nn.Module):
                 embeds: torch.Tensor | None = None, num_tokens: Sequence[int] | None = None,
                 intermediate_output: IntermediateSpec = None, final_layer_norm_intermediate: bool = True,
                 dtype: torch.dtype = torch.float32, *, return_last_hidden: bool = True,
-                attention_backend: str | None = None, row_groups: Sequence[int] | None = None) -> T5Output:
+                attention_backend: str | None = None, row_groups: Sequence[int] | None = None,
+                fast_pooled: bool = False) -> T5Output:
         """Encode token ids (B, T) or input embeddings (B, T, D).
 
         Args:
             attention_mask: (B, T) 1 for tokens to attend, 0 for padding; None attends everything.
             embeds: input embeddings instead of ``input_ids`` (cast to ``dtype``).
-            num_tokens, row_groups: accepted for the CLIP call signature; T5 has no pooled token.
+            num_tokens, row_groups, fast_pooled: accepted for the CLIP call signature; T5 has no
+                pooled token.
             intermediate_output: block index (negative from the end) or ``"all"`` (stacked (B, L, T, D)).
             final_layer_norm_intermediate: apply the final RMS norm to the intermediate output (ComfyUI).
             dtype: compute dtype (fp32 default, as ComfyUI).

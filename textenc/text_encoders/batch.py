@@ -4,9 +4,10 @@ result bit for bit what encoding it alone gives.
 Prompts with the same number of windows per role are stacked into one forward
 of each encoder, for the last layer and an intermediate one alike; weighting is
 then applied per prompt exactly as :func:`textenc.text_encoders.encode.encode_token_weights`
-applies it. The pooled row of an intermediate layer runs the remaining layers as
-a [windows, 1, D] slice per prompt (``row_groups``), because matmul kernels round
-a 1-2 row product differently from a larger one (``tests/test_dataset_batching.py``
+applies it. Each prompt's pooled rows are projected in a batch of their own
+(``row_groups``), of the rows ComfyUI projects for that prompt, because matmul
+kernels round a 1-2 row product differently from a larger one
+(:meth:`textenc.nn.clip_model.CLIPTextModel.project_pooled`; ``tests/test_dataset_batching.py``
 checks it at 1 and 2 threads). A prompt whose weighting needs extra encodes
 (compel's down-weights, ``.blend()``, ``.and()``), whose roles end up with
 different lengths (SDXL pads the shorter side) or which has no windows takes the
@@ -24,7 +25,7 @@ import torch
 
 from ..errors import PromptError
 from .encode import check_weighted, empty_encoding, encode_windows, pair_weights
-from .weighting import apply_weights
+from .weighting import apply_weights, get_weight_mode
 
 __all__ = ["Encoded", "FamilyEncodeMixin", "PromptByPromptMixin", "encode_batch", "ERRORS"]
 
@@ -58,13 +59,26 @@ def _weighted(encoder: Any, windows: list, z: torch.Tensor, opts: Any) -> torch.
     return z
 
 
+def _empty_alongside(prompt: list, opts: Any) -> bool:
+    """Whether the direct call encodes ``prompt`` with the empty prompt's window alongside
+    (see :class:`~textenc.text_encoders.weighting.mode.PerWindowWeighting`)."""
+    mode = get_weight_mode(opts.weight_mode)
+    if not (getattr(mode, "empty_alongside", False) and getattr(mode, "uses_weights", True)):
+        return False
+    try:
+        return bool((pair_weights(prompt, opts.normalization)[0] != 1.0).any())
+    except PromptError:
+        return False  # _weighted raises it in this prompt's place
+
+
 def _encode_side(encoder: Any, prompts: Sequence[list], options: Mapping[str, Any] | None) -> list:
     """One encoder, prompts of equal window counts → per prompt ``(cond (T, D), pooled (P,))``,
     None (direct call) or the PromptError its weights raise."""
     opts = encoder.resolve_options(options)
     windows = [[pair[0] for pair in window] for prompt in prompts for window in prompt]
     groups = [len(prompt) for prompt in prompts]
-    z, pooled = encode_windows(encoder, windows, opts, row_groups=groups)[:2]
+    z, pooled = encode_windows(encoder, windows, opts, row_groups=groups,
+                               empty_alongside=[_empty_alongside(prompt, opts) for prompt in prompts])[:2]
     count = groups[0]
     results: list = []
     for index, prompt in enumerate(prompts):

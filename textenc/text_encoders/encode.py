@@ -232,22 +232,26 @@ def process_tokens(model: SDClipModel, windows: Sequence[Sequence[Any]],
 # ---- encoding -----------------------------------------------------------------
 
 def _run_transformer(model: SDClipModel, processed: ProcessedTokens, opts: ClipOptions,
-                     attention_mask: torch.Tensor | None, row_groups: Sequence[int] | None = None):
+                     attention_mask: torch.Tensor | None, row_groups: Sequence[int],
+                     empty_alongside: Sequence[bool]):
     if opts.layer == "all":
         intermediate = "all"
     elif opts.layer == "hidden":  # ComfyUI's index → the loaded layers' own (23-layer SD2)
         intermediate = model.numbering.model_index(opts.layer_idx)
     else:
         intermediate = None
+    # fast_pooled: the one-row tail, caption by caption (row_groups) so a batch keeps each alone's bits
+    fast = {"fast_pooled": True, "row_groups": row_groups} if opts.fast_pooled else {}
     with torch.no_grad():
         out = model.transformer(None, attention_mask, embeds=processed.embeds,
                                 num_tokens=processed.num_tokens, intermediate_output=intermediate,
                                 final_layer_norm_intermediate=opts.layer_norm_hidden_state,
                                 dtype=opts.compute_dtype,
-                                return_last_hidden=opts.layer in ("last", "pooled"),
-                                **({} if row_groups is None else {"row_groups": row_groups}))
+                                return_last_hidden=opts.layer in ("last", "pooled"), **fast)
+        pooled = out.pooled_output
+        if opts.return_projected_pooled and pooled is not None:
+            pooled = model.transformer.project_pooled(pooled, row_groups, empty_alongside)
     z = out.last_hidden_state if opts.layer in ("last", "pooled") else out.intermediate
-    pooled = out.projected_pooled if opts.return_projected_pooled else out.pooled_output
     return z.float(), (None if pooled is None else pooled.float())  # T5 has no pooled output
 
 
@@ -280,12 +284,17 @@ def check_finite_output(model: SDClipModel, windows, z: torch.Tensor, pooled: to
 
 
 def encode_windows(model: SDClipModel, windows, opts: ClipOptions, *,
-                   extra_mask: torch.Tensor | None = None, row_groups: Sequence[int] | None = None):
+                   extra_mask: torch.Tensor | None = None, row_groups: Sequence[int] | None = None,
+                   empty_alongside: Sequence[bool] | bool = False):
     """Encode windows in one forward → ``(z (W, T, D), pooled (W, P)[, extra])``.
 
-    ``row_groups`` (window counts summing to W: the windows of each prompt in a
-    batch of prompts) makes each prompt's pooled output bit-equal to encoding
-    that prompt alone (see :meth:`textenc.nn.clip_model.CLIPTextModel.forward`).
+    Every layer runs on every row, as ComfyUI runs them, so pooled at an
+    intermediate layer is ComfyUI's bit for bit. ``row_groups`` (window counts
+    summing to W: the windows of each prompt in a batch of prompts) and
+    ``empty_alongside`` (per group, or one value for all: whether ComfyUI would
+    encode the empty prompt in the same batch, as it does for weighted windows)
+    project each prompt's pooled rows as ComfyUI projects them
+    (:meth:`textenc.nn.clip_model.CLIPTextModel.project_pooled`).
     """
     if not model.loaded:
         raise CheckpointError("the text encoder has no weights yet: call load_sd(state_dict) first")
@@ -293,7 +302,9 @@ def encode_windows(model: SDClipModel, windows, opts: ClipOptions, *,
     mask = processed.attention_mask if model.enable_attention_masks else None
     if extra_mask is not None:
         mask = extra_mask if mask is None else mask * extra_mask
-    z, pooled = _run_transformer(model, processed, opts, mask, row_groups)
+    groups = [len(windows)] if row_groups is None else list(row_groups)
+    alongside = [empty_alongside] * len(groups) if isinstance(empty_alongside, bool) else list(empty_alongside)
+    z, pooled = _run_transformer(model, processed, opts, mask, groups, alongside)
     check_finite_output(model, windows, z, pooled, opts)
     if model.zero_out_masked:
         z = z * processed.attention_mask.unsqueeze(-1).to(z.dtype)
@@ -316,12 +327,13 @@ def empty_encoding(model: SDClipModel, length: int, opts: ClipOptions):
     return model.empty_cache.get_or_compute((opts, length), compute)
 
 
-def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions):
+def _encode_maybe_cached(model: SDClipModel, windows, opts: ClipOptions, empty_alongside: bool = False):
+    encode = lambda: encode_windows(model, windows, opts, empty_alongside=empty_alongside)  # noqa: E731
     if model.cache_size <= 0 or model.return_attention_masks:
-        return encode_windows(model, windows, opts)
+        return encode()
     check_windows(windows, getattr(model.config, "max_position_embeddings", None))  # before the key reads the tokens
-    key = (opts, tuple(tuple(_token_key(t) for t in w) for w in windows))
-    z, pooled = model.encode_cache.get_or_compute(key, lambda: encode_windows(model, windows, opts))
+    key = (opts, empty_alongside, tuple(tuple(_token_key(t) for t in w) for w in windows))
+    z, pooled = model.encode_cache.get_or_compute(key, encode)
     # Copies: the result may be a view the caller mutates; the entry must stay intact.
     return z.clone(), (None if pooled is None else pooled.clone())
 
@@ -330,7 +342,8 @@ def encoder_calls(model: SDClipModel, opts: ClipOptions) -> EncoderCalls:
     """The forwards a weight mode may run on ``model`` with ``opts``."""
     return EncoderCalls(
         encode=lambda windows, mask: encode_windows(model, windows, opts, extra_mask=mask),
-        encode_cached=lambda windows: _encode_maybe_cached(model, windows, opts),
+        encode_cached=lambda windows, empty_alongside=False: _encode_maybe_cached(model, windows, opts,
+                                                                                  empty_alongside),
         empty=lambda length: empty_encoding(model, length, opts)[0],
         special_tokens=model.special_tokens)
 

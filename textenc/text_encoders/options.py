@@ -25,6 +25,9 @@ class ClipOptions:
     ``layer_idx`` is ComfyUI's index (``CLIPSetLastLayer`` numbering, as
     ComfyUI's ``SDClipModel.layer_idx``); the encoder's
     :class:`~textenc.text_encoders.clip_skip.LayerNumbering` turns it into its own index at the forward.
+    ``fast_pooled`` (off: ComfyUI's bits) runs the layers after an intermediate
+    ``layer`` for the pooled row only: faster, and pooled then differs from
+    ComfyUI's by fp32 rounding (≤ 2.5e-6); cond is the same either way.
     """
 
     layer: str = "last"
@@ -34,6 +37,7 @@ class ClipOptions:
     weight_mode: str = "comfy"
     normalization: str = "none"
     compute_dtype: torch.dtype = torch.float32
+    fast_pooled: bool = False
 
     def updated(self, options: Mapping[str, Any], numbering: LayerNumbering) -> "ClipOptions":
         """Apply ComfyUI's ``set_clip_options`` rules to a copy; ``options["layer"]`` is
@@ -55,8 +59,12 @@ class ClipOptions:
         for key in ("weight_mode", "normalization", "compute_dtype", "layer_norm_hidden_state"):
             if key in options:
                 changes[key] = options[key]
-        known = ("compute_dtype", "layer", "layer_norm_hidden_state", "normalization", "projected_pooled",
-                 "weight_mode")
+        if "fast_pooled" in options:
+            if not isinstance(options["fast_pooled"], bool):
+                raise PromptError(f"clip option fast_pooled must be True or False, got {options['fast_pooled']!r}")
+            changes["fast_pooled"] = options["fast_pooled"]
+        known = ("compute_dtype", "fast_pooled", "layer", "layer_norm_hidden_state", "normalization",
+                 "projected_pooled", "weight_mode")
         unknown = set(options) - set(known)
         if unknown:
             raise PromptError(f"unknown clip option(s) {sorted(unknown)}; the options are {', '.join(known)}")

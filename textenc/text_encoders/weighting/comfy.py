@@ -18,6 +18,7 @@ class ComfyWeighting(PerWindowWeighting):
     """``z_empty + (z - z_empty)·w`` per token; tokens of weight 1 keep ``z`` bit for bit."""
 
     name = "comfy"
+    empty_alongside = True  # ComfyUI encodes the empty prompt in the weighted windows' batch
 
     def apply(self, z: torch.Tensor, weights: torch.Tensor, z_empty: torch.Tensor | None) -> torch.Tensor:
         w = weights.to(z.dtype).unsqueeze(-1)

@@ -24,8 +24,10 @@ class EncoderCalls(NamedTuple):
     Attributes:
         encode: ``encode(windows, mask)`` → ``(z (W, T, D), pooled (W, P)[, extra])``;
             ``mask`` (W, T) zeroes attention to a position, None for none.
-        encode_cached: ``encode_cached(windows)`` → the same without a mask, through the
-            encoder's cache of recent encodes.
+        encode_cached: ``encode_cached(windows, empty_alongside=False)`` → the same without
+            a mask, through the encoder's cache of recent encodes; ``empty_alongside``: the
+            pooled rows are projected as ComfyUI projects them when it encodes the empty
+            prompt in the same batch (see :meth:`textenc.nn.clip_model.CLIPTextModel.project_pooled`).
         empty: ``empty(T)`` → the empty prompt's (T, D) encoding (cached).
         special_tokens: the encoder's ``{"start", "end", "pad"}`` ids.
     """
@@ -55,11 +57,14 @@ class PerWindowWeighting:
     """A mode that encodes the windows once and weights each encoded window from its weights.
 
     Subclasses give ``name`` and :meth:`apply`; ``uses_weights = False`` skips the
-    weighting (and the empty prompt's encode) altogether.
+    weighting (and the empty prompt's encode) altogether. ``empty_alongside = True``
+    (ComfyUI's mode) projects the pooled output of weighted windows as ComfyUI does, in
+    one batch with the empty prompt's window.
     """
 
     name: str
     uses_weights: bool = True
+    empty_alongside: bool = False
 
     def apply(self, z: torch.Tensor, weights: torch.Tensor, z_empty: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -68,9 +73,10 @@ class PerWindowWeighting:
                calls: EncoderCalls, *, need_pooled: bool) -> tuple:
         """One cached forward of the windows, weighted when any weight is not 1; the
         windows side by side in one (1, W·T, D) row, the first window's pooled output."""
-        out = calls.encode_cached([[p[0] for p in w] for w in pairs])
+        weighted = self.uses_weights and bool((weights != 1.0).any())
+        out = calls.encode_cached([[p[0] for p in w] for w in pairs], weighted and self.empty_alongside)
         z, pooled = out[0], out[1]
-        if self.uses_weights and bool((weights != 1.0).any()):
+        if weighted:
             z = self.apply(z, weights.to(z.device), calls.empty(z.shape[1]))
         result = (z.reshape(1, -1, z.shape[-1]), pooled[0:1] if need_pooled and pooled is not None else None)
         return result + (out[2],) if len(out) > 2 else result
