@@ -267,6 +267,7 @@ def _plan(request: Request) -> tuple[Run, tuple]:
     compute_dtype = resolve_compute_dtype(r.compute_dtype, resolve_device(r.device))
     clip = load_model(r.model, kind=r.clip_type, device=resolve_device(r.device), embeddings=r.embeddings)
     own = dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
+    clip.tokenize("", syntax=r.syntax)  # a syntax this family does not define (T5: comfy only): refused once, here
     settings = EncodeSettings(layer=layer_for_clip_skip(clip, r.clip_skip), syntax=r.syntax,
                               truncate_long_prompts=own.get("truncate_long_prompts"),
                               weight_mode=r.weight_mode or default_weight_mode(r.syntax),

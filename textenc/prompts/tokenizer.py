@@ -22,18 +22,25 @@ from textenc.prompts.dialects import Dialect, check_refinements, dialect_options
 from textenc.prompts.limits import check_prompt_size, check_windows
 from textenc.prompts.report import InspectReport, TokenReport, UnitReport
 from textenc.prompts.vocabulary import DEFAULT_VOCAB, Vocabulary
+from textenc.errors import PromptError
 
 __all__ = ["SDTokenizer", "InspectReport", "UnitReport", "TokenReport", "DEFAULT_VOCAB"]
 
 
-def _checked_dialect(kwargs: dict) -> Dialect:
+def _checked_dialect(tokenizer: "SDTokenizer", kwargs: dict) -> Dialect:
     """The dialect of ``kwargs.pop("syntax")``, after refusing another dialect's option
     or refinement (e.g. ``truncate_long_prompts=False`` without ``syntax="compel"``,
-    ``square_brackets=True`` with ``syntax="a1111"``)."""
+    ``square_brackets=True`` with ``syntax="a1111"``) and a syntax the tokenizer's
+    model has no definition in (:attr:`SDTokenizer.syntaxes`)."""
     syntax = kwargs.pop("syntax", None)
     dialect_options(syntax, kwargs)
     check_refinements(syntax, kwargs)
-    return get_dialect(syntax)
+    dialect = get_dialect(syntax)
+    if tokenizer.syntaxes is not None and dialect.name not in tokenizer.syntaxes:
+        applies = ", ".join(repr(name) for name in tokenizer.syntaxes)
+        raise PromptError(f"syntax={dialect.name!r} is not defined for {tokenizer.syntax_scope}; "
+                          f"the syntaxes that apply: {applies}")
+    return dialect
 
 
 class SDTokenizer(Vocabulary):
@@ -62,6 +69,11 @@ class SDTokenizer(Vocabulary):
     [49406, 320, 2368, 49407]
     """
 
+    #: The prompt syntaxes defined for this tokenizer's model (None: every one); another is
+    #: a PromptError naming ``syntax_scope`` (T5: A1111 and compel define no T5 reading here).
+    syntaxes: tuple[str, ...] | None = None
+    syntax_scope: str = "this text encoder"
+
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> list[list[tuple]]:
         """Windows of ``(token, weight)`` or ``(token, weight, word_id)``.
 
@@ -73,7 +85,7 @@ class SDTokenizer(Vocabulary):
             PromptError: unknown syntax, another dialect's option at a value other
                 than its default, or what the dialect refuses.
         """
-        dialect = _checked_dialect(kwargs)
+        dialect = _checked_dialect(self, kwargs)
         if dialect.applies_limits:
             return dialect.tokenize_with_weights(self, text, return_word_ids, **kwargs)
         options = self.parse_options_for(kwargs)
@@ -95,7 +107,7 @@ class SDTokenizer(Vocabulary):
 
         ``syntax=`` picks the prompt dialect, as in :meth:`tokenize_with_weights`.
         """
-        dialect = _checked_dialect(kwargs)
+        dialect = _checked_dialect(self, kwargs)
         if dialect.applies_limits:
             return dialect.inspect(self, text, **kwargs)
         options = self.parse_options_for(kwargs)

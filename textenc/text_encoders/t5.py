@@ -158,6 +158,10 @@ class T5XXLTokenizer(SDTokenizer):
     [3, 9, 1202, 13, 3, 9, 1712, 1, 0, 0]
     """
 
+    syntaxes = ("comfy",)
+    syntax_scope = ("T5 text encoders (SD3, Flux, Wan): A1111 defines no T5 reading, and compel's "
+                    "CompelForFlux weighting of T5 is not built here")
+
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, min_length: int = 77,
                  max_length: int = T5_MAX_LENGTH, *, tokenizer_path: str | None = None, **kwargs: Any) -> None:
         super().__init__(tokenizer_path or T5_VOCAB, max_length=max_length, pad_with_end=False,
@@ -179,6 +183,10 @@ class UMT5XXlTokenizer(SDTokenizer):
         CheckpointError: neither ``tokenizer_data["spiece_model"]`` nor ``tokenizer``
             was given, or it is not a SentencePiece model.
     """
+
+    syntaxes = ("comfy",)
+    syntax_scope = ("T5 text encoders (SD3, Flux, Wan): A1111 defines no T5 reading, and compel's "
+                    "CompelForFlux weighting of T5 is not built here")
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, min_length: int = 512,
                  max_length: int = T5_MAX_LENGTH, *, tokenizer: Any = None, **kwargs: Any) -> None:

@@ -1,0 +1,46 @@
+"""Prompt syntaxes on the T5 families (issue 26 point 6): ``comfy`` everywhere; ``a1111`` and
+``compel`` only where that project defines the reading. A1111 (webui) has no T5 model, and
+compel's ``CompelForFlux`` (compel 2.5.1 ``convenience_wrappers.py``) weights T5 through its
+own pipeline-bound encoder, which textenc does not build: both are refused on a T5 part with a
+``PromptError`` naming the syntax that applies, never encoded some other way."""
+
+import pytest
+
+from textenc.errors import PromptError
+from textenc.text_encoders.flux import FluxTokenizer
+from textenc.text_encoders.sd3_clip import SD3Tokenizer
+from textenc.text_encoders.t5 import T5XXLTokenizer, UMT5XXlTokenizer
+
+from family_fixtures import spiece_bytes
+
+
+def _tokenizers():
+    umt5 = {"tokenizer": spiece_bytes()}
+    return {"t5": T5XXLTokenizer(), "umt5": UMT5XXlTokenizer(**umt5), "flux": FluxTokenizer(),
+            "sd3": SD3Tokenizer()}
+
+
+@pytest.mark.parametrize("syntax", ["a1111", "compel"])
+@pytest.mark.parametrize("name", ["t5", "umt5", "flux", "sd3"])
+def test_other_syntaxes_are_refused_on_t5_parts(name, syntax):
+    tokenizer = _tokenizers()[name]
+    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for T5 text encoders.*"
+                                          r"the syntaxes that apply: 'comfy'"):
+        tokenizer.tokenize_with_weights("a (red:1.2) fox", syntax=syntax)
+    if hasattr(tokenizer, "inspect"):
+        with pytest.raises(PromptError, match="the syntaxes that apply: 'comfy'"):
+            tokenizer.inspect("a (red:1.2) fox", syntax=syntax)
+
+
+@pytest.mark.parametrize("name", ["t5", "umt5", "flux", "sd3"])
+def test_comfy_syntax_is_the_default_reading(name):
+    tokenizer = _tokenizers()[name]
+    assert tokenizer.tokenize_with_weights("a (red:1.2) fox", syntax="comfy") == \
+        tokenizer.tokenize_with_weights("a (red:1.2) fox")
+
+
+def test_clip_parts_keep_every_syntax():
+    """The refusal belongs to the T5 tokenizer: a CLIP tokenizer still reads a1111 and compel."""
+    clip_l = FluxTokenizer().clip_l
+    for syntax in ("a1111", "compel"):
+        assert clip_l.tokenize_with_weights("a (red:1.2) fox", syntax=syntax)
