@@ -98,8 +98,9 @@ def test_clip_skip_outside_the_depth_is_one_line_and_exit_1(models, tmp_path, ca
     assert main(["encode", PROMPT, "--model", str(models[kind]), "--out", str(out),
                  "--clip-skip", clip_skip]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"textenc: error: clip_skip {clip_skip.lstrip('-')}") or \
-        err.startswith(f"textenc: error: clip_skip {clip_skip}")
+    # on the command line the option is named as typed there (--clip-skip), not as the Python keyword
+    assert err.startswith(f"textenc: error: --clip-skip {clip_skip.lstrip('-')}") or \
+        err.startswith(f"textenc: error: --clip-skip {clip_skip}")
     assert err.count("\n") == 1 and ("3-layer" in err or "1 is the last layer" in err)
     assert not out.exists()
 

@@ -160,6 +160,11 @@ def test_per_call_layer_wins_over_clip_layer(vit_h, sd2_23):
     clip.clip_layer(None)  # back to the model's default
     _close(clip.encode_from_tokens(tokens, options={"layer": -3}), _comfy_layer(vit_h, -3))
     _close(clip.encode_from_tokens(tokens), _comfy_layer(vit_h, -2))
+    # Without clip_layer(), options set on the model are reset too (ComfyUI's first step), and
+    # stay reset afterwards: the default layer, then the model's own call sees the default.
+    clip.cond_stage_model.set_clip_options({"layer": -4})
+    _close(clip.encode_from_tokens(tokens), _comfy_layer(vit_h, -2))
+    _close(clip.cond_stage_model.encode_token_weights(tokens)[0], _comfy_layer(vit_h, -2))
 
 
 def _cli(model: Path, out: Path, *options: str) -> tuple[dict, dict]:

@@ -104,6 +104,11 @@ class CLIP:
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
 
     def _options(self, return_pooled, extra: Mapping | None) -> dict:
+        # ComfyUI's encode_from_tokens starts with reset_clip_options(): options set on the
+        # model itself (set_clip_options) do not outlive the next encode through the CLIP.
+        reset = getattr(self.cond_stage_model, "reset_clip_options", None)
+        if reset is not None:
+            reset()
         options: dict[str, Any] = dict(extra or {})
         if self.layer_idx is not None:  # per-call options are more specific: they win
             options.setdefault("layer", self.layer_idx)
