@@ -25,7 +25,7 @@ from ..text_encoders.names import CLIP_TYPE_HELP
 from .common import add_dialect_flags, check_folder, dialect_flag_options, positive_int
 from .encode import CLIP_TYPES, SYNTAX_HELP
 from .early_checks import check_model_paths
-from .inspect_summary import FULL_HELP, dropped_lines, format_summary, is_long
+from .inspect_summary import FULL_HELP, dropped_lines, embedding_lines, format_summary, is_long
 
 __all__ = ["add_inspect", "run_inspect", "format_report", "report_dict", "format_schedule", "schedule_dict",
            "part_lengths", "TOKENIZERS", "TOKENIZER_ROLES", "SCHEDULED_SYNTAXES"]
@@ -245,11 +245,7 @@ def format_report(report) -> str:
                      f"{unit.num_tokens:>3} token(s)  {unit.text!r}")
     lines += _chunk_lines(report)
     lines += dropped_lines(report)
-    if report.embeddings:
-        lines.append("embeddings:")
-        for entry in report.embeddings:
-            detail = entry.path if entry.status == "found" else entry.reason
-            lines.append(f"  {entry.name}: {entry.status} ({detail})")
+    lines += embedding_lines(report)
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from ..prompts.report import InspectReport, TokenReport, UnitReport
 
 __all__ = ["FULL_HELP", "SHOWN_WINDOWS", "SHOWN_UNITS", "SHOWN_CHARS", "LONG_TEXT", "is_long", "dropped_lines",
-           "format_summary"]
+           "embedding_lines", "format_summary"]
 
 #: Windows a summary shows: the first and the last.
 SHOWN_WINDOWS = 2
@@ -98,9 +98,16 @@ def format_summary(report: InspectReport, window_lines: WindowLines) -> str:
     if moves:
         lines.append(f"comma backtracking moved tokens {len(moves)} time(s)")
     lines += dropped_lines(report)
-    if report.embeddings:
-        lines.append("embeddings:")
-        for entry in report.embeddings:
-            detail = entry.path if entry.status == "found" else entry.reason
-            lines.append(f"  {entry.name}: {entry.status} ({detail})")
+    lines += embedding_lines(report)
     return "\n".join(lines)
+
+
+def embedding_lines(report: InspectReport) -> list[str]:
+    """The ``embeddings:`` section (each ``embedding:name``: found with its path, or why not)."""
+    if not report.embeddings:
+        return []
+    lines = ["embeddings:"]
+    for entry in report.embeddings:
+        detail = entry.path if entry.status == "found" else entry.reason
+        lines.append(f"  {entry.name}: {entry.status} ({detail})")
+    return lines
