@@ -75,9 +75,11 @@ def hf_encoders(parts: tuple, t5_layers: int) -> dict:
 def hf_tokenizers() -> dict:
     import transformers
 
-    clip = dict(vocab_file=str(VOCAB / "vocab.json"), merges_file=str(VOCAB / "merges.txt"), model_max_length=77)
-    # SD3's tokenizer_2 (CLIP-G) pads with "!" (id 0), as ComfyUI's clip_g (pad_with_end=False).
-    return {"l": transformers.CLIPTokenizer(**clip), "g": transformers.CLIPTokenizer(**clip, pad_token="!"),
+    # from_pretrained on the folder: transformers 5's CLIPTokenizer(vocab_file=, merges_file=) builds a
+    # tokenizer that maps every word to one id. SD3's tokenizer_2 (CLIP-G) pads with "!" (id 0), as
+    # ComfyUI's clip_g (pad_with_end=False).
+    clip = transformers.CLIPTokenizer.from_pretrained
+    return {"l": clip(str(VOCAB), model_max_length=77), "g": clip(str(VOCAB), model_max_length=77, pad_token="!"),
             "t5": transformers.T5TokenizerFast(tokenizer_file=str(VOCAB / "t5" / "tokenizer.json"),
                                                     model_max_length=512)}
 
@@ -161,6 +163,9 @@ def family_rows(te, family: str, args) -> list:
                 d_cond, d_pooled = outs["diffusers"]
                 note = (f"T5 {COMFY_T5_LENGTH[family]} both; max rel diff cond {relative(cond, d_cond)}, "
                         f"pooled {relative(pooled, d_pooled)}")
+                if family == "sd3":  # ComfyUI's SD3 clip_l pooled is unprojected, diffusers' projected
+                    note += (f" (L part {relative(pooled[:, :768], d_pooled[:, :768])}, "
+                             f"G part {relative(pooled[:, 768:], d_pooled[:, 768:])})")
                 rows.append(ratio_row(f"{family} textenc vs diffusers encode_prompt, matched (speed-up)",
                                       f"{case} prompt, {label}", stats["textenc"], stats["diffusers"], 0.0,
                                       ref_label="diffusers", higher_is_better=True, note=note))
