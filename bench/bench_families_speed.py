@@ -105,13 +105,27 @@ def comfy_family(te, family: str, encoders: dict, t5_layers: int):
     return tokenizer, model.eval()
 
 
+def flat_clip_text_model(with_projection):
+    """transformers ``CLIPTextModel`` on the same tensors as ``with_projection`` (not copied).
+
+    transformers 5's ``CLIPTextModel`` holds the text tower's modules itself (keys without the
+    ``text_model.`` prefix), so assigning ``.text_model`` would leave its own weights empty.
+    """
+    import transformers
+
+    model = _no_init(transformers.CLIPTextModel, with_projection.config).eval()
+    source = with_projection.state_dict()
+    model.load_state_dict({k: source[k] if k in source else source["text_model." + k] for k in model.state_dict()},
+                          strict=True, assign=True)
+    return model
+
+
 def diffusers_pipeline(family: str, encoders: dict, tokenizers: dict):
     import diffusers
     import transformers
 
     if family == "flux":
-        clip_l = _no_init(transformers.CLIPTextModel, encoders["l"].config).eval()
-        clip_l.text_model = encoders["l"].text_model  # same tensors; Flux reads pooler_output
+        clip_l = flat_clip_text_model(encoders["l"])  # Flux reads pooler_output: no projection
         return diffusers.FluxPipeline(scheduler=None, vae=None, text_encoder=clip_l, tokenizer=tokenizers["l"],
                                       text_encoder_2=encoders["t5"], tokenizer_2=tokenizers["t5"], transformer=None)
     return diffusers.StableDiffusion3Pipeline(
