@@ -75,8 +75,8 @@ def hf_encoders(parts: tuple, t5_layers: int) -> dict:
 def hf_tokenizers() -> dict:
     import transformers
 
-    # from_pretrained on the folder: transformers 5's CLIPTokenizer(vocab_file=, merges_file=) builds a
-    # tokenizer that maps every word to one id. SD3's tokenizer_2 (CLIP-G) pads with "!" (id 0), as
+    # from_pretrained on the folder: transformers 5's CLIPTokenizer(vocab_file=..., merges_file=...) by
+    # keyword silently builds a wrong tokenizer ("a red fox" -> [0, 2, 2, ...]). SD3's tokenizer_2 (CLIP-G) pads with "!" (id 0), as
     # ComfyUI's clip_g (pad_with_end=False).
     clip = transformers.CLIPTokenizer.from_pretrained
     return {"l": clip(str(VOCAB), model_max_length=77), "g": clip(str(VOCAB), model_max_length=77, pad_token="!"),
