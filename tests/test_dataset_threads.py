@@ -47,8 +47,9 @@ def local_runs(tmp_path_factory, captions, tiny_model):
     return runs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_session():
+    # One session per test: its 240 s deadlock guard then times one run, not the module's runs together.
     with dataset_fixtures.ray_session(240) as ray:
         yield ray
 
