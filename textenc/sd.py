@@ -78,6 +78,14 @@ class CLIP:
         """
         return [encoder.numbering.check(layer) for encoder in self._encoders()][0]
 
+    def numbered_index(self, model_index: int) -> int:
+        """ComfyUI's ``layer`` for the loaded model's own (negative) hidden-layer index: the
+        inverse of the numbering :meth:`check_layer` applies (diffusers' 23-layer SD2 file:
+        its last layer, ``-1``, is ViT-H's ``-2``). Layer numbering is each encoder's own
+        (:class:`~textenc.text_encoders.clip_skip.LayerNumbering`); negative indices map the
+        same for every encoder of a CLIP that lacks no layers (SDXL's L and G)."""
+        return [encoder.numbering.numbered_index(model_index) for encoder in self._encoders()][0]
+
     def clip_layer(self, layer_idx: int | None) -> None:
         """Set the layer every encode uses, in ComfyUI's ``CLIPSetLastLayer`` numbering
         (diffusers' 23-layer SD2 file counts as ViT-H's 24 layers: -2 is its last).
@@ -265,7 +273,8 @@ def conditioning_at_step(conditioning: Sequence, step: int, steps: int) -> list[
 def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]],
                configs: Mapping[str, Any], tokenizer_kwargs: Mapping[str, Mapping[str, Any]], *,
                sources: Mapping[str, str], embedding_directory=None, device="cpu",
-               dtype: torch.dtype | None = None, strict: bool = True, require_finite: bool = True) -> CLIP:
+               dtype: torch.dtype | None = None, strict: bool = True, require_finite: bool = True,
+               model_kwargs: Mapping[str, Any] | None = None) -> CLIP:
     """Assemble a :class:`CLIP` from per-role HF-layout weights, text configs and tokenizer
     arguments (the roles of the family ``clip_type``: ``l`` for SD1, ``h`` for SD2, ``l`` + ``g``
     for SDXL, ``l`` + ``g`` + ``t5xxl`` for SD3, ...; see :mod:`textenc.text_encoders.families`).
@@ -274,6 +283,7 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
 
     Each text model takes its start/end/pad ids from its tokenizer, so a tokenizer
     with another pad token (``tokenizer_kwargs``) builds the matching empty prompt.
+    ``model_kwargs`` go to the family wrapper's ``for_roles`` (SD3's ``width_without_t5``).
 
     Raises:
         CheckpointError: an unknown ``clip_type``.
@@ -282,7 +292,8 @@ def build_clip(clip_type: str, weights: Mapping[str, Mapping[str, torch.Tensor]]
     """
     family = get_family(clip_type)
     present = [role for role in family.role_names if role in weights]
-    model = family.model_class.for_roles({role: configs[role] for role in present}, device=device, dtype=dtype)
+    model = family.model_class.for_roles({role: configs[role] for role in present}, device=device, dtype=dtype,
+                                         **dict(model_kwargs or {}))
     tokenizer = family.tokenizer_class.for_roles({role: tokenizer_kwargs.get(role, {}) for role in family.role_names},
                                                  embedding_directory=embedding_directory)
     for role in present:

@@ -18,7 +18,7 @@ from ..conditioning import validate_conditioning
 from ..prompts.dialects import DEFAULT_SYNTAX, default_weight_mode, dialect_options
 from .layers import diffusers_layer
 from .load import KINDS, diffusers_encoder_names, load_from_diffusers
-from ..errors import DiffusersLayoutError, LayerError, PromptError, TextencError
+from ..errors import ConditioningError, DiffusersLayoutError, LayerError, PromptError, TextencError
 from ..sd import CLIP
 from ..text_encoders.families import get_family
 from ..text_encoders.sequences import t5_role
@@ -257,18 +257,41 @@ def _repeat_to(cond: torch.Tensor, length: int) -> torch.Tensor:
     return cond.repeat(1, length // cond.shape[1], 1)
 
 
+def _same_length(pairs: list[tuple], family: Any) -> list[tuple]:
+    """Positive and negative conds as the family's pipeline takes them
+    (:attr:`~textenc.text_encoders.registry.Family.unequal_lengths`)."""
+    lengths = [cond.shape[1] for cond, _ in pairs]
+    if len(set(lengths)) == 1 or family.unequal_lengths == "keep":
+        return pairs
+    if family.unequal_lengths == "refuse":
+        raise ConditioningError(
+            f"{family.label}: the conditioning has {lengths[0]} tokens and the negative {lengths[1]}; "
+            f"{family.label}'s pipeline batches both in one tensor, and no padding of its joint attention "
+            "gives ComfyUI's result (ComfyUI samples conds of different lengths separately). Encode both "
+            "with encode_for_pipeline (one T5 length, as the pipeline's own max_sequence_length), or at "
+            "one length in ComfyUI (the same number of 77-token CLIP windows and T5 tokens)")
+    length = math.lcm(*lengths)
+    return [(_repeat_to(cond, length), pooled) for cond, pooled in pairs]
+
+
 def to_diffusers(conditioning: Any, negative: Any = None, *, kind: str) -> dict[str, torch.Tensor]:
     """Already-encoded conditioning → the pipeline's keyword arguments.
 
     Args:
         conditioning / negative: ComfyUI CONDITIONING (``[[cond, {"pooled_output": p}]]``)
             or a ``(cond, pooled)`` pair; cond (B, T, D). ``negative=None`` leaves
-            the negative to the pipeline. A length mismatch is resolved as ComfyUI
-            does: both are repeated to the least common multiple of their lengths.
-        kind: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (SDXL needs pooled outputs).
+            the negative to the pipeline. Conds of different lengths, by family
+            (docs/diffusers.md, "Conditioning of different lengths"): SD1/SD2/SDXL repeat both
+            to the least common multiple of the lengths, as ComfyUI's ``CONDCrossAttn``
+            (cross-attention is unchanged by repeated keys); Flux and Wan keep each its own
+            length (their pipelines run the negative in a pass of its own, as ComfyUI samples
+            such conds separately); SD3 refuses them.
+        kind: a family name (``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"wan"``);
+            SDXL, SD3 and Flux need pooled outputs.
 
     Raises:
         TextencError: malformed conditioning, several entries, missing pooled output.
+        ConditioningError: SD3 conds of different lengths.
 
     >>> out = to_diffusers((torch.ones(1, 77, 8), None), (torch.zeros(1, 154, 8), None), kind="sd1")
     >>> [tuple(v.shape) for v in out.values()]
@@ -282,8 +305,7 @@ def to_diffusers(conditioning: Any, negative: Any = None, *, kind: str) -> dict[
     takes_pooled = family.diffusers_pooled
     if takes_pooled and any(pooled is None for _, pooled in pairs):
         raise TextencError(f"{family.label} needs pooled outputs: the conditioning has no 'pooled_output'")
-    length = math.lcm(*(cond.shape[1] for cond, _ in pairs))
-    pairs = [(_repeat_to(cond, length), pooled) for cond, pooled in pairs]
+    pairs = _same_length(pairs, family)
     result = {"prompt_embeds": pairs[0][0]}
     if negative is not None:
         result["negative_prompt_embeds"] = pairs[1][0].expand(pairs[0][0].shape[0], -1, -1) \

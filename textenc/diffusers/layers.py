@@ -18,16 +18,19 @@ family's ``diffusers_default_layer`` (:mod:`textenc.text_encoders.families`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import LayerError
 from ..text_encoders.clip_skip import layer_from_clip_skip
 from ..text_encoders.sd2_clip import VIT_H_LAYERS
 
+if TYPE_CHECKING:
+    from ..sd import CLIP
+
 __all__ = ["VIT_H_LAYERS", "diffusers_layer"]
 
 
-def diffusers_layer(clip: Any, clip_skip: object) -> int:
+def diffusers_layer(clip: "CLIP", clip_skip: object) -> int:
     """ComfyUI's layer index for diffusers' ``clip_skip`` (0 = the pipeline's default layer).
 
     diffusers counts the layers the text encoder has; the result is in ComfyUI's
@@ -40,8 +43,6 @@ def diffusers_layer(clip: Any, clip_skip: object) -> int:
         raise LayerError(f"clip_skip={clip_skip}: encode_for_pipeline's clip_skip is diffusers' count "
                          "(0 or more; 1 = the layer before the pipeline's default); for ComfyUI's "
                          f"CLIPSetLastLayer numbering pass layer={clip_skip}")
-    encoders = list(clip.cond_stage_model.encoders.values())
-    index = layer_from_clip_skip(clip_skip, min(encoder.num_layers for encoder in encoders),
-                                 numbering="diffusers", default_layer=clip.family.diffusers_default_layer)
-    # negative, so the same for every encoder of an SDXL CLIP (none of which lacks layers)
-    return encoders[0].numbering.numbered_index(index)
+    index = layer_from_clip_skip(clip_skip, clip.num_layers, numbering="diffusers",
+                                 default_layer=clip.family.diffusers_default_layer)
+    return clip.numbered_index(index)

@@ -289,8 +289,29 @@ def _from_pipeline(pipe: Any, tmp: str) -> tuple[str, list[_Encoder | None]]:
 
 # ---- building ------------------------------------------------------------------------
 
+def _model_kwargs(kind: str, encoders: Sequence[_Encoder | None], joint_width: int | None) -> dict[str, Any]:
+    """SD3 without ``text_encoder_3``: its CLIP rows are padded to the transformer's width (the
+    pipeline's own ``_get_t5_prompt_embeds`` gives zeros ``joint_attention_dim`` wide then)."""
+    family = get_family(kind)
+    t5_missing = any(role.is_t5 and e is None for role, e in zip(family.roles, encoders))
+    return {"width_without_t5": joint_width} if family.partial and t5_missing and joint_width else {}
+
+
+def _folder_joint_width(folder: Path) -> int | None:
+    """``joint_attention_dim`` of the folder's ``transformer/config.json``; None without one."""
+    path = folder / "transformer" / "config.json"
+    value = _read_json(path, "").get("joint_attention_dim") if path.is_file() else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _pipeline_joint_width(pipe: Any) -> int | None:
+    """``pipe.transformer.config.joint_attention_dim``; None without a transformer."""
+    value = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "joint_attention_dim", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _build(kind: str, encoders: Sequence[_Encoder | None], *, device: Any, dtype: torch.dtype | None,
-           embedding_directory: Any) -> CLIP:
+           embedding_directory: Any, joint_width: int | None = None) -> CLIP:
     by_role = {role: e for role, e in zip(get_family(kind).role_names, encoders) if e is not None}
     try:
         clip = build_clip(
@@ -298,7 +319,8 @@ def _build(kind: str, encoders: Sequence[_Encoder | None], *, device: Any, dtype
             {role: e.config for role, e in by_role.items()},
             {role: e.tokenizer_kwargs() for role, e in by_role.items()},
             sources={role: e.source for role, e in by_role.items()},
-            embedding_directory=embedding_directory, device=device, dtype=dtype)
+            embedding_directory=embedding_directory, device=device, dtype=dtype,
+            model_kwargs=_model_kwargs(kind, encoders, joint_width))
     except DiffusersLayoutError:
         raise
     except TextencError as exc:  # weights that do not fit the folder's config.json
@@ -338,8 +360,10 @@ def load_from_diffusers(path_or_pipeline: str | os.PathLike | Any, *, dtype: tor
         if not folder.is_dir():
             raise DiffusersLayoutError(f"{folder}: not a folder; pass a diffusers pipeline folder")
         kind, encoders = _from_folder(folder)
-        return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory)
+        return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory,
+                      joint_width=_folder_joint_width(folder))
     # A pipeline's tokenizers are saved to files for ours to read once, at construction.
     with tempfile.TemporaryDirectory(prefix="textenc-tokenizer-") as tmp:
         kind, encoders = _from_pipeline(path_or_pipeline, tmp)
-        return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory)
+        return _build(kind, encoders, device=device, dtype=dtype, embedding_directory=embedding_directory,
+                      joint_width=_pipeline_joint_width(path_or_pipeline))

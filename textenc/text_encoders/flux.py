@@ -141,4 +141,5 @@ FLUX = register_family(Family(
                 min_length=FLUX_T5_MIN_LENGTH, diffusers_text_encoder="text_encoder_2",
                 diffusers_tokenizer="tokenizer_2")),
     model_class=FluxClipModel, tokenizer_class=FluxTokenizer, comfy_default_layer=-1,
-    diffusers_default_layer=-1, pipeline_prefix="Flux", diffusers_pooled=True, checkpoint_layouts=("sd3",)))
+    diffusers_default_layer=-1, pipeline_prefix="Flux", diffusers_pooled=True, checkpoint_layouts=("sd3",),
+    unequal_lengths="keep"))

@@ -22,8 +22,12 @@ from typing import Iterator, Sequence
 
 from ..errors import CheckpointError, ConfigError
 
-__all__ = ["Role", "Family", "register_family", "unregister_family", "get_family", "families",
+__all__ = ["UNEQUAL_LENGTHS", "Role", "Family", "register_family", "unregister_family", "get_family", "families",
            "family_names", "family_for_encoders"]
+
+
+#: The values of :attr:`Family.unequal_lengths`.
+UNEQUAL_LENGTHS = ("repeat", "keep", "refuse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,15 @@ class Family:
             (:data:`textenc.loading.convert.TEXT_PREFIXES`).
         partial: any non-empty subset of its roles may be loaded (SD3, as ComfyUI:
             a missing encoder's part of the result is zeros); otherwise all are needed.
+        unequal_lengths: what :func:`textenc.diffusers.to_diffusers` does with a positive and a
+            negative cond of different lengths (:data:`UNEQUAL_LENGTHS`): ``"repeat"`` both to
+            the least common multiple of the lengths (ComfyUI's ``CONDCrossAttn`` for UNet
+            cross-attention, where repeated keys leave the softmax unchanged: SD1/SD2/SDXL);
+            ``"keep"`` each at its own length (ComfyUI's ``CONDRegular`` samples conds of
+            different shapes separately, and the pipeline runs the negative in a pass of its
+            own: Flux, Wan); ``"refuse"`` (``CONDRegular``, but the pipeline batches positive
+            and negative in one tensor and joint attention has no text mask, so no padding
+            keeps ComfyUI's result: SD3).
     """
 
     name: str
@@ -121,6 +134,12 @@ class Family:
     diffusers_pooled: bool = False
     checkpoint_layouts: tuple[str, ...] = ()
     partial: bool = False
+    unequal_lengths: str = "repeat"
+
+    def __post_init__(self) -> None:
+        if self.unequal_lengths not in UNEQUAL_LENGTHS:
+            raise ConfigError(f"family {self.name!r}: unequal_lengths={self.unequal_lengths!r} is not one of "
+                              f"{UNEQUAL_LENGTHS}")
 
     @property
     def role_names(self) -> tuple[str, ...]:

@@ -94,14 +94,19 @@ class SD3ClipModel(PromptByPromptMixin, torch.nn.Module):
         t5_attention_mask: run T5 masked and return ``extra["attention_mask"]``
             (ComfyUI's option; SD3 itself runs unmasked).
         l_config, g_config, t5xxl_config: their text configs (default: the released ones).
+        width_without_t5: the cond width when no T5 is loaded: ComfyUI's 4096; a diffusers
+            pipeline without ``text_encoder_3`` takes its transformer's ``joint_attention_dim``
+            (:func:`textenc.diffusers.load_from_diffusers` passes it).
     """
 
     t5_min_length = 77
 
     def __init__(self, clip_l: bool = True, clip_g: bool = True, t5: bool = True, device="cpu", dtype=None,
                  model_options: Mapping | None = None, *, t5_attention_mask: bool = False,
-                 l_config=None, g_config=None, t5xxl_config=None, **kwargs: Any) -> None:
+                 l_config=None, g_config=None, t5xxl_config=None, width_without_t5: int = SD3_WIDTH,
+                 **kwargs: Any) -> None:
         super().__init__()
+        self.width_without_t5 = width_without_t5
         self.clip_l = (SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
                                    layer_norm_hidden_state=False, return_projected_pooled=False,
                                    textmodel_json_config=l_config, **kwargs) if clip_l else None)
@@ -112,11 +117,12 @@ class SD3ClipModel(PromptByPromptMixin, torch.nn.Module):
         self.dtypes = {dtype} if dtype is not None else set()
 
     @classmethod
-    def for_roles(cls, configs: Mapping[str, Any], *, device="cpu", dtype=None) -> "SD3ClipModel":
+    def for_roles(cls, configs: Mapping[str, Any], *, device="cpu", dtype=None,
+                  width_without_t5: int = SD3_WIDTH) -> "SD3ClipModel":
         """The encoders of the roles in ``configs`` (``{"l": config, "t5xxl": config}``: no G)."""
         return cls(clip_l="l" in configs, clip_g="g" in configs, t5="t5xxl" in configs, device=device,
                    dtype=dtype, l_config=configs.get("l"), g_config=configs.get("g"),
-                   t5xxl_config=configs.get("t5xxl"))
+                   t5xxl_config=configs.get("t5xxl"), width_without_t5=width_without_t5)
 
     @property
     def encoders(self) -> dict[str, SDClipModel]:
@@ -139,8 +145,8 @@ class SD3ClipModel(PromptByPromptMixin, torch.nn.Module):
 
     @property
     def width(self) -> int:
-        """The cond width: T5's ``d_model``, or ComfyUI's 4096 without T5."""
-        return self.t5xxl.config.d_model if self.t5xxl is not None else SD3_WIDTH
+        """The cond width: T5's ``d_model``, or ``width_without_t5`` (ComfyUI's 4096) without T5."""
+        return self.t5xxl.config.d_model if self.t5xxl is not None else self.width_without_t5
 
     def _clip_parts(self, tokens: Mapping[str, list], options) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(L ‖ G features padded to the width, or None without CLIP; pooled [1, 2048])``."""
@@ -186,7 +192,7 @@ class SD3ClipModel(PromptByPromptMixin, torch.nn.Module):
                 extra["attention_mask"] = t5_output[2]["attention_mask"]
             out = t5_output[0] if out is None else torch.cat([out, t5_output[0]], dim=-2)
         if out is None:
-            out = torch.zeros((1, 77, SD3_WIDTH))
+            out = torch.zeros((1, 77, self.width))
         if pooled is None:
             pooled = torch.zeros((1, _L_WIDTH + _G_WIDTH))
         return out, pooled, extra
@@ -227,4 +233,4 @@ SD3 = register_family(Family(
                 diffusers_text_encoder="text_encoder_3", diffusers_tokenizer="tokenizer_3")),
     model_class=SD3ClipModel, tokenizer_class=SD3Tokenizer, comfy_default_layer=-2,
     diffusers_default_layer=-2, pipeline_prefix="StableDiffusion3", diffusers_pooled=True,
-    checkpoint_layouts=("sd3",), partial=True))
+    checkpoint_layouts=("sd3",), partial=True, unequal_lengths="refuse"))

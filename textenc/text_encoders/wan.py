@@ -85,4 +85,5 @@ WAN = register_family(Family(
     roles=(Role("umt5xxl", UMT5XXlModel, UMT5XXlTokenizer, encoder="umt5", attribute_name="umt5xxl",
                 min_length=WAN_T5_MIN_LENGTH),),
     model_class=WanT5Model, tokenizer_class=WanT5Tokenizer, comfy_default_layer=-1,
-    diffusers_default_layer=-1, pipeline_prefix="Wan", diffusers_pooled=False))
+    diffusers_default_layer=-1, pipeline_prefix="Wan", diffusers_pooled=False,
+    unequal_lengths="keep"))
