@@ -78,15 +78,47 @@ class FoundTextEncoder:
         return isinstance(self.info, T5Shapes)
 
 
-def _role(info: TextEncoderInfo, roles: Sequence[str] | None, taken: Mapping[str, Any]) -> str:
-    if info.name in ("l", "h", "g"):
+#: ComfyUI's ``detect_te_model`` (comfy/sd.py): a CLIP text encoder with a layer index 30
+#: (``text_model.encoder.layers.30.mlp.fc1.weight``) is CLIP-G, one with a layer index 22 is
+#: CLIP-H, any other CLIP-L; its SDXL and SD3 ``load_sd`` put a layer-30 file in G, others in L.
+_COMFY_DEPTH_KINDS = ((31, "g"), (23, "h"))
+#: The depth order of the CLIP kinds (the released L 12, H 24, G 32 layers).
+_DEPTH_ORDER = ("l", "h", "g")
+
+
+def _kind(info: TextEncoderInfo) -> str | None:
+    """The encoder kind the keys decide: the width names a released model, or the depth does
+    as ComfyUI's; None for a non-standard width of fewer than 23 layers (ComfyUI: CLIP-L)."""
+    if info.name in _DEPTH_ORDER:
         return info.name
-    # Non-standard widths (tiny test models, custom finetunes). Every known prefix
-    # names its encoder (convert.TEXT_PREFIXES), so these are standalone files:
-    # the requested family's roles, in the order of the files (SDXL: L first), decide.
-    if not roles:
-        return "l"
-    return next((role for role in roles if role not in taken), roles[-1])
+    return next((kind for depth, kind in _COMFY_DEPTH_KINDS if info.num_layers >= depth), None)
+
+
+def _shape_key(encoder: FoundTextEncoder) -> tuple[int, int]:
+    return encoder.info.num_layers, encoder.info.hidden_size
+
+
+def _resolve_kinds(pending: Sequence[tuple[str | None, FoundTextEncoder]], roles: Sequence[str] | None) -> list[str]:
+    """Give the shallow non-standard CLIP encoders (kind None) their kinds, whatever the file order.
+
+    ComfyUI reads every one of them as CLIP-L. With one, or without a requested family, so does
+    textenc. Where the family needs several CLIP kinds the others leave free (tiny SDXL / SD3
+    test models), the deeper encoder, then the wider, takes the deeper kind (G over L), as
+    ComfyUI's depth rule orders them; two of one shape are refused, as nothing tells them apart.
+    """
+    kinds = [kind for kind, _ in pending]
+    unresolved = sorted((i for i, kind in enumerate(kinds) if kind is None), key=lambda i: _shape_key(pending[i][1]))
+    free = [kind for kind in _DEPTH_ORDER if kind in (roles or ()) and kind not in kinds] or ["l"]
+    for first, second in zip(unresolved, unresolved[1:len(free)]):
+        if _shape_key(pending[first][1]) == _shape_key(pending[second][1]):
+            raise CheckpointError(
+                f"{pending[first][1].source} and {pending[second][1].source}: two CLIP text encoders of "
+                f"{pending[first][1].info.num_layers} layers and width {pending[first][1].info.hidden_size}; "
+                "neither says which is CLIP-L and which CLIP-G (ComfyUI takes a CLIP with 31 or more layers "
+                "for G); save them under naming prefixes (clip_l.transformer., clip_g.transformer.)")
+    for rank, index in enumerate(unresolved):
+        kinds[index] = free[min(rank, len(free) - 1)]
+    return kinds
 
 
 def _check_layers(source: str, info: TextEncoderInfo, allow_missing_layers: bool,
@@ -127,17 +159,16 @@ def _has_t5(sd: Mapping) -> bool:
     return any(k == _T5_MARKER or k.endswith("." + _T5_MARKER) for k in sd)
 
 
-def _clip_encoders(source: str, sd: Mapping, roles: Sequence[str] | None, taken: Mapping[str, Any], *,
-                   strict: bool, allow_missing_layers: bool,
-                   released_depths: Mapping[str, int]) -> list[tuple[str, FoundTextEncoder]]:
-    out: list[tuple[str, FoundTextEncoder]] = []
+def _clip_encoders(source: str, sd: Mapping, *, strict: bool, allow_missing_layers: bool,
+                   released_depths: Mapping[str, int]) -> list[tuple[str | None, FoundTextEncoder]]:
+    """Each CLIP encoder of ``sd`` with its kind (None: left to :func:`_resolve_kinds`)."""
+    out: list[tuple[str | None, FoundTextEncoder]] = []
     for info in detect_text_encoders(sd):
         result = convert_text_state_dict(sd, encoder=info.name, source=source)
         info = _check_layers(source, info, allow_missing_layers, released_depths)
         _stray_keys(source, info, result.unmatched, strict)
         converted = {k: v for k, v in result.state_dict.items() if k not in set(info.stray_keys)}
-        role = _role(info, roles, {**taken, **dict(out)})
-        out.append((role, FoundTextEncoder(info, converted, source)))
+        out.append((_kind(info), FoundTextEncoder(info, converted, source)))
     return out
 
 
@@ -146,15 +177,14 @@ def _t5_encoder(checkpoint: T5Checkpoint) -> tuple[str, FoundTextEncoder]:
                                                     checkpoint.spiece_model)
 
 
-def _entry_encoders(entry: Entry, roles, taken, *, strict: bool, allow_missing_layers: bool,
-                    released_depths: Mapping[str, int], require_finite: bool) -> list[tuple[str, FoundTextEncoder]]:
-    """Every encoder of one entry, ``(kind, found)``."""
+def _entry_encoders(entry: Entry, *, strict: bool, allow_missing_layers: bool, released_depths: Mapping[str, int],
+                    require_finite: bool) -> list[tuple[str | None, FoundTextEncoder]]:
+    """Every encoder of one entry, ``(kind, found)`` (kind None: a CLIP the keys do not name)."""
     if isinstance(entry, T5Checkpoint):
         return [_t5_encoder(entry)]
     source, sd = entry[0], entry[1]
     metadata = entry[2] if len(entry) > 2 else {}
-    clip_roles = [role for role in roles or () if role not in T5_KINDS] or None
-    found = _clip_encoders(source, sd, clip_roles, taken, strict=strict, allow_missing_layers=allow_missing_layers,
+    found = _clip_encoders(source, sd, strict=strict, allow_missing_layers=allow_missing_layers,
                            released_depths=released_depths)
     if _has_t5(sd):
         found.append(_t5_encoder(t5_checkpoint(sd, metadata, source=source, require_finite=require_finite)))
@@ -175,9 +205,11 @@ def load_text_encoder_state_dicts(state_dicts: Sequence[Entry], *,
         state_dicts: ``(source, state_dict)`` pairs, ``(source, state_dict, metadata)``
             (a safetensors header's metadata: ComfyUI's quantised T5 files need it) or
             T5 files already read (:class:`~textenc.loading.t5_files.T5Checkpoint`).
-        roles: the encoder kinds the requested family takes, in order (SDXL ``("l", "g")``):
-            CLIP encoders of non-standard width take the first CLIP kind not yet found,
-            file by file; None: ``"l"``.
+        roles: the encoder kinds the requested family takes (SDXL ``("l", "g")``). A CLIP
+            encoder of non-standard width is named by its depth as ComfyUI's
+            ``detect_te_model`` names it (31+ layers G, 23+ H); shallower ones take the
+            family's CLIP kinds the others leave free, the deeper (then wider) one the
+            deeper kind, whatever the file order; None: ``"l"``.
         released_depths: kind → the released model's depth, for kinds whose files may
             lack that model's last layer and load anyway (``{"h": 24}``: diffusers'
             23-layer SD2 ViT-H, numbered as the full model).
@@ -193,15 +225,15 @@ def load_text_encoder_state_dicts(state_dicts: Sequence[Entry], *,
     Warns:
         CheckpointWarning: (not ``strict``) such keys, which are ignored.
     """
+    pending = [pair for entry in state_dicts
+               for pair in _entry_encoders(entry, strict=strict, allow_missing_layers=allow_missing_layers,
+                                           released_depths=released_depths or {}, require_finite=require_finite)]
     found: dict[str, FoundTextEncoder] = {}
-    for entry in state_dicts:
-        for kind, encoder in _entry_encoders(entry, roles, found, strict=strict,
-                                             allow_missing_layers=allow_missing_layers,
-                                             released_depths=released_depths or {}, require_finite=require_finite):
-            if kind in found:
-                raise CheckpointError(f"{encoder.source}: a second {describe_kind(kind)} text encoder "
-                                      f"(first from {found[kind].source}); give each encoder once")
-            found[kind] = encoder
+    for kind, (_, encoder) in zip(_resolve_kinds(pending, roles), pending):
+        if kind in found:
+            raise CheckpointError(f"{encoder.source}: a second {describe_kind(kind)} text encoder "
+                                  f"(first from {found[kind].source}); give each encoder once")
+        found[kind] = encoder
     return found
 
 
