@@ -159,7 +159,8 @@ def _load_pickle(path: str, width: int, limit: int) -> Any:
     return _read_zip_storages(path, width, limit)
 
 
-def _select(keys: Sequence[Any], get: Callable[[Any], Any], width: int, embed_key: str | None) -> Any:
+def _select(keys: Sequence[Any], get: Callable[[Any], Any], width: int, embed_key: str | None, *,
+            any_width: bool = False) -> Any:
     """ComfyUI's choice of tensor among a file's entries."""
     if "string_to_param" in keys:
         params = get("string_to_param")
@@ -172,7 +173,7 @@ def _select(keys: Sequence[Any], get: Callable[[Any], Any], width: int, embed_ke
     for suffix in (".string_to_param.*", f".{embed_key}"):
         bundled = [k for k in keys if isinstance(k, str) and k.startswith("bundle_emb.") and k.endswith(suffix)]
         if bundled:
-            return torch.cat([_as_rows(get(k), width) for k in bundled], dim=0)
+            return torch.cat([_as_rows(get(k), width, any_width=any_width) for k in bundled], dim=0)
     if not keys:
         raise _Rejected("the file holds no entries")
     return get(keys[0])
@@ -188,8 +189,8 @@ def _from_list(items: list, width: int) -> torch.Tensor:
     return torch.cat(rows, dim=0)
 
 
-def _as_rows(value: Any, width: int) -> torch.Tensor:
-    """Validate one candidate and return it as ``[n, width]``."""
+def _as_rows(value: Any, width: int, *, any_width: bool = False) -> torch.Tensor:
+    """Validate one candidate and return it as ``[n, width]`` (``any_width``: ``[n, its own width]``)."""
     if not isinstance(value, torch.Tensor):
         raise _Rejected(f"expected a tensor, found {type(value).__name__}")
     if not value.is_floating_point():
@@ -201,7 +202,7 @@ def _as_rows(value: Any, width: int) -> torch.Tensor:
     rows = value.reshape(1, -1) if value.ndim == 1 else value
     if rows.numel() == 0:
         raise _Rejected("the tensor is empty")
-    if rows.shape[1] != width:
+    if rows.shape[1] != width and not any_width:
         raise _Rejected(f"width {rows.shape[1]} does not match the text encoder's {width}")
     if not bool(torch.isfinite(rows).all()):
         raise _Rejected("the tensor holds NaN or infinite values")
@@ -219,35 +220,41 @@ def _check_magnitude(rows: torch.Tensor, max_abs: float) -> torch.Tensor:
 
 
 def read_embedding_file(path: str, width: int, embed_key: str | None, limit: int, *,
-                        max_abs: float = MAX_ABS_VALUE) -> torch.Tensor:
+                        max_abs: float = MAX_ABS_VALUE, any_width: bool = False) -> torch.Tensor:
     """Read and validate one embedding file.
+
+    ``any_width``: keep a tensor whatever its width, as ComfyUI's ``load_embed`` does (``width``
+    then only picks rows in list files and the zip fallback); the encoder drops vectors of the
+    wrong width when it encodes, padding the end (T5 parts, ComfyUI's rule).
 
     Raises:
         _Rejected: the file cannot be used; the message names the path and why
             (:func:`read_or_reason` returns that message instead).
     """
     try:
-        return _check_magnitude(_read_rows(path, width, embed_key, limit), max_abs)
+        return _check_magnitude(_read_rows(path, width, embed_key, limit, any_width), max_abs)
     except _Rejected as error:
         message = str(error)
         raise _Rejected(message if path in message else f"{path}: {message}") from None
 
 
-def _read_rows(path: str, width: int, embed_key: str | None, limit: int) -> torch.Tensor:
+def _read_rows(path: str, width: int, embed_key: str | None, limit: int, any_width: bool = False) -> torch.Tensor:
     try:
         if path.lower().endswith(".safetensors"):
             from safetensors import safe_open  # light, but only needed here
 
             with safe_open(path, framework="pt", device="cpu") as handle:
                 keys = list(handle.keys())
-                return _as_rows(_select(keys, handle.get_tensor, width, embed_key), width)
+                return _as_rows(_select(keys, handle.get_tensor, width, embed_key, any_width=any_width), width,
+                                any_width=any_width)
         loaded = _load_pickle(path, width, limit)
         if isinstance(loaded, torch.Tensor):
-            return _as_rows(loaded, width)
+            return _as_rows(loaded, width, any_width=any_width)
         if isinstance(loaded, list):
             return _as_rows(_from_list(loaded, width), width)
         if isinstance(loaded, dict):
-            return _as_rows(_select(list(loaded), loaded.__getitem__, width, embed_key), width)
+            return _as_rows(_select(list(loaded), loaded.__getitem__, width, embed_key, any_width=any_width), width,
+                            any_width=any_width)
         raise _Rejected(f"expected a tensor or a dict, found {type(loaded).__name__}")
     except _Rejected as error:
         message = str(error)
@@ -257,10 +264,11 @@ def _read_rows(path: str, width: int, embed_key: str | None, limit: int) -> torc
 
 
 def read_or_reason(path: str, embedding_size: int, embed_key: str | None,
-                   max_file_bytes: int, max_abs: float = MAX_ABS_VALUE) -> torch.Tensor | str:
+                   max_file_bytes: int, max_abs: float = MAX_ABS_VALUE, *, any_width: bool = False) -> torch.Tensor | str:
     """The ``[n, embedding_size]`` vectors of a valid file, or the reason (naming ``path``)
     it is refused; never raises for a bad file (the loader caches either answer)."""
     try:
-        return read_embedding_file(path, embedding_size, embed_key, max_file_bytes, max_abs=max_abs)
+        return read_embedding_file(path, embedding_size, embed_key, max_file_bytes, max_abs=max_abs,
+                                   any_width=any_width)
     except _Rejected as error:
         return str(error)

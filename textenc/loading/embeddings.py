@@ -184,6 +184,9 @@ class EmbeddingLoader:
         max_file_bytes: limit for pickle files and declared zip contents.
         max_abs_value: largest accepted magnitude (default :data:`MAX_ABS_VALUE`).
         cache_size: number of files kept (keyed by path, size and mtime).
+        any_width: keep vectors of any width, as ComfyUI's ``load_embed`` (T5 parts: their
+            encoder drops the wrong width at encode and pads the end, as ComfyUI's);
+            otherwise a file of another width is refused (CLIP parts, a deliberate difference).
 
     Names found missing (or refused by name) are remembered too, up to
     :data:`MISSES_KEPT`, while the folders stay as they were: every lookup stats
@@ -196,7 +199,7 @@ class EmbeddingLoader:
 
     def __init__(self, directories: str | os.PathLike | Sequence[str | os.PathLike] | None, embedding_size: int, *,
                  embed_key: str | None = None, max_file_bytes: int = 64 << 20,
-                 max_abs_value: float = MAX_ABS_VALUE, cache_size: int = 64) -> None:
+                 max_abs_value: float = MAX_ABS_VALUE, cache_size: int = 64, any_width: bool = False) -> None:
         if directories is None:
             directories = []
         elif isinstance(directories, (str, os.PathLike)):
@@ -207,6 +210,7 @@ class EmbeddingLoader:
         self.max_file_bytes = max_file_bytes
         self.max_abs_value = max_abs_value
         self.cache_size = cache_size
+        self.any_width = any_width
         self._cache = LRUCache(cache_size)  # (realpath, size, mtime, width, key) -> tensor or reason
         self._misses = LRUCache(MISSES_KEPT)  # (folder state, name) -> EmbeddingResult
         self._walked: dict[str, list[str]] = {}  # root -> its folders at the last walk
@@ -247,10 +251,11 @@ class EmbeddingLoader:
             stat = os.stat(path)
         except OSError as error:
             return EmbeddingResult(name, "rejected", path=path, reason=f"{path}: {error}")
-        key = (path, stat.st_size, stat.st_mtime_ns, self.embedding_size, self.embed_key, self.max_abs_value)
+        key = (path, stat.st_size, stat.st_mtime_ns, self.embedding_size, self.embed_key, self.max_abs_value,
+               self.any_width)
         cached = self._cache.get_or_compute(
             key, lambda: read_or_reason(path, self.embedding_size, self.embed_key, self.max_file_bytes,
-                                        self.max_abs_value))
+                                        self.max_abs_value, any_width=self.any_width))
         if isinstance(cached, str):
             return EmbeddingResult(name, "rejected", path=path, reason=cached)
         return EmbeddingResult(name, "found", vectors=cached, path=path)

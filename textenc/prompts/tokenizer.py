@@ -63,6 +63,10 @@ class SDTokenizer(Vocabulary):
             19,000 tokens); checked while tokenizing, before anything is
             encoded; None disables it. Also a per-call keyword.
         cache_size: number of tokenized units remembered.
+        embedding_any_width: keep textual inversions of any width in the tokens, as
+            ComfyUI's ``load_embed`` does; the encoder then drops those of the wrong width
+            and pads the end (T5 tokenizers). Default: a file of another width is skipped
+            with an ``EmbeddingWarning`` (README, "Deliberate differences from ComfyUI").
 
     >>> tok = SDTokenizer()
     >>> [t for t, _ in tok.tokenize_with_weights("a cat")[0][:4]]

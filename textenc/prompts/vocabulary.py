@@ -61,7 +61,7 @@ class Vocabulary:
                  square_brackets: bool = False, break_keyword: bool = False, max_weight: float | None = None,
                  max_prompt_chars: int = 1_048_576, strict_weights: bool = False,
                  warn_weight_above: float | None = 100.0, max_windows: int | None = 256,
-                 cache_size: int = 8192) -> None:
+                 cache_size: int = 8192, embedding_any_width: bool = False) -> None:
         tokenizer_data = tokenizer_data or {}
         folder = tokenizer_path if tokenizer_path is not None else DEFAULT_VOCAB
         self._hf = tokenizer_class.from_pretrained(folder) if tokenizer_class is not None else None
@@ -84,7 +84,8 @@ class Vocabulary:
         self._cache = LRUCache(cache_size)  # unit text -> token ids
         self._splits_at_spaces = (self._backend is not None and self.tokens_start == 1 and has_end_token
                                   and end_token is None and is_clip_pipeline(self._backend))
-        self._embeddings = (EmbeddingLoader(embedding_directory, embedding_size, embed_key=embedding_key)
+        self._embeddings = (EmbeddingLoader(embedding_directory, embedding_size, embed_key=embedding_key,
+                                            any_width=embedding_any_width)
                             if embedding_directory is not None else None)
 
     def _setup_special_tokens(self, has_start: bool, has_end: bool, pad: int | None, end: int | None) -> None:

@@ -167,7 +167,7 @@ class T5XXLTokenizer(SDTokenizer):
         super().__init__(tokenizer_path or T5_VOCAB, max_length=max_length, pad_with_end=False,
                          embedding_directory=embedding_directory, embedding_size=4096, embedding_key="t5xxl",
                          has_start_token=False, pad_to_max_length=False, min_length=min_length,
-                         tokenizer_data=dict(tokenizer_data or {}), **kwargs)
+                         tokenizer_data=dict(tokenizer_data or {}), embedding_any_width=True, **kwargs)
 
 
 class UMT5XXlTokenizer(SDTokenizer):
@@ -200,7 +200,7 @@ class UMT5XXlTokenizer(SDTokenizer):
         super().__init__(source, max_length=max_length, pad_with_end=False, embedding_directory=embedding_directory,
                          embedding_size=4096, embedding_key="umt5xxl", tokenizer_class=SentencePieceTokenizer,
                          has_start_token=False, pad_to_max_length=False, min_length=min_length, pad_token=0,
-                         tokenizer_data=tokenizer_data, **kwargs)
+                         tokenizer_data=tokenizer_data, embedding_any_width=True, **kwargs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``{"spiece_model": uint8 tensor}``: the tokenizer travels with the weights (ComfyUI API)."""
