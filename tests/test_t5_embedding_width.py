@@ -64,3 +64,20 @@ def test_wrong_width_embedding_in_a_t5_prompt_is_comfyuis(flux, repeat):
     want = ref.t5_part(tiny.t5, _comfy_t5_sequence(["a red fox,", tail], 256), masked=False)
     assert cond.shape == want.shape and cond.shape[1] == max(256, len(t5))
     assert torch.allclose(cond, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_weights_stay_at_their_positions_as_comfyuis(flux):
+    """ComfyUI weights ``z`` by token position after ``process_tokens`` dropped the vectors: the
+    weight of ``(in the snow:1.3)`` lands ROWS positions after the tokens it was written on."""
+    tiny, clip = flux
+    with pytest.warns(EmbeddingWarning):
+        tokens = clip.tokenize("a red fox, embedding:sd15_style (in the snow:1.3)")
+        cond = clip.encode_from_tokens(tokens)
+    weights = [w for _, w in tokens["t5xxl"][0]]  # by position, the vectors' places included
+    ids = [t for t, _ in _comfy_t5_sequence(["a red fox,", "in the snow"], 256)[0]]
+    want = ref.t5_part(tiny.t5, [list(zip(ids, weights))], masked=False)
+    assert 1.3 in weights and torch.allclose(cond, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    unshifted = ref.t5_part(tiny.t5, [list(zip(ids, [w for t, w in tokens["t5xxl"][0]
+                                                     if not isinstance(t, torch.Tensor)] + [1.0] * ROWS))],
+                            masked=False)
+    assert not torch.allclose(cond, unshifted, rtol=0, atol=1e-4 * float(want.abs().max()))
