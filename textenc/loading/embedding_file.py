@@ -264,7 +264,8 @@ def _read_rows(path: str, width: int, embed_key: str | None, limit: int, any_wid
 
 
 def read_or_reason(path: str, embedding_size: int, embed_key: str | None,
-                   max_file_bytes: int, max_abs: float = MAX_ABS_VALUE, *, any_width: bool = False) -> torch.Tensor | str:
+                   max_file_bytes: int, max_abs: float = MAX_ABS_VALUE, *,
+                   any_width: bool = False) -> torch.Tensor | str:
     """The ``[n, embedding_size]`` vectors of a valid file, or the reason (naming ``path``)
     it is refused; never raises for a bad file (the loader caches either answer)."""
     try:
