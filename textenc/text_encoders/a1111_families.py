@@ -16,8 +16,8 @@ SD3 (A1111)
       of a prompt schedule, per chunk index), where SDXL has one per encoder.
     * pooled: L's unprojected ‖ G's projected pooled output of the first chunk.
     * T5 reads the same attention pieces (``BREAK`` dropped), each tokenized on its own,
-      then ``</s>``; it is padded with 0 or cut to CLIP's token count (77 per chunk, the
-      longest text's in a schedule) and encoded unmasked. A1111 computes T5 multipliers but
+      then ``</s>``; it is padded with 0 or cut to CLIP's token count (77 per chunk; in a
+      schedule, the longest text's) and encoded unmasked. A1111 computes T5 multipliers but
       never applies them: T5 is unweighted. cond is CLIP's rows, then T5's.
     * A1111's ``sd3_enable_t5`` (default False) is "is T5 loaded" here: without T5, its
       rows are zeros, as A1111's with the setting off. L and G are required (A1111 always
@@ -60,10 +60,13 @@ _CLIP_ONLY = ("comma_padding_backtrack", "max_windows")
 
 class SD3A1111Pair(tuple):
     """A T5 ``(token, weight[, word_id])`` of SD3's A1111 reading: its mark tells
-    :class:`~textenc.text_encoders.sd3_clip.SD3ClipModel` to encode the prompt as A1111 does
-    (the T5 length follows CLIP's chunks, so it is set at encode time)."""
+    :class:`~textenc.text_encoders.sd3_clip.SD3ClipModel` to encode the prompt as A1111 does.
+    The sequence is cut or padded to the prompt's CLIP rows; the first pair keeps the ids
+    cut off in ``overflow``, which a schedule with more chunks gets back (A1111 fits T5 to
+    the batch's CLIP rows)."""
 
     a1111_reading = "sd3"
+    overflow: tuple[int, ...] = ()
 
 
 def _t5_pieces(text: str, *, disable_weights: bool) -> list[list]:
@@ -89,7 +92,7 @@ def _shape(pairs: list[tuple], return_word_ids: bool, make: Callable = tuple) ->
 
 
 def tokenize_sd3_a1111(tokenizer: Any, text: str, return_word_ids: bool = False, **kwargs: Any) -> dict:
-    """``{"g", "l": A1111 windows, "t5xxl": [unpadded T5 sequence]}`` of ``text`` (SD3Tokenizer).
+    """``{"g", "l": A1111 windows, "t5xxl": [T5 sequence of 77 per chunk]}`` of ``text`` (SD3Tokenizer).
 
     Raises:
         PromptError: what the a1111 dialect refuses.
@@ -98,7 +101,12 @@ def tokenize_sd3_a1111(tokenizer: Any, text: str, return_word_ids: bool = False,
     out = {"g": _clip_windows(tokenizer.clip_g, text, return_word_ids, kwargs),
            "l": _clip_windows(tokenizer.clip_l, text, return_word_ids, kwargs)}
     pieces = _t5_pieces(text, disable_weights=bool(kwargs.get("disable_weights", False)))
-    out["t5xxl"] = [_shape(_t5_pairs(tokenizer.t5xxl, pieces, weighted=False), return_word_ids, SD3A1111Pair)]
+    pairs = _t5_pairs(tokenizer.t5xxl, pieces, weighted=False)
+    length = _CHUNK_ROWS * len(out["l"])  # Sd3T5.tokenize_line's target_token_count
+    kept = pairs[:length] + [(_T5_PAD, 1.0, 0)] * (length - len(pairs))
+    sequence = _shape(kept, return_word_ids, SD3A1111Pair)
+    sequence[0].overflow = tuple(pair[0] for pair in pairs[length:])
+    out["t5xxl"] = [sequence]
     return out
 
 
@@ -175,7 +183,8 @@ def _t5_rows(model: Any, prompts: Sequence[Mapping[str, list]], length: int, opt
         return torch.zeros((len(prompts), length, model.width))
     ids = []
     for prompt in prompts:
-        tokens = [pair[0] for pair in prompt["t5xxl"][0]][:length]
+        sequence = prompt["t5xxl"][0]
+        tokens = ([pair[0] for pair in sequence] + list(getattr(sequence[0], "overflow", ())))[:length]
         ids.append(tokens + [_T5_PAD] * (length - len(tokens)))
     return encode_windows(model.t5xxl, ids, model.t5xxl.resolve_options(options))[0]
 
