@@ -162,6 +162,8 @@ def test_sd3_without_clip_is_refused(files):
 def test_sd3_a1111_tokens_need_an_a1111_weight_mode(sd3):
     with pytest.raises(PromptError, match="weight_mode 'a1111', 'a1111_no_norm' or 'none'"):
         sd3.encode("a cat", syntax="a1111", options={"weight_mode": "comfy"})
+    tokens = sd3.tokenize(PROMPTS[1], syntax="a1111")  # no weight_mode: the tokens' own, a1111
+    assert torch.equal(sd3.encode_from_tokens(tokens), sd3.encode_from_tokens(tokens, options={"weight_mode": "a1111"}))
 
 
 # ---- Flux (Forge) --------------------------------------------------------------------------

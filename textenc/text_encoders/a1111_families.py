@@ -192,11 +192,13 @@ def _t5_rows(model: Any, prompts: Sequence[Mapping[str, list]], length: int, opt
 def encode_sd3_a1111(model: Any, prompts: Sequence[Mapping[str, list]],
                      options: Mapping[str, Any] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(cond [1, 2·77·C, width], pooled [1, P])`` of each prompt, encoded as one A1111 batch
-    (``SD3Cond.forward``); ``model`` is an ``SD3ClipModel``.
+    (``SD3Cond.forward``); ``model`` is an ``SD3ClipModel``. Without ``weight_mode`` in
+    ``options``: ``a1111`` (A1111's default emphasis, "Original").
 
     Raises:
         PromptError: L or G not loaded, or a weight mode that is not A1111's.
     """
+    options = {"weight_mode": "a1111", **(options or {})}  # these tokens carry their reading
     if model.clip_l is None or model.clip_g is None:
         raise PromptError("syntax='a1111' on SD3 needs CLIP-L and CLIP-G (A1111 always loads both); load them, "
                           "or use syntax='comfy'")
