@@ -119,3 +119,31 @@ def test_advanced_node_reads_a1111_where_defined(pack, tiny, kind):  # noqa: F81
     want, want_pooled = clip.encode_from_tokens(clip.tokenize(PROMPTS[0], syntax="a1111"), return_pooled=True,
                                                 options={"weight_mode": "a1111"})
     assert torch.equal(cond, want) and torch.equal(extras["pooled_output"], want_pooled)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_cli_inspect_shows_the_family_reading_of_t5(tiny, kind, capsys):
+    """``textenc inspect --syntax a1111``: the T5 part as the family reads it (SD3: cut or padded to
+    CLIP's rows, unweighted; Flux: weighted, 256), the CLIP parts as A1111 chunks them."""
+    import json
+
+    from textenc.cli import main
+
+    models = [word for key in FILES[kind] for word in ("--model", str(tiny.paths[key]))]
+    assert main(["inspect", PROMPTS[0], *models, "--clip-type", kind, "--syntax", "a1111", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["parts"]
+    library = load_clip([tiny.paths[key] for key in FILES[kind]], clip_type=kind)
+    tokens = library.tokenize(PROMPTS[0], return_word_ids=True, syntax="a1111")
+    for role, windows in tokens.items():
+        shown = report[role]["windows"]
+        assert [[(t["token"], t["weight"], t["word_id"]) for t in w] for w in shown] == \
+            [[(int(t), float(w), int(i)) for t, w, i in window] for window in windows], role
+    assert report["t5xxl"]["tokens"] == (77 if kind == "sd3" else 256)
+    assert [u["text"] for u in report["t5xxl"]["units"]] == ["a ", "red", " fox in the ", "snow"]
+
+
+def test_cli_inspect_refuses_a1111_on_wan(tiny, capsys):
+    from textenc.cli import main
+
+    assert main(["inspect", "a cat", "--model", str(tiny.paths["umt5"]), "--syntax", "a1111"]) != 0
+    assert "the syntaxes that apply: 'comfy'" in capsys.readouterr().err

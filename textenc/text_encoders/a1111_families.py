@@ -44,11 +44,13 @@ import torch
 from ..errors import PromptError
 from ..prompts.dialects.a1111 import parse_attention
 from ..prompts.dialects.a1111.attention import is_break
+from ..prompts.report import InspectReport, TokenReport, UnitReport
 from .encode import encode_windows
 from .weighting import A1111Emphasis, get_weight_mode, token_weights
 
 __all__ = ["SD3A1111Pair", "tokenize_sd3_a1111", "tokenize_flux_a1111", "is_sd3_a1111",
-           "encode_sd3_a1111", "encode_sd3_a1111_schedule", "encode_each_schedule_text", "A1111_READINGS"]
+           "encode_sd3_a1111", "encode_sd3_a1111_schedule", "encode_each_schedule_text", "A1111_READINGS",
+           "FamilyT5Part", "part_tokenizers"]
 
 #: T5's end and pad ids (``Sd3T5``/``T5TextProcessingEngine``: ``id_end`` 1, ``id_pad`` 0).
 _T5_END, _T5_PAD = 1, 0
@@ -227,3 +229,40 @@ def encode_each_schedule_text(model: Any, tokenize: Callable[[str], dict], texts
 
 #: family tokenizer name → its A1111 reading (see the family modules' ``syntax_readings``).
 A1111_READINGS = {"sd3": tokenize_sd3_a1111, "flux": tokenize_flux_a1111}
+
+
+class FamilyT5Part:
+    """A family's T5 part as ``textenc inspect`` reads it: a syntax the family tokenizer reads as
+    a whole (``syntax_readings``) is reported from that reading; others go to the T5 tokenizer."""
+
+    def __init__(self, family_tokenizer: Any, role: str) -> None:
+        self.family_tokenizer, self.role = family_tokenizer, role
+        self.tokenizer = family_tokenizer.tokenizers[role]
+        self.min_length = getattr(self.tokenizer, "min_length", None)
+
+    def inspect(self, text: str, syntax: str | None = None, **kwargs: Any) -> InspectReport:
+        """The T5 tokens of ``text`` (word id: the attention piece, 0 for ``</s>`` and padding).
+
+        Raises:
+            PromptError: what the reading refuses.
+        """
+        if syntax not in self.family_tokenizer.syntax_readings:
+            return self.tokenizer.inspect(text, syntax=syntax, **kwargs)
+        tokens = self.family_tokenizer.tokenize_with_weights(text, True, syntax=syntax, **kwargs)[self.role]
+        window = [TokenReport(int(t), self.tokenizer.token_text(t), float(w), int(i)) for t, w, i in tokens[0]]
+        pieces = [p for p in _t5_pieces(text, disable_weights=bool(kwargs.get("disable_weights", False)))]
+        units = []
+        for word_id, piece in enumerate(pieces, start=1):
+            if not is_break(piece):
+                count = sum(1 for token in window if token.word_id == word_id)
+                units.append(UnitReport(word_id, "text", piece[0], float(piece[1]), -1, -1, count))
+        return InspectReport([window], units)
+
+
+def part_tokenizers(family_tokenizer: Any) -> dict[str, Any]:
+    """``family_tokenizer.tokenizers`` with the T5 part (``t5xxl``) as a :class:`FamilyT5Part`
+    where the family reads some syntax as a whole (SD3, Flux)."""
+    parts = dict(family_tokenizer.tokenizers)
+    if getattr(family_tokenizer, "syntax_readings", None) and "t5xxl" in parts:
+        parts["t5xxl"] = FamilyT5Part(family_tokenizer, "t5xxl")
+    return parts
