@@ -216,3 +216,30 @@ def test_flux_schedule_encodes_each_text_alone(flux, models, tokenizers):
 def test_flux_break_is_refused(flux):
     with pytest.raises(PromptError, match="BREAK in a Flux prompt.*syntax='comfy'"):
         flux.tokenize("a cat BREAK a dog", syntax="a1111")
+
+
+def test_sd3_g_reads_clip_l_s_ids_not_open_clip_s(sd3):
+    """A1111's ``Sd3ClipLG`` tokenizes once, with the CLIP-L tokenizer (transformers 4.30.2 + ftfy),
+    and G gets those ids: on text whose open_clip clean-up differs, G's window holds CLIP-L's ids
+    (expectations from A1111's own tokenizers, ``tests/a1111_text_expected.json``)."""
+    import json
+    from pathlib import Path
+
+    cases = json.loads((Path(__file__).parent / "a1111_text_expected.json").read_text("utf-8"))["cases"]
+    differing = [c for c in cases if isinstance(c["clip_l"], list) and isinstance(c["open_clip"], list)
+                 and c["clip_l"] != c["open_clip"] and not set(c["text"]) & set("()[]:\\")
+                 and "BREAK" not in c["text"] and len(c["clip_l"]) <= 75]
+    assert len(differing) >= 10
+    for case in differing:
+        tokens = sd3.tokenize(case["text"], syntax="a1111")
+        l_ids, g_ids = ([t for t, _ in tokens[role][0]] for role in ("l", "g"))
+        assert l_ids[1:1 + len(case["clip_l"])] == case["clip_l"], case["text"]
+        first_end = l_ids.index(49407)  # A1111: 0 after the first end token, a typed one too
+        assert g_ids == l_ids[:first_end + 1] + [0] * (77 - first_end - 1), case["text"]
+
+
+def test_sd3_textual_inversion_is_refused(files, tmp_path):
+    save_file({"emb_params": torch.randn(2, 64)}, str(tmp_path / "myemb.safetensors"))  # CLIP-L's width
+    clip = load_clip([files["l"], files["g"], files["t5"]], clip_type="sd3", embedding_directory=str(tmp_path))
+    with pytest.raises(PromptError, match="textual inversion in an SD3 prompt"):
+        clip.tokenize("a myemb cat", syntax="a1111")

@@ -8,9 +8,10 @@ lllyasviel/stable-diffusion-webui-forge ``backend/diffusion_engine/flux.py``,
 independent implementation (docs/families.md states the rules):
 
 SD3 (A1111)
-    * CLIP-L and CLIP-G read the prompt with A1111's chunks (75 tokens, ``BREAK``, comma
-      backtracking), L padded with its end token and G with 0 after the first end token;
-      both at the penultimate layer without the final norm.
+    * One CLIP-L tokenizer reads the prompt with A1111's chunks (75 tokens, ``BREAK``, comma
+      backtracking); L gets the ids padded with the end token, G the same ids with 0 after
+      the first end token; both at the penultimate layer without the final norm. Textual
+      inversions are refused (A1111's SD3 encoder gives zeros for them).
     * Each chunk is L beside G, zero-padded to T5's width, and *then* A1111's emphasis is
       applied to that joined tensor: one mean, over L and G together (and over every text
       of a prompt schedule, per chunk index), where SDXL has one per encoder.
@@ -56,8 +57,6 @@ __all__ = ["SD3A1111Pair", "tokenize_sd3_a1111", "tokenize_flux_a1111", "is_sd3_
 _T5_END, _T5_PAD = 1, 0
 #: A1111's chunk: 75 prompt tokens plus start and end.
 _CHUNK_ROWS = 77
-#: Keywords of the a1111 dialect that only the CLIP parts read.
-_CLIP_ONLY = ("comma_padding_backtrack", "max_windows")
 
 
 class SD3A1111Pair(tuple):
@@ -93,18 +92,32 @@ def _shape(pairs: list[tuple], return_word_ids: bool, make: Callable = tuple) ->
     return [make(pair if return_word_ids else pair[:2]) for pair in pairs]
 
 
+def _g_windows(windows: list, end: int, pad: int) -> list:
+    """``Sd3ClipLG``: G reads L's token ids (one CLIP-L tokenizer, A1111's ftfy clean-up, not
+    open_clip's), with G's pad id after each window's first end token."""
+    out = []
+    for window in windows:
+        cut = next(i for i, pair in enumerate(window) if pair[0] == end) + 1
+        out.append(list(window[:cut]) + [(pad, *pair[1:]) for pair in window[cut:]])
+    return out
+
+
 def tokenize_sd3_a1111(tokenizer: Any, text: str, return_word_ids: bool = False, **kwargs: Any) -> dict:
     """``{"g", "l": A1111 windows, "t5xxl": [T5 sequence of 77 per chunk]}`` of ``text`` (SD3Tokenizer).
 
     Raises:
-        PromptError: what the a1111 dialect refuses.
+        PromptError: a textual inversion (A1111 defines none for SD3: its ``Sd3ClipLG`` gives
+            zeros for one), or what the a1111 dialect refuses.
     """
     kwargs.pop("syntax", None)
-    out = {"g": _clip_windows(tokenizer.clip_g, text, return_word_ids, kwargs),
-           "l": _clip_windows(tokenizer.clip_l, text, return_word_ids, kwargs)}
+    windows = _clip_windows(tokenizer.clip_l, text, return_word_ids, kwargs)
+    if any(not isinstance(pair[0], int) for window in windows for pair in window):
+        raise PromptError("a textual inversion in an SD3 prompt with syntax='a1111': A1111 defines none for SD3 "
+                          "(its SD3 text encoder gives zeros for one); remove it or use syntax='comfy'")
+    out = {"g": _g_windows(windows, tokenizer.clip_l.end_token, tokenizer.clip_g.pad_token), "l": windows}
     pieces = _t5_pieces(text, disable_weights=bool(kwargs.get("disable_weights", False)))
     pairs = _t5_pairs(tokenizer.t5xxl, pieces, weighted=False)
-    length = _CHUNK_ROWS * len(out["l"])  # Sd3T5.tokenize_line's target_token_count
+    length = _CHUNK_ROWS * len(windows)  # Sd3T5.tokenize_line's target_token_count
     kept = pairs[:length] + [(_T5_PAD, 1.0, 0)] * (length - len(pairs))
     sequence = _shape(kept, return_word_ids, SD3A1111Pair)
     sequence[0].overflow = tuple(pair[0] for pair in pairs[length:])
@@ -250,7 +263,7 @@ class FamilyT5Part:
             return self.tokenizer.inspect(text, syntax=syntax, **kwargs)
         tokens = self.family_tokenizer.tokenize_with_weights(text, True, syntax=syntax, **kwargs)[self.role]
         window = [TokenReport(int(t), self.tokenizer.token_text(t), float(w), int(i)) for t, w, i in tokens[0]]
-        pieces = [p for p in _t5_pieces(text, disable_weights=bool(kwargs.get("disable_weights", False)))]
+        pieces = _t5_pieces(text, disable_weights=bool(kwargs.get("disable_weights", False)))
         units = []
         for word_id, piece in enumerate(pieces, start=1):
             if not is_break(piece):
