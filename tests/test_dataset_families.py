@@ -272,3 +272,7 @@ def test_a1111_syntax_encodes_sd3_and_flux(family, tmp_path, kind):
             torch.testing.assert_close(pooled, want_pooled[0], rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(previous)
+    if kind == "sd3":  # A1111 fits SD3's T5 to the CLIP rows: no other length to ask for
+        with pytest.raises(DatasetError, match="t5_min_length=256: with syntax='a1111'"):
+            _encode(source, _model(family, kind), tmp_path / "out2", clip_type=kind, syntax="a1111",
+                    t5_min_length=256)
