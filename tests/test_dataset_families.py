@@ -239,11 +239,40 @@ def test_sd3_clip_rows_are_stored_without_comfyuis_zero_columns(family, captions
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("syntax", ["a1111", "compel"])
-def test_a_syntax_t5_does_not_define_is_refused_before_any_caption(family, captions, tmp_path, syntax):
+@pytest.mark.parametrize("kind, syntax", [("wan", "a1111"), ("flux", "compel")])
+def test_a_syntax_the_family_does_not_define_is_refused_before_any_caption(family, captions, tmp_path, kind,
+                                                                             syntax):
     """One PromptError up front (issue 26 point 6), not one rejected caption per row."""
     from textenc.errors import PromptError
 
-    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for T5 text encoders"):
-        _encode(captions, _model(family, "flux"), tmp_path / "out", clip_type="flux", syntax=syntax)
+    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for .*the syntaxes that apply"):
+        _encode(captions, _model(family, kind), tmp_path / "out", clip_type=kind, syntax=syntax)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a1111_syntax_encodes_sd3_and_flux(family, tmp_path, kind):
+    """``syntax="a1111"`` (A1111's SD3, Forge's Flux): every stored caption equals
+    ``CLIP.encode(caption, syntax="a1111")`` (tests/test_a1111_families.py checks that one
+    against the projects' rules)."""
+    texts = ["a photo of a cat", "a (red:1.3) fox in the [snow]", ""]
+    source = tmp_path / "captions.txt"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    _encode(source, _model(family, kind), tmp_path / "out", clip_type=kind, syntax="a1111")
+    clip = load_clip(_model(family, kind), clip_type=kind)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stored = list(open_shards(tmp_path / "out"))
+        assert len(stored) == len(texts)
+        for caption_id, cond, pooled in stored:
+            want, want_pooled = clip.encode_from_tokens(clip.tokenize(texts[caption_id], syntax="a1111"),
+                                                        return_pooled=True, options={"weight_mode": "a1111"})
+            torch.testing.assert_close(cond, want[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(pooled, want_pooled[0], rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(previous)
+    if kind == "sd3":  # A1111 fits SD3's T5 to the CLIP rows: no other length to ask for
+        with pytest.raises(DatasetError, match="t5_min_length=256: with syntax='a1111'"):
+            _encode(source, _model(family, kind), tmp_path / "out2", clip_type=kind, syntax="a1111",
+                    t5_min_length=256)

@@ -1,8 +1,10 @@
 """Prompt syntaxes on the T5 families (issue 26 point 6): ``comfy`` everywhere; ``a1111`` and
-``compel`` only where that project defines the reading. A1111 (webui) has no T5 model, and
-compel's ``CompelForFlux`` (compel 2.5.1 ``convenience_wrappers.py``) weights T5 through its
-own pipeline-bound encoder, which textenc does not build: both are refused on a T5 part with a
-``PromptError`` naming the syntax that applies, never encoded some other way."""
+``compel`` only where that project defines the reading. ``a1111`` reads SD3 as A1111's webui
+does and Flux as Forge does, through the family tokenizers
+(``tests/test_a1111_families.py``); a T5 tokenizer on its own and Wan's UMT5 refuse it. compel's
+``CompelForFlux`` (compel 2.5.1 ``convenience_wrappers.py``) weights T5 through its own
+pipeline-bound encoder, which textenc does not build. A refusal is a ``PromptError`` naming the
+syntax that applies, never an encode some other way."""
 
 import pytest
 
@@ -20,16 +22,27 @@ def _tokenizers():
             "sd3": SD3Tokenizer()}
 
 
-@pytest.mark.parametrize("syntax", ["a1111", "compel"])
-@pytest.mark.parametrize("name", ["t5", "umt5", "flux", "sd3"])
+@pytest.mark.parametrize("syntax, name", [("a1111", "t5"), ("a1111", "umt5"), ("compel", "t5"), ("compel", "umt5"),
+                                          ("compel", "flux"), ("compel", "sd3")])
 def test_other_syntaxes_are_refused_on_t5_parts(name, syntax):
     tokenizer = _tokenizers()[name]
-    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for T5 text encoders.*"
+    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for .*"
                                           r"the syntaxes that apply: 'comfy'"):
         tokenizer.tokenize_with_weights("a (red:1.2) fox", syntax=syntax)
     if hasattr(tokenizer, "inspect"):
         with pytest.raises(PromptError, match="the syntaxes that apply: 'comfy'"):
             tokenizer.inspect("a (red:1.2) fox", syntax=syntax)
+
+
+def test_wan_names_why():
+    with pytest.raises(PromptError, match=r"UMT5 \(Wan\): neither A1111 nor Forge nor compel"):
+        _tokenizers()["umt5"].tokenize_with_weights("a cat", syntax="a1111")
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_a1111_reads_sd3_and_flux_as_a_whole(name):
+    tokens = _tokenizers()[name].tokenize_with_weights("a (red:1.2) fox", syntax="a1111")
+    assert tokens["t5xxl"] and tokens["l"]
 
 
 @pytest.mark.parametrize("name", ["t5", "umt5", "flux", "sd3"])

@@ -59,19 +59,21 @@ def _family_tokenizers(args: argparse.Namespace, embeddings: str | None) -> tupl
     clip_type = None if args.clip_type == "auto" else args.clip_type
     if args.model:
         from ..load import load_text_model
+        from ..text_encoders.a1111_families import part_tokenizers
 
         clip = load_text_model(args.model, clip_type=clip_type, embedding_directory=embeddings)
-        return clip.clip_type, dict(clip.tokenizer.tokenizers)
+        return clip.clip_type, part_tokenizers(clip.tokenizer)
     if clip_type is None:
         return None, {}
     from ..errors import CheckpointError
+    from ..text_encoders.a1111_families import part_tokenizers
     from ..text_encoders.families import get_family
 
     try:
         tokenizer = get_family(clip_type).tokenizer_class.for_roles({}, embedding_directory=embeddings)
     except CheckpointError as error:
         raise CheckpointError(f"--clip-type {clip_type}: {error}; give the model's file with --model") from None
-    return clip_type, dict(tokenizer.tokenizers)
+    return clip_type, part_tokenizers(tokenizer)
 
 
 def _parts(args: argparse.Namespace, embeddings: str | None) -> tuple[str | None, dict]:

@@ -13,6 +13,11 @@ the same length:
   lengths separately, has no such step.
 * SD3's CLIP rows: a prompt with fewer 77-token windows than another gets whole windows of
   the empty prompt's CLIP encoding after its own, as for SDXL.
+* SD3 with ``syntax="a1111"``: A1111 fits T5 to the prompt's own CLIP rows, so each prompt is
+  encoded alone, and a shorter cond gets the empty prompt's whole cond (154 rows) appended
+  until the lengths match, as A1111's ``pad_cond`` does (its setting "pad prompt/negative
+  prompt to be same length", ``modules/sd_samplers_cfg_denoiser.py``).
+  ``max_sequence_length`` has no A1111 meaning there and is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..errors import TextencError
+from ..text_encoders.a1111_families import is_sd3_a1111
 from ..text_encoders.sequences import sequence_length, t5_role, with_min_length
 
 __all__ = ["encode_sequences"]
@@ -59,6 +66,8 @@ def encode_sequences(clip: Any, tokens: Sequence[Mapping[str, list]], options: M
         max_sequence_length: pad T5 to at least this many tokens (a diffusers pipeline's
             ``max_sequence_length``: SD3 256, Flux 512, Wan 512); None: the family's minimum.
     """
+    if any(is_sd3_a1111(t) for t in tokens):
+        return _a1111_sd3(clip, tokens, options, max_sequence_length)
     longest = max(_t5_rows(clip, t) for t in tokens)
     longest = max(longest, max_sequence_length or 0)
     padded = [with_min_length(clip.family, t, longest or None) for t in tokens]
@@ -70,3 +79,19 @@ def encode_sequences(clip: Any, tokens: Sequence[Mapping[str, list]], options: M
     empty = _empty_clip_window(clip, options)
     return [(_with_clip_windows(cond, rows, most, empty), pooled)
             for (cond, pooled), rows in zip(encoded, clip_rows)]
+
+
+def _a1111_sd3(clip: Any, tokens: Sequence[Mapping[str, list]], options: Mapping[str, Any],
+               max_sequence_length: int | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """SD3 with ``syntax="a1111"``: each prompt alone, shorter conds padded with the empty
+    prompt's cond (A1111's ``pad_cond``)."""
+    if max_sequence_length is not None:
+        raise TextencError(f"max_sequence_length={max_sequence_length!r}: with syntax='a1111' SD3's T5 has as "
+                           "many rows as its CLIP part, as A1111 encodes it; leave max_sequence_length out")
+    encoded = [clip.encode_from_tokens(t, return_pooled=True, options=options) for t in tokens]
+    most = max(cond.shape[1] for cond, _ in encoded)
+    if all(cond.shape[1] == most for cond, _ in encoded):
+        return encoded
+    empty = clip.encode_from_tokens(clip.tokenize("", syntax="a1111"), options=options)
+    return [(torch.cat([cond] + [empty.to(cond)] * ((most - cond.shape[1]) // empty.shape[1]), dim=1), pooled)
+            for cond, pooled in encoded]

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import PromptError
 from ..prompts.tokenizer import SDTokenizer
+from .a1111_families import encode_each_schedule_text, tokenize_flux_a1111
 from .batch import PromptByPromptMixin
 from .registry import Family, Role, register_family
 from .sd1_clip import SD1_SPECIAL_TOKENS, SDClipModel
@@ -39,7 +40,13 @@ class T5XXLTokenizer(_T5Tokenizer):
 
 
 class FluxTokenizer:
-    """Tokenizes for both encoders → ``{"l": windows, "t5xxl": [sequence]}`` (ComfyUI's ``FluxTokenizer``)."""
+    """Tokenizes for both encoders → ``{"l": windows, "t5xxl": [sequence]}`` (ComfyUI's ``FluxTokenizer``).
+
+    ``syntax="a1111"`` reads the whole prompt as Forge's Flux does
+    (:mod:`textenc.text_encoders.a1111_families`); other syntaxes go to each part's tokenizer."""
+
+    #: syntax → a reading of the whole prompt for both parts.
+    syntax_readings = {"a1111": tokenize_flux_a1111}
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, *,
                  l_kwargs: Mapping[str, Any] | None = None, t5xxl_kwargs: Mapping[str, Any] | None = None) -> None:
@@ -60,6 +67,9 @@ class FluxTokenizer:
         return {"l": self.clip_l, "t5xxl": self.t5xxl}
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
+        reading = self.syntax_readings.get(kwargs.get("syntax"))
+        if reading is not None:
+            return reading(self, text, return_word_ids, **kwargs)
         return {"l": self.clip_l.tokenize_with_weights(text, return_word_ids, **kwargs),
                 "t5xxl": self.t5xxl.tokenize_with_weights(text, return_word_ids, **kwargs)}
 
@@ -120,6 +130,10 @@ class FluxClipModel(PromptByPromptMixin, torch.nn.Module):
         if need_pooled:
             pooled = self.clip_l.encode_token_weights(token_weight_pairs["l"], options=options)[1]
         return cond, pooled
+
+    def a1111_schedule(self, tokenize, texts, options) -> list:
+        """The texts of one ``syntax="a1111"`` schedule: each on its own, as Forge encodes Flux."""
+        return encode_each_schedule_text(self, tokenize, texts, options)
 
     def load_sd(self, sd, *, strict: bool = True, require_finite: bool = True):
         """Load CLIP-L (keys ``text_model.*``) or T5, as ComfyUI tells them apart."""

@@ -72,8 +72,12 @@ def encode_a1111_schedule(model: Any, tokenize: Callable[[str], dict], texts: Se
     """``(cond [1, 77·chunks, D], pooled [1, P])`` of each text, encoded as one A1111 batch.
 
     ``model`` is a CLIP's ``cond_stage_model``; ``tokenize(text)`` returns
-    ``{key: windows}`` with word ids (A1111 windows).
+    ``{key: windows}`` with word ids (A1111 windows). A family whose A1111 reading batches
+    otherwise (SD3, Flux) says how in its model's ``a1111_schedule``.
     """
+    family_schedule = getattr(model, "a1111_schedule", None)
+    if family_schedule is not None:
+        return family_schedule(tokenize, texts, options)
     unique = list(dict.fromkeys(texts))
     order = [unique.index(t) for t in texts]
     tokens = [tokenize(text) for text in unique]

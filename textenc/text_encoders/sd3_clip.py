@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CheckpointError, EncodeError, PromptError
 from ..prompts.tokenizer import SDTokenizer
+from .a1111_families import encode_sd3_a1111, encode_sd3_a1111_schedule, is_sd3_a1111, tokenize_sd3_a1111
 from .batch import PromptByPromptMixin
 from .registry import Family, Role, register_family
 from .sd1_clip import SD1_SPECIAL_TOKENS, SDClipModel, gen_empty_tokens
@@ -51,7 +52,13 @@ def empty_t5_tokens(min_length: int) -> list[list[tuple[int, float]]]:
 
 class SD3Tokenizer:
     """Tokenizes for all three encoders → ``{"g": windows, "l": windows, "t5xxl": [sequence]}``
-    (ComfyUI's ``SD3Tokenizer``; T5's minimum length 77)."""
+    (ComfyUI's ``SD3Tokenizer``; T5's minimum length 77).
+
+    ``syntax="a1111"`` reads the whole prompt as AUTOMATIC1111's SD3 does
+    (:mod:`textenc.text_encoders.a1111_families`); other syntaxes go to each part's tokenizer."""
+
+    #: syntax → a reading of the whole prompt for all three parts.
+    syntax_readings = {"a1111": tokenize_sd3_a1111}
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, *,
                  l_kwargs: Mapping[str, Any] | None = None, g_kwargs: Mapping[str, Any] | None = None,
@@ -75,6 +82,9 @@ class SD3Tokenizer:
         return {"l": self.clip_l, "g": self.clip_g, "t5xxl": self.t5xxl}
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
+        reading = self.syntax_readings.get(kwargs.get("syntax"))
+        if reading is not None:
+            return reading(self, text, return_word_ids, **kwargs)
         return {"g": self.clip_g.tokenize_with_weights(text, return_word_ids, **kwargs),
                 "l": self.clip_l.tokenize_with_weights(text, return_word_ids, **kwargs),
                 "t5xxl": self.t5xxl.tokenize_with_weights(text, return_word_ids, **kwargs)}
@@ -182,6 +192,9 @@ class SD3ClipModel(PromptByPromptMixin, torch.nn.Module):
         if missing:
             raise PromptError(f"SD3 needs tokens for encoders 'g', 'l' and 't5xxl'; missing {sorted(missing)} "
                               "(tokenize with the SD3 tokenizer)")
+        if is_sd3_a1111(token_weight_pairs):  # syntax="a1111": A1111's SD3 encode
+            cond, pooled = encode_sd3_a1111(self, [token_weight_pairs], options)[0]
+            return cond, pooled, {}
         out, pooled = None, None
         extra: dict[str, Any] = {}
         if len(token_weight_pairs["g"]) > 0 or len(token_weight_pairs["l"]) > 0:
@@ -196,6 +209,10 @@ class SD3ClipModel(PromptByPromptMixin, torch.nn.Module):
         if pooled is None:
             pooled = torch.zeros((1, _L_WIDTH + _G_WIDTH))
         return out, pooled, extra
+
+    def a1111_schedule(self, tokenize, texts, options) -> list:
+        """The texts of one ``syntax="a1111"`` schedule in one batch, as A1111 encodes them."""
+        return encode_sd3_a1111_schedule(self, tokenize, texts, options)
 
     def load_sd(self, sd, *, strict: bool = True, require_finite: bool = True):
         """Load one encoder, told apart by its keys as ComfyUI does (G has a layer 30, L a layer 1)."""

@@ -159,8 +159,9 @@ class T5XXLTokenizer(SDTokenizer):
     """
 
     syntaxes = ("comfy",)
-    syntax_scope = ("T5 text encoders (SD3, Flux, Wan): A1111 defines no T5 reading, and compel's "
-                    "CompelForFlux weighting of T5 is not built here")
+    syntax_scope = ("a T5 text encoder on its own: A1111 reads T5 only as part of SD3 (its webui) and "
+                    "Flux (Forge), through those families' tokenizers, and compel's CompelForFlux "
+                    "weighting of T5 is not built here")
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, min_length: int = 77,
                  max_length: int = T5_MAX_LENGTH, *, tokenizer_path: str | None = None, **kwargs: Any) -> None:
@@ -185,8 +186,7 @@ class UMT5XXlTokenizer(SDTokenizer):
     """
 
     syntaxes = ("comfy",)
-    syntax_scope = ("T5 text encoders (SD3, Flux, Wan): A1111 defines no T5 reading, and compel's "
-                    "CompelForFlux weighting of T5 is not built here")
+    syntax_scope = ("UMT5 (Wan): neither A1111 nor Forge nor compel defines a Wan reading")
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, min_length: int = 512,
                  max_length: int = T5_MAX_LENGTH, *, tokenizer: Any = None, **kwargs: Any) -> None:
