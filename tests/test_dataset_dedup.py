@@ -127,3 +127,31 @@ def test_a_finished_rerun_says_so_and_small_runs_show_a_rate(tmp_path, tiny_mode
     again = _encode(tmp_path, texts, "out", model=tiny_model)
     assert "already complete: all 1 shards were written by an earlier run, nothing to encode" in again.summary()
     assert "captions/s" not in again.summary() and "wrote 0" not in again.summary()
+
+
+@pytest.mark.slow
+def test_ray_reuses_repeats_across_shards_with_the_local_bytes(tmp_path, tiny_model):
+    """With Ray, too, a caption repeated in another shard is encoded once (the shard
+    writing the repeat reads the earlier shard's encoding): the same folder as the local
+    engine and the same report, fresh and resumed (shards 1 and 2 rebuilt, 2 reading 1)."""
+    import dataset_fixtures
+
+    base = ["a cat", "a (red:1.2) house at night", "x " * 90, "long " * 200, "a dog"] * 8  # 40 rows
+    texts = base + base[::-1] + base[3:] + base[:3]
+    local = _encode(tmp_path, texts, "local", model=tiny_model)
+    fresh = folder_bytes(tmp_path / "local")
+    for index in (1, 2):
+        (tmp_path / "local" / f"shard-{index:05d}.safetensors").unlink()
+    local_resumed = _encode(tmp_path, texts, "local", model=tiny_model)
+    with dataset_fixtures.ray_session(240):
+        ray_report = _encode(tmp_path, texts, "ray", model=tiny_model, engine="ray", workers=2)
+        assert folder_bytes(tmp_path / "ray") == fresh
+        for index in (1, 2):
+            (tmp_path / "ray" / f"shard-{index:05d}.safetensors").unlink()
+        ray_resumed = _encode(tmp_path, texts, "ray", model=tiny_model, engine="ray", workers=2)
+    assert ray_report.reused == local.reused == 96 - 4  # every kept row but the first of each caption
+    assert ray_report.rejected == local.rejected and len(ray_report.rejected) == 24
+    assert ray_resumed.shards_written == 2 and folder_bytes(tmp_path / "ray") == fresh
+    # resumed: shard 0's own repeats, then shards 1 and 2 reusing across the two of them
+    assert ray_resumed.reused == local_resumed.reused
+    assert _expected_reused(texts, 600, across_shards=False) < ray_resumed.reused < ray_report.reused
