@@ -1,8 +1,9 @@
 """Checks a command runs before it loads model weights, so a mistake that needs no
 model (a missing file, ``--clip-skip 0``, a weight above ``--max-weight``) is
-reported in a moment instead of after a load of several seconds.
+reported in a moment instead of after a load of several seconds; a ``--clip-skip``
+beyond the model's depth is found from the files' headers (:func:`check_clip_skip_depth`).
 
-The model-path and clip-skip checks import no torch. The prompt check reads every
+The model-path and clip-skip checks import no torch (the depth check does, after them). The prompt check reads every
 prompt with the bundled CLIP tokenizer: the weights, the size limits and the
 dialect's grammar do not depend on the model's own vocabulary; the number of
 windows does, so ``max_windows`` is left to the real reading. Warnings of this first
@@ -18,7 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..loading.model_path import check_model_path
 from ..text_encoders.clip_skip import check_clip_skip
 
-__all__ = ["check_model_paths", "check_clip_skip_option", "check_prompt_limits"]
+__all__ = ["check_model_paths", "check_clip_skip_option", "check_clip_skip_depth", "numbered_depth",
+           "check_prompt_limits"]
 
 
 def check_model_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -38,6 +40,40 @@ def check_clip_skip_option(clip_skip: int | None) -> None:
     """
     if clip_skip is not None:
         check_clip_skip(clip_skip)
+
+
+def numbered_depth(models: Sequence[str | os.PathLike]) -> int | None:
+    """The layers ComfyUI's numbering counts for the model's shallowest text encoder (what the
+    loaded model's ``numbered_layers`` says; diffusers' 23-layer SD2 counts as ViT-H's 24), read
+    from the files' safetensors headers (a diffusers folder's ``config.json``) without loading
+    a weight; None for a model whose depth cannot be read so (a ``.ckpt``, GGUF, a broken file)."""
+    from ..loading.depth import text_encoder_depths
+    from ..text_encoders.clip_skip import LayerNumbering
+    from ..text_encoders.families import families
+
+    depths = text_encoder_depths(models)
+    if not depths:
+        return None
+    released = {role.encoder: role.released_model for family in families() for role in family.roles
+                if role.released_model is not None}
+    return min(LayerNumbering.of(depth, released.get(name)).numbered for name, depth in depths)
+
+
+def check_clip_skip_depth(clip_skip: int | None, models: Sequence[str | os.PathLike]) -> None:
+    """``--clip-skip`` against the model's :func:`numbered_depth`, before any weight is
+    loaded; the message is the one the loaded model gives. A model whose depth cannot be
+    read so is checked once loaded, as before.
+
+    Raises:
+        LayerError: beyond the shallowest text encoder's depth.
+    """
+    if clip_skip is None:
+        return
+    from ..text_encoders.clip_skip import layer_from_clip_skip
+
+    numbered = numbered_depth(models)
+    if numbered is not None:
+        layer_from_clip_skip(clip_skip, numbered, numbering="a1111")
 
 
 def check_prompt_limits(prompts: Sequence[str], *, syntax: str, syntax_options: Mapping[str, Any],

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..commands.common import check_folder, check_out_folder
+from ..commands.early_checks import check_clip_skip_depth
 from ..prompts.dialects import check_syntax, default_weight_mode, dialect_options
 from ..prompts.dialects.compel.tokens import TRUNCATION_WARNING
 from ..errors import DatasetError, PromptWarning
@@ -114,6 +115,7 @@ def _check_request(request: Request) -> None:
     # checked by load_model before it reads anything, after the input file
     if r.clip_skip is not None:
         check_clip_skip(r.clip_skip)
+        check_clip_skip_depth(r.clip_skip, [r.model] if isinstance(r.model, (str, os.PathLike)) else r.model)
     if not r.dry_run:
         check_out_folder(r.out)
     dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
