@@ -36,7 +36,7 @@ def check_clip_skip_option(clip_skip: int | None) -> None:
     """``--clip-skip`` as far as it can be checked without the model (not 0).
 
     Raises:
-        LayerError: 0 (the depth is checked once the model is loaded).
+        LayerError: 0 (the depth: :func:`check_clip_skip_depth`).
     """
     if clip_skip is not None:
         check_clip_skip(clip_skip)
