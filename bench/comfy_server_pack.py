@@ -21,11 +21,7 @@ from typing import Callable
 CHECKPOINT = "sd1_tiny_checkpoint.safetensors"
 PROMPT = "a photo of a (red:1.2) fox"
 REFUSAL_NAMES = ("Load CLIP (textenc)", "Load Checkpoint CLIP (textenc)")
-REFUSING_NODES = {"TextencCLIPTextEncode": {"text": PROMPT},
-                  "CLIPTextEncodeAdvancedTextenc": {"text": PROMPT},
-                  "TextencCLIPTextEncodeSDXL": {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0,
-                                                "target_width": 1024, "target_height": 1024,
-                                                "text_g": PROMPT, "text_l": PROMPT}}
+REFUSING_NODES = ("TextencCLIPTextEncode", "CLIPTextEncodeAdvancedTextenc", "TextencCLIPTextEncodeSDXL")
 
 
 def write_checkpoint(clip_l_file: Path, folder: Path) -> None:
@@ -51,10 +47,15 @@ def checkpoint_graph(clip_l_name: str, saves: Callable[[dict], dict]) -> dict:
     }
 
 
-def refusal_graph(clip_l_name: str, node: str, saves: Callable[[dict], dict]) -> dict:
-    """ComfyUI's own CLIPLoader's CLIP into textenc's encode node ``node``."""
+def refusal_graph(clip_l_name: str, node: str, info: dict, saves: Callable[[dict], dict]) -> dict:
+    """ComfyUI's own CLIPLoader's CLIP into textenc's encode node ``node`` (its other inputs:
+    the prompt for text ones, the defaults ``/object_info`` gives for the rest)."""
+    inputs = {"clip": ["70", 0]}
+    for name, spec in info[node]["input"]["required"].items():
+        if name != "clip":
+            inputs[name] = PROMPT if spec[0] == "STRING" else spec[1].get("default", spec[0][0])
     return {"70": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_l_name, "type": "stable_diffusion"}},
-            "71": {"class_type": node, "inputs": {"clip": ["70", 0], **REFUSING_NODES[node]}},
+            "71": {"class_type": node, "inputs": inputs},
             **saves({f"refused_{node}": "71"})}
 
 

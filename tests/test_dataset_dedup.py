@@ -155,3 +155,70 @@ def test_ray_reuses_repeats_across_shards_with_the_local_bytes(tmp_path, tiny_mo
     # resumed: shard 0's own repeats, then shards 1 and 2 reusing across the two of them
     assert ray_resumed.reused == local_resumed.reused
     assert _expected_reused(texts, 600, across_shards=False) < ray_resumed.reused < ray_report.reused
+
+
+class _InlineRay:
+    """Just enough of Ray to run the ray engine's driver and actors in this process, one
+    task at a time in the order handed out (a ref is the value itself)."""
+
+    class exceptions:
+        RayError = RuntimeError
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def remote(self, **options):
+        def wrap(cls):
+            class Handle:
+                def __init__(self, instance) -> None:
+                    self.encode = _InlineMethod(instance.encode)
+
+            return type("Actor", (), {"remote": staticmethod(lambda **kwargs: Handle(cls(**kwargs)))})
+        return wrap
+
+    def wait(self, refs, num_returns, timeout):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref.value
+
+    def kill(self, actor) -> None:
+        pass
+
+
+class _InlineMethod:
+    def __init__(self, method) -> None:
+        self.method = method
+
+    def options(self, num_returns: int):
+        return self
+
+    def remote(self, *args):
+        done, later = self.method(*args)
+        return _Ref(done), later
+
+
+class _Ref:
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def test_the_ray_engine_encodes_a_repeat_in_another_shard_once(tmp_path, tiny_model, monkeypatch):
+    """The ray engine's driver and actors (Ray itself replaced by an in-process stand-in):
+    each distinct caption is encoded once over the run, the same bytes and report as local."""
+    import textenc.dataset.engines.ray as ray_engine
+    from textenc.dataset.encode import CaptionEncoder
+
+    encoded = []
+    original = CaptionEncoder.encode_batch
+    monkeypatch.setattr(CaptionEncoder, "encode_batch",
+                        lambda self, items: encoded.extend(item.row for item in items) or original(self, items))
+    monkeypatch.setattr(ray_engine, "_require_ray", _InlineRay)
+    texts = ["a cat", "a dog"] * 20 + ["a bird", "a cat"] * 20 + ["a dog", "a fish"] * 20
+    local = _encode(tmp_path, texts, "local", model=tiny_model)
+    assert sorted(encoded) == [0, 1, 40, 81]
+    encoded.clear()
+    ray_report = _encode(tmp_path, texts, "ray", model=tiny_model, engine="ray", workers=2)
+    assert sorted(encoded) == [0, 1, 40, 81]
+    assert ray_report.reused == local.reused == len(texts) - 4
+    assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")

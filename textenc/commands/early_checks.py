@@ -43,20 +43,23 @@ def check_clip_skip_option(clip_skip: int | None) -> None:
 
 
 def numbered_depth(models: Sequence[str | os.PathLike]) -> int | None:
-    """The layers ComfyUI's numbering counts for the model's shallowest text encoder (what the
-    loaded model's ``numbered_layers`` says; diffusers' 23-layer SD2 counts as ViT-H's 24), read
+    """The layers ComfyUI's numbering counts for the model's shallowest text encoder, read
     from the files' safetensors headers (a diffusers folder's ``config.json``) without loading
-    a weight; None for a model whose depth cannot be read so (a ``.ckpt``, GGUF, a broken file)."""
+    a weight; None for a model whose depth cannot be read so (a ``.ckpt``, GGUF, a broken file).
+
+    It is the loaded model's ``numbered_layers``, or more: which encoder is SD2's ViT-H (23
+    layers numbered as 24) is the loader's to decide, so every encoder one layer short of a
+    released model counts as that model here; the loaded model refuses what it lacks.
+    """
     from ..loading.depth import text_encoder_depths
-    from ..text_encoders.clip_skip import LayerNumbering
     from ..text_encoders.families import families
 
     depths = text_encoder_depths(models)
     if not depths:
         return None
-    released = {role.encoder: role.released_model for family in families() for role in family.roles
+    released = {role.released_model[1] for family in families() for role in family.roles
                 if role.released_model is not None}
-    return min(LayerNumbering.of(depth, released.get(name)).numbered for name, depth in depths)
+    return min(depth + 1 if depth + 1 in released else depth for depth in depths)
 
 
 def check_clip_skip_depth(clip_skip: int | None, models: Sequence[str | os.PathLike]) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import TextencError
 from .checkpoint import read_safetensors_header
-from .detect import TEXT_NAMES_BY_WIDTH, detect_text_encoders
+from .detect import detect_text_encoders
 
 __all__ = ["text_encoder_depths"]
 
@@ -30,15 +30,14 @@ _T5_BLOCK = re.compile(r"^(.*?)encoder\.block\.(\d+)\.layer\.")
 _DIFFUSERS_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def text_encoder_depths(paths: Sequence[str | os.PathLike]) -> list[tuple[str, int]] | None:
-    """``(encoder name, depth)`` of every text encoder in the model ``paths`` (checkpoint
-    files, or one diffusers folder), names as in :data:`~textenc.loading.detect.TEXT_NAMES_BY_WIDTH`
-    (``"l"``, ``"h"``, ``"g"``; ``"t5"`` for T5 and UMT5); None when a path cannot be read so.
+def text_encoder_depths(paths: Sequence[str | os.PathLike]) -> list[int] | None:
+    """The depth of every text encoder (CLIP, T5, UMT5) in the model ``paths`` (checkpoint
+    files, or one diffusers folder); None when a path cannot be read so.
 
     Reads headers and ``config.json`` files only, never outside the given folder, and raises
     nothing: a path the loader will refuse gives None.
     """
-    found: list[tuple[str, int]] = []
+    found: list[int] = []
     for path in map(Path, paths):
         try:
             depths = _folder_depths(path) if path.is_dir() else _file_depths(path)
@@ -50,21 +49,23 @@ def text_encoder_depths(paths: Sequence[str | os.PathLike]) -> list[tuple[str, i
     return found
 
 
-def _file_depths(path: Path) -> list[tuple[str, int]]:
+def _file_depths(path: Path) -> list[int]:
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return []
     shapes = {entry.name: torch.empty(entry.shape, device="meta") for entry in read_safetensors_header(path)}
-    found = [(info.name, info.num_layers) for info in detect_text_encoders(shapes)]
+    found = [info.num_layers for info in detect_text_encoders(shapes)]
     blocks: dict[str, int] = {}
     for key in shapes:
         match = _T5_BLOCK.match(key)
         if match:
             blocks[match[1]] = max(blocks.get(match[1], 0), int(match[2]) + 1)
-    return found + [("t5", depth) for depth in blocks.values()]
+    return found + list(blocks.values())
 
 
-def _folder_depths(folder: Path) -> list[tuple[str, int]]:
+def _folder_depths(folder: Path) -> list[int]:
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    if not isinstance(index, dict):
+        return []
     inside = folder.resolve()
     found = []
     for name in _DIFFUSERS_ENCODERS:
@@ -75,11 +76,11 @@ def _folder_depths(folder: Path) -> list[tuple[str, int]]:
         if inside not in config_path.parents:
             return []  # a component outside the folder: the loader says so
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        if "num_hidden_layers" in config:  # CLIPTextModel(WithProjection)
-            found.append((TEXT_NAMES_BY_WIDTH.get(config.get("hidden_size"), "custom"),
-                          int(config["num_hidden_layers"])))
-        elif "num_layers" in config:  # T5EncoderModel, UMT5EncoderModel
-            found.append(("t5", int(config["num_layers"])))
-        else:
+        if not isinstance(config, dict):
             return []
+        # CLIPTextModel(WithProjection): num_hidden_layers; T5EncoderModel, UMT5EncoderModel: num_layers
+        depth = config.get("num_hidden_layers", config.get("num_layers"))
+        if isinstance(depth, bool) or not isinstance(depth, int):
+            return []
+        found.append(depth)
     return found

@@ -16,8 +16,7 @@ from textenc.loading.convert import (TEXT, TEXT_PREFIXES, VISION, VISION_PREFIXE
                                      apply_rules, tower_rules)
 from textenc.errors import CheckpointError
 
-__all__ = ["TextEncoderInfo", "VisionInfo", "LayerReport", "layer_report", "KNOWN_TEXT_DEPTHS", "TEXT_NAMES_BY_WIDTH",
-           "detect_text_encoders", "detect_vision",
+__all__ = ["TextEncoderInfo", "VisionInfo", "LayerReport", "layer_report", "KNOWN_TEXT_DEPTHS", "detect_text_encoders", "detect_vision",
            "find_vision_tower", "convert_tower",
            "detect_model_kind", "convert_text_state_dict", "convert_vision_state_dict"]
 # --------------------------------------------------------------------------
@@ -26,7 +25,7 @@ __all__ = ["TextEncoderInfo", "VisionInfo", "LayerReport", "layer_report", "KNOW
 
 # Released CLIP text encoders all use 64-wide heads (L 768/12, H 1024/16,
 # bigG 1280/20); head count is not stored in the weights.
-TEXT_NAMES_BY_WIDTH = {768: "l", 1024: "h", 1280: "g"}
+_TEXT_NAMES_BY_WIDTH = {768: "l", 1024: "h", 1280: "g"}
 # Vision towers: ViT-L/14 1024/16, ViT-H/14 1280/16, ViT-bigG/14 1664/16.
 _VISION_HEADS_BY_WIDTH = {1024: 16, 1280: 16, 1664: 16}
 # (width, layers, patch, image size) -> name; 224px/14 = 16x16 patches + 1 class token = 257.
@@ -75,7 +74,7 @@ class TextEncoderInfo(_TowerInfo):
     @property
     def expected_layers(self) -> int | None:
         """The depth of the released model (None unless both the role and the width name one)."""
-        return KNOWN_TEXT_DEPTHS.get(self.name) if TEXT_NAMES_BY_WIDTH.get(self.hidden_size) == self.name else None
+        return KNOWN_TEXT_DEPTHS.get(self.name) if _TEXT_NAMES_BY_WIDTH.get(self.hidden_size) == self.name else None
 
 
 @dataclass(frozen=True)
@@ -172,8 +171,8 @@ def _text_info(found: _Found) -> TextEncoderInfo:
     vocab, width = _shape(hf, "text_model.embeddings.token_embedding.weight", where)
     positions = _shape(hf, "text_model.embeddings.position_embedding.weight", where)[0]
     intermediate = _shape(hf, "text_model.encoder.layers.0.mlp.fc1.weight", where)[0]
-    name = found.row[1] or TEXT_NAMES_BY_WIDTH.get(width, "custom")
-    known = TEXT_NAMES_BY_WIDTH.get(width) == name
+    name = found.row[1] or _TEXT_NAMES_BY_WIDTH.get(width, "custom")
+    known = _TEXT_NAMES_BY_WIDTH.get(width) == name
     layers = layer_report(hf, KNOWN_TEXT_DEPTHS.get(name) if known else None)
     return TextEncoderInfo(
         name=name, prefix=found.prefix,

@@ -96,8 +96,13 @@ class ShardWorker:
     def encode(self, job: ShardJob, rows: CaptionRows, plan: ReusePlan | None,
                *earlier: dict[int, Any]) -> tuple[tuple[dict, dict[str, float], Tally], dict[int, Any]]:
         """Encode and write one shard with its part of the run's ``plan`` (None: dedup within
-        the shard), whose repeats of earlier shards' captions read those shards' ``earlier`` encodings (row -> encoding or reason rejected) → ``((manifest record,
-        seconds spent per stage, compel truncations), this shard's encodings later shards read)``."""
+        the shard); its repeats of earlier shards' captions read those shards' ``earlier``
+        encodings (row -> encoding, or the reason it was rejected).
+
+        Returns:
+            ``((manifest record, seconds spent per stage, compel truncations), this shard's
+            encodings that later shards read)``, as two Ray objects (``num_returns=2``).
+        """
         self.encoder.seconds = dict.fromkeys(self.encoder.seconds, 0.0)
         results = {row: encoding for kept in earlier for row, encoding in kept.items()}
         # the driver's warning filters are not in this process: the policy is set again here and
