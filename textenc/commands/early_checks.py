@@ -3,8 +3,8 @@ model (a missing file, ``--clip-skip 0``, a weight above ``--max-weight``) is
 reported in a moment instead of after a load of several seconds; a ``--clip-skip``
 beyond the model's depth is found from the files' headers (:func:`check_clip_skip_depth`).
 
-The model-path and clip-skip checks import no torch (the depth check does, after them). The prompt check reads every
-prompt with the bundled CLIP tokenizer: the weights, the size limits and the
+The model-path and clip-skip checks import no torch (the depth check does, after them).
+The prompt check reads every prompt with the bundled CLIP tokenizer: the weights, the size limits and the
 dialect's grammar do not depend on the model's own vocabulary; the number of
 windows does, so ``max_windows`` is left to the real reading. Warnings of this first
 reading are dropped: the real one gives them again, once.

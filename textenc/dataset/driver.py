@@ -111,8 +111,9 @@ def _check_request(request: Request) -> None:
         if not ok:
             raise DatasetError(message)
     check_syntax(r.syntax)
-    # what needs no weights is checked before they load (issue 28); the model path is
-    # checked by load_model before it reads anything, after the input file
+    # what needs no weights is checked before they load (issue 28), the clip skip against the
+    # depth in the model's headers too; the model path is checked by load_model before it
+    # reads anything, after the input file
     if r.clip_skip is not None:
         check_clip_skip(r.clip_skip)
         check_clip_skip_depth(r.clip_skip, [r.model] if isinstance(r.model, (str, os.PathLike)) else r.model)
