@@ -24,6 +24,10 @@ config files are changed, see below, and restored at the end unless ``--keep``):
    textenc's loader and encoder, ComfyUI's loader and encoder, and textenc's loader with
    ComfyUI's encoder (cross-wired); plus FluxGuidance both ways round.
 4. The saved conditionings are compared (cond and pooled within 1e-5 relative, guidance equal).
+5. The node-pack points of issue 28 (``bench/comfy_server_pack.py``): the pack's checkpoint
+   loader on a tiny SD1 checkpoint in ``models/checkpoints``, ComfyUI's CLIP refused by textenc's
+   encode nodes (naming the textenc loaders), and no built-in node renamed (a first server
+   started with ``--disable-all-custom-nodes`` gives the stock names).
 
 Exit status 0 when everything ran and matched; the table is printed either way.
 """
@@ -39,6 +43,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import comfy_server_pack as pack
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 64
@@ -133,10 +139,11 @@ def install_nodes(comfy: Path) -> None:
 
 # --- the server -------------------------------------------------------------------------
 
-def start_server(comfy: Path, port: int, out: Path, log: Path, extra_paths: list[str]) -> subprocess.Popen:
+def start_server(comfy: Path, port: int, out: Path, log: Path, extra_paths: list[str],
+                 extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *extra_paths]), "TEXTENC_ORACLE_OUT": str(out)}
     command = [sys.executable, "main.py", "--cpu", "--fp32-text-enc", "--listen", "127.0.0.1", "--port", str(port),
-               "--disable-auto-launch"]
+               "--disable-auto-launch", *extra_args]
     process = subprocess.Popen(command, cwd=comfy, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     for _ in range(600):
         if process.poll() is not None:
@@ -221,7 +228,7 @@ def _saves(names: dict[str, str]) -> dict:
 
 # --- comparison --------------------------------------------------------------------------
 
-def compare(out: Path) -> list[tuple[str, str, bool]]:
+def compare(out: Path, *, families: bool = True) -> list[tuple[str, str, bool]]:
     import torch
     from safetensors.torch import load_file
 
@@ -246,21 +253,39 @@ def compare(out: Path) -> list[tuple[str, str, bool]]:
     pairs += [(f"sd3_{v}_{side}", f"sd3_{v}_comfy") for v in ("full", "empty_t5", "empty_t5_padded", "t5_only")
               for side in ("textenc", "cross")]
     pairs += [("sd3_plain_textenc", "sd3_plain_comfy")]
+    pairs = pairs if families else []
+    pairs += [("ckpt_textenc", "ckpt_comfy")]
     for left, right in pairs:
         a, b = load(left), load(right)
         for key in ("cond", "pooled", "guidance"):
             ok, detail = same(a, b, key)
             rows.append((f"{left} vs {right}", detail, ok))
+    if not families:
+        return rows
     guided = load("flux_textenc_comfy_guidance")
     rows.append(("FluxGuidance sets 5.0", f"guidance {float(guided['guidance'])}", float(guided["guidance"]) == 5.0))
     rows.append(("CLIPTextEncodeFlux guidance 3.5", "", float(load("flux_textenc")["guidance"]) == 3.5))
     return rows
 
 
+def stock_object_info(comfy: Path, args: argparse.Namespace) -> dict:
+    """``/object_info`` of the server without custom nodes: ComfyUI's own names."""
+    process = start_server(comfy, args.port, comfy / "textenc_oracle_out", comfy / "textenc_oracle_stock.log",
+                           args.extra_path, ("--disable-all-custom-nodes",))
+    try:
+        return get(args.port, "/object_info")
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", required=True, type=Path, help="a ComfyUI source tree (a copy for this check)")
     parser.add_argument("--port", type=int, default=8199, help="the server's port (default: %(default)s)")
+    parser.add_argument("--pack-only", action="store_true",
+                        help="run only the node-pack checks of issue 28 (checkpoint loader, ComfyUI's CLIP "
+                             "refused, display names), not the Flux and SD3 graphs")
     parser.add_argument("--keep", action="store_true", help="leave the tiny configs, models and nodes in place")
     parser.add_argument("--extra-path", action="append", default=[],
                         help="a folder put on the server's PYTHONPATH after textenc (e.g. a stand-in package)")
@@ -273,20 +298,27 @@ def main() -> int:
     process = None
     try:
         write_models(comfy / "models" / "text_encoders")
+        pack.write_checkpoint(comfy / "models" / "text_encoders" / FILES["l"], comfy / "models" / "checkpoints")
         install_nodes(comfy)
+        stock = stock_object_info(comfy, args)
         process = start_server(comfy, args.port, out, comfy / "textenc_oracle_server.log", args.extra_path)
         info = get(args.port, "/object_info")
         missing = [n for n in ("TextencTripleCLIPLoader", "TextencCLIPTextEncodeFlux", "TextencCLIPTextEncodeSD3",
-                               "TextencFluxGuidance", "OracleSaveConditioning") if n not in info]
+                               "TextencFluxGuidance", "CheckpointCLIPLoaderTextenc", "OracleSaveConditioning")
+                   if n not in info]
         if missing:
             raise SystemExit(f"ComfyUI did not load {missing}; see the server log")
-        for name, graph in (("flux", flux_graph()), ("sd3", sd3_graph())):
+        graphs = [("flux", flux_graph()), ("sd3", sd3_graph())] if not args.pack_only else []
+        graphs.append(("checkpoint", pack.checkpoint_graph(FILES["l"], _saves)))
+        for name, graph in graphs:
             status = queue(args.port, graph)
             print(f"graph {name}: {status.get('status_str')}")
             if status.get("status_str") != "success":
                 print(json.dumps(status.get("messages"), indent=1)[:4000])
                 return 1
-        rows = compare(out)
+        refusals = {node: queue(args.port, pack.refusal_graph(FILES["l"], node, info, _saves))
+                    for node in pack.REFUSING_NODES}
+        rows = compare(out, families=not args.pack_only) + pack.display_rows(stock, info) + pack.refusal_rows(refusals)
     finally:
         if process is not None:
             process.terminate()

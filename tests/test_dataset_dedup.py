@@ -127,3 +127,98 @@ def test_a_finished_rerun_says_so_and_small_runs_show_a_rate(tmp_path, tiny_mode
     again = _encode(tmp_path, texts, "out", model=tiny_model)
     assert "already complete: all 1 shards were written by an earlier run, nothing to encode" in again.summary()
     assert "captions/s" not in again.summary() and "wrote 0" not in again.summary()
+
+
+@pytest.mark.slow
+def test_ray_reuses_repeats_across_shards_with_the_local_bytes(tmp_path, tiny_model):
+    """With Ray, too, a caption repeated in another shard is encoded once (the shard
+    writing the repeat reads the earlier shard's encoding): the same folder as the local
+    engine and the same report, fresh and resumed (shards 1 and 2 rebuilt, 2 reading 1)."""
+    import dataset_fixtures
+
+    base = ["a cat", "a (red:1.2) house at night", "x " * 90, "long " * 200, "a dog"] * 8  # 40 rows
+    texts = base + base[::-1] + base[3:] + base[:3]
+    local = _encode(tmp_path, texts, "local", model=tiny_model)
+    fresh = folder_bytes(tmp_path / "local")
+    for index in (1, 2):
+        (tmp_path / "local" / f"shard-{index:05d}.safetensors").unlink()
+    local_resumed = _encode(tmp_path, texts, "local", model=tiny_model)
+    with dataset_fixtures.ray_session(240):
+        ray_report = _encode(tmp_path, texts, "ray", model=tiny_model, engine="ray", workers=2)
+        assert folder_bytes(tmp_path / "ray") == fresh
+        for index in (1, 2):
+            (tmp_path / "ray" / f"shard-{index:05d}.safetensors").unlink()
+        ray_resumed = _encode(tmp_path, texts, "ray", model=tiny_model, engine="ray", workers=2)
+    assert ray_report.reused == local.reused == 96 - 4  # every kept row but the first of each caption
+    assert ray_report.rejected == local.rejected and len(ray_report.rejected) == 24
+    assert ray_resumed.shards_written == 2 and folder_bytes(tmp_path / "ray") == fresh
+    # resumed: shard 0's own repeats, then shards 1 and 2 reusing across the two of them
+    assert ray_resumed.reused == local_resumed.reused
+    assert _expected_reused(texts, 600, across_shards=False) < ray_resumed.reused < ray_report.reused
+
+
+class _InlineRay:
+    """Just enough of Ray to run the ray engine's driver and actors in this process, one
+    task at a time in the order handed out (a ref is the value itself)."""
+
+    class exceptions:
+        RayError = RuntimeError
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def remote(self, **options):
+        def wrap(cls):
+            class Handle:
+                def __init__(self, instance) -> None:
+                    self.encode = _InlineMethod(instance.encode)
+
+            return type("Actor", (), {"remote": staticmethod(lambda **kwargs: Handle(cls(**kwargs)))})
+        return wrap
+
+    def wait(self, refs, num_returns, timeout):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref.value
+
+    def kill(self, actor) -> None:
+        pass
+
+
+class _InlineMethod:
+    def __init__(self, method) -> None:
+        self.method = method
+
+    def options(self, num_returns: int):
+        return self
+
+    def remote(self, *args):
+        done, later = self.method(*args)
+        return _Ref(done), later
+
+
+class _Ref:
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def test_the_ray_engine_encodes_a_repeat_in_another_shard_once(tmp_path, tiny_model, monkeypatch):
+    """The ray engine's driver and actors (Ray itself replaced by an in-process stand-in):
+    each distinct caption is encoded once over the run, the same bytes and report as local."""
+    import textenc.dataset.engines.ray as ray_engine
+    from textenc.dataset.encode import CaptionEncoder
+
+    encoded = []
+    original = CaptionEncoder.encode_batch
+    monkeypatch.setattr(CaptionEncoder, "encode_batch",
+                        lambda self, items: encoded.extend(item.row for item in items) or original(self, items))
+    monkeypatch.setattr(ray_engine, "_require_ray", _InlineRay)
+    texts = ["a cat", "a dog"] * 20 + ["a bird", "a cat"] * 20 + ["a dog", "a fish"] * 20
+    local = _encode(tmp_path, texts, "local", model=tiny_model)
+    assert sorted(encoded) == [0, 1, 40, 81]
+    encoded.clear()
+    ray_report = _encode(tmp_path, texts, "ray", model=tiny_model, engine="ray", workers=2)
+    assert sorted(encoded) == [0, 1, 40, 81]
+    assert ray_report.reused == local.reused == len(texts) - 4
+    assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")

@@ -231,9 +231,13 @@ def _threads_option() -> list[str]:
 
 
 def test_two_node_cluster_writes_the_local_engines_bytes(tmp_path, tiny_model):
+    """With captions of the first shards repeated in the last ones, whose encodings go from
+    one node's actor to the other's through Ray's object store (dedup across the run)."""
     from textenc.dataset import encode_dataset
 
     captions = _captions(tmp_path, 240)
+    lines = captions.read_text().splitlines()
+    captions.write_text("\n".join(lines[:200] + lines[:40]) + "\n")  # shards 10, 11 repeat shards 0, 1
     threads = _threads_option()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -258,6 +262,7 @@ def test_two_node_cluster_writes_the_local_engines_bytes(tmp_path, tiny_model):
         left = cluster.stop()
     assert done.returncode == 0, done.stderr[-3000:]
     assert local.shards == 12 and "wrote 12 of 12 shards" in done.stdout
+    assert local.reused == 40 and "240 encoded (40 reused from an identical caption)" in done.stdout
     assert placed == [1, 1]  # one actor on each node
     assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")
     assert left == [], _describe(left)

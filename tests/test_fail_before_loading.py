@@ -163,3 +163,94 @@ def test_no_torch_import_for_these(extra, junk_model, tmp_path):
                             timeout=120, cwd=tmp_path)
     assert result.stdout.split() == ["1", "False"], result.stderr
     assert result.stderr.startswith("textenc: error: ")
+
+
+# ---- --clip-skip beyond the model's depth, from the safetensors header --------------------
+
+def _loaded_message(model: Path, clip_skip: int) -> str:
+    """What the loaded model says of ``clip_skip`` (the check after loading), as the CLI words it."""
+    from textenc.commands.encode import resolve_layer
+    from textenc.errors import LayerError
+    from textenc.load import load_text_model
+
+    with pytest.raises(LayerError) as caught:
+        resolve_layer(load_text_model(str(model)), clip_skip)
+    return f"textenc: error: {caught.value}\n".replace("clip_skip", "--clip-skip", 1)
+
+
+@pytest.mark.parametrize("layout", ["file", "diffusers"])
+def test_clip_skip_beyond_the_depth_before_loading(layout, tiny_model, captions, tmp_path, capsys, monkeypatch):
+    """The tiny model has 2 layers: --clip-skip 3 (and ComfyUI's -3) is refused from the
+    header (a diffusers folder: its config.json) by encode and encode-dataset alike, with
+    the message the loaded model gives."""
+    model = tiny_model if layout == "file" else tiny_model.parent / "diffusers"
+    expected = _loaded_message(model, 3)
+    assert "is out of range for a 2-layer text encoder" in expected
+    for module, name in _LOADERS:
+        monkeypatch.setattr(module(), name, _never)
+    status, err = run(capsys, *encode(model, tmp_path, "--clip-skip", "3", "a cat"))
+    assert (status, err) == (1, expected)
+    status, err = run(capsys, *dataset(captions, model, tmp_path / "out", "--clip-skip", "3"))
+    assert (status, err) == (1, expected)
+    status, err = run(capsys, *dataset(captions, model, tmp_path / "out", "--clip-skip", "-3"))
+    assert (status, err) == (1, expected.replace("--clip-skip 3", "--clip-skip -3"))
+    assert not (tmp_path / "out").exists()
+
+
+def _modules():
+    import textenc.dataset.model
+    import textenc.load
+    import textenc.sd
+
+    return textenc.load, textenc.sd, textenc.dataset.model
+
+
+_LOADERS = [(lambda: _modules()[0], "load_text_model"), (lambda: _modules()[1], "load_clip"),
+            (lambda: _modules()[2], "load_clip"), (lambda: _modules()[2], "load_from_diffusers")]
+
+
+@pytest.fixture(scope="module")
+def tiny_family(tmp_path_factory):
+    from family_fixtures import TinyFamily
+
+    return TinyFamily(tmp_path_factory.mktemp("families"))
+
+
+@pytest.mark.parametrize("parts, clip_type", [
+    (["l"], None), (["l", "g_named"], None), (["l", "t5"], None), (["sd3"], None), (["umt5"], None),
+    (["l", "g_named", "t5"], None), (["g_named", "t5"], "sd3")])
+def test_the_header_depth_is_the_loaded_models(tiny_family, parts, clip_type):
+    """The depth read from the headers is the loaded model's ``numbered_layers`` (every
+    text encoder counts, T5 and UMT5 too), for standalone files and an SD3 single file."""
+    from textenc.commands.early_checks import numbered_depth
+    from textenc.load import load_text_model
+
+    paths = [str(tiny_family.paths[part]) for part in parts]
+    assert numbered_depth(paths) == load_text_model(paths, clip_type=clip_type).numbered_layers
+
+
+def test_a_23_layer_vit_h_counts_as_24(tmp_path):
+    """diffusers' SD2 text encoder holds 23 of ViT-H's 24 layers and is numbered as ViT-H
+    (ComfyUI's numbering): 24 is its deepest clip skip, 25 is refused from config.json alone."""
+    import json
+
+    from textenc.commands.early_checks import check_clip_skip_depth
+    from textenc.errors import LayerError
+
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}))
+    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": 1024, "num_hidden_layers": 23}))
+    check_clip_skip_depth(24, [tmp_path])
+    with pytest.raises(LayerError, match=r"^clip_skip 25 is out of range for a 24-layer text encoder"):
+        check_clip_skip_depth(25, [tmp_path])
+
+
+def test_a_model_whose_depth_cannot_be_read_is_checked_once_loaded(junk_model, tmp_path):
+    from textenc.commands.early_checks import check_clip_skip_depth, numbered_depth
+
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 a pickle is never read for this")
+    for paths in ([junk_model], [ckpt], [tmp_path / "missing.safetensors"], [tmp_path]):
+        assert numbered_depth(paths) is None
+        check_clip_skip_depth(99, paths)

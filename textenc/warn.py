@@ -8,6 +8,7 @@ whose file is not inside the ``textenc`` package is the one reported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -16,7 +17,8 @@ from typing import Callable, Iterator
 
 from .errors import ConfigError, EmbeddingError, EmbeddingWarning
 
-__all__ = ["warn_at_caller", "ON_MISSING_EMBEDDING", "missing_embedding_policy", "first_of_kind"]
+__all__ = ["warn_at_caller", "ON_MISSING_EMBEDDING", "missing_embedding_policy", "first_of_kind",
+           "Tally", "count_of_kind"]
 
 #: What an ``embedding:name`` that cannot be used does: ``warn`` (an EmbeddingWarning, and the
 #: prompt goes on) or ``error`` (an EmbeddingError ends the call).
@@ -88,12 +90,57 @@ def missing_embedding_policy(mode: str) -> Iterator[None]:
                                  "--on-missing-embedding error)") from None
 
 
+@dataclasses.dataclass
+class Tally:
+    """Warnings of one kind counted instead of shown: the ``first`` one's text and how many.
+
+    :func:`count_of_kind` fills one in a process whose warnings nobody sees (a Ray actor);
+    the driver hands it to :func:`first_of_kind`'s ``add``, which reports it as its own.
+    """
+
+    first: str | None = None
+    count: int = 0
+
+
 @contextlib.contextmanager
-def first_of_kind(category: type[Warning], prefix: str, summary: Callable[[int], str]) -> Iterator[None]:
+def count_of_kind(category: type[Warning], prefix: str) -> Iterator[Tally]:
+    """Inside, warnings of ``category`` whose text starts with ``prefix`` are not shown but
+    counted in the yielded :class:`Tally` (the others are shown as usual). Warning filters
+    are the process's, as for :func:`missing_embedding_policy`.
+
+    >>> with count_of_kind(UserWarning, "lost") as tally:
+    ...     for size in (3, 4):
+    ...         warnings.warn(f"lost {size}", UserWarning)
+    >>> tally
+    Tally(first='lost 3', count=2)
+    """
+    tally = Tally()
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.filterwarnings("always", message=re.escape(prefix), category=category)
+
+        def count(message, warning_category, *args, **kwargs) -> None:
+            if issubclass(warning_category, category) and str(message).startswith(prefix):
+                tally.first = str(message) if tally.first is None else tally.first
+                tally.count += 1
+                return
+            shown(message, warning_category, *args, **kwargs)
+
+        warnings.showwarning = count
+        yield tally
+
+
+@contextlib.contextmanager
+def first_of_kind(category: type[Warning], prefix: str,
+                  summary: Callable[[int], str]) -> Iterator[Callable[[Tally], None]]:
     """Inside, the first warning of ``category`` whose text starts with ``prefix`` is shown
     as usual and the later ones are only counted; on leaving, when there were any, one
     more warning ``summary(count)`` says how many. For a run over many inputs (a
     caption dataset) that would otherwise print one line per input.
+
+    It yields ``add(tally)``, which counts the warnings another process counted
+    (:func:`count_of_kind`) as if they were given here: the first one's text is shown
+    if it is the first of all.
 
     Warning filters are the process's, as for :func:`missing_embedding_policy`.
 
@@ -120,8 +167,14 @@ def first_of_kind(category: type[Warning], prefix: str, summary: Callable[[int],
                     return
             shown(message, warning_category, *args, **kwargs)
 
+        def add(tally: Tally) -> None:
+            nonlocal count
+            if tally.count:
+                warn_at_caller(tally.first or prefix, category)
+                count += tally.count - 1
+
         warnings.showwarning = show
-        yield
+        yield add
     if count > 1:
         warn_at_caller(summary(count - 1), category)
 

@@ -26,7 +26,7 @@ from ..text_encoders.names import CLIP_TYPE_HELP
 from ..text_encoders.names import CLIP_TYPES as FAMILIES
 from .common import (FAST_POOLED_HELP, add_dialect_flags, add_embedding_options, add_progress_flag, check_folder,
                      check_out_file, dialect_flag_options, progress, show_path, write_file_atomically)
-from .early_checks import check_clip_skip_option, check_model_paths, check_prompt_limits
+from .early_checks import check_clip_skip_depth, check_clip_skip_option, check_model_paths, check_prompt_limits
 
 __all__ = ["add_encode", "read_prompts", "resolve_layer", "resolve_options", "run_encode", "WEIGHT_MODES",
            "NORMALIZATIONS", "CLIP_TYPES", "CLIP_SKIP_HELP", "SYNTAX_HELP", "MODEL_HELP", "model_record"]
@@ -155,6 +155,7 @@ def run_encode(args: argparse.Namespace) -> int:
     embeddings = None if args.embeddings is None else check_folder(args.embeddings, "--embeddings")
     models = check_model_paths(args.model)
     check_clip_skip_option(args.clip_skip)
+    check_clip_skip_depth(args.clip_skip, models)
     syntax_options = dialect_flag_options(args)
     limits = {} if args.max_weight is None else {"max_weight": args.max_weight}
     check_prompt_limits(prompts, syntax=args.syntax, syntax_options=syntax_options, limits=limits)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..commands.common import check_folder, check_out_folder
+from ..commands.early_checks import check_clip_skip_depth
 from ..prompts.dialects import check_syntax, default_weight_mode, dialect_options
 from ..prompts.dialects.compel.tokens import TRUNCATION_WARNING
 from ..errors import DatasetError, PromptWarning
@@ -26,7 +27,7 @@ from ..text_encoders.a1111_families import is_sd3_a1111
 from ..text_encoders.clip_skip import check_clip_skip
 from ..text_encoders.sequences import sequence_length
 from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES
-from ..warn import ON_MISSING_EMBEDDING, first_of_kind, missing_embedding_policy
+from ..warn import ON_MISSING_EMBEDDING, Tally, first_of_kind, missing_embedding_policy
 from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
 from .dry_run import dry_run_report
 from .encode import OUTPUT_DTYPES, CaptionEncoder, EncodeSettings, layer_for_clip_skip, resolved_layers
@@ -36,7 +37,7 @@ from .inputs import read_captions
 from .lock import FolderLock
 from .manifest import Run, base_manifest, finish_manifest, prepare_folder, shard_totals
 from .model import cast_for_compute, embeddings_fingerprint, load_model, model_fingerprint, resolve_device
-from .pipeline import ReusePlan, ShardContext, ShardJob, plan_shards, reuse_plan, reused_across_shards
+from .pipeline import ShardContext, ShardJob, plan_shards, reuse_plan, reused_across_shards
 from .report import DatasetReport
 
 __all__ = ["encode_dataset", "KINDS", "OUTPUTS"]
@@ -111,10 +112,12 @@ def _check_request(request: Request) -> None:
         if not ok:
             raise DatasetError(message)
     check_syntax(r.syntax)
-    # what needs no weights is checked before they load (issue 28); the model path is
-    # checked by load_model before it reads anything, after the input file
+    # what needs no weights is checked before they load (issue 28), the clip skip against the
+    # depth in the model's headers too; the model path is checked by load_model before it
+    # reads anything, after the input file
     if r.clip_skip is not None:
         check_clip_skip(r.clip_skip)
+        check_clip_skip_depth(r.clip_skip, [r.model] if isinstance(r.model, (str, os.PathLike)) else r.model)
     if not r.dry_run:
         check_out_folder(r.out)
     dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
@@ -200,7 +203,7 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Seque
             CUDA, ``fp16`` on CUDA, ``auto``) is the dtype the model runs in
             (recorded the same way); ``dedup`` encodes a caption repeated anywhere in
             the run once and writes it for each row, the same bytes as encoding each row
-            (the report counts them as reused; with the ray engine, within a shard only);
+            (the report counts them as reused; with either engine);
             ``fast_pooled`` runs the layers after an intermediate layer (clip skip, SD2 and
             SDXL) for the pooled row only: faster, pooled then differs from ComfyUI's by
             fp32 rounding (recorded; see ``textenc encode --fast-pooled``);
@@ -222,11 +225,11 @@ def encode_dataset(input: str | os.PathLike, *, model: str | os.PathLike | Seque
     _check_request(request)
     request = _resolve_request(request)
     with (torch_threads(threads), missing_embedding_policy(request.on_missing_embedding),
-          first_of_kind(PromptWarning, TRUNCATION_WARNING, _more_truncated)):
+          first_of_kind(PromptWarning, TRUNCATION_WARNING, _more_truncated) as add_truncated):
         run, empty = _plan(request)
         if dry_run:
             return dry_run_report(run, started=started)
-        return _execute(request, run, empty, started=started)
+        return _execute(request, run, empty, started=started, on_truncated=add_truncated)
 
 
 def _more_truncated(count: int) -> str:
@@ -297,9 +300,10 @@ def _plan(request: Request) -> tuple[Run, tuple]:
     return Run(rows, clip, settings, manifest, jobs, context, Path(r.out)), empty
 
 
-def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetReport:
+def _execute(request: Request, run: Run, empty, *, started: float,
+             on_truncated: Callable[[Tally], None]) -> DatasetReport:
     """Lock the output folder, check it, write the manifest and ``empty.safetensors``,
-    hand the shards left to an engine."""
+    hand the shards left to an engine (a Ray actor's compel truncations go to ``on_truncated``)."""
     r = request
     run.out.mkdir(parents=True, exist_ok=True)
     with FolderLock(run.out):  # one run per folder; see textenc.dataset.lock
@@ -309,8 +313,8 @@ def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetRep
         write_manifest(run.out, run.manifest)
         todo = [job for job in run.jobs if job.index not in records]
         skipped = len(run.jobs) - len(todo)
-        # local: a caption is reused across the shards of this run; ray: each actor within its shard
-        plan = reuse_plan(run.rows, todo, run.context, r.dtype) if r.engine == "local" else ReusePlan({}, {}, {})
+        # a caption is reused across the shards of this run, with either engine
+        plan = reuse_plan(run.rows, todo, run.context, r.dtype)
         if r.engine == "local":
             timings = run_local(run, todo, records, batch_size=r.batch_size, progress=r.progress,
                                 on_shard_written=r.on_shard_written, plan=plan)
@@ -319,7 +323,8 @@ def _execute(request: Request, run: Run, empty, *, started: float) -> DatasetRep
                               num_gpus_per_worker=r.num_gpus_per_worker, ray_address=r.ray_address,
                               model=_model_paths(r.model), device=r.device, threads=r.threads,
                               on_shard_written=r.on_shard_written,
-                              on_missing_embedding=r.on_missing_embedding)
+                              on_missing_embedding=r.on_missing_embedding, plan=plan,
+                              on_truncated=on_truncated)
     report = _report(run, records, todo=todo, skipped=skipped, timings=timings, started=started)
     report.reused += reused_across_shards(plan, todo, records)
     return report

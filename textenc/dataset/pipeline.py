@@ -92,6 +92,14 @@ class ReusePlan:
     last_use: dict[int, int]  # a row read by a later shard -> the last shard index that reads it
     expires: dict[int, list[int]]  # shard index -> the rows of last_use it is the last to read
 
+    def for_shard(self, job: ShardJob) -> "ReusePlan":
+        """The part of the plan one shard's own :func:`run_shards` call needs (a Ray actor's):
+        its rows' repeats (their sources may lie in earlier shards, whose encodings the caller
+        puts in ``results``) and its rows that later shards read (kept in ``results``)."""
+        rows = range(job.start, job.stop)
+        return ReusePlan({row: self.repeats[row] for row in rows if row in self.repeats},
+                         {row: self.last_use[row] for row in rows if row in self.last_use}, {})
+
 
 def plan_reuse(rows: CaptionRows, jobs: Sequence[ShardJob], *, dedup: bool, keep_rows: int) -> ReusePlan:
     """Every row whose caption an earlier row of ``jobs`` has (in order, across shards), and how
@@ -240,20 +248,25 @@ def write_shard(folder: str, job: ShardJob, rows: CaptionRows, results: dict[int
 
 def run_shards(encoder: CaptionEncoder, rows: CaptionRows, jobs: Sequence[ShardJob], *,
                folder: str, context: ShardContext, batch_size: int,
-               on_batch: Callable[[int], None] | None = None, plan: ReusePlan | None = None) -> Iterator[dict]:
+               on_batch: Callable[[int], None] | None = None, plan: ReusePlan | None = None,
+               results: dict[int, Any] | None = None) -> Iterator[dict]:
     """Encode and write ``jobs`` in order, yielding each shard's manifest record.
 
     With ``context.dedup``, a caption repeated anywhere in ``jobs`` is encoded once and written
     for each of its rows (``plan``, by default :func:`reuse_plan` of ``jobs``; the bytes are those
     of encoding every row). A record's ``reused`` counts the repeats within its shard only, so the
-    manifest is the same whichever shards one run (or engine) encoded together."""
+    manifest is the same whichever shards one run (or engine) encoded together.
+
+    ``results`` (row -> encoding, or the reason it was rejected) is the caller's, to run one
+    shard of a longer plan (:meth:`ReusePlan.for_shard`): it holds the earlier shards' encodings
+    the plan's repeats read, and afterwards the rows that the plan says later shards read."""
     out: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
     stop = threading.Event()
     plan = reuse_plan(rows, jobs, context, encoder.settings.dtype) if plan is None else plan
     producer = threading.Thread(target=_produce, args=(encoder, rows, jobs, batch_size, out, stop, plan),
                                 name="textenc-tokenize", daemon=True)
     producer.start()
-    results: dict[int, Any] = {}
+    results = {} if results is None else results
     try:
         while True:
             item = out.get()

@@ -71,7 +71,8 @@ def check_layer(layer: object, num_layers: int) -> int:
 
 def check_clip_skip(clip_skip: object) -> int:
     """The checks of an A1111 clip-skip count that need no model (its depth is checked
-    once loaded): a whole number, not 0. Entry points call it before loading weights.
+    from the files' headers or once loaded): a whole number, not 0. Entry points call it
+    before loading weights.
 
     >>> check_clip_skip(2), check_clip_skip(-2)
     (2, -2)

@@ -11,6 +11,15 @@ sets the run's torch thread count (``threads``, recorded in the manifest)
 itself, the same count the local engine uses, so both write the same bytes.
 Actors are placed with the ``SPREAD`` strategy, so a cluster's nodes share the work.
 
+Dedup spans the run as with the local engine: the driver plans which rows reuse
+an earlier row's encoding (:func:`textenc.dataset.pipeline.reuse_plan` of every
+shard to do) and hands each shard its part of the plan; a shard returns, besides
+its record, the encodings of its rows that later shards read, which stay in Ray's
+object store and go to those shards' actors. A shard is handed out once the
+shards it reads from are written, and their encodings are dropped once every
+shard reading them is. Compel's truncation warnings are counted in the actors and
+reported by the driver, once per run as the local engine does.
+
 Lifecycle: however the driver's run ends (finished, an error, Ctrl-C, SIGTERM,
 which ``ray.init`` turns into ``SystemExit``), its actors are killed and a Ray
 it started is shut down; if the driver is killed outright, the watchdog of
@@ -19,20 +28,23 @@ it started is shut down; if the driver is killed outright, the watchdog of
 
 from __future__ import annotations
 
+import bisect
 import collections
+import dataclasses
 import logging
 import os
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ...errors import DatasetError, TextencError
-from ...warn import missing_embedding_policy
+from ...errors import DatasetError, PromptWarning, TextencError
+from ...prompts.dialects.compel.tokens import TRUNCATION_WARNING
+from ...warn import Tally, count_of_kind, missing_embedding_policy
 from ..encode import CaptionEncoder, EncodeSettings
 from ..inputs import CaptionRows
 from ..manifest import record_shard
 from ..model import cast_for_compute, load_model, model_fingerprint, resolve_device
-from ..pipeline import ShardContext, ShardJob, run_shards
+from ..pipeline import ReusePlan, ShardContext, ShardJob, run_shards
 from .reaper import RayReaper
 
 __all__ = ["run_ray", "ACTOR_NUM_CPUS"]
@@ -81,13 +93,26 @@ class ShardWorker:
         self.encoder = CaptionEncoder(clip, settings)
         self.context, self.folder, self.batch_size = context, folder, batch_size
 
-    def encode(self, job: ShardJob, rows: CaptionRows) -> tuple[dict, dict[str, float]]:
-        """Encode and write one shard → ``(manifest record, seconds spent per stage)``."""
+    def encode(self, job: ShardJob, rows: CaptionRows, plan: ReusePlan | None,
+               *earlier: dict[int, Any]) -> tuple[tuple[dict, dict[str, float], Tally], dict[int, Any]]:
+        """Encode and write one shard with its part of the run's ``plan`` (None: dedup within
+        the shard); its repeats of earlier shards' captions read those shards' ``earlier``
+        encodings (row -> encoding, or the reason it was rejected).
+
+        Returns:
+            ``((manifest record, seconds spent per stage, compel truncations), this shard's
+            encodings that later shards read)``, as two Ray objects (``num_returns=2``).
+        """
         self.encoder.seconds = dict.fromkeys(self.encoder.seconds, 0.0)
-        with missing_embedding_policy(self.on_missing_embedding):  # the driver's filter is not in this process
-            records = list(run_shards(self.encoder, rows, [job], folder=self.folder,
-                                      context=self.context, batch_size=self.batch_size))
-        return records[0], dict(self.encoder.seconds)
+        results = {row: encoding for kept in earlier for row, encoding in kept.items()}
+        # the driver's warning filters are not in this process: the policy is set again here and
+        # compel's truncations are counted for the driver to report once per run
+        with (missing_embedding_policy(self.on_missing_embedding),
+              count_of_kind(PromptWarning, TRUNCATION_WARNING) as truncated):
+            records = list(run_shards(self.encoder, rows, [job], folder=self.folder, context=self.context,
+                                      batch_size=self.batch_size, plan=plan, results=results))
+        later = {row: results[row] for row in plan.last_use if row in results} if plan else {}
+        return (records[0], dict(self.encoder.seconds), truncated), later
 
 
 def _join(ray, address: str) -> None:
@@ -127,23 +152,75 @@ def _init(ray, address: str | None) -> tuple[bool, RayReaper | None]:
     return True, reaper
 
 
-def _collect(ray, pending: dict, run: Any, records: dict, seconds: dict,
-             on_shard_written: Callable[[int], None] | None) -> list:
+@dataclasses.dataclass
+class _Progress:
+    """What the driver keeps while shards are out: the run, its records and the reports."""
+
+    run: Any
+    records: dict
+    on_shard_written: Callable[[int], None] | None
+    on_truncated: Callable[[Tally], None] | None
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def recorded(self, record: dict, spent: dict[str, float], truncated: Tally) -> None:
+        for key, value in spent.items():
+            self.seconds[key] = self.seconds.get(key, 0.0) + value
+        if self.on_truncated is not None:
+            self.on_truncated(truncated)
+        record_shard(self.run, self.records, record, self.on_shard_written)
+
+
+class _Reads:
+    """Which earlier shards of ``todo`` each shard reads encodings from (``plan``'s repeats),
+    the references to those encodings while a shard still to write reads them."""
+
+    def __init__(self, todo: Sequence[ShardJob], plan: ReusePlan) -> None:
+        starts = [job.start for job in todo]
+
+        def shard(row: int) -> int:
+            return todo[bisect.bisect_right(starts, row) - 1].index
+
+        self.sources: dict[int, set[int]] = {job.index: set() for job in todo}
+        for row, first in plan.repeats.items():
+            if shard(row) != shard(first):
+                self.sources[shard(row)].add(shard(first))
+        self.readers = collections.Counter(s for sources in self.sources.values() for s in sources)
+        self.kept: dict[int, Any] = {}  # shard index -> its encodings later shards read (a Ray ref)
+        self.written: set[int] = set()
+
+    def ready(self, job: ShardJob) -> bool:
+        return self.sources[job.index] <= self.written
+
+    def inputs(self, job: ShardJob) -> list:
+        return [self.kept[index] for index in sorted(self.sources[job.index])]
+
+    def finished(self, job: ShardJob, later: Any) -> None:
+        """``job`` is written, ``later`` its encodings later shards read: keep those, drop
+        the encodings it read that no shard still to write reads."""
+        self.written.add(job.index)
+        if self.readers[job.index]:
+            self.kept[job.index] = later
+        for index in self.sources[job.index]:
+            self.readers[index] -= 1
+            if not self.readers[index]:
+                del self.kept[index]
+
+
+def _collect(ray, pending: dict, progress: _Progress, reads: _Reads) -> list:
     """Wait for finished shards, record them → the actors that are free again."""
     done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_SECONDS)
     free = []
     for ref in done:
-        actor, job = pending.pop(ref)
+        actor, job, later = pending.pop(ref)
         try:
-            record, spent = ray.get(ref)
+            record, spent, truncated = ray.get(ref)
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, TextencError):  # a fault of the input, said as the local engine says it
                 raise type(cause)(f"shard {job.index}: {cause}") from None
             raise DatasetError(f"ray worker failed on shard {job.index}: {exc}") from exc
-        for key, value in spent.items():
-            seconds[key] = seconds.get(key, 0.0) + value
-        record_shard(run, records, record, on_shard_written)
+        progress.recorded(record, spent, truncated)
+        reads.finished(job, later)
         free.append(actor)
     return free
 
@@ -166,8 +243,13 @@ def _stop(ray, actors: list, *, started_here: bool, reaper: RayReaper | None) ->
 def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: int, workers: int,
             num_gpus_per_worker: float, ray_address: str | None, model: str, device: str | None,
             threads: int, on_shard_written: Callable[[int], None] | None,
-            on_missing_embedding: str = "warn") -> dict[str, float]:
+            on_missing_embedding: str = "warn", plan: ReusePlan | None = None,
+            on_truncated: Callable[[Tally], None] | None = None) -> dict[str, float]:
     """Encode ``todo`` over Ray actors, updating ``records`` and the manifest as shards finish.
+
+    ``plan`` says which rows reuse another's encoding, across shards (default: none but
+    each actor's within its shard); ``on_truncated`` is handed each shard's count of compel's
+    truncation warnings (:func:`textenc.warn.first_of_kind`'s ``add``; default: dropped).
 
     However it ends (done, an error, Ctrl-C, SIGTERM), the actors are killed and a
     Ray this call started is shut down; a driver killed outright is covered by
@@ -187,19 +269,23 @@ def run_ray(run: Any, todo: Sequence[ShardJob], records: dict, *, batch_size: in
                 model=model, kind=run.clip.clip_type, device=device, settings=run.settings,
                 context=run.context, folder=str(run.out), batch_size=batch_size,
                 threads=threads, on_missing_embedding=on_missing_embedding))
-        return _dispatch(ray, run, todo, records, list(actors), on_shard_written)
+        progress = _Progress(run, records, on_shard_written, on_truncated)
+        _dispatch(ray, todo, list(actors), progress, plan or ReusePlan({}, {}, {}))
+        return progress.seconds
     finally:
         _stop(ray, actors, started_here=started_here, reaper=reaper)
 
 
-def _dispatch(ray, run: Any, todo: Sequence[ShardJob], records: dict, free: list,
-              on_shard_written: Callable[[int], None] | None) -> dict[str, float]:
-    """Hand shards to free actors one at a time until all are recorded → seconds per stage."""
-    jobs, pending, seconds = collections.deque(todo), {}, {}
+def _dispatch(ray, todo: Sequence[ShardJob], free: list, progress: _Progress, plan: ReusePlan) -> None:
+    """Hand shards to free actors one at a time, each once the shards it reads from are
+    written, until all are recorded."""
+    jobs, pending, reads = list(todo), {}, _Reads(todo, plan)
     while jobs or pending:
-        while free and jobs:
-            job = jobs.popleft()
+        while free and (job := next((job for job in jobs if reads.ready(job)), None)) is not None:
+            jobs.remove(job)
             actor = free.pop()
-            pending[actor.encode.remote(job, _shard_rows(run.rows, job))] = (actor, job)
-        free += _collect(ray, pending, run, records, seconds, on_shard_written)
-    return seconds
+            shard = plan.for_shard(job) if plan.repeats else None  # None: the actor plans its shard
+            done, later = actor.encode.options(num_returns=2).remote(
+                job, _shard_rows(progress.run.rows, job), shard, *reads.inputs(job))
+            pending[done] = (actor, job, later)
+        free += _collect(ray, pending, progress, reads)
