@@ -31,14 +31,15 @@ from __future__ import annotations
 import functools
 import html
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import ftfy
 import regex
 
+from .budget import space_chunks
 from .vocabulary import Vocabulary
 
-__all__ = ["clean_text", "split_words", "encode_a1111", "uses_open_clip"]
+__all__ = ["clean_text", "split_words", "encode_a1111", "encode_a1111_lazily", "uses_open_clip"]
 
 _START, _END = "<|startoftext|>", "<|endoftext|>"
 _OPEN_CLIP_NAMES = {"<start_of_text>": _START, "<end_of_text>": _END}
@@ -112,3 +113,37 @@ def encode_a1111(tokenizer: Vocabulary, texts: Sequence[str]) -> list[list[int]]
     table = dict(zip(unique, tokenizer.encode_units(unique))) if unique else {}
     return [next(direct) if is_plain else [t for word in words for t in table[word]]
             for is_plain, words in zip(plain, word_lists)]
+
+
+def encode_a1111_lazily(tokenizer: Vocabulary, texts: Sequence[str], *,
+                        batch_chars: int = 1 << 16) -> Iterator[Iterator[list[int]]]:
+    """:func:`encode_a1111` a batch of about ``batch_chars`` characters at a time, so a
+    caller that refuses a prompt part way pays only for the part it read.
+
+    Yields, for each text in order, its token ids as consecutive runs (their
+    concatenation is ``encode_a1111(tokenizer, [text])[0]``). A plain text longer than
+    ``batch_chars`` for a CLIP pipeline is cut where its tokens do not change
+    (:func:`textenc.prompts.budget.space_chunks`) and encoded a cut at a time, as its
+    runs are read.
+    """
+    start = 0
+    while start < len(texts):
+        end, size = start, 0
+        while end < len(texts) and size <= batch_chars and len(texts[end]) <= batch_chars:
+            size += len(texts[end])
+            end += 1
+        if end == start:  # one long text on its own
+            yield _long_runs(tokenizer, texts[start], batch_chars)
+            start += 1
+            continue
+        for ids in encode_a1111(tokenizer, texts[start:end]):
+            yield iter((ids,))
+        start = end
+
+
+def _long_runs(tokenizer: Vocabulary, text: str, size: int) -> Iterator[list[int]]:
+    if tokenizer.splits_at_spaces and _PLAIN.fullmatch(text) is not None:
+        for part in space_chunks(text, size):
+            yield tokenizer.encode_units([part])[0]
+    else:  # ftfy reads the whole text (it may join characters across any cut)
+        yield encode_a1111(tokenizer, [text])[0]
