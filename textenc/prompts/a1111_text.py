@@ -115,35 +115,40 @@ def encode_a1111(tokenizer: Vocabulary, texts: Sequence[str]) -> list[list[int]]
             for is_plain, words in zip(plain, word_lists)]
 
 
-def encode_a1111_lazily(tokenizer: Vocabulary, texts: Sequence[str], *,
-                        batch_chars: int = 1 << 16) -> Iterator[Iterator[list[int]]]:
-    """:func:`encode_a1111` a batch of about ``batch_chars`` characters at a time, so a
-    caller that refuses a prompt part way pays only for the part it read.
+def encode_a1111_lazily(tokenizer: Vocabulary, texts: Sequence[str], *, first_chars: int = 1 << 12,
+                        batch_chars: int = 1 << 14) -> Iterator[Iterator[list[int]]]:
+    """:func:`encode_a1111` a batch at a time, the first of about ``first_chars``
+    characters, each next one twice as large up to ``batch_chars``: a caller that
+    refuses a prompt part way pays only for about twice the part it read.
 
     Yields, for each text in order, its token ids as consecutive runs (their
     concatenation is ``encode_a1111(tokenizer, [text])[0]``). A plain text longer than
-    ``batch_chars`` for a CLIP pipeline is cut where its tokens do not change
+    the batch for a CLIP pipeline is cut where its tokens do not change
     (:func:`textenc.prompts.budget.space_chunks`) and encoded a cut at a time, as its
     runs are read.
     """
-    start = 0
+    start, size = 0, first_chars
     while start < len(texts):
-        end, size = start, 0
-        while end < len(texts) and size <= batch_chars and len(texts[end]) <= batch_chars:
-            size += len(texts[end])
+        end, used = start, 0
+        while end < len(texts) and used <= size and len(texts[end]) <= size:
+            used += len(texts[end])
             end += 1
         if end == start:  # one long text on its own
-            yield _long_runs(tokenizer, texts[start], batch_chars)
+            yield _long_runs(tokenizer, texts[start], size, batch_chars)
             start += 1
-            continue
-        for ids in encode_a1111(tokenizer, texts[start:end]):
-            yield iter((ids,))
-        start = end
+        else:
+            yield from (iter((ids,)) for ids in encode_a1111(tokenizer, texts[start:end]))
+            start = end
+        size = min(2 * size, batch_chars)
 
 
-def _long_runs(tokenizer: Vocabulary, text: str, size: int) -> Iterator[list[int]]:
-    if tokenizer.splits_at_spaces and _PLAIN.fullmatch(text) is not None:
-        for part in space_chunks(text, size):
-            yield tokenizer.encode_units([part])[0]
-    else:  # ftfy reads the whole text (it may join characters across any cut)
-        yield encode_a1111(tokenizer, [text])[0]
+def _long_runs(tokenizer: Vocabulary, text: str, size: int, most: int) -> Iterator[list[int]]:
+    if not (tokenizer.splits_at_spaces and _PLAIN.fullmatch(text) is not None):
+        yield encode_a1111(tokenizer, [text])[0]  # ftfy reads the whole text (it may join across a cut)
+        return
+    start = 0
+    while start < len(text):
+        part = next(space_chunks(text[start:], size))
+        yield tokenizer.encode_units([part])[0]
+        start += len(part)
+        size = min(2 * size, most)

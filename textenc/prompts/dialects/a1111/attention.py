@@ -40,10 +40,10 @@ MAX_BRACKET_WORK = 20_000_000
 
 # A1111 reads the prompt as items (its re_attention): escapes, a lone backslash, brackets,
 # ":weight)", a lone colon, and runs of other text. These are the items other than text,
-# plus a bracket holding only text (read at once, as the items it is made of would be);
-# splitting at them leaves the text runs between.
+# plus a bracket holding only text (and, in square brackets, colons: read at once, as the
+# items it is made of would be); splitting at them leaves the text runs between.
 _SPECIAL = re.compile(r"""(
-    \[[^\\()\[\]:]*\]
+    \[[^\\()\[\]]*\]
   | \([^\\()\[\]:]*(?:\)|:\s*[+-]?[.\d]+\s*\))
   | \\[()\[\]\\]?
   | [(\[]
@@ -56,6 +56,7 @@ _SPECIAL = re.compile(r"""(
 # is taken by hand (:func:`_split_breaks`).
 _BREAK = re.compile(r"\bBREAK\b")
 _SPACES = re.compile(r"\s*")
+_COLONS = re.compile("(:)")
 
 
 def is_break(piece: list) -> bool:
@@ -138,9 +139,11 @@ class _Pieces:
     def group(self, text: str, factor: float) -> None:
         """A bracket holding only ``text``, closed at once: what :meth:`open`, :meth:`add_text`
         and :meth:`multiply` would make of it, without their per-piece work."""
-        if "BREAK" in text:
+        if "BREAK" in text or not self.join:
             start = self.open()
-            self.add_text(text)
+            for item in _COLONS.split(text):  # A1111's items: text runs and lone colons
+                if item:
+                    self.add_text(item)
             self.multiply(start, factor)
             return
         self.flush()

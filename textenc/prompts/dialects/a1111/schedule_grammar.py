@@ -8,7 +8,6 @@ others by a recursive descent run without Python recursion (:class:`_Parser`).
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -41,7 +40,7 @@ _SIMPLE = re.compile(rf"""
 Node = Union[str, "Scheduled", "Alternate"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Scheduled:
     """``[before:after:when]``; ``before`` is None for ``[after:when]``."""
 
@@ -50,7 +49,7 @@ class Scheduled:
     when: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Alternate:
     """``[a|b|...]``; an empty alternative is None."""
 
@@ -70,22 +69,26 @@ def _at(text: str, i: int) -> str:
     return text[i] if i < len(text) else ""
 
 
-def _closable(text: str) -> set[int]:
-    """Positions of the ``(`` and ``[`` that a ``)`` or ``]`` of their kind closes, pairing
-    brackets as a stack does (escapes skipped as :func:`_plain` skips them).
+def _closable(text: str, start: int) -> set[int]:
+    """Positions from ``start`` on of the ``(`` and ``[`` that a ``)`` or ``]`` of their kind
+    closes, pairing brackets as a stack does (escapes skipped as :func:`_plain` skips them).
 
     Only these can open a construct: inside a construct, complete constructs pair
     their own brackets, so the bracket that ends it pairs with the one that opens it.
+    ``start`` must follow top-level text, stray brackets and complete constructs: the
+    brackets left open before it pair only with closing brackets that no bracket from
+    ``start`` on is waiting for, so the positions found are those a scan of the whole
+    prompt finds.
     """
     closable, opened = set(), []
-    for match in _BRACKET.finditer(text):
+    for match in _BRACKET.finditer(text, start):
         char = match.group()
         if char in "([":
             opened.append(match.start())
         elif char in ")]" and opened:
-            start = opened.pop()
-            if text[start] + char in ("()", "[]"):
-                closable.add(start)
+            opener = opened.pop()
+            if text[opener] + char in ("()", "[]"):
+                closable.add(opener)
     return closable
 
 
@@ -105,12 +108,17 @@ class _Parser:
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self.closable: set[int] | None = None
+        self.simple: dict[str, Node] = {}  # a construct written again is the same node
         self.memo: dict[str, dict[int, tuple | None]] = {"sequence": {}, "construct": {}}
 
-    @functools.cached_property
-    def closable(self) -> set[int]:
-        """:func:`_closable`, found when first needed (a prompt of simple constructs never asks)."""
-        return _closable(self.text)
+    def _can_open(self, i: int) -> bool:
+        """Whether a closing bracket pairs with the bracket at ``i`` (:func:`_closable`, scanned
+        from the first position asked about, always a top-level one: :meth:`top_nodes` asks
+        before it runs the parser; a prompt of simple constructs never asks)."""
+        if self.closable is None:
+            self.closable = _closable(self.text, i)
+        return i in self.closable
 
     def _rule(self, kind: str, i: int):
         return self._sequence(i) if kind == "sequence" else self._construct(i)
@@ -149,7 +157,7 @@ class _Parser:
                 nodes.append(text[i:end])
                 i = end
                 continue
-            construct = (yield ("construct", i)) if i in self.closable else None
+            construct = (yield ("construct", i)) if self._can_open(i) else None
             if construct is None:
                 break
             nodes.extend(construct[0])
@@ -197,24 +205,28 @@ class _Parser:
         """
         text, nodes, i = self.text, [], 0
         while i < len(text):
-            simple = _SIMPLE.match(text, i) if text[i] in "[(" else None
-            if simple is not None:  # at the top level only: it nests no deeper than the parser
-                nodes.append(_simple_node(text, simple))
-                i = simple.end()
-                continue
-            construct = self._run("construct", i) if i in self.closable else None
-            if construct is not None:
-                nodes += construct[0]
-                i = construct[1]
-            elif text[i] in "[]():":
-                nodes.append(text[i])
-                i += 1
-            else:
+            if text[i] not in "[]():":
                 end = _plain(text, i)
                 if end == i:
                     raise Unreadable(text[i])
                 nodes.append(text[i:end])
                 i = end
+                continue
+            simple = _SIMPLE.match(text, i)
+            if simple is not None:  # at the top level only: it nests no deeper than the parser
+                node = self.simple.get(simple.group())
+                if node is None:
+                    node = self.simple[simple.group()] = _simple_node(text, simple)
+                nodes.append(node)
+                i = simple.end()
+                continue
+            construct = self._run("construct", i) if text[i] in "[(" and self._can_open(i) else None
+            if construct is not None:
+                nodes += construct[0]
+                i = construct[1]
+            else:
+                nodes.append(text[i])
+                i += 1
         return nodes
 
 
