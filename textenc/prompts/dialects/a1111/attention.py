@@ -22,13 +22,14 @@ The rules (facts from A1111's ``modules/prompt_parser.py``
 
 from __future__ import annotations
 
+import math
 import re
 from itertools import compress, islice
 from operator import ne
 
 from ....errors import PromptError
 
-__all__ = ["parse_attention", "is_break", "ROUND", "SQUARE"]
+__all__ = ["parse_attention", "read_attention", "is_break", "ROUND", "SQUARE"]
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
@@ -59,9 +60,9 @@ _SPACES = re.compile(r"\s*")
 _COLONS = re.compile("(:)")
 
 
-def is_break(piece: list) -> bool:
-    """Whether a parsed ``[text, weight]`` piece is a chunk break."""
-    return piece[0] == "BREAK" and piece[1] == BREAK_WEIGHT
+def is_break(text: str, weight: float) -> bool:
+    """Whether the parsed piece ``[text, weight]`` is a chunk break."""
+    return text == "BREAK" and weight == BREAK_WEIGHT
 
 
 def _number(literal: str, text: str) -> float:
@@ -159,14 +160,28 @@ class _Pieces:
                               f"{MAX_BRACKET_WORK} bracket products); close or remove some")
 
 
-def _merge_equal_neighbours(texts: list[str], weights: list[float]) -> list[list]:
-    """``[text, weight]`` pieces, runs of equal weight joined (NaN equals nothing); each
-    run's texts are joined once (``+=`` on a list item copies the growing string every
-    time: a million stray ``)`` took minutes)."""
-    starts = [0, *compress(range(1, len(weights)), map(ne, islice(weights, 1, None), weights)), len(weights)]
-    if len(starts) == len(weights) + 1:  # no two neighbours equal
-        return list(map(list, zip(texts, weights)))
-    return [[texts[a] if b == a + 1 else "".join(texts[a:b]), weights[a]] for a, b in zip(starts, islice(starts, 1, None))]
+def _merge_equal_neighbours(texts: list[str], weights: list[float]) -> tuple[list[str], list[float]]:
+    """The pieces with runs of equal weight joined (NaN equals nothing); each run's texts
+    are joined once (``+=`` on a list item copies the growing string every time: a
+    million stray ``)`` took minutes)."""
+    starts = [*compress(range(1, len(weights)), map(ne, islice(weights, 1, None), weights)), len(weights)]
+    if len(starts) == len(weights):  # no two neighbours equal
+        return texts, weights
+    starts.insert(0, 0)
+    runs = list(zip(starts, islice(starts, 1, None)))
+    return ([texts[a] if b == a + 1 else "".join(texts[a:b]) for a, b in runs], [weights[a] for a, _ in runs])
+
+
+def read_attention(text: str) -> tuple[list[str], list[float]]:
+    """:func:`parse_attention` as two lists, the pieces' texts and their weights: no list
+    per piece, whose hundreds of thousands the garbage collector would walk again and
+    again (most of the time on ``[a|b]`` x n)."""
+    reader = _read(text, join=True)
+    if any(map(math.isnan, reader.weights)):  # NaN: A1111's pieces stay apart
+        reader = _read(text, join=False)
+    if not reader.weights:
+        return [""], [1.0]
+    return _merge_equal_neighbours(reader.texts, reader.weights)
 
 
 def parse_attention(text: str) -> list[list]:
@@ -183,10 +198,7 @@ def parse_attention(text: str) -> list[list]:
     >>> parse_attention("(unnecessary)(parens)")
     [['unnecessaryparens', 1.1]]
     """
-    reader = _read(text, join=True)
-    if any(weight != weight for weight in reader.weights):  # NaN: A1111's pieces stay apart
-        reader = _read(text, join=False)
-    return _merge_equal_neighbours(reader.texts, reader.weights) if reader.weights else [["", 1.0]]
+    return list(map(list, zip(*read_attention(text))))
 
 
 def _read(text: str, *, join: bool) -> _Pieces:

@@ -36,7 +36,7 @@ from ....errors import EmbeddingWarning, PromptError
 from ..options import REFINEMENTS
 from ...a1111_text import encode_a1111, encode_a1111_lazily
 from ...vocabulary import Vocabulary
-from .attention import is_break, parse_attention
+from .attention import is_break, read_attention
 
 __all__ = ["Chunk", "Move", "Chunking", "tokenize_line", "DEFAULT_BACKTRACK"]
 
@@ -74,18 +74,24 @@ class Move:
 class Chunking:
     """The chunks of one prompt, where backtracking moved text, and the embeddings met.
 
-    ``word_ids`` and ``num_tokens`` run along ``pieces``: the word id the piece's
+    ``texts``, ``weights``, ``word_ids`` and ``num_tokens`` run along the pieces: the word id the piece's
     tokens carry in the chunks (text pieces count from 1; a break is 0 and takes
     no number, as ComfyUI numbers groups around ``BREAK``) and how many prompt
     tokens the piece put in the chunks (one per embedding vector; 0 for a break).
     """
 
-    pieces: list[list]
+    texts: list[str]
+    weights: list[float]
     chunks: list[Chunk]
     moves: list[Move]
     embeddings: list[EmbeddingResult]
     word_ids: list[int]
     num_tokens: list[int]
+
+    @property
+    def pieces(self) -> list[list]:
+        """The pieces as ``[text, weight]`` (:func:`~.attention.parse_attention`)."""
+        return list(map(list, zip(self.texts, self.weights)))
 
 
 class _EmbeddingFinder:
@@ -226,32 +232,33 @@ def tokenize_line(tokenizer: Vocabulary, text: str, *, comma_padding_backtrack: 
     if isinstance(comma_padding_backtrack, bool) or not isinstance(comma_padding_backtrack, int) \
             or not 0 <= comma_padding_backtrack <= 74:
         raise PromptError(f"comma_padding_backtrack must be an int from 0 to 74, got {comma_padding_backtrack!r}")
-    pieces = [[text, 1.0]] if disable_weights else parse_attention(text)
-    if max_chunks is not None and not disable_weights and sum(map(is_break, pieces)) > max_chunks:
+    texts, weights = ([text], [1.0]) if disable_weights else read_attention(text)
+    if max_chunks is not None and not disable_weights and sum(map(is_break, texts, weights)) > max_chunks:
         _too_many_chunks(max_chunks, tokenizer.max_length - 2)  # each break closes one chunk
     # A1111's ftfy clean-up first; encoded as it is chunked, so a refusal comes early
-    token_runs = encode_a1111_lazily(tokenizer, [piece[0] for piece in pieces])
+    token_runs = encode_a1111_lazily(tokenizer, texts)
     (comma,) = tokenizer.encode_units([","])[0][:1] or (None,)
     finder = _EmbeddingFinder(tokenizer)
     chunker = _Chunker(tokenizer.max_length - 2, comma, comma_padding_backtrack, max_chunks)
-    word_ids, counts = _add_pieces(chunker, pieces, token_runs, finder, breaks=not disable_weights)
+    word_ids, counts = _add_pieces(chunker, zip(texts, weights, token_runs), finder, breaks=not disable_weights)
     if chunker.chunk.tokens or not chunker.chunks:
         chunker.close("end")
-    return Chunking(pieces, chunker.chunks, chunker.moves, finder.found, word_ids, counts)
+    return Chunking(texts, weights, chunker.chunks, chunker.moves, finder.found, word_ids, counts)
 
 
-def _add_pieces(chunker: _Chunker, pieces: list[list], token_runs: Iterator[Iterator[list[int]]],
+def _add_pieces(chunker: _Chunker, pieces: Iterator[tuple[str, float, Iterator[list[int]]]],
                 finder: _EmbeddingFinder, *, breaks: bool) -> tuple[list[int], list[int]]:
-    """Feed every piece to ``chunker``; returns each piece's word id and prompt token count."""
+    """Feed every ``(text, weight, token runs)`` to ``chunker``; returns each piece's word
+    id and prompt token count."""
     word_ids, counts, word_id = [], [], 0
-    for piece, runs in zip(pieces, token_runs):
+    for text, weight, runs in pieces:
         before = chunker.added
-        if breaks and is_break(piece):
+        if breaks and is_break(text, weight):
             chunker.close("BREAK")
             word_ids.append(0)
         else:
             word_id += 1
-            _add_runs(chunker, runs, piece[1], word_id, finder)
+            _add_runs(chunker, runs, weight, word_id, finder)
             word_ids.append(word_id)
         counts.append(chunker.added - before)
     return word_ids, counts
