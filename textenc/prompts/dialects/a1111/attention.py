@@ -49,7 +49,7 @@ _SPECIAL = re.compile(r"""(
   | \\[()\[\]\\]?
   | [(\[]
   | :\s*[+-]?[.\d]+\s*\)
-  | [)\]]
+  | [)\]]+
   | :
 )""", re.VERBOSE)
 # A1111 splits text at r"\s*\bBREAK\b\s*"; that pattern retried at every character of a
@@ -239,9 +239,21 @@ def _read_item(reader: _Pieces, opened: dict[str, list[int]], item: str, text: s
         reader.multiply(opened["("].pop(), _number(item[1:-1].strip(), text))
     elif head == "\\":
         reader.add_text(item[1:])  # an escaped character, or "" for a lone backslash
-    elif head == ")" and opened["("]:
-        reader.multiply(opened["("].pop(), ROUND)
-    elif head == "]" and opened["["]:
-        reader.multiply(opened["["].pop(), SQUARE)
+    elif head in ")]":
+        _read_closers(reader, opened, item)
     else:
         reader.add_text(item)
+
+
+def _read_closers(reader: _Pieces, opened: dict[str, list[int]], closers: str) -> None:
+    """A run of ``)`` and ``]``: each closes the last bracket of its kind still open, or is
+    text; once none is open, the rest of the run is text, read at once (``)`` x n)."""
+    for index, char in enumerate(closers):
+        waiting = opened["(" if char == ")" else "["]
+        if waiting:
+            reader.multiply(waiting.pop(), ROUND if char == ")" else SQUARE)
+        elif reader.join and not opened["("] and not opened["["]:
+            reader.add_text(closers[index:])
+            return
+        else:
+            reader.add_text(char)

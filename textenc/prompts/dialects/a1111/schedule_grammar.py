@@ -29,6 +29,7 @@ _PLAIN = re.compile(_PLAIN_TEXT)
 # alternation, [to:when] (tried before [from:to:when]), or a group kept as text.
 # A backslash and the character after it (skipped), or a bracket.
 _BRACKET = re.compile(r"\\[\s\S]?|[()\[\]]")
+_STRAY = re.compile(r"[)\]:]+")
 _SIMPLE = re.compile(rf"""
     \[(?P<first>{_PLAIN_TEXT})\|(?P<options>{_PLAIN_TEXT}(?:\|{_PLAIN_TEXT})*)\]
   | \[(?P<to>{_PLAIN_TEXT}):\s*(?P<at>{_NUMBER_TEXT})\s*\]
@@ -209,6 +210,11 @@ class _Parser:
                 end = _plain(text, i)
                 if end == i:
                     raise Unreadable(text[i])
+                nodes.append(text[i:end])
+                i = end
+                continue
+            if text[i] in ")]:":  # never opens a construct: stray text, as the run after it
+                end = _STRAY.match(text, i).end()
                 nodes.append(text[i:end])
                 i = end
                 continue
