@@ -74,7 +74,8 @@ class Move:
 class Chunking:
     """The chunks of one prompt, where backtracking moved text, and the embeddings met.
 
-    ``texts``, ``weights``, ``word_ids`` and ``num_tokens`` run along the pieces: the word id the piece's
+    ``texts``, ``weights``, ``word_ids`` and ``num_tokens`` run along the pieces: their
+    text and weight (:func:`~.attention.read_attention`), the word id the piece's
     tokens carry in the chunks (text pieces count from 1; a break is 0 and takes
     no number, as ComfyUI numbers groups around ``BREAK``) and how many prompt
     tokens the piece put in the chunks (one per embedding vector; 0 for a break).
