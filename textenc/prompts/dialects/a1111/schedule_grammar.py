@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
 __all__ = ["parse_schedule", "Scheduled", "Alternate", "Unreadable", "TooDeep", "MAX_NESTING"]
 
@@ -45,8 +45,8 @@ Node = Union[str, "Scheduled", "Alternate"]
 class Scheduled:
     """``[before:after:when]``; ``before`` is None for ``[after:when]``."""
 
-    before: list | None
-    after: list
+    before: Sequence[Node] | None
+    after: Sequence[Node]
     when: str
 
 
@@ -54,7 +54,7 @@ class Scheduled:
 class Alternate:
     """``[a|b|...]``; an empty alternative is None."""
 
-    options: list
+    options: list[Sequence[Node] | None]
 
 
 class Unreadable(Exception):
@@ -220,9 +220,10 @@ class _Parser:
                 continue
             simple = _SIMPLE.match(text, i)
             if simple is not None:  # at the top level only: it nests no deeper than the parser
-                node = self.simple.get(simple.group())
+                source = simple.group()
+                node = self.simple.get(source)
                 if node is None:
-                    node = self.simple[simple.group()] = _simple_node(text, simple)
+                    node = self.simple[source] = _simple_node(text, simple)
                 nodes.append(node)
                 i = simple.end()
                 continue
@@ -242,9 +243,11 @@ def _simple_node(text: str, match: re.Match) -> Node:
     if kind is None:  # a group kept as text
         return match.group()
     if kind == "at":
-        return Scheduled(None, _texts(match.group("to")), match.group("at"))
+        after, when = match.group("to", "at")
+        return Scheduled(None, _texts(after), when)
     if kind == "when":
-        return Scheduled(_texts(match.group("before")), _texts(match.group("after")), match.group("when"))
+        before, after, when = match.group("before", "after", "when")
+        return Scheduled(_texts(before), _texts(after), when)
     options, i = [_texts(match.group("first"))], match.start("options")
     while True:
         end = _plain(text, i)
@@ -254,8 +257,9 @@ def _simple_node(text: str, match: re.Match) -> Node:
         i = end + 1
 
 
-def _texts(plain: str) -> list[str]:
-    return [plain] if plain else []
+def _texts(plain: str) -> tuple[str, ...]:
+    # a tuple: the garbage collector stops walking a tuple of strings, never a list
+    return (plain,) if plain else ()
 
 
 def parse_schedule(text: str) -> list:
