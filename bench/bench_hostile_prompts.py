@@ -11,8 +11,8 @@ change; the wall time is shown too). A shape passes when every size finishes or 
 refused with a PromptError within the bound and the time per MB does not grow with
 the size by more than 2x (linear, not quadratic).
 
-Usage: ``python bench/bench_hostile_prompts.py [WORD]`` (prints a Markdown table; WORD keeps
-the shapes whose name contains it).
+Usage: ``python bench/bench_hostile_prompts.py [WORD [SYNTAX]]`` (prints a Markdown table; WORD
+keeps the shapes whose name contains it, "" all of them; SYNTAX runs that syntax alone).
 """
 
 from __future__ import annotations
@@ -87,10 +87,11 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     failures = 0
     wanted = sys.argv[1] if len(sys.argv) > 1 else ""
+    syntaxes = sys.argv[2:3] or SYNTAXES
     for name, make in SHAPES.items():
         if wanted not in name:
             continue
-        for syntax in SYNTAXES:
+        for syntax in syntaxes:
             cells, per_mb, outcome = [], [], ""
             for size in SIZES:
                 text, steps = make(size)

@@ -147,6 +147,19 @@ def test_embeddings_are_placed_as_a1111_places_them(hf_tokenizer, embedding_fold
     assert got == _reference_with_vectors(clip, prompt)
 
 
+def test_long_piece_read_a_run_at_a_time_keeps_embeddings_across_cuts(hf_tokenizer, embedding_folder):
+    """A plain piece past 64K characters is tokenized a cut at a time (here after the one
+    space, inside the two-token name ``style two``); the name is still found across the cut."""
+    folder, vectors = embedding_folder
+    prompt = "ab," * 21844 + "style two" + ",ab" * 50 + " myemb"
+    clip = OracleClip(hf_tokenizer, embeddings=vectors)
+    tokenizer = SDTokenizer(embedding_directory=str(folder))
+    windows = tokenizer.tokenize_with_weights(prompt, syntax="a1111", max_windows=None)
+    got = [(_tokens_and_vectors(w), [x for _, x in w]) for w in windows]
+    assert got == _reference_with_vectors(clip, prompt)
+    assert sum(isinstance(t, tuple) for tokens, _ in got for t in tokens) == 5  # 2 + 3 vectors
+
+
 def test_inspect_printout_shows_chunks_and_moves():
     from textenc.commands.inspect import format_report as _format_report, report_dict as _report_dict
 

@@ -114,6 +114,23 @@ def test_schedule_equals_oracle(steps):
         assert prompt_schedule(prompt, steps) == oracle_schedule(prompt, steps), prompt
 
 
+# Whole constructs the fast paths read at once (square brackets with colons, text-only
+# brackets, runs of ")" and "]", [a|b], [a:b:2]), next to the forms they must not swallow.
+FAST_PATH_ATOMS = ["a", " b", "(", ")", "[", "]", ":", "|", "\\", "\\(", "\\|", "\\\n", " BREAK ", "1", "[a|b]",
+                   "[c:d:2]", "[e:3]", "[:k:1]", "[a:b]", "[x:BREAK:y]", "[:]", "(c)", "(d:1.3)", "(e :2 )", "()", "[]",
+                   "))", ")]", "]]))", ":1.2)", ":" + "9" * 400 + ")", "(f:0)", "[|]", "[p:[q|r]:1]", "((s))"]
+
+
+def test_fast_paths_equal_a1111():
+    rng = random.Random(3)
+    nan = ":" + "9" * 400 + ")"  # infinity; times 0 is NaN, whose pieces A1111 keeps apart
+    fixed = [f"(([a:b]:0){nan}", f"(([x BREAK y:z]:0){nan}", f"((a:0){nan}))])", f"(((a:0)[b]){nan}"]
+    for prompt in fixed + ["".join(rng.choice(FAST_PATH_ATOMS) for _ in range(rng.randint(1, 16)))
+                           for _ in range(1500)]:
+        assert repr(parse_attention(prompt)) == repr(oracle_attention(prompt)), prompt  # repr: NaN equals NaN
+        assert prompt_schedule(prompt, 5) == oracle_schedule(prompt, 5), prompt
+
+
 # A top-level edit or alternation directly followed by stray "[ ] ( ) :" can also be read
 # as stray text (no schedule). A1111's own parser was observed to pick one reading or the
 # other depending on Python's hash seed, i.e. from one start of A1111 to the next, on lark

@@ -31,14 +31,15 @@ from __future__ import annotations
 import functools
 import html
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import ftfy
 import regex
 
+from .budget import space_chunks
 from .vocabulary import Vocabulary
 
-__all__ = ["clean_text", "split_words", "encode_a1111", "uses_open_clip"]
+__all__ = ["clean_text", "split_words", "encode_a1111", "encode_a1111_lazily", "uses_open_clip"]
 
 _START, _END = "<|startoftext|>", "<|endoftext|>"
 _OPEN_CLIP_NAMES = {"<start_of_text>": _START, "<end_of_text>": _END}
@@ -112,3 +113,42 @@ def encode_a1111(tokenizer: Vocabulary, texts: Sequence[str]) -> list[list[int]]
     table = dict(zip(unique, tokenizer.encode_units(unique))) if unique else {}
     return [next(direct) if is_plain else [t for word in words for t in table[word]]
             for is_plain, words in zip(plain, word_lists)]
+
+
+def encode_a1111_lazily(tokenizer: Vocabulary, texts: Sequence[str], *, first_chars: int = 1 << 12,
+                        batch_chars: int = 1 << 14) -> Iterator[Iterator[list[int]]]:
+    """:func:`encode_a1111` a batch at a time, the first of about ``first_chars``
+    characters, each next one twice as large up to ``batch_chars``: a caller that
+    refuses a prompt part way pays only for about twice the part it read.
+
+    Yields, for each text in order, its token ids as consecutive runs (their
+    concatenation is ``encode_a1111(tokenizer, [text])[0]``). A plain text longer than
+    the batch for a CLIP pipeline is cut where its tokens do not change
+    (:func:`textenc.prompts.budget.space_chunks`) and encoded a cut at a time, as its
+    runs are read.
+    """
+    start, size = 0, first_chars
+    while start < len(texts):
+        end, used = start, 0
+        while end < len(texts) and used <= size and len(texts[end]) <= size:
+            used += len(texts[end])
+            end += 1
+        if end == start:  # one long text on its own
+            yield _long_runs(tokenizer, texts[start], size, batch_chars)
+            start += 1
+        else:
+            yield from (iter((ids,)) for ids in encode_a1111(tokenizer, texts[start:end]))
+            start = end
+        size = min(2 * size, batch_chars)
+
+
+def _long_runs(tokenizer: Vocabulary, text: str, size: int, most: int) -> Iterator[list[int]]:
+    if not (tokenizer.splits_at_spaces and _PLAIN.fullmatch(text) is not None):
+        yield encode_a1111(tokenizer, [text])[0]  # ftfy reads the whole text (it may join across a cut)
+        return
+    start = 0
+    while start < len(text):
+        part = next(space_chunks(text[start:], size))
+        yield tokenizer.encode_units([part])[0]
+        start += len(part)
+        size = min(2 * size, most)

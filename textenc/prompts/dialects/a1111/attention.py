@@ -22,11 +22,14 @@ The rules (facts from A1111's ``modules/prompt_parser.py``
 
 from __future__ import annotations
 
+import math
 import re
+from itertools import compress, islice
+from operator import ne
 
 from ....errors import PromptError
 
-__all__ = ["parse_attention", "is_break", "ROUND", "SQUARE"]
+__all__ = ["parse_attention", "read_attention", "is_break", "ROUND", "SQUARE"]
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
@@ -36,27 +39,30 @@ BREAK_WEIGHT = -1.0
 #: nested or unclosed brackets; real prompts need far less than this.
 MAX_BRACKET_WORK = 20_000_000
 
-# One lexical item per match: escapes, a lone backslash, brackets, ":weight)",
-# a run of text, or a lone colon (the order of the alternatives matters).
-_ITEM = re.compile(r"""
-    (?P<escape>\\[()\[\]\\])
-  | (?P<backslash>\\)
-  | (?P<open>[(\[])
-  | :\s*(?P<weight>[+-]?[.\d]+)\s*\)
-  | (?P<close>[)\]])
-  | (?P<text>[^\\()\[\]:]+)
-  | (?P<colon>:)
-""", re.VERBOSE)
+# A1111 reads the prompt as items (its re_attention): escapes, a lone backslash, brackets,
+# ":weight)", a lone colon, and runs of other text. These are the items other than text,
+# plus a bracket holding only text (and, in square brackets, colons: read at once, as the
+# items it is made of would be); splitting at them leaves the text runs between.
+_SPECIAL = re.compile(r"""(
+    \[[^\\()\[\]]*\]
+  | \([^\\()\[\]:]*(?:\)|:\s*[+-]?[.\d]+\s*\))
+  | \\[()\[\]\\]?
+  | [(\[]
+  | :\s*[+-]?[.\d]+\s*\)
+  | [)\]]+
+  | :
+)""", re.VERBOSE)
 # A1111 splits text at r"\s*\bBREAK\b\s*"; that pattern retried at every character of a
 # white space run is quadratic, so the keyword is found alone and the space around it
 # is taken by hand (:func:`_split_breaks`).
 _BREAK = re.compile(r"\bBREAK\b")
 _SPACES = re.compile(r"\s*")
+_COLONS = re.compile("(:)")
 
 
-def is_break(piece: list) -> bool:
-    """Whether a parsed ``[text, weight]`` piece is a chunk break."""
-    return piece[0] == "BREAK" and piece[1] == BREAK_WEIGHT
+def is_break(text: str, weight: float) -> bool:
+    """Whether the parsed piece ``[text, weight]`` is a chunk break."""
+    return text == "BREAK" and weight == BREAK_WEIGHT
 
 
 def _number(literal: str, text: str) -> float:
@@ -92,15 +98,19 @@ class _Pieces:
     """
 
     def __init__(self, *, join: bool) -> None:
-        self.pieces: list[list] = []
+        # two lists, not one [text, weight] list per piece: those would be hundreds of
+        # thousands of containers for the garbage collector to walk (half the time)
+        self.texts: list[str] = []
+        self.weights: list[float] = []
         self.pending: list[str] = []
         self.join = join
         self.budget = MAX_BRACKET_WORK
 
     def flush(self) -> None:
         if self.pending:
-            self.pieces.append(["".join(self.pending), 1.0])
-            self.pending = []
+            self.texts.append("".join(self.pending) if len(self.pending) > 1 else self.pending[0])
+            self.weights.append(1.0)
+            self.pending.clear()
 
     def add_text(self, text: str) -> None:
         if "BREAK" not in text:  # the common case, without a regex search per item
@@ -109,7 +119,8 @@ class _Pieces:
             for index, part in enumerate(_split_breaks(text)):
                 if index:
                     self.flush()
-                    self.pieces.append(["BREAK", BREAK_WEIGHT])
+                    self.texts.append("BREAK")
+                    self.weights.append(BREAK_WEIGHT)
                 self.pending.append(part)
         if not self.join:
             self.flush()
@@ -117,33 +128,60 @@ class _Pieces:
     def open(self) -> int:
         """Where a bracket opened now starts (the index of its first piece)."""
         self.flush()
-        return len(self.pieces)
+        return len(self.weights)
 
     def multiply(self, start: int, factor: float) -> None:
         self.flush()
-        self.budget -= len(self.pieces) - start
+        weights = self.weights
+        self._spend(len(weights) - start)
+        for index in range(start, len(weights)):
+            weights[index] *= factor
+
+    def group(self, text: str, factor: float) -> None:
+        """A bracket holding only ``text``, closed at once: what :meth:`open`, :meth:`add_text`
+        and :meth:`multiply` would make of it, without their per-piece work."""
+        if "BREAK" in text or not self.join:
+            start = self.open()
+            for item in _COLONS.split(text):  # A1111's items: text runs and lone colons
+                if item:
+                    self.add_text(item)
+            self.multiply(start, factor)
+            return
+        self.flush()
+        if text:
+            self._spend(1)
+            self.texts.append(text)
+            self.weights.append(1.0 * factor)
+
+    def _spend(self, products: int) -> None:
+        self.budget -= products
         if self.budget < 0:
             raise PromptError(f"prompt has too many nested or unclosed brackets (more than "
                               f"{MAX_BRACKET_WORK} bracket products); close or remove some")
-        for piece in self.pieces[start:]:
-            piece[1] *= factor
 
 
-def _merge_equal_neighbours(pieces: list[list]) -> list[list]:
-    """Join runs of equal weight; each run's texts are joined once (``+=`` on a list
-    item copies the growing string every time: a million stray ``)`` took minutes)."""
-    merged: list[list] = []
-    texts: list[str] = []
-    for piece in pieces:
-        if merged and piece[1] == merged[-1][1]:
-            texts.append(piece[0])
-            continue
-        if merged:
-            merged[-1][0] = "".join(texts)
-        merged.append(piece)
-        texts = [piece[0]]
-    merged[-1][0] = "".join(texts)
-    return merged
+def _merge_equal_neighbours(texts: list[str], weights: list[float]) -> tuple[list[str], list[float]]:
+    """The pieces with runs of equal weight joined (NaN equals nothing); each run's texts
+    are joined once (``+=`` on a list item copies the growing string every time: a
+    million stray ``)`` took minutes)."""
+    starts = [*compress(range(1, len(weights)), map(ne, islice(weights, 1, None), weights)), len(weights)]
+    if len(starts) == len(weights):  # no two neighbours equal
+        return texts, weights
+    starts.insert(0, 0)
+    runs = list(zip(starts, islice(starts, 1, None)))
+    return ([texts[a] if b == a + 1 else "".join(texts[a:b]) for a, b in runs], [weights[a] for a, _ in runs])
+
+
+def read_attention(text: str) -> tuple[list[str], list[float]]:
+    """:func:`parse_attention` as two lists, the pieces' texts and their weights: no list
+    per piece, whose hundreds of thousands the garbage collector would walk again and
+    again (most of the time on ``[a|b]`` x n)."""
+    reader = _read(text, join=True)
+    if any(map(math.isnan, reader.weights)):  # NaN: A1111's pieces stay apart
+        reader = _read(text, join=False)
+    if not reader.weights:
+        return [""], [1.0]
+    return _merge_equal_neighbours(reader.texts, reader.weights)
 
 
 def parse_attention(text: str) -> list[list]:
@@ -160,35 +198,62 @@ def parse_attention(text: str) -> list[list]:
     >>> parse_attention("(unnecessary)(parens)")
     [['unnecessaryparens', 1.1]]
     """
-    pieces = _read(text, join=True)
-    if any(weight != weight for _, weight in pieces):  # NaN: A1111's pieces stay apart
-        pieces = _read(text, join=False)
-    return _merge_equal_neighbours(pieces) if pieces else [["", 1.0]]
+    return list(map(list, zip(*read_attention(text))))
 
 
-def _read(text: str, *, join: bool) -> list[list]:
+def _read(text: str, *, join: bool) -> _Pieces:
     """The pieces of ``text`` before equal neighbours are joined."""
     reader = _Pieces(join=join)
     opened: dict[str, list[int]] = {"(": [], "[": []}
-    for match in _ITEM.finditer(text):
-        kind = match.lastgroup
-        if kind == "escape":
-            reader.add_text(match.group()[1])
-        elif kind == "backslash":
-            reader.add_text("")
-        elif kind == "open":
-            opened[match.group()].append(reader.open())
-        elif kind == "weight" and opened["("]:
-            reader.multiply(opened["("].pop(), _number(match.group("weight"), text))
-        elif kind == "close" and match.group() == ")" and opened["("]:
-            reader.multiply(opened["("].pop(), ROUND)
-        elif kind == "close" and match.group() == "]" and opened["["]:
-            reader.multiply(opened["["].pop(), SQUARE)
-        else:
-            reader.add_text(match.group())
+    parts = iter(_SPECIAL.split(text))  # text, item, text, item, ..., text
+    first = next(parts)
+    if first:
+        reader.add_text(first)
+    add_text = reader.add_text
+    for item, after in zip(parts, parts):
+        _read_item(reader, opened, item, text)
+        if after:
+            add_text(after)
     for start in opened["("]:
         reader.multiply(start, ROUND)
     for start in opened["["]:
         reader.multiply(start, SQUARE)
     reader.flush()
-    return reader.pieces
+    return reader
+
+
+def _read_item(reader: _Pieces, opened: dict[str, list[int]], item: str, text: str) -> None:
+    """One item of :data:`_SPECIAL` (``text`` is the whole prompt, for error messages)."""
+    head = item[0]
+    if head in "([":
+        if len(item) == 1:
+            opened[head].append(reader.open())
+        elif head == "[":
+            reader.group(item[1:-1], SQUARE)
+        elif ":" in item:
+            body, _, weight = item[1:-1].partition(":")
+            reader.group(body, _number(weight.strip(), text))
+        else:
+            reader.group(item[1:-1], ROUND)
+    elif head == ":" and len(item) > 1 and opened["("]:
+        reader.multiply(opened["("].pop(), _number(item[1:-1].strip(), text))
+    elif head == "\\":
+        reader.add_text(item[1:])  # an escaped character, or "" for a lone backslash
+    elif head in ")]":
+        _read_closers(reader, opened, item)
+    else:
+        reader.add_text(item)
+
+
+def _read_closers(reader: _Pieces, opened: dict[str, list[int]], closers: str) -> None:
+    """A run of ``)`` and ``]``: each closes the last bracket of its kind still open, or is
+    text; once none is open, the rest of the run is text, read at once (``)`` x n)."""
+    for index, char in enumerate(closers):
+        waiting = opened["(" if char == ")" else "["]
+        if waiting:
+            reader.multiply(waiting.pop(), ROUND if char == ")" else SQUARE)
+        elif reader.join and not opened["("] and not opened["["]:
+            reader.add_text(closers[index:])
+            return
+        else:
+            reader.add_text(char)

@@ -29,14 +29,14 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ....loading.embeddings import EXTENSIONS, EmbeddingResult
 from ....errors import EmbeddingWarning, PromptError
 from ..options import REFINEMENTS
-from ...a1111_text import encode_a1111
+from ...a1111_text import encode_a1111, encode_a1111_lazily
 from ...vocabulary import Vocabulary
-from .attention import is_break, parse_attention
+from .attention import is_break, read_attention
 
 __all__ = ["Chunk", "Move", "Chunking", "tokenize_line", "DEFAULT_BACKTRACK"]
 
@@ -74,18 +74,25 @@ class Move:
 class Chunking:
     """The chunks of one prompt, where backtracking moved text, and the embeddings met.
 
-    ``word_ids`` and ``num_tokens`` run along ``pieces``: the word id the piece's
+    ``texts``, ``weights``, ``word_ids`` and ``num_tokens`` run along the pieces: their
+    text and weight (:func:`~.attention.read_attention`), the word id the piece's
     tokens carry in the chunks (text pieces count from 1; a break is 0 and takes
     no number, as ComfyUI numbers groups around ``BREAK``) and how many prompt
     tokens the piece put in the chunks (one per embedding vector; 0 for a break).
     """
 
-    pieces: list[list]
+    texts: list[str]
+    weights: list[float]
     chunks: list[Chunk]
     moves: list[Move]
     embeddings: list[EmbeddingResult]
     word_ids: list[int]
     num_tokens: list[int]
+
+    @property
+    def pieces(self) -> list[list]:
+        """The pieces as ``[text, weight]`` (:func:`~.attention.parse_attention`)."""
+        return list(map(list, zip(self.texts, self.weights)))
 
 
 class _EmbeddingFinder:
@@ -102,6 +109,8 @@ class _EmbeddingFinder:
                 self._by_first.setdefault(ids[0], []).append((ids, name))
         for candidates in self._by_first.values():
             candidates.sort(key=lambda item: len(item[0]), reverse=True)
+        #: tokens past a position that :meth:`at` may read (the longest name's, less one)
+        self.lookahead = max((len(c[0][0]) - 1 for c in self._by_first.values()), default=0)
 
     def _names(self) -> list[str]:
         names: dict[str, None] = {}
@@ -179,9 +188,11 @@ class _Chunker:
         if len(self.chunk.tokens) == self.length:
             self.close("full")
 
-    def add_piece(self, tokens: list[int], weight: float, word_id: int, find: Callable) -> None:
-        position = 0
-        while position < len(tokens):
+    def add_piece(self, tokens: list[int], weight: float, word_id: int, find: Callable,
+                  position: int, stop: int) -> int:
+        """Add ``tokens`` from ``position`` up to ``stop`` (an embedding name may run past
+        it); returns where the next call goes on."""
+        while position < stop:
             self._before_token(tokens[position])
             vectors, used = find(tokens, position)
             if vectors is None:
@@ -196,6 +207,7 @@ class _Chunker:
             self.chunk.fixes.append((len(self.chunk.tokens), vectors))
             self._append([0] * slots, weight, word_id)
             position += used
+        return position
 
     def _append(self, tokens: list[int], weight: float, word_id: int) -> None:
         self.added += len(tokens)
@@ -221,31 +233,44 @@ def tokenize_line(tokenizer: Vocabulary, text: str, *, comma_padding_backtrack: 
     if isinstance(comma_padding_backtrack, bool) or not isinstance(comma_padding_backtrack, int) \
             or not 0 <= comma_padding_backtrack <= 74:
         raise PromptError(f"comma_padding_backtrack must be an int from 0 to 74, got {comma_padding_backtrack!r}")
-    pieces = [[text, 1.0]] if disable_weights else parse_attention(text)
-    if max_chunks is not None and not disable_weights and sum(map(is_break, pieces)) > max_chunks:
+    texts, weights = ([text], [1.0]) if disable_weights else read_attention(text)
+    if max_chunks is not None and not disable_weights and sum(map(is_break, texts, weights)) > max_chunks:
         _too_many_chunks(max_chunks, tokenizer.max_length - 2)  # each break closes one chunk
-    token_lists = encode_a1111(tokenizer, [piece[0] for piece in pieces])  # A1111's ftfy clean-up first
+    # A1111's ftfy clean-up first; encoded as it is chunked, so a refusal comes early
+    token_runs = encode_a1111_lazily(tokenizer, texts)
     (comma,) = tokenizer.encode_units([","])[0][:1] or (None,)
     finder = _EmbeddingFinder(tokenizer)
     chunker = _Chunker(tokenizer.max_length - 2, comma, comma_padding_backtrack, max_chunks)
-    word_ids, counts = _add_pieces(chunker, pieces, token_lists, finder, breaks=not disable_weights)
+    word_ids, counts = _add_pieces(chunker, zip(texts, weights, token_runs), finder, breaks=not disable_weights)
     if chunker.chunk.tokens or not chunker.chunks:
         chunker.close("end")
-    return Chunking(pieces, chunker.chunks, chunker.moves, finder.found, word_ids, counts)
+    return Chunking(texts, weights, chunker.chunks, chunker.moves, finder.found, word_ids, counts)
 
 
-def _add_pieces(chunker: _Chunker, pieces: list[list], token_lists: list[list[int]], finder: _EmbeddingFinder,
-                *, breaks: bool) -> tuple[list[int], list[int]]:
-    """Feed every piece to ``chunker``; returns each piece's word id and prompt token count."""
+def _add_pieces(chunker: _Chunker, pieces: Iterator[tuple[str, float, Iterator[list[int]]]],
+                finder: _EmbeddingFinder, *, breaks: bool) -> tuple[list[int], list[int]]:
+    """Feed every ``(text, weight, token runs)`` to ``chunker``; returns each piece's word
+    id and prompt token count."""
     word_ids, counts, word_id = [], [], 0
-    for piece, tokens in zip(pieces, token_lists):
+    for text, weight, runs in pieces:
         before = chunker.added
-        if breaks and is_break(piece):
+        if breaks and is_break(text, weight):
             chunker.close("BREAK")
             word_ids.append(0)
         else:
             word_id += 1
-            chunker.add_piece(tokens, piece[1], word_id, finder.at)
+            _add_runs(chunker, runs, weight, word_id, finder)
             word_ids.append(word_id)
         counts.append(chunker.added - before)
     return word_ids, counts
+
+
+def _add_runs(chunker: _Chunker, runs: Iterator[list[int]], weight: float, word_id: int,
+              finder: _EmbeddingFinder) -> None:
+    """One piece, its tokens read a run at a time; a token is added once every embedding
+    name that could start at it has been read (``finder.lookahead`` tokens on)."""
+    tokens, position = next(runs), 0
+    for run in runs:
+        position = chunker.add_piece(tokens, weight, word_id, finder.at, position, len(tokens) - finder.lookahead)
+        tokens, position = tokens[position:] + run, 0  # what was added is never read again
+    chunker.add_piece(tokens, weight, word_id, finder.at, position, len(tokens))

@@ -31,26 +31,19 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import Union
 
 from ..options import check_steps
 from ....errors import PromptError, PromptWarning
 from ....warn import warn_at_caller
+from .schedule_grammar import MAX_NESTING, Alternate, Scheduled, TooDeep, Unreadable, parse_schedule
 
 __all__ = ["prompt_schedule", "split_and", "Scheduled", "Alternate", "MAX_NESTING", "MAX_SCHEDULE_TEXTS",
            "MAX_SCHEDULE_CHARS"]
 
-_NUMBER = re.compile(r"\s*(?P<n>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
 _AND = re.compile(r"\bAND\b")
 # A1111 reads a part's weight with r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$",
 # quadratic on long white space runs; :func:`_part_weight` gives the same groups linearly.
 _PART_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
-_SPECIAL = "\\[]():|"
-#: Deepest nesting of closed bracket pairs read for prompt editing. A1111's own parser
-#: (lark's recursive tree transformer) fails with RecursionError on balanced nesting a
-#: few hundred deep; deeper prompts are used as written, with a PromptWarning.
-MAX_NESTING = 500
 
 #: Most texts one schedule may have (one per step at which the prompt changes; an
 #: alternation changes it at every step). Each text becomes a conditioning, at least a
@@ -61,211 +54,6 @@ MAX_NESTING = 500
 MAX_SCHEDULE_TEXTS = 1_000
 #: Most characters a schedule's texts may hold together (texts x prompt length; 64 Mi).
 MAX_SCHEDULE_CHARS = 1 << 26
-
-Node = Union[str, "Scheduled", "Alternate"]
-
-
-@dataclass
-class Scheduled:
-    """``[before:after:when]``; ``before`` is None for ``[after:when]``."""
-
-    before: list | None
-    after: list
-    when: str
-
-
-@dataclass
-class Alternate:
-    """``[a|b|...]``; an empty alternative is None."""
-
-    options: list
-
-
-class _Unreadable(Exception):
-    """The prompt is outside the schedule grammar (it is then used as written)."""
-
-
-def _plain(text: str, i: int) -> int:
-    """The end of the plain text starting at ``i`` (``i`` when there is none)."""
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            if i + 1 >= len(text) or text[i + 1] == "\n":
-                return i
-            i += 2
-        elif char in _SPECIAL:
-            return i
-        else:
-            i += 1
-    return i
-
-
-def _at(text: str, i: int) -> str:
-    return text[i] if i < len(text) else ""
-
-
-def _closable(text: str) -> set[int]:
-    """Positions of the ``(`` and ``[`` that a ``)`` or ``]`` of their kind closes, pairing
-    brackets as a stack does (escapes skipped as :func:`_plain` skips them).
-
-    Only these can open a construct: inside a construct, complete constructs pair
-    their own brackets, so the bracket that ends it pairs with the one that opens it.
-    """
-    closable, opened, i = set(), [], 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char in "([":
-            opened.append(i)
-        elif char in ")]" and opened:
-            start = opened.pop()
-            if text[start] + char in ("()", "[]"):
-                closable.add(start)
-        i += 1
-    return closable
-
-
-class _TooDeep(Exception):
-    """Bracket constructs nest more than :data:`MAX_NESTING` deep."""
-
-
-class _Parser:
-    """Recursive descent over the schedule grammar, run without Python recursion.
-
-    Each rule is a generator that yields ``("sequence", i)`` or ``("construct", i)``
-    to ask for a sub-result and is sent it back; :meth:`_run` keeps the pending rules
-    on a list and remembers every result by position, so a prompt is read in time
-    about linear in its length, however its brackets nest or fail to close. An opening
-    bracket without a closing one of its kind (:func:`_closable`) is not tried.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.closable = _closable(text)
-        self.memo: dict[str, dict[int, tuple | None]] = {"sequence": {}, "construct": {}}
-
-    def _rule(self, kind: str, i: int):
-        return self._sequence(i) if kind == "sequence" else self._construct(i)
-
-    def _run(self, kind: str, i: int) -> tuple | None:
-        stack = [(kind, i, self._rule(kind, i))]
-        value: tuple | None = None
-        while stack:
-            try:
-                want, at = stack[-1][2].send(value)
-            except StopIteration as done:
-                kind, i, _ = stack.pop()
-                value = self.memo[kind][i] = done.value
-                continue
-            if at in self.memo[want]:
-                value = self.memo[want][at]
-                continue
-            if len(stack) > 2 * MAX_NESTING:  # a sequence and a construct per level
-                raise _TooDeep
-            stack.append((want, at, self._rule(want, at)))
-            value = None
-        return value
-
-    def _group(self, i: int, end: int, nodes: list) -> tuple[list, int]:
-        """A construct's nodes; the source text itself when nothing in it is scheduled."""
-        if all(isinstance(node, str) for node in nodes):
-            return [self.text[i:end]], end
-        return nodes, end
-
-    def _sequence(self, i: int):
-        """A run of plain text and complete bracket constructs, up to what ends it."""
-        text, nodes = self.text, []
-        while i < len(text):
-            end = _plain(text, i)
-            if end > i:
-                nodes.append(text[i:end])
-                i = end
-                continue
-            construct = (yield ("construct", i)) if i in self.closable else None
-            if construct is None:
-                break
-            nodes.extend(construct[0])
-            i = construct[1]
-        return nodes, i
-
-    def _construct(self, i: int):
-        """The bracket construct opening at ``i``, or None when none closes there."""
-        text = self.text
-        inner, j = yield ("sequence", i + 1)
-        follow = _at(text, j)
-        if text[i] == "(":
-            if follow == ")":
-                return self._group(i, j + 1, ["(", *inner, ")"])
-            if follow == ":":
-                weight, k = yield ("sequence", j + 1)
-                if _at(text, k) == ")":
-                    return self._group(i, k + 1, ["(", *inner, ":", *weight, ")"])
-            return None
-        if follow == "]":
-            return self._group(i, j + 1, ["[", *inner, "]"])
-        if follow == "|":
-            options = [inner]
-            while _at(text, j) == "|":
-                option, j = yield ("sequence", j + 1)
-                options.append(option or None)
-            return ([Alternate(options)], j + 1) if _at(text, j) == "]" else None
-        if follow == ":":
-            number = _NUMBER.match(text, j + 1)
-            if number:
-                return [Scheduled(None, inner, number.group("n"))], number.end()
-            after, k = yield ("sequence", j + 1)
-            number = _NUMBER.match(text, k + 1) if _at(text, k) == ":" else None
-            if number:
-                return [Scheduled(inner, after, number.group("n"))], number.end()
-        return None
-
-    def top_items(self) -> list:
-        """Top-level items: text (plain, or a stray ``[ ] ( ) :``) and complete groups.
-
-        Raises:
-            _Unreadable: a ``|`` outside alternation or a ``\\`` at the end or before a line break.
-            _TooDeep: constructs nest more than :data:`MAX_NESTING` deep.
-        """
-        text, items, i = self.text, [], 0
-        while i < len(text):
-            construct = self._run("construct", i) if i in self.closable else None
-            if construct is not None:
-                items.append(_Group(construct[0], text[i:construct[1]]))
-                i = construct[1]
-            elif text[i] in "[]():":
-                items.append(text[i])
-                i += 1
-            else:
-                end = _plain(text, i)
-                if end == i:
-                    raise _Unreadable(text[i])
-                items.append(text[i:end])
-                i = end
-        return items
-
-
-@dataclass
-class _Group:
-    """A complete bracket construct at the top level, and its source text."""
-
-    nodes: list
-    text: str
-
-
-def parse_schedule(text: str) -> list:
-    """The prompt as text and :class:`Scheduled` / :class:`Alternate` nodes.
-
-    Raises:
-        _Unreadable: the prompt is outside the grammar.
-        _TooDeep: its bracket constructs nest more than :data:`MAX_NESTING` deep.
-    """
-    nodes: list = []
-    for item in _Parser(text).top_items():
-        nodes.extend(item.nodes if isinstance(item, _Group) else [item])
-    return nodes
-
 
 def _when(literal: str, steps: int) -> int:
     value = float(literal)
@@ -327,9 +115,9 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     check_steps(steps)
     try:
         nodes = parse_schedule(text)
-    except _Unreadable:
+    except Unreadable:
         return [(steps, text)]
-    except _TooDeep:
+    except TooDeep:
         warn_at_caller(f"prompt bracket pairs nest more than {MAX_NESTING} deep: syntax='a1111' reads no "
                        "prompt editing or alternation in it and uses it as written for every step (A1111's "
                        "own parser fails with RecursionError on such prompts)", PromptWarning)
