@@ -29,13 +29,20 @@ _UNQUOTE = re.compile(r"(\\t|\\n|\\f|\\r)|(\\[0-7]{3}|\\0|\\x[0-9a-fA-F]{2}|\\u[
 _WS_ESCAPES = {r"\t": "\t", r"\n": "\n", r"\f": "\f", r"\r": "\r"}
 _KEYWORD = re.compile(r"[A-Za-z0-9_\-]+")
 _LORA = re.compile(r"(?:useLora|withLora)[ \t\n\r]*\(")
+# Words with no syntax, escape or white space character, each followed by pyparsing's
+# white space (or the end): no rule but a plain word can match at, or inside, any of them.
+_PLAIN = r'[^ \t\n\r\x0b\x0c()",.+\-=\\]+'
+_PLAIN_RUN = re.compile(rf"(?:{_PLAIN}(?:[ \t\n\r]+|\Z))+")
+_PLAIN_WORD = re.compile(_PLAIN)
 
 
 @dataclass
 class Text:
-    """Literal text (escapes already resolved)."""
+    """Literal text (escapes already resolved): ``words`` words compel would parse one
+    by one, joined here by single spaces (a run of plain words is one node)."""
 
     text: str
+    words: int = 1
 
 
 @dataclass
@@ -120,6 +127,26 @@ class Parser:
                                   f"{PLUS_BASE if sign == '+' else MINUS_BASE}**{end - pos} overflows") from None
         return self.number(pos) if numbers else None
 
+    def plain_words(self, pos: int) -> Optional[tuple[Nodes, int]]:
+        """A run of plain words from ``pos`` as one :class:`Text`, or None.
+
+        What the general rules read there, at a fixed cost per run instead of per word:
+        each word is followed by white space, so no weight sign or number applies to
+        it, and the next word starts with a plain character, so neither ``.attend(``,
+        ``.swap(`` nor a LoRA call can follow it. The last word is left to the general
+        rules when a ``.`` or ``(`` follows it.
+        """
+        match = _PLAIN_RUN.match(self.s, self.ws(pos))
+        if match is None:
+            return None
+        words = _PLAIN_WORD.findall(self.s, match.start(), match.end())
+        end = match.end()
+        if end < self.n and self.s[end] in ".(":
+            end = self.s.rindex(words.pop(), match.start(), end)
+            if not words:
+                return None
+        return [Text(" ".join(words), len(words))], end
+
     # -- groups ---------------------------------------------------------------
     def quoted(self, pos: int, inner: Callable[["Parser", int], Result]) -> Result:
         return self.memo(("quoted", pos, inner.__name__), lambda: self._quoted(pos, inner))
@@ -192,6 +219,10 @@ class Parser:
         """Inside brackets or quotes: syntax, words, and ``,`` / ``.`` as text."""
         nodes: Nodes = []
         while True:
+            got = self.plain_words(pos)
+            if got is not None:
+                nodes += got[0]
+                pos = got[1]
             self.refused(pos)
             got = self.attention(pos) or self.parenthesized(pos) or self.quoted(pos, Parser.fragments) \
                 or self.word(pos)
@@ -208,6 +239,10 @@ class Parser:
         """A whole prompt: syntax where it parses, any other run of non-space as text."""
         nodes: Nodes = []
         while True:
+            got = self.plain_words(pos)
+            if got is not None:
+                nodes += got[0]
+                pos = got[1]
             self.refused(pos)
             got = self.attention(pos) or self.quoted(pos, Parser.fragments) or self.parenthesized(pos) \
                 or self.free_word(pos)
