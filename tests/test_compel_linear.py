@@ -91,3 +91,19 @@ def test_random_prompts_parse_as_compel(compel_parser):
         assert ours(prompt) == expected, repr(prompt)
         compared += 1
     assert compared > 400
+
+
+def test_max_windows_is_refused_while_chunking_untruncated_prompts():
+    from textenc.prompts.tokenizer import SDTokenizer
+
+    tokenizer = SDTokenizer()
+    text = "a " * (75 * 3)  # exactly three chunks of 75 ids
+    windows = tokenizer.tokenize_with_weights(text, syntax="compel", truncate_long_prompts=False, max_windows=3)
+    assert len(windows) == 3
+    with pytest.raises(PromptError, match=r"more than 2 windows of 77 tokens, more than max_windows=2 "
+                                          r"\(syntax='compel'\)"):
+        tokenizer.tokenize_with_weights(text, syntax="compel", truncate_long_prompts=False, max_windows=2)
+    with pytest.raises(PromptError, match="max_windows=2"):
+        tokenizer.inspect(text, syntax="compel", truncate_long_prompts=False, max_windows=2)
+    with pytest.raises(PromptError, match="max_windows=1"):  # one window per .and() part
+        tokenizer.tokenize_with_weights('("a", "b").and()', syntax="compel", max_windows=1)
