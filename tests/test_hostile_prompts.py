@@ -16,7 +16,7 @@ from textenc.errors import PromptError
 from textenc.loading.embeddings import EmbeddingLoader
 from textenc.prompts.dialects.a1111.attention import _split_breaks, parse_attention
 from textenc.prompts.dialects.a1111.schedule import MAX_SCHEDULE_TEXTS, _part_weight, prompt_schedule
-from textenc.prompts.dialects.compel.grammar import Fragment, _fused_text
+from textenc.prompts.dialects.compel.grammar import _fused_text
 from textenc.prompts.dialects.compel.parser import unescape
 from textenc.prompts.tokenizer import SDTokenizer
 
@@ -47,12 +47,20 @@ def test_compel_fused_text_is_repeated_unescape():
     atoms = ["\\", "\\\\", "(", ")", '"', "a", " ", "\\(", "\\)", '\\"']
     rng = random.Random(2)
     for _ in range(3000):
-        run = [Fragment("".join(rng.choice(atoms) for _ in range(rng.randint(0, 6))), 1.0)
-               for _ in range(rng.randint(1, 6))]
-        joined = run[0].text
-        for fragment in run[1:]:
-            joined = unescape(joined + " " + fragment.text)
-        assert _fused_text(run) == joined
+        run = ["".join(rng.choice(atoms) for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(1, 6))]
+        joined = run[0]
+        for text in run[1:]:
+            joined = unescape(joined + " " + text)
+        assert _fused_text([(text, 1) for text in run]) == joined
+        # plain words parsed as one piece count as that many fragments
+        words = [rng.choice(["a", "cat", "BREAK"]) for _ in range(rng.randint(1, 4))]
+        at = rng.randint(0, len(run))
+        texts = run[:at] + words + run[at:]
+        pieces = [(text, 1) for text in run[:at]] + [(" ".join(words), len(words))] + [(t, 1) for t in run[at:]]
+        expected = texts[0]
+        for text in texts[1:]:
+            expected = unescape(expected + " " + text)
+        assert _fused_text(pieces) == expected
 
 
 def test_nan_weight_pieces_stay_apart_as_in_a1111():

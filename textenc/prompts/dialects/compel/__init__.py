@@ -55,13 +55,14 @@ class CompelDialect:
         that carry a ``.compel`` tag for the ``compel`` weight mode)."""
         prompt = _parse(tokenizer, text)
         return compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=return_word_ids,
-                              text=text)
+                              text=text, max_windows=tokenizer.max_windows_for(kwargs))
 
     def inspect(self, tokenizer: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
         """Chunks and fragments (units); a unit's ``start``/``end`` are -1 (not tracked);
         ``dropped_tokens``: the tokens truncation left out (their units count only those kept)."""
         prompt = _parse(tokenizer, text)
-        layout = compel_layout(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text)
+        layout = compel_layout(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text,
+                               max_windows=tokenizer.max_windows_for(kwargs))
         windows = layout.windows
         token_windows = [[TokenReport(t, tokenizer.inv_vocab.get(t, "<unknown>"), w, i) for t, w, i in window]
                          for window in windows]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from ....errors import PromptError
 from .parser import Attention, Nodes, Parser, unescape
@@ -85,25 +85,26 @@ def _weights(options: list[str], operator: str, count: int) -> tuple[tuple[float
 
 # ---- flattening ----------------------------------------------------------------
 
-def _flatten(nodes: Nodes, scale: float, out: list[Fragment]) -> None:
+def _flatten(nodes: Nodes, scale: float, out: list[tuple[str, float, int]]) -> None:
+    """``(text, weight, words)`` per text node, weights multiplied through nesting."""
     for node in nodes:
         if isinstance(node, Attention):
             _flatten(node.children, scale * node.weight, out)
         else:
-            out.append(Fragment(unescape(node.text), 1.0 * scale))
+            out.append((unescape(node.text), 1.0 * scale, node.words))
 
 
 def _member(nodes: Nodes) -> Optional[Member]:
     """Flatten and join neighbours of equal weight; None when nothing is left."""
-    flat: list[Fragment] = []
+    flat: list[tuple[str, float, int]] = []
     _flatten(nodes, 1.0, flat)
-    runs: list[list[Fragment]] = []
-    for fragment in flat:
-        if runs and runs[-1][0].weight == fragment.weight:
-            runs[-1].append(fragment)
+    runs: list[list[tuple[str, float, int]]] = []
+    for piece in flat:
+        if runs and runs[-1][0][1] == piece[1]:
+            runs[-1].append(piece)
         else:
-            runs.append([fragment])
-    fused = [Fragment(_fused_text(run), run[0].weight) for run in runs]
+            runs.append([piece])
+    fused = [Fragment(_fused_text([(text, words) for text, _, words in run]), run[0][1]) for run in runs]
     return Member(tuple(fused)) if fused else None
 
 
@@ -118,14 +119,22 @@ def _unescaped(text: str, times: int) -> str:
     return _ESCAPING.sub(lambda m: m.group(1)[:max(0, len(m.group(1)) - times)], text)
 
 
-def _fused_text(run: list[Fragment]) -> str:
-    """compel joins the run's texts one by one, unescaping the whole text at each
+def _fused_text(run: Sequence[tuple[str, int]]) -> str:
+    """The text of a run of ``(text, words)`` pieces of equal weight, ``words`` being
+    how many fragments compel sees in a piece (a run of plain words is one piece).
+
+    compel joins the run's fragments one by one, unescaping the whole text at each
     join: ``unescape(unescape(a + " " + b) + " " + c)``. No escape spans the joining
-    space, so each text is unescaped once per join from its own on (the first as
-    the second); computed so, the run is joined once instead of once per fragment."""
-    count = len(run)
-    return " ".join(_unescaped(fragment.text, count - max(index, 1))
-                    for index, fragment in enumerate(run))
+    space, so each fragment is unescaped once per join from its own on (the first as
+    the second); computed so, the run is joined once instead of once per fragment.
+    A piece of several words holds no escape, so only its count matters.
+    """
+    count = sum(words for _, words in run)
+    texts, index = [], 0
+    for text, words in run:
+        texts.append(_unescaped(text, count - max(index, 1)))
+        index += words
+    return " ".join(texts)
 
 
 def _explicit_conjunction(parser: Parser) -> Optional[CompelPrompt]:

@@ -9,6 +9,7 @@ from compel's source; the code is textenc's.
 
 from __future__ import annotations
 
+import bisect
 import re
 import string
 from dataclasses import dataclass
@@ -29,13 +30,23 @@ _UNQUOTE = re.compile(r"(\\t|\\n|\\f|\\r)|(\\[0-7]{3}|\\0|\\x[0-9a-fA-F]{2}|\\u[
 _WS_ESCAPES = {r"\t": "\t", r"\n": "\n", r"\f": "\f", r"\r": "\r"}
 _KEYWORD = re.compile(r"[A-Za-z0-9_\-]+")
 _LORA = re.compile(r"(?:useLora|withLora)[ \t\n\r]*\(")
+# Runs of words, each followed by pyparsing's white space (or the end), that no rule but
+# a word can read (see Parser.plain_words). Inside brackets and quotes, a word has no
+# syntax, escape or white space character; in a whole prompt (where any run of non-space
+# is text), it has no sign or backslash and does not start with a quote, bracket or dot.
+_PLAIN_RUN = re.compile(r'(?:[^ \t\n\r\x0b\x0c()",.+\-=\\]+(?:[ \t\n\r]+|\Z))+')
+_FREE_RUN = re.compile(r'(?:[^ \t\n\r\x0b\x0c"(.+\-\\][^ \t\n\r\x0b\x0c+\-\\]*(?:[ \t\n\r]+|\Z))+')
+_CLAIMED = re.compile(r"\.attend|\.swap|Lora")  # a free word holding these is left to the rules
+_WORD = re.compile(r"[^ \t\n\r]+")
 
 
 @dataclass
 class Text:
-    """Literal text (escapes already resolved)."""
+    """Literal text (escapes already resolved): ``words`` words compel would parse one
+    by one, joined here by single spaces (a run of plain words is one node)."""
 
     text: str
+    words: int = 1
 
 
 @dataclass
@@ -64,6 +75,7 @@ class Parser:
         self.s = text
         self.n = len(text)
         self._memo: dict = {}  # (rule, pos) -> result: nested brackets are re-tried often
+        self._claimed = [match.start() for match in _CLAIMED.finditer(text)]  # where free runs end
 
     def memo(self, key: tuple, compute: Callable[[], Result]) -> Result:
         if key not in self._memo:
@@ -119,6 +131,35 @@ class Parser:
                 raise PromptError(f"{end - pos} '{sign}' signs at character {pos}: the weight "
                                   f"{PLUS_BASE if sign == '+' else MINUS_BASE}**{end - pos} overflows") from None
         return self.number(pos) if numbers else None
+
+    def plain_words(self, pos: int, *, free: bool = False) -> Optional[tuple[Nodes, int]]:
+        """A run of words from ``pos`` as one :class:`Text`, or None; ``free``: in a whole
+        prompt (:meth:`prompt`), else inside brackets or quotes (:meth:`fragments`).
+
+        What the rules read there, at a fixed cost per run instead of per word. Each
+        word is followed by white space, and holds no sign, so no weight applies to it.
+        Its first character starts no group, and an operator's target is the word's
+        start up to its first syntax character, so no rule but a word matches in it:
+        a free word with ``.attend``, ``.swap`` or ``Lora`` in it ends the run before
+        it. No next word starts with ``.`` or ``(``, so no ``w .attend(``, ``w .swap(``
+        or ``useLora (`` spans two of them: the last word is left to the rules when one
+        of those follows it.
+        """
+        start = self.ws(pos)
+        claimed = self.n
+        if free:  # scan no further than the next claimed word, so that each character is scanned once
+            index = bisect.bisect_left(self._claimed, start)
+            claimed = self._claimed[index] if index < len(self._claimed) else self.n
+        match = (_FREE_RUN if free else _PLAIN_RUN).match(self.s, start, claimed)
+        if match is None:
+            return None
+        end = match.end()
+        if end == claimed < self.n:  # the run reached the claimed word: end it at the word's start
+            end = max(self.s.rfind(c, start, claimed) for c in PYPARSING_WHITE) + 1 or start
+        words = _WORD.findall(self.s, start, end)
+        if words and end < self.n and self.s[end] in ".(":
+            end = self.s.rindex(words.pop(), start, end)
+        return ([Text(" ".join(words), len(words))], end) if words else None
 
     # -- groups ---------------------------------------------------------------
     def quoted(self, pos: int, inner: Callable[["Parser", int], Result]) -> Result:
@@ -192,6 +233,10 @@ class Parser:
         """Inside brackets or quotes: syntax, words, and ``,`` / ``.`` as text."""
         nodes: Nodes = []
         while True:
+            got = self.plain_words(pos)
+            if got is not None:
+                nodes += got[0]
+                pos = got[1]
             self.refused(pos)
             got = self.attention(pos) or self.parenthesized(pos) or self.quoted(pos, Parser.fragments) \
                 or self.word(pos)
@@ -208,6 +253,10 @@ class Parser:
         """A whole prompt: syntax where it parses, any other run of non-space as text."""
         nodes: Nodes = []
         while True:
+            got = self.plain_words(pos, free=True)
+            if got is not None:
+                nodes += got[0]
+                pos = got[1]
             self.refused(pos)
             got = self.attention(pos) or self.quoted(pos, Parser.fragments) or self.parenthesized(pos) \
                 or self.free_word(pos)

@@ -80,16 +80,30 @@ def split_point(token_texts: Sequence[str], limit: int) -> int:
     return limit
 
 
+class _TooManyChunks(Exception):
+    """A member needs more chunks than the windows left (turned into a PromptError)."""
+
+
+def _too_many_windows(max_windows: Optional[int], length: int) -> PromptError:
+    return PromptError(f"prompt needs more than {max_windows} windows of {length} tokens, more than "
+                       f"max_windows={max_windows} (syntax='compel'); shorten it, or pass max_windows=None "
+                       "(or a larger number) to the tokenizer or to this call")
+
+
 def _chunk(tokenizer: Vocabulary, ids: list[int], weights: list[float], word_ids: list[int],
-           truncate: bool) -> list[list[tuple[int, float, int]]]:
-    """``[start, ids, end, pad...]`` chunks of ``(token, weight, word_id)``."""
+           truncate: bool, max_chunks: Optional[int]) -> list[list[tuple[int, float, int]]]:
+    """``[start, ids, end, pad...]`` chunks of ``(token, weight, word_id)``; refused as soon
+    as there would be more than ``max_chunks`` (None: no limit)."""
     length = tokenizer.max_length
     limit = length - 2
     start, end, pad = tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token
     chunks, position = [], 0
     while True:
-        rest = ids[position:]
-        cut = limit if truncate else split_point([tokenizer.inv_vocab.get(i, "") for i in rest], limit)
+        if max_chunks is not None and len(chunks) >= max_chunks:
+            raise _TooManyChunks
+        # split_point reads no further than limit + 1 ids: the chunk's own, not the rest of the prompt
+        cut = limit if truncate else split_point(
+            [tokenizer.inv_vocab.get(i, "") for i in ids[position:position + limit + 1]], limit)
         body = list(zip(ids[position:position + cut], weights[position:position + cut],
                         word_ids[position:position + cut]))
         chunk = [(start, 1.0, 0)] + body + [(end, 1.0, 0)]
@@ -148,9 +162,11 @@ def _masked_fragments(member: Member, ranges, truncate: bool, length: int, total
     return owner
 
 
-def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first_word_id: int):
-    """Chunks of one member, per flat position its masking fragment, and how many of
-    its tokens truncation dropped (each fragment cut to the limit, then their sum)."""
+def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first_word_id: int,
+                    max_chunks: Optional[int]):
+    """Chunks of one member (no more than ``max_chunks``), per flat position its masking
+    fragment, and how many of its tokens truncation dropped (each fragment cut to the
+    limit, then their sum)."""
     limit = tokenizer.max_length - 2
     fragment_ids = tokenizer.encode_units([f.text for f in member.fragments])
     total = sum(len(ids) for ids in fragment_ids)
@@ -161,7 +177,7 @@ def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first
         ids += f_ids
         weights += [fragment.weight] * len(f_ids)
         word_ids += [first_word_id + index] * len(f_ids)
-    chunks = _chunk(tokenizer, ids, weights, word_ids, truncate)
+    chunks = _chunk(tokenizer, ids, weights, word_ids, truncate, max_chunks)
     flat = [t for chunk in chunks for t, _, _ in chunk]
     specials = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token}
     ranges = fragment_ranges(flat, fragment_ids, specials, truncate, tokenizer.max_length)
@@ -199,13 +215,15 @@ class CompelLayout(NamedTuple):
 
 
 def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
-                  return_word_ids: bool, text: str) -> CompelLayout:
+                  return_word_ids: bool, text: str, max_windows: Optional[int] = None) -> CompelLayout:
     """All chunks of all parts and members, in order, as :class:`CompelToken` windows.
 
     ``text`` is the prompt as written: its :func:`pooled_window` goes into every tag.
     When truncation drops tokens (compel keeps the first ``max_length - 2`` of each
     prompt, and says nothing), a :class:`~textenc.errors.PromptWarning` names how many
-    and the option that keeps them.
+    and the option that keeps them. More than ``max_windows`` windows (None: no limit)
+    is a :class:`~textenc.errors.PromptError`, raised while chunking, before the tokens
+    are made.
     """
     if tokenizer.start_token is None or tokenizer.end_token is None:
         raise PromptError("syntax='compel' needs a tokenizer with start and end tokens (CLIP)")
@@ -214,7 +232,11 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
     word_id, dropped, total = 1, 0, 0
     for part_index, part in enumerate(prompt.parts):
         for member_index, member in enumerate(part.members):
-            chunks, owners, member_dropped = _member_windows(tokenizer, member, truncate, word_id)
+            budget = None if max_windows is None else max_windows - len(windows)
+            try:
+                chunks, owners, member_dropped = _member_windows(tokenizer, member, truncate, word_id, budget)
+            except _TooManyChunks:
+                raise _too_many_windows(max_windows, tokenizer.max_length) from None
             word_id += len(member.fragments)
             dropped += member_dropped
             total += sum(1 for chunk in chunks for _, _, word in chunk if word) + member_dropped
@@ -246,6 +268,7 @@ def truncation_message(dropped: int, total: int, limit: int, prompts: int) -> st
 
 
 def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
-                   return_word_ids: bool, text: str) -> list[list[CompelToken]]:
+                   return_word_ids: bool, text: str, max_windows: Optional[int] = None) -> list[list[CompelToken]]:
     """:func:`compel_layout`'s windows."""
-    return compel_layout(tokenizer, prompt, truncate=truncate, return_word_ids=return_word_ids, text=text).windows
+    return compel_layout(tokenizer, prompt, truncate=truncate, return_word_ids=return_word_ids, text=text,
+                         max_windows=max_windows).windows
