@@ -77,7 +77,7 @@ def _t5_pieces(text: str, *, disable_weights: bool) -> list[list]:
 
 def _t5_pairs(t5_tokenizer: Any, pieces: list[list], weighted: bool) -> list[tuple]:
     """``(token, weight, word_id)`` of every non-break piece (tokenized on its own), then ``</s>``."""
-    kept = [(index + 1, piece) for index, piece in enumerate(pieces) if not is_break(piece)]
+    kept = [(index + 1, piece) for index, piece in enumerate(pieces) if not is_break(*piece)]
     token_lists = t5_tokenizer.encode_units([piece[0] for _, piece in kept])
     pairs = [(token, float(piece[1]) if weighted else 1.0, word_id)
              for (word_id, piece), tokens in zip(kept, token_lists) for token in tokens]
@@ -136,7 +136,7 @@ def tokenize_flux_a1111(tokenizer: Any, text: str, return_word_ids: bool = False
     windows = _clip_windows(tokenizer.clip_l, text, return_word_ids, kwargs)
     disable = bool(kwargs.get("disable_weights", False))
     pieces = _t5_pieces(text, disable_weights=disable)
-    if any(map(is_break, pieces)):
+    if any(is_break(*piece) for piece in pieces):
         raise PromptError("BREAK in a Flux prompt with syntax='a1111': Forge's T5 engine stacks the parts on "
                           "the batch axis (one prompt keeps only the first part), so it has no defined meaning; "
                           "remove BREAK, or use syntax='comfy'")
@@ -266,7 +266,7 @@ class FamilyT5Part:
         pieces = _t5_pieces(text, disable_weights=bool(kwargs.get("disable_weights", False)))
         units = []
         for word_id, piece in enumerate(pieces, start=1):
-            if not is_break(piece):
+            if not is_break(*piece):
                 count = sum(1 for token in window if token.word_id == word_id)
                 units.append(UnitReport(word_id, "text", piece[0], float(piece[1]), -1, -1, count))
         return InspectReport([window], units)
