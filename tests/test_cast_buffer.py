@@ -128,3 +128,15 @@ def test_weights_autograd_keeps_are_not_buffered():
         assert not can_cast_into_buffer(weight)
         with torch.no_grad():
             assert can_cast_into_buffer(weight)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_fp8_table_decoding_is_bit_equal_for_every_code(fp8, dtype):
+    raw = torch.arange(256, dtype=torch.uint8).repeat(3).view(fp8).reshape(24, 32)  # NaN and inf codes too
+    scale = torch.tensor(0.37)
+    weight = ScaledFloat8Weight(raw, scale)
+    got = weight.decode_into(torch.empty(raw.shape, dtype=dtype))
+    want = raw.to(dtype) * scale.to(dtype)  # comfy_kitchen's dequantize_per_tensor_fp8
+    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))

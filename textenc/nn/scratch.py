@@ -10,8 +10,11 @@ a 2-core AMD EPYC, that page-faulting costs several times the conversion itself
 Inside :func:`reuse_cast_buffer` the layers cast weights into one buffer
 instead, sized to the largest weight seen, filled with ``copy_`` (or a packed
 weight's :meth:`~textenc.nn.packed.PackedWeight.decode_into`). The values are
-the ones ``tensor.to(dtype)`` gives, at the same (allocator) alignment, so the
-matrix multiply that follows returns the same bits.
+the ones ``tensor.to(dtype)`` (or ``decode``) gives, at the same (allocator)
+alignment, so the matrix multiply that follows returns the same bits. Memory:
+one buffer of the largest weight in the compute dtype per encoding thread (plus
+one int32 buffer of it for scaled fp8), freed when the block exits; the weights
+themselves stay as stored.
 
 Safety: a cast into the buffer is valid only until the next one, so only a
 layer's *weight* uses it (the bias, cast in the same forward, does not), and
@@ -44,7 +47,11 @@ __all__ = ["CastBuffer", "reuse_cast_buffer", "can_cast_into_buffer", "cast_into
 
 
 class CastBuffer:
-    """One growing flat buffer per dtype, owned by the thread that made it."""
+    """One growing flat buffer per dtype, owned by the thread that made it.
+
+    The weight's cast takes the compute dtype's; a packed weight's decoding may take
+    another dtype's for its temporaries (scaled fp8: int32 table indices).
+    """
 
     def __init__(self) -> None:
         self.owner = threading.get_ident()
@@ -96,7 +103,8 @@ def cast_into_buffer(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     Call only where :func:`can_cast_into_buffer` is true.
     """
-    target = _CURRENT.get().take(tensor.shape, dtype)
+    buffer = _CURRENT.get()
+    target = buffer.take(tensor.shape, dtype)
     if isinstance(tensor, PackedWeight):
-        return tensor.decode_into(target)
+        return tensor.decode_into(target, scratch=buffer.take)  # its temporaries are other dtypes
     return target.copy_(tensor)
