@@ -1,7 +1,8 @@
 """T5-XXL encode speed on CPU, side by side in one process (issue 25, point 5).
 
-    python bench/bench_t5_speed.py [--layers 2] [--repeats 3] [--threads 2]
-        [--comfyui /path/to/ComfyUI --deps /extra/site-packages] [--dir /tmp] [--json out.json]
+    python bench/bench_t5_speed.py [--layers 2] [--repeats 3] [--threads 2] [--cases flux-256,sd3-77]
+        [--comfyui /path/to/ComfyUI --deps /extra/site-packages [--formats fp16,fp8-scaled]]
+        [--skip-fp32] [--dir /tmp] [--json out.json]
 
 The model has the released T5 v1.1 XXL's full-size blocks (d_model 4096, d_ff 10240, 64 heads
 of 64, vocab 32128) but only ``--layers`` of its 24: a full fp32 T5-XXL is 19 GB and this
@@ -16,12 +17,15 @@ Rows:
   on the same fp32 tensors (shared, not copied), fp32 compute;
 * the same textenc call vs the linear-layers floor: ``torch.nn.functional.linear`` on the
   same weights and input shapes, nothing else (limit 1.15x);
-* with ``--comfyui``: textenc from an fp16 safetensors file (``load_t5_file``, weights kept
-  fp16 and cast per Linear) vs ComfyUI's own ``SDClipModel(model_class=comfy.text_encoders.t5.T5)``
-  loading the same file as ComfyUI does on a CPU (``text_encoder_dtype`` is fp16 there: weights kept
-  fp16, cast per Linear, fp32 activations), both ``encode_token_weights``;
+* with ``--comfyui``: textenc from an fp16 and from a scaled-fp8 safetensors file
+  (``load_t5_file``, weights kept as stored, cast / decoded per Linear into a reused buffer)
+  vs ComfyUI's own ``T5XXLModel`` loading the same file as its ``load_clip`` does on a CPU
+  (``convert_old_quants``, ``t5_xxl_detect``: fp16 storage, scaled fp8 through its
+  mixed-precision ops with comfy_kitchen, fp32 activations), both ``encode_token_weights``,
+  outputs checked ``torch.equal``; ``--deps`` must then reach ComfyUI's own imports
+  (psutil, einops, comfy_kitchen: e.g. its venv's site-packages, searched after this venv);
 * ``(a:1.2) fox`` vs ``a fox`` through textenc (the empty encoding is cached per length), and
-  through ComfyUI for reference;
+  with ``--comfy-weighted`` through ComfyUI for reference;
 * bf16 compute only where the CPU has bf16 units (``avx512_bf16`` / ``amx_bf16``).
 """
 
@@ -179,6 +183,21 @@ def comfy_rows(args, rows: list) -> None:
             gc.collect()
 
 
+def equal_at_threads(ours, theirs, tokens, threads: list[int]) -> str:
+    """``torch.equal`` of both encodings at each torch thread count, twice each (the second call
+    reuses what the first left behind); e.g. ``"1 thread True, 2 threads True"``."""
+    before, found = torch.get_num_threads(), []
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            same = all(torch.equal(ours.encode_token_weights(tokens)[0], theirs.encode_token_weights(tokens)[0])
+                       for _ in range(2))
+            found.append(f"{n} thread{'s' * (n > 1)} {same}")
+    finally:
+        torch.set_num_threads(before)
+    return ", ".join(found)
+
+
 def format_rows(args, rows: list, comfy, fmt: str, path: Path) -> None:
     ours = T5XXLModel.from_state_dict(load_t5_file(path).state_dict)
     theirs, dtype = comfy_t5(comfy, path, args.layers)
@@ -186,8 +205,7 @@ def format_rows(args, rows: list, comfy, fmt: str, path: Path) -> None:
         for case, length in LENGTHS.items():
             tokenizer = T5XXLTokenizer(min_length=length)
             tokens = tokens_for(tokenizer, PROMPT)
-            same = all(torch.equal(ours.encode_token_weights(tokens)[0], theirs.encode_token_weights(tokens)[0])
-                       for _ in range(2))  # the second call reuses what the first left behind
+            same = equal_at_threads(ours, theirs, tokens, sorted({1, args.threads}))
             label = f"{case}, {args.layers}/24 full-size blocks, {fmt} file, fp32 compute"
             stats = interleaved({"ours": encoder(ours, tokens), "comfy": encoder(theirs, tokens)},
                                 repeats=args.repeats)
