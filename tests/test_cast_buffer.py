@@ -140,3 +140,12 @@ def test_scaled_fp8_table_decoding_is_bit_equal_for_every_code(fp8, dtype):
     want = raw.to(dtype) * scale.to(dtype)  # comfy_kitchen's dequantize_per_tensor_fp8
     assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def test_module_doctests():
+    import doctest
+
+    from textenc.nn import packed, scratch
+    for module in (scratch, packed):
+        result = doctest.testmod(module, raise_on_error=False)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
