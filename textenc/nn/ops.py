@@ -105,8 +105,9 @@ class CastWeightBiasMixin:
         """The weight's cast: into the thread's reused buffer inside
         :func:`~textenc.nn.scratch.reuse_cast_buffer` (CPU, not cached), else :meth:`_cast`.
         The bias never shares the buffer: both are alive in the same op."""
-        if (weight is not None and not self.cache_casts
-                and (isinstance(weight, PackedWeight) or weight.dtype != dtype) and torch.device(device).type == "cpu" and can_cast_into_buffer(weight)):
+        needs_cast = weight is not None and (isinstance(weight, PackedWeight) or weight.dtype != dtype)
+        if (needs_cast and not self.cache_casts and torch.device(device).type == "cpu"
+                and can_cast_into_buffer(weight)):
             return cast_into_buffer(weight, dtype)
         return self._cast(weight, dtype, device)
 

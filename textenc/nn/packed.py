@@ -34,12 +34,12 @@ from torch.utils._pytree import tree_map
 
 from ..errors import CheckpointError
 
-#: ``scratch(shape, dtype)``: a reusable temporary lent to :meth:`PackedWeight.decode_into`.
-Scratch = Callable[[torch.Size, torch.dtype], torch.Tensor]
-
 __all__ = ["PackedWeight", "ScaledFloat8Weight", "decode_weight", "float8_is_finite"]
 
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+#: ``scratch(shape, dtype)``: a reusable temporary lent to :meth:`PackedWeight.decode_into`.
+Scratch = Callable[[torch.Size, torch.dtype], torch.Tensor]
 
 
 class PackedWeight(torch.Tensor):
