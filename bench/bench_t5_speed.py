@@ -1,7 +1,8 @@
 """T5-XXL encode speed on CPU, side by side in one process (issue 25, point 5).
 
-    python bench/bench_t5_speed.py [--layers 2] [--repeats 3] [--threads 2]
-        [--comfyui /path/to/ComfyUI --deps /extra/site-packages] [--dir /tmp] [--json out.json]
+    python bench/bench_t5_speed.py [--layers 2] [--repeats 3] [--threads 2] [--cases flux-256,sd3-77]
+        [--comfyui /path/to/ComfyUI --deps /extra/site-packages [--formats fp16,fp8-scaled]]
+        [--skip-fp32] [--dir /tmp] [--json out.json]
 
 The model has the released T5 v1.1 XXL's full-size blocks (d_model 4096, d_ff 10240, 64 heads
 of 64, vocab 32128) but only ``--layers`` of its 24: a full fp32 T5-XXL is 19 GB and this
@@ -16,12 +17,15 @@ Rows:
   on the same fp32 tensors (shared, not copied), fp32 compute;
 * the same textenc call vs the linear-layers floor: ``torch.nn.functional.linear`` on the
   same weights and input shapes, nothing else (limit 1.15x);
-* with ``--comfyui``: textenc from an fp16 safetensors file (``load_t5_file``, weights kept
-  fp16 and cast per Linear) vs ComfyUI's own ``SDClipModel(model_class=comfy.text_encoders.t5.T5)``
-  loading the same file as ComfyUI does on a CPU (``text_encoder_dtype`` is fp16 there: weights kept
-  fp16, cast per Linear, fp32 activations), both ``encode_token_weights``;
+* with ``--comfyui``: textenc from an fp16 and from a scaled-fp8 safetensors file
+  (``load_t5_file``, weights kept as stored, cast / decoded per Linear into a reused buffer)
+  vs ComfyUI's own ``T5XXLModel`` loading the same file as its ``load_clip`` does on a CPU
+  (``convert_old_quants``, ``t5_xxl_detect``: fp16 storage, scaled fp8 through its
+  mixed-precision ops with comfy_kitchen, fp32 activations), both ``encode_token_weights``,
+  outputs checked ``torch.equal``; ``--deps`` must then reach ComfyUI's own imports
+  (psutil, einops, comfy_kitchen: e.g. its venv's site-packages, searched after this venv);
 * ``(a:1.2) fox`` vs ``a fox`` through textenc (the empty encoding is cached per length), and
-  through ComfyUI for reference;
+  with ``--comfy-weighted`` through ComfyUI for reference;
 * bf16 compute only where the CPU has bf16 units (``avx512_bf16`` / ``amx_bf16``).
 """
 
@@ -129,54 +133,93 @@ def fp32_rows(args, rows: list) -> None:
     gc.collect()
 
 
-def comfy_rows(args, rows: list) -> None:
-    sys.path.insert(0, str(Path(args.comfyui).resolve()))
-    if args.deps:
-        sys.path.append(args.deps)
+#: File formats of the ComfyUI rows: name -> written as scaled fp8 (else fp16).
+FORMATS = {"fp16": False, "fp8-scaled": True}
+
+
+def import_comfy(path: str, deps: str | None):
+    """ComfyUI's modules from its source tree, forced onto the CPU (``--cpu``)."""
+    sys.path.insert(0, str(Path(path).resolve()))
+    for folder in (deps or "").split(os.pathsep):
+        if folder:
+            sys.path.append(folder)  # after ours: only what this venv lacks comes from there
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
-    import comfy.model_management as mm
+    import comfy.model_management
     import comfy.sd1_clip
-    import comfy.text_encoders.t5
+    import comfy.text_encoders.sd3_clip
     import comfy.utils
+    return comfy
 
+
+def comfy_t5(comfy, path: Path, layers: int):
+    """ComfyUI's ``T5XXLModel`` loading ``path`` as ``comfy.sd.load_clip`` does on a CPU: old scaled
+    fp8 converted to its mixed-precision ops, weight dtype detected (fp16 storage, fp32 compute)."""
+    sd, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    sd, _ = comfy.utils.convert_old_quants(sd, model_prefix="", metadata=metadata)
+    detected = comfy.text_encoders.sd3_clip.t5_xxl_detect(sd)
+    mm, cpu = comfy.model_management, torch.device("cpu")
+    dtype = mm.pick_weight_dtype(detected.get("dtype_t5"), mm.text_encoder_dtype(cpu), cpu)
+    options = {"t5xxl_model_config": {"num_layers": layers}}
+    if "t5_quantization_metadata" in detected:
+        options["t5xxl_quantization_metadata"] = detected["t5_quantization_metadata"]
+    model = comfy.text_encoders.sd3_clip.T5XXLModel(device="cpu", dtype=dtype, model_options=options)
+    model.load_sd(sd)
+    return model, dtype
+
+
+def comfy_rows(args, rows: list) -> None:
+    comfy = import_comfy(args.comfyui, args.deps)
     bench_t5_memory.XXL = dataclasses.replace(KNOWN_CONFIGS["t5-v1_1-xxl"], num_layers=args.layers)
-    path = Path(args.dir) / f"t5bench-{args.layers}-layer-t5xxl_fp16.safetensors"
-    if not path.exists():
-        bench_t5_memory._write_safetensors(path, fp8=False)
+    for fmt in args.formats.split(","):
+        path = Path(args.dir) / f"t5bench-{args.layers}-layer-{bench_t5_memory.FILES[fmt]}"
+        if not path.exists():
+            bench_t5_memory._write_safetensors(path, fp8=FORMATS[fmt])
+        try:
+            format_rows(args, rows, comfy, fmt, path)
+        finally:
+            if not args.keep:
+                path.unlink(missing_ok=True)
+            gc.collect()
+
+
+def equal_at_threads(ours, theirs, tokens, threads: list[int]) -> str:
+    """``torch.equal`` of both encodings at each torch thread count, twice each (the second call
+    reuses what the first left behind); e.g. ``"1 thread True, 2 threads True"``."""
+    before, found = torch.get_num_threads(), []
     try:
-        ours = T5XXLModel.from_state_dict(load_t5_file(path).state_dict)
-        config = Path(args.dir) / "t5bench-config.json"
-        s = KNOWN_CONFIGS["t5-v1_1-xxl"]
-        config.write_text(json.dumps({"d_ff": s.d_ff, "d_kv": s.d_kv, "d_model": s.d_model, "num_heads": s.num_heads,
-                                      "num_layers": args.layers, "vocab_size": s.vocab_size, "model_type": "t5",
-                                      "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True}))
-        dtype = mm.text_encoder_dtype(torch.device("cpu"))
-        theirs = comfy.sd1_clip.SDClipModel(device="cpu", textmodel_json_config=str(config), dtype=dtype,
-                                            special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                                            enable_attention_masks=False, zero_out_masked=False, model_options={})
-        theirs.load_sd(comfy.utils.load_torch_file(str(path)))
-        with torch.inference_mode():
-            for case, length in LENGTHS.items():
-                tokenizer = T5XXLTokenizer(min_length=length)
-                tokens = tokens_for(tokenizer, PROMPT)
-                a, b = ours.encode_token_weights(tokens)[0], theirs.encode_token_weights(tokens)[0]
-                same = torch.equal(a, b)
-                label = f"{case}, {args.layers}/24 full-size blocks, fp16 file, fp32 compute"
-                stats = interleaved({"ours": encoder(ours, tokens), "comfy": encoder(theirs, tokens)},
-                                    repeats=args.repeats)
-                rows.append(ratio_row("T5 vs ComfyUI T5 (same fp16 file)", label, stats["ours"], stats["comfy"], 1.2,
-                                      ref_label="comfy", higher_is_better=True,
-                                      note=f"ComfyUI weights {str(dtype).replace('torch.', '')}; outputs equal: {same}"))
+        for n in threads:
+            torch.set_num_threads(n)
+            same = all(torch.equal(ours.encode_token_weights(tokens)[0], theirs.encode_token_weights(tokens)[0])
+                       for _ in range(2))
+            found.append(f"{n} thread{'s' * (n > 1)} {same}")
+    finally:
+        torch.set_num_threads(before)
+    return ", ".join(found)
+
+
+def format_rows(args, rows: list, comfy, fmt: str, path: Path) -> None:
+    ours = T5XXLModel.from_state_dict(load_t5_file(path).state_dict)
+    theirs, dtype = comfy_t5(comfy, path, args.layers)
+    with torch.inference_mode():
+        for case, length in LENGTHS.items():
+            tokenizer = T5XXLTokenizer(min_length=length)
+            tokens = tokens_for(tokenizer, PROMPT)
+            same = equal_at_threads(ours, theirs, tokens, sorted({1, args.threads}))
+            label = f"{case}, {args.layers}/24 full-size blocks, {fmt} file, fp32 compute"
+            stats = interleaved({"ours": encoder(ours, tokens), "comfy": encoder(theirs, tokens)},
+                                repeats=args.repeats)
+            rows.append(ratio_row(f"T5 vs ComfyUI T5 (same {fmt} file)", label, stats["ours"], stats["comfy"], 1.2,
+                                  ref_label="comfy", higher_is_better=True,
+                                  note=f"ComfyUI weights {str(dtype).replace('torch.', '')}; outputs equal: {same}"))
+            print(json.dumps(rows[-1]), flush=True)
+            if args.comfy_weighted and fmt == "fp16":
                 weighted, plain = tokens_for(tokenizer, "(a:1.2) fox"), tokens_for(tokenizer, "a fox")
-                stats = interleaved({"w": encoder(theirs, weighted), "p": encoder(theirs, plain)}, repeats=args.repeats)
+                stats = interleaved({"w": encoder(theirs, weighted), "p": encoder(theirs, plain)},
+                                    repeats=args.repeats)
                 rows.append(ratio_row("ComfyUI weighted vs unweighted (reference)", label, stats["w"], stats["p"],
                                       99, ref_label="plain", note="ComfyUI re-encodes the empty prompt"))
-                for row in rows[-2:]:
-                    print(json.dumps(row), flush=True)
-    finally:
-        if not args.keep:
-            path.unlink(missing_ok=True)
+                print(json.dumps(rows[-1]), flush=True)
 
 
 def main() -> None:
@@ -185,8 +228,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--comfyui", help="a ComfyUI source tree: adds the ComfyUI rows")
-    parser.add_argument("--deps", help="an extra folder for ComfyUI's imports")
-    parser.add_argument("--dir", default="/tmp", help="where the fp16 file is written")
+    parser.add_argument("--deps", help="extra folders for ComfyUI's imports (os.pathsep-separated; searched "
+                        "after this venv), e.g. ComfyUI's own venv's site-packages for psutil, einops, comfy_kitchen")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="files for the ComfyUI rows, of "
+                        + ", ".join(FORMATS))
+    parser.add_argument("--comfy-weighted", action="store_true",
+                        help="also time ComfyUI's weighted vs unweighted prompt (reference row)")
+    parser.add_argument("--dir", default="/tmp", help="where the test files are written")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--skip-fp32", action="store_true")
     parser.add_argument("--cases", default=",".join(LENGTHS), help="of " + ", ".join(LENGTHS))

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from textenc.nn.packed import PackedWeight
+from textenc.nn.scratch import can_cast_into_buffer, cast_into_buffer
 
 __all__ = [
     "CastWeightBiasMixin",
@@ -92,13 +93,23 @@ class CastWeightBiasMixin:
             # A packed weight (scaled fp8, GGUF) is decoded to the compute dtype here,
             # per call, and never kept: memory stays at the file's size.
             dtype = self._cast_target(input)
-            weight = self._cast(weight, dtype, input.device)
+            weight = self._cast_weight(weight, dtype, input.device)
             bias = self._cast(bias, dtype, input.device)
         return self._forward_op(input, weight, bias, *args, **kwargs)
 
     def clear_cast_cache(self) -> None:
         """Drop the casts kept by :attr:`cache_casts` (the next forward casts again)."""
         self.__dict__.pop("_cast_cache", None)
+
+    def _cast_weight(self, weight: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """The weight's cast: into the thread's reused buffer inside
+        :func:`~textenc.nn.scratch.reuse_cast_buffer` (CPU, not cached), else :meth:`_cast`.
+        The bias never shares the buffer: both are alive in the same op."""
+        needs_cast = weight is not None and (isinstance(weight, PackedWeight) or weight.dtype != dtype)
+        if (needs_cast and not self.cache_casts and torch.device(device).type == "cpu"
+                and can_cast_into_buffer(weight)):
+            return cast_into_buffer(weight, dtype)
+        return self._cast(weight, dtype, device)
 
     def _cast(self, tensor: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor | None:
         if isinstance(tensor, PackedWeight):

@@ -27,6 +27,8 @@ only); the GGUF one lives in :mod:`textenc.loading.gguf_files`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.utils._pytree import tree_map
 
@@ -35,6 +37,9 @@ from ..errors import CheckpointError
 __all__ = ["PackedWeight", "ScaledFloat8Weight", "decode_weight", "float8_is_finite"]
 
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+#: ``scratch(shape, dtype)``: a reusable temporary lent to :meth:`PackedWeight.decode_into`.
+Scratch = Callable[[torch.Size, torch.dtype], torch.Tensor]
 
 
 class PackedWeight(torch.Tensor):
@@ -46,6 +51,9 @@ class PackedWeight(torch.Tensor):
     # Functions go straight to __torch_dispatch__, whose results are plain tensors.
     __torch_function__ = torch._C._disabled_torch_function_impl
 
+    #: Whether :meth:`decode_into` writes into a caller's buffer (else only :meth:`decode`).
+    decodes_into: bool = False
+
     @staticmethod
     def __new__(cls, *args, shape: tuple[int, ...], dtype: torch.dtype, **kwargs):
         return torch.Tensor._make_wrapper_subclass(
@@ -55,6 +63,15 @@ class PackedWeight(torch.Tensor):
                device: torch.device | str | None = None) -> torch.Tensor:
         """The whole weight as a plain tensor in ``dtype`` (default :attr:`dtype`) on ``device``."""
         return self.decode_rows(slice(None), dtype).to(device=device)
+
+    def decode_into(self, out: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """Decode into ``out`` (contiguous, this weight's shape, the compute dtype); returns ``out``.
+
+        Only where :attr:`decodes_into` is true; gives the bits :meth:`decode` gives.
+        ``scratch(shape, dtype)``, where given, lends a reusable temporary (of a dtype other
+        than ``out``'s) valid until the next call.
+        """
+        raise NotImplementedError(f"{type(self).__name__} decodes only into new tensors")
 
     def decode_rows(self, rows: slice | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows ``rows`` of the first dimension (a slice or an index tensor), decoded."""
@@ -118,8 +135,21 @@ class ScaledFloat8Weight(PackedWeight):
             raise CheckpointError(f"scale must hold one value, got shape {tuple(scale.shape)}")
         self.raw, self.scale = raw, scale.reshape(())
 
+    decodes_into = True
+
     def _decode_rows(self, rows, dtype):
         return self.raw[rows].to(dtype) * self.scale.to(dtype)
+
+    def decode_into(self, out: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        # Every code's value computed as _decode_rows computes it (exact float8 -> dtype,
+        # then one rounded multiply in dtype), into a 256-entry table, then gathered: the
+        # same bits, at about a third of the CPU time of converting element by element.
+        codes = torch.arange(256, dtype=torch.uint8).view(self.raw.dtype)
+        table = codes.to(out.dtype) * self.scale.to(out.dtype)
+        flat = self.raw.reshape(-1).view(torch.uint8)
+        index = scratch(flat.shape, torch.int32) if scratch else torch.empty(flat.shape, dtype=torch.int32)
+        torch.index_select(table, 0, index.copy_(flat), out=out.view(-1))
+        return out
 
     @property
     def stored_bytes(self) -> int:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from . import ops
 from .attention import ENV_VAR, optimized_attention_for_device
 from .clip_layers import IntermediateSpec, resolve_layer_index
+from .scratch import reuse_cast_buffer
 from .t5_config import T5Config, load_t5_config
 
 __all__ = ["T5", "T5Stack", "T5Block", "T5Attention", "T5LayerNorm", "T5DenseGatedActDense",
@@ -258,16 +259,19 @@ class T5Stack(torch.nn.Module):
         stop = len(self.block) if return_last_hidden or not isinstance(index, int) else index + 1
         collected: list[torch.Tensor] = []
         intermediate, bias = None, None
-        for i, block in enumerate(self.block[:stop]):
-            # T5 v1.1: only block 0 has a bias table, and every block reuses its bias (+ mask);
-            # UMT5: each block its own.
-            if block.self_attention.relative_attention_bias is not None:
-                bias = self._bias(block, mask, x)
-            x = block(x, bias, attention)
-            if index == "all":
-                collected.append(x)
-            elif i == index:
-                intermediate = x
+        # Casting layers (fp16 / scaled fp8 weights, fp32 compute) reuse one CPU buffer for
+        # their weights rather than mapping fresh pages per Linear (see textenc.nn.scratch).
+        with reuse_cast_buffer():
+            for i, block in enumerate(self.block[:stop]):
+                # T5 v1.1: only block 0 has a bias table, and every block reuses its bias (+ mask);
+                # UMT5: each block its own.
+                if block.self_attention.relative_attention_bias is not None:
+                    bias = self._bias(block, mask, x)
+                x = block(x, bias, attention)
+                if index == "all":
+                    collected.append(x)
+                elif i == index:
+                    intermediate = x
         if index == "all":
             intermediate = torch.stack(collected, dim=1)
         if intermediate is not None and final_layer_norm_intermediate:
