@@ -310,8 +310,8 @@ def truncation_message(dropped: int, total: int, limit: int, prompts: int, *, ex
     each = " of each .and()/.blend() prompt" if prompts > 1 else ""
     counts = (f"{dropped} of the prompt's {total} tokens" if exact else
               f"at least {dropped} of the prompt's {total}+ tokens (counted up to max_windows windows' worth)")
-    return (f"{TRUNCATION_WARNING}{counts}: compel's truncate_long_prompts=True (the default) keeps the first {limit}{each}; "
-            "pass truncate_long_prompts=False to keep them all")
+    return (f"{TRUNCATION_WARNING}{counts}: compel's truncate_long_prompts=True (the default) keeps the first "
+            f"{limit}{each}; pass truncate_long_prompts=False to keep them all")
 
 
 def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
