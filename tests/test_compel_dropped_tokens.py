@@ -183,3 +183,49 @@ def test_a_ray_dataset_warns_once_then_counts(tmp_path, tiny_model, parser, hf_t
         "--no-truncate-long-prompts to keep them all",
         "python -m textenc.dataset: warning: syntax='compel' dropped tokens of 2 more caption(s) as well "
         "(compel's truncate_long_prompts=True keeps one window); pass --no-truncate-long-prompts to keep them all"]
+
+
+def compel_kept(parser, hf_tokenizer, prompt: str) -> tuple[list[int], list[float]]:
+    """compel 2.5.1's ids and per-token weights of one (single-member) truncated prompt."""
+    from compel.embeddings_provider import EmbeddingsProvider
+
+    provider = EmbeddingsProvider(hf_tokenizer, SimpleNamespace(device="cpu"), truncate=True)
+    member, = parser.parse_conjunction(prompt).prompts
+    ids, weights, _ = provider.get_token_ids_and_expand_weights(
+        [f.text for f in member.children], [f.weight for f in member.children], "cpu")
+    return ids.tolist(), weights.tolist()
+
+
+PAST_THE_CAP = [LONG_SPAN + " (wide open sea)0.6" * 40,
+                "(dim)0.5 " + "".join(f"[a{i}:b:{i}]" for i in range(200))]  # no spaces: cut after digits
+
+
+@pytest.mark.parametrize("prompt", PAST_THE_CAP, ids=["words", "no-spaces"])
+def test_past_max_windows_the_count_is_a_lower_bound(prompt, parser, hf_tokenizer, monkeypatch):
+    """Truncation counts up to max_windows × 75 tokens (the length the non-truncating path
+    refuses), a few characters at a time here; the kept tokens stay compel's."""
+    from textenc.prompts.dialects.compel import tokens
+
+    monkeypatch.setattr(tokens, "_PIECE_CHARS", 40)
+    kept, total = compel_counts(parser, hf_tokenizer, prompt)
+    tokenizer = SDTokenizer(max_windows=1)
+    with pytest.warns(PromptWarning, match="dropped at least") as caught:
+        window, = tokenizer.tokenize_with_weights(prompt, syntax="compel")
+    ids, weights = compel_kept(parser, hf_tokenizer, prompt)
+    assert [t[0] for t in window] == ids
+    assert [t[1] for t in window] == pytest.approx(weights)
+    assert window[0].compel.pooled_window == tuple(hf_tokenizer(prompt, truncation=True, max_length=77,
+                                                                padding="max_length")["input_ids"])
+    message, = [str(w.message) for w in caught]
+    counted = int(message.split("at least ")[1].split(" ")[0])
+    assert 75 <= kept + counted < total
+    assert message.startswith(f"syntax='compel' dropped at least {counted} of the prompt's {kept + counted}+ "
+                              "tokens (counted up to max_windows windows' worth): compel's truncate_long_prompts")
+    with pytest.warns(PromptWarning, match="dropped at least"):
+        report = tokenizer.inspect(prompt, syntax="compel")
+    assert (report.dropped_tokens, report.dropped_tokens_exact) == (counted, False)
+    from textenc.commands.inspect_summary import dropped_lines
+    assert dropped_lines(report)[0].startswith(f"truncated: at least {counted} prompt token(s) dropped, {kept} kept")
+    with pytest.warns(PromptWarning, match=f"dropped {total - kept} of"):
+        exact = SDTokenizer(max_windows=None).inspect(prompt, syntax="compel")
+    assert (exact.dropped_tokens, exact.dropped_tokens_exact) == (total - kept, True)

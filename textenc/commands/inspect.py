@@ -208,6 +208,7 @@ def report_dict(report) -> dict[str, Any]:
                         "vectors": None if e.vectors is None else int(e.vectors.shape[0])}
                        for e in report.embeddings],
         "dropped_tokens": report.dropped_tokens,
+        "dropped_tokens_exact": report.dropped_tokens_exact,
         **({"chunks": [vars(c) for c in report.chunks], "moves": [vars(m) for m in report.moves]}
            if hasattr(report, "chunks") else {}),
     }

@@ -48,13 +48,15 @@ class InspectReport:
     """What :meth:`SDTokenizer.inspect` found: windows, units, embeddings and
     the segments weighted above ``warn_weight_above`` (``large_weights``), and the
     prompt tokens a truncating dialect left out (``dropped_tokens``, compel's
-    ``truncate_long_prompts=True``)."""
+    ``truncate_long_prompts=True``; a lower bound when ``dropped_tokens_exact`` is False:
+    a prompt past ``max_windows`` windows is counted only that far)."""
 
     windows: list[list[TokenReport]]
     units: list[UnitReport]
     embeddings: list[EmbeddingResult] = field(default_factory=list)
     large_weights: list[Segment] = field(default_factory=list)
     dropped_tokens: int = 0
+    dropped_tokens_exact: bool = True
 
     @property
     def missing(self) -> list[EmbeddingResult]:

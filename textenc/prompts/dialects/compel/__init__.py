@@ -59,7 +59,8 @@ class CompelDialect:
 
     def inspect(self, tokenizer: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
         """Chunks and fragments (units); a unit's ``start``/``end`` are -1 (not tracked);
-        ``dropped_tokens``: the tokens truncation left out (their units count only those kept)."""
+        ``dropped_tokens``: the tokens truncation left out (their units count only those kept),
+        a lower bound when ``dropped_tokens_exact`` is False (counted up to ``max_windows``)."""
         prompt = _parse(tokenizer, text)
         layout = compel_layout(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text,
                                max_windows=tokenizer.max_windows_for(kwargs))
@@ -70,7 +71,8 @@ class CompelDialect:
         counts = [sum(1 for w in windows for t in w if t[2] == i + 1) for i in range(len(fragments))]
         units = [UnitReport(i + 1, "text", f.text, f.weight, -1, -1, n)
                  for i, (f, n) in enumerate(zip(fragments, counts))]
-        return InspectReport(token_windows, units, dropped_tokens=layout.dropped)
+        return InspectReport(token_windows, units, dropped_tokens=layout.dropped,
+                             dropped_tokens_exact=layout.exact)
 
 
 DIALECT = CompelDialect()

@@ -24,10 +24,12 @@ raw prompt text, syntax characters included, cut to ``max_length - 2`` ids
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from itertools import chain
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 from ....errors import PromptError, PromptWarning
 from ....warn import warn_at_caller
+from ...budget import space_chunks
 from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, Member, Part
 
@@ -39,6 +41,7 @@ TRUNCATION_WARNING = "syntax='compel' dropped "
 
 SENTENCE_END = (".</w>",)
 PHRASE_END = (".</w>", ",</w>", ";</w>", ":</w>")
+_PIECE_CHARS = 1 << 13  # text tokenized per step while counting up to the cap
 
 
 class CompelTag(NamedTuple):
@@ -162,13 +165,46 @@ def _masked_fragments(member: Member, ranges, truncate: bool, length: int, total
     return owner
 
 
+def _batches(tokenizer: Vocabulary, texts: Sequence[str]) -> Iterator[list[tuple[int, str]]]:
+    """``(text index, piece)`` lists of about :data:`_PIECE_CHARS` characters, in order;
+    a long text is cut (CLIP pipelines only) where its tokens stay as they are."""
+    batch, chars = [], 0
+    for index, text in enumerate(texts):
+        pieces = space_chunks(text, _PIECE_CHARS) if tokenizer.splits_at_spaces else (text,)
+        for piece in pieces:
+            batch.append((index, piece))
+            chars += len(piece)
+            if chars >= _PIECE_CHARS:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _capped_ids(tokenizer: Vocabulary, texts: Sequence[str], cap: Optional[int]) -> tuple[list[list[int]], bool]:
+    """Each text's ids, tokenized a batch at a time until they number more than ``cap``
+    (None: all); the rest stays untokenized. Returns the ids and whether that was all."""
+    if cap is None:
+        return tokenizer.encode_units(list(texts)), True
+    ids: list[list[int]] = [[] for _ in texts]
+    count = 0
+    for batch in _batches(tokenizer, texts):
+        if count > cap:
+            return ids, False
+        for (index, _), piece_ids in zip(batch, tokenizer.encode_units([piece for _, piece in batch])):
+            ids[index] += piece_ids
+            count += len(piece_ids)
+    return ids, True
+
+
 def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first_word_id: int,
-                    max_chunks: Optional[int]):
+                    max_chunks: Optional[int], cap: Optional[int]):
     """Chunks of one member (no more than ``max_chunks``), per flat position its masking
-    fragment, and how many of its tokens truncation dropped (each fragment cut to the
-    limit, then their sum)."""
+    fragment, how many of its tokens truncation dropped (each fragment cut to the limit,
+    then their sum) and whether that count is exact (truncation counts no further than
+    ``cap`` tokens, None: all; past it the count is a lower bound)."""
     limit = tokenizer.max_length - 2
-    fragment_ids = tokenizer.encode_units([f.text for f in member.fragments])
+    fragment_ids, exact = _capped_ids(tokenizer, [f.text for f in member.fragments], cap)
     total = sum(len(ids) for ids in fragment_ids)
     if truncate:
         fragment_ids = [ids[:limit] for ids in fragment_ids]
@@ -182,7 +218,7 @@ def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first
     specials = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token}
     ranges = fragment_ranges(flat, fragment_ids, specials, truncate, tokenizer.max_length)
     dropped = total - min(len(ids), limit) if truncate else 0
-    return chunks, _masked_fragments(member, ranges, truncate, tokenizer.max_length, len(flat)), dropped
+    return chunks, _masked_fragments(member, ranges, truncate, tokenizer.max_length, len(flat)), dropped, exact
 
 
 def _tag(part_index: int, part: Part, member_index: int, fragment: int, member: Member,
@@ -201,7 +237,8 @@ def pooled_window(tokenizer: Vocabulary, text: str) -> tuple[int, ...]:
     >>> len(window), window[:2], window.count(49407) == 77 - window.index(49407)
     (77, (49406, 320), True)
     """
-    ids = tokenizer.encode_units([text])[0][:tokenizer.max_length - 2]
+    ids = list(chain.from_iterable(_capped_ids(tokenizer, [text], tokenizer.max_length - 2)[0]))
+    ids = ids[:tokenizer.max_length - 2]
     window = [tokenizer.start_token, *ids, tokenizer.end_token]
     return tuple(window + [tokenizer.pad_token] * (tokenizer.max_length - len(window)))
 
@@ -212,6 +249,7 @@ class CompelLayout(NamedTuple):
     windows: list[list[CompelToken]]
     dropped: int   # prompt tokens left out by truncation (0 without it)
     total: int     # prompt tokens before truncation, over every part and member
+    exact: bool = True  # False: a member was counted only up to the cap, so both are lower bounds
 
 
 def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
@@ -223,22 +261,26 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
     prompt, and says nothing), a :class:`~textenc.errors.PromptWarning` names how many
     and the option that keeps them. More than ``max_windows`` windows (None: no limit)
     is a :class:`~textenc.errors.PromptError`, raised while chunking, before the tokens
-    are made.
+    are made. Truncation counts each member's tokens only up to ``max_windows × (max_length
+    - 2)`` (None: all); past that, the warning and ``dropped`` give a lower bound.
     """
     if tokenizer.start_token is None or tokenizer.end_token is None:
         raise PromptError("syntax='compel' needs a tokenizer with start and end tokens (CLIP)")
     pooled = pooled_window(tokenizer, text)
     windows: list[list[CompelToken]] = []
-    word_id, dropped, total = 1, 0, 0
+    word_id, dropped, total, exact = 1, 0, 0, True
+    cap = max_windows * (tokenizer.max_length - 2) if truncate and max_windows is not None else None
     for part_index, part in enumerate(prompt.parts):
         for member_index, member in enumerate(part.members):
             budget = None if max_windows is None else max_windows - len(windows)
             try:
-                chunks, owners, member_dropped = _member_windows(tokenizer, member, truncate, word_id, budget)
+                chunks, owners, member_dropped, member_exact = _member_windows(tokenizer, member, truncate,
+                                                                               word_id, budget, cap)
             except _TooManyChunks:
                 raise _too_many_windows(max_windows, tokenizer.max_length) from None
             word_id += len(member.fragments)
             dropped += member_dropped
+            exact = exact and member_exact
             total += sum(1 for chunk in chunks for _, _, word in chunk if word) + member_dropped
             tags = {}
             for chunk_index, chunk in enumerate(chunks):
@@ -250,21 +292,26 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
                     window.append(CompelToken(values if return_word_ids else values[:2], tags[owner]))
                 windows.append(window)
     if dropped:
-        warn_at_caller(truncation_message(dropped, total, tokenizer.max_length - 2, len(windows)), PromptWarning)
-    return CompelLayout(windows, dropped, total)
+        message = truncation_message(dropped, total, tokenizer.max_length - 2, len(windows), exact=exact)
+        warn_at_caller(message, PromptWarning)
+    return CompelLayout(windows, dropped, total, exact)
 
 
-def truncation_message(dropped: int, total: int, limit: int, prompts: int) -> str:
-    """What :func:`compel_layout` warns of when truncation drops tokens.
+def truncation_message(dropped: int, total: int, limit: int, prompts: int, *, exact: bool = True) -> str:
+    """What :func:`compel_layout` warns of when truncation drops tokens (``exact`` False:
+    the counts are lower bounds, the prompt was counted only up to ``max_windows``).
 
     >>> message = truncation_message(25, 100, 75, 1)
     >>> message.startswith("syntax='compel' dropped 25 of the prompt's 100 tokens"), message[-49:]
     (True, 'pass truncate_long_prompts=False to keep them all')
+    >>> truncation_message(25, 100, 75, 1, exact=False)[:66]
+    "syntax='compel' dropped at least 25 of the prompt's 100+ tokens (c"
     """
     each = " of each .and()/.blend() prompt" if prompts > 1 else ""
-    return (f"{TRUNCATION_WARNING}{dropped} of the prompt's {total} tokens: compel's "
-            f"truncate_long_prompts=True (the default) keeps the first {limit}{each}; "
-            "pass truncate_long_prompts=False to keep them all")
+    counts = (f"{dropped} of the prompt's {total} tokens" if exact else
+              f"at least {dropped} of the prompt's {total}+ tokens (counted up to max_windows windows' worth)")
+    return (f"{TRUNCATION_WARNING}{counts}: compel's truncate_long_prompts=True (the default) keeps the first "
+            f"{limit}{each}; pass truncate_long_prompts=False to keep them all")
 
 
 def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
