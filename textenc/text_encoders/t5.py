@@ -159,8 +159,8 @@ class T5XXLTokenizer(SDTokenizer):
     """
 
     syntaxes = ("comfy",)
-    syntax_scope = ("T5 text encoders (SD3, Flux, Wan): A1111 defines no T5 reading, and compel's "
-                    "CompelForFlux weighting of T5 is not built here")
+    syntax_scope = ("T5 text encoders (SD3, Wan): A1111 defines no T5 reading, and compel defines T5 "
+                    "for Flux only (CompelForFlux; Flux's T5 tokenizer reads it)")
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, min_length: int = 77,
                  max_length: int = T5_MAX_LENGTH, *, tokenizer_path: str | None = None, **kwargs: Any) -> None:
@@ -185,8 +185,8 @@ class UMT5XXlTokenizer(SDTokenizer):
     """
 
     syntaxes = ("comfy",)
-    syntax_scope = ("T5 text encoders (SD3, Flux, Wan): A1111 defines no T5 reading, and compel's "
-                    "CompelForFlux weighting of T5 is not built here")
+    syntax_scope = ("T5 text encoders (SD3, Wan): A1111 defines no T5 reading, and compel defines T5 "
+                    "for Flux only (CompelForFlux; Flux's T5 tokenizer reads it)")
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, min_length: int = 512,
                  max_length: int = T5_MAX_LENGTH, *, tokenizer: Any = None, **kwargs: Any) -> None:

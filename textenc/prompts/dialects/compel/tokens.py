@@ -4,8 +4,11 @@ down-weighted fragment masks.
 Facts from compel 2.5.1 (``embeddings_provider.py``), code textenc's:
 
 * every fragment is tokenized on its own and the ids are concatenated;
+* a chunk is :func:`compel_length` tokens (CLIP 77; a T5 tokenizer's
+  ``compel_max_length``, compel's ``tokenizer.model_max_length``), and a
+  tokenizer without a start token (T5) has none in its chunks: ``[ids, end, pad...]``;
 * ``truncate_long_prompts=True`` (compel's default) keeps the first
-  ``max_length - 2`` ids: one chunk ``[start, ids, end, pad...]``;
+  ``max_length - 2`` ids (T5: ``max_length - 1``): one chunk ``[start, ids, end, pad...]``;
 * ``truncate_long_prompts=False`` cuts chunks of at most ``max_length - 2`` ids,
   after the last ``.`` that fits, else the last ``, . ; :``, else the last whole
   word, else at the limit (compel's ``SplitLongTextMode.SENTENCES``);
@@ -32,7 +35,7 @@ from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, Member, Part
 
 __all__ = ["CompelTag", "CompelToken", "CompelLayout", "compel_layout", "compel_windows", "truncation_message",
-           "TRUNCATION_WARNING", "pooled_window", "split_point"]
+           "TRUNCATION_WARNING", "pooled_window", "split_point", "compel_length", "chunk_capacity"]
 
 #: How :func:`truncation_message` starts (for code that groups these warnings).
 TRUNCATION_WARNING = "syntax='compel' dropped "
@@ -68,6 +71,19 @@ class CompelToken(tuple):
         return CompelToken, (tuple(self), self.compel)
 
 
+def compel_length(tokenizer: Vocabulary) -> int:
+    """compel's chunk length for ``tokenizer`` (its ``max_token_count``): the tokenizer's
+    ``compel_max_length`` when it has one (a T5 tokenizer, whose own ``max_length`` means
+    "no windows"; compel takes ``tokenizer.model_max_length``, 512 for Flux's T5), else
+    its window length (CLIP's 77)."""
+    return getattr(tokenizer, "compel_max_length", None) or tokenizer.max_length
+
+
+def chunk_capacity(tokenizer: Vocabulary) -> int:
+    """Prompt ids one compel chunk holds: its length less the start (if any) and end tokens."""
+    return compel_length(tokenizer) - (tokenizer.start_token is not None) - 1
+
+
 def split_point(token_texts: Sequence[str], limit: int) -> int:
     """compel's chunk end for ids whose vocabulary texts are ``token_texts``."""
     if len(token_texts) <= limit:
@@ -82,17 +98,17 @@ def split_point(token_texts: Sequence[str], limit: int) -> int:
 
 def _chunk(tokenizer: Vocabulary, ids: list[int], weights: list[float], word_ids: list[int],
            truncate: bool) -> list[list[tuple[int, float, int]]]:
-    """``[start, ids, end, pad...]`` chunks of ``(token, weight, word_id)``."""
-    length = tokenizer.max_length
-    limit = length - 2
+    """``[start, ids, end, pad...]`` chunks of ``(token, weight, word_id)`` (no start without one)."""
+    length, limit = compel_length(tokenizer), chunk_capacity(tokenizer)
     start, end, pad = tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token
+    head = [(start, 1.0, 0)] if start is not None else []
     chunks, position = [], 0
     while True:
         rest = ids[position:]
         cut = limit if truncate else split_point([tokenizer.inv_vocab.get(i, "") for i in rest], limit)
         body = list(zip(ids[position:position + cut], weights[position:position + cut],
                         word_ids[position:position + cut]))
-        chunk = [(start, 1.0, 0)] + body + [(end, 1.0, 0)]
+        chunk = head + body + [(end, 1.0, 0)]
         chunks.append(chunk + [(pad, 1.0, 0)] * (length - len(chunk)))
         position += cut
         if truncate or position >= len(ids):
@@ -151,7 +167,7 @@ def _masked_fragments(member: Member, ranges, truncate: bool, length: int, total
 def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first_word_id: int):
     """Chunks of one member, per flat position its masking fragment, and how many of
     its tokens truncation dropped (each fragment cut to the limit, then their sum)."""
-    limit = tokenizer.max_length - 2
+    length, limit = compel_length(tokenizer), chunk_capacity(tokenizer)
     fragment_ids = tokenizer.encode_units([f.text for f in member.fragments])
     total = sum(len(ids) for ids in fragment_ids)
     if truncate:
@@ -163,10 +179,10 @@ def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first
         word_ids += [first_word_id + index] * len(f_ids)
     chunks = _chunk(tokenizer, ids, weights, word_ids, truncate)
     flat = [t for chunk in chunks for t, _, _ in chunk]
-    specials = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token}
-    ranges = fragment_ranges(flat, fragment_ids, specials, truncate, tokenizer.max_length)
+    specials = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token} - {None}
+    ranges = fragment_ranges(flat, fragment_ids, specials, truncate, length)
     dropped = total - min(len(ids), limit) if truncate else 0
-    return chunks, _masked_fragments(member, ranges, truncate, tokenizer.max_length, len(flat)), dropped
+    return chunks, _masked_fragments(member, ranges, truncate, length, len(flat)), dropped
 
 
 def _tag(part_index: int, part: Part, member_index: int, fragment: int, member: Member,
@@ -207,9 +223,11 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
     prompt, and says nothing), a :class:`~textenc.errors.PromptWarning` names how many
     and the option that keeps them.
     """
-    if tokenizer.start_token is None or tokenizer.end_token is None:
-        raise PromptError("syntax='compel' needs a tokenizer with start and end tokens (CLIP)")
-    pooled = pooled_window(tokenizer, text)
+    if tokenizer.end_token is None:
+        raise PromptError("syntax='compel' needs a tokenizer with an end token (CLIP, T5)")
+    # compel pools the raw text only where the encoder has a pooled output (CLIP, with a start token)
+    pooled = pooled_window(tokenizer, text) if tokenizer.start_token is not None else None
+    length = compel_length(tokenizer)
     windows: list[list[CompelToken]] = []
     word_id, dropped, total = 1, 0, 0
     for part_index, part in enumerate(prompt.parts):
@@ -222,13 +240,13 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
             for chunk_index, chunk in enumerate(chunks):
                 window = []
                 for column, values in enumerate(chunk):
-                    owner = owners[chunk_index * tokenizer.max_length + column]
+                    owner = owners[chunk_index * length + column]
                     if owner not in tags:
                         tags[owner] = _tag(part_index, part, member_index, owner, member, pooled)
                     window.append(CompelToken(values if return_word_ids else values[:2], tags[owner]))
                 windows.append(window)
     if dropped:
-        warn_at_caller(truncation_message(dropped, total, tokenizer.max_length - 2, len(windows)), PromptWarning)
+        warn_at_caller(truncation_message(dropped, total, chunk_capacity(tokenizer), len(windows)), PromptWarning)
     return CompelLayout(windows, dropped, total)
 
 
