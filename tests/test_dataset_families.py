@@ -239,11 +239,13 @@ def test_sd3_clip_rows_are_stored_without_comfyuis_zero_columns(family, captions
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("syntax", ["a1111", "compel"])
-def test_a_syntax_t5_does_not_define_is_refused_before_any_caption(family, captions, tmp_path, syntax):
-    """One PromptError up front (issue 26 point 6), not one rejected caption per row."""
+@pytest.mark.parametrize("kind,syntax,scope", [("flux", "a1111", "Flux's T5"), ("sd3", "a1111", "T5 text encoders"),
+                                               ("sd3", "compel", "T5 text encoders")])
+def test_a_syntax_t5_does_not_define_is_refused_before_any_caption(family, captions, tmp_path, kind, syntax, scope):
+    """One PromptError up front (issue 26 point 6), not one rejected caption per row. (Flux reads
+    compel: ``test_flux_compel.py``.)"""
     from textenc.errors import PromptError
 
-    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for T5 text encoders"):
-        _encode(captions, _model(family, "flux"), tmp_path / "out", clip_type="flux", syntax=syntax)
+    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for {scope}"):
+        _encode(captions, _model(family, kind), tmp_path / "out", clip_type=kind, syntax=syntax)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))

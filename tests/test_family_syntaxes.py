@@ -1,8 +1,8 @@
 """Prompt syntaxes on the T5 families (issue 26 point 6): ``comfy`` everywhere; ``a1111`` and
-``compel`` only where that project defines the reading. A1111 (webui) has no T5 model, and
-compel's ``CompelForFlux`` (compel 2.5.1 ``convenience_wrappers.py``) weights T5 through its
-own pipeline-bound encoder, which textenc does not build: both are refused on a T5 part with a
-``PromptError`` naming the syntax that applies, never encoded some other way."""
+``compel`` only where that project defines the reading. A1111 (webui) has no T5 model; compel
+defines T5 for Flux only (``CompelForFlux``, compel 2.5.1 ``convenience_wrappers.py``; built
+and tested against compel in ``test_flux_compel.py``). Elsewhere the syntax is refused on the T5
+part with a ``PromptError`` naming the syntaxes that apply, never encoded some other way."""
 
 import pytest
 
@@ -21,15 +21,25 @@ def _tokenizers():
 
 
 @pytest.mark.parametrize("syntax", ["a1111", "compel"])
-@pytest.mark.parametrize("name", ["t5", "umt5", "flux", "sd3"])
+@pytest.mark.parametrize("name", ["t5", "umt5", "sd3"])
 def test_other_syntaxes_are_refused_on_t5_parts(name, syntax):
     tokenizer = _tokenizers()[name]
-    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for T5 text encoders.*"
-                                          r"the syntaxes that apply: 'comfy'"):
+    with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for T5 text encoders \(SD3, Wan\).*"
+                                          r"the syntaxes that apply: 'comfy'$"):
         tokenizer.tokenize_with_weights("a (red:1.2) fox", syntax=syntax)
     if hasattr(tokenizer, "inspect"):
         with pytest.raises(PromptError, match="the syntaxes that apply: 'comfy'"):
             tokenizer.inspect("a (red:1.2) fox", syntax=syntax)
+
+
+def test_flux_reads_compel_and_refuses_a1111_naming_both_that_apply():
+    tokenizer = FluxTokenizer()
+    with pytest.raises(PromptError, match=r"syntax='a1111' is not defined for Flux's T5 \(A1111 defines no T5 reading\); "
+                                          r"the syntaxes that apply: 'comfy', 'compel'$"):
+        tokenizer.tokenize_with_weights("a (red:1.2) fox", syntax="a1111")
+    tokens = tokenizer.tokenize_with_weights("a (red)1.2 fox", syntax="compel")
+    assert len(tokens["t5xxl"]) == 1 and len(tokens["t5xxl"][0]) == 512
+    assert tokenizer.t5xxl.inspect("a (red)1.2 fox", syntax="compel").windows
 
 
 @pytest.mark.parametrize("name", ["t5", "umt5", "flux", "sd3"])

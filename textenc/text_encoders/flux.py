@@ -50,7 +50,7 @@ class T5XXLTokenizer(_T5Tokenizer):
     """
 
     syntaxes = ("comfy", "compel")
-    syntax_scope = "Flux's T5"
+    syntax_scope = "Flux's T5 (A1111 defines no T5 reading)"
     compel_truncates = _COMPEL_TRUNCATES
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, *,
