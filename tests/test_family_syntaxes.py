@@ -34,7 +34,8 @@ def test_other_syntaxes_are_refused_on_t5_parts(name, syntax):
 
 def test_flux_reads_compel_and_refuses_a1111_naming_both_that_apply():
     tokenizer = FluxTokenizer()
-    with pytest.raises(PromptError, match=r"syntax='a1111' is not defined for Flux's T5 \(A1111 defines no T5 reading\); "
+    with pytest.raises(PromptError, match=r"syntax='a1111' is not defined for Flux's T5 "
+                                          r"\(A1111 defines no T5 reading\); "
                                           r"the syntaxes that apply: 'comfy', 'compel'$"):
         tokenizer.tokenize_with_weights("a (red:1.2) fox", syntax="a1111")
     tokens = tokenizer.tokenize_with_weights("a (red)1.2 fox", syntax="compel")

@@ -209,6 +209,24 @@ def test_encode_for_pipeline_with_negatives_equals_compel_for_flux(pipe, oracle)
     pipe(**got, num_inference_steps=1, height=16, width=16, guidance_scale=1.0, output_type="latent")
 
 
+def test_the_pipelines_t5_model_max_length_is_compels_chunk(pipe):
+    """compel chunks T5 at ``tokenizer_2.model_max_length``; load_from_diffusers reads it."""
+    import diffusers
+    import transformers
+
+    tokenizer_2 = transformers.T5TokenizerFast(tokenizer_file=str(Path(fixtures.T5_VOCAB) / "tokenizer.json"),
+                                               model_max_length=128)
+    short = diffusers.FluxPipeline(**{**pipe.components, "tokenizer_2": tokenizer_2})
+    oracle = compel_wrappers.CompelForFlux(short)
+    for text in ("a (red fox)0.5 in the (deep snow)1.2", LONG):
+        want = oracle(text, negative_prompt="blurry")
+        got = encode_for_pipeline(short, text, "blurry", syntax="compel")
+        assert got["prompt_embeds"].shape[1] == 128
+        close(got["prompt_embeds"], want.embeds, "prompt_embeds")
+        close(got["negative_prompt_embeds"], want.negative_embeds, "negative_prompt_embeds")
+        close(got["pooled_prompt_embeds"], want.pooled_embeds, "pooled_prompt_embeds")
+
+
 # ---- the CLI, the dataset, the node ----------------------------------------------------------
 
 def test_cli_encode_equals_compel_for_flux(from_files, tmp_path):
@@ -232,6 +250,18 @@ def test_cli_encode_equals_compel_for_flux(from_files, tmp_path):
         want = oracle(text)
         close(tensors[cond_key].reshape(want.embeds.shape), want.embeds, cond_key)
         close(tensors[pooled_key].reshape(want.pooled_embeds.shape), want.pooled_embeds, pooled_key)
+
+
+def test_cli_inspect_shows_compels_reading_of_both_parts(from_files):
+    files = from_files[0]
+    command = [sys.executable, "-m", "textenc", "inspect", "a (red fox)0.5 in snow", "--model", files[0],
+               "--model", files[1], "--clip-type", "flux", "--syntax", "compel", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=checkout_env(), cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    parts = json.loads(done.stdout)["parts"]
+    assert parts["t5xxl"]["tokens"] == 512 and len(parts["t5xxl"]["windows"]) == 1
+    assert [u["weight"] for u in parts["t5xxl"]["units"]] == [1.0, 0.5, 1.0]
+    assert [u["text"] for u in parts["l"]["units"]] == ["a red fox in snow"]
 
 
 def test_cli_refuses_compel_options_flux_does_not_define(from_files):

@@ -52,6 +52,7 @@ class T5XXLTokenizer(_T5Tokenizer):
     syntaxes = ("comfy", "compel")
     syntax_scope = "Flux's T5 (A1111 defines no T5 reading)"
     compel_truncates = _COMPEL_TRUNCATES
+    compel_max_length: int = FLUX_COMPEL_T5_LENGTH  # load_from_diffusers passes the folder's model_max_length
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, *,
                  compel_max_length: int = FLUX_COMPEL_T5_LENGTH, **kwargs: Any) -> None:

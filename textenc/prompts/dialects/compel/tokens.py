@@ -246,11 +246,13 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
                     window.append(CompelToken(values if return_word_ids else values[:2], tags[owner]))
                 windows.append(window)
     if dropped:
-        warn_at_caller(truncation_message(dropped, total, chunk_capacity(tokenizer), len(windows)), PromptWarning)
+        fixed = getattr(tokenizer, "compel_truncates", None)  # False refused (Flux): no hint towards it
+        warn_at_caller(truncation_message(dropped, total, chunk_capacity(tokenizer), len(windows),
+                                          keep_hint=not fixed), PromptWarning)
     return CompelLayout(windows, dropped, total)
 
 
-def truncation_message(dropped: int, total: int, limit: int, prompts: int) -> str:
+def truncation_message(dropped: int, total: int, limit: int, prompts: int, *, keep_hint: bool = True) -> str:
     """What :func:`compel_layout` warns of when truncation drops tokens.
 
     >>> message = truncation_message(25, 100, 75, 1)
@@ -258,9 +260,10 @@ def truncation_message(dropped: int, total: int, limit: int, prompts: int) -> st
     (True, 'pass truncate_long_prompts=False to keep them all')
     """
     each = " of each .and()/.blend() prompt" if prompts > 1 else ""
+    hint = ("pass truncate_long_prompts=False to keep them all" if keep_hint
+            else "the model's compel wrapper keeps no more (CompelForFlux truncates)")
     return (f"{TRUNCATION_WARNING}{dropped} of the prompt's {total} tokens: compel's "
-            f"truncate_long_prompts=True (the default) keeps the first {limit}{each}; "
-            "pass truncate_long_prompts=False to keep them all")
+            f"truncate_long_prompts=True (the default) keeps the first {limit}{each}; {hint}")
 
 
 def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
