@@ -239,7 +239,7 @@ def test_sd3_clip_rows_are_stored_without_comfyuis_zero_columns(family, captions
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("kind, syntax", [("wan", "a1111"), ("flux", "compel")])
+@pytest.mark.parametrize("kind, syntax", [("wan", "a1111"), ("sd3", "compel")])
 def test_a_syntax_the_family_does_not_define_is_refused_before_any_caption(family, captions, tmp_path, kind,
                                                                              syntax):
     """One PromptError up front (issue 26 point 6), not one rejected caption per row."""

@@ -1,10 +1,10 @@
 """Prompt syntaxes on the T5 families (issue 26 point 6): ``comfy`` everywhere; ``a1111`` and
 ``compel`` only where that project defines the reading. ``a1111`` reads SD3 as A1111's webui
 does and Flux as Forge does, through the family tokenizers
-(``tests/test_a1111_families.py``); a T5 tokenizer on its own and Wan's UMT5 refuse it. compel's
-``CompelForFlux`` (compel 2.5.1 ``convenience_wrappers.py``) weights T5 through its own
-pipeline-bound encoder, which textenc does not build. A refusal is a ``PromptError`` naming the
-syntax that applies, never an encode some other way."""
+(``tests/test_a1111_families.py``); compel defines T5 for Flux only (``CompelForFlux``, compel
+2.5.1 ``convenience_wrappers.py``; built and tested against compel in ``test_flux_compel.py``).
+A T5 tokenizer on its own and Wan's UMT5 refuse both, SD3 refuses compel. A refusal is a
+``PromptError`` naming the syntax that applies, never an encode some other way."""
 
 import pytest
 
@@ -23,7 +23,7 @@ def _tokenizers():
 
 
 @pytest.mark.parametrize("syntax, name", [("a1111", "t5"), ("a1111", "umt5"), ("compel", "t5"), ("compel", "umt5"),
-                                          ("compel", "flux"), ("compel", "sd3")])
+                                          ("compel", "sd3")])
 def test_other_syntaxes_are_refused_on_t5_parts(name, syntax):
     tokenizer = _tokenizers()[name]
     with pytest.raises(PromptError, match=rf"syntax='{syntax}' is not defined for .*"
@@ -43,6 +43,13 @@ def test_wan_names_why():
 def test_a1111_reads_sd3_and_flux_as_a_whole(name):
     tokens = _tokenizers()[name].tokenize_with_weights("a (red:1.2) fox", syntax="a1111")
     assert tokens["t5xxl"] and tokens["l"]
+
+
+def test_flux_reads_compel_in_compels_t5_chunk():
+    tokenizer = FluxTokenizer()
+    tokens = tokenizer.tokenize_with_weights("a (red)1.2 fox", syntax="compel")
+    assert len(tokens["t5xxl"]) == 1 and len(tokens["t5xxl"][0]) == 512
+    assert tokenizer.t5xxl.inspect("a (red)1.2 fox", syntax="compel").windows
 
 
 @pytest.mark.parametrize("name", ["t5", "umt5", "flux", "sd3"])

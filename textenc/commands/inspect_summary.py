@@ -52,7 +52,8 @@ def dropped_lines(report: InspectReport) -> list[str]:
     if not dropped:
         return []
     kept = sum(1 for window in report.windows for token in window if token.word_id != 0)
-    limit = len(report.windows[0]) - 2  # the start and end tokens
+    first = report.windows[0]
+    limit = len(first) - 1 - (first[0].word_id == 0)  # the end token, and the start token where there is one (not T5)
     counted = "" if report.dropped_tokens_exact else "at least "  # counted up to max_windows only
     return [f"truncated: {counted}{dropped} prompt token(s) dropped, {kept} kept (compel's truncate_long_prompts=True, "
             f"the default, keeps the first {limit} of each prompt); --no-truncate-long-prompts keeps them all"]

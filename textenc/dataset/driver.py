@@ -25,7 +25,7 @@ from ..errors import DatasetError, PromptWarning
 from ..sd import CLIP_TYPES
 from ..text_encoders.a1111_families import is_sd3_a1111
 from ..text_encoders.clip_skip import check_clip_skip
-from ..text_encoders.sequences import sequence_length
+from ..text_encoders.sequences import sequence_length, with_min_length
 from ..text_encoders.weighting import NORMALIZATIONS, WEIGHT_MODES
 from ..warn import ON_MISSING_EMBEDDING, Tally, first_of_kind, missing_embedding_policy
 from .compute import DEFAULT_THREADS, resolve_compute_dtype, torch_threads
@@ -271,10 +271,14 @@ def _plan(request: Request) -> tuple[Run, tuple]:
     compute_dtype = resolve_compute_dtype(r.compute_dtype, resolve_device(r.device))
     clip = load_model(r.model, kind=r.clip_type, device=resolve_device(r.device), embeddings=r.embeddings)
     own = dialect_options(r.syntax, {"truncate_long_prompts": r.truncate_long_prompts})
-    probe = clip.tokenize("", syntax=r.syntax)  # a syntax this family does not define: refused once, here
+    # Refused once, here, not caption by caption: a syntax this family does not define (SD3/Wan T5:
+    # comfy only), a dialect option it does not (Flux compel: truncate_long_prompts=False) or a T5
+    # minimum that the syntax cannot take (Flux compel: over its 512 chunk; SD3 a1111: any).
+    probe = clip.tokenize("", syntax=r.syntax, **own)
     if r.t5_min_length is not None and is_sd3_a1111(probe):
         raise DatasetError(f"t5_min_length={r.t5_min_length}: with syntax='a1111' SD3's T5 has as many rows as its "
                            "CLIP part, as A1111 encodes it; leave t5_min_length out")
+    with_min_length(clip.family, probe, r.t5_min_length)
     settings = EncodeSettings(layer=layer_for_clip_skip(clip, r.clip_skip), syntax=r.syntax,
                               truncate_long_prompts=own.get("truncate_long_prompts"),
                               weight_mode=r.weight_mode or default_weight_mode(r.syntax),

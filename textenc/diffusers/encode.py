@@ -158,7 +158,9 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
             diffusers' 23-layer SD2 encoder counts as ViT-H's 24, so -2 is its last).
             Neither: the CLIP's ``clip_layer()`` if set, else the model's ComfyUI
             default (SD1 -1, SD2 -2, SDXL -2).
-        syntax: prompt dialect, one of :data:`textenc.prompts.dialects.SYNTAXES` (``"comfy"``).
+        syntax: prompt dialect, one of :data:`textenc.prompts.dialects.SYNTAXES` (``"comfy"``);
+            ``"compel"`` on a FluxPipeline gives what compel's ``CompelForFlux`` gives; SD3 and
+            Wan take ``"comfy"`` only (docs/families.md, "Prompt syntaxes").
         truncate_long_prompts: ``syntax="compel"`` only, as compel's: True (default)
             keeps one 77-token window; False cuts a long prompt into compel's chunks,
             and the rows are padded as compel's ``pad_conditioning_tensors_to_same_length``
@@ -171,7 +173,9 @@ def encode_for_pipeline(pipe_or_loaded: Any, prompt: str | Sequence[str],
         device / dtype: override the pipeline's (or the CLIP's) device and dtype.
         max_sequence_length: SD3, Flux, Wan: pad T5 to at least this many tokens before
             encoding, as the pipeline's own ``max_sequence_length`` (SD3 256, Flux 512, Wan
-            512) pads it; None: ComfyUI's minimum (77, 256, 512). Never truncates.
+            512) pads it; None: ComfyUI's minimum (77, 256, 512). Never truncates. With
+            ``syntax="compel"`` (Flux, as compel's ``CompelForFlux``) T5 is compel's chunk,
+            ``tokenizer_2.model_max_length`` tokens, and a larger value is a PromptError.
         fast_pooled: at an intermediate layer, run the layers after it for the pooled
             row only: faster, and the pooled output then differs from ComfyUI's by fp32
             rounding (≤ 2.5e-6); see :class:`textenc.text_encoders.options.ClipOptions`.

@@ -30,7 +30,7 @@ from ..loading.detect import convert_text_state_dict
 from ..errors import ConfigError, DiffusersLayoutError, TextencError
 from ..sd import CLIP, CLIP_TYPES, build_clip
 from ..text_encoders.families import Family, families, get_family
-from .t5 import copy_spiece_model, t5_config, t5_tokenizer_arguments
+from .t5 import copy_spiece_model, t5_config, t5_model_max_length, t5_tokenizer_arguments
 
 __all__ = ["KINDS", "load_from_diffusers", "pipeline_kind", "diffusers_encoder_names"]
 
@@ -59,11 +59,16 @@ class _Encoder:
     pad_token: int
     source: str
     tokenizer_arguments: Mapping[str, Any] | None = None  # T5 roles: their tokenizer's own arguments
+    model_max_length: int | None = None  # T5 roles: the tokenizer's, compel's chunk length
 
-    def tokenizer_kwargs(self) -> dict[str, Any]:
-        """The role's tokenizer arguments for :func:`textenc.sd.build_clip`."""
+    def tokenizer_kwargs(self, tokenizer_class: type | None = None) -> dict[str, Any]:
+        """The role's tokenizer arguments for :func:`textenc.sd.build_clip`; a tokenizer class that
+        reads compel (Flux's T5: ``compel_max_length``) gets the folder's ``model_max_length``."""
         if self.tokenizer_arguments is not None:
-            return dict(self.tokenizer_arguments)
+            arguments = dict(self.tokenizer_arguments)
+            if self.model_max_length is not None and hasattr(tokenizer_class, "compel_max_length"):
+                arguments["compel_max_length"] = self.model_max_length
+            return arguments
         return {"tokenizer_path": self.tokenizer_path, "embedding_size": self.config.hidden_size,
                 "pad_token": self.pad_token}
 
@@ -217,7 +222,8 @@ def _pad_token_id(folder: Path) -> int:
 def _t5_encoder(raw: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any], tokenizer: Path,
                 source: str) -> _Encoder:
     config = t5_config(hf_config, source=f"{source}/config.json")
-    return _Encoder(dict(raw), config, str(tokenizer), 0, source, t5_tokenizer_arguments(tokenizer, config))
+    return _Encoder(dict(raw), config, str(tokenizer), 0, source, t5_tokenizer_arguments(tokenizer, config),
+                    t5_model_max_length(tokenizer))
 
 
 def _folder_encoder(folder: Path, tokenizer: Path, is_t5: bool = False) -> _Encoder:
@@ -312,12 +318,13 @@ def _pipeline_joint_width(pipe: Any) -> int | None:
 
 def _build(kind: str, encoders: Sequence[_Encoder | None], *, device: Any, dtype: torch.dtype | None,
            embedding_directory: Any, joint_width: int | None = None) -> CLIP:
-    by_role = {role: e for role, e in zip(get_family(kind).role_names, encoders) if e is not None}
+    family = get_family(kind)
+    by_role = {role: e for role, e in zip(family.role_names, encoders) if e is not None}
     try:
         clip = build_clip(
             kind, {role: e.state_dict for role, e in by_role.items()},
             {role: e.config for role, e in by_role.items()},
-            {role: e.tokenizer_kwargs() for role, e in by_role.items()},
+            {role: e.tokenizer_kwargs(family.role(role).tokenizer_class) for role, e in by_role.items()},
             sources={role: e.source for role, e in by_role.items()},
             embedding_directory=embedding_directory, device=device, dtype=dtype,
             model_kwargs=_model_kwargs(kind, encoders, joint_width))

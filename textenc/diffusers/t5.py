@@ -13,6 +13,7 @@ layout textenc's T5 loads as it is. Its tokenizer:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 from ..errors import ConfigError, DiffusersLayoutError
 from ..nn.t5_config import T5Config, load_t5_config
 
-__all__ = ["t5_config", "t5_tokenizer_arguments", "copy_spiece_model", "SPIECE_FILE"]
+__all__ = ["t5_config", "t5_tokenizer_arguments", "t5_model_max_length", "copy_spiece_model", "SPIECE_FILE"]
 
 #: The SentencePiece model file transformers' T5 tokenizers save beside ``tokenizer.json``.
 SPIECE_FILE = "spiece.model"
@@ -65,6 +66,19 @@ def t5_tokenizer_arguments(folder: Path, config: T5Config) -> dict[str, Any]:
     if not (folder / "tokenizer.json").is_file():
         raise DiffusersLayoutError(f"{folder}: no tokenizer.json; textenc reads the T5 tokenizer from it")
     return {"tokenizer_path": str(folder)}
+
+
+def t5_model_max_length(folder: Path) -> int | None:
+    """The tokenizer folder's ``model_max_length`` (``tokenizer_config.json``; FLUX.1's
+    ``tokenizer_2``: 512), which compel reads as its chunk length; None when the file gives none
+    or transformers' "no limit" (a huge number)."""
+    try:
+        value = json.loads((folder / "tokenizer_config.json").read_text("utf-8")).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 1_000_000:
+        return value
+    return None
 
 
 def copy_spiece_model(tokenizer: Any, folder: Path) -> None:

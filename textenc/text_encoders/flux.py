@@ -7,6 +7,12 @@
 
 Flux's guidance is not part of the text encoding: ComfyUI's ``CLIPTextEncodeFlux`` /
 ``FluxGuidance`` nodes add it to the conditioning.
+
+``syntax="compel"`` reads a prompt as compel's ``CompelForFlux`` (compel 2.5.1) does, not
+ComfyUI's way: T5 in one chunk of compel's length (:data:`FLUX_COMPEL_T5_LENGTH`, 512, not
+ComfyUI's 256 minimum) with compel's weighting, and the pooled output from CLIP-L of the
+fragments' texts, unweighted (:mod:`textenc.prompts.dialects.compel.pooled`); see
+``docs/syntax.md``. ``syntax="comfy"`` (the default) stays ComfyUI's.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import PromptError
+from ..errors import ConfigError, PromptError
 from ..prompts.tokenizer import SDTokenizer
 from .a1111_families import encode_each_schedule_text, tokenize_flux_a1111
 from .batch import PromptByPromptMixin
@@ -25,18 +31,45 @@ from .sd3_clip import empty_clip_window, empty_t5_tokens
 from .t5 import T5XXLModel
 from .t5 import T5XXLTokenizer as _T5Tokenizer
 
-__all__ = ["FluxTokenizer", "FluxClipModel", "T5XXLTokenizer", "flux_clip", "FLUX_T5_MIN_LENGTH"]
+__all__ = ["FluxTokenizer", "FluxClipModel", "T5XXLTokenizer", "FluxClipLTokenizer", "flux_clip",
+           "FLUX_T5_MIN_LENGTH", "FLUX_COMPEL_T5_LENGTH"]
 
 #: ComfyUI pads Flux's T5 prompt to at least 256 tokens.
 FLUX_T5_MIN_LENGTH = 256
+#: compel's T5 chunk for Flux: ``tokenizer_2.model_max_length`` of FLUX.1's diffusers folder,
+#: which ``CompelForFlux`` encodes ``truncate_long_prompts=True``: 511 ids, ``</s>``, padding.
+FLUX_COMPEL_T5_LENGTH = 512
+_COMPEL_TRUNCATES = ("compel's CompelForFlux encodes Flux with truncate_long_prompts=True "
+                     f"(one T5 chunk of {FLUX_COMPEL_T5_LENGTH} tokens)")
 
 
 class T5XXLTokenizer(_T5Tokenizer):
-    """Flux's T5 tokenizer (ComfyUI's ``flux.T5XXLTokenizer``): minimum length 256."""
+    """Flux's T5 tokenizer (ComfyUI's ``flux.T5XXLTokenizer``): minimum length 256.
 
-    def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, **kwargs: Any) -> None:
+    Reads ``syntax="compel"`` too, as compel's ``CompelForFlux`` reads T5: chunks of
+    ``compel_max_length`` tokens (default 512, compel's ``model_max_length``), truncated.
+    """
+
+    syntaxes = ("comfy", "compel")
+    syntax_scope = "Flux's T5 on its own (Forge's A1111 reading of Flux goes through FluxTokenizer)"
+    compel_truncates = _COMPEL_TRUNCATES
+    compel_max_length: int = FLUX_COMPEL_T5_LENGTH  # load_from_diffusers passes the folder's model_max_length
+
+    def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, *,
+                 compel_max_length: int = FLUX_COMPEL_T5_LENGTH, **kwargs: Any) -> None:
         kwargs.setdefault("min_length", FLUX_T5_MIN_LENGTH)
         super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data, **kwargs)
+        if not isinstance(compel_max_length, int) or isinstance(compel_max_length, bool) or compel_max_length < 2:
+            raise ConfigError(f"compel_max_length must be an int of at least 2, got {compel_max_length!r}")
+        self.compel_max_length = compel_max_length
+
+
+class FluxClipLTokenizer(SDTokenizer):
+    """Flux's CLIP-L tokenizer: ComfyUI's ``SDTokenizer``; with ``syntax="compel"`` it reads the
+    prompt as compel's ``ReturnedEmbeddingsType.POOLED`` (CompelForFlux's CLIP-L gives the pooled
+    output only): one unweighted window of the fragments' texts."""
+
+    compel_pooled_only = True
 
 
 class FluxTokenizer:
@@ -51,7 +84,8 @@ class FluxTokenizer:
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, *,
                  l_kwargs: Mapping[str, Any] | None = None, t5xxl_kwargs: Mapping[str, Any] | None = None) -> None:
         data = dict(tokenizer_data or {})
-        self.clip_l = SDTokenizer(embedding_directory=embedding_directory, tokenizer_data=data, **dict(l_kwargs or {}))
+        self.clip_l = FluxClipLTokenizer(embedding_directory=embedding_directory, tokenizer_data=data,
+                                         **dict(l_kwargs or {}))
         self.t5xxl = T5XXLTokenizer(embedding_directory=embedding_directory, tokenizer_data=data,
                                     **dict(t5xxl_kwargs or {}))
 
@@ -150,7 +184,7 @@ def flux_clip(**_ignored: Any) -> type:
 #: diffusers' FluxPipeline: CLIP-L as text_encoder (pooled_prompt_embeds), T5 as text_encoder_2.
 FLUX = register_family(Family(
     "flux", "Flux",
-    roles=(Role("l", SDClipModel, SDTokenizer),
+    roles=(Role("l", SDClipModel, FluxClipLTokenizer),
            Role("t5xxl", T5XXLModel, T5XXLTokenizer, encoder="t5", attribute_name="t5xxl",
                 min_length=FLUX_T5_MIN_LENGTH, diffusers_text_encoder="text_encoder_2",
                 diffusers_tokenizer="tokenizer_2")),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from ..errors import PromptError
 from .registry import Family, Role
 
 __all__ = ["t5_role", "real_length", "clip_real_length", "pad_sequence", "with_min_length",
@@ -82,9 +83,22 @@ def with_min_length(family: Family, tokens: Mapping[str, list], min_length: int 
     A longer minimum than the family's (diffusers' ``max_sequence_length``, kohya's
     ``t5xxl_max_token_length``) changes every T5 row where T5 runs unmasked (SD3, Flux):
     padding is attended. It is a setting of the encoding, never applied afterwards.
+
+    A compel-read T5 sequence (``syntax="compel"``, Flux) is compel's fixed chunk: a longer
+    minimum is a :class:`~textenc.errors.PromptError` (compel pads nothing into its chunk).
     """
     role = t5_role(family)
     out = dict(tokens)
     if role is not None and min_length is not None and role.name in out:
+        _check_compel_length(out[role.name], min_length)
         out[role.name] = pad_sequence(out[role.name], min_length)
     return out
+
+
+def _check_compel_length(windows: Sequence[Sequence[Any]], min_length: int) -> None:
+    length = sequence_length(windows)
+    tagged = any(getattr(pair, "compel", None) is not None for window in windows[:1] for pair in window[:1])
+    if tagged and min_length > length:
+        raise PromptError(f"syntax='compel' reads T5 in compel's chunk of {length} tokens; a minimum T5 length "
+                          f"of {min_length} (max_sequence_length, t5_min_length) would pad it, which compel "
+                          "does not: leave it unset or at most the chunk")

@@ -160,8 +160,8 @@ class T5XXLTokenizer(SDTokenizer):
 
     syntaxes = ("comfy",)
     syntax_scope = ("a T5 text encoder on its own: A1111 reads T5 only as part of SD3 (its webui) and "
-                    "Flux (Forge), through those families' tokenizers, and compel's CompelForFlux "
-                    "weighting of T5 is not built here")
+                    "Flux (Forge), and compel only as part of Flux (CompelForFlux), through those "
+                    "families' tokenizers")
 
     def __init__(self, embedding_directory=None, tokenizer_data: Mapping | None = None, min_length: int = 77,
                  max_length: int = T5_MAX_LENGTH, *, tokenizer_path: str | None = None, **kwargs: Any) -> None:

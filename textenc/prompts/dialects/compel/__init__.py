@@ -12,6 +12,13 @@ Keyword understood: ``truncate_long_prompts`` (default True, as compel's
 ``Compel(...)``): keep one 77-token chunk; False chunks the whole prompt as compel
 does. Every entry point takes the option
 (:data:`textenc.prompts.dialects.DIALECT_OPTIONS`); other syntaxes refuse False.
+
+Two tokenizer attributes adapt the reading to a model, as compel's own settings do:
+
+* ``compel_pooled_only`` (True on Flux's CLIP-L): compel's ``ReturnedEmbeddingsType.POOLED``
+  reading, one unweighted window of the fragments' texts (:mod:`.pooled`);
+* ``compel_truncates`` (a reason, on Flux's T5): ``truncate_long_prompts=False`` is refused
+  with it (compel's ``CompelForFlux`` truncates both encoders).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from ...limits import check_prompt_size
 from ...report import InspectReport, TokenReport, UnitReport
 from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, parse_compel
+from .pooled import pooled_text, pooled_text_window
 from .tokens import CompelTag, CompelToken, compel_layout, compel_windows
 
 __all__ = ["DIALECT", "CompelDialect", "CompelTag", "CompelToken", "parse_compel"]
@@ -36,11 +44,18 @@ def _parse(tokenizer: Vocabulary, text: object) -> CompelPrompt:
         raise PromptError("compel prompt nests brackets or quotes too deeply") from None
 
 
-def _truncate(kwargs: Mapping[str, Any]) -> bool:
+def _truncate(tokenizer: Vocabulary, kwargs: Mapping[str, Any]) -> bool:
     value = kwargs.get("truncate_long_prompts", True)
     if not isinstance(value, bool):
         raise PromptError(f"truncate_long_prompts must be True or False, got {value!r}")
+    reason = getattr(tokenizer, "compel_truncates", None)
+    if not value and reason:
+        raise PromptError(f"truncate_long_prompts=False is not defined here: {reason}")
     return value
+
+
+def _pooled_only(tokenizer: Vocabulary) -> bool:
+    return bool(getattr(tokenizer, "compel_pooled_only", False))
 
 
 class CompelDialect:
@@ -54,7 +69,10 @@ class CompelDialect:
         """Chunks of :class:`CompelToken` (plain ``(token, weight[, word_id])`` tuples
         that carry a ``.compel`` tag for the ``compel`` weight mode)."""
         prompt = _parse(tokenizer, text)
-        return compel_windows(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=return_word_ids,
+        truncate = _truncate(tokenizer, kwargs)
+        if _pooled_only(tokenizer):
+            return [pooled_text_window(tokenizer, pooled_text(prompt), return_word_ids=return_word_ids)]
+        return compel_windows(tokenizer, prompt, truncate=truncate, return_word_ids=return_word_ids,
                               text=text, max_windows=tokenizer.max_windows_for(kwargs))
 
     def inspect(self, tokenizer: Vocabulary, text: str, **kwargs: Any) -> InspectReport:
@@ -62,7 +80,10 @@ class CompelDialect:
         ``dropped_tokens``: the tokens truncation left out (their units count only those kept),
         a lower bound when ``dropped_tokens_exact`` is False (counted up to ``max_windows``)."""
         prompt = _parse(tokenizer, text)
-        layout = compel_layout(tokenizer, prompt, truncate=_truncate(kwargs), return_word_ids=True, text=text,
+        truncate = _truncate(tokenizer, kwargs)
+        if _pooled_only(tokenizer):
+            return _pooled_report(tokenizer, pooled_text(prompt))
+        layout = compel_layout(tokenizer, prompt, truncate=truncate, return_word_ids=True, text=text,
                                max_windows=tokenizer.max_windows_for(kwargs))
         windows = layout.windows
         token_windows = [[TokenReport(t, tokenizer.inv_vocab.get(t, "<unknown>"), w, i) for t, w, i in window]
@@ -73,6 +94,14 @@ class CompelDialect:
                  for i, (f, n) in enumerate(zip(fragments, counts))]
         return InspectReport(token_windows, units, dropped_tokens=layout.dropped,
                              dropped_tokens_exact=layout.exact)
+
+
+def _pooled_report(tokenizer: Vocabulary, text: str) -> InspectReport:
+    """The pooled reading's one window and one unit (the joined text, weight 1)."""
+    window = pooled_text_window(tokenizer, text, return_word_ids=True)
+    tokens = [TokenReport(t, tokenizer.inv_vocab.get(t, "<unknown>"), w, i) for t, w, i in window]
+    units = [UnitReport(1, "text", text, 1.0, -1, -1, sum(1 for _, _, i in window if i))]
+    return InspectReport([tokens], units)
 
 
 DIALECT = CompelDialect()

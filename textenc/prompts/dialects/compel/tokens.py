@@ -4,8 +4,11 @@ down-weighted fragment masks.
 Facts from compel 2.5.1 (``embeddings_provider.py``), code textenc's:
 
 * every fragment is tokenized on its own and the ids are concatenated;
+* a chunk is :func:`compel_length` tokens (CLIP 77; a T5 tokenizer's
+  ``compel_max_length``, compel's ``tokenizer.model_max_length``), and a
+  tokenizer without a start token (T5) has none in its chunks: ``[ids, end, pad...]``;
 * ``truncate_long_prompts=True`` (compel's default) keeps the first
-  ``max_length - 2`` ids: one chunk ``[start, ids, end, pad...]``;
+  ``max_length - 2`` ids (T5: ``max_length - 1``): one chunk ``[start, ids, end, pad...]``;
 * ``truncate_long_prompts=False`` cuts chunks of at most ``max_length - 2`` ids,
   after the last ``.`` that fits, else the last ``, . ; :``, else the last whole
   word, else at the limit (compel's ``SplitLongTextMode.SENTENCES``);
@@ -34,7 +37,7 @@ from ...vocabulary import Vocabulary
 from .grammar import CompelPrompt, Member, Part
 
 __all__ = ["CompelTag", "CompelToken", "CompelLayout", "compel_layout", "compel_windows", "truncation_message",
-           "TRUNCATION_WARNING", "pooled_window", "split_point"]
+           "TRUNCATION_WARNING", "pooled_window", "split_point", "compel_length", "chunk_capacity"]
 
 #: How :func:`truncation_message` starts (for code that groups these warnings).
 TRUNCATION_WARNING = "syntax='compel' dropped "
@@ -71,6 +74,19 @@ class CompelToken(tuple):
         return CompelToken, (tuple(self), self.compel)
 
 
+def compel_length(tokenizer: Vocabulary) -> int:
+    """compel's chunk length for ``tokenizer`` (its ``max_token_count``): the tokenizer's
+    ``compel_max_length`` when it has one (a T5 tokenizer, whose own ``max_length`` means
+    "no windows"; compel takes ``tokenizer.model_max_length``, 512 for Flux's T5), else
+    its window length (CLIP's 77)."""
+    return getattr(tokenizer, "compel_max_length", None) or tokenizer.max_length
+
+
+def chunk_capacity(tokenizer: Vocabulary) -> int:
+    """Prompt ids one compel chunk holds: its length less the start (if any) and end tokens."""
+    return compel_length(tokenizer) - (tokenizer.start_token is not None) - 1
+
+
 def split_point(token_texts: Sequence[str], limit: int) -> int:
     """compel's chunk end for ids whose vocabulary texts are ``token_texts``."""
     if len(token_texts) <= limit:
@@ -95,11 +111,11 @@ def _too_many_windows(max_windows: Optional[int], length: int) -> PromptError:
 
 def _chunk(tokenizer: Vocabulary, ids: list[int], weights: list[float], word_ids: list[int],
            truncate: bool, max_chunks: Optional[int]) -> list[list[tuple[int, float, int]]]:
-    """``[start, ids, end, pad...]`` chunks of ``(token, weight, word_id)``; refused as soon
-    as there would be more than ``max_chunks`` (None: no limit)."""
-    length = tokenizer.max_length
-    limit = length - 2
+    """``[start, ids, end, pad...]`` chunks of ``(token, weight, word_id)`` (no start without one);
+    refused as soon as there would be more than ``max_chunks`` (None: no limit)."""
+    length, limit = compel_length(tokenizer), chunk_capacity(tokenizer)
     start, end, pad = tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token
+    head = [(start, 1.0, 0)] if start is not None else []
     chunks, position = [], 0
     while True:
         if max_chunks is not None and len(chunks) >= max_chunks:
@@ -109,7 +125,7 @@ def _chunk(tokenizer: Vocabulary, ids: list[int], weights: list[float], word_ids
             [tokenizer.inv_vocab.get(i, "") for i in ids[position:position + limit + 1]], limit)
         body = list(zip(ids[position:position + cut], weights[position:position + cut],
                         word_ids[position:position + cut]))
-        chunk = [(start, 1.0, 0)] + body + [(end, 1.0, 0)]
+        chunk = head + body + [(end, 1.0, 0)]
         chunks.append(chunk + [(pad, 1.0, 0)] * (length - len(chunk)))
         position += cut
         if truncate or position >= len(ids):
@@ -203,7 +219,7 @@ def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first
     fragment, how many of its tokens truncation dropped (each fragment cut to the limit,
     then their sum) and whether that count is exact (truncation counts no further than
     ``cap`` tokens, None: all; past it the count is a lower bound)."""
-    limit = tokenizer.max_length - 2
+    length, limit = compel_length(tokenizer), chunk_capacity(tokenizer)
     fragment_ids, exact = _capped_ids(tokenizer, [f.text for f in member.fragments], cap)
     total = sum(len(ids) for ids in fragment_ids)
     if truncate:
@@ -215,10 +231,10 @@ def _member_windows(tokenizer: Vocabulary, member: Member, truncate: bool, first
         word_ids += [first_word_id + index] * len(f_ids)
     chunks = _chunk(tokenizer, ids, weights, word_ids, truncate, max_chunks)
     flat = [t for chunk in chunks for t, _, _ in chunk]
-    specials = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token}
-    ranges = fragment_ranges(flat, fragment_ids, specials, truncate, tokenizer.max_length)
+    specials = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token} - {None}
+    ranges = fragment_ranges(flat, fragment_ids, specials, truncate, length)
     dropped = total - min(len(ids), limit) if truncate else 0
-    return chunks, _masked_fragments(member, ranges, truncate, tokenizer.max_length, len(flat)), dropped, exact
+    return chunks, _masked_fragments(member, ranges, truncate, length, len(flat)), dropped, exact
 
 
 def _tag(part_index: int, part: Part, member_index: int, fragment: int, member: Member,
@@ -264,12 +280,14 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
     are made. Truncation counts each member's tokens only up to ``max_windows × (max_length
     - 2)`` (None: all); past that, the warning and ``dropped`` give a lower bound.
     """
-    if tokenizer.start_token is None or tokenizer.end_token is None:
-        raise PromptError("syntax='compel' needs a tokenizer with start and end tokens (CLIP)")
-    pooled = pooled_window(tokenizer, text)
+    if tokenizer.end_token is None:
+        raise PromptError("syntax='compel' needs a tokenizer with an end token (CLIP, T5)")
+    # compel pools the raw text only where the encoder has a pooled output (CLIP, with a start token)
+    pooled = pooled_window(tokenizer, text) if tokenizer.start_token is not None else None
+    length = compel_length(tokenizer)
     windows: list[list[CompelToken]] = []
     word_id, dropped, total, exact = 1, 0, 0, True
-    cap = max_windows * (tokenizer.max_length - 2) if truncate and max_windows is not None else None
+    cap = max_windows * chunk_capacity(tokenizer) if truncate and max_windows is not None else None
     for part_index, part in enumerate(prompt.parts):
         for member_index, member in enumerate(part.members):
             budget = None if max_windows is None else max_windows - len(windows)
@@ -277,7 +295,7 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
                 chunks, owners, member_dropped, member_exact = _member_windows(tokenizer, member, truncate,
                                                                                word_id, budget, cap)
             except _TooManyChunks:
-                raise _too_many_windows(max_windows, tokenizer.max_length) from None
+                raise _too_many_windows(max_windows, length) from None
             word_id += len(member.fragments)
             dropped += member_dropped
             exact = exact and member_exact
@@ -286,20 +304,24 @@ def compel_layout(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool
             for chunk_index, chunk in enumerate(chunks):
                 window = []
                 for column, values in enumerate(chunk):
-                    owner = owners[chunk_index * tokenizer.max_length + column]
+                    owner = owners[chunk_index * length + column]
                     if owner not in tags:
                         tags[owner] = _tag(part_index, part, member_index, owner, member, pooled)
                     window.append(CompelToken(values if return_word_ids else values[:2], tags[owner]))
                 windows.append(window)
     if dropped:
-        message = truncation_message(dropped, total, tokenizer.max_length - 2, len(windows), exact=exact)
+        fixed = getattr(tokenizer, "compel_truncates", None)  # False refused (Flux): no hint towards it
+        message = truncation_message(dropped, total, chunk_capacity(tokenizer), len(windows), exact=exact,
+                                     keep_hint=not fixed)
         warn_at_caller(message, PromptWarning)
     return CompelLayout(windows, dropped, total, exact)
 
 
-def truncation_message(dropped: int, total: int, limit: int, prompts: int, *, exact: bool = True) -> str:
+def truncation_message(dropped: int, total: int, limit: int, prompts: int, *, exact: bool = True,
+                       keep_hint: bool = True) -> str:
     """What :func:`compel_layout` warns of when truncation drops tokens (``exact`` False:
-    the counts are lower bounds, the prompt was counted only up to ``max_windows``).
+    the counts are lower bounds, the prompt was counted only up to ``max_windows``;
+    ``keep_hint`` False: the model's compel wrapper always truncates).
 
     >>> message = truncation_message(25, 100, 75, 1)
     >>> message.startswith("syntax='compel' dropped 25 of the prompt's 100 tokens"), message[-49:]
@@ -310,8 +332,10 @@ def truncation_message(dropped: int, total: int, limit: int, prompts: int, *, ex
     each = " of each .and()/.blend() prompt" if prompts > 1 else ""
     counts = (f"{dropped} of the prompt's {total} tokens" if exact else
               f"at least {dropped} of the prompt's {total}+ tokens (counted up to max_windows windows' worth)")
+    hint = ("pass truncate_long_prompts=False to keep them all" if keep_hint
+            else "the model's compel wrapper keeps no more (CompelForFlux truncates)")
     return (f"{TRUNCATION_WARNING}{counts}: compel's truncate_long_prompts=True (the default) keeps the first "
-            f"{limit}{each}; pass truncate_long_prompts=False to keep them all")
+            f"{limit}{each}; {hint}")
 
 
 def compel_windows(tokenizer: Vocabulary, prompt: CompelPrompt, *, truncate: bool,
