@@ -93,3 +93,25 @@ def has_blend(parser, prompt: str) -> bool:
     from compel.prompt_parser import Blend
 
     return any(isinstance(part, Blend) for part in parser.parse_conjunction(prompt).prompts)
+
+
+def compel_structure(parser, prompt: str):
+    """compel's parse as ``[(and_weight, blend_weights|None, normalize, [[(text, weight)]])]``."""
+    from compel.prompt_parser import Blend
+
+    conjunction = parser.parse_conjunction(prompt)
+    out = []
+    for part, weight in zip(conjunction.prompts, conjunction.weights):
+        members = part.prompts if isinstance(part, Blend) else [part]
+        blend = tuple(part.weights) if isinstance(part, Blend) else None
+        normalize = part.normalize_weights if isinstance(part, Blend) else True
+        out.append((weight, blend, normalize, [[(f.text, f.weight) for f in m.children] for m in members]))
+    return out
+
+
+def textenc_structure(prompt: str):
+    """textenc's compel parse in the shape of :func:`compel_structure`."""
+    from textenc.prompts.dialects.compel import parse_compel
+
+    return [(p.weight, p.blend_weights, p.normalize, [[(f.text, f.weight) for f in m.fragments] for m in p.members])
+            for p in parse_compel(prompt).parts]

@@ -14,6 +14,7 @@ import pytest
 compel = pytest.importorskip("compel")
 
 import compel_prompts  # noqa: E402
+from compel_prompts import compel_structure as theirs, textenc_structure as ours  # noqa: E402
 from textenc.errors import PromptError  # noqa: E402
 from textenc.prompts.dialects.compel import parse_compel  # noqa: E402
 
@@ -38,24 +39,6 @@ ATOMS = ["a", "cat", "BREAK", "embedding:x", "[a|b]", "w ", " ", "  ", "\t", "\n
 def compel_parser():
     with compel_prompts.one_compel_parser(compel) as parser:
         yield parser
-
-
-def ours(prompt: str):
-    return [(p.weight, p.blend_weights, p.normalize, [[(f.text, f.weight) for f in m.fragments] for m in p.members])
-            for p in parse_compel(prompt).parts]
-
-
-def theirs(parser, prompt: str):
-    from compel.prompt_parser import Blend
-
-    conjunction = parser.parse_conjunction(prompt)
-    out = []
-    for part, weight in zip(conjunction.prompts, conjunction.weights):
-        members = part.prompts if isinstance(part, Blend) else [part]
-        blend = tuple(part.weights) if isinstance(part, Blend) else None
-        normalize = part.normalize_weights if isinstance(part, Blend) else True
-        out.append((weight, blend, normalize, [[(f.text, f.weight) for f in m.children] for m in members]))
-    return out
 
 
 @pytest.mark.parametrize("unit", HOSTILE_UNITS)

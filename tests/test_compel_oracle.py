@@ -20,9 +20,8 @@ compel = pytest.importorskip("compel")
 transformers = pytest.importorskip("transformers")
 
 import compel_prompts  # noqa: E402
-from compel_prompts import ALL, LONG_SENTENCES, LONG_SPAN, PROMPTS  # noqa: E402
+from compel_prompts import ALL, LONG_SENTENCES, LONG_SPAN, PROMPTS, compel_structure, textenc_structure  # noqa: E402
 from random_weights import randomize_  # noqa: E402
-from textenc.prompts.dialects.compel import parse_compel
 from textenc.text_encoders.weighting.compel import empty_conditioning, pad_conditioning_tensors_to_same_length
 from textenc.errors import PromptError  # noqa: E402
 from textenc.sd import load_clip  # noqa: E402
@@ -224,25 +223,6 @@ def test_tokens_keep_comfyui_shapes(pipe):
 
 
 # ---- grammar ---------------------------------------------------------------------------
-
-def compel_structure(parser, prompt: str):
-    """compel's parse as ``[(and_weight, blend_weights|None, normalize, [[(text, weight)]])]``."""
-    from compel.prompt_parser import Blend
-
-    conjunction = parser.parse_conjunction(prompt)
-    out = []
-    for part, weight in zip(conjunction.prompts, conjunction.weights):
-        members = part.prompts if isinstance(part, Blend) else [part]
-        blend = tuple(part.weights) if isinstance(part, Blend) else None
-        normalize = part.normalize_weights if isinstance(part, Blend) else True
-        out.append((weight, blend, normalize, [[(f.text, f.weight) for f in m.children] for m in members]))
-    return out
-
-
-def textenc_structure(prompt: str):
-    return [(p.weight, p.blend_weights, p.normalize, [[(f.text, f.weight) for f in m.fragments] for m in p.members])
-            for p in parse_compel(prompt).parts]
-
 
 def test_grammar_equals_compels_parser(one_compel_parser):
     for prompt in ALL:
