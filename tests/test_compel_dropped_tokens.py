@@ -139,43 +139,32 @@ def test_encode_command_line_warns(tmp_path, tiny_model, parser, hf_tokenizer):
         "them all"]
 
 
-def test_a_dataset_warns_once_then_counts(tmp_path, tiny_model, parser, hf_tokenizer, capsys):
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_dataset_warns_once_then_counts(tmp_path, tiny_model, parser, hf_tokenizer, capsys, engine):
     """One line per caption would flood a dataset's log: the first caption's warning,
-    then one line counting the others."""
+    then one line counting the others. With Ray the actors count their truncations and the
+    driver says them as the local engine does; the 90-word caption of shard 1 repeats
+    shard 0's and reuses its encoding (no second warning)."""
+    import contextlib
+
     from textenc.dataset.cli import main as dataset_main
 
     captions = [" ".join(["word"] * size) for size in (80, 90, 100, 90, 20)]
     (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
     kept, total = compel_counts(parser, hf_tokenizer, captions[0])
-    status = dataset_main([str(tmp_path / "captions.txt"), "--model", str(tiny_model), "--out",
-                           str(tmp_path / "out"), "--syntax", "compel", "--no-progress"])
+    args = [str(tmp_path / "captions.txt"), "--model", str(tiny_model), "--out", str(tmp_path / "out"),
+            "--syntax", "compel", "--no-progress"]
+    session = contextlib.nullcontext()
+    if engine == "ray":
+        import dataset_fixtures
+
+        args += ["--engine", "ray", "--workers", "2", "--shard-rows", "2"]
+        session = dataset_fixtures.ray_session(240)
+    with session:
+        status = dataset_main(args)
     err = capsys.readouterr().err.splitlines()
-    assert status == 0
-    assert err == [
-        f"python -m textenc.dataset: warning: syntax='compel' dropped {total - kept} of the prompt's {total} "
-        "tokens: compel's truncate_long_prompts=True (the default) keeps the first 75; pass "
-        "--no-truncate-long-prompts to keep them all",
-        "python -m textenc.dataset: warning: syntax='compel' dropped tokens of 2 more caption(s) as well "
-        "(compel's truncate_long_prompts=True keeps one window); pass --no-truncate-long-prompts to keep them all"]
-
-
-@pytest.mark.slow
-def test_a_ray_dataset_warns_once_then_counts(tmp_path, tiny_model, parser, hf_tokenizer, capsys):
-    """The Ray engine's actors count their truncations and the driver says them as the local
-    engine does: the first caption's warning, then one line counting the others. The 90-word
-    caption of shard 1 repeats shard 0's and reuses its encoding (no second warning)."""
-    import dataset_fixtures
-    from textenc.dataset.cli import main as dataset_main
-
-    captions = [" ".join(["word"] * size) for size in (80, 90, 100, 90, 20)]
-    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
-    kept, total = compel_counts(parser, hf_tokenizer, captions[0])
-    with dataset_fixtures.ray_session(240):
-        status = dataset_main([str(tmp_path / "captions.txt"), "--model", str(tiny_model), "--out",
-                               str(tmp_path / "out"), "--syntax", "compel", "--no-progress",
-                               "--engine", "ray", "--workers", "2", "--shard-rows", "2"])
-    # Ray's own lines come from this test's ray.init (the command's is quiet): only textenc's are checked
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("python -m textenc")]
+    if engine == "ray":  # Ray's own lines come from this test's ray.init (the command's is quiet)
+        err = [line for line in err if line.startswith("python -m textenc")]
     assert status == 0
     assert err == [
         f"python -m textenc.dataset: warning: syntax='compel' dropped {total - kept} of the prompt's {total} "
