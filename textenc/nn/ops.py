@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from textenc.nn import gemm
 from textenc.nn.packed import PackedWeight
 from textenc.nn.scratch import can_cast_into_buffer, cast_into_buffer
 
@@ -164,17 +165,8 @@ class _Linear(CastWeightBiasMixin, torch.nn.Linear):
     """Linear; ``layer(input, out=buffer)`` writes into a caller-owned buffer."""
 
     def _forward_op(self, input, weight, bias, out: torch.Tensor | None = None):
-        if out is None:
-            return F.linear(input, weight, bias)
-        # What F.linear does for a contiguous input (addmm on the (rows, in)
-        # view), so the result has the same bits, written into `out`.
-        rows = input.reshape(-1, input.shape[-1])
-        target = out.view(-1, out.shape[-1])
-        if bias is None:
-            torch.mm(rows, weight.t(), out=target)
-        else:
-            torch.addmm(bias, rows, weight.t(), out=target)
-        return out
+        # F.linear's bits; large CPU fp32 products split over the threads (textenc.nn.gemm).
+        return gemm.linear(input, weight, bias, out=out)
 
 
 def accepts_out(layer: torch.nn.Module) -> bool:
