@@ -140,15 +140,18 @@ def test_mkl_thread_setting_is_local_and_restored(two_threads):
     assert seen[1] == 1 and mkl._max_threads() == 2  # another thread's setting does not leak here
 
 
-def test_pool_is_remade_after_fork_or_resize(two_threads, monkeypatch):
+def test_one_pool_per_thread_count_and_a_fresh_one_after_fork(two_threads, monkeypatch):
     x, w, _ = _data(77, 1024, 256)
     gemm.linear(x, w)
-    pool = gemm._STATE["pool"]
+    pool = gemm._STATE["pools"][2]
+    torch.set_num_threads(3)
+    assert torch.equal(gemm.linear(x, w), F.linear(x, w))
+    torch.set_num_threads(2)
     gemm.linear(x, w)
-    assert gemm._STATE["pool"] is pool
+    assert gemm._STATE["pools"][2] is pool and 3 in gemm._STATE["pools"]  # none shut down under a caller
     monkeypatch.setattr(gemm.os, "getpid", lambda: -1)  # as in a forked child
     assert torch.equal(gemm.linear(x, w), F.linear(x, w))
-    assert gemm._STATE["pool"] is not pool
+    assert gemm._STATE["pools"][2] is not pool
 
 
 def _t5() -> T5XXLModel:

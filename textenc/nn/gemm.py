@@ -16,7 +16,7 @@ blocks differ is never split again and gets ``F.linear``'s result. Outputs there
 bit-equal to ComfyUI's (which calls ``F.linear``) at every thread count.
 
 The blocks run on the calling thread and a process-wide pool of ``torch.get_num_threads() - 1``
-workers (made on first use, remade after a fork or a thread-count change), each told by MKL's
+workers (made on first use, one per thread count, made afresh in a forked child), each told by MKL's
 ``mkl_set_num_threads_local(1)`` to use one thread; the calling thread does the same for its
 blocks and restores its own setting after. Where torch has no MKL (ARM, macOS), with one
 thread, on other devices or dtypes, when autograd needs the graph, or inside a worker, the
@@ -47,6 +47,8 @@ MIN_WEIGHT_ELEMENTS = 8 * 2**20
 
 #: Bit-equality verdicts per product shape: True (split gives F.linear's bits) or False.
 _VERDICTS: dict[tuple, bool] = {}
+#: Verdicts kept at most (a new prompt length is a new shape); past it they are checked anew.
+_MAX_VERDICTS = 4096
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -106,17 +108,17 @@ def _start_worker(mkl: _MKL) -> None:
 
 
 def _pool(threads: int, mkl: _MKL) -> ThreadPoolExecutor:
-    """The worker pool for ``threads`` threads in this process (remade after fork or resize)."""
-    key = (os.getpid(), threads)
+    """The worker pool for ``threads`` threads in this process. One pool per thread count is
+    kept (none is shut down under a caller still using it); a forked child starts afresh, as
+    its parent's worker threads do not exist in it."""
     with _LOCK:
-        if _STATE.get("pool_key") != key:
-            old = _STATE.get("pool")
-            if old is not None and _STATE.get("pool_key", (None,))[0] == os.getpid():
-                old.shutdown(wait=False)
-            _STATE["pool"] = ThreadPoolExecutor(threads - 1, thread_name_prefix="textenc-gemm",
+        if _STATE.get("pid") != os.getpid():
+            _STATE["pid"], _STATE["pools"] = os.getpid(), {}
+        pools = _STATE["pools"]
+        if threads not in pools:
+            pools[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="textenc-gemm",
                                                 initializer=_start_worker, initargs=(mkl,))
-            _STATE["pool_key"] = key
-        return _STATE["pool"]
+        return pools[threads]
 
 
 def split_applies(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -243,6 +245,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     key = _verdict_key(rows, weight, bias, target)
     verdict = _VERDICTS.get(key)
     if verdict is None:
+        if len(_VERDICTS) >= _MAX_VERDICTS:
+            _VERDICTS.clear()
         reference = _whole(input, weight, bias, None)
         _split_into(rows, weight, bias, target)
         _VERDICTS[key] = _same_bits(target, reference.reshape(target.shape))
