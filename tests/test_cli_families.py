@@ -106,6 +106,24 @@ def test_inspect_shows_every_part(tiny, capsys):
     assert "1.2     2  ▁red" in table  # the weighted T5 piece with its weight
 
 
+def test_inspect_flux_compel_shows_compels_t5_length_and_no_refused_flag(capsys):
+    # CompelForFlux: one T5 chunk of 512 tokens, always truncated (compel 2.5.1; its
+    # truncate_long_prompts=False is refused for Flux, so inspect must not suggest it).
+    long_prompt = " ".join(["a red fox"] * 200)
+    assert main(["inspect", long_prompt, "--clip-type", "flux", "--syntax", "compel"]) == 0
+    table, warning = capsys.readouterr()
+    total = len(_t5_ids(long_prompt)) - 1  # without </s>; compel keeps 511 of them beside it
+    assert f"dropped {total - 511} of the prompt's {total} tokens" in warning and "CompelForFlux truncates" in warning
+    part = next(line for line in table.splitlines() if line.startswith("part t5xxl:"))
+    assert part.startswith("part t5xxl: 512 tokens, 511 from the prompt, 0 padding")
+    assert "minimum length" not in part  # ComfyUI's 256 does not apply to compel's reading
+    truncated = next(line for line in table.splitlines() if line.strip().startswith("truncated:"))
+    assert "--no-truncate-long-prompts" not in truncated and "CompelForFlux" in truncated
+    assert main(["inspect", "a red fox", "--clip-type", "flux", "--syntax", "compel"]) == 0
+    short = len(_t5_ids("a red fox"))  # with </s>
+    assert f"part t5xxl: 512 tokens, {short - 1} from the prompt, {512 - short} padding\n" in capsys.readouterr().out
+
+
 def test_inspect_tokenizer_picks_one_part(tiny, capsys):
     assert main(["inspect", "a cat", "--clip-type", "sd3", "--tokenizer", "sdxl-g", "--json"]) == 0
     window = json.loads(capsys.readouterr().out)["windows"][0]

@@ -109,8 +109,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     def as_table(report) -> str:  # long prompts summarised unless --full
         return format_report(report) if args.full or not is_long(report) else format_summary(report, _window_lines)
 
-    _print_parts(args, clip_type, reports, report_dict, as_table, with_lengths=True,
-                 min_lengths={role: getattr(tokenizer, "min_length", None) for role, tokenizer in parts.items()})
+    # ComfyUI's per-family minimum lengths pad the comfy and a1111 readings; compel's windows
+    # have compel's own fixed length (CompelForFlux: 512 T5 tokens), so none is shown there.
+    min_lengths = None if args.syntax == "compel" else {
+        role: getattr(tokenizer, "min_length", None) for role, tokenizer in parts.items()}
+    _print_parts(args, clip_type, reports, report_dict, as_table, with_lengths=True, min_lengths=min_lengths)
     return 0
 
 

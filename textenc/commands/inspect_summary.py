@@ -55,6 +55,9 @@ def dropped_lines(report: InspectReport) -> list[str]:
     first = report.windows[0]
     limit = len(first) - 1 - (first[0].word_id == 0)  # the end token, and the start token where there is one (not T5)
     counted = "" if report.dropped_tokens_exact else "at least "  # counted up to max_windows only
+    if report.truncation_fixed:  # the option is refused here (compel on Flux's T5)
+        return [f"truncated: {counted}{dropped} prompt token(s) dropped, {kept} kept (compel keeps the first {limit} "
+                f"of each prompt; {report.truncation_fixed})"]
     return [f"truncated: {counted}{dropped} prompt token(s) dropped, {kept} kept (compel's truncate_long_prompts=True, "
             f"the default, keeps the first {limit} of each prompt); --no-truncate-long-prompts keeps them all"]
 

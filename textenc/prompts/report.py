@@ -49,7 +49,8 @@ class InspectReport:
     the segments weighted above ``warn_weight_above`` (``large_weights``), and the
     prompt tokens a truncating dialect left out (``dropped_tokens``, compel's
     ``truncate_long_prompts=True``; a lower bound when ``dropped_tokens_exact`` is False:
-    a prompt past ``max_windows`` windows is counted only that far)."""
+    a prompt past ``max_windows`` windows is counted only that far; ``truncation_fixed``
+    says why they cannot be kept, where they cannot)."""
 
     windows: list[list[TokenReport]]
     units: list[UnitReport]
@@ -57,6 +58,9 @@ class InspectReport:
     large_weights: list[Segment] = field(default_factory=list)
     dropped_tokens: int = 0
     dropped_tokens_exact: bool = True
+    #: Why the dialect cannot keep them (compel on Flux's T5: CompelForFlux always truncates),
+    #: or None where ``truncate_long_prompts=False`` would.
+    truncation_fixed: str | None = None
 
     @property
     def missing(self) -> list[EmbeddingResult]:

@@ -93,7 +93,8 @@ class CompelDialect:
         units = [UnitReport(i + 1, "text", f.text, f.weight, -1, -1, n)
                  for i, (f, n) in enumerate(zip(fragments, counts))]
         return InspectReport(token_windows, units, dropped_tokens=layout.dropped,
-                             dropped_tokens_exact=layout.exact)
+                             dropped_tokens_exact=layout.exact,
+                             truncation_fixed=getattr(tokenizer, "compel_truncates", None))
 
 
 def _pooled_report(tokenizer: Vocabulary, text: str) -> InspectReport:
