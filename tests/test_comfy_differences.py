@@ -89,6 +89,30 @@ def test_width_mismatched_embedding(tmp_path):
     assert position(ours) == 2 and position(comfy) == 4
 
 
+def _comfy_list_embedding(items: list, width: int) -> torch.Tensor:
+    """ComfyUI's ``load_embed`` rule for a list-format file (comfy/sd1_clip.py): every tensor of
+    the model's width, flattened to rows and concatenated; ``torch.cat`` of nothing raises."""
+    rows = [t.reshape(-1, t.shape[-1]) for item in items for t in item.values() if t.shape[-1] == width]
+    return torch.cat(rows, dim=0)
+
+
+def test_list_embedding_without_rows_of_the_width(tmp_path):
+    items = [{"a": torch.ones(2, 768)}, {"b": torch.ones(768)}]
+    torch.save(items, tmp_path / "old_list.pt")
+    with pytest.raises(ValueError, match="non-empty list"):  # ComfyUI: the prompt fails
+        _comfy_list_embedding(items, 1280)
+    assert _comfy_list_embedding(items, 768).shape == (3, 768)  # the same file at its own width loads
+    tok = SDTokenizer(embedding_directory=str(tmp_path), embedding_size=1280)
+    with pytest.warns(EmbeddingWarning, match=r"old_list\.pt: the list holds no tensor of width 1280"):
+        ours = tok.tokenize_with_weights("a embedding:old_list cat")
+    with pytest.warns(EmbeddingWarning, match="missing"):
+        missing = tok.tokenize_with_weights("a embedding:nothing_here cat")
+    assert ours == missing
+    same_width = SDTokenizer(embedding_directory=str(tmp_path), embedding_size=768)
+    vectors = [t for t, _ in same_width.tokenize_with_weights("a embedding:old_list cat")[0] if isinstance(t, torch.Tensor)]
+    assert len(vectors) == 3 and all(torch.equal(v, torch.ones(768)) for v in vectors)
+
+
 def test_comma_handling(tmp_path):
     # textenc: leading commas stay text before the embedding; ComfyUI re-inserts the name's last characters.
     save_file({"emb_params": torch.ones(1, 768)}, tmp_path / "EasyNegative.safetensors")
