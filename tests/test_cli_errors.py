@@ -272,19 +272,24 @@ def test_a_missing_embedding_warns_or_ends_the_command(model, tmp_path):
     assert err.startswith("textenc: error: embedding:nope skipped (missing"), err
 
 
-def test_encode_and_encode_dataset_share_option_names(model, tmp_path):
+def test_encode_and_encode_dataset_share_option_names(model, tmp_path, capsys):
     """--clip-type in both, --kind (encode-dataset's old name) in both as a hidden alias;
-    --embeddings and --normalization in both."""
+    --embeddings and --normalization in both. In process: option parsing is what is tested
+    here (the subprocess tests around it cover exit codes and streams)."""
+    from textenc.cli import main
+
     captions = tmp_path / "captions.txt"
     captions.write_text("a cat\na (dog:1.2)\n")
     for option in ("--clip-type", "--kind"):
-        assert _run("encode", "a cat", "--model", str(model), option, "sd1", "--normalization", "mean",
-                    "--out", str(tmp_path / f"{option}.safetensors"), cwd=tmp_path).returncode == 0
-        result = _run("encode-dataset", str(captions), "--model", str(model), option, "sd1", "--normalization",
-                      "mean", "--embeddings", str(tmp_path), "--out", str(tmp_path / option), cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
+        assert main(["encode", "a cat", "--model", str(model), option, "sd1", "--normalization", "mean",
+                     "--out", str(tmp_path / f"{option}.safetensors")]) == 0
+        assert main(["encode-dataset", str(captions), "--model", str(model), option, "sd1", "--normalization",
+                     "mean", "--embeddings", str(tmp_path), "--out", str(tmp_path / option)]) == 0
+        assert (tmp_path / f"{option}.safetensors").is_file() and (tmp_path / option).is_dir()
+    capsys.readouterr()
     for command in ("encode", "encode-dataset"):
-        text = " ".join(_run(command, "--help", cwd=tmp_path).stdout.decode().split())
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
         assert "--clip-type" in text and "--kind" not in text and "--on-missing-embedding" in text
         assert "encoded as plain text" in text
 
