@@ -24,7 +24,7 @@ from test_sd1_clip import hf_models, hf_state, to_layout  # noqa: F401  (fixture
 from textenc.dataset import encode_dataset, open_shards
 from textenc.sd import load_clip
 
-ROWS = 160
+ROWS = 96  # two shards of shard_rows=80, one- and multi-window captions (asserted)
 
 
 @pytest.fixture(scope="module")
