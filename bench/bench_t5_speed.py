@@ -27,7 +27,11 @@ Rows:
   (psutil, einops, comfy_kitchen: e.g. its venv's site-packages, searched after this venv);
 * ``(a:1.2) fox`` vs ``a fox`` through textenc (the empty encoding is cached per length), and
   with ``--comfy-weighted`` through ComfyUI for reference;
-* bf16 compute only where the CPU has bf16 units (``avx512_bf16`` / ``amx_bf16``).
+* ``compute_dtype`` bf16 vs fp32 on the same model: the drift (max and mean relative
+  difference of the output, with its largest magnitude) always; the speed-up timed interleaved
+  where the CPU has bf16 units (``avx512_bf16`` / ``amx_bf16``), else one untimed-as-target run
+  each (bf16 without those units is emulated: not a speed option there). Random weights do not
+  reach the 1e3-1e4 activations of the released T5-XXL, so the drift is indicative only.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import bench_t5_memory  # noqa: E402
-from common import has_bf16_cpu, interleaved, machine, ratio_row  # noqa: E402
+from common import has_bf16_cpu, interleaved, machine, ratio_row, row  # noqa: E402
 
 from textenc.nn import gemm  # noqa: E402
 from textenc.loading.t5_files import KNOWN_CONFIGS, load_t5_file, t5_layout_keys  # noqa: E402
@@ -136,8 +140,37 @@ def fp32_rows(args, rows: list) -> None:
                                   1.05, ref_label="plain", note="empty encoding cached per length"))
             for row in rows[-4:]:
                 print(json.dumps(row), flush=True)
+        bf16_rows(args, rows, ours)
     del ours, hf, weights
     gc.collect()
+
+
+BF16 = {"compute_dtype": torch.bfloat16}
+
+
+def bf16_rows(args, rows: list, model) -> None:
+    """``compute_dtype`` bf16 against fp32 on ``model`` (fp32 weights): drift, and speed."""
+    units = has_bf16_cpu()
+    for case, length in LENGTHS.items():
+        tokens = tokens_for(T5XXLTokenizer(min_length=length), PROMPT)
+        exact = model.encode_token_weights(tokens)[0]
+        reduced = model.encode_token_weights(tokens, options=BF16)[0].float()
+        scale = float(exact.abs().max())
+        drift = (f"max rel diff {float((reduced - exact).abs().max()) / scale:.1e}, mean "
+                 f"{float((reduced - exact).abs().mean() / exact.abs().mean()):.1e}, fp32 max |x| {scale:.3g}")
+        label = f"{case}, {args.layers}/24 full-size blocks, fp32 weights"
+        repeats = args.repeats if units else 1
+        stats = interleaved({"bf16": lambda: model.encode_token_weights(tokens, options=BF16),
+                             "fp32": encoder(model, tokens)}, repeats=repeats, warmup=1 if units else 0)
+        if units:
+            rows.append(ratio_row("T5 bf16 compute vs fp32", label, stats["bf16"], stats["fp32"], 1.0,
+                                  ref_label="fp32", higher_is_better=True, note=drift))
+        else:
+            ratio = stats["fp32"].median / stats["bf16"].median
+            rows.append(row("T5 bf16 compute vs fp32", label, stats["bf16"].fmt(), "fp32 " + stats["fp32"].fmt(),
+                            ratio, "speed-up where bf16 units", None,
+                            f"{drift}; no avx512_bf16/amx_bf16 here: bf16 emulated, speed not a target"))
+        print(json.dumps(rows[-1]), flush=True)
 
 
 #: File formats of the ComfyUI rows: name -> written as scaled fp8 (else fp16).
@@ -253,7 +286,8 @@ def main() -> None:
     info = machine()
     print(json.dumps(info), flush=True)
     if not has_bf16_cpu():
-        print("bf16 compute: not measured (no avx512_bf16 / amx_bf16 on this CPU)", flush=True)
+        print("bf16 compute: drift reported, speed not a target (no avx512_bf16 / amx_bf16 on this CPU)",
+              flush=True)
     rows: list = []
     if not args.skip_fp32:
         fp32_rows(args, rows)

@@ -158,3 +158,32 @@ def test_fp16_file_weights_are_not_copied_at_load(tmp_path, tokenizer):
     copied = T5XXLModel.from_state_dict({k: v.clone() for k, v in mapped.items()})
     tokens = tokenizer.tokenize_with_weights("a (red:1.2) fox")
     assert torch.equal(model.encode_token_weights(tokens)[0], copied.encode_token_weights(tokens)[0])
+
+
+def _outlier_t5() -> T5XXLModel:
+    """A small T5 whose feed-forward writes values past fp16's 65504 into the residual stream, as
+    the released T5-XXL's outlier features reach 1e3-1e4 and beyond."""
+    sd = random_t5_state_dict("t5", seed=3, vocab_size=32128, d_model=256, d_kv=64, d_ff=640, num_heads=4)
+    for key in sd:
+        if key.endswith("DenseReluDense.wo.weight"):
+            sd[key] = sd[key] * 20000
+    return T5XXLModel.from_state_dict(sd)
+
+
+def test_compute_dtypes_on_large_activations():
+    """fp16 compute overflows there: a typed EncodeError naming the dtype, never NaN conditioning;
+    bf16 (fp32's exponent range) stays finite and near fp32 (its mantissa costs about 1e-2)."""
+    from textenc.errors import EncodeError
+
+    model = _outlier_t5()
+    tokens = T5XXLTokenizer(min_length=77).tokenize_with_weights("a (red:1.2) fox")
+    with torch.inference_mode():
+        reference = model.transformer(torch.tensor([[t for t, _ in tokens[0]]]), intermediate_output=-1,
+                                      final_layer_norm_intermediate=False)[1]
+        assert float(reference.abs().max()) > 65504  # the residual stream leaves fp16's range
+        exact = model.encode_token_weights(tokens)[0]
+        with pytest.raises(EncodeError, match=r"overflowed in compute dtype torch\.float16; encode in torch\.float32"):
+            model.encode_token_weights(tokens, options={"compute_dtype": torch.float16})
+        reduced = model.encode_token_weights(tokens, options={"compute_dtype": torch.bfloat16})[0]
+    assert torch.isfinite(reduced).all()
+    assert float((reduced.float() - exact).abs().max() / exact.abs().max()) < 5e-2

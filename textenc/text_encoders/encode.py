@@ -266,8 +266,8 @@ def _likely_cause(model: SDClipModel, windows, opts: ClipOptions) -> str:
     if vectors and (largest > 2.0 ** 14 or not all(is_finite(v) for v in vectors)):
         return (f"an embedding vector (largest |value| {largest:.3g}); embedding files are refused above "
                 "2**14 when loaded by the tokenizer, so this one was built by hand")
-    return (f"the encoder overflowed in compute dtype {opts.compute_dtype} (an embedding vector's largest "
-            f"|value| is {largest:.3g}); encode in torch.float32")
+    held = f" (an embedding vector's largest |value| is {largest:.3g})" if vectors else ""
+    return f"the encoder overflowed in compute dtype {opts.compute_dtype}{held}; encode in torch.float32"
 
 
 def check_finite_output(model: SDClipModel, windows, z: torch.Tensor, pooled: torch.Tensor,
