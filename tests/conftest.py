@@ -8,6 +8,8 @@ Also the Hypothesis profile, chosen with ``HYPOTHESIS_PROFILE`` (:mod:`hypothesi
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,31 @@ def tiny_hf_vision_state_dict() -> dict[str, torch.Tensor]:
     )
     model = transformers.CLIPVisionModelWithProjection._from_config(config, attn_implementation="sdpa")
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """torch at 1, then 2 threads (bits depend on the count), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """Import ``nodes/`` the way ComfyUI imports a custom node folder, under another name
+    (removed from ``sys.modules`` after the module's tests)."""
+    name = "textenc_nodes_host_test"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "nodes" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from dataset_fixtures import checkout_env
 from family_fixtures import TinyFamily
 from textenc.errors import PromptError, TextencError
-from test_nodes import pack, run  # noqa: F401
+from test_nodes import run
 from textenc.sd import load_clip
 
 pytest.importorskip("transformers")

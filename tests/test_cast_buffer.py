@@ -16,14 +16,6 @@ from textenc.nn.scratch import can_cast_into_buffer, cast_into_buffer, reuse_cas
 from textenc.text_encoders.t5 import T5XXLModel, T5XXLTokenizer
 
 
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Module:
     layer = ops.manual_cast.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                                    dtype=torch.float16, device="meta")

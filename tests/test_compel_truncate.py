@@ -260,31 +260,18 @@ def test_encode_for_pipeline_refuses_false_with_another_syntax(tiny_pipelines):
 
 # ---- the advanced encode node -------------------------------------------------------------
 
-def test_advanced_node_takes_the_option(sdxl, one_compel_parser):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    name = "textenc_nodes_truncate_test"
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "nodes" / "__init__.py")
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[name] = pack
-    try:
-        spec.loader.exec_module(pack)
-        node = pack.NODE_CLASS_MAPPINGS["CLIPTextEncodeAdvancedTextenc"]
-        declared = node.INPUT_TYPES()["optional"]["truncate_long_prompts"]
-        assert declared[0] == "BOOLEAN" and declared[1]["default"] is True and "compel" in declared[1]["tooltip"]
-        base = {"clip": sdxl["clip"], "text": LONG_SENTENCES}
-        (conditioning,) = node().encode(**base, syntax="compel", truncate_long_prompts=False)
-        theirs = compel_encode(sdxl, one_compel_parser, LONG_SENTENCES, truncate=False)
-        max_error(conditioning[0][0], theirs[0], "node cond")
-        max_error(conditioning[0][1]["pooled_output"], theirs[1], "node pooled")
-        with pytest.raises(PromptError, match="CLIPTextEncodeAdvancedTextenc: " + REFUSED.format("a1111")):
-            node().encode(**base, syntax="a1111", truncate_long_prompts=False)
-        with pytest.raises(PromptError, match="truncate_long_prompts must be true or false"):
-            node().encode(**base, syntax="compel", truncate_long_prompts="no")
-        (plain,) = node().encode(**base, truncate_long_prompts=True)
-        assert torch.equal(plain[0][0], node().encode(**base)[0][0][0])
-    finally:
-        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-            del sys.modules[key]
+def test_advanced_node_takes_the_option(sdxl, one_compel_parser, pack):
+    node = pack.NODE_CLASS_MAPPINGS["CLIPTextEncodeAdvancedTextenc"]
+    declared = node.INPUT_TYPES()["optional"]["truncate_long_prompts"]
+    assert declared[0] == "BOOLEAN" and declared[1]["default"] is True and "compel" in declared[1]["tooltip"]
+    base = {"clip": sdxl["clip"], "text": LONG_SENTENCES}
+    (conditioning,) = node().encode(**base, syntax="compel", truncate_long_prompts=False)
+    theirs = compel_encode(sdxl, one_compel_parser, LONG_SENTENCES, truncate=False)
+    max_error(conditioning[0][0], theirs[0], "node cond")
+    max_error(conditioning[0][1]["pooled_output"], theirs[1], "node pooled")
+    with pytest.raises(PromptError, match="CLIPTextEncodeAdvancedTextenc: " + REFUSED.format("a1111")):
+        node().encode(**base, syntax="a1111", truncate_long_prompts=False)
+    with pytest.raises(PromptError, match="truncate_long_prompts must be true or false"):
+        node().encode(**base, syntax="compel", truncate_long_prompts="no")
+    (plain,) = node().encode(**base, truncate_long_prompts=True)
+    assert torch.equal(plain[0][0], node().encode(**base)[0][0][0])

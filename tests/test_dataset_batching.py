@@ -53,14 +53,6 @@ CASES = [("sd1", None, None), ("sd1", 2, -2), ("sd1", 3, -3), ("sd2", None, None
          ("sd2", 3, -3), ("sdxl", None, None), ("sdxl", 1, -1), ("sdxl", 2, -2), ("sdxl", 3, -3)]
 
 
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("kind,clip_skip,layer", CASES)
 def test_batched_equals_each_caption_alone(tmp_path, model_files, captions, kind, clip_skip, layer, threads):
     report = encode_dataset(captions[0], model=model_files[kind], out=tmp_path, dtype="fp32",

@@ -12,7 +12,6 @@ SD3 and Wan, which compel does not define, keep refusing compel naming the synta
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -304,21 +303,12 @@ def test_encode_dataset_refuses_what_flux_compel_does_not_define_up_front(from_f
         assert not (tmp_path / name).exists() or not any((tmp_path / name).rglob("*.safetensors"))
 
 
-def test_advanced_node_equals_compel_for_flux(from_files):
+def test_advanced_node_equals_compel_for_flux(from_files, pack):
     files, oracle = from_files
-    name = "textenc_nodes_flux_compel_test"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "__init__.py")
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[name] = pack
-    try:
-        spec.loader.exec_module(pack)
-        node = pack.NODE_CLASS_MAPPINGS["CLIPTextEncodeAdvancedTextenc"]
-        clip = load_clip(files, clip_type="flux")
-        text = "a (red fox)0.5 in the (deep snow)1.2"
-        (conditioning,) = node().encode(clip=clip, text=text, syntax="compel")
-        want = oracle(text)
-        close(conditioning[0][0], want.embeds, "node cond")
-        close(conditioning[0][1]["pooled_output"], want.pooled_embeds, "node pooled")
-    finally:
-        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-            del sys.modules[key]
+    node = pack.NODE_CLASS_MAPPINGS["CLIPTextEncodeAdvancedTextenc"]
+    clip = load_clip(files, clip_type="flux")
+    text = "a (red fox)0.5 in the (deep snow)1.2"
+    (conditioning,) = node().encode(clip=clip, text=text, syntax="compel")
+    want = oracle(text)
+    close(conditioning[0][0], want.embeds, "node cond")
+    close(conditioning[0][1]["pooled_output"], want.pooled_embeds, "node pooled")

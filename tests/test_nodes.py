@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import subprocess
@@ -77,21 +76,6 @@ def models_dir(models, monkeypatch):
     monkeypatch.setattr(clip_vision, "load_vision_config",
                         lambda spec: load_vision_config(TINY_VISION if spec == "tiny" else spec))
     return models
-
-
-@pytest.fixture(scope="module")
-def pack():
-    """Import ``nodes/`` the way ComfyUI imports a custom node folder, under another name."""
-    name = "textenc_nodes_host_test"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-            del sys.modules[key]
 
 
 def node(pack, name):

@@ -25,7 +25,7 @@ import torch
 
 from family_fixtures import TinyFamily, weights
 from t5_fixtures import save_safetensors, scaled_fp8
-from test_nodes import pack, run  # noqa: F401
+from test_nodes import run
 from textenc.errors import CheckpointError, PromptError
 from textenc.loading import paths
 from textenc.prompts.vocabulary import DEFAULT_VOCAB

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from test_nodes import TINY_VISION, hf_text, hf_vision, models, models_dir, pack, run  # noqa: F401
+from test_nodes import TINY_VISION, hf_text, hf_vision, models, models_dir, run  # noqa: F401
 from textenc.errors import (CheckpointError, ConditioningError, EncodeError, ImageError, LayerError, PromptError,
                             TextencError)
 

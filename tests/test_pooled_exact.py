@@ -76,14 +76,6 @@ def models(tmp_path_factory) -> dict:
     return out
 
 
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def comfy_encode(family: str, hf: dict, tokens: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """ComfyUI's ``(cond (1, 77·W, D), pooled (1, P))`` of ``tokens`` ({role: windows of pairs})."""
     spec = FAMILIES[family]

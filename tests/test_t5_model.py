@@ -68,14 +68,6 @@ def inputs(tokens: int, masked: bool) -> tuple[torch.Tensor, torch.Tensor | None
     return ids, mask
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @functools.lru_cache(maxsize=None)
 def reference(model_type: str, implementation: str, tokens: int, masked: bool):
     """transformers' (last, every layer normed, every layer raw), computed once (at whatever thread count)."""

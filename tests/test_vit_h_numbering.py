@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from random_weights import randomize_
-from test_nodes import pack, run  # noqa: F401  (fixture)
+from test_nodes import run
 from test_sd1_clip import END, START, hf_run, hf_state
 from textenc.cli import main
 from textenc.loading.convert import to_layout
