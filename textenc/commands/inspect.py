@@ -19,7 +19,7 @@ import argparse
 import json
 from typing import Any
 
-from ..prompts.dialects import SYNTAXES, prompt_schedules
+from ..prompts.dialects import SYNTAXES, get_dialect, prompt_schedules
 from ..prompts.step_ranges import step_ranges
 from ..text_encoders.names import CLIP_TYPE_HELP
 from .common import add_dialect_flags, check_folder, dialect_flag_options, positive_int
@@ -109,9 +109,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     def as_table(report) -> str:  # long prompts summarised unless --full
         return format_report(report) if args.full or not is_long(report) else format_summary(report, _window_lines)
 
-    # ComfyUI's per-family minimum lengths pad the comfy and a1111 readings; compel's windows
-    # have compel's own fixed length (CompelForFlux: 512 T5 tokens), so none is shown there.
-    min_lengths = None if args.syntax == "compel" else {
+    # The family's minimum length is shown where the dialect pads to it (not compel's chunks).
+    min_lengths = None if not get_dialect(args.syntax).pads_to_min_length else {
         role: getattr(tokenizer, "min_length", None) for role, tokenizer in parts.items()}
     _print_parts(args, clip_type, reports, report_dict, as_table, with_lengths=True, min_lengths=min_lengths)
     return 0

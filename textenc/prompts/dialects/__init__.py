@@ -67,6 +67,10 @@ class Dialect(Protocol):
     #: how the texts of one prompt schedule are encoded: None each on its own, else
     #: the name of a routine of :data:`textenc.text_encoders.schedules.SCHEDULE_ENCODINGS`.
     schedule_encoding: str | None
+    #: True when the windows are padded to the family's minimum length (ComfyUI's per-model
+    #: ``min_length``, e.g. Flux's 256 T5 tokens); False when the dialect fixes its own
+    #: window length (compel: its chunks, 512 T5 tokens with CompelForFlux).
+    pads_to_min_length: bool
 
     def tokenize_with_weights(self, vocabulary: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:

@@ -181,6 +181,7 @@ class ComfyDialect:
     default_weight_mode = "comfy"
     applies_limits = True
     schedule_encoding = None  # no prompt editing: one text per prompt
+    pads_to_min_length = True
 
     def tokenize_with_weights(self, tokenizer: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:

@@ -90,6 +90,7 @@ class A1111Dialect:
     #: the texts of one schedule are encoded in one batch, as A1111 does
     #: (:func:`textenc.text_encoders.schedules.encode_a1111_schedule`).
     schedule_encoding = "a1111"
+    pads_to_min_length = True
 
     def tokenize_with_weights(self, tokenizer: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:

@@ -63,6 +63,7 @@ class CompelDialect:
     default_weight_mode = "compel"
     applies_limits = False
     schedule_encoding = None  # no prompt editing: one text per prompt
+    pads_to_min_length = False  # compel's chunk length, whatever the family's minimum
 
     def tokenize_with_weights(self, tokenizer: Vocabulary, text: str, return_word_ids: bool,
                               **kwargs: Any) -> list[list[tuple]]:
