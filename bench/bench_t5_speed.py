@@ -138,8 +138,8 @@ def fp32_rows(args, rows: list) -> None:
                                    repeats=args.repeats)
             rows.append(ratio_row("T5 weighted vs unweighted prompt", label, weighted["weighted"], weighted["plain"],
                                   1.05, ref_label="plain", note="empty encoding cached per length"))
-            for row in rows[-4:]:
-                print(json.dumps(row), flush=True)
+            for line in rows[-4:]:
+                print(json.dumps(line), flush=True)
         bf16_rows(args, rows, ours)
     del ours, hf, weights
     gc.collect()

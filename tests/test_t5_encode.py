@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from t5_weights import TINY, hf_encoder, random_t5_state_dict
-from textenc.errors import CheckpointError
+from textenc.errors import CheckpointError, EncodeError
 from textenc.text_encoders.t5 import T5XXLModel, T5XXLTokenizer, UMT5XXlModel
 
 transformers = pytest.importorskip("transformers")
@@ -173,8 +173,6 @@ def _outlier_t5() -> T5XXLModel:
 def test_compute_dtypes_on_large_activations():
     """fp16 compute overflows there: a typed EncodeError naming the dtype, never NaN conditioning;
     bf16 (fp32's exponent range) stays finite and near fp32 (its mantissa costs about 1e-2)."""
-    from textenc.errors import EncodeError
-
     model = _outlier_t5()
     tokens = T5XXLTokenizer(min_length=77).tokenize_with_weights("a (red:1.2) fox")
     with torch.inference_mode():

@@ -123,7 +123,10 @@ def _pool(threads: int, mkl: _MKL) -> ThreadPoolExecutor:
 
 def split_applies(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`linear` may split this product (before the per-shape bit check)."""
-    if weight.dim() != 2 or weight.numel() < MIN_WEIGHT_ELEMENTS or torch.get_num_threads() < 2:
+    if weight.dim() != 2 or weight.numel() < MIN_WEIGHT_ELEMENTS:
+        return False  # every CLIP Linear leaves here, before anything costlier
+    threads = torch.get_num_threads()
+    if threads < 2:
         return False
     tensors = (input, weight) if bias is None else (input, weight, bias)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.is_sparse for t in tensors):
@@ -132,7 +135,7 @@ def split_applies(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return False  # out= products keep no autograd graph
     if not (input.is_contiguous() and weight.is_contiguous()) or input.dim() == 0:
         return False
-    if weight.shape[0] < 256 * torch.get_num_threads() or _in_worker():
+    if weight.shape[0] < 256 * threads or _in_worker():
         return False
     return _mkl() is not None
 
